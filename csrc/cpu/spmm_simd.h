@@ -1,0 +1,343 @@
+// SIMD SpMM micro-kernels shared by the AVX2 and AVX-512 translation units.
+// Include inside `namespace sparseprune { namespace SP_NS {` after vec_x86.h, with the TU defining
+//   VB  - vector type for the broadcast family (wide),   MRB1 / MRB2: row tiles for 1 / 2 vectors
+//   VN  - narrow vector type (8 lanes) for blocks with r <= 8
+//   VX  - vector type of the X^T family,  XT_MAX_ACC: accumulator registers it may use
+//
+// Two families, picked per call by which wastes fewer vector lanes:
+//  * bcast (f32_bsr_spmm_<MR>x<RV*W>): vectorised along the r output features of a block (block
+//    columns are contiguous), X elements broadcast, an MR x (RV*W) register tile of Y kept in
+//    registers across the whole block row. A dense GEMM micro-kernel with a gathered K.
+//  * xt (f32_bsr_spmm_xt_<R>x<NB>): XNNPACK-style; X is transposed once per call into K x NB tiles
+//    so that NB rows of X are contiguous, weights are broadcast, and each loaded X^T row is reused
+//    by the R output features of a block. The right shape for CSR (r = 1) and thin blocks.
+//  * gather (f32_csr_spmv_gather): CSR with one or two rows of X: gather x at the column indices.
+#pragma once
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "sparseprune/kernels.h"
+#include "sparseprune/parallel.h"
+
+#define SP_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------------------
+// bcast family
+template <class V, int MR, int RV, bool TAIL, class Idx>
+SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int r, int c,
+                          const float* __restrict vals, const Idx* __restrict cols, int64_t b0,
+                          int64_t b1, const float* bias, int tail, float* __restrict y, int64_t ldy) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  T acc[MR][RV];
+#pragma GCC unroll 4
+  for (int v = 0; v < RV; ++v) {
+    T bv = V::zero();
+    if (bias) bv = (TAIL && v == RV - 1) ? V::loadn(bias + v * W, tail) : V::load(bias + v * W);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) acc[m][v] = bv;
+  }
+  const int64_t rc = static_cast<int64_t>(r) * c;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t k0 = static_cast<int64_t>(cols[b]) * c;
+    const int cc = static_cast<int>(std::min<int64_t>(c, K - k0));
+    const float* wb = vals + b * rc;
+    const float* xb = x + k0;
+    for (int j = 0; j < cc; ++j) {
+      T wv[RV];
+#pragma GCC unroll 4
+      for (int v = 0; v < RV; ++v)
+        wv[v] = (TAIL && v == RV - 1) ? V::loadn(wb + j * r + v * W, tail) : V::load(wb + j * r + v * W);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const T xv = V::set1(xb[m * ldx + j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < RV; ++v) acc[m][v] = V::fma(xv, wv[v], acc[m][v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v) {
+      if (TAIL && v == RV - 1) V::storen(y + m * ldy + v * W, acc[m][v], tail);
+      else V::store(y + m * ldy + v * W, acc[m][v]);
+    }
+}
+
+// Rows [n0, n1) of Y for one slice of one block row: full MR tiles, then 8/4/2/1-row tails.
+template <class V, int MR, int RV, bool TAIL, class Idx>
+void bcast_rows(const float* x, int64_t ldx, int64_t K, int r, int c, const float* vals,
+                const Idx* cols, int64_t b0, int64_t b1, const float* bias, int tail, float* y,
+                int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t i = n0;
+  for (; i + MR <= n1; i += MR)
+    bcast_tile<V, MR, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+  if constexpr (MR > 8) {
+    for (; i + 8 <= n1; i += 8)
+      bcast_tile<V, 8, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+  }
+  const int64_t rem = n1 - i;
+  if constexpr (MR > 4) if (rem & 4) {
+    bcast_tile<V, 4, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    i += 4;
+  }
+  if (rem & 2) {
+    bcast_tile<V, 2, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    i += 2;
+  }
+  if (rem & 1)
+    bcast_tile<V, 1, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+}
+
+template <class V, int MR1, int MR2, class Idx>
+void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
+                const float* bias, float* y, int64_t ldy, int nt) {
+  constexpr int W = V::W;
+  const int r = w.r, c = w.c;
+  const int64_t K = w.cols;
+  // Split block rows by non-zeros; split N as well when there are too few block rows.
+  const int pm = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
+  const int pn = std::max(1, nt / pm);
+  // Rows of X per pass: keep the X panel (nc x K floats) within ~256 KiB of L2.
+  const int64_t nc = std::max<int64_t>(24, ((int64_t(1) << 16) / std::max<int64_t>(K, 1)) / 24 * 24);
+#pragma omp parallel num_threads(pm * pn)
+  {
+    const int tid = omp_get_thread_num();
+    const int im = tid % pm, in = tid / pm;
+    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
+    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
+    const int64_t nn0 = n * in / pn, nn1 = n * (in + 1) / pn;
+    for (int64_t a = nn0; a < nn1; a += nc) {
+      const int64_t a1 = std::min(nn1, a + nc);
+      for (int64_t br = br0; br < br1; ++br) {
+        const int64_t m0 = br * r;
+        const int rows = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
+        const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
+        for (int i0 = 0; i0 < rows; i0 += 2 * W) {
+          const int len = std::min(2 * W, rows - i0);
+          const int rv = (len + W - 1) / W;
+          const int tail = len - (rv - 1) * W;
+          const float* bb = bias ? bias + m0 + i0 : nullptr;
+          const float* vv = w.values + i0;
+          float* yy = y + m0 + i0;
+          const int key = rv * 2 + (tail != W);
+          switch (key) {
+            case 2: bcast_rows<V, MR1, 1, false>(x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1); break;
+            case 3: bcast_rows<V, MR1, 1, true>(x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1); break;
+            case 4: bcast_rows<V, MR2, 2, false>(x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1); break;
+            default: bcast_rows<V, MR2, 2, true>(x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1); break;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// xt family
+template <class V, int R, int NBV, bool C1, class Idx>
+SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float* __restrict vals,
+                       const Idx* __restrict cols, int64_t b0, int64_t b1, const float* bias,
+                       int rows, float* __restrict y, int64_t ldy, int nvalid) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  constexpr int NB = NBV * W;
+  T acc[R][NBV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    const T bv = V::set1(bias && i < rows ? bias[i] : 0.0f);
+#pragma GCC unroll 4
+    for (int v = 0; v < NBV; ++v) acc[i][v] = bv;
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    if constexpr (C1) {
+      const float* xr = xt + static_cast<int64_t>(cols[b]) * NB;
+      const float* wb = vals + b * R;
+      T xv[NBV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NBV; ++v) xv[v] = V::load(xr + v * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const T wv = V::set1(wb[i]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NBV; ++v) acc[i][v] = V::fma(wv, xv[v], acc[i][v]);
+      }
+    } else {
+      const int64_t k0 = static_cast<int64_t>(cols[b]) * c;
+      const int cc = static_cast<int>(std::min<int64_t>(c, K - k0));
+      const float* xr = xt + k0 * NB;
+      const float* wb = vals + b * static_cast<int64_t>(R) * c;
+      for (int j = 0; j < cc; ++j) {
+        T xv[NBV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NBV; ++v) xv[v] = V::load(xr + j * NB + v * W);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+          const T wv = V::set1(wb[j * R + i]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NBV; ++v) acc[i][v] = V::fma(wv, xv[v], acc[i][v]);
+        }
+      }
+    }
+  }
+  alignas(64) float tmp[R][NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NBV; ++v) V::store(&tmp[i][v * W], acc[i][v]);
+  for (int q = 0; q < nvalid; ++q)
+    for (int i = 0; i < rows; ++i) y[q * ldy + i] = tmp[i][q];
+}
+
+// Transpose rows [0, nv) x cols [k0, k1) of X into xt (K x NB, row k at xt + k*NB); lanes nv..NB = 0.
+template <int NB>
+inline void transpose_panel(const float* x, int64_t ldx, int nv, int64_t k0, int64_t k1, float* xt) {
+  int64_t k = k0;
+  if (nv == NB) {
+    for (; k + 8 <= k1; k += 8)
+      for (int g = 0; g < NB; g += 8) transpose8x8(x + g * ldx + k, ldx, xt + k * NB + g, NB);
+  }
+  for (; k < k1; ++k) {
+    float* d = xt + k * NB;
+    for (int q = 0; q < nv; ++q) d[q] = x[q * ldx + k];
+    for (int q = nv; q < NB; ++q) d[q] = 0.0f;
+  }
+}
+
+// One thread-local scratch per calling thread: concurrent Python threads never share it.
+inline float* xt_scratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats + 16) buf.resize(floats + 16);
+  auto p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+}
+
+template <class V, int R, int NBV, bool C1, class Idx>
+void xt_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
+             const float* bias, float* y, int64_t ldy, int nt) {
+  constexpr int NB = NBV * V::W;
+  const int64_t K = w.cols;
+  const int64_t tiles = (n + NB - 1) / NB;
+  const int64_t kstep = 256;
+  const int64_t kblocks = (K + kstep - 1) / kstep;
+  float* xt = xt_scratch(static_cast<size_t>(tiles * K * NB));
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < tiles * kblocks; ++u) {
+      const int64_t t = u / kblocks, kb = u % kblocks;
+      const int nv = static_cast<int>(std::min<int64_t>(NB, n - t * NB));
+      transpose_panel<NB>(x + t * NB * ldx, ldx, nv, kb * kstep, std::min(K, (kb + 1) * kstep),
+                          xt + t * K * NB);
+    }
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
+    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int nv = static_cast<int>(std::min<int64_t>(NB, n - t * NB));
+      const float* xtt = xt + t * K * NB;
+      for (int64_t br = br0; br < br1; ++br) {
+        const int64_t m0 = br * R;
+        const int rows = static_cast<int>(std::min<int64_t>(R, w.rows - m0));
+        xt_tile<V, R, NBV, C1>(xtt, K, w.c, w.values, cols, w.row_ptr[br], w.row_ptr[br + 1],
+                               bias ? bias + m0 : nullptr, rows, y + t * NB * ldy + m0, ldy, nv);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gather: CSR times one or two rows of X (decode-style, memory-bound).
+template <class V, class Idx>
+void gather_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
+                 const float* bias, float* y, int64_t ldy, int nt) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t m0 = balanced_split(w.row_ptr, w.rows, nth, tid);
+    const int64_t m1 = balanced_split(w.row_ptr, w.rows, nth, tid + 1);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * ldx;
+      for (int64_t m = m0; m < m1; ++m) {
+        int64_t p = w.row_ptr[m];
+        const int64_t p1 = w.row_ptr[m + 1];
+        T a0 = V::zero(), a1 = V::zero();
+        for (; p + 2 * W <= p1; p += 2 * W) {
+          a0 = V::fma(V::load(w.values + p), V::gather(xi, cols + p), a0);
+          a1 = V::fma(V::load(w.values + p + W), V::gather(xi, cols + p + W), a1);
+        }
+        float s = V::hsum(V::add(a0, a1));
+        for (; p < p1; ++p) s += w.values[p] * xi[cols[p]];
+        y[i * ldy + m] = s + (bias ? bias[m] : 0.0f);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Choice of family and register tile.
+template <class V, int R, bool C1, class Idx>
+void xt_pick_nb(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
+                const float* bias, float* y, int64_t ldy, int nt) {
+  constexpr int W = V::W;
+  // accumulators R * NBV <= XT_MAX_ACC; fewer lanes when N is small
+  constexpr int NBV_MAX = std::max(1, std::min(4, XT_MAX_ACC / R));
+  const int64_t want = (n + W - 1) / W;
+  if (NBV_MAX >= 4 && want >= 4) xt_spmm<V, R, (NBV_MAX >= 4 ? 4 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  else if (NBV_MAX >= 2 && want >= 2) xt_spmm<V, R, (NBV_MAX >= 2 ? 2 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  else xt_spmm<V, R, 1, C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
+}
+
+template <class Idx>
+void xt_pick_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
+               const float* bias, float* y, int64_t ldy, int nt) {
+  switch (w.r) {
+    case 1:
+      if (w.c == 1) xt_pick_nb<VX, 1, true>(w, cols, x, n, ldx, bias, y, ldy, nt);
+      else xt_pick_nb<VX, 1, false>(w, cols, x, n, ldx, bias, y, ldy, nt);
+      break;
+    case 2: xt_pick_nb<VX, 2, false>(w, cols, x, n, ldx, bias, y, ldy, nt); break;
+    case 3: xt_pick_nb<VX, 3, false>(w, cols, x, n, ldx, bias, y, ldy, nt); break;
+    case 4: xt_pick_nb<VX, 4, false>(w, cols, x, n, ldx, bias, y, ldy, nt); break;
+    case 5: xt_pick_nb<VX, 5, false>(w, cols, x, n, ldx, bias, y, ldy, nt); break;
+    case 6: xt_pick_nb<VX, 6, false>(w, cols, x, n, ldx, bias, y, ldy, nt); break;
+    default: xt_pick_nb<VX, 7, false>(w, cols, x, n, ldx, bias, y, ldy, nt); break;
+  }
+}
+
+// Fraction of vector lanes doing useful work: lanes(n, W) for N rows in W-lane vectors.
+inline double lane_use(int64_t used, int width) {
+  return static_cast<double>(used) / static_cast<double>(((used + width - 1) / width) * width);
+}
+
+template <class Idx>
+void spmm_entry(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
+                const float* bias, float* y, int64_t ldy, int num_threads) {
+  if (n <= 0 || w.rows <= 0) return;
+  const int nt = threads_for(n * (w.nnzb() * w.r * w.c + w.rows), num_threads);
+  if (w.r == 1 && w.c == 1 && n <= 2) {
+    gather_spmm<VX>(w, cols, x, n, ldx, bias, y, ldy, nt);
+    return;
+  }
+  const double use_xt = lane_use(std::min<int64_t>(n, 4 * VX::W), VX::W);
+  const double use_narrow = lane_use(w.r, VN::W);
+  if (w.r < 8 && use_xt > use_narrow) {
+    xt_pick_r(w, cols, x, n, ldx, bias, y, ldy, nt);
+  } else if (lane_use(w.r, VB::W) >= use_narrow) {
+    bcast_spmm<VB, MRB1, MRB2>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  } else {
+    bcast_spmm<VN, MRN1, MRN2>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  }
+}
+
+inline void spmm(const BsrView& w, const float* x, int64_t n, int64_t ldx, const float* bias,
+                 float* y, int64_t ldy, int num_threads) {
+  if (w.idx16)
+    spmm_entry(w, static_cast<const uint16_t*>(w.col_idx), x, n, ldx, bias, y, ldy, num_threads);
+  else
+    spmm_entry(w, static_cast<const int32_t*>(w.col_idx), x, n, ldx, bias, y, ldy, num_threads);
+}

@@ -1,0 +1,43 @@
+// Kernel entry points. Every ISA path implements the same signatures; dispatch.cpp picks one.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "sparseprune/formats.h"
+
+namespace sparseprune {
+
+// Y[n, m] = sum_k X[n, k] * W[m, k] + bias[m]   (Y = X W^T + b), X is n x W.cols, Y is n x W.rows.
+using SpmmFn = void (*)(const BsrView& w, const float* x, int64_t n, int64_t ldx, const float* bias,
+                        float* y, int64_t ldy, int num_threads);
+// dX[n, k] = sum_m dY[n, m] * W[m, k]   (the input gradient of the above).
+using SpmmTFn = void (*)(const BsrView& w, const float* dy, int64_t n, int64_t lddy, float* dx,
+                         int64_t lddx, int num_threads);
+
+// One ISA path: a row of the table in csrc/cpu/ukernels.inc.
+struct IsaPath {
+  const char* isa;            // "scalar", "avx2", "avx512"
+  const char* spmm_name;      // micro-kernel family names, for info / tests / benchmarks
+  SpmmFn spmm;
+  SpmmTFn spmm_t;
+  bool (*supported)();        // run-time CPU check
+};
+
+// Reference (scalar, obviously-correct) kernels: always built.
+void f32_bsr_spmm__scalar(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
+void f32_bsr_spmm_t__scalar(const BsrView&, const float*, int64_t, int64_t, float*, int64_t, int);
+
+#if defined(SPARSEPRUNE_X86)
+void f32_bsr_spmm__avx2(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
+void f32_bsr_spmm__avx512(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
+#endif
+
+// Dispatch: the path chosen for this CPU, overridable with SPARSEPRUNE_ISA or set_isa().
+const IsaPath& active_path();
+const std::vector<IsaPath>& all_paths();
+// Returns false when `isa` is unknown or unsupported by this CPU.
+bool set_isa(const std::string& isa);
+std::string cpu_features();
+
+}  // namespace sparseprune
