@@ -26,9 +26,9 @@ def index_dtype_for(block_cols: int) -> torch.dtype:
 
 def _check_block(block_size) -> Tuple[int, int]:
     try:
-        r, c = (int(block_size[0]), int(block_size[1]))
-        if len(block_size) != 2:
+        if isinstance(block_size, (str, bytes)) or len(block_size) != 2:
             raise TypeError
+        r, c = (int(block_size[0]), int(block_size[1]))
     except (TypeError, ValueError, IndexError):
         raise TypeError(f"block_size must be a pair of positive ints (r, c), got {block_size!r}") from None
     if r < 1 or c < 1:

@@ -1,0 +1,1 @@
+CUDA_STATUS = "not built (SPARSEPRUNE_CUDA=OFF)"

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+import sparseprune  # noqa: F401
+from sparseprune import ops
+
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile("fuzz", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+ISAS = [p["isa"] for p in ops.isa_paths()]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test once per CPU kernel path this machine supports."""
+    ops.set_isa(request.param)
+    yield request.param
+    ops.set_isa("best")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
