@@ -22,9 +22,37 @@
 
 #define SP_INLINE inline __attribute__((always_inline))
 
+// Transpose rows [0, nv) x cols [k0, k1) of X into xt (K x NB, row k at xt + k*NB); lanes nv..NB = 0.
+template <int NB>
+inline void transpose_panel(const float* x, int64_t ldx, int nv, int64_t k0, int64_t k1, float* xt) {
+  int64_t k = k0;
+  if (nv == NB) {
+    for (; k + 8 <= k1; k += 8)
+      for (int g = 0; g < NB; g += 8) transpose8x8(x + g * ldx + k, ldx, xt + k * NB + g, NB);
+  }
+  for (; k < k1; ++k) {
+    float* d = xt + k * NB;
+    for (int q = 0; q < nv; ++q) d[q] = x[q * ldx + k];
+    for (int q = nv; q < NB; ++q) d[q] = 0.0f;
+  }
+}
+
+// One thread-local scratch per calling thread: concurrent Python threads never share it.
+inline float* xt_scratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats + 16) buf.resize(floats + 16);
+  auto p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+}
+
 // ---------------------------------------------------------------------------------------------
 // bcast family
-template <class V, int MR, int RV, bool TAIL, class Idx>
+// With many rows, X is first packed into panels of PW rows stored k-major ([k][PW]): a tile's
+// broadcasts then read consecutive floats whatever X's row stride (with K = 3072, 24 rows of X
+// 12 KiB apart all fall into one L1 set and evict each other).
+constexpr int PW = 24;
+
+template <class V, int MR, int RV, bool TAIL, bool PACKED, class Idx>
 SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int r, int c,
                           const float* __restrict vals, const Idx* __restrict cols, int64_t b0,
                           int64_t b1, const float* bias, int tail, float* __restrict y, int64_t ldy) {
@@ -35,7 +63,7 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
   for (int v = 0; v < RV; ++v) {
     T bv = V::zero();
     if (bias) bv = (TAIL && v == RV - 1) ? V::loadn(bias + v * W, tail) : V::load(bias + v * W);
-#pragma GCC unroll 16
+#pragma GCC unroll 24
     for (int m = 0; m < MR; ++m) acc[m][v] = bv;
   }
   const int64_t rc = static_cast<int64_t>(r) * c;
@@ -43,21 +71,21 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
     const int64_t k0 = static_cast<int64_t>(cols[b]) * c;
     const int cc = static_cast<int>(std::min<int64_t>(c, K - k0));
     const float* wb = vals + b * rc;
-    const float* xb = x + k0;
+    const float* xb = PACKED ? x + k0 * PW : x + k0;
     for (int j = 0; j < cc; ++j) {
       T wv[RV];
 #pragma GCC unroll 4
       for (int v = 0; v < RV; ++v)
         wv[v] = (TAIL && v == RV - 1) ? V::loadn(wb + j * r + v * W, tail) : V::load(wb + j * r + v * W);
-#pragma GCC unroll 16
+#pragma GCC unroll 24
       for (int m = 0; m < MR; ++m) {
-        const T xv = V::set1(xb[m * ldx + j]);
+        const T xv = V::set1(PACKED ? xb[j * PW + m] : xb[m * ldx + j]);
 #pragma GCC unroll 4
         for (int v = 0; v < RV; ++v) acc[m][v] = V::fma(xv, wv[v], acc[m][v]);
       }
     }
   }
-#pragma GCC unroll 16
+#pragma GCC unroll 24
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int v = 0; v < RV; ++v) {
@@ -67,67 +95,97 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
 }
 
 // Rows [n0, n1) of Y for one slice of one block row: full MR tiles, then 8/4/2/1-row tails.
-template <class V, int MR, int RV, bool TAIL, class Idx>
+template <class V, int MR, int RV, bool TAIL, bool PACKED, class Idx>
 void bcast_rows(const float* x, int64_t ldx, int64_t K, int r, int c, const float* vals,
                 const Idx* cols, int64_t b0, int64_t b1, const float* bias, int tail, float* y,
                 int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t rs = PACKED ? 1 : ldx;  // distance between rows of X
   int64_t i = n0;
   for (; i + MR <= n1; i += MR)
-    bcast_tile<V, MR, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    bcast_tile<V, MR, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
   if constexpr (MR > 8) {
     for (; i + 8 <= n1; i += 8)
-      bcast_tile<V, 8, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+      bcast_tile<V, 8, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
   }
   const int64_t rem = n1 - i;
   if constexpr (MR > 4) if (rem & 4) {
-    bcast_tile<V, 4, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    bcast_tile<V, 4, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
     i += 4;
   }
   if (rem & 2) {
-    bcast_tile<V, 2, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    bcast_tile<V, 2, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
     i += 2;
   }
   if (rem & 1)
-    bcast_tile<V, 1, RV, TAIL>(x + i * ldx, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    bcast_tile<V, 1, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+}
+
+template <class V, int MR1, int MR2, bool PACKED, class Idx>
+SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int r, int c, const float* vals,
+                           const Idx* cols, int64_t b0, int64_t b1, const float* bias, int tail, float* y,
+                           int64_t ldy, int64_t n0, int64_t n1) {
+  switch (key) {
+    case 2: bcast_rows<V, MR1, 1, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y, ldy, n0, n1); break;
+    case 3: bcast_rows<V, MR1, 1, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y, ldy, n0, n1); break;
+    case 4: bcast_rows<V, MR2, 2, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y, ldy, n0, n1); break;
+    default: bcast_rows<V, MR2, 2, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y, ldy, n0, n1); break;
+  }
 }
 
 template <class V, int MR1, int MR2, class Idx>
 void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int nt) {
+  static_assert(PW % MR1 == 0 && PW % MR2 == 0, "register tiles must tile a panel");
   constexpr int W = V::W;
   const int r = w.r, c = w.c;
   const int64_t K = w.cols;
-  // Split block rows by non-zeros; split N as well when there are too few block rows.
+  const bool packed = n >= 16;
+  const int64_t unit = packed ? PW : 1;  // rows are split between threads in whole panels
+  const int64_t units = (n + unit - 1) / unit;
+  float* xp = packed ? xt_scratch(static_cast<size_t>(units * K * PW)) : nullptr;
+  const int64_t kstep = 256, kblocks = (K + kstep - 1) / kstep;
+  // Split block rows by non-zeros; split rows of X as well when there are too few block rows.
   const int pm = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
-  const int pn = std::max(1, nt / pm);
+  const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // Rows of X per pass: keep the X panel (nc x K floats) within ~256 KiB of L2.
-  const int64_t nc = std::max<int64_t>(24, ((int64_t(1) << 16) / std::max<int64_t>(K, 1)) / 24 * 24);
-#pragma omp parallel num_threads(pm * pn)
+  const int64_t nc = std::max<int64_t>(PW, ((int64_t(1) << 16) / std::max<int64_t>(K, 1)) / PW * PW);
+#pragma omp parallel num_threads(nt)
   {
+    if (packed) {
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < units * kblocks; ++u) {
+        const int64_t t = u / kblocks, kb = u % kblocks;
+        const int nv = static_cast<int>(std::min<int64_t>(PW, n - t * PW));
+        transpose_panel<PW>(x + t * PW * ldx, ldx, nv, kb * kstep, std::min(K, (kb + 1) * kstep), xp + t * K * PW);
+      }
+    }
     const int tid = omp_get_thread_num();
-    const int im = tid % pm, in = tid / pm;
-    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
-    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
-    const int64_t nn0 = n * in / pn, nn1 = n * (in + 1) / pn;
-    for (int64_t a = nn0; a < nn1; a += nc) {
-      const int64_t a1 = std::min(nn1, a + nc);
-      for (int64_t br = br0; br < br1; ++br) {
-        const int64_t m0 = br * r;
-        const int rows = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
-        const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
-        for (int i0 = 0; i0 < rows; i0 += 2 * W) {
-          const int len = std::min(2 * W, rows - i0);
-          const int rv = (len + W - 1) / W;
-          const int tail = len - (rv - 1) * W;
-          const float* bb = bias ? bias + m0 + i0 : nullptr;
-          const float* vv = w.values + i0;
-          float* yy = y + m0 + i0;
-          const int key = rv * 2 + (tail != W);
-          switch (key) {
-            case 2: bcast_rows<V, MR1, 1, false>(x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1); break;
-            case 3: bcast_rows<V, MR1, 1, true>(x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1); break;
-            case 4: bcast_rows<V, MR2, 2, false>(x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1); break;
-            default: bcast_rows<V, MR2, 2, true>(x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1); break;
+    if (tid < pm * pn) {
+      const int im = tid % pm, in = tid / pm;
+      const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
+      const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
+      const int64_t nn0 = std::min(n, units * in / pn * unit), nn1 = std::min(n, units * (in + 1) / pn * unit);
+      for (int64_t a = nn0; a < nn1; a += nc) {
+        const int64_t a1 = std::min(nn1, a + nc);
+        for (int64_t br = br0; br < br1; ++br) {
+          const int64_t m0 = br * r;
+          const int rows = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
+          const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
+          for (int i0 = 0; i0 < rows; i0 += 2 * W) {
+            const int len = std::min(2 * W, rows - i0);
+            const int rv = (len + W - 1) / W;
+            const int tail = len - (rv - 1) * W;
+            const int key = rv * 2 + (tail != W);
+            const float* bb = bias ? bias + m0 + i0 : nullptr;
+            const float* vv = w.values + i0;
+            float* yy = y + m0 + i0;
+            if (packed) {
+              for (int64_t p0 = a; p0 < a1; p0 += PW)
+                bcast_slice<V, MR1, MR2, true>(key, xp + (p0 / PW) * K * PW, ldx, K, r, c, vv, cols, b0, b1, bb,
+                                               tail, yy + p0 * ldy, ldy, 0, std::min<int64_t>(PW, a1 - p0));
+            } else {
+              bcast_slice<V, MR1, MR2, false>(key, x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1);
+            }
           }
         }
       }
@@ -189,29 +247,6 @@ SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float
     for (int v = 0; v < NBV; ++v) V::store(&tmp[i][v * W], acc[i][v]);
   for (int q = 0; q < nvalid; ++q)
     for (int i = 0; i < rows; ++i) y[q * ldy + i] = tmp[i][q];
-}
-
-// Transpose rows [0, nv) x cols [k0, k1) of X into xt (K x NB, row k at xt + k*NB); lanes nv..NB = 0.
-template <int NB>
-inline void transpose_panel(const float* x, int64_t ldx, int nv, int64_t k0, int64_t k1, float* xt) {
-  int64_t k = k0;
-  if (nv == NB) {
-    for (; k + 8 <= k1; k += 8)
-      for (int g = 0; g < NB; g += 8) transpose8x8(x + g * ldx + k, ldx, xt + k * NB + g, NB);
-  }
-  for (; k < k1; ++k) {
-    float* d = xt + k * NB;
-    for (int q = 0; q < nv; ++q) d[q] = x[q * ldx + k];
-    for (int q = nv; q < NB; ++q) d[q] = 0.0f;
-  }
-}
-
-// One thread-local scratch per calling thread: concurrent Python threads never share it.
-inline float* xt_scratch(size_t floats) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < floats + 16) buf.resize(floats + 16);
-  auto p = reinterpret_cast<uintptr_t>(buf.data());
-  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
 }
 
 template <class V, int R, int NBV, bool C1, class Idx>

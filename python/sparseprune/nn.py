@@ -166,9 +166,14 @@ class SparseLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         r, c = self.block_size
-        y = torch.ops.sparseprune.spmm(x2, self.row_ptr, self.col_idx, self.values, self.bias,
-                                       self.out_features, self.in_features, r, c,
-                                       -1 if self.num_threads is None else int(self.num_threads))
+        nt = -1 if self.num_threads is None else int(self.num_threads)
+        args = (x2, self.row_ptr, self.col_idx, self.values, self.bias, self.out_features, self.in_features, r, c, nt)
+        if not ops.can_run_eager(x2):
+            y = torch.ops.sparseprune.spmm(*args)  # traced / compiled / exported: the registered op
+        elif ops.needs_grad(x2, self.bias):
+            y = ops.SpmmFunction.apply(*args)
+        else:
+            y = ops.spmm_eager(*args)  # same kernel, without the dispatcher's per-call cost
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):
