@@ -198,7 +198,7 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
 template <class V, int R, int NBV, bool C1, class Idx>
 SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float* __restrict vals,
                        const Idx* __restrict cols, int64_t b0, int64_t b1, const float* bias,
-                       int rows, float* __restrict y, int64_t ldy, int nvalid) {
+                       int rows, float* __restrict out) {
   using T = typename V::T;
   constexpr int W = V::W;
   constexpr int NB = NBV * W;
@@ -209,7 +209,8 @@ SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float
 #pragma GCC unroll 4
     for (int v = 0; v < NBV; ++v) acc[i][v] = bv;
   }
-  for (int64_t b = b0; b < b1; ++b) {
+  int64_t b = b0;
+  for (; b < b1; ++b) {
     if constexpr (C1) {
       const float* xr = xt + static_cast<int64_t>(cols[b]) * NB;
       const float* wb = vals + b * R;
@@ -240,47 +241,85 @@ SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float
       }
     }
   }
-  alignas(64) float tmp[R][NB];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NBV; ++v) V::store(&tmp[i][v * W], acc[i][v]);
-  for (int q = 0; q < nvalid; ++q)
-    for (int i = 0; i < rows; ++i) y[q * ldy + i] = tmp[i][q];
+    for (int v = 0; v < NBV; ++v) V::store(out + i * NB + v * W, acc[i][v]);
+}
+
+// G consecutive block rows (8R outputs) into a panel, then one transposed store into Y with 8x8
+// transposes: Y rows are written 8R contiguous floats at a time instead of one float per row.
+constexpr int XT_G = 8;
+template <class V, int R, int NBV, bool C1, class Idx>
+SP_INLINE void xt_group(const BsrView& w, const Idx* cols, const float* xtt, int64_t br, int64_t br_end,
+                        const float* bias, float* y, int64_t ldy, int nvalid) {
+  constexpr int NB = NBV * V::W;
+  alignas(64) float tmp[XT_G * R][NB];
+  const int64_t m0 = br * R;
+  const int ng = static_cast<int>(std::min<int64_t>(XT_G, br_end - br));
+  for (int g = 0; g < ng; ++g) {
+    const int64_t mg = m0 + g * R;
+    xt_tile<V, R, NBV, C1>(xtt, w.cols, w.c, w.values, cols, w.row_ptr[br + g], w.row_ptr[br + g + 1],
+                           bias ? bias + mg : nullptr, static_cast<int>(std::min<int64_t>(R, w.rows - mg)), tmp[g * R]);
+  }
+  const int rows = static_cast<int>(std::min<int64_t>(ng * R, w.rows - m0));
+  float* yy = y + m0;
+  if (rows == XT_G * R && nvalid == NB) {
+    for (int i = 0; i < XT_G * R; i += 8)
+      for (int q = 0; q < NB; q += 8) transpose8x8(&tmp[i][q], NB, yy + q * ldy + i, ldy);
+  } else {
+    for (int q = 0; q < nvalid; ++q)
+      for (int i = 0; i < rows; ++i) yy[q * ldy + i] = tmp[i][q];
+  }
+}
+
+// Transpose units of X into the scratch: full tiles of NB rows, then one remainder tile of NBR rows
+// (the narrowest of W, 2W, 4W that holds it, so N = 196 does not compute 256 rows).
+template <int NB, int NBR>
+SP_INLINE void xt_transpose_unit(const float* x, int64_t ldx, int64_t n, int64_t K, int64_t full, int64_t t,
+                                 int64_t k0, int64_t k1, float* xt) {
+  if (t < full) transpose_panel<NB>(x + t * NB * ldx, ldx, NB, k0, k1, xt + t * K * NB);
+  else transpose_panel<NBR>(x + full * NB * ldx, ldx, static_cast<int>(n - full * NB), k0, k1, xt + full * K * NB);
+}
+
+template <class V, int R, int NBV, int NBVR, bool C1, class Idx>
+void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
+               const float* bias, float* y, int64_t ldy, int nt) {
+  constexpr int NB = NBV * V::W, NBR = NBVR * V::W;
+  const int64_t K = w.cols;
+  const int64_t full = n / NB;
+  const int64_t units = full + (n % NB ? 1 : 0);
+  const int64_t kstep = 256;
+  const int64_t kblocks = (K + kstep - 1) / kstep;
+  float* xt = xt_scratch(static_cast<size_t>(full * K * NB + K * NBR));
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units * kblocks; ++u) {
+      const int64_t t = u / kblocks, kb = u % kblocks;
+      xt_transpose_unit<NB, NBR>(x, ldx, n, K, full, t, kb * kstep, std::min(K, (kb + 1) * kstep), xt);
+    }
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
+    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
+    for (int64_t t = 0; t < full; ++t)
+      for (int64_t br = br0; br < br1; br += XT_G)
+        xt_group<V, R, NBV, C1>(w, cols, xt + t * K * NB, br, br1, bias, y + t * NB * ldy, ldy, NB);
+    if (units > full)
+      for (int64_t br = br0; br < br1; br += XT_G)
+        xt_group<V, R, NBVR, C1>(w, cols, xt + full * K * NB, br, br1, bias, y + full * NB * ldy, ldy,
+                                 static_cast<int>(n - full * NB));
+  }
 }
 
 template <class V, int R, int NBV, bool C1, class Idx>
 void xt_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
              const float* bias, float* y, int64_t ldy, int nt) {
-  constexpr int NB = NBV * V::W;
-  const int64_t K = w.cols;
-  const int64_t tiles = (n + NB - 1) / NB;
-  const int64_t kstep = 256;
-  const int64_t kblocks = (K + kstep - 1) / kstep;
-  float* xt = xt_scratch(static_cast<size_t>(tiles * K * NB));
-#pragma omp parallel num_threads(nt)
-  {
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < tiles * kblocks; ++u) {
-      const int64_t t = u / kblocks, kb = u % kblocks;
-      const int nv = static_cast<int>(std::min<int64_t>(NB, n - t * NB));
-      transpose_panel<NB>(x + t * NB * ldx, ldx, nv, kb * kstep, std::min(K, (kb + 1) * kstep),
-                          xt + t * K * NB);
-    }
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
-    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int nv = static_cast<int>(std::min<int64_t>(NB, n - t * NB));
-      const float* xtt = xt + t * K * NB;
-      for (int64_t br = br0; br < br1; ++br) {
-        const int64_t m0 = br * R;
-        const int rows = static_cast<int>(std::min<int64_t>(R, w.rows - m0));
-        xt_tile<V, R, NBV, C1>(xtt, K, w.c, w.values, cols, w.row_ptr[br], w.row_ptr[br + 1],
-                               bias ? bias + m0 : nullptr, rows, y + t * NB * ldy + m0, ldy, nv);
-      }
-    }
-  }
+  constexpr int W = V::W;
+  const int64_t rem = n % (NBV * W);
+  if (NBV >= 4 && rem > 2 * W) xt_spmm_r<V, R, NBV, (NBV >= 4 ? 4 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  else if (NBV >= 2 && rem > W) xt_spmm_r<V, R, NBV, (NBV >= 2 ? 2 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  else xt_spmm_r<V, R, NBV, 1, C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
 }
 
 // ---------------------------------------------------------------------------------------------
