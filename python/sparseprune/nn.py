@@ -118,6 +118,26 @@ class SparseLinear(nn.Module):
             else:
                 self.register_buffer(name, t)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The packed arrays change size with the sparsity pattern: adopt the incoming tensors (instead of
+        # copying into same-shaped buffers), then validate them so the kernels can trust every index.
+        if self.format != "dense":
+            for name in ("row_ptr", "col_idx", "values"):
+                key = prefix + name
+                if key in state_dict:
+                    t = state_dict[key]
+                    if not isinstance(t, Tensor):
+                        raise TypeError(f"{key}: expected a tensor, got {type(t).__name__}")
+                    self._buffers[name] = t.detach().clone().contiguous()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.format != "dense":
+            try:
+                self.packed().validate()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{prefix or 'SparseLinear'}: invalid packed weight in state_dict: {e}") from None
+
     # -- views --------------------------------------------------------------------------------
     def packed(self) -> BSRMatrix:
         if self.format == "dense":

@@ -1,0 +1,140 @@
+"""Render a pytest-benchmark JSON file as Markdown tables (speedup and efficiency against the dense
+entry of each group) and PNG plots (speedup vs sparsity per implementation, with the ideal 1/(1-s)).
+
+    pytest bench/ --benchmark-only --benchmark-json=bench/results/run.json
+    python bench/report.py bench/results/run.json [--plots bench/results] [--markdown out.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def load(path):
+    data = json.loads(Path(path).read_text())
+    rows = []
+    for b in data["benchmarks"]:
+        ex = dict(b.get("extra_info", {}))
+        ex["group"] = b.get("group") or ""
+        ex["name"] = b["name"]
+        ex["median"] = b["stats"]["median"]
+        rows.append(ex)
+    # recompute ratios from the JSON itself (the dense entry of the same group, same run)
+    dense = {r["group"]: r["median"] for r in rows if r.get("impl") == "dense"}
+    for r in rows:
+        if r["group"] in dense:
+            r["speedup"] = dense[r["group"]] / r["median"]
+            r["eta"] = r["speedup"] * r.get("density", 1.0)
+    return data, rows
+
+
+def machine_line(data, rows):
+    mi = data.get("machine_info", {})
+    cpu = rows[0].get("cpu") if rows else None
+    threads = sorted({r.get("threads") for r in rows if r.get("threads")})
+    return (f"CPU: {cpu or mi.get('cpu', {}).get('brand_raw', '?')}; threads: {', '.join(map(str, threads))}; "
+            f"python {mi.get('python_version', '?')}; {data.get('datetime', '')[:19]}")
+
+
+def spmm_table(rows):
+    """One line per (shape, sparsity): time of dense, then speedup (eta) of every other impl."""
+    cases = defaultdict(dict)
+    for r in rows:
+        if r.get("shape") and r["group"].startswith(r["shape"]):
+            cases[(r["shape"], r.get("n"), r.get("k"), r.get("m"), r.get("sparsity"))][r["impl"]] = r
+    impls = ["torch_csr", "scipy_csr", "ours_csr", "ours_bsr16"]
+    out = ["| shape | N×K→M | sparsity | dense ms | " + " | ".join(f"{i} ×dense (η)" for i in impls) + " |",
+           "|---|---|---|---|" + "---|" * len(impls)]
+    for (shape, n, k, m, s), d in sorted(cases.items(), key=lambda kv: (kv[0][0], kv[0][4])):
+        if "dense" not in d:
+            continue
+        cells = []
+        for i in impls:
+            r = d.get(i)
+            cells.append(f"{r['speedup']:.2f}× ({r['eta']:.2f})" if r and "speedup" in r else "–")
+        out.append(f"| {shape} | {n}×{k}→{m} | {s:.2f} | {d['dense']['median'] * 1e3:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def generic_table(rows, prefix):
+    sel = [r for r in rows if r["group"].startswith(prefix)]
+    if not sel:
+        return ""
+    out = ["| group | impl | format | block | density | ms | ×dense | η |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(sel, key=lambda r: (r["group"], r.get("impl") != "dense", r["median"])):
+        out.append(f"| {r['group']} | {r.get('impl')} | {r.get('format', '')} | {r.get('block') or ''} | "
+                   f"{r.get('density', 1.0):.3f} | {r['median'] * 1e3:.3f} | {r.get('speedup', float('nan')):.2f} | "
+                   f"{r.get('eta', float('nan')):.2f} |")
+    return "\n".join(out)
+
+
+def plots(rows, outdir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    by_shape = defaultdict(list)
+    for r in rows:
+        if r.get("shape") and r.get("impl") != "dense" and "speedup" in r and r["group"].startswith(r["shape"]):
+            by_shape[r["shape"]].append(r)
+    written = []
+    if not by_shape:
+        return written
+    names = sorted(by_shape)
+    cols = min(4, len(names))
+    nrows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False)
+    for ax, shape in zip(axes.flat, names):
+        rs = by_shape[shape]
+        ss = sorted({r["sparsity"] for r in rs})
+        ax.plot(ss, [1 / (1 - s) for s in ss], "k--", lw=1, label="ideal 1/(1-s)")
+        for impl in ["ours_bsr16", "ours_csr", "torch_csr", "scipy_csr"]:
+            pts = sorted((r["sparsity"], r["speedup"]) for r in rs if r["impl"] == impl)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=impl)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_yscale("log")
+        r0 = rs[0]
+        ax.set_title(f"{shape} {r0.get('n')}×{r0.get('k')}→{r0.get('m')}", fontsize=9)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("speedup vs dense")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    p = outdir / "spmm_speedup.png"
+    fig.savefig(p, dpi=110)
+    written.append(p)
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json")
+    ap.add_argument("--plots", default=None, help="folder for PNG plots")
+    ap.add_argument("--markdown", default=None, help="write the Markdown here too")
+    a = ap.parse_args(argv)
+    data, rows = load(a.json)
+    parts = [f"_{machine_line(data, rows)}_", "", "### Sparse matmul (ratio to dense `F.linear`, same process)", "",
+             spmm_table(rows)]
+    for prefix, title in [("blocks ", "Block shapes (BERT FFN up, 128 rows)"), ("conv", "Convolution layers"),
+                          ("model", "End-to-end models"), ("convert", "convert() end to end")]:
+        t = generic_table(rows, prefix)
+        if t:
+            parts += ["", f"### {title}", "", t]
+    md = "\n".join(parts) + "\n"
+    print(md)
+    if a.markdown:
+        Path(a.markdown).write_text(md)
+    if a.plots:
+        for p in plots(rows, a.plots):
+            print(f"plot: {p}")
+
+
+if __name__ == "__main__":
+    main()
