@@ -63,11 +63,13 @@ def generic_table(rows, prefix):
     sel = [r for r in rows if r["group"].startswith(prefix)]
     if not sel:
         return ""
-    out = ["| group | impl | format | block | density | ms | ×dense | η |", "|---|---|---|---|---|---|---|---|"]
+    acc = any("accuracy_cosine" in r for r in sel)
+    out = ["| group | impl | format | block | density | ms | ×dense | η |" + (" cosine vs dense |" if acc else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
     for r in sorted(sel, key=lambda r: (r["group"], r.get("impl") != "dense", r["median"])):
         out.append(f"| {r['group']} | {r.get('impl')} | {r.get('format', '')} | {r.get('block') or ''} | "
                    f"{r.get('density', 1.0):.3f} | {r['median'] * 1e3:.3f} | {r.get('speedup', float('nan')):.2f} | "
-                   f"{r.get('eta', float('nan')):.2f} |")
+                   f"{r.get('eta', float('nan')):.2f} |" + (f" {r.get('accuracy_cosine', float('nan')):.4f} |" if acc else ""))
     return "\n".join(out)
 
 
