@@ -310,8 +310,8 @@ def _fix_module_attrs(mod, tr, undo):
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         info = tr.conv_info.get(id(mod))
         groups = mod.groups
-        if info is not None and info[0] > 1:
-            g0, O, I, transposed = info
+        if info is not None and info[4] == "whole":
+            g0, O, I, transposed, _ = info
             if transposed:
                 groups = g0 * w.shape[0] // I
             else:

@@ -126,7 +126,7 @@ _BROADCAST = {
 }
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
            "nansum", "nanmean", "median", "all", "any", "argmax", "argmin"}
-_POOL_EXTRA = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pad"}
+_POOL_EXTRA = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
 
 
 def _short(func):
@@ -348,6 +348,8 @@ class _Tracer(TorchFunctionMode):
             return self.matmul(args[1], args[2], args[0], out)
         if name == "scaled_dot_product_attention":
             return self.sdpa(args, kwargs, out)
+        if name == "pad":
+            return self.pad(args, kwargs, outs)
         if name in _MOVE:
             return self.move(name, args, kwargs, out, outs)
         if name in _REDUCE:
@@ -399,22 +401,27 @@ class _Tracer(TorchFunctionMode):
             O, I = w.shape[0], w.shape[1] * groups
         rin = self.chan_reps(self.lab(x), cdim, I)
         aout = self.uf.new(O)
-        if groups > 1:
-            ipg, opg = I // groups, O // groups
+        ipg, opg = I // groups, O // groups
+        mode = "dense" if groups == 1 else ("whole" if ipg == 1 else "within")
+        if mode == "whole":  # depthwise: an input channel and its filters go together, groups shrink
             for g in range(groups):
                 self.uf.union_all(rin[g * ipg:(g + 1) * ipg].tolist() + aout[g * opg:(g + 1) * opg].tolist())
+        elif mode == "within":  # grouped: groups stay, the same in-group positions go from every group
+            for grid in (rin.view(groups, ipg), aout.view(groups, opg)):
+                for c in range(grid.shape[1]):
+                    self.uf.union_all(grid[:, c].tolist())
         mod = self.owner(w)[0]
-        self.t.conv_info[id(mod)] = (groups, O, I, transposed)
+        self.t.conv_info[id(mod)] = (groups, O, I, transposed, mode)
         if transposed:
-            if groups == 1:
-                self.slot(w, 1, aout, "out")
-                self.slot(w, 0, rin, "in")
-            else:  # whole groups go: rows of dim 0 follow the group atoms
+            if mode == "whole":  # rows of dim 0 follow the group atoms
                 self.slot(w, 0, rin, "out")
+            else:
+                self.slot(w, 1, aout[:opg], "out")
+                self.slot(w, 0, rin, "in")
         else:
             self.slot(w, 0, aout, "out")
-            if groups == 1:
-                self.slot(w, 1, rin, "in")
+            if mode != "whole":
+                self.slot(w, 1, rin[:ipg], "in")
         self.slot(b, 0, aout, "out")
         self.set_lab(out, self.bcast(aout, out.shape, cdim))
 
@@ -508,8 +515,10 @@ class _Tracer(TorchFunctionMode):
             return None
         la = la if la is not None else torch.full(sa, NONE, dtype=torch.int64)
         lb = lb if lb is not None else torch.full(sb, NONE, dtype=torch.int64)
+        la, lb = self.uf.roots(la), self.uf.roots(lb)  # rows unified by a head split compare equal
         # contracted index k: a[..., n, k] and b[..., k, m] must stay aligned
         self.unify_pairs(la.unsqueeze(-1), lb.unsqueeze(-3))
+        la, lb = self.uf.roots(la), self.uf.roots(lb)
         ca = la.narrow(-1, 0, 1)
         ca = torch.where((la == ca).all(-1, keepdim=True), ca, torch.full_like(ca, NONE))   # (..., n, 1)
         cb = lb.narrow(-2, 0, 1)
@@ -534,6 +543,18 @@ class _Tracer(TorchFunctionMode):
         if mask is not None and self.lab(mask) is not None and s is not None:
             self.unify_pairs(s, self.lab(mask))
         self.set_lab(out, self.matmul_labels(s, lv, sshape, v.shape, out.shape))
+
+    def pad(self, args, kwargs, outs):
+        lx = self.lab(args[0])
+        if lx is None:
+            return
+        pad = args[1] if len(args) > 1 else kwargs["pad"]
+        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        if mode == "constant":
+            res = torch.nn.functional.pad(lx, pad, value=NONE)
+        else:  # reflect / replicate / circular copy existing elements: replay on float labels
+            res = torch.nn.functional.pad(lx.double(), pad, mode=mode).round().long()
+        self.set_lab(outs[0], res)
 
     def reduce(self, name, args, kwargs, outs):
         x = args[0]

@@ -1,0 +1,710 @@
+"""Structural (channel) pruning: dependency groups on hand-written and real architectures.
+
+The strong checks are oracles that do not use the pruner's own graph:
+- dead channels: channels made exactly zero by hand (producer filter, norm scale/shift, consumer
+  weights) must be the ones removed, and removing them must not change the output;
+- mask equivalence: for any ratio / importance, the pruned model must compute the same as the
+  *unpruned* model with the removed channels silenced (their norm scale and shift set to zero). The
+  removed channels are recovered by matching the distinct per-channel values of each layer's
+  norm/bias against the original, never from the pruner's bookkeeping.
+"""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparseprune as sp
+from sparseprune.prune.channels import ChannelPruneWarning
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny layers: one thread is much faster than two contended ones, and results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _run(model, x):
+    model.eval()
+    with torch.no_grad():
+        if isinstance(x, dict):
+            return model(**x)
+        if isinstance(x, tuple):
+            return model(*x)
+        return model(x)
+
+
+def _first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    return out[0]
+
+
+def _shapes(out):
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_shapes(v) for v in out]
+    return None
+
+
+def _nparams(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def _randomize_norms(model, seed=0):
+    """Distinct per-channel values everywhere, so that kept channels can be recovered by value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m.bias is not None:
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model
+
+
+def _kept(new, old):
+    """Index in ``old`` of every entry of ``new`` (values are distinct)."""
+    new, old = new.detach().reshape(-1), old.detach().reshape(-1)
+    idx = []
+    for v in new.tolist():
+        hits = (old == v).nonzero().view(-1)
+        assert hits.numel() == 1, "values are expected to be distinct"
+        idx.append(int(hits[0]))
+    assert idx == sorted(idx), "channel order must be preserved"
+    return idx
+
+
+def _silence(ref, pruned, names):
+    """In ``ref`` (a copy of the original), zero scale and shift of every channel that ``pruned`` lost,
+    for every norm / biased layer listed in ``names`` (the channel's last op before it is consumed)."""
+    rmods, pmods = dict(ref.named_modules()), dict(pruned.named_modules())
+    with torch.no_grad():
+        for n in names:
+            r, p = rmods[n], pmods[n]
+            key = r.weight if isinstance(r, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)) else r.bias
+            pkey = p.weight if key is r.weight else p.bias
+            keep = _kept(pkey, key)
+            drop = [i for i in range(key.numel()) if i not in keep]
+            if isinstance(r, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)):
+                r.weight[drop] = 0
+                r.bias[drop] = 0
+            else:
+                r.weight[drop] = 0
+                r.bias[drop] = 0
+    return ref
+
+
+# ------------------------------------------------------------------------------------------ models
+class Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+class Residual(nn.Module):
+    def __init__(self, c=8, inner=8):
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.a, self.ba = nn.Conv2d(c, inner, 3, padding=1, bias=False), nn.BatchNorm2d(inner)
+        self.b, self.bb = nn.Conv2d(inner, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.a2, self.ba2 = nn.Conv2d(c, inner, 1, bias=False), nn.BatchNorm2d(inner)
+        self.b2, self.bb2 = nn.Conv2d(inner, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bs(self.stem(x)))
+        x = F.relu(x + self.bb(self.b(F.relu(self.ba(self.a(x))))))
+        y = self.bb2(self.b2(F.relu(self.ba2(self.a2(x)))))
+        y += x  # in-place add, as in torchvision-style blocks
+        return self.head(F.relu(y).mean((2, 3)))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p, self.bp = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.q, self.bq = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.r, self.br = nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.bp(self.p(x))), F.relu(self.bq(self.q(x)))], dim=1)
+        return self.fc(F.relu(self.br(self.r(y))).amax((2, 3)))
+
+
+class Depthwise(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.pw1, self.b1 = nn.Conv2d(3, c, 1), nn.BatchNorm2d(c)
+        self.dw, self.b2 = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c)
+        self.pw2, self.b3 = nn.Conv2d(c, 6, 1), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        x = F.relu6(self.b1(self.pw1(x)))
+        x = F.relu6(self.b2(self.dw(x)))
+        return self.b3(self.pw2(x))
+
+
+class SEBlock(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.fc1, self.fc2 = nn.Conv2d(c, 8, 1), nn.Conv2d(8, c, 1)
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.b(self.c(x)))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * s)
+
+
+def channel_shuffle(x, groups):
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2 basic unit: chunk -> branch on one half -> cat -> channel shuffle."""
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.pw1, self.b1 = nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h)
+        self.dw, self.b2 = nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h)
+        self.pw2, self.b3 = nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        y = F.relu(self.b3(self.pw2(self.b2(self.dw(F.relu(self.b1(self.pw1(x2))))))))
+        return channel_shuffle(torch.cat([x1, y], dim=1), 2)
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.u1, self.u2 = ShuffleUnit(16), ShuffleUnit(16)
+        self.g, self.bg = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bs(self.stem(x)))
+        x = self.u2(self.u1(x))
+        x = channel_shuffle(F.relu(self.bg(self.g(x))), 4)
+        return self.fc(x.mean((2, 3)))
+
+
+class Misc(nn.Module):
+    """Conv1d, GroupNorm, ConvTranspose2d, LayerNorm, Embedding and Linear in one model."""
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.c1, self.g1 = nn.Conv1d(16, 12, 3, padding=1), nn.GroupNorm(4, 12)
+        self.c2, self.g2 = nn.Conv1d(12, 8, 1), nn.GroupNorm(8, 8)
+        self.up, self.bu = nn.ConvTranspose2d(8, 6, 2, stride=2), nn.BatchNorm2d(6)
+        self.ln = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        x = self.emb(ids).transpose(1, 2)                 # (B, 16, L)
+        x = F.gelu(self.g1(self.c1(x)))
+        x = F.gelu(self.g2(self.c2(x)))                   # (B, 8, L)
+        x = x.unsqueeze(-1)                               # (B, 8, L, 1)
+        x = F.relu(self.bu(self.up(x)))                   # (B, 6, 2L, 2)
+        x = self.ln(x.permute(0, 2, 3, 1))                # channels last
+        return self.fc(x).mean((1, 2))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(10, 32)
+        self.enc = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(self.proj(x)).mean(1))
+
+
+# ------------------------------------------------------------------------------------------ oracle: dead channels
+def _kill_conv_out(conv, bn, idx, consumers=()):
+    with torch.no_grad():
+        conv.weight[idx] = 0
+        if conv.bias is not None:
+            conv.bias[idx] = 0
+        if bn is not None:
+            bn.weight[idx] = 0
+            bn.bias[idx] = 0
+        for c, cidx in consumers:
+            c.weight[:, cidx] = 0
+
+
+def _check_dead(model, x, dead, ratio, **kw):
+    """``dead``: {bn/bias module name: dead indices}. They must be exactly the channels removed."""
+    ref = _run(model, x)
+    before = {n: (m.weight if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.bias).detach().clone()
+              for n, m in model.named_modules() if n in dead}
+    sp.prune_channels(model, x, ratio, **kw)
+    out = _run(model, x)
+    mods = dict(model.named_modules())
+    for n, idx in dead.items():
+        m = mods[n]
+        now = m.weight if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.bias
+        # values of the removed ones are 0 (all equal), so check the survivors instead: none is dead
+        alive = [i for i in range(before[n].numel()) if i not in idx]
+        assert now.numel() == len(alive), n
+        torch.testing.assert_close(now.detach(), before[n][alive], rtol=0, atol=0)
+    assert (out - ref).abs().max().item() < TOL
+
+
+def test_dead_channels_sequential():
+    torch.manual_seed(0)
+    m = _randomize_norms(Seq())
+    x = torch.randn(2, 3, 8, 8)
+    _kill_conv_out(m.c1, m.b1, [1, 6], [(m.c2, [1, 6])])
+    cols = [c * 16 + k for c in (0, 5) for k in range(16)]    # flatten: channel c owns 16 features
+    _kill_conv_out(m.c2, m.b2, [0, 5], [(m.fc, cols)])
+    _check_dead(m, x, {"b1": [1, 6], "b2": [0, 5]}, 0.25)
+    assert m.fc.in_features == 6 * 16 and m.c2.weight.shape == (6, 6, 3, 3)
+
+
+def test_dead_channels_residual():
+    torch.manual_seed(0)
+    m = _randomize_norms(Residual())
+    x = torch.randn(2, 3, 8, 8)
+    stream = [2, 7]  # the residual stream: stem, b and b2 outputs are added together
+    for conv, bn in ((m.stem, m.bs), (m.b, m.bb), (m.b2, m.bb2)):
+        _kill_conv_out(conv, bn, stream)
+    with torch.no_grad():
+        for c in (m.a, m.a2):
+            c.weight[:, stream] = 0
+        m.head.weight[:, stream] = 0
+    _kill_conv_out(m.a, m.ba, [0, 3], [(m.b, [0, 3])])
+    _kill_conv_out(m.a2, m.ba2, [4, 5], [(m.b2, [4, 5])])
+    _check_dead(m, x, {"bs": stream, "bb": stream, "bb2": stream, "ba": [0, 3], "ba2": [4, 5]}, 0.25)
+    assert m.head.in_features == 6
+
+
+def test_dead_channels_concat():
+    torch.manual_seed(0)
+    m = _randomize_norms(Concat())
+    x = torch.randn(2, 3, 8, 8)
+    _kill_conv_out(m.p, m.bp, [0, 4], [(m.r, [0, 4])])
+    _kill_conv_out(m.q, m.bq, [3, 7], [(m.r, [8 + 3, 8 + 7])])   # second half of the concatenation
+    _kill_conv_out(m.r, m.br, [1, 2], [(m.fc, [1, 2])])
+    _check_dead(m, x, {"bp": [0, 4], "bq": [3, 7], "br": [1, 2]}, 0.25)
+    assert m.r.in_channels == 12
+
+
+def test_dead_channels_depthwise():
+    torch.manual_seed(0)
+    m = _randomize_norms(Depthwise())
+    x = torch.randn(2, 3, 8, 8)
+    _kill_conv_out(m.pw1, m.b1, [2, 5])
+    _kill_conv_out(m.dw, m.b2, [2, 5], [(m.pw2, [2, 5])])
+    _check_dead(m, x, {"b1": [2, 5], "b2": [2, 5]}, 0.25)
+    assert m.dw.groups == 6 and m.dw.weight.shape == (6, 1, 3, 3)
+
+
+def _tiny_bert(attn="sdpa"):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=16, num_labels=3)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    m = transformers.BertForSequenceClassification(cfg).eval()
+    x = {"input_ids": torch.randint(0, 50, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    return m, x
+
+
+def _attention_only(m):
+    """Everything but the attention blocks' inner (head) channels is left alone."""
+    return [n for n, mod in m.named_modules() if n and ("intermediate" in n or "embeddings" in n or n == "classifier")]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dead_heads_bert(attn):
+    m, x = _tiny_bert(attn)
+    hd = 8
+    dead = {0: [1, 3], 1: [0, 2]}
+    with torch.no_grad():
+        for li, heads in dead.items():
+            a = m.bert.encoder.layer[li].attention
+            rows = [h * hd + k for h in heads for k in range(hd)]
+            for lin in (a.self.query, a.self.key, a.self.value):
+                lin.weight[rows] = 0
+                lin.bias[rows] = 0
+            a.output.dense.weight[:, rows] = 0
+    ref = _run(m, x).logits
+    sp.prune_channels(m, x, 0.5, ignore=_attention_only(m))
+    out = _run(m, x).logits
+    assert (out - ref).abs().max().item() < TOL
+    for li in dead:
+        s = m.bert.encoder.layer[li].attention.self
+        assert s.query.out_features == s.key.out_features == s.value.out_features == 16
+        assert bool((s.query.weight.abs().sum(1) > 0).all())
+
+
+# ------------------------------------------------------------------------------------------ oracle: mask equivalence
+def _mask_equiv(model, x, silence, **kw):
+    ref = copy.deepcopy(model)
+    sp.prune_channels(model, x, **kw)
+    out = _first(_run(model, x))
+    _silence(ref, model, silence)
+    expect = _first(_run(ref, x))
+    assert out.shape == expect.shape
+    assert (out - expect).abs().max().item() < TOL
+    return model
+
+
+@settings(max_examples=12, deadline=None)
+@given(ratio=st.floats(0.0, 0.95), round_to=st.sampled_from([1, 2, 4]), seed=st.integers(0, 1000),
+       importance=st.sampled_from(["l1", "l2", "random", "bn_scale"]))
+def test_mask_equivalence_residual(ratio, round_to, seed, importance):
+    torch.manual_seed(seed)
+    m = _randomize_norms(Residual(c=12, inner=10), seed)
+    x = torch.randn(1, 3, 6, 6)
+    _mask_equiv(m, x, ["bs", "bb", "bb2", "ba", "ba2"], ratio=ratio, round_to=round_to, importance=importance,
+                seed=seed)
+    for bn, full in ((m.bs, 12), (m.ba, 10), (m.ba2, 10)):
+        n = bn.num_features
+        assert n >= 1
+        assert n == full or n % round_to == 0 or full < round_to
+        if round_to == 1:
+            assert n == max(1, full - math.floor(full * ratio + 1e-9))
+
+
+@pytest.mark.parametrize("importance", ["random", "l1"])
+def test_mask_equivalence_concat_se_depthwise(importance):
+    for seed in range(3):
+        torch.manual_seed(seed)
+        m = _randomize_norms(Concat(), seed)
+        _mask_equiv(m, torch.randn(2, 3, 8, 8), ["bp", "bq", "br"], ratio=0.5, importance=importance, seed=seed)
+        m = _randomize_norms(Depthwise(), seed)
+        _mask_equiv(m, torch.randn(2, 3, 8, 8), ["b1", "b2"], ratio=0.5, importance=importance, seed=seed)
+        m = _randomize_norms(SEBlock(), seed)
+        _mask_equiv(m, torch.randn(2, 3, 8, 8), ["b", "fc1"], ratio=0.5, importance=importance, seed=seed)
+        assert m.fc2.out_channels == m.b.num_features == 8 and m.fc1.out_channels == 4
+
+
+def test_mask_equivalence_channel_shuffle():
+    for seed in range(4):
+        torch.manual_seed(seed)
+        m = _randomize_norms(ShuffleNet(), seed)
+        x = torch.randn(2, 3, 8, 8)
+        names = ["bs", "u1.b1", "u1.b2", "u1.b3", "u2.b1", "u2.b2", "u2.b3", "bg"]
+        _mask_equiv(m, x, names, ratio=0.5, importance="random", seed=seed)
+        # the 4-group conv keeps its groups (the 4-group shuffle after it needs them) and loses the same
+        # in-group positions from every group; the stream feeding it is tied across all its groups
+        assert m.g.groups == 4 and m.g.out_channels == 8 and m.u1.pw1.out_channels == 4
+
+
+def test_bert_heads_stay_paired_random():
+    """Q, K, V rows and the output projection's columns must lose the same heads: the pruned model
+    equals the original with the removed heads' output-projection columns zeroed."""
+    for seed in range(3):
+        m, x = _tiny_bert()
+        ref = copy.deepcopy(m)
+        sp.prune_channels(m, x, 0.5, importance="random", seed=seed, ignore=_attention_only(m))
+        hd = 8
+        with torch.no_grad():
+            for li in range(2):
+                s, rs = m.bert.encoder.layer[li].attention.self, ref.bert.encoder.layer[li].attention.self
+                heads = {}
+                for nm in ("query", "key", "value"):
+                    k = _kept(getattr(s, nm).bias, getattr(rs, nm).bias)
+                    heads[nm] = sorted({i // hd for i in k})
+                    assert len(k) == len(heads[nm]) * hd
+                assert heads["query"] == heads["key"] == heads["value"]
+                drop = [h * hd + j for h in range(4) if h not in heads["query"] for j in range(hd)]
+                ref.bert.encoder.layer[li].attention.output.dense.weight[:, drop] = 0
+        assert (_run(m, x).logits - _run(ref, x).logits).abs().max().item() < TOL
+
+
+# ------------------------------------------------------------------------------------------ coverage
+def _coverage(m, x, min_drop, **kw):
+    ref_shapes = _shapes(_run(m, x))
+    p0 = _nparams(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m, rep = sp.prune_channels(m, x, 0.5, return_report=True, **kw)
+    out = _run(m, x)
+    assert _shapes(out) == ref_shapes
+    assert all(bool(torch.isfinite(t).all()) for t in [_first(out)])
+    p1 = _nparams(m)
+    assert p1 == rep.params_after and p0 == rep.params_before
+    assert 1 - p1 / p0 >= min_drop, (p0, p1, rep.skipped)
+    assert rep.macs_after < rep.macs_before
+    return m, rep
+
+
+def _hf(name):
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    img = torch.randn(1, 3, 32, 32)
+    ids = {"input_ids": torch.randint(0, 64, (1, 8))}
+    if name == "resnet":
+        return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64],
+                                              depths=[1, 1, 1, 1], layer_type="bottleneck", num_labels=10)), img
+    if name == "resnet_basic_model":  # base model: the last stage is an output, so it stays whole
+        return T.ResNetModel(T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[2, 1, 1, 1],
+                                            layer_type="basic")), img
+    if name == "mobilenetv2":
+        return T.MobileNetV2ForImageClassification(T.MobileNetV2Config(image_size=32, depth_multiplier=0.35,
+                                                                       num_labels=10)), img
+    if name == "convnext":
+        return T.ConvNextForImageClassification(T.ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                                                                 num_labels=10)), img
+    if name == "regnet":
+        return T.RegNetForImageClassification(T.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64],
+                                                             depths=[1, 1, 1, 1], groups_width=8, num_labels=10)), img
+    if name == "efficientnet":
+        return T.EfficientNetForImageClassification(T.EfficientNetConfig(
+            image_size=32, width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=320, num_labels=10)), img
+    if name == "vit":
+        return T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=64, num_labels=10)), img
+    if name == "swin":
+        return T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                         num_heads=[2, 4], window_size=4, num_labels=10)), img
+    if name == "bert":
+        return T.BertForSequenceClassification(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, intermediate_size=64,
+                                               max_position_embeddings=16, num_labels=3)), ids
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                              bos_token_id=0, eos_token_id=0)), ids
+    if name == "distilbert":
+        return T.DistilBertForSequenceClassification(T.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4,
+                                                     hidden_dim=64, max_position_embeddings=16, num_labels=3)), ids
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name,min_drop", [
+    ("resnet", 0.3), ("mobilenetv2", 0.3), ("convnext", 0.3), ("regnet", 0.3), ("efficientnet", 0.3),
+    ("vit", 0.3), ("swin", 0.3), ("bert", 0.2), ("gpt2", 0.2), ("distilbert", 0.2),
+])
+def test_real_architectures(name, min_drop):
+    m, x = _hf(name)
+    _coverage(m.eval(), x, min_drop)
+
+
+def test_base_model_outputs_keep_their_width():
+    m, x = _hf("resnet_basic_model")
+    ref = _run(m, x)
+    m, rep = _coverage(m.eval(), x, 0.1)
+    assert m.encoder.stages[-1].layers[-1].layer[-1].convolution.out_channels == 64
+    assert _run(m, x).last_hidden_state.shape == ref.last_hidden_state.shape
+
+
+@pytest.mark.parametrize("factory,inp,min_drop", [
+    (ShuffleNet, lambda: torch.randn(1, 3, 8, 8), 0.3),
+    (SEBlock, lambda: torch.randn(1, 3, 8, 8), 0.3),
+    (Concat, lambda: torch.randn(1, 3, 8, 8), 0.3),
+    (Misc, lambda: torch.randint(0, 20, (2, 5)), 0.3),
+    (Encoder, lambda: torch.randn(2, 5, 10), 0.3),
+])
+def test_hand_written_models(factory, inp, min_drop):
+    torch.manual_seed(0)
+    _coverage(factory().eval(), inp(), min_drop)
+
+
+def test_misc_layers_mask_equivalence():
+    torch.manual_seed(0)
+    m = _randomize_norms(Misc())
+    x = torch.randint(0, 20, (2, 5))
+    ref = copy.deepcopy(m)
+    sp.prune_channels(m, x, 0.5, importance="random", seed=3)
+    assert m.emb.embedding_dim == 8 and m.c1.in_channels == 8 and m.g1.num_groups == 4
+    assert m.up.in_channels == m.g2.num_groups == m.g2.num_channels == 4
+    with torch.no_grad():
+        keep = _kept(m.emb.weight[0], ref.emb.weight[0])
+        ref.emb.weight[:, [i for i in range(16) if i not in keep]] = 0
+    _silence(ref, m, ["g1", "g2", "bu"])
+    with torch.no_grad():   # LayerNorm over pruned channels: normalise over the kept ones only
+        keep_ln = _kept(m.ln.weight, ref.ln.weight)
+    x_ref = _run(_LNSub(ref, keep_ln), x)
+    assert (_run(m, x) - x_ref).abs().max().item() < TOL
+
+
+class _LNSub(nn.Module):
+    """Reference for Misc whose LayerNorm/fc only see the kept channels (what pruning means there)."""
+    def __init__(self, m, keep):
+        super().__init__()
+        self.m, self.keep = m, keep
+
+    def forward(self, ids):
+        m = self.m
+        x = m.emb(ids).transpose(1, 2)
+        x = F.gelu(m.g1(m.c1(x)))
+        x = F.gelu(m.g2(m.c2(x))).unsqueeze(-1)
+        x = F.relu(m.bu(m.up(x))).permute(0, 2, 3, 1)[..., self.keep]
+        x = F.layer_norm(x, (len(self.keep),), m.ln.weight[self.keep], m.ln.bias[self.keep], m.ln.eps)
+        return F.linear(x, m.fc.weight[:, self.keep], m.fc.bias).mean((1, 2))
+
+
+def test_multihead_attention_encoder_runs_and_shrinks():
+    torch.manual_seed(0)
+    m = Encoder().eval()
+    x = torch.randn(2, 5, 10)
+    m, rep = _coverage(m, x, 0.3)
+    assert m.enc.self_attn.embed_dim % 4 == 0 and m.enc.self_attn.embed_dim < 32
+    assert m.enc.linear1.out_features == 32
+
+
+# ------------------------------------------------------------------------------------------ options
+def test_ratio_near_one_keeps_a_channel_everywhere():
+    torch.manual_seed(0)
+    m = Residual()
+    x = torch.randn(1, 3, 6, 6)
+    sp.prune_channels(m, x, 0.99)
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            assert mod.out_channels >= 1 and mod.in_channels >= 1
+    assert _run(m, x).shape == (1, 4)
+
+
+def test_ignore_leaves_layer_alone():
+    torch.manual_seed(0)
+    m = Seq()
+    sp.prune_channels(m, torch.randn(1, 3, 8, 8), 0.5, ignore=[m.c2])
+    assert m.c2.out_channels == 8 and m.c2.in_channels == 8 and m.c1.out_channels == 8
+    m = Seq()
+    sp.prune_channels(m, torch.randn(1, 3, 8, 8), 0.5, ignore="c1")
+    assert m.c1.out_channels == 8 and m.c2.out_channels == 4
+
+
+def test_bn_scale_and_l2_pick_the_smallest():
+    torch.manual_seed(0)
+    m = _randomize_norms(Seq())
+    with torch.no_grad():
+        m.b1.weight[[3, 4]] = 1e-3
+    keep_b1 = [i for i in range(8) if i not in (3, 4)]
+    w_before = m.b1.bias.detach().clone()
+    sp.prune_channels(m, torch.randn(1, 3, 8, 8), 0.25, importance="bn_scale")
+    torch.testing.assert_close(m.b1.bias.detach(), w_before[keep_b1])
+    m = Seq()
+    with torch.no_grad():
+        m.c1.weight[5] *= 1e-3
+        m.b1.weight[5] = 1e-3
+    bias = m.c1.bias.detach().clone()
+    sp.prune_channels(m, torch.randn(1, 3, 8, 8), 0.125, importance="l2")
+    torch.testing.assert_close(m.c1.bias.detach(), bias[[0, 1, 2, 3, 4, 6, 7]])
+
+
+def test_taylor_uses_the_loss():
+    torch.manual_seed(0)
+    m = Seq()
+    x = torch.randn(4, 3, 8, 8)
+    target = torch.randint(0, 5, (4,))
+    with pytest.raises(ValueError, match="taylor"):
+        sp.prune_channels(m, x, 0.5, importance="taylor")
+    with torch.no_grad():   # channel 2 of c1 never reaches the loss: its Taylor score is exactly 0
+        m.c2.weight[:, 2] = 0
+    bias = m.b1.bias.detach().clone()
+    sp.prune_channels(m, x, 0.125, importance="taylor", loss_fn=lambda out: F.cross_entropy(out, target))
+    torch.testing.assert_close(m.b1.bias.detach(), bias[[0, 1, 3, 4, 5, 6, 7]])
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_global_ranking_is_uneven_but_totals_the_ratio():
+    torch.manual_seed(0)
+    m = Residual(c=8, inner=16)
+    with torch.no_grad():
+        m.ba.weight.mul_(1e-3)      # the first block's inner channels are all unimportant
+        m.ba2.weight.mul_(10)
+    sp.prune_channels(m, torch.randn(1, 3, 6, 6), 0.4, global_ranking=True, importance="bn_scale")
+    assert m.ba.num_features < m.ba2.num_features
+    total = m.bs.num_features + m.ba.num_features + m.ba2.num_features
+    assert total == 40 - 16
+
+
+def test_dry_run_reports_and_changes_nothing():
+    torch.manual_seed(0)
+    m = Seq()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    rep = sp.prune_channels(m, torch.randn(1, 3, 8, 8), 0.5, dry_run=True)
+    assert rep.dry_run and rep.params_after < rep.params_before and rep.macs_after < rep.macs_before
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k])
+    layer = {l["name"]: l for l in rep.layers}
+    assert (layer["c1"]["out_before"], layer["c1"]["out_after"]) == (8, 4)
+    assert (layer["fc"]["in_before"], layer["fc"]["in_after"]) == (128, 64)
+    text = str(rep)
+    assert "c1" in text and "8->4" in text and "params:" in text and "MACs:" in text
+    assert set(rep.as_dict()) >= {"layers", "groups", "skipped", "params_before", "macs_after"}
+
+
+class Hardcoded(nn.Module):
+    """One branch adds a plain tensor attribute (not a buffer): its width cannot follow a pruning."""
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.c = nn.Conv2d(6, 4, 1)
+        self.offset = torch.ones(1, 6, 1, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x))) + self.offset))
+
+
+def test_unsafe_group_is_left_alone_with_a_warning():
+    torch.manual_seed(0)
+    m = Hardcoded()
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.warns(ChannelPruneWarning):
+        m, rep = sp.prune_channels(m, x, 0.5, return_report=True)
+    assert m.b.out_channels == 6 and m.a.out_channels == 4
+    assert rep.skipped and "b" in rep.skipped[0]["layers"]
+    assert _run(m, x).shape == (1, 4, 4, 4)
+
+
+def test_bad_arguments():
+    m, x = Seq(), torch.randn(1, 3, 8, 8)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="ratio"):
+            sp.prune_channels(m, x, bad)
+    for bad in ("0.5", None, float("nan"), True):
+        with pytest.raises((TypeError, ValueError)):
+            sp.prune_channels(m, x, bad)
+    with pytest.raises(ValueError, match="importance"):
+        sp.prune_channels(m, x, 0.5, importance="l3")
+    with pytest.raises(ValueError, match="round_to"):
+        sp.prune_channels(m, x, 0.5, round_to=0)
+    with pytest.raises(TypeError, match="unexpected"):
+        sp.prune_channels(m, x, 0.5, glob=True)
+    with pytest.raises(TypeError, match="Module"):
+        sp.prune_channels(lambda t: t, x, 0.5)
+    with pytest.raises(TypeError, match="example_inputs"):
+        sp.prune_channels(m, [1, 2], 0.5) if False else sp.prune_channels(m, 3, 0.5)
+    with pytest.raises(ValueError, match="ignore"):
+        sp.prune_channels(m, x, 0.5, ignore="nope")
+    assert m.c1.out_channels == 8  # nothing changed by the refused calls
