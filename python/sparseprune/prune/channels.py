@@ -188,9 +188,7 @@ def _select(groups, scores, ratio, round_to, global_ranking, tr, roots):
     if global_ranking:
         allu = []
         for gi, g in enumerate(groups):
-            s = scores[gi]
-            norm = s / (s.mean() + 1e-12) if s.numel() else s
-            allu += [(float(norm[j]), gi, j) for j in range(len(g.units))]
+            allu += [(float(scores[gi][j]), gi, j) for j in range(len(g.units))]
         allu.sort()
         n_total = len(allu)
         k = int(math.floor(n_total * ratio + 1e-9))
@@ -218,7 +216,7 @@ def _select(groups, scores, ratio, round_to, global_ranking, tr, roots):
             for i in g.slots:
                 r = roots[i]
                 live = [a for a in torch.unique(r).tolist() if a >= 0]
-                if live and all(a in pr or a == tr.uf.find(FIXED) and False for a in live):
+                if live and all(a in pr for a in live):  # a fixed root is never in pr
                     best = max((a for a in live if a in pr), key=lambda a: float(scores[gi][g.units.index(a)]))
                     pr.discard(best)
                     changed = True
@@ -465,8 +463,8 @@ def prune_channels(model, example_inputs, ratio=0.5, *, importance="l1", global_
         importance: ``"l1"``, ``"l2"`` (norms of every coupled weight slice), ``"bn_scale"`` (|gamma| of
             the group's BatchNorm), ``"taylor"`` (|w * dL/dw|, needs ``loss_fn`` or gradients already
             in ``.grad``), ``"random"``, or a callable ``f(tensor, dim) -> scores per index``.
-        global_ranking: rank every unit of the model together (normalised per group) instead of
-            removing ``ratio`` of every group.
+        global_ranking: rank every unit of the model together instead of removing ``ratio`` of every
+            group (norms and Taylor scores are then taken per weight, so wide layers are not favoured).
         ignore: modules, qualified names or module classes whose channels must not change.
         round_to: keep channel counts multiples of this (groups smaller than it stay whole).
         prune_heads: attention written as Linear + reshape loses whole heads; False keeps it whole.
@@ -508,7 +506,7 @@ def prune_channels(model, example_inputs, ratio=0.5, *, importance="l1", global_
     if importance == "taylor":
         grads = _taylor_grads(model, example_inputs, loss_fn)
     gen = torch.Generator().manual_seed(seed)
-    scores = [unit_scores(g, tr, roots, importance, grads, gen, model) for g in groups]
+    scores = [unit_scores(g, tr, roots, importance, grads, gen, model, global_ranking) for g in groups]
     plan = _select(groups, scores, ratio, round_to, global_ranking, tr, roots)
 
     skipped = []

@@ -23,7 +23,7 @@ def _per_index(t, dim, how, grad=None):
     return v.sum(other) if other else v
 
 
-def unit_scores(group, tr, roots, importance, grads, gen, model):
+def unit_scores(group, tr, roots, importance, grads, gen, model, global_scale=False):
     """Score of every unit of ``group`` (same order as ``group.units``): the sum, over every weight slice
     the unit would remove, of the chosen per-index measure. Buffers (running statistics) do not vote."""
     n = len(group.units)
@@ -49,12 +49,19 @@ def unit_scores(group, tr, roots, importance, grads, gen, model):
             v = _per_index(t, s.dim, how, grads.get(s.key) if grads is not None else None)
         vec[i] = v
     out = torch.zeros(n)
+    size = torch.zeros(n)
     for j, a in enumerate(group.units):
-        tot = 0.0
+        tot, cnt = 0.0, 0
         for i, pos in group.members[a]:
             if i in vec:
                 tot += float(vec[i][pos].sum())
+                t = tr.tensors[tr.slots[i].key]
+                cnt += len(pos) * (t.numel() // max(t.shape[tr.slots[i].dim], 1))
         out[j] = tot
+        size[j] = max(cnt, 1)
+    if global_scale and how in ("l1", "l2", "taylor") and not (importance == "bn_scale"):
+        # across groups, compare the mean per weight: a unit with a wider fan-in is not more important
+        out = out / size
     return out
 
 
