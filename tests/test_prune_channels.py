@@ -683,6 +683,52 @@ def test_unsafe_group_is_left_alone_with_a_warning():
     assert _run(m, x).shape == (1, 4, 4, 4)
 
 
+def test_heads_options():
+    m, x = _tiny_bert()
+    sp.prune_channels(m, x, 0.5, prune_heads=False, ignore=_attention_only(m))
+    s = m.bert.encoder.layer[0].attention.self
+    assert s.query.out_features == s.value.out_features == 32
+    m, x = _tiny_bert()
+    sp.prune_channels(m, x, 0.5, round_to=16, ignore=_attention_only(m))   # 2 heads of 8 = 16 channels
+    assert m.bert.encoder.layer[0].attention.self.query.out_features == 16
+    m, x = _tiny_bert()
+    sp.prune_channels(m, x, 0.75, round_to=16, ignore=_attention_only(m))  # 1 head would be 8: keep 2
+    assert m.bert.encoder.layer[0].attention.self.query.out_features == 16
+    assert _run(m, x).logits.shape == (2, 3)
+
+
+def test_tied_embeddings_stay_tied():
+    m, x = _hf("gpt2")
+    assert m.lm_head.weight is m.transformer.wte.weight
+    sp.prune_channels(m, x, 0.5)
+    assert m.lm_head.weight is m.transformer.wte.weight and m.lm_head.weight.shape[1] == 16
+    assert _run(m, x).logits.shape == (1, 8, 64)
+
+
+def test_tuple_inputs_train_mode_and_statistics_untouched():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.bn = nn.BatchNorm2d(8)
+            self.c = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x, y):
+            return self.c(F.relu(self.bn(self.a(x) + self.b(y))))
+    m = Two().train()
+    stats = (m.bn.running_mean.clone(), m.bn.num_batches_tracked.clone())
+    x = (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
+    sp.prune_channels(m, x, 0.5)
+    assert m.training and m.a.out_channels == m.b.out_channels == m.bn.num_features == 4
+    assert torch.equal(m.bn.num_batches_tracked, stats[1])
+    m.eval()
+    assert _run(m, x).shape == (2, 2, 4, 4)
+    m = Seq()
+    ref = _run(m, torch.ones(1, 3, 8, 8))
+    sp.prune_channels(m, torch.ones(1, 3, 8, 8), 0.0)   # ratio 0: nothing goes
+    assert torch.equal(_run(m, torch.ones(1, 3, 8, 8)), ref)
+
+
 def test_bad_arguments():
     m, x = Seq(), torch.randn(1, 3, 8, 8)
     for bad in (1.0, -0.1, 1.5):

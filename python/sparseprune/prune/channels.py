@@ -182,9 +182,23 @@ def _n_keep(n, ratio, round_to):
     return keep
 
 
+def _unit_round(g, tr, round_to):
+    """round_to counts channels; a unit may be several channels of a layer (a head): round units so that
+    the channel count is the multiple."""
+    if round_to == 1:
+        return 1
+    per = []
+    for a in g.units:
+        outs = [len(p) for i, p in g.members[a] if tr.slots[i].kind == "out"]
+        per.append(min(outs) if outs else 1)
+    cpu = max(1, min(per))
+    return round_to // math.gcd(round_to, cpu)
+
+
 def _select(groups, scores, ratio, round_to, global_ranking, tr, roots):
     """Units to remove, per group (list of roots)."""
     plan = []
+    rounds = [_unit_round(g, tr, round_to) for g in groups]
     if global_ranking:
         allu = []
         for gi, g in enumerate(groups):
@@ -198,13 +212,13 @@ def _select(groups, scores, ratio, round_to, global_ranking, tr, roots):
         for gi, g in enumerate(groups):
             n = len(g.units)
             want = len(chosen.get(gi, []))
-            keep = _n_keep(n, want / n if n else 0, round_to) if want else n
+            keep = _n_keep(n, want / n if n else 0, rounds[gi]) if want else n
             order = torch.argsort(scores[gi], stable=True).tolist()
             plan.append([g.units[j] for j in order[: n - keep]])
     else:
         for gi, g in enumerate(groups):
             n = len(g.units)
-            keep = _n_keep(n, ratio, round_to)
+            keep = _n_keep(n, ratio, rounds[gi])
             order = torch.argsort(scores[gi], stable=True).tolist()
             plan.append([g.units[j] for j in order[: n - keep]])
     # never empty a layer: every slot keeps at least one of its channels
@@ -277,12 +291,10 @@ def _apply(model, tr, groups, plan_sets, roots, undo):
         for dim, idx in dims:
             new = new.index_select(dim, idx)
         new = new.clone()
+        if isinstance(t, nn.Parameter):  # one object for every owner: tied weights stay tied
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
         for mod, attr, is_buf, _ in tr.owners[key]:
-            if is_buf:
-                undo.setattr(mod, attr, new, "buffer")
-            else:
-                p = nn.Parameter(new, requires_grad=t.requires_grad)
-                undo.setattr(mod, attr, p, "param")
+            undo.setattr(mod, attr, new, "buffer" if is_buf else "param")
     mods = {}
     for key in changed:
         for mod, attr, _, _ in tr.owners[key]:
