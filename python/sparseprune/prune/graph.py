@@ -875,8 +875,14 @@ def module_macs(model, example_inputs):
                 elif name == "scaled_dot_product_attention":
                     q, k = args[0], args[1]
                     m = 2 * q.numel() // q.shape[-1] * k.shape[-2] * q.shape[-1]
-                elif name == "multi_head_attention_forward":
-                    pass
+                elif name == "multi_head_attention_forward":  # args are sequence-first here
+                    q, k, w_in = args[0], args[1], args[5]
+                    w_out = args[11] if len(args) > 11 else kwargs.get("out_proj_weight")
+                    rows = q.numel() // q.shape[-1]            # target length x batch
+                    e = w_in.shape[0] // 3
+                    m = rows * q.shape[-1] * w_in.shape[0] + 2 * rows * k.shape[0] * e
+                    if w_out is not None:
+                        m += rows * w_out.shape[0] * w_out.shape[1]
             except Exception:
                 m = 0
             if m:
