@@ -8,6 +8,7 @@ whose removal breaks the model is put back and reported; the model is never left
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -339,7 +340,7 @@ def _fix_module_attrs(mod, tr, undo):
     elif isinstance(mod, nn.modules.batchnorm._NormBase):
         n = (w if w is not None else mod.running_mean).shape[0]
         undo.setattr(mod, "num_features", n)
-    elif isinstance(mod, nn.LayerNorm) and w is not None:
+    elif isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) and w is not None:
         undo.setattr(mod, "normalized_shape", (w.shape[0],))
     elif isinstance(mod, nn.GroupNorm) and w is not None:
         undo.setattr(mod, "num_channels", w.shape[0])
@@ -396,6 +397,8 @@ def _shapes(out):
         return ("D", tuple((k, _shapes(v)) for k, v in out.items()))
     if isinstance(out, (list, tuple)):
         return ("L", tuple(_shapes(v) for v in out))
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return ("C", tuple((f.name, _shapes(getattr(out, f.name))) for f in dataclasses.fields(out)))
     return ("O", type(out).__name__)
 
 

@@ -11,6 +11,7 @@ union-find; every root is one prunable unit, and atom 0 (``FIXED``) marks what m
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -146,6 +147,8 @@ def _tensors_in(obj):
         return [t for o in obj for t in _tensors_in(o)]
     if isinstance(obj, dict):
         return [t for o in obj.values() for t in _tensors_in(o)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in _tensors_in(getattr(obj, f.name))]
     return []
 
 
@@ -329,7 +332,7 @@ class _Tracer(TorchFunctionMode):
         if name == "instance_norm" and "functional" in full:
             g = lambda i, k: args[i] if len(args) > i else kwargs.get(k)  # noqa: E731
             return self.norm_c(args[0], [g(3, "weight"), g(4, "bias")], [g(1, "running_mean"), g(2, "running_var")], out)
-        if name == "layer_norm":
+        if name in ("layer_norm", "rms_norm"):
             return self.layer_norm(args, kwargs, out)
         if name == "group_norm":
             return self.group_norm(args, kwargs, out)
@@ -452,12 +455,12 @@ class _Tracer(TorchFunctionMode):
     def layer_norm(self, args, kwargs, out):
         x, shape = args[0], args[1]
         w = args[2] if len(args) > 2 else kwargs.get("weight")
-        b = args[3] if len(args) > 3 else kwargs.get("bias")
+        b = args[3] if len(args) > 3 and isinstance(args[3], torch.Tensor) else kwargs.get("bias")
         if len(shape) != 1:
             return self.fallback("layer_norm", args, kwargs, [out], "normalises over several dims")
         rep = self.norm_c(x, [w, b], [], out, dim=-1)
         mod = self.cur_module()
-        if rep is not None and isinstance(mod, nn.LayerNorm):
+        if rep is not None and isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
             self.t.attr_slots.append((mod, "normalized_shape", rep.clone()))
 
     def group_norm(self, args, kwargs, out):
