@@ -427,26 +427,46 @@ def test_mask_equivalence_channel_shuffle():
         assert m.g.groups == 4 and m.g.out_channels == 8 and m.u1.pw1.out_channels == 4
 
 
-def test_bert_heads_stay_paired_random():
+def _attention_blocks(name):
+    """(model, inputs, [(q, k, v, o) Linear modules per layer], head_dim, heads)."""
+    if name.startswith("bert"):
+        m, x = _tiny_bert(name.split("-")[1])
+        blocks = [(a.self.query, a.self.key, a.self.value, a.output.dense)
+                  for a in (lay.attention for lay in m.bert.encoder.layer)]
+        return m, x, blocks, 8, 4
+    m, x = _hf(name)
+    m = _randomize_norms(m.eval())
+    if name == "distilbert":
+        blocks = [(a.q_lin, a.k_lin, a.v_lin, a.out_lin) for a in (lay.attention for lay in m.distilbert.transformer.layer)]
+    else:  # vit
+        blocks = [(a.q_proj, a.k_proj, a.v_proj, a.o_proj) for a in (lay.attention for lay in m.vit.layers)]
+    return m, x, blocks, 8, 4
+
+
+@pytest.mark.parametrize("name", ["bert-sdpa", "bert-eager", "distilbert", "vit"])
+def test_heads_stay_paired_random(name):
     """Q, K, V rows and the output projection's columns must lose the same heads: the pruned model
     equals the original with the removed heads' output-projection columns zeroed."""
     for seed in range(3):
-        m, x = _tiny_bert()
+        m, x, blocks, hd, nh = _attention_blocks(name)
         ref = copy.deepcopy(m)
-        sp.prune_channels(m, x, 0.5, importance="random", seed=seed, ignore=_attention_only(m))
-        hd = 8
+        keep = {id(l) for blk in blocks for l in blk}
+        ignore = [n for n, mod in m.named_modules()
+                  if n and id(mod) not in keep and any(True for _ in mod.parameters(recurse=False))]
+        names = {id(mod): n for n, mod in m.named_modules()}
+        sp.prune_channels(m, x, 0.5, importance="random", seed=seed, ignore=ignore)
+        rmods = dict(ref.named_modules())
         with torch.no_grad():
-            for li in range(2):
-                s, rs = m.bert.encoder.layer[li].attention.self, ref.bert.encoder.layer[li].attention.self
-                heads = {}
-                for nm in ("query", "key", "value"):
-                    k = _kept(getattr(s, nm).bias, getattr(rs, nm).bias)
-                    heads[nm] = sorted({i // hd for i in k})
-                    assert len(k) == len(heads[nm]) * hd
-                assert heads["query"] == heads["key"] == heads["value"]
-                drop = [h * hd + j for h in range(4) if h not in heads["query"] for j in range(hd)]
-                ref.bert.encoder.layer[li].attention.output.dense.weight[:, drop] = 0
-        assert (_run(m, x).logits - _run(ref, x).logits).abs().max().item() < TOL
+            for q, k, v, o in blocks:
+                heads = []
+                for lin in (q, k, v):
+                    kept = _kept(lin.bias, rmods[names[id(lin)]].bias)
+                    heads.append(sorted({i // hd for i in kept}))
+                    assert len(kept) == len(heads[-1]) * hd
+                assert heads[0] == heads[1] == heads[2] and len(heads[0]) == nh // 2
+                drop = [h * hd + j for h in range(nh) if h not in heads[0] for j in range(hd)]
+                rmods[names[id(o)]].weight[:, drop] = 0
+        assert (_first(_run(m, x)) - _first(_run(ref, x))).abs().max().item() < TOL
 
 
 # ------------------------------------------------------------------------------------------ coverage
