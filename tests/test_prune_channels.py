@@ -469,6 +469,29 @@ def test_heads_stay_paired_random(name):
         assert (_first(_run(m, x)) - _first(_run(ref, x))).abs().max().item() < TOL
 
 
+def test_gpt2_fused_qkv_heads_stay_paired():
+    """GPT-2 computes q, k, v with one fused Conv1D split in three: the three thirds lose the same heads."""
+    for seed in range(2):
+        m, x = _hf("gpt2")
+        m.eval()
+        with torch.no_grad():
+            for blk in m.transformer.h:
+                blk.attn.c_attn.bias.copy_(torch.randn(96))
+        ref = copy.deepcopy(m)
+        keep = {"c_attn", "c_proj"}
+        ignore = [n for n, mod in m.named_modules()
+                  if n and any(True for _ in mod.parameters(recurse=False)) and not (n.split(".")[-1] in keep and ".attn." in n)]
+        sp.prune_channels(m, x, 0.5, importance="random", seed=seed, ignore=ignore)
+        with torch.no_grad():
+            for blk, rblk in zip(m.transformer.h, ref.transformer.h):
+                kept = _kept(blk.attn.c_attn.bias, rblk.attn.c_attn.bias)
+                thirds = [sorted({(i - t * 32) // 8 for i in kept if t * 32 <= i < (t + 1) * 32}) for t in range(3)]
+                assert thirds[0] == thirds[1] == thirds[2] and len(thirds[0]) == 2 and len(kept) == 48
+                drop = [h * 8 + j for h in range(4) if h not in thirds[0] for j in range(8)]
+                rblk.attn.c_proj.weight[drop, :] = 0     # Conv1D weight is (in, out)
+        assert (_run(m, x).logits - _run(ref, x).logits).abs().max().item() < TOL
+
+
 # ------------------------------------------------------------------------------------------ coverage
 def _coverage(m, x, min_drop, **kw):
     ref_shapes = _shapes(_run(m, x))
