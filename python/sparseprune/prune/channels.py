@@ -32,6 +32,7 @@ class Group:
     units: list                 # root atom per unit
     slots: list                 # indices into trace.slots
     members: dict = field(default_factory=dict)   # root -> [(slot index, LongTensor positions)]
+    slot_roots: dict = field(default_factory=dict)  # slot index -> (unique roots, inverse index)
 
     def describe(self, tr):
         mods = []
@@ -154,13 +155,17 @@ def _build_groups(tr, ignored):
         g = groups.setdefault(comp.find(slot_node[i]), Group([], []))
         g.units.append(a)
     for i, r in enumerate(roots):
-        present = [a for a in torch.unique(r).tolist() if a >= 0 and a != fixed_root]
-        if not present:
+        uniq, inv = torch.unique(r, return_inverse=True)
+        ul = uniq.tolist()
+        if not any(a >= 0 and a != fixed_root for a in ul):
             continue
         g = groups[comp.find(slot_node[i])]
         g.slots.append(i)
-        for a in present:
-            g.members.setdefault(a, []).append((i, (r == a).nonzero().view(-1)))
+        g.slot_roots[i] = (ul, inv)
+        order = torch.argsort(inv, stable=True)
+        for a, pos in zip(ul, torch.split(order, torch.bincount(inv, minlength=len(ul)).tolist())):
+            if a >= 0 and a != fixed_root:
+                g.members.setdefault(a, []).append((i, pos))
     out = []
     for g in groups.values():
         producers = [i for i in g.slots if tr.slots[i].kind == "out"]
@@ -509,10 +514,9 @@ def prune_channels(model, example_inputs, ratio=0.5, *, importance="l1", global_
         return rep
     ignored = _resolve_ignore(model, ignore)
 
-    ref_out = _run(model, example_inputs)
+    macs_b, ref_out = graph.module_macs(model, example_inputs)
     ref_shapes = _shapes(ref_out)
     before = _layer_table(model)
-    macs_b = graph.module_macs(model, example_inputs)
     pb = sum(p.numel() for p in model.parameters())
 
     tr = graph.trace(model, example_inputs, prune_heads=prune_heads)
@@ -557,7 +561,7 @@ def prune_channels(model, example_inputs, ratio=0.5, *, importance="l1", global_
         p.grad = None
 
     after = _layer_table(model)
-    macs_a = graph.module_macs(model, example_inputs)
+    macs_a, _ = graph.module_macs(model, example_inputs)
     pa = sum(p.numel() for p in model.parameters())
     rep = _report(before, after, macs_b, macs_a, pb, pa)
     rep.skipped = skipped

@@ -852,7 +852,8 @@ def _raw_slots(tr, t):
 
 
 def module_macs(model, example_inputs):
-    """Multiply-accumulates of conv / linear / matmul / attention, per module (one forward pass)."""
+    """Multiply-accumulates of conv / linear / matmul / attention per module, and the output (one forward
+    pass, eval mode, no grad)."""
     counts = {}
     stack = []
     names = {id(m): n for n, m in model.named_modules()}
@@ -901,9 +902,9 @@ def module_macs(model, example_inputs):
     model.eval()
     try:
         with torch.no_grad(), Counter():
-            _call(model, example_inputs)
+            out = _call(model, example_inputs)
     finally:
         for h in hs:
             h.remove()
         model.train(was)
-    return counts
+    return counts, out

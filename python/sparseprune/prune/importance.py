@@ -48,21 +48,27 @@ def unit_scores(group, tr, roots, importance, grads, gen, model, global_scale=Fa
         else:
             v = _per_index(t, s.dim, how, grads.get(s.key) if grads is not None else None)
         vec[i] = v
-    out = torch.zeros(n)
-    size = torch.zeros(n)
-    for j, a in enumerate(group.units):
-        tot, cnt = 0.0, 0
-        for i, pos in group.members[a]:
-            if i in vec:
-                tot += float(vec[i][pos].sum())
-                t = tr.tensors[tr.slots[i].key]
-                cnt += len(pos) * (t.numel() // max(t.shape[tr.slots[i].dim], 1))
-        out[j] = tot
-        size[j] = max(cnt, 1)
+    # per slot, sum the measure of every root's positions at once; a unit's score adds its slots
+    index = {a: j for j, a in enumerate(group.units)}
+    out = torch.zeros(n, dtype=torch.float64)
+    size = torch.zeros(n, dtype=torch.float64)
+    for i, v in vec.items():
+        ul, inv = group.slot_roots[i]
+        sums = torch.zeros(len(ul), dtype=torch.float64).index_add_(0, inv, v.double())
+        cnts = torch.bincount(inv, minlength=len(ul)).double()
+        t = tr.tensors[tr.slots[i].key]
+        per = t.numel() // max(t.shape[tr.slots[i].dim], 1)
+        rows = [index.get(a, -1) for a in ul]
+        sel = torch.tensor([k for k, r in enumerate(rows) if r >= 0], dtype=torch.int64)
+        if sel.numel():
+            dst = torch.tensor([r for r in rows if r >= 0], dtype=torch.int64)
+            out.index_add_(0, dst, sums[sel])
+            size.index_add_(0, dst, cnts[sel] * per)
+    size = size.clamp_min(1)
     if global_scale and how in ("l1", "l2", "taylor") and not (importance == "bn_scale"):
         # across groups, compare the mean per weight: a unit with a wider fan-in is not more important
         out = out / size
-    return out
+    return out.float()
 
 
 def _is_bn_weight(tr, slot):
