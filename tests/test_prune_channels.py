@@ -551,6 +551,31 @@ def _hf(name):
     raise KeyError(name)
 
 
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2", "regnet", "efficientnet"])
+def test_real_cnns_are_mask_equivalent(name):
+    """Real architectures (residual bottlenecks with projection shortcuts, inverted residuals with
+    depthwise convs and TF padding, grouped convs with SE, EfficientNet's SE + depthwise): the pruned model
+    equals the original with every removed channel silenced at its BatchNorm."""
+    m, x = _hf(name)
+    m = _randomize_norms(m.eval(), 1)
+    if name == "efficientnet":   # its SE squeeze/expand convs have biases and no norm: silence them too
+        extra = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d) and mod.bias is not None and "reduce" in n]
+    else:
+        extra = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d) and mod.bias is not None]
+    names = [n for n, mod in m.named_modules() if isinstance(mod, nn.BatchNorm2d)] + extra
+    ref = copy.deepcopy(m)
+    sp.prune_channels(m, x, 0.5, importance="random", seed=1)
+    _silence(ref, m, names)
+    assert (_first(_run(m, x)) - _first(_run(ref, x))).abs().max().item() < TOL
+
+
+def test_callable_importance():
+    m = _randomize_norms(Seq())
+    bias = m.c1.bias.detach().clone()
+    sp.prune_channels(m, torch.randn(1, 3, 8, 8), 0.5, importance=lambda w, dim: -torch.arange(w.shape[dim]).float())
+    torch.testing.assert_close(m.c1.bias.detach(), bias[:4])   # the highest indices score lowest and go
+
+
 @pytest.mark.parametrize("name,min_drop", [
     ("resnet", 0.3), ("mobilenetv2", 0.3), ("convnext", 0.3), ("regnet", 0.3), ("efficientnet", 0.3),
     ("vit", 0.3), ("swin", 0.3), ("bert", 0.2), ("gpt2", 0.2), ("distilbert", 0.2),
