@@ -469,6 +469,33 @@ def test_heads_stay_paired_random(name):
         assert (_first(_run(m, x)) - _first(_run(ref, x))).abs().max().item() < TOL
 
 
+def test_swin_heads_take_their_relative_position_bias_along():
+    """Swin: window attention adds a per-head relative position bias (a raw table indexed per head).
+    Pruning heads must drop the same heads from q, k, v, the output projection and that table."""
+    m, x = _hf("swin")
+    m = _randomize_norms(m.eval(), 2)
+    ref = copy.deepcopy(m)
+    keep = ("q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias")
+    ignore = [n for n, mod in m.named_modules()
+              if n and any(True for _ in mod.parameters(recurse=False)) and not n.endswith(keep)]
+    sp.prune_channels(m, x, 0.5, importance="random", seed=0, ignore=ignore)
+    rmods = dict(ref.named_modules())
+    with torch.no_grad():
+        for n, a in m.named_modules():
+            if not n.endswith(".attention") or not hasattr(a, "q_proj"):
+                continue
+            ra = rmods[n]
+            nh = ra.relative_position_bias.relative_position_bias_table.shape[1]
+            hd = ra.q_proj.out_features // nh
+            heads = [sorted({i // hd for i in _kept(getattr(a, p).bias, getattr(ra, p).bias)}) for p in keep[:3]]
+            assert heads[0] == heads[1] == heads[2] and len(heads[0]) == nh // 2
+            table, rtable = (t.relative_position_bias.relative_position_bias_table for t in (a, ra))
+            torch.testing.assert_close(table, rtable[:, heads[0]], rtol=0, atol=0)
+            drop = [h * hd + j for h in range(nh) if h not in heads[0] for j in range(hd)]
+            ra.o_proj.weight[:, drop] = 0
+    assert (_first(_run(m, x)) - _first(_run(ref, x))).abs().max().item() < TOL
+
+
 def test_gpt2_fused_qkv_heads_stay_paired():
     """GPT-2 computes q, k, v with one fused Conv1D split in three: the three thirds lose the same heads."""
     for seed in range(2):
