@@ -496,6 +496,39 @@ def test_swin_heads_take_their_relative_position_bias_along():
     assert (_first(_run(m, x)) - _first(_run(ref, x))).abs().max().item() < TOL
 
 
+class OldStyleAttention(nn.Module):
+    """Attention written with fixed attributes (no -1 in the reshapes), as many older models do."""
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim, self.embed_dim = heads, dim // heads, dim
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (lin(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim ** 0.5, dim=-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, n, self.embed_dim))
+
+
+def test_old_style_attention_updates_its_head_count():
+    for seed in range(3):
+        torch.manual_seed(seed)
+        m = _randomize_norms(OldStyleAttention())
+        x = torch.randn(2, 5, 32)
+        ref = copy.deepcopy(m)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # nothing may be left alone here
+            sp.prune_channels(m, x, 0.5, importance="random", seed=seed)
+        assert m.num_heads == 2 and m.embed_dim == 16 and m.head_dim == 8
+        heads = [sorted({i // 8 for i in _kept(getattr(m, p).bias, getattr(ref, p).bias)}) for p in "qkv"]
+        assert heads[0] == heads[1] == heads[2]
+        with torch.no_grad():
+            ref.o.weight[:, [h * 8 + j for h in range(4) if h not in heads[0] for j in range(8)]] = 0
+        out, expect = _run(m, x), _run(ref, x)
+        # the residual width (o's output) is a model output here, so only the heads can go
+        assert out.shape == expect.shape and (out - expect).abs().max().item() < TOL
+
+
 def test_gpt2_fused_qkv_heads_stay_paired():
     """GPT-2 computes q, k, v with one fused Conv1D split in three: the three thirds lose the same heads."""
     for seed in range(2):

@@ -386,11 +386,12 @@ def _fix_split_site(site, tr, pruned, undo):
     if rows_left == A:
         return
     for k, v in list(vars(mod).items()):
-        if type(v) is not int or "head" not in k.lower():
+        if type(v) is not int:
             continue
-        if v == A:
+        low = k.lower()
+        if v == A and "head" in low:                       # num_heads, n_heads, num_attention_heads
             undo.setattr(mod, k, rows_left)
-        elif v == A * B:
+        elif v == A * B and any(w in low for w in ("head", "embed", "inner", "all")):  # all_head_size, embed_dim
             undo.setattr(mod, k, rows_left * B)
 
 
