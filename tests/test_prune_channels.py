@@ -695,6 +695,44 @@ def test_misc_layers_match_the_kept_subnetwork():
         assert (_run(m, x) - expect).abs().max().item() < TOL
 
 
+class MHAModel(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.proj = nn.Linear(10, 32)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head(self.mha(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_matches_the_kept_subnetwork(batch_first):
+    """nn.MultiheadAttention ties its embed dim to its input and output: the same positions go from every
+    head (embed_dim stays a multiple of num_heads), and the result is the original attention computed
+    on the kept channels."""
+    for seed in range(2):
+        torch.manual_seed(seed)
+        m = _randomize_norms(MHAModel(batch_first))
+        x = torch.randn(2, 5, 10) if batch_first else torch.randn(5, 2, 10)
+        o = copy.deepcopy(m)
+        sp.prune_channels(m, x, 0.5, importance="random", seed=seed)
+        k = _kept(m.proj.bias, o.proj.bias)
+        assert m.mha.embed_dim == len(k) == 16 and m.mha.head_dim == 4
+        assert [len([i for i in k if i // 8 == h]) for h in range(4)] == [4] * 4
+        with torch.no_grad():
+            h = F.linear(x, o.proj.weight[k], o.proj.bias[k])
+            hq = h if not batch_first else h.transpose(0, 1)
+            rows = k + [32 + i for i in k] + [64 + i for i in k]
+            a = F.multi_head_attention_forward(
+                hq, hq, hq, 16, 4, o.mha.in_proj_weight[rows][:, k], o.mha.in_proj_bias[rows], None, None, False, 0.0,
+                o.mha.out_proj.weight[k][:, k], o.mha.out_proj.bias[k], training=False, need_weights=False)[0]
+            a = a if not batch_first else a.transpose(0, 1)
+            expect = F.linear(a, o.head.weight[:, k], o.head.bias)
+        assert (_run(m, x) - expect).abs().max().item() < TOL
+
+
 def test_multihead_attention_encoder_runs_and_shrinks():
     torch.manual_seed(0)
     m = Encoder().eval()
