@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import graph
-from .graph import FIXED, NONE
+from .graph import FIXED
 from .importance import IMPORTANCES, unit_scores
 
 __all__ = ["prune_channels", "ChannelPruneReport", "ChannelPruneWarning"]

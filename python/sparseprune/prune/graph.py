@@ -93,12 +93,10 @@ class SplitSizeSite:
 class Trace:
     uf: UnionFind
     slots: list = field(default_factory=list)
-    sites: list = field(default_factory=list)
     split_sites: list = field(default_factory=list)
     attr_slots: list = field(default_factory=list)   # (module, attr, atoms)
     conv_info: dict = field(default_factory=dict)    # id(module) -> (groups, O, I, transposed)
     gn_info: dict = field(default_factory=dict)      # id(module) -> "cols" | "rows" | "none"
-    mha: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     owners: dict = field(default_factory=dict)       # id(tensor) -> [(module, attr, is_buffer, qualname)]
     tensors: dict = field(default_factory=dict)      # id(tensor) -> tensor
@@ -196,7 +194,6 @@ class _Tracer(TorchFunctionMode):
         self.raw = {}       # id(param/buffer) -> per-element labels
         self.stack = []     # modules being executed
         self.suppress = 0
-        self.names = {id(m): n for n, m in model.named_modules()}
 
     # ---------------------------------------------------------------- labels
     def lab(self, t):
@@ -748,7 +745,6 @@ class _Tracer(TorchFunctionMode):
         self.slot(mod.out_proj.weight, 1, atoms, "in")
         if mod.out_proj.bias is not None:
             self.slot(mod.out_proj.bias, 0, atoms, "out")
-        self.t.mha.append(mod)
         if outs:
             self.set_lab(outs[0], self.bcast(atoms, outs[0].shape, -1))
 
