@@ -510,6 +510,36 @@ class OldStyleAttention(nn.Module):
         return self.o((att @ v).transpose(1, 2).reshape(b, n, self.embed_dim))
 
 
+class FusedQKVAttention(nn.Module):
+    """One Linear for q, k and v, reshaped to (3, heads, head_dim) as in timm-style vision transformers."""
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        att = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_fused_qkv_three_way_split_loses_whole_heads():
+    for seed in range(3):
+        torch.manual_seed(seed)
+        m = _randomize_norms(FusedQKVAttention())
+        x = torch.randn(2, 5, 32)
+        ref = copy.deepcopy(m)
+        sp.prune_channels(m, x, 0.5, importance="random", seed=seed)
+        assert m.num_heads == 2 and m.head_dim == 8 and m.qkv.out_features == 48
+        kept = _kept(m.qkv.bias, ref.qkv.bias)
+        thirds = [sorted({(i - t * 32) // 8 for i in kept if t * 32 <= i < (t + 1) * 32}) for t in range(3)]
+        assert thirds[0] == thirds[1] == thirds[2] and len(thirds[0]) == 2
+        with torch.no_grad():
+            ref.proj.weight[:, [h * 8 + j for h in range(4) if h not in thirds[0] for j in range(8)]] = 0
+        assert (_run(m, x) - _run(ref, x)).abs().max().item() < TOL
+
+
 def test_old_style_attention_updates_its_head_count():
     for seed in range(3):
         torch.manual_seed(seed)

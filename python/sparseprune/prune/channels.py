@@ -378,21 +378,24 @@ def _fix_split_site(site, tr, pruned, undo):
                 if type(v) is int and v == site.size and "split" in k.lower():
                     undo.setattr(mod, k, n)
         return
-    if site.policy != "rows":
+    g = site.grid
+    last = g.dim() - 1
+    if site.dim == last:  # innermost shrinks: the outer counts (groups, heads) stay as they are
         return
-    r = tr.uf.roots(site.grid)
-    A, B = site.grid.shape
-    rows_left = sum(1 for a in r[:, 0].tolist() if a not in pruned)
-    if rows_left == A:
+    r = tr.uf.roots(g)
+    size = g.shape[site.dim]
+    left = sum(1 for j in range(size) if int(r.select(site.dim, j).reshape(-1)[0]) not in pruned)
+    if left == size:
         return
+    total, rest = g.numel(), g.numel() // size
     for k, v in list(vars(mod).items()):
         if type(v) is not int:
             continue
         low = k.lower()
-        if v == A and "head" in low:                       # num_heads, n_heads, num_attention_heads
-            undo.setattr(mod, k, rows_left)
-        elif v == A * B and any(w in low for w in ("head", "embed", "inner", "all")):  # all_head_size, embed_dim
-            undo.setattr(mod, k, rows_left * B)
+        if v == size and "head" in low:                    # num_heads, n_heads, num_attention_heads
+            undo.setattr(mod, k, left)
+        elif v == total and any(w in low for w in ("head", "embed", "inner", "all")):  # all_head_size, embed_dim
+            undo.setattr(mod, k, left * rest)
 
 
 # ------------------------------------------------------------------------------------------- checks

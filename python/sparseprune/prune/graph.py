@@ -76,10 +76,10 @@ class Slot:
 
 @dataclass
 class SplitSite:
-    """A channel dim reshaped into (A, B): heads x head_dim, groups x channels_per_group."""
+    """A channel dim reshaped into several: heads x head_dim, groups x channels_per_group, 3 x heads x dim."""
     module: nn.Module | None
-    grid: torch.Tensor  # (A, B) atoms
-    policy: str         # "rows": whole rows go (heads); "cols": the same column goes from every row
+    grid: torch.Tensor  # atoms, one dim per split dim
+    dim: int            # the split dim whose entries may go (all entries sharing its index go together)
 
 
 @dataclass
@@ -658,59 +658,62 @@ class _Tracer(TorchFunctionMode):
             self.t.notes.append(f"{name} with explicit sizes {sizes}: kept")
 
     def check_split(self, name, args, lin, lout):
+        """A reshape that splits a channel dim into several (heads x head_dim, groups x per-group,
+        3 x heads x head_dim): the entries along one of them may go (the one whose size can change),
+        all entries sharing an index along it go together."""
         groups = _reshape_groups(lin.shape, lout.shape)
         if groups is None:
             return self.fix(lin)
         for gi, go in groups:
-            vary_in = [d for d in gi if not _const_along(lin, d)]
-            if not vary_in:
+            if all(_const_along(lin, d) for d in gi):
                 continue
             go_big = [d for d in go if lout.shape[d] > 1]
-            if len(gi) == 1 and len(go_big) <= 1:
+            if len(go_big) <= 1:  # no split, or a merge of dims (flatten): channels stay addressable
                 continue
-            if len(go_big) <= 1:  # merge of dims (flatten): channels stay addressable
-                continue
-            if len(gi) != 1 or len(go_big) != 2:
+            if len(gi) != 1:
                 self.fix(lin)
                 self.t.notes.append(f"{name} {tuple(lin.shape)}->{tuple(lout.shape)} reshapes channels in a "
                                     "way not supported: kept")
                 continue
-            da, db = go_big
-            A, B = lout.shape[da], lout.shape[db]
-            policy = self.split_policy(name, args, da, db, A)
-            grid = lout.movedim((da, db), (-2, -1)).reshape(-1, A, B)
-            if policy == "fixed":
+            sizes = [lout.shape[d] for d in go_big]
+            p = self.split_dim(name, args, go_big, sizes)
+            grid = lout.movedim(go_big, list(range(-len(go_big), 0))).reshape(-1, *sizes)
+            if _const_along(grid, 0):
+                grid = grid[:1]
+            if p is None:
                 self.fix(grid)
                 continue
             for lead in range(grid.shape[0]):
                 g = grid[lead]
-                if policy == "rows":
-                    for r in range(A):
-                        self.uf.union_all(g[r].tolist())
-                else:
-                    for c in range(B):
-                        self.uf.union_all(g[:, c].tolist())
-            self.t.split_sites.append(SplitSite(self.cur_module(), grid[0].clone(), policy))
+                for j in range(sizes[p]):
+                    self.uf.union_all(g.select(p, j).reshape(-1).tolist())
+            self.t.split_sites.append(SplitSite(self.cur_module(), grid[0].clone(), p))
 
-    def split_policy(self, name, args, da, db, A):
+    def split_dim(self, name, args, go_big, sizes):
+        """Which of the split dims may shrink: the one written -1, else one matching a ``*head*``
+        attribute of the running module (attention heads), else the innermost (its size is usually
+        computed from the input, e.g. ``c // groups`` in a channel shuffle). None: nothing may."""
+        last = len(sizes) - 1
         req = None
         if name in ("view", "reshape"):
             req = list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else list(args[1:])
         elif name == "unflatten":
-            d, sizes = args[1], list(args[2])
-            req = [None] * d + sizes
-        if req is not None and -1 in req:
-            pos = req.index(-1)
-            if pos == da:
-                return "rows" if self.heads_ok else "fixed"
-            if pos == db:
-                return "cols"
+            d, sizes_req = args[1], list(args[2])
+            req = [None] * d + sizes_req
+        p = None
+        if req is not None and -1 in req and req.index(-1) in go_big:
+            p = go_big.index(req.index(-1))
         mod = self.cur_module()
-        if mod is not None:
+        if p is None and mod is not None:
             for k, v in vars(mod).items():
-                if isinstance(v, int) and not isinstance(v, bool) and v == A and "head" in k.lower():
-                    return "rows" if self.heads_ok else "fixed"
-        return "cols"
+                if type(v) is int and "head" in k.lower() and v in sizes[:last]:
+                    p = sizes.index(v)
+                    break
+        if p is None:
+            p = last
+        if p != last and not self.heads_ok:
+            return None
+        return p
 
     # ---------------------------------------------------------------- modules handled whole
     def mha_pre(self, mod, args, kwargs):
