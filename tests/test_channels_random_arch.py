@@ -6,6 +6,7 @@ Every channel is produced by a BatchNorm with distinct scale values (or a biased
 bottleneck), so the channels kept can be recovered by value, without the pruner's bookkeeping.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparseprune as sp
+from sparseprune.prune.channels import ChannelPruneWarning
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -108,7 +110,9 @@ def test_random_architectures_are_mask_equivalent(spec, widths, ratio, seed, imp
     x = torch.randn(1, 3, 5, 5)
     ref = copy.deepcopy(model)
     p0 = sum(p.numel() for p in model.parameters())
-    sp.prune_channels(model, x, ratio, importance=importance, seed=seed, global_ranking=global_ranking)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChannelPruneWarning)   # every coupling here is supported
+        sp.prune_channels(model, x, ratio, importance=importance, seed=seed, global_ranking=global_ranking)
     out = _first(_run(model, x))
     assert out.shape == (1, 3)
     assert sum(p.numel() for p in model.parameters()) <= p0

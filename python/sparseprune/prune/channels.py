@@ -295,7 +295,7 @@ def _apply(model, tr, groups, plan_sets, roots, undo):
         old_shapes[key] = tuple(t.shape)
         new = t.detach()
         for dim, idx in dims:
-            new = new.index_select(dim, idx)
+            new = new.index_select(dim, idx.to(new.device))
         new = new.clone()
         if isinstance(t, nn.Parameter):  # one object for every owner: tied weights stay tied
             new = nn.Parameter(new, requires_grad=t.requires_grad)

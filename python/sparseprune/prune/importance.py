@@ -20,7 +20,7 @@ def _per_index(t, dim, how, grad=None):
         v = (t * grad.float()).abs()
     else:
         raise ValueError(how)
-    return v.sum(other) if other else v
+    return (v.sum(other) if other else v).cpu()
 
 
 def unit_scores(group, tr, roots, importance, grads, gen, model, global_scale=False):
@@ -42,7 +42,7 @@ def unit_scores(group, tr, roots, importance, grads, gen, model, global_scale=Fa
         s = tr.slots[i]
         t = tr.tensors[s.key]
         if callable(how):
-            v = torch.as_tensor(how(t.detach(), s.dim), dtype=torch.float32).reshape(-1)
+            v = torch.as_tensor(how(t.detach(), s.dim), dtype=torch.float32).reshape(-1).cpu()
             if v.numel() != t.shape[s.dim]:
                 raise ValueError(f"importance callable returned {v.numel()} scores for a dim of size {t.shape[s.dim]}")
         else:
