@@ -1,0 +1,909 @@
+"""Dependency graph for structural pruning, found by tracing one forward pass.
+
+Every activation gets a shadow tensor of *channel labels* (int64, same shape): the id of the atom that
+element belongs to. Layers with weights (conv, linear, embedding, attention) create fresh atoms for
+their output channels and record which atoms their input channels consume. Data-movement ops
+(view, permute, cat, split, getitem, ...) are replayed on the labels, so concatenation slices,
+channel shuffles and flatten-into-classifier map channels exactly; element-wise ops (residual adds,
+SE gates, biases, position embeddings) unify the atoms they combine. Atoms are merged in a
+union-find; every root is one prunable unit, and atom 0 (``FIXED``) marks what must not change
+(the model's outputs, unknown ops).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode, resolve_name
+
+NONE = -1   # element carries no channel identity (constants, indices, model inputs)
+FIXED = 0   # atom that must never be pruned
+
+
+class UnionFind:
+    def __init__(self):
+        self.parent = [0]  # atom 0 = FIXED
+
+    def new(self, n):
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return torch.arange(start, start + n, dtype=torch.int64)
+
+    def find(self, x):
+        p = self.parent
+        while p[x] != x:
+            p[x] = p[p[x]]
+            x = p[x]
+        return x
+
+    def union(self, a, b):
+        if a < 0 or b < 0:
+            return
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if ra < rb:  # smaller id wins: FIXED (0) stays the root of whatever touches it
+            self.parent[rb] = ra
+        else:
+            self.parent[ra] = rb
+
+    def union_all(self, atoms):
+        atoms = [a for a in atoms if a >= 0]
+        for a in atoms[1:]:
+            self.union(atoms[0], a)
+
+    def roots(self, t):
+        """Roots of a label tensor (NONE stays NONE)."""
+        flat = t.reshape(-1)
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        r = torch.tensor([self.find(a) if a >= 0 else NONE for a in uniq.tolist()], dtype=torch.int64)
+        return r[inv].view(t.shape)
+
+
+@dataclass
+class Slot:
+    """Entries ``atoms[i]`` of dimension ``dim`` of one parameter/buffer belong to channel atom i."""
+    key: int            # id of the tensor
+    dim: int
+    atoms: torch.Tensor
+    kind: str           # "out" (a producer's output channels), "in", "norm", "raw"
+    module: str         # qualified name of the owning module (for reports)
+
+
+@dataclass
+class SplitSite:
+    """A channel dim reshaped into several: heads x head_dim, groups x channels_per_group, 3 x heads x dim."""
+    module: nn.Module | None
+    grid: torch.Tensor  # atoms, one dim per split dim
+    dim: int            # the split dim whose entries may go (all entries sharing its index go together)
+
+
+@dataclass
+class SplitSizeSite:
+    module: nn.Module | None
+    atoms: torch.Tensor  # atoms of the first piece
+    size: int
+
+
+@dataclass
+class Trace:
+    uf: UnionFind
+    slots: list = field(default_factory=list)
+    split_sites: list = field(default_factory=list)
+    attr_slots: list = field(default_factory=list)   # (module, attr, atoms)
+    conv_info: dict = field(default_factory=dict)    # id(module) -> (groups, O, I, transposed)
+    gn_info: dict = field(default_factory=dict)      # id(module) -> "cols" | "rows" | "none"
+    notes: list = field(default_factory=list)
+    owners: dict = field(default_factory=dict)       # id(tensor) -> [(module, attr, is_buffer, qualname)]
+    tensors: dict = field(default_factory=dict)      # id(tensor) -> tensor
+    output: object = None
+
+
+_CONV = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_CONVT = {"conv_transpose1d": 1, "conv_transpose2d": 2, "conv_transpose3d": 3}
+_MOVE = {
+    "view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "flatten", "unflatten", "squeeze",
+    "unsqueeze", "narrow", "select", "__getitem__", "expand", "expand_as", "repeat", "flip", "roll",
+    "t", "movedim", "moveaxis", "view_as", "reshape_as", "index_select", "repeat_interleave", "unbind",
+    "tensor_split", "split", "chunk", "cat", "concat", "concatenate", "stack", "hstack", "vstack",
+    "pixel_shuffle", "pixel_unshuffle", "T", "mT", "gather", "take_along_dim", "tile", "unfold",
+    "split_with_sizes", "contiguous", "clone", "detach",
+}
+_LISTARG = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+_VIEWLIKE = {"view", "reshape", "unflatten", "view_as", "reshape_as"}
+_BROADCAST = {
+    "add", "sub", "mul", "div", "true_divide", "where", "maximum", "minimum", "addcmul", "addcdiv", "lerp",
+    "__add__", "__radd__", "__iadd__", "__mul__", "__rmul__", "__imul__", "__sub__", "__rsub__",
+    "__isub__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "add_", "mul_", "sub_", "div_",
+    "masked_fill", "masked_fill_", "copy_", "pow", "__pow__", "rsub", "fmod", "remainder", "clamp",
+    "__and__", "__or__", "eq", "ne", "gt", "lt", "ge", "le", "__eq__", "__ne__", "__gt__", "__lt__",
+    "__ge__", "__le__", "mul_", "atan2", "hypot", "xlogy", "logaddexp",
+}
+_REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
+           "nansum", "nanmean", "median", "all", "any", "argmax", "argmin"}
+_POOL_EXTRA = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
+
+
+def _short(func):
+    try:
+        name = resolve_name(func) or getattr(func, "__name__", "")
+    except Exception:
+        name = getattr(func, "__name__", "")
+    if name.endswith(".__get__"):
+        name = name[: -len(".__get__")]
+    return name.rsplit(".", 1)[-1], name
+
+
+def _tensors_in(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors_in(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors_in(o)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in _tensors_in(getattr(obj, f.name))]
+    return []
+
+
+def _const_along(t, d):
+    if t.shape[d] <= 1:
+        return True
+    return bool((t == t.narrow(d, 0, 1)).all())
+
+
+def _squeeze_const(t):
+    for d in range(t.dim()):
+        if t.shape[d] > 1 and _const_along(t, d):
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def _reshape_groups(si, so):
+    """Pair up dims of a reshape: list of (in_dims, out_dims) whose products match."""
+    si, so = list(si), list(so)
+    groups, i, j = [], 0, 0
+    while i < len(si) or j < len(so):
+        gi, go = [], []
+        pi = po = 1
+        if i < len(si):
+            gi.append(i); pi = si[i]; i += 1
+        if j < len(so):
+            go.append(j); po = so[j]; j += 1
+        while pi != po:
+            if pi < po and i < len(si):
+                gi.append(i); pi *= si[i]; i += 1
+            elif po < pi and j < len(so):
+                go.append(j); po *= so[j]; j += 1
+            else:
+                return None
+        groups.append((gi, go))
+    return groups
+
+
+class _Tracer(TorchFunctionMode):
+    def __init__(self, model, trace: Trace):
+        super().__init__()
+        self.t = trace
+        self.uf = trace.uf
+        self.labels = {}    # id -> (weakref, labels)
+        self.raw = {}       # id(param/buffer) -> per-element labels
+        self.stack = []     # modules being executed
+        self.suppress = 0
+
+    # ---------------------------------------------------------------- labels
+    def lab(self, t):
+        if not isinstance(t, torch.Tensor):
+            return None
+        k = id(t)
+        if k in self.t.owners:
+            if k not in self.raw:
+                self.raw[k] = self.uf.new(t.numel()).view(t.shape)
+            return self.raw[k]
+        e = self.labels.get(k)
+        if e is not None and e[0]() is t:
+            return e[1]
+        return None
+
+    def set_lab(self, t, lab):
+        if isinstance(t, torch.Tensor) and lab is not None and id(t) not in self.t.owners:
+            self.labels[id(t)] = (weakref.ref(t), lab)
+
+    def none_like(self, t):
+        return torch.full(t.shape, NONE, dtype=torch.int64)
+
+    def fix(self, lab):
+        if lab is None:
+            return
+        for a in torch.unique(lab).tolist():
+            if a >= 0:
+                self.uf.union(FIXED, a)
+
+    def unify_pairs(self, a, b):
+        """Couple two broadcastable label tensors element by element. Returns False when one of them is
+        broadcast across varying channels (a scalar or mask, not channel-aligned) and was not coupled."""
+        nd = max(a.dim(), b.dim())
+        a = a.reshape((1,) * (nd - a.dim()) + tuple(a.shape))
+        b = b.reshape((1,) * (nd - b.dim()) + tuple(b.shape))
+        for d in range(nd):
+            if a.shape[d] == 1 and b.shape[d] > 1 and not _const_along(b, d):
+                return "a"
+            if b.shape[d] == 1 and a.shape[d] > 1 and not _const_along(a, d):
+                return "b"
+        a, b = _squeeze_const(a), _squeeze_const(b)
+        a2, b2 = torch.broadcast_tensors(a, b)
+        m = (a2 >= 0) & (b2 >= 0) & (a2 != b2)
+        if bool(m.any()):
+            pairs = torch.unique(torch.stack([a2[m], b2[m]]), dim=1)
+            for x, y in pairs.t().tolist():
+                self.uf.union(x, y)
+        return ""
+
+    def chan_reps(self, lab, dim, size):
+        """One atom per index of ``dim``: every label in that slice is unified (the consumer treats the
+        whole slice alike)."""
+        if lab is None:
+            return torch.full((size,), NONE, dtype=torch.int64)
+        x = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
+        if x.shape[1] == 0:
+            return torch.full((size,), NONE, dtype=torch.int64)
+        if bool((x == x[:, :1]).all()):
+            return x[:, 0].clone()
+        rep = torch.full((x.shape[0],), NONE, dtype=torch.int64)
+        rows = torch.arange(x.shape[0]).unsqueeze(1).expand_as(x)
+        m = x >= 0
+        pairs = torch.unique(torch.stack([rows[m], x[m]]), dim=1)
+        for r, a in pairs.t().tolist():
+            if rep[r] < 0:
+                rep[r] = a
+            else:
+                self.uf.union(int(rep[r]), a)
+        return rep
+
+    @staticmethod
+    def bcast(atoms, shape, dim):
+        dim = dim % len(shape)
+        view = [1] * len(shape)
+        view[dim] = atoms.numel()
+        return atoms.view(view).expand(shape)
+
+    def owner(self, t):
+        if isinstance(t, torch.Tensor) and id(t) in self.t.owners:
+            return self.t.owners[id(t)][0]
+        return None
+
+    def slot(self, t, dim, atoms, kind):
+        if t is None:
+            return
+        mod, attr, is_buf, qual = self.t.owners[id(t)][0]
+        self.t.slots.append(Slot(id(t), dim % t.dim(), atoms.clone(), kind, qual.rsplit(".", 1)[0]))
+
+    def is_param(self, t):
+        return isinstance(t, torch.Tensor) and id(t) in self.t.owners
+
+    def cur_module(self):
+        return self.stack[-1] if self.stack else None
+
+    # ---------------------------------------------------------------- dispatch
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.suppress:
+            return out
+        outs = _tensors_in(out)
+        if not outs:
+            return out
+        name, full = _short(func)
+        try:
+            self.handle(name, full, args, kwargs, out, outs)
+        except Exception as e:  # never let tracing break the user's forward; be conservative instead
+            self.fallback(name, args, kwargs, outs, f"{type(e).__name__}: {e}")
+        return out
+
+    def fallback(self, name, args, kwargs, outs, why=""):
+        labs = [self.lab(t) for t in _tensors_in(args) + _tensors_in(kwargs)]
+        labs = [l for l in labs if l is not None]
+        if not labs:
+            return
+        for l in labs:
+            self.fix(l)
+        self.t.notes.append(f"op '{name}' not understood{(' (' + why + ')') if why else ''}: "
+                            "channels flowing through it are kept")
+        for o in outs:
+            self.set_lab(o, torch.zeros(o.shape, dtype=torch.int64))
+
+    def handle(self, name, full, args, kwargs, out, outs):
+        a0 = args[0] if args else None
+        if name in _CONV or name in _CONVT:
+            return self.conv(args, kwargs, out, transposed=name in _CONVT)
+        if name == "linear":
+            return self.linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"), out)
+        if name == "batch_norm" and "functional" in full:
+            return self.norm_c(args[0], [args[3] if len(args) > 3 else kwargs.get("weight"),
+                                         args[4] if len(args) > 4 else kwargs.get("bias")],
+                               [args[1], args[2]], out)
+        if name == "instance_norm" and "functional" in full:
+            g = lambda i, k: args[i] if len(args) > i else kwargs.get(k)  # noqa: E731
+            return self.norm_c(args[0], [g(3, "weight"), g(4, "bias")], [g(1, "running_mean"), g(2, "running_var")], out)
+        if name in ("layer_norm", "rms_norm"):
+            return self.layer_norm(args, kwargs, out)
+        if name == "group_norm":
+            return self.group_norm(args, kwargs, out)
+        if name == "prelu":
+            w = args[1]
+            if w.numel() == 1:
+                return self.elementwise(name, [args[0]], out, outs)
+            return self.norm_c(args[0], [w], [], out)
+        if name == "embedding":
+            return self.embedding(args, kwargs, out)
+        if name in ("matmul", "__matmul__", "bmm", "mm"):
+            return self.matmul(args[0], args[1], None, out)
+        if name == "__rmatmul__":
+            return self.matmul(args[1], args[0], None, out)
+        if name in ("addmm", "baddbmm"):
+            return self.matmul(args[1], args[2], args[0], out)
+        if name == "scaled_dot_product_attention":
+            return self.sdpa(args, kwargs, out)
+        if name == "pad":
+            return self.pad(args, kwargs, outs)
+        if name in _MOVE:
+            return self.move(name, args, kwargs, out, outs)
+        if name in _REDUCE:
+            return self.reduce(name, args, kwargs, outs)
+        if "pool" in name or name in _POOL_EXTRA:
+            return self.pool(name, args, outs)
+        ins = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        if len(outs) == 1 and all(t.shape == outs[0].shape for t in ins if self.lab(t) is not None):
+            return self.elementwise(name, ins, out, outs)
+        if name in _BROADCAST and len(outs) == 1:
+            return self.elementwise(name, ins, out, outs)
+        if all(self.lab(t) is None for t in ins):
+            return
+        self.fallback(name, args, kwargs, outs)
+
+    # ---------------------------------------------------------------- rules
+    def elementwise(self, name, ins, out, outs):
+        o = outs[0]
+        labs = [l for l in (self.lab(t) for t in ins) if l is not None]
+        if not labs:
+            return
+        cur = labs[0]
+        for l in labs[1:]:
+            r = self.unify_pairs(cur, l)
+            if r == "a":
+                cur = l
+            elif r == "":
+                try:
+                    c2, l2 = torch.broadcast_tensors(cur, l)
+                    cur = torch.where(c2 >= 0, c2, l2)
+                except RuntimeError:
+                    pass
+        try:
+            self.set_lab(o, cur.expand(o.shape) if tuple(cur.shape) != tuple(o.shape) else cur)
+        except RuntimeError:
+            self.fallback(name, ins, {}, outs, "broadcast")
+
+    def conv(self, args, kwargs, out, transposed):
+        x, w = args[0], args[1]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        gi = 6
+        groups = args[gi] if len(args) > gi else kwargs.get("groups", 1)
+        if not self.is_param(w) or (b is not None and not self.is_param(b)):
+            return self.fallback("conv", args, kwargs, [out], "weight is not a parameter")
+        cdim = 1 if x.dim() == w.dim() else 0
+        if transposed:
+            I, O = w.shape[0], w.shape[1] * groups
+        else:
+            O, I = w.shape[0], w.shape[1] * groups
+        rin = self.chan_reps(self.lab(x), cdim, I)
+        aout = self.uf.new(O)
+        ipg, opg = I // groups, O // groups
+        mode = "dense" if groups == 1 else ("whole" if ipg == 1 else "within")
+        if mode == "whole":  # depthwise: an input channel and its filters go together, groups shrink
+            for g in range(groups):
+                self.uf.union_all(rin[g * ipg:(g + 1) * ipg].tolist() + aout[g * opg:(g + 1) * opg].tolist())
+        elif mode == "within":  # grouped: groups stay, the same in-group positions go from every group
+            for grid in (rin.view(groups, ipg), aout.view(groups, opg)):
+                for c in range(grid.shape[1]):
+                    self.uf.union_all(grid[:, c].tolist())
+        mod = self.owner(w)[0]
+        self.t.conv_info[id(mod)] = (groups, O, I, transposed, mode)
+        if transposed:
+            if mode == "whole":  # rows of dim 0 follow the group atoms
+                self.slot(w, 0, rin, "out")
+            else:
+                self.slot(w, 1, aout[:opg], "out")
+                self.slot(w, 0, rin, "in")
+        else:
+            self.slot(w, 0, aout, "out")
+            if mode != "whole":
+                self.slot(w, 1, rin[:ipg], "in")
+        self.slot(b, 0, aout, "out")
+        self.set_lab(out, self.bcast(aout, out.shape, cdim))
+
+    def linear(self, x, w, b, out):
+        if not self.is_param(w) or (b is not None and not self.is_param(b)):
+            return self.fallback("linear", (x, w, b), {}, [out], "weight is not a parameter")
+        O, I = w.shape
+        rin = self.chan_reps(self.lab(x), -1, I)
+        aout = self.uf.new(O)
+        self.slot(w, 0, aout, "out")
+        self.slot(w, 1, rin, "in")
+        self.slot(b, 0, aout, "out")
+        self.set_lab(out, self.bcast(aout, out.shape, -1))
+
+    def norm_c(self, x, params, buffers, out, dim=1):
+        if any(p is not None and not self.is_param(p) for p in params + buffers):
+            return self.fallback("norm", (x,), {}, [out], "weight is not a parameter")
+        dim = dim if x.dim() > 1 else 0
+        C = x.shape[dim]
+        rep = self.chan_reps(self.lab(x), dim, C)
+        for p in params:
+            self.slot(p, 0, rep, "norm")
+        for p in buffers:
+            self.slot(p, 0, rep, "buffer")
+        self.set_lab(out, self.bcast(rep, out.shape, dim))
+        return rep
+
+    def layer_norm(self, args, kwargs, out):
+        x, shape = args[0], args[1]
+        w = args[2] if len(args) > 2 else kwargs.get("weight")
+        b = args[3] if len(args) > 3 and isinstance(args[3], torch.Tensor) else kwargs.get("bias")
+        if len(shape) != 1:
+            return self.fallback("layer_norm", args, kwargs, [out], "normalises over several dims")
+        rep = self.norm_c(x, [w, b], [], out, dim=-1)
+        mod = self.cur_module()
+        if rep is not None and isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+            self.t.attr_slots.append((mod, "normalized_shape", rep.clone()))
+
+    def group_norm(self, args, kwargs, out):
+        x, G = args[0], args[1]
+        w = args[2] if len(args) > 2 else kwargs.get("weight")
+        b = args[3] if len(args) > 3 else kwargs.get("bias")
+        rep = self.norm_c(x, [w, b], [], out)
+        if rep is None:
+            return
+        C = rep.numel()
+        cpg = C // G
+        mode = "none" if G == 1 else ("rows" if cpg == 1 else "cols")
+        if mode == "cols":  # keep num_groups: the same in-group position goes from every group
+            grid = rep.view(G, cpg)
+            for t in range(cpg):
+                self.uf.union_all(grid[:, t].tolist())
+        mod = self.cur_module()
+        if isinstance(mod, nn.GroupNorm):
+            self.t.gn_info[id(mod)] = mode
+            if mode == "rows":
+                self.t.attr_slots.append((mod, "num_groups", rep.clone()))
+            self.t.attr_slots.append((mod, "num_channels", rep.clone()))
+        elif mode != "none":
+            self.fix(rep.view(1, -1))
+
+    def embedding(self, args, kwargs, out):
+        w = args[1]
+        if not self.is_param(w):
+            return self.fallback("embedding", args, kwargs, [out], "weight is not a parameter")
+        aout = self.uf.new(w.shape[1])
+        self.slot(w, 1, aout, "out")
+        self.set_lab(out, self.bcast(aout, out.shape, -1))
+
+    def matmul(self, a, b, bias, out):
+        if self.is_param(b) and b.dim() == 2 and not self.is_param(a):  # x @ W (HF Conv1D, addmm)
+            K, N = b.shape
+            rin = self.chan_reps(self.lab(a), -1, K)
+            aout = self.uf.new(N)
+            self.slot(b, 0, rin, "in")
+            self.slot(b, 1, aout, "out")
+            if bias is not None:
+                if not self.is_param(bias) or bias.dim() != 1:
+                    self.fix(aout.view(1, -1))
+                else:
+                    self.slot(bias, 0, aout, "out")
+            self.set_lab(out, self.bcast(aout, out.shape, -1))
+            return
+        if self.is_param(a) or (bias is not None and self.lab(bias) is not None) or a.dim() < 2 or b.dim() < 2:
+            return self.fallback("matmul", (a, b, bias), {}, [out], "unsupported operands")
+        la, lb = self.lab(a), self.lab(b)
+        self.set_lab(out, self.matmul_labels(la, lb, a.shape, b.shape, out.shape))
+
+    def matmul_labels(self, la, lb, sa, sb, so):
+        if la is None and lb is None:
+            return None
+        la = la if la is not None else torch.full(sa, NONE, dtype=torch.int64)
+        lb = lb if lb is not None else torch.full(sb, NONE, dtype=torch.int64)
+        la, lb = self.uf.roots(la), self.uf.roots(lb)  # rows unified by a head split compare equal
+        # contracted index k: a[..., n, k] and b[..., k, m] must stay aligned
+        self.unify_pairs(la.unsqueeze(-1), lb.unsqueeze(-3))
+        la, lb = self.uf.roots(la), self.uf.roots(lb)
+        ca = la.narrow(-1, 0, 1)
+        ca = torch.where((la == ca).all(-1, keepdim=True), ca, torch.full_like(ca, NONE))   # (..., n, 1)
+        cb = lb.narrow(-2, 0, 1)
+        cb = torch.where((lb == cb).all(-2, keepdim=True), cb, torch.full_like(cb, NONE))   # (..., 1, m)
+        if bool((ca >= 0).any()) and bool((cb >= 0).any()):
+            self.unify_pairs(ca, cb)
+        ca2, cb2 = torch.broadcast_tensors(ca, cb)
+        res = torch.where(ca2 >= 0, ca2, cb2)
+        return res.expand(so) if tuple(res.shape) != tuple(so) else res
+
+    def sdpa(self, args, kwargs, out):
+        q, k, v = args[:3]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        lq, lk, lv = self.lab(q), self.lab(k), self.lab(v)
+        if lq is None and lk is None and lv is None:
+            return
+        if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
+            return self.fallback("sdpa", args, kwargs, [out], "grouped-query attention")
+        sshape = tuple(q.shape[:-1]) + (k.shape[-2],)
+        s = self.matmul_labels(lq, lk.transpose(-1, -2) if lk is not None else None, q.shape,
+                               tuple(k.shape[:-2]) + (k.shape[-1], k.shape[-2]), sshape)
+        if mask is not None and self.lab(mask) is not None and s is not None:
+            self.unify_pairs(s, self.lab(mask))
+        self.set_lab(out, self.matmul_labels(s, lv, sshape, v.shape, out.shape))
+
+    def pad(self, args, kwargs, outs):
+        lx = self.lab(args[0])
+        if lx is None:
+            return
+        pad = args[1] if len(args) > 1 else kwargs["pad"]
+        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        if mode == "constant":
+            res = torch.nn.functional.pad(lx, pad, value=NONE)
+        else:  # reflect / replicate / circular copy existing elements: replay on float labels
+            res = torch.nn.functional.pad(lx.double(), pad, mode=mode).round().long()
+        self.set_lab(outs[0], res)
+
+    def reduce(self, name, args, kwargs, outs):
+        x = args[0]
+        lx = self.lab(x)
+        if lx is None:
+            return
+        dim = args[1] if len(args) > 1 and not isinstance(args[1], bool) else kwargs.get("dim", None)
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+        if name in ("argmax", "argmin", "all", "any"):
+            return
+        if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+            return
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        hi, lo = lx, lx
+        for d in sorted([d % lx.dim() for d in dims], reverse=True):
+            hi = hi.amax(d, keepdim=True)
+            lo = lo.amin(d, keepdim=True)
+        res = torch.where(hi == lo, hi, torch.full_like(hi, NONE))
+        if not keep:
+            for d in sorted([d % lx.dim() for d in dims], reverse=True):
+                res = res.squeeze(d)
+        o = outs[0]
+        if tuple(res.shape) == tuple(o.shape):
+            self.set_lab(o, res)
+
+    def pool(self, name, args, outs):
+        x = args[0]
+        lx = self.lab(x)
+        if lx is None:
+            return
+        o = outs[0]
+        if x.dim() < 3 or tuple(o.shape[:2]) != tuple(x.shape[:2]):
+            return self.fallback(name, args, {}, outs, "changes the channel dim")
+        rep = self.chan_reps(lx, 1, x.shape[1])
+        self.set_lab(o, self.bcast(rep, o.shape, 1))
+        for extra in outs[1:]:  # max-pool indices
+            self.set_lab(extra, torch.full(extra.shape, NONE, dtype=torch.int64))
+
+    def move(self, name, args, kwargs, out, outs):
+        if name in _LISTARG:
+            seq = args[0]
+            labs = [self.lab(t) for t in seq]
+            if all(l is None for l in labs):
+                return
+            labs = [l if l is not None else self.none_like(t) for t, l in zip(seq, labs)]
+            largs = (labs,) + tuple(args[1:])
+        else:
+            l0 = self.lab(args[0])
+            if l0 is None:
+                return
+            largs = (l0,) + tuple(args[1:])
+        if name in ("contiguous", "clone", "detach"):
+            res = largs[0]
+        else:
+            func = getattr(torch.Tensor, name, None) if name not in _LISTARG else getattr(torch, name)
+            if name in ("T", "mT"):
+                res = getattr(largs[0], name)
+            else:
+                try:
+                    res = func(*largs, **kwargs)
+                except Exception:
+                    if name in _LISTARG:
+                        raise
+                    res = func(largs[0].contiguous(), *largs[1:], **kwargs)
+        rl = _tensors_in(res)
+        if len(rl) != len(outs) or any(tuple(r.shape) != tuple(o.shape) for r, o in zip(rl, outs)):
+            return self.fallback(name, args, kwargs, outs, "label replay mismatch")
+        if name in _VIEWLIKE:
+            self.check_split(name, args, largs[0], rl[0])
+        if name in ("split", "chunk", "tensor_split", "split_with_sizes", "unbind"):
+            self.check_pieces(name, args, kwargs, largs[0], rl)
+        for o, r in zip(outs, rl):
+            self.set_lab(o, r)
+
+    def check_pieces(self, name, args, kwargs, lin, pieces):
+        """Split/chunk along a channel dim: pieces must keep equal sizes, so the same position goes from
+        every piece."""
+        if name == "unbind":
+            return
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        dim = dim % lin.dim()
+        if _const_along(lin, dim) and not bool((lin >= 0).any()):
+            return
+        if _const_along(lin, dim):
+            return
+        sizes = [p.shape[dim] for p in pieces]
+        if len(pieces) == 1:
+            return
+        if name == "split" and isinstance(args[1], int) or name == "chunk":
+            if len(set(sizes)) != 1:
+                self.fix(lin)
+                self.t.notes.append(f"{name} into unequal pieces {sizes}: kept")
+                return
+            reps = [self.chan_reps(p, dim, p.shape[dim]) for p in pieces]
+            for t in range(sizes[0]):
+                self.uf.union_all([int(r[t]) for r in reps])
+            if name == "split":
+                self.t.split_sites.append(SplitSizeSite(self.cur_module(), reps[0].clone(), sizes[0]))
+        else:
+            self.fix(lin)
+            self.t.notes.append(f"{name} with explicit sizes {sizes}: kept")
+
+    def check_split(self, name, args, lin, lout):
+        """A reshape that splits a channel dim into several (heads x head_dim, groups x per-group,
+        3 x heads x head_dim): the entries along one of them may go (the one whose size can change),
+        all entries sharing an index along it go together."""
+        groups = _reshape_groups(lin.shape, lout.shape)
+        if groups is None:
+            return self.fix(lin)
+        for gi, go in groups:
+            if all(_const_along(lin, d) for d in gi):
+                continue
+            go_big = [d for d in go if lout.shape[d] > 1]
+            if len(go_big) <= 1:  # no split, or a merge of dims (flatten): channels stay addressable
+                continue
+            if len(gi) != 1:
+                self.fix(lin)
+                self.t.notes.append(f"{name} {tuple(lin.shape)}->{tuple(lout.shape)} reshapes channels in a "
+                                    "way not supported: kept")
+                continue
+            sizes = [lout.shape[d] for d in go_big]
+            p = self.split_dim(name, args, go_big, sizes)
+            grid = lout.movedim(go_big, list(range(-len(go_big), 0))).reshape(-1, *sizes)
+            if _const_along(grid, 0):
+                grid = grid[:1]
+            if p is None:
+                self.fix(grid)
+                continue
+            for lead in range(grid.shape[0]):
+                g = grid[lead]
+                for j in range(sizes[p]):
+                    self.uf.union_all(g.select(p, j).reshape(-1).tolist())
+            self.t.split_sites.append(SplitSite(self.cur_module(), grid[0].clone(), p))
+
+    def split_dim(self, name, args, go_big, sizes):
+        """Which of the split dims may shrink: the one written -1, else one matching a ``*head*``
+        attribute of the running module (attention heads), else the innermost (its size is usually
+        computed from the input, e.g. ``c // groups`` in a channel shuffle). None: nothing may."""
+        last = len(sizes) - 1
+        req = None
+        if name in ("view", "reshape"):
+            req = list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else list(args[1:])
+        elif name == "unflatten":
+            d, sizes_req = args[1], list(args[2])
+            req = [None] * d + sizes_req
+        p = None
+        if req is not None and -1 in req and req.index(-1) in go_big:
+            p = go_big.index(req.index(-1))
+        mod = self.cur_module()
+        if p is None and mod is not None:
+            for k, v in vars(mod).items():
+                if type(v) is int and "head" in k.lower() and v in sizes[:last]:
+                    p = sizes.index(v)
+                    break
+        if p is None:
+            p = last
+        if p != last and not self.heads_ok:
+            return None
+        return p
+
+    # ---------------------------------------------------------------- modules handled whole
+    def mha_pre(self, mod, args, kwargs):
+        self.stack.append(mod)
+        self.suppress += 1
+
+    def mha_post(self, mod, args, kwargs, out):
+        self.suppress -= 1
+        self.stack.pop()
+        q = args[0] if args else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        v = args[2] if len(args) > 2 else kwargs.get("value")
+        outs = _tensors_in(out)
+        E, H = mod.embed_dim, mod.num_heads
+        ok = mod._qkv_same_embed_dim and mod.bias_k is None and mod.in_proj_weight is not None
+        if not ok:
+            self.fallback("MultiheadAttention", (q, k, v), {}, outs, "separate q/k/v dims or bias_k")
+            return
+        atoms = self.uf.new(E)
+        for t in (q, k, v):
+            self.uf_vec(atoms, self.chan_reps(self.lab(t), -1, E))
+        hd = E // H
+        grid = atoms.view(H, hd)
+        for c in range(hd):  # embed_dim must stay a multiple of num_heads: same position from every head
+            self.uf.union_all(grid[:, c].tolist())
+        three = torch.cat([atoms, atoms, atoms])
+        self.slot(mod.in_proj_weight, 1, atoms, "in")
+        self.slot(mod.in_proj_weight, 0, three, "out")
+        if mod.in_proj_bias is not None:
+            self.slot(mod.in_proj_bias, 0, three, "out")
+        self.slot(mod.out_proj.weight, 0, atoms, "out")
+        self.slot(mod.out_proj.weight, 1, atoms, "in")
+        if mod.out_proj.bias is not None:
+            self.slot(mod.out_proj.bias, 0, atoms, "out")
+        if outs:
+            self.set_lab(outs[0], self.bcast(atoms, outs[0].shape, -1))
+
+    def uf_vec(self, a, b):
+        for x, y in zip(a.tolist(), b.tolist()):
+            self.uf.union(x, y)
+
+    def push(self, mod, args):
+        self.stack.append(mod)
+
+    def pop(self, mod, args, out):
+        if self.stack and self.stack[-1] is mod:
+            self.stack.pop()
+
+
+def _call(model, example_inputs):
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def owners_of(model):
+    owners = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((mod, pname, False, f"{mname}.{pname}" if mname else pname))
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None:
+                owners.setdefault(id(b), []).append((mod, bname, True, f"{mname}.{bname}" if mname else bname))
+    tensors = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            tensors[id(p)] = p
+        for b in mod.buffers(recurse=False):
+            tensors[id(b)] = b
+    return owners, tensors
+
+
+def trace(model: nn.Module, example_inputs, prune_heads: bool = True) -> Trace:
+    """Run one forward pass and return the channel-atom graph (slots, split sites, notes)."""
+    t = Trace(UnionFind())
+    t.owners, t.tensors = owners_of(model)
+    tr = _Tracer(model, t)
+    tr.heads_ok = prune_heads
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            handles.append(mod.register_forward_pre_hook(tr.mha_pre, with_kwargs=True))
+            handles.append(mod.register_forward_hook(tr.mha_post, with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_pre_hook(tr.push))
+            handles.append(mod.register_forward_hook(tr.pop))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), tr:
+            out = _call(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for o in _tensors_in(_as_plain(out)):
+        tr.fix(tr.lab(o))
+    t.output = out
+    _raw_slots(tr, t)
+    return t
+
+
+def _as_plain(out):
+    if isinstance(out, dict):  # HF ModelOutput is an OrderedDict
+        return list(out.values())
+    return out
+
+
+def _raw_slots(tr, t):
+    """Parameters used directly (position embeddings, class tokens, layer scales, bias tables): find the
+    dim along which their atoms vary; otherwise keep whatever channels they touch."""
+    uf = t.uf
+    for k, lab in tr.raw.items():
+        if lab.numel() == 0:
+            continue
+        roots = uf.roots(lab)
+        found = None
+        for d in range(lab.dim()):
+            if lab.shape[d] > 1 and all(_const_along(roots, e) for e in range(lab.dim()) if e != d):
+                found = d
+                break
+        if found is None:
+            for a in torch.unique(roots).tolist():
+                uf.union(FIXED, a)
+            if lab.numel() > 1:
+                t.notes.append(f"tensor '{t.owners[k][0][3]}' couples channels along several dims: kept")
+            continue
+        sl = roots
+        for e in reversed(range(lab.dim())):
+            if e != found:
+                sl = sl.select(e, 0)
+        t.slots.append(Slot(k, found, sl.clone(), "raw", t.owners[k][0][3].rsplit(".", 1)[0]))
+
+
+def module_macs(model, example_inputs):
+    """Multiply-accumulates of conv / linear / matmul / attention per module, and the output (one forward
+    pass, eval mode, no grad)."""
+    counts = {}
+    stack = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    class Counter(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name, _ = _short(func)
+            m = 0
+            try:
+                if name in _CONV:
+                    w = args[1]
+                    m = out.numel() * w.shape[1] * math.prod(w.shape[2:])
+                elif name in _CONVT:
+                    w = args[1]
+                    m = args[0].numel() * w.shape[1] * math.prod(w.shape[2:])
+                elif name == "linear":
+                    m = out.numel() * args[1].shape[1]
+                elif name in ("matmul", "__matmul__", "bmm", "mm", "addmm", "baddbmm", "__rmatmul__"):
+                    a = args[1] if name in ("addmm", "baddbmm") else args[0]
+                    m = out.numel() * a.shape[-1]
+                elif name == "scaled_dot_product_attention":
+                    q, k = args[0], args[1]
+                    m = 2 * q.numel() // q.shape[-1] * k.shape[-2] * q.shape[-1]
+                elif name == "multi_head_attention_forward":  # args are sequence-first here
+                    q, k, w_in = args[0], args[1], args[5]
+                    w_out = args[11] if len(args) > 11 else kwargs.get("out_proj_weight")
+                    rows = q.numel() // q.shape[-1]            # target length x batch
+                    e = w_in.shape[0] // 3
+                    m = rows * q.shape[-1] * w_in.shape[0] + 2 * rows * k.shape[0] * e
+                    if w_out is not None:
+                        m += rows * w_out.shape[0] * w_out.shape[1]
+            except Exception:
+                m = 0
+            if m:
+                key = names.get(id(stack[-1]), "") if stack else ""
+                counts[key] = counts.get(key, 0) + int(m)
+            return out
+
+    hs = []
+    for mod in model.modules():
+        hs.append(mod.register_forward_pre_hook(lambda m, a: stack.append(m)))
+        hs.append(mod.register_forward_hook(lambda m, a, o: stack.pop() and None))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), Counter():
+            out = _call(model, example_inputs)
+    finally:
+        for h in hs:
+            h.remove()
+        model.train(was)
+    return counts, out
