@@ -1,0 +1,182 @@
+"""Masks that survive training.
+
+A pruned layer keeps its ``weight`` Parameter (the same object, so optimizers built before pruning
+keep working) plus a boolean buffer ``weight_mask`` (True = kept). Three things keep pruned weights
+at zero whatever the training loop does:
+
+1. a gradient hook zeroes the gradient of pruned entries (so gradient clipping, Taylor scores and
+   optimizers see no signal there);
+2. a forward pre-hook re-applies the mask before every forward (so the model never computes with a
+   revived weight, whatever wrote into it);
+3. one global optimizer step post-hook (installed once) re-applies the mask right after *any*
+   ``torch.optim`` optimizer steps a masked parameter, and zeroes that optimizer's per-parameter
+   state there (Adam's momentum built up before pruning would otherwise move pruned weights).
+
+:func:`remove_masks` bakes the zeros in and removes all of it: ``module.weight`` is then a plain
+Parameter holding the zeros, with no hooks and no buffer.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["apply_mask", "get_mask", "is_masked", "masked_modules", "apply_masks", "remove_masks",
+           "sparsity", "layer_sparsity", "MASK_NAME"]
+
+MASK_NAME = "weight_mask"
+_OWNER_ATTR = "_sparseprune_owner"
+_HOOKS_ATTR = "_sparseprune_mask_hooks"
+_GRAD_HANDLE_ATTR = "_sparseprune_grad_hook"
+_step_hook_handle = None
+
+
+def _enforce(module: nn.Module) -> None:
+    mask = module._buffers.get(MASK_NAME)
+    if mask is None:
+        return
+    w = module.weight
+    if mask.device != w.device:
+        mask = mask.to(w.device)
+        module._buffers[MASK_NAME] = mask
+    with torch.no_grad():
+        w.data.masked_fill_(~mask, 0)
+
+
+def _grad_hook_for(module: nn.Module):
+    ref = weakref.ref(module)
+
+    def grad_hook(g):
+        m = ref()
+        mk = m._buffers.get(MASK_NAME) if m is not None else None
+        if mk is None or g.shape != mk.shape:
+            return g
+        return g * mk.to(g.device)
+    return grad_hook
+
+
+def _attach_param(module: nn.Module) -> None:
+    """Tie the weight Parameter to its module (owner reference + gradient hook), once per Parameter
+    object: a deep copy or ``load_state_dict(assign=True)`` brings a new Parameter, re-tied here."""
+    w = module.weight
+    ref = getattr(w, _OWNER_ATTR, None)
+    if ref is not None and ref() is module:
+        return
+    setattr(w, _GRAD_HANDLE_ATTR, w.register_hook(_grad_hook_for(module)))
+    setattr(w, _OWNER_ATTR, weakref.ref(module))
+
+
+def _forward_pre_hook(module: nn.Module, args):
+    if module._buffers.get(MASK_NAME) is not None:
+        _attach_param(module)
+        _enforce(module)
+
+
+def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = getattr(p, _OWNER_ATTR, None)
+            module = ref() if ref is not None else None
+            if module is None or module._buffers.get(MASK_NAME) is None or module.weight is not p:
+                continue
+            _enforce(module)
+            mask = module._buffers[MASK_NAME]
+            state = optimizer.state.get(p)
+            if state:
+                for v in state.values():
+                    if isinstance(v, Tensor) and v.shape == p.shape:
+                        v.masked_fill_(~mask, 0)
+
+
+def _install_step_hook() -> None:
+    global _step_hook_handle
+    if _step_hook_handle is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _step_hook_handle = register_optimizer_step_post_hook(_optimizer_step_post_hook)
+
+
+def _check_module(module: nn.Module) -> Tensor:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter):
+        raise TypeError(f"{type(module).__name__} has no weight Parameter to mask")
+    return w
+
+
+def apply_mask(module: nn.Module, mask: Tensor) -> nn.Module:
+    """Attach (or replace) ``mask`` (bool, weight-shaped, True = keep) on ``module`` and zero the
+    pruned weights now. Calling it again on a masked module replaces the mask (hooks are kept)."""
+    w = _check_module(module)
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(w.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(w.shape)}")
+    mask = mask.to(device=w.device, dtype=torch.bool).clone()
+    if MASK_NAME in module._buffers:
+        module._buffers[MASK_NAME] = mask
+    else:
+        module.register_buffer(MASK_NAME, mask)
+    if not hasattr(module, _HOOKS_ATTR):
+        object.__setattr__(module, _HOOKS_ATTR, (module.register_forward_pre_hook(_forward_pre_hook),))
+    _attach_param(module)
+    _install_step_hook()
+    _enforce(module)
+    return module
+
+
+def is_masked(module: nn.Module) -> bool:
+    return module._buffers.get(MASK_NAME) is not None
+
+
+def get_mask(module: nn.Module) -> Optional[Tensor]:
+    """The module's boolean keep-mask, or None when it is not masked."""
+    return module._buffers.get(MASK_NAME)
+
+
+def masked_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    for name, mod in model.named_modules():
+        if is_masked(mod):
+            yield name, mod
+
+
+def apply_masks(model: nn.Module) -> nn.Module:
+    """Re-apply every mask now (e.g. after loading weights into a masked model)."""
+    for _, mod in masked_modules(model):
+        _enforce(mod)
+    return model
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    """Bake the masks into the weights and remove buffers and hooks. ``module.weight`` stays the same
+    Parameter object, now holding the zeros. Returns ``model``."""
+    for _, mod in list(masked_modules(model)):
+        _enforce(mod)
+        for h in getattr(mod, _HOOKS_ATTR, ()):
+            h.remove()
+        if hasattr(mod, _HOOKS_ATTR):
+            object.__delattr__(mod, _HOOKS_ATTR)
+        del mod._buffers[MASK_NAME]
+        w = mod.weight
+        if hasattr(w, _GRAD_HANDLE_ATTR):
+            getattr(w, _GRAD_HANDLE_ATTR).remove()
+            delattr(w, _GRAD_HANDLE_ATTR)
+        if hasattr(w, _OWNER_ATTR):
+            delattr(w, _OWNER_ATTR)
+    return model
+
+
+def layer_sparsity(model: nn.Module, types=(nn.Linear, nn.Conv2d)) -> Dict[str, float]:
+    """Fraction of exact zeros in each Linear / Conv2d weight, by module name."""
+    return {name: float((m.weight == 0).sum()) / max(m.weight.numel(), 1)
+            for name, m in model.named_modules() if isinstance(m, types)}
+
+
+def sparsity(model: nn.Module, types=(nn.Linear, nn.Conv2d), only_masked: bool = False) -> float:
+    """Overall fraction of zeros over the Linear / Conv2d weights (or only the masked ones)."""
+    zeros = total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, types) and (not only_masked or is_masked(m)):
+            zeros += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    return zeros / max(total, 1)
