@@ -290,6 +290,10 @@ def _prune(model, kind, base, kw):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if kind == "nm" and scope == "global":
         raise ValueError("N:M is a per-group pattern: scope='global' does not apply")
+    if kw.get("misfit", "skip") not in ("skip", "shrink", "error"):
+        raise ValueError(f"misfit must be 'skip', 'shrink' or 'error', got {kw['misfit']!r}")
+    if kw.get("nm_axis", "cin") not in ("cin", "flat"):
+        raise ValueError(f"nm_axis must be 'cin' or 'flat', got {kw['nm_axis']!r}")
     importance = kw.get("importance", "magnitude")
     if isinstance(importance, str) and importance not in C.CRITERIA:
         raise ValueError(f"unknown importance {importance!r}; expected one of {C.CRITERIA}")
@@ -334,9 +338,16 @@ def _prune(model, kind, base, kw):
         old = get_mask(mod)
         if keep_pruned and old is not None:
             keep = keep & old.to(keep.device)
-        imp = plans[name].get("importance", importance)
-        if imp == "sparsegpt":
-            _obs_reconstruct(mod, stats[name], keep, kw.get("damp", 0.01))
+        p = plans[name]
+        if p.get("importance", importance) == "sparsegpt":
+            sel = None
+            prior = old.reshape(old.shape[0], -1) if keep_pruned and old is not None else None
+            flat_nm = kind == "nm" and (mod.weight.dim() == 2 or p.get("nm_axis", kw.get("nm_axis", "cin")) == "flat")
+            if kind == "nm" and flat_nm:
+                sel = _Select("nm", n=p["n"], m=p["m"], prior=prior)
+            elif kind == "unstructured" and not p["global"] and p.get("per_row", kw.get("per_row")) is not False:
+                sel = _Select("unstructured", p["sparsity"], prior=prior)
+            keep = _obs_reconstruct(mod, stats[name], keep, kw.get("damp", 0.01), select=sel)
         apply_mask(mod, keep)
 
     glob = [n for n in mods if plans[n]["global"]]
@@ -389,17 +400,23 @@ def _damped_inverse(st: C.ActivationStats, k: int, damp: float):
 
 
 def _obs_saliency(mod: nn.Module, st: C.ActivationStats, damp: float) -> Tensor:
-    """OBS saliency w^2 / [H^-1]_jj^2 of removing each weight (SparseGPT's selection score)."""
+    """SparseGPT's selection score w^2 / U_jj^2, U the upper Cholesky factor of H^-1 (the error of
+    removing w_j once the columns before it are processed)."""
     w = _as_matrix(mod)
     hinv, _ = _damped_inverse(st, w.shape[1], damp)
-    return (w.double().pow(2) / torch.diagonal(hinv).pow(2)).float().reshape(mod.weight.shape)
+    d = torch.diagonal(torch.linalg.cholesky(hinv, upper=True))
+    return (w.double().pow(2) / d.pow(2)).float().reshape(mod.weight.shape)
 
 
-def _obs_reconstruct(mod: nn.Module, st: C.ActivationStats, keep: Tensor, damp: float, block: int = 128) -> None:
+def _obs_reconstruct(mod: nn.Module, st: C.ActivationStats, keep: Tensor, damp: float, block: int = 128,
+                     select=None) -> Tensor:
     """Zero the pruned weights and update the kept ones to minimise ||X W^T - X W'^T||^2 over the
-    calibration inputs (one OBS update per pruned column, processed left to right in lazy batches)."""
+    calibration inputs: one OBS update per column, left to right, in lazy batches of ``block``
+    columns (SparseGPT). ``select(w_cols, d_cols, start)`` -> keep-mask for those columns lets the
+    mask be chosen adaptively on the already-updated weights (unstructured, N:M); otherwise ``keep``
+    is used as given. Returns the keep-mask used."""
     w = _as_matrix(mod).double()
-    keep2 = keep.reshape(w.shape[0], -1).to(w.device)
+    keep2 = keep.reshape(w.shape[0], -1).to(w.device).clone()
     k = w.shape[1]
     hinv, dead = _damped_inverse(st, k, damp)
     w[:, dead] = 0
@@ -409,7 +426,12 @@ def _obs_reconstruct(mod: nn.Module, st: C.ActivationStats, keep: Tensor, damp: 
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
+        if select is not None and select.span is None:
+            keep2[:, i1:i2] = select(w1, torch.diagonal(u1), i1)
         for j in range(i2 - i1):
+            if select is not None and select.span is not None and (i1 + j) % select.span == 0:
+                e_ = min(j + select.span, i2 - i1)
+                keep2[:, i1 + j:i1 + e_] = select(w1[:, j:e_], torch.diagonal(u1)[j:e_], i1 + j)
             col = w1[:, j]
             q = col * keep2[:, i1 + j]
             e = (col - q) / u1[j, j]
@@ -420,6 +442,24 @@ def _obs_reconstruct(mod: nn.Module, st: C.ActivationStats, keep: Tensor, damp: 
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     with torch.no_grad():
         mod.weight.copy_((w * keep2).reshape(mod.weight.shape).to(mod.weight.dtype))
+    return keep2.reshape(mod.weight.shape)
+
+
+class _Select:
+    """Adaptive SparseGPT mask selection on the current (updated) weights: per row, the lowest
+    w^2 / U_jj^2 of each lazy batch (unstructured), or the top n of each group of m (N:M)."""
+
+    def __init__(self, kind: str, sparsity: float = 0.0, n: int = 2, m: int = 4, prior: Optional[Tensor] = None):
+        self.kind, self.sparsity, self.n, self.m, self.prior = kind, sparsity, n, m, prior
+        self.span = m if kind == "nm" else None
+
+    def __call__(self, w_cols: Tensor, d: Tensor, start: int) -> Tensor:
+        s = w_cols.pow(2) / d.pow(2).unsqueeze(0)
+        if self.prior is not None:
+            s = s.masked_fill(~self.prior[:, start:start + w_cols.shape[1]], -math.inf)
+        if self.kind == "nm":
+            return pattern_mask(s, "nm", n=self.n, m=self.m)
+        return pattern_mask(s, "unstructured", self.sparsity, per_row=True)
 
 
 # -- public API --------------------------------------------------------------------------------------
