@@ -50,7 +50,7 @@ shapes = st.one_of(
 
 
 @given(shape=shapes, r=st.integers(1, 9), c=st.integers(1, 9), s=st.floats(0, 1),
-       imp=st.sampled_from(["magnitude", "l2", "random"]))
+       imp=st.sampled_from(["magnitude", "l1", "random"]))
 def test_blocks_are_all_zero_or_untouched(shape, r, c, s, imp):
     mod = one_layer(shape)
     w0 = mod.weight.detach().clone()

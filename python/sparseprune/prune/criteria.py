@@ -3,8 +3,9 @@
 Higher score = more important = kept. Pattern code (``patterns.py``) aggregates element scores over
 blocks / N:M groups; criteria know nothing about patterns.
 
-* ``"magnitude"`` / ``"l1"``: ``|W|`` (a block's score is its mean ``|W|``, i.e. a per-block L1 norm);
-  ``"l2"``: ``W**2`` (a block's score is its mean square, i.e. a per-block L2 norm).
+* ``"magnitude"`` (= ``"l2"``): ``W**2`` (a block's score is its mean square, i.e. a per-block L2
+  norm); ``"l1"``: ``|W|`` (a block's score is its mean ``|W|``, a per-block L1 norm). Element-wise
+  (unstructured, N:M) both rank alike.
 * ``"wanda"``: ``|W_ij| * ||X_j||_2`` with ``X_j`` the j-th input feature over all calibration tokens
   (Sun et al., 2023). For Conv2d, ``X`` is the unfolded (im2col) input, so each (in-channel, kernel
   position) column gets its own norm, exactly as the convolution's GEMM sees it.
@@ -208,9 +209,9 @@ def element_scores(importance, name: str, module: nn.Module, stats: Optional[Act
         return s.to(w.device)
     if callable(importance):
         return torch.as_tensor(importance(name, module)).float().to(w.device)
-    if importance in ("magnitude", "l1"):
+    if importance == "l1":
         return w.abs()
-    if importance == "l2":
+    if importance in ("magnitude", "l2"):
         return w.pow(2)
     if importance in ("wanda", "sparsegpt"):
         if stats is None:

@@ -15,7 +15,7 @@ Patterns, for a weight of shape (out, in, *kernel):
 All three functions prune in place, attach masks (see ``masks.py``) and return the model. Common
 keyword arguments:
 
-``importance``      "magnitude" (= "l1") | "l2" | "wanda" | "sparsegpt" | "taylor" | "random", a
+``importance``      "magnitude" (= "l2": block L2 norm) | "l1" | "wanda" | "sparsegpt" | "taylor" | "random", a
                     ``criteria.GradientScores`` (taylor / movement), a dict {layer name: score} or a
                     callable(name, module) -> score. Block scores are the mean element score.
 ``example_inputs``  calibration batches for wanda / sparsegpt (see ``criteria``); ``forward`` feeds
