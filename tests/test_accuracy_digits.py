@@ -187,7 +187,8 @@ def table(kinds=("mlp", "cnn"), importance="magnitude", ft_epochs=FT_EPOCHS, out
             achieved = masks.sparsity(model, only_masked=True)
             train(model, xtr, ytr, epochs=ft_epochs, lr=FT_LR, seed=1)
             a1 = accuracy(model, xte, yte)
-            label = {"blocks": f"blocks {block[0]}x{block[1]}", "unstructured": "unstructured", "nm": "2:4"}[pattern]
+            label = f"blocks {block[0]}x{block[1]}" if pattern == "blocks" else {"unstructured": "unstructured",
+                                                                                 "nm": "2:4"}[pattern]
             rows.append((kind, label, achieved, a0, a1))
             print(f"| {kind} | {label} | {achieved:.2f} | {a0:.2f} | {a1:.2f} |", file=out, flush=True)
     return rows
