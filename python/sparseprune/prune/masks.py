@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["apply_mask", "get_mask", "is_masked", "masked_modules", "apply_masks", "remove_masks",
-           "sparsity", "layer_sparsity", "MASK_NAME"]
+           "sparsity", "layer_sparsity", "sync_masks", "MASK_NAME"]
 
 MASK_NAME = "weight_mask"
 _OWNER_ATTR = "_sparseprune_owner"
@@ -180,3 +180,22 @@ def sparsity(model: nn.Module, types=(nn.Linear, nn.Conv2d), only_masked: bool =
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
     return zeros / max(total, 1)
+
+
+def sync_masks(model: nn.Module, src: int = 0, group=None) -> nn.Module:
+    """Broadcast every mask from rank ``src`` and re-apply it (torch.distributed must be initialised).
+    Needed when ranks computed masks from different data (e.g. Wanda on each rank's own batches);
+    masks computed from the same weights (magnitude, DDP-synchronised parameters) already agree.
+    DistributedDataParallel with ``broadcast_buffers=True`` also broadcasts the mask buffers on every
+    forward; the forward pre-hook then applies them."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sync_masks needs an initialised torch.distributed process group")
+    for _, mod in masked_modules(model):
+        mask = mod._buffers[MASK_NAME]
+        buf = mask.to(torch.uint8)
+        dist.broadcast(buf, src=src, group=group)
+        mod._buffers[MASK_NAME] = buf.to(torch.bool)
+        _enforce(mod)
+    return model
