@@ -6,6 +6,7 @@ Patterns, for a weight of shape (out, in, *kernel):
 * blocks (r, c): r output rows x c input columns; for Conv2d r output channels x c input channels x
   *all* kernel positions (an r x c x kh x kw slab), which is what the sparse conv kernels execute.
   Block grids start at (0, 0); edge blocks are clipped when a size is not a multiple of the block.
+  Grouped convs are blocked over the stored weight (out x in-per-group).
 * N:M: in every group of m consecutive input weights at most n are kept. Linear: along the input
   features. Conv2d: by default along the input channels at each kernel position (``nm_axis="cin"``,
   the K order of a channels-last GEMM, as NVIDIA's 2:4 tooling does); ``nm_axis="flat"`` groups the
@@ -173,8 +174,11 @@ def _unit_view(scores: Tensor, kind: str, block=None):
 def _select(scores: Tensor, sizes: Tensor, target: float) -> Tensor:
     """Keep-mask over units: prune the lowest-scoring units whose total size is closest to ``target``."""
     order = torch.argsort(scores.nan_to_num(nan=-math.inf), stable=True)
-    cs = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes[order].double(), 0)])
-    k = int(torch.argmin((cs - target).abs()))
+    if bool((sizes == 1).all()):
+        k = round(target)  # element units: the same rounding as the per-row path
+    else:
+        cs = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes[order].double(), 0)])
+        k = int(torch.argmin((cs - target).abs()))
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     keep[order[:k]] = False
     return keep
