@@ -527,3 +527,21 @@ def test_group_lasso_matches_reference_and_pushes_blocks_to_zero():
         opt.step()
     norms = regularize.group_norms(net[0].weight.detach(), "blocks", (8, 8))
     assert (norms < 0.05 * norms.max()).sum() >= 4  # off-diagonal blocks of an identity map vanish
+
+
+def test_sequential_calibration_accepts_a_generator_and_sees_pruned_inputs():
+    torch.manual_seed(8)
+    net = mlp(16, 32, 32, 4)
+    x = torch.randn(64, 16)
+    seq, par = copy.deepcopy(net), copy.deepcopy(net)
+    prune_unstructured(seq, 0.7, importance="wanda", example_inputs=(b for b in x.split(16)), sequential=True)
+    prune_unstructured(par, 0.7, importance="wanda", example_inputs=(b for b in x.split(16)), sequential=False)
+    assert torch.equal(masks.get_mask(seq[0]), masks.get_mask(par[0]))  # the first layer sees the same input
+    # layer "2" is calibrated on the pruned layer 0's outputs in sequential mode: reference by hand
+    h = torch.relu(seq[0](x)).detach()
+    ref = net[2].weight.detach().abs() * h.norm(dim=0)
+    k = round(0.7 * 32)
+    ref_keep = torch.ones_like(ref, dtype=torch.bool)
+    ref_keep.scatter_(1, ref.argsort(1)[:, :k], False)
+    assert torch.equal(masks.get_mask(seq[2]), ref_keep)
+    assert not torch.equal(masks.get_mask(seq[2]), masks.get_mask(par[2]))

@@ -313,8 +313,10 @@ def _prune(model, kind, base, kw):
     if sequential is None:
         sequential = any(p.get("importance", importance) == "sparsegpt" for p in plans.values())
     ex, fwd = kw.get("example_inputs"), kw.get("forward")
-    if any(calib.values()) and ex is None:
-        raise ValueError("importance='wanda' / 'sparsegpt' needs example_inputs (calibration batches)")
+    if any(calib.values()):
+        if ex is None:
+            raise ValueError("importance='wanda' / 'sparsegpt' needs example_inputs (calibration batches)")
+        ex = C.iter_batches(ex)  # a list: a generator would be spent after the first (sequential) pass
     stats = {}
     if any(calib.values()) and not sequential:
         need = {n: m for n, m in mods.items() if calib[n]}
