@@ -545,3 +545,30 @@ def test_sequential_calibration_accepts_a_generator_and_sees_pruned_inputs():
     ref_keep.scatter_(1, ref.argsort(1)[:, :k], False)
     assert torch.equal(masks.get_mask(seq[2]), ref_keep)
     assert not torch.equal(masks.get_mask(seq[2]), masks.get_mask(par[2]))
+
+
+@given(sizes=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=4),
+       s=st.floats(0, 1), block=st.sampled_from([None, (1, 1), (2, 3), (4, 4)]))
+def test_global_scope_ranks_across_layers(sizes, s, block):
+    layers = [one_layer(sz) for sz in sizes]
+    net = nn.Sequential(*layers)
+    w0 = [m.weight.detach().clone() for m in layers]
+    if block is None:
+        prune_unstructured(net, s, scope="global", dense_first_last=False)
+    else:
+        prune_blocks(net, s, block, scope="global", dense_first_last=False, misfit="shrink")
+    total = sum(m.weight.numel() for m in layers)
+    zeros = sum(int((m.weight == 0).sum()) for m in layers)
+    if block is None:
+        assert zeros == round(s * total)
+        pruned = torch.cat([w[m.weight == 0].abs() for w, m in zip(w0, layers)])
+        kept = torch.cat([w[m.weight != 0].abs() for w, m in zip(w0, layers)])
+        if len(pruned) and len(kept):
+            assert pruned.max() <= kept.min()  # one ranking over all layers
+    else:
+        r, c = block
+        assert abs(zeros - s * total) <= r * c / 2 + 1e-6
+        for w, m in zip(w0, layers):
+            rr, cc = min(r, w.shape[0]), min(c, w.shape[1])
+            for blk, blk0 in zip(ref_block_grid(m.weight.detach(), rr, cc), ref_block_grid(w, rr, cc)):
+                assert bool((blk == 0).all()) or torch.equal(blk, blk0)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Dict, List, Optional, Tuple
@@ -64,7 +65,7 @@ _COMMON_KW = {"importance", "example_inputs", "forward", "layers", "exclude", "d
 
 # -- argument checks ---------------------------------------------------------------------------------
 def check_sparsity(s, what: str = "sparsity") -> float:
-    if isinstance(s, bool) or not isinstance(s, (int, float)) and not (isinstance(s, Tensor) and s.numel() == 1):
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) and not (isinstance(s, Tensor) and s.numel() == 1):
         raise TypeError(f"{what} must be a number in [0, 1], got {type(s).__name__}")
     s = float(s)
     if math.isnan(s) or not 0.0 <= s <= 1.0:
