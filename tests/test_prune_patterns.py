@@ -449,6 +449,23 @@ def test_masks_survive_manual_writes_deepcopy_and_state_dict():
     assert torch.equal(masks.get_mask(fresh[0]), keep)
 
 
+def test_masked_model_pickles_and_keeps_masking_after_load(tmp_path):
+    net = mlp(16, 32, 4)
+    prune_unstructured(net, 0.75)
+    keep = masks.get_mask(net[0]).clone()
+    torch.save(net, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    opt = torch.optim.Adam(loaded.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        loaded(torch.randn(8, 16)).sum().backward()
+        assert (loaded[0].weight.grad[~keep] == 0).all()
+        opt.step()
+        assert torch.equal(loaded[0].weight != 0, keep)
+    masks.remove_masks(loaded)
+    assert not loaded[0].weight._backward_hooks and not loaded[0]._forward_pre_hooks
+
+
 def test_repruning_is_monotone():
     net = mlp(32, 64, 8)
     prune_unstructured(net, 0.5)

@@ -22,14 +22,17 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["apply_mask", "get_mask", "is_masked", "masked_modules", "apply_masks", "remove_masks",
            "sparsity", "layer_sparsity", "sync_masks", "MASK_NAME"]
 
 MASK_NAME = "weight_mask"
-_OWNER_ATTR = "_sparseprune_owner"
 _HOOKS_ATTR = "_sparseprune_mask_hooks"
-_GRAD_HANDLE_ATTR = "_sparseprune_grad_hook"
+# Parameter -> owning module / gradient-hook handle, kept outside the Parameter so that it pickles.
+# (Keyed by identity: a Tensor's == is element-wise.)
+_OWNERS = WeakIdKeyDictionary()
+_GRAD_HANDLES = WeakIdKeyDictionary()
 _step_hook_handle = None
 
 
@@ -45,27 +48,34 @@ def _enforce(module: nn.Module) -> None:
         w.data.masked_fill_(~mask, 0)
 
 
-def _grad_hook_for(module: nn.Module):
-    ref = weakref.ref(module)
+class _MaskGrad:
+    """Gradient hook zeroing the pruned entries. Pickles as a no-op (a weak reference cannot be
+    pickled); a loaded model gets a fresh one from its forward pre-hook."""
 
-    def grad_hook(g):
-        m = ref()
+    def __init__(self, module: Optional[nn.Module]):
+        self.ref = weakref.ref(module) if module is not None else None
+
+    def __call__(self, g):
+        m = self.ref() if self.ref is not None else None
         mk = m._buffers.get(MASK_NAME) if m is not None else None
         if mk is None or g.shape != mk.shape:
             return g
         return g * mk.to(g.device)
-    return grad_hook
+
+    def __reduce__(self):
+        return (_MaskGrad, (None,))
 
 
 def _attach_param(module: nn.Module) -> None:
     """Tie the weight Parameter to its module (owner reference + gradient hook), once per Parameter
-    object: a deep copy or ``load_state_dict(assign=True)`` brings a new Parameter, re-tied here."""
+    object: a deep copy, an unpickled model or ``load_state_dict(assign=True)`` brings a new
+    Parameter, tied here on its first forward."""
     w = module.weight
-    ref = getattr(w, _OWNER_ATTR, None)
+    ref = _OWNERS.get(w)
     if ref is not None and ref() is module:
         return
-    setattr(w, _GRAD_HANDLE_ATTR, w.register_hook(_grad_hook_for(module)))
-    setattr(w, _OWNER_ATTR, weakref.ref(module))
+    _GRAD_HANDLES[w] = w.register_hook(_MaskGrad(module))
+    _OWNERS[w] = weakref.ref(module)
 
 
 def _forward_pre_hook(module: nn.Module, args):
@@ -77,7 +87,7 @@ def _forward_pre_hook(module: nn.Module, args):
 def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
-            ref = getattr(p, _OWNER_ATTR, None)
+            ref = _OWNERS.get(p)
             module = ref() if ref is not None else None
             if module is None or module._buffers.get(MASK_NAME) is None or module.weight is not p:
                 continue
@@ -158,11 +168,15 @@ def remove_masks(model: nn.Module) -> nn.Module:
             object.__delattr__(mod, _HOOKS_ATTR)
         del mod._buffers[MASK_NAME]
         w = mod.weight
-        if hasattr(w, _GRAD_HANDLE_ATTR):
-            getattr(w, _GRAD_HANDLE_ATTR).remove()
-            delattr(w, _GRAD_HANDLE_ATTR)
-        if hasattr(w, _OWNER_ATTR):
-            delattr(w, _OWNER_ATTR)
+        handle = _GRAD_HANDLES.pop(w, None)
+        if handle is not None:
+            handle.remove()
+        _OWNERS.pop(w, None)
+        # hooks that came with a deep copy or unpickling are inert without the buffer; drop them too
+        if w._backward_hooks:
+            for k, h in list(w._backward_hooks.items()):
+                if isinstance(h, _MaskGrad):
+                    del w._backward_hooks[k]
     return model
 
 
