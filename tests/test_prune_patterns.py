@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from sparseprune.prune import criteria, masks, regularize, schedule
-from sparseprune.prune.patterns import pattern_mask, prune_blocks, prune_nm, prune_unstructured, select_layers
+from sparseprune.prune.patterns import prune_blocks, prune_nm, prune_unstructured, select_layers
 
 
 # -- independent references (loops, no shared code with patterns.py) ---------------------------------
@@ -367,7 +367,6 @@ def test_taylor_and_movement_scores():
         F.cross_entropy(net(x), y).backward()
         total -= net[0].weight.detach() * net[0].weight.grad
     torch.testing.assert_close(acc.scores["0"], total)
-    m2 = copy.deepcopy(net)
     prune_unstructured(net, 0.5, importance=acc)
     keep = total > total.flatten().kthvalue(100).values
     assert torch.equal(net[0].weight != 0, keep)
@@ -589,3 +588,15 @@ def test_global_scope_ranks_across_layers(sizes, s, block):
             rr, cc = min(r, w.shape[0]), min(c, w.shape[1])
             for blk, blk0 in zip(ref_block_grid(m.weight.detach(), rr, cc), ref_block_grid(w, rr, cc)):
                 assert bool((blk == 0).all()) or torch.equal(blk, blk0)
+
+
+def test_pattern_mask_on_hand_made_scores():
+    from sparseprune.prune.patterns import pattern_mask
+    s = torch.tensor([[1., 9, 2, 8, 3, 7],
+                      [6, 5, 4, 3, 2, 1]])
+    assert pattern_mask(s, "nm", n=2, m=4).tolist() == [[False, True, False, True, True, True],
+                                                         [True, True, False, False, True, True]]
+    # blocks (1, 3): block means [4, 6] / [5, 2] -> pruning half prunes the two lowest: 4 and 2
+    assert pattern_mask(s, "blocks", 0.5, (1, 3)).tolist() == [[False] * 3 + [True] * 3, [True] * 3 + [False] * 3]
+    assert pattern_mask(s, "unstructured", 0.5, per_row=True).tolist() == [[False, True, False, True, False, True],
+                                                                           [True, True, True, False, False, False]]

@@ -47,7 +47,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn

@@ -12,7 +12,7 @@ Masks only ever grow (weights pruned at one step stay pruned), so the pattern is
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from torch import nn
 
