@@ -35,6 +35,7 @@ def test_search_plans_measures_each_converted_plan(tmp_path):
     front = res.pareto()
     assert front and all(f in res for f in front)
     assert "| dense |" in res.table()
+    pytest.importorskip("matplotlib")
     png = res.plot(str(tmp_path / "pareto.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert torch.equal(model.fc2.weight, dense_model("mlp")[0].fc2.weight)  # the user's model is untouched
@@ -92,4 +93,5 @@ def test_sensitivity_on_digits_mlp(tmp_path):
     got = masks.sparsity(pruned, only_masked=True)
     assert got == pytest.approx(0.8, abs=0.01)
     assert "fc1" in sens.table()
+    pytest.importorskip("matplotlib")
     assert open(sens.plot(str(tmp_path / "s.png")), "rb").read(4) == b"\x89PNG"

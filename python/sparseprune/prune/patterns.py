@@ -401,7 +401,7 @@ def _damped_inverse(st: C.ActivationStats, k: int, damp: float):
     h = st.gram.double() / max(st.count, 1)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h += torch.eye(k, dtype=h.dtype) * (damp * float(torch.diagonal(h).mean()))
+    h += torch.eye(k, dtype=h.dtype, device=h.device) * (damp * float(torch.diagonal(h).mean()))
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return hinv, dead
 
