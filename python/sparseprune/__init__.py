@@ -5,7 +5,8 @@ from ._ext import _C  # noqa: F401
 from . import ops  # noqa: F401
 from .formats import BSRMatrix, CSRMatrix
 from .nn import SparseLinear
-from .prune import prune_blocks, prune_channels, prune_nm, prune_unstructured
+from .prune import prune_blocks, prune_channels, prune_nm, prune_unstructured, remove_masks
+from . import prune  # noqa: F401
 from .convert import convert, summary
 from .io import load, save
 
@@ -13,6 +14,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BSRMatrix", "CSRMatrix", "SparseLinear",
-    "prune_unstructured", "prune_blocks", "prune_nm", "prune_channels",
+    "prune_unstructured", "prune_blocks", "prune_nm", "prune_channels", "remove_masks", "prune",
     "convert", "summary", "save", "load", "ops", "__version__",
 ]
