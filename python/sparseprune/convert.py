@@ -30,8 +30,8 @@ from . import nn as spnn
 from .fold import fold_batchnorm
 from .formats import block_mask
 
-__all__ = ["convert", "summary", "Summary", "ConversionError", "register_converter", "CONVERTERS",
-           "REPORT_ATTR", "layer_report"]
+__all__ = ["convert", "summary", "measure", "densify", "Summary", "ConversionError", "Converter",
+           "register_converter", "CONVERTERS", "REPORT_ATTR", "layer_report"]
 
 REPORT_ATTR = "_sparseprune_report"
 # BSR shapes tried besides the detected one (only those whose stored fraction fits, see _candidates)
@@ -506,6 +506,94 @@ def layer_report(model: nn.Module) -> Optional[dict]:
     return getattr(model, REPORT_ATTR, None)
 
 
+def _densify(m: nn.Module) -> Optional[nn.Module]:
+    """The plain dense module a sparse one replaced (None if ``m`` is not a sparse module)."""
+    if isinstance(m, spnn.SparseLinear):
+        return m.to_linear().to(m.bias.device if m.bias is not None else "cpu")
+    sc = getattr(spnn, "SparseConv2d", None)
+    if sc is not None and isinstance(m, sc):
+        from .fold import _dense_conv_of
+        return _dense_conv_of(m)
+    return None
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every sparse layer replaced by the dense layer it computes."""
+    model = copy.deepcopy(getattr(model, "_orig_mod", model))
+    for name, m in list(model.named_modules()):
+        d = _densify(m) if name else None
+        if d is not None:
+            _set_module(model, name, d)
+    return model
+
+
+def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_threads: Optional[int] = None,
+            end_to_end: bool = True) -> Summary:
+    """Re-time an already converted model on ``example_inputs``: every sparse layer against the dense
+    layer it replaced, and (``end_to_end``) the whole model against :func:`densify`'s copy. Stores the
+    result as the model's report (what :func:`summary` shows) and returns the summary."""
+    target = getattr(model, "_orig_mod", model)
+    layers = [(n, m) for n, m in target.named_modules() if n and (_densify(m) is not None or _base_type(m) in CONVERTERS)]
+    captured: Dict[str, Dict[Tuple, List]] = {}
+    hooks = []
+    for name, m in layers:
+        def hook(mod, args, _name=name):
+            if args and isinstance(args[0], Tensor):
+                seen = captured.setdefault(_name, {})
+                key = tuple(args[0].shape)
+                if key in seen:
+                    seen[key][1] += 1
+                else:
+                    seen[key] = [args[0].detach().clone(), 1]
+        hooks.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad(), _Threads(num_threads):
+        try:
+            _call(target, example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        budget = time_budget / (max(len(captured), 1) + (2 if end_to_end else 0))
+        rows = []
+        for name, m in layers:
+            dense = _densify(m)
+            sparse = dense is not None
+            w = CONVERTERS[_base_type(dense if sparse else m)].weight(dense if sparse else m)
+            row = {"name": name, "type": _base_type(dense if sparse else m).__name__, "shape": list(w.shape),
+                   "format": m.format if sparse else "dense",
+                   "block": list(m.block_size) if sparse and m.format == "bsr" else None,
+                   "density": _density(w), "dense_ms": None, "sparse_ms": None, "speedup": None,
+                   "candidates": {}, "reason": "re-measured"}
+            if name in captured:
+                inputs = sorted(captured[name].values(), key=lambda v: -v[1])[:_MAX_SHAPES]
+                cands = {"dense": dense if sparse else m}
+                if sparse:
+                    cands[_label(m.format, m.block_size)] = m
+                times = _time_candidates(cands, [(x, n) for x, n in inputs], budget)
+                row["candidates"] = {k: v * 1e3 for k, v in times.items()}
+                row["dense_ms"] = times["dense"] * 1e3
+                if sparse:
+                    row["sparse_ms"] = times[_label(m.format, m.block_size)] * 1e3
+                    row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+                else:
+                    row["speedup"] = 1.0
+            else:
+                row["reason"] = "not called by example_inputs"
+            rows.append(row)
+        report = dict(getattr(target, REPORT_ATTR, None) or {})
+        report.update(layers=rows, measured=True,
+                      num_threads=num_threads if num_threads is not None else torch.get_num_threads())
+        if end_to_end:
+            ref = densify(target).eval()
+            e2e = _time_candidates({"dense": lambda *a: _call(ref, example_inputs),
+                                    "converted": lambda *a: _call(target, example_inputs)},
+                                   [(torch.empty(0), 1)], 2 * budget)
+            report["end_to_end_ms"] = {k: v * 1e3 for k, v in e2e.items()}
+            err, scale = _max_error(_call(target, example_inputs), _call(ref, example_inputs))
+            report["max_abs_error"], report["max_rel_error"] = err, _rel(err, scale)
+    setattr(target, REPORT_ATTR, report)
+    return summary(target, print_fn=None)
+
+
 # -- summary ----------------------------------------------------------------------------------------
 class Summary(list):
     """Per-layer rows (dicts) with ``.totals``; ``str()`` is the table."""
@@ -550,6 +638,10 @@ class Summary(list):
                          f"(relative {t['max_rel_error']:.3g}, tolerance {t['tolerance']:g})")
         if t.get("measured") is False:
             notes.append("formats chosen by heuristic (no example_inputs): not measured")
+        if t.get("end_to_end_ms"):
+            e = t["end_to_end_ms"]
+            notes.append(f"end to end: dense {e['dense']:.3f} ms, converted {e['converted']:.3f} ms "
+                         f"({e['dense'] / e['converted']:.2f}x)")
         if t.get("folded"):
             notes.append(f"BatchNorm folded: {', '.join(f['bn'] + ' -> ' + f['conv'] for f in t['folded'])}")
         notes.append("sparse ms in parentheses: fastest sparse candidate, slower than dense by the margin")
@@ -602,7 +694,8 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
               "speedup": dense_total / conv_total if timed and conv_total else None,
               "max_abs_error": report.get("max_abs_error"), "max_rel_error": report.get("max_rel_error"),
               "tolerance": report.get("tolerance"), "measured": report.get("measured"),
-              "folded": report.get("folded", []), "num_threads": report.get("num_threads")}
+              "folded": report.get("folded", []), "num_threads": report.get("num_threads"),
+              "end_to_end_ms": report.get("end_to_end_ms")}
     s = Summary(rows, totals)
     if print_fn is not None:
         print_fn(s.table())
