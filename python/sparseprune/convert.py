@@ -36,7 +36,9 @@ __all__ = ["convert", "summary", "measure", "densify", "Summary", "ConversionErr
 REPORT_ATTR = "_sparseprune_report"
 # BSR shapes tried besides the detected one (only those whose stored fraction fits, see _candidates)
 BSR_TRY = ((16, 16), (8, 8), (4, 4), (1, 16))
-_MAX_SHAPES = 3  # distinct input shapes timed per layer (the most frequent ones)
+_MAX_SHAPES = 3
+# parents that read their children's .weight instead of calling them (torch's fused attention paths)
+_READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # distinct input shapes timed per layer (the most frequent ones)
 
 
 class ConversionError(ValueError):
@@ -253,6 +255,17 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def _copy_model(model: nn.Module) -> nn.Module:
+    """deepcopy that also copes with torch.nn.utils.prune / weight_norm, which keep a computed
+    (non-leaf) weight tensor as a plain attribute: those are copied detached (the hooks recompute them)."""
+    memo = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 class _Threads:
     def __init__(self, n):
         self.n, self.old = n, None
@@ -313,7 +326,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     skip = (skip,) if isinstance(skip, (str, type)) else tuple(skip)
 
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _copy_model(model)
     work.eval()
     replaced: List[Tuple[str, nn.Module]] = []  # (name, original) for undoing an in-place refusal
     with torch.no_grad(), _Threads(num_threads):
@@ -342,13 +355,19 @@ def _convert_layers(work, example_inputs, reference, formats, skip, num_threads,
             _set_module(work, bn_name, nn.Identity())
             folded.append({"conv": conv_name, "bn": bn_name})
 
-    targets = []
+    targets, rows = [], []
     for name, m in work.named_modules():
         conv_ = CONVERTERS.get(_base_type(m))
-        if conv_ is None or not name or _skipped(name, m, skip):
+        if conv_ is None or not name:
             continue
-        if isinstance(work.get_submodule(name.rpartition(".")[0]) if "." in name else work, nn.MultiheadAttention):
-            continue  # MultiheadAttention reads out_proj.weight directly; it never calls the module
+        if isinstance(work.get_submodule(name.rpartition(".")[0]) if "." in name else work, _READS_WEIGHTS):
+            continue  # the parent reads .weight directly (fused fast paths): the layer must stay nn.Linear
+        if _skipped(name, m, skip):
+            w = conv_.weight(m)
+            rows.append({"name": name, "type": _base_type(m).__name__, "shape": list(w.shape), "format": "dense",
+                         "block": None, "density": _density(w), "dense_ms": None, "sparse_ms": None,
+                         "speedup": None, "candidates": {}, "reason": "skipped (skip=...)"})
+            continue
         targets.append((name, m, conv_))
 
     captured: Dict[str, Dict[Tuple, List]] = {}
@@ -373,7 +392,6 @@ def _convert_layers(work, example_inputs, reference, formats, skip, num_threads,
     sparse_formats = [f for f in formats if f != "dense"]
     timed = [t for t in targets if t[0] in captured]
     per_layer_budget = time_budget / max(len(timed), 1)
-    rows = []
     from tqdm.auto import tqdm
     bar = tqdm(targets, desc="sparseprune.convert", unit="layer", leave=False, disable=progress is False,
                delay=0 if progress else 1.0) if targets else targets
@@ -392,6 +410,8 @@ def _convert_layers(work, example_inputs, reference, formats, skip, num_threads,
         if hasattr(bar, "close"):
             bar.close()
 
+    order = {n: i for i, (n, _) in enumerate(work.named_modules())}
+    rows.sort(key=lambda r: order.get(r["name"], len(order)))
     report = {"layers": rows, "folded": folded, "tolerance": tolerance, "margin": margin,
               "num_threads": num_threads if num_threads is not None else torch.get_num_threads(),
               "measured": example_inputs is not None, "max_abs_error": None, "max_rel_error": None,
