@@ -45,7 +45,7 @@ def test_roundtrip_restores_structure_outputs_and_report(tmp_path):
            [r["format"] for r in sp.summary(conv, print_fn=None)]
     # a standard safetensors reader opens it too (the tensors are ordinary)
     with safetensors.safe_open(str(path), "pt") as f:
-        assert "fc1.values" in f.keys() and f.metadata()["sparseprune.format"] == "sparseprune"
+        assert set(f.keys()) == set(conv.state_dict()) and f.metadata()["sparseprune.format"] == "sparseprune"
 
 
 def test_fresh_process_reproduces_outputs(tmp_path):
