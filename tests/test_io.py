@@ -144,6 +144,14 @@ def test_invalid_packed_indices_are_refused_even_with_a_valid_hash(tmp_path):
         sp.load(tmp_path / "evil.sp", MLP(128, 512))
 
 
+def test_short_bias_is_refused(tmp_path):
+    _, conv = _small()
+    conv.fc1.bias = nn.Parameter(torch.zeros(3))  # the kernel would read 512 entries
+    sp.save(conv, tmp_path / "evil.sp")
+    with pytest.raises(ValueError, match="fc1.*bias"):
+        sp.load(tmp_path / "evil.sp", MLP(128, 512))
+
+
 def test_unknown_class_in_structure_is_refused(tmp_path, monkeypatch):
     _, conv = _small()
     orig = spio._structure

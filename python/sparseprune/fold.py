@@ -44,8 +44,9 @@ def _bn_matches(conv: nn.Module, bn: nn.Module) -> bool:
 
 def _dense_conv_of(conv: nn.Module) -> nn.Conv2d:
     """A plain nn.Conv2d equal to a SparseConv2d (to fold into, then pack again)."""
-    if hasattr(conv, "to_conv2d"):
-        return conv.to_conv2d()
+    for method in ("to_conv", "to_conv2d"):
+        if hasattr(conv, method):
+            return getattr(conv, method)()
     dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                       padding=conv.padding, dilation=conv.dilation, groups=getattr(conv, "groups", 1),
                       bias=conv.bias is not None)

@@ -34,6 +34,7 @@ _ZERO_HASH = "0" * 64
 _MAX_HEADER = 100 * 1024 * 1024
 # integer attributes that size a layer: restored so channel-pruned layers compute with their saved shapes
 _TORCH_INTERNAL = {"training", "call_super_init", "dump_patches"}
+_MODULE_INTERNAL = set(vars(nn.Module())) | _TORCH_INTERNAL
 
 
 def _sparse_classes() -> Dict[str, type]:
@@ -59,10 +60,11 @@ def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
-def _public_attrs(m: nn.Module, name: str) -> dict:
+def _own_attrs(m: nn.Module, name: str) -> dict:
+    """The attributes a sparse module's class set (private ones included), all JSON-able."""
     attrs = {}
     for k, v in vars(m).items():
-        if k.startswith("_") or k in _TORCH_INTERNAL:
+        if k in _MODULE_INTERNAL:
             continue
         if not _jsonable(v):
             raise ValueError(f"save: attribute {k!r} of {name} ({type(m).__name__}) is a {type(v).__name__}, "
@@ -82,7 +84,7 @@ def _structure(model: nn.Module) -> dict:
     for name, m in model.named_modules():
         cls = type(m).__name__
         if name and cls in safe and type(m) is safe[cls]:
-            entry = {"class": cls, "attrs": _public_attrs(m, name) if cls != "Identity" else {},
+            entry = {"class": cls, "attrs": _own_attrs(m, name) if cls != "Identity" else {},
                      "params": {k: p is not None for k, p in m._parameters.items()},
                      "buffers": {k: b is not None for k, b in m._buffers.items()}}
             modules[name] = entry
@@ -232,13 +234,31 @@ def _rebuild(cls: type, entry: dict, name: str, tensors: Dict[str, torch.Tensor]
         if present and t is None:
             raise ValueError(f"load: the file lacks tensor {name}.{k}")
         m.register_buffer(k, t)
-    packed = getattr(m, "packed", None)
-    if callable(packed) and getattr(m, "format", "dense") != "dense":
+    if getattr(m, "format", "dense") != "dense":
         try:
-            packed().validate()  # never hand a kernel indices that point outside the matrix
-        except (ValueError, TypeError) as e:
+            _packed_view(m).validate()  # never hand a kernel indices that point outside the matrix
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
             raise ValueError(f"load: packed weight of {name} is invalid: {e}") from None
     return m
+
+
+def _packed_view(m: nn.Module):
+    """The packed matrix of a sparse module, as the kernels will read it (to validate)."""
+    from .formats import BSRMatrix
+
+    if hasattr(m, "rk") and hasattr(m, "kernel_size"):  # SparseConv2d: (rk x 1) blocks over (Cout, Cin/g*kh*kw)
+        cols = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        if m.groups < 1 or m.in_channels % m.groups or m.out_channels % m.groups or m.rk < 1:
+            raise ValueError("inconsistent channels, groups or block rows")
+        mat = BSRMatrix((m.out_channels, cols), (m.rk, 1), m.row_ptr, m.col_idx, m.values)
+    elif hasattr(m, "packed"):
+        mat = m.packed()
+    else:
+        raise ValueError(f"no way to validate a {type(m).__name__}")
+    bias = m._parameters.get("bias")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (mat.shape[0],)):
+        raise ValueError(f"bias must be float32 of shape ({mat.shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
+    return mat
 
 
 def load(path, model: nn.Module) -> nn.Module:
