@@ -282,16 +282,31 @@ def test_fold_rules():
 
 
 @pytest.mark.skipif(not hasattr(sp.nn, "SparseConv2d"), reason="SparseConv2d not in this build yet")
-def test_conv2d_layers_convert():
+def test_conv2d_layers_convert_fold_save_load(tmp_path):
+    from sparseprune.fold import fold_batchnorm
+    from test_convert_models import ConvBN
+
     src = make_convbn()
     with torch.no_grad():
-        w = src.block[0].weight
-        w.mul_((torch.rand(w.shape[0], w.shape[1], 1, 1) > 0.8).float())
+        for w in (src.conv1.weight, src.block[0].weight):
+            w.mul_((torch.rand(w.shape[0], w.shape[1], 1, 1) > 0.8).float())
     x = torch.randn(2, 3, 16, 16)
     out = sp.convert(src, x, time_budget=BUDGET)
     rows = {r["name"]: r for r in sp.summary(out, print_fn=None)}
-    assert rows["block.0"]["type"] == "Conv2d" and len(rows["block.0"]["candidates"]) > 1
+    assert rows["block.0"]["type"] == "Conv2d" and "csr" in rows["block.0"]["candidates"]
     torch.testing.assert_close(out(x), src(x), rtol=1e-4, atol=1e-4)
+    heur = sp.convert(src)  # ~80% channel sparsity: the heuristic packs both convs
+    assert type(heur.block[0]) is sp.nn.SparseConv2d and isinstance(heur.block[1], nn.Identity)
+    torch.testing.assert_close(heur(x), src(x), rtol=1e-4, atol=1e-4)
+    sp.save(heur, tmp_path / "c.sp")
+    loaded = sp.load(tmp_path / "c.sp", ConvBN())
+    assert type(loaded.block[0]) is sp.nn.SparseConv2d and torch.equal(loaded(x), heur(x))
+    # BatchNorm after an already sparse conv folds into it and stays sparse
+    s2 = make_convbn()
+    s2.block[0] = sp.nn.SparseConv2d.from_dense(s2.block[0], format="csr")
+    folded, pairs = fold_batchnorm(s2)
+    assert ("block.0", "block.1") in pairs and type(folded.block[0]) is sp.nn.SparseConv2d
+    torch.testing.assert_close(folded(x), s2(x), rtol=1e-4, atol=1e-4)
 
 
 def test_multihead_attention_and_transformers_model():
