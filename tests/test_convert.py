@@ -94,6 +94,24 @@ def test_margin_rule(monkeypatch, sparse_ms, expect_sparse):
         assert isinstance(getattr(out, name), sp.SparseLinear) is expect_sparse
 
 
+def test_end_to_end_guard_reverts_when_the_whole_model_is_slower(monkeypatch):
+    def fake(cands, inputs, budget, **kw):
+        if "converted" in cands:  # the whole-model comparison
+            return {"dense": 1e-3, "converted": 2e-3}
+        return {k: (1e-3 if k == "dense" else 1e-4) for k in cands}
+    monkeypatch.setattr(cv, "_time_candidates", fake)
+    src = _small_mixed()
+    x = torch.randn(4, 128)
+    out = sp.convert(src, x)
+    s = sp.summary(out, print_fn=None)
+    assert all(type(getattr(out, n)) is nn.Linear for n in ("fc1", "fc2", "fc3", "fc4"))
+    assert all(r["format"] == "dense" for r in s) and "reverted" in s[0]["reason"]
+    assert s.totals["end_to_end_ms"] == {"dense": 1.0, "converted": 2.0}
+    assert torch.equal(out(x), src(x))
+    kept = sp.convert(src, x, end_to_end=False)
+    assert type(kept.fc1) is sp.SparseLinear
+
+
 def test_zero_tolerance_rejects_inexact_candidates_and_stays_exact():
     src = _small_mixed()
     x = torch.randn(16, 128)

@@ -283,8 +283,8 @@ class _Threads:
 # -- convert ----------------------------------------------------------------------------------------
 def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = ("dense", "csr", "bsr"),
             skip: Iterable = (), num_threads: Optional[int] = None, time_budget: float = 10.0,
-            margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, inplace: bool = False,
-            progress: Optional[bool] = None) -> nn.Module:
+            margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
+            inplace: bool = False, progress: Optional[bool] = None) -> nn.Module:
     """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
 
     Args:
@@ -307,6 +307,8 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             the captured inputs and end to end on ``example_inputs``; a larger error raises
             :class:`ConversionError`.
         fold_bn: fold eval-mode BatchNorm into the preceding conv first.
+        end_to_end: also time the whole converted model against its dense twin on ``example_inputs``
+            (a fifth of ``time_budget``); if it is not faster, every layer goes back to dense.
         inplace: convert ``model`` itself instead of a deep copy.
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` shows one on a terminal
             once tuning has run for a second.
@@ -333,7 +335,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         reference = _call(work, example_inputs) if example_inputs is not None else None
         try:
             layers = _convert_layers(work, example_inputs, reference, formats, skip, num_threads, time_budget,
-                                     margin, tolerance, fold_bn, progress, replaced)
+                                     margin, tolerance, fold_bn, end_to_end, progress, replaced)
         except BaseException:
             if inplace:
                 for name, orig in reversed(replaced):
@@ -343,7 +345,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
 
 
 def _convert_layers(work, example_inputs, reference, formats, skip, num_threads, time_budget, margin, tolerance,
-                    fold_bn, progress, replaced):
+                    fold_bn, end_to_end, progress, replaced):
     start = time.perf_counter()
     folded = []
     if fold_bn:
@@ -391,7 +393,7 @@ def _convert_layers(work, example_inputs, reference, formats, skip, num_threads,
 
     sparse_formats = [f for f in formats if f != "dense"]
     timed = [t for t in targets if t[0] in captured]
-    per_layer_budget = time_budget / max(len(timed), 1)
+    per_layer_budget = (0.8 if end_to_end else 1.0) * time_budget / max(len(timed), 1)
     from tqdm.auto import tqdm
     bar = tqdm(targets, desc="sparseprune.convert", unit="layer", leave=False, disable=progress is False,
                delay=0 if progress else 1.0) if targets else targets
@@ -416,6 +418,8 @@ def _convert_layers(work, example_inputs, reference, formats, skip, num_threads,
               "num_threads": num_threads if num_threads is not None else torch.get_num_threads(),
               "measured": example_inputs is not None, "max_abs_error": None, "max_rel_error": None,
               "convert_seconds": None}
+    if reference is not None and end_to_end and any(r["format"] != "dense" for r in rows):
+        _end_to_end_guard(work, example_inputs, rows, replaced, report, 0.2 * time_budget)
     if reference is not None:
         out = _call(work, example_inputs)
         err, scale = _max_error(out, reference)
@@ -431,6 +435,28 @@ def _convert_layers(work, example_inputs, reference, formats, skip, num_threads,
     report["convert_seconds"] = time.perf_counter() - start
     setattr(work, REPORT_ATTR, report)
     return rows
+
+
+def _end_to_end_guard(work, example_inputs, rows, replaced, report, budget):
+    """Time the whole converted model against its dense twin; if it is not faster, undo the sparse
+    layers (per-layer timings can miss interactions: caches, threads, layouts)."""
+    base = densify(work).eval()
+    t = _time_candidates({"dense": lambda _x: _call(base, example_inputs),
+                          "converted": lambda _x: _call(work, example_inputs)},
+                         [(torch.empty(0), 1)], max(budget, 0.05), max_reps=25)
+    report["end_to_end_ms"] = {k: v * 1e3 for k, v in t.items()}
+    if t["converted"] < t["dense"]:
+        return
+    originals = dict(replaced)
+    for r in rows:
+        if r["format"] != "dense" and r["name"] in originals:
+            orig = originals[r["name"]]
+            dense = orig if not _has_hooks(orig) else CONVERTERS[_base_type(orig)].dense(orig)
+            _set_module(work, r["name"], dense)
+            r.update(format="dense", block=None, speedup=1.0,
+                     reason=f"reverted: whole model was not faster converted ({t['dense'] * 1e3:.3f} ms dense, "
+                            f"{t['converted'] * 1e3:.3f} ms converted)")
+    report["end_to_end_reverted"] = True
 
 
 def _fold_pairs(work):
