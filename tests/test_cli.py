@@ -63,6 +63,13 @@ def test_report_prints_the_stored_table(saved, capsys):
     assert [r["format"] for r in data["layers"]] == [r["format"] for r in sp.summary(conv, print_fn=None)]
 
 
+def test_report_of_an_unconverted_model(tmp_path, capsys):
+    from test_convert_models import MLP
+    sp.save(MLP(16, 32), tmp_path / "plain.sp")
+    assert main(["report", str(tmp_path / "plain.sp")]) == 0
+    assert "0/0 sparse" in capsys.readouterr().out
+
+
 def test_report_refuses_a_corrupted_file(saved, tmp_path, capsys):
     path, _ = saved
     blob = bytearray(path.read_bytes())

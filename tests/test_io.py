@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import safetensors.torch
 import torch
 from torch import nn
@@ -250,3 +251,29 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         sp.save(conv, path)
     assert path.read_bytes() == b"previous good file"
     assert sorted(os.listdir(tmp_path)) == ["m.sp"]  # no temp file left behind
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=2, max_size=4),
+       fmt=st.sampled_from(["dense", "csr", "bsr"]), block=st.sampled_from([(1, 4), (4, 4), (3, 5), (16, 16)]),
+       sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_save_load_round_trip(tmp_path_factory, sizes, fmt, block, sparsity, bias, seed):
+    from helpers import block_sparse_weight
+
+    g = torch.Generator().manual_seed(seed)
+
+    def arch():
+        return nn.Sequential(*[nn.Linear(a, b, bias=bias) for a, b in zip(sizes, sizes[1:])])
+    model = arch()
+    with torch.no_grad():
+        for i, lin in enumerate(model):
+            lin.weight.copy_(block_sparse_weight(lin.out_features, lin.in_features, block, sparsity, g))
+            model[i] = sp.SparseLinear.from_dense(lin, format=fmt, block_size=block if fmt == "bsr" else None)
+    path = tmp_path_factory.mktemp("prop") / "m.sp"
+    sp.save(model, path)
+    loaded = sp.load(path, arch())
+    x = torch.randn(5, sizes[0], generator=g)
+    assert torch.equal(loaded(x), model(x))
+    for a, b in zip(model, loaded):
+        assert (a.format, a.block_size) == (b.format, b.block_size)
+        assert torch.equal(a.to_dense(), b.to_dense())
