@@ -220,6 +220,25 @@ def test_skip_formats_threads_inplace():
     assert same is src
 
 
+def test_module_registered_twice_is_replaced_everywhere():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+            self.b = self.a  # one layer, two names, called twice
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    m = Shared().eval()
+    with torch.no_grad():
+        m.a.weight.mul_(torch.rand(64, 64) > 0.9)
+    out = sp.convert(m)
+    assert type(out.a) is sp.SparseLinear and out.b is out.a
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(out(x), m(x), rtol=1e-5, atol=1e-5)
+
+
 def test_nothing_to_convert_returns_a_copy():
     m = nn.Sequential(nn.ReLU(), nn.Tanh())
     x = torch.randn(3, 4)

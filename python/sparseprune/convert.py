@@ -209,6 +209,29 @@ def _time_candidates(cands: Dict[str, nn.Module], inputs: List[Tuple[Tensor, int
 
 
 # -- candidates -------------------------------------------------------------------------------------
+def _capture(model: nn.Module, layers, example_inputs) -> Dict[str, Dict[Tuple, List]]:
+    """One forward pass of ``example_inputs`` with pre-hooks on ``layers``: for each layer, the input
+    tensors it received, one copy per distinct shape (at most 8), with call counts."""
+    captured: Dict[str, Dict[Tuple, List]] = {}
+    hooks = []
+    for name, m in layers:
+        def hook(mod, args, _name=name):
+            if args and isinstance(args[0], Tensor):
+                seen = captured.setdefault(_name, {})
+                key = tuple(args[0].shape)
+                if key in seen:
+                    seen[key][1] += 1
+                elif len(seen) < 8:
+                    seen[key] = [args[0].detach().clone(), 1]
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        _call(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
 def _stored_fraction(pattern: Tensor, block) -> float:
     r, c = block
     return float(block_mask(pattern, block).sum()) * r * c / max(pattern.numel(), 1)
@@ -334,7 +357,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
     with torch.no_grad(), _Threads(num_threads):
         reference = _call(work, example_inputs) if example_inputs is not None else None
         try:
-            layers = _convert_layers(work, example_inputs, reference, formats, skip, num_threads, time_budget,
+            _convert_layers(work, example_inputs, reference, formats, skip, num_threads, time_budget,
                                      margin, tolerance, fold_bn, end_to_end, progress, replaced)
         except BaseException:
             if inplace:
@@ -374,43 +397,30 @@ def _convert_layers(work, example_inputs, reference, formats, skip, num_threads,
 
     captured: Dict[str, Dict[Tuple, List]] = {}
     if example_inputs is not None and targets:
-        hooks = []
-        for name, m, _ in targets:
-            def hook(mod, args, _name=name):
-                if args and isinstance(args[0], Tensor):
-                    seen = captured.setdefault(_name, {})
-                    key = tuple(args[0].shape)
-                    if key in seen:
-                        seen[key][1] += 1
-                    else:
-                        seen[key] = [args[0].detach().clone(), 1]
-            hooks.append(m.register_forward_pre_hook(hook))
-        try:
-            _call(work, example_inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        captured = _capture(work, [(n, m) for n, m, _ in targets], example_inputs)
 
     sparse_formats = [f for f in formats if f != "dense"]
     timed = [t for t in targets if t[0] in captured]
     per_layer_budget = (0.8 if end_to_end else 1.0) * time_budget / max(len(timed), 1)
     from tqdm.auto import tqdm
-    bar = tqdm(targets, desc="sparseprune.convert", unit="layer", leave=False, disable=progress is False,
-               delay=0 if progress else 1.0) if targets else targets
-    if progress is None and targets and not _stderr_is_tty():
-        bar.disable = True
+    quiet = progress is False or (progress is None and not _stderr_is_tty())
+    bar = tqdm(targets, desc="sparseprune.convert", unit="layer", leave=False, disable=quiet or not targets,
+               delay=0 if progress else 1.0)
+    aliases: Dict[int, List[str]] = {}
+    for n, mod in work.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(n)
     try:
         for name, m, cv in bar:
             row = _decide(name, m, cv, captured.get(name), example_inputs is not None, sparse_formats,
                           num_threads, per_layer_budget, margin, tolerance)
             new = row.pop("_module")
             if new is not None:
-                replaced.append((name, m))
-                _set_module(work, name, new)
+                for alias in aliases.get(id(m), [name]):  # a module registered twice is replaced everywhere
+                    replaced.append((alias, m))
+                    _set_module(work, alias, new)
             rows.append(row)
     finally:
-        if hasattr(bar, "close"):
-            bar.close()
+        bar.close()
 
     order = {n: i for i, (n, _) in enumerate(work.named_modules())}
     rows.sort(key=lambda r: order.get(r["name"], len(order)))
@@ -452,7 +462,8 @@ def _end_to_end_guard(work, example_inputs, rows, replaced, report, budget):
         if r["format"] != "dense" and r["name"] in originals:
             orig = originals[r["name"]]
             dense = orig if not _has_hooks(orig) else CONVERTERS[_base_type(orig)].dense(orig)
-            _set_module(work, r["name"], dense)
+            for alias in {n for n, o in replaced if o is orig}:
+                _set_module(work, alias, dense)
             r.update(format="dense", block=None, speedup=1.0,
                      reason=f"reverted: whole model was not faster converted ({t['dense'] * 1e3:.3f} ms dense, "
                             f"{t['converted'] * 1e3:.3f} ms converted)")
@@ -580,24 +591,8 @@ def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_t
     result as the model's report (what :func:`summary` shows) and returns the summary."""
     target = getattr(model, "_orig_mod", model)
     layers = [(n, m) for n, m in target.named_modules() if n and (_densify(m) is not None or _base_type(m) in CONVERTERS)]
-    captured: Dict[str, Dict[Tuple, List]] = {}
-    hooks = []
-    for name, m in layers:
-        def hook(mod, args, _name=name):
-            if args and isinstance(args[0], Tensor):
-                seen = captured.setdefault(_name, {})
-                key = tuple(args[0].shape)
-                if key in seen:
-                    seen[key][1] += 1
-                else:
-                    seen[key] = [args[0].detach().clone(), 1]
-        hooks.append(m.register_forward_pre_hook(hook))
     with torch.no_grad(), _Threads(num_threads):
-        try:
-            _call(target, example_inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        captured = _capture(target, layers, example_inputs)
         budget = time_budget / (max(len(captured), 1) + (2 if end_to_end else 0))
         rows = []
         for name, m in layers:
