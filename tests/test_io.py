@@ -153,18 +153,23 @@ def test_short_bias_is_refused(tmp_path):
         sp.load(tmp_path / "evil.sp", MLP(128, 512))
 
 
-def test_unknown_class_in_structure_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("edit,message", [
+    (lambda e: e.update({"class": "os.system"}), "cannot build"),
+    (lambda e: e["attrs"].update({"forward": "boom"}), "shadow"),
+    (lambda e: e["attrs"].update({"__class__": "x"}), "shadow"),
+])
+def test_structure_cannot_name_classes_or_shadow_methods(tmp_path, monkeypatch, edit, message):
     _, conv = _small()
     orig = spio._structure
 
     def evil(model):
         s = orig(model)
-        s["modules"]["fc1"]["class"] = "os.system"
+        edit(s["modules"]["fc1"])
         return s
     monkeypatch.setattr(spio, "_structure", evil)
     sp.save(conv, tmp_path / "evil.sp")
     monkeypatch.setattr(spio, "_structure", orig)
-    with pytest.raises(ValueError, match="cannot build"):
+    with pytest.raises(ValueError, match=message):
         sp.load(tmp_path / "evil.sp", MLP(128, 512))
 
 

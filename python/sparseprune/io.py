@@ -223,6 +223,8 @@ def _rebuild(cls: type, entry: dict, name: str, tensors: Dict[str, torch.Tensor]
     m = cls.__new__(cls)
     nn.Module.__init__(m)
     for k, v in entry["attrs"].items():
+        if not isinstance(k, str) or k.startswith("__") or hasattr(cls, k) or k in _MODULE_INTERNAL:
+            raise ValueError(f"load: {name} has attribute {k!r}, which would shadow part of {cls.__name__}")
         setattr(m, k, _tuples(v))
     for k, present in entry["params"].items():
         t = tensors.get(f"{name}.{k}") if present else None
@@ -290,7 +292,7 @@ def load(path, model: nn.Module) -> nn.Module:
         if m is None or name in rebuilt:
             continue
         for k, v in ints.items():
-            if type(getattr(m, k, None)) is int and getattr(m, k) != v:
+            if type(vars(m).get(k)) is int and type(v) is int and vars(m)[k] != v:
                 setattr(m, k, v)
     for key, spec in structure.get("tensors", {}).items():
         mname, _, tname = key.rpartition(".")
