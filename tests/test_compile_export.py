@@ -4,7 +4,6 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 
 import sparseprune as sp
 from test_convert_models import make_mixed

@@ -175,9 +175,10 @@ def test_structure_cannot_name_classes_or_shadow_methods(tmp_path, monkeypatch, 
 
 def test_sparse_file_is_proportionally_smaller(tmp_path):
     src = make_mixed(d=256, h=1024)
+    other = make_mixed(seed=1, d=256, h=1024)
     with torch.no_grad():  # all four layers at 95% 16x16 blocks
-        for name in ("fc3", "fc4"):
-            getattr(src, name).weight.copy_(getattr(make_mixed(seed=1, d=256, h=1024), "fc1" if name == "fc3" else "fc2").weight)
+        src.fc3.weight.copy_(other.fc1.weight)
+        src.fc4.weight.copy_(other.fc2.weight)
     conv = sp.convert(src)
     sp.save(src, tmp_path / "dense.sp")
     sp.save(conv, tmp_path / "sparse.sp")

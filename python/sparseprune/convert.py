@@ -27,18 +27,17 @@ import torch
 from torch import Tensor, nn
 
 from . import nn as spnn
-from .fold import fold_batchnorm
 from .formats import block_mask
 
 __all__ = ["convert", "summary", "measure", "densify", "Summary", "ConversionError", "Converter",
            "register_converter", "CONVERTERS", "REPORT_ATTR", "layer_report"]
 
 REPORT_ATTR = "_sparseprune_report"
-# BSR shapes tried besides the detected one (only those whose stored fraction fits, see _candidates)
+# BSR shapes tried besides the detected one (only those whose stored fraction fits, see _candidate_formats)
 BSR_TRY = ((16, 16), (8, 8), (4, 4), (1, 16))
-_MAX_SHAPES = 3
+_MAX_SHAPES = 3  # distinct input shapes timed per layer (the most frequent ones)
 # parents that read their children's .weight instead of calling them (torch's fused attention paths)
-_READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # distinct input shapes timed per layer (the most frequent ones)
+_READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 class ConversionError(ValueError):
@@ -590,7 +589,8 @@ def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_t
     layer it replaced, and (``end_to_end``) the whole model against :func:`densify`'s copy. Stores the
     result as the model's report (what :func:`summary` shows) and returns the summary."""
     target = getattr(model, "_orig_mod", model)
-    layers = [(n, m) for n, m in target.named_modules() if n and (_densify(m) is not None or _base_type(m) in CONVERTERS)]
+    layers = [(n, m) for n, m in target.named_modules()
+              if n and (_densify(m) is not None or _base_type(m) in CONVERTERS)]
     with torch.no_grad(), _Threads(num_threads):
         captured = _capture(target, layers, example_inputs)
         budget = time_budget / (max(len(captured), 1) + (2 if end_to_end else 0))
