@@ -523,6 +523,7 @@ def _decide(name, m, cv: Converter, seen, measure: bool, sparse_formats, num_thr
     inputs = [(x, n) for x, n in inputs]
     cands: Dict[str, nn.Module] = {"dense": dense_mod}
     info = {}
+    dense_out = [dense_mod(x) for x, _ in inputs]
     for fmt, block in _candidate_formats(pattern, density, sparse_formats):
         label = _label(fmt, block)
         try:
@@ -531,7 +532,7 @@ def _decide(name, m, cv: Converter, seen, measure: bool, sparse_formats, num_thr
             row["candidates"][label] = f"not buildable: {e}"
             continue
         # a candidate that does not reproduce the dense layer on the real inputs is never timed
-        err, scale = _max_error([mod(x) for x, _ in inputs], [dense_mod(x) for x, _ in inputs])
+        err, scale = _max_error([mod(x) for x, _ in inputs], dense_out)
         if not _rel(err, scale) <= tolerance:
             row["candidates"][label] = f"rejected: relative error {_rel(err, scale):.3g} > tolerance {tolerance:g}"
             continue
