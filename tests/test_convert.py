@@ -37,7 +37,7 @@ def test_mixed_model_choices_visible_and_consistent():
     src = make_mixed()
     x = torch.randn(128, 768)
     ref = src(x)
-    out = sp.convert(src, x, time_budget=2.0, margin=0.1)
+    out = sp.convert(src, x, time_budget=1.0, margin=0.1)
     s = sp.summary(out, print_fn=None)
     assert [r["name"] for r in s] == ["fc1", "fc2", "fc3", "fc4"]
     by = {r["name"]: r for r in s}
@@ -367,7 +367,7 @@ def test_multihead_attention_and_transformers_model():
                 lin.weight.mul_(torch.rand_like(lin.weight) > 0.9)
     ids = torch.randint(0, 100, (2, 16))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    out = sp.convert(bert, inputs, time_budget=1.0)
+    out = sp.convert(bert, inputs, time_budget=BUDGET)
     torch.testing.assert_close(out(**inputs).last_hidden_state, bert(**inputs).last_hidden_state,
                                rtol=1e-4, atol=1e-4)
     names = [r["name"] for r in sp.summary(out, print_fn=None)]
