@@ -22,7 +22,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparseprune", description="Prune PyTorch models and run them faster.")
+    p = argparse.ArgumentParser(prog="sparseprune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.add_parser("info", help="what was built (ISAs, threads, CUDA) and what this machine runs")
     d = sub.add_parser("demo", help="run the packaged demo")
@@ -30,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print the per-layer table stored in a saved model")
     r.add_argument("model_file")
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
-    b = sub.add_parser("bench", help="load a saved model and re-time each layer against dense")
+    b = sub.add_parser("bench", help="load a saved model and re-time each layer against dense",
+                       description="Load MODEL_FILE into a fresh instance built by --arch (the original, "
+                                   "unconverted architecture), run it on a random input of --input-shape and "
+                                   "time every sparse layer against the dense layer it replaced, plus the whole "
+                                   "model against its dense twin.")
     b.add_argument("model_file")
     b.add_argument("--arch", required=True, metavar="MODULE:CALLABLE",
                    help="callable returning a fresh instance of the original architecture")
