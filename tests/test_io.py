@@ -157,6 +157,8 @@ def test_short_bias_is_refused(tmp_path):
     (lambda e: e.update({"class": "os.system"}), "cannot build"),
     (lambda e: e["attrs"].update({"forward": "boom"}), "shadow"),
     (lambda e: e["attrs"].update({"__class__": "x"}), "shadow"),
+    (lambda e: e.update({"params": 5}), "malformed"),
+    (lambda e: e.update({"buffers": {"values": True, "extra": True}}), "lacks tensor fc1.extra"),
 ])
 def test_structure_cannot_name_classes_or_shadow_methods(tmp_path, monkeypatch, edit, message):
     _, conv = _small()

@@ -274,6 +274,14 @@ def load(path, model: nn.Module) -> nn.Module:
         raise TypeError(f"load expects a fresh instance of the model's architecture (an nn.Module), "
                         f"got {type(model).__name__}")
     tensors, structure, _ = read_file(path)
+    try:
+        return _restore(model, tensors, structure)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"load: {os.fspath(path)!r} has a malformed structure record ({type(e).__name__}: {e})") \
+            from None
+
+
+def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict) -> nn.Module:
     safe = _sparse_classes()
     mods = dict(model.named_modules())
     for name, entry in sorted(structure["modules"].items(), key=lambda kv: kv[0].count(".")):
@@ -300,15 +308,13 @@ def load(path, model: nn.Module) -> nn.Module:
         if m is None or mname in rebuilt or key not in tensors and key not in structure.get("aliases", {}):
             continue
         holder = m._parameters if spec["param"] else m._buffers
-        cur = holder.get(tname, getattr(m, tname, None) if tname not in holder else None)
-        shape = tuple(spec["shape"])
-        if isinstance(cur, torch.Tensor) and tuple(cur.shape) == shape:
+        cur = holder.get(tname)
+        saved = tensors[key] if key in tensors else tensors[structure["aliases"][key]]
+        if isinstance(cur, torch.Tensor) and cur.shape == saved.shape:
             continue
-        src = tensors.get(key)
-        like = src if src is not None else tensors[structure["aliases"][key]]
-        new = torch.empty(shape, dtype=like.dtype)
-        if isinstance(cur, torch.Tensor):
-            new = new.to(cur.device)
+        # a channel-pruned (or BN-folded: new bias) tensor: make room with the saved shape
+        new = torch.empty(saved.shape, dtype=saved.dtype,
+                          device=cur.device if isinstance(cur, torch.Tensor) else saved.device)
         if tname in m.__dict__ and not isinstance(m.__dict__[tname], torch.Tensor):
             raise ValueError(f"load: {key} would replace a non-tensor attribute")
         if spec["param"]:
