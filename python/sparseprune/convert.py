@@ -475,7 +475,10 @@ def _fold_pairs(work):
 
 
 def _stderr_is_tty() -> bool:
+    """A person is watching: a terminal, or a Jupyter kernel (where tqdm.auto draws a widget)."""
     import sys
+    if "ipykernel" in sys.modules:
+        return True
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
