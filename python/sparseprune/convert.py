@@ -569,7 +569,7 @@ def layer_report(model: nn.Module) -> Optional[dict]:
 def _densify(m: nn.Module) -> Optional[nn.Module]:
     """The plain dense module a sparse one replaced (None if ``m`` is not a sparse module)."""
     if isinstance(m, spnn.SparseLinear):
-        return m.to_linear().to(m.bias.device if m.bias is not None else "cpu")
+        return m.to_linear().to(next(m.buffers()).device)
     sc = getattr(spnn, "SparseConv2d", None)
     if sc is not None and isinstance(m, sc):
         from .fold import _dense_conv_of
