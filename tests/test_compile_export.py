@@ -1,0 +1,101 @@
+"""A converted model in the PyTorch toolchain: compile, export, deepcopy, .to(), state_dict, threads."""
+import copy
+import threading
+
+import pytest
+import torch
+
+import sparseprune as sp
+from test_convert_models import make_mixed
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    src = make_mixed(d=128, h=512)
+    conv = sp.convert(src)  # heuristic: bsr16x16, bsr16x16, csr, dense (deterministic)
+    assert [type(getattr(conv, n)).__name__ for n in ("fc1", "fc2", "fc3", "fc4")] == \
+           ["SparseLinear", "SparseLinear", "SparseLinear", "Linear"]
+    return src, conv
+
+
+def test_torch_compile_runs_and_matches(models):
+    src, conv = models
+    x = torch.randn(32, 128)
+    compiled = torch.compile(conv, fullgraph=True)  # no graph breaks around the custom op
+    with torch.no_grad():
+        y = compiled(x)
+    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, src(x), rtol=1e-4, atol=1e-4)
+    # summary and save see through the compile wrapper
+    assert len(sp.summary(compiled, print_fn=None)) == 4
+
+
+def test_torch_export_runs_and_matches(models):
+    src, conv = models
+    x = torch.randn(16, 128)
+    ep = torch.export.export(conv, (x,))
+    assert any("sparseprune.spmm" in str(n.target) for n in ep.graph.nodes)
+    x2 = torch.randn(16, 128)
+    torch.testing.assert_close(ep.module()(x2), conv(x2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ep.module()(x2), src(x2), rtol=1e-4, atol=1e-4)
+
+
+def test_deepcopy_is_independent(models):
+    _, conv = models
+    x = torch.randn(4, 128)
+    dup = copy.deepcopy(conv)
+    assert torch.equal(dup(x), conv(x))
+    with torch.no_grad():
+        dup.fc1.values.mul_(2)
+    assert not torch.equal(dup(x), conv(x))
+    assert sp.summary(dup, print_fn=None)[0]["format"] == "bsr"
+
+
+def test_to_dtype_and_device(models):
+    _, conv = models
+    dup = copy.deepcopy(conv)
+    x = torch.randn(4, 128)
+    assert torch.equal(dup.to(torch.float32).to("cpu")(x), conv(x))
+    with pytest.raises(TypeError, match="float32"):
+        copy.deepcopy(conv).to(torch.float64)
+    with pytest.raises(TypeError, match="float32"):
+        copy.deepcopy(conv).half()
+
+
+def test_state_dict_round_trips(models):
+    src, conv = models
+    sd = conv.state_dict()
+    other = sp.convert(src)
+    with torch.no_grad():
+        for m in other.modules():
+            if isinstance(m, sp.SparseLinear):
+                m.values.zero_()
+    x = torch.randn(4, 128)
+    assert not torch.equal(other(x), conv(x))
+    other.load_state_dict(sd)
+    assert torch.equal(other(x), conv(x))
+
+
+def test_concurrent_inference_from_four_threads(models):
+    src, conv = models
+    inputs = [torch.randn(n, 128) for n in (1, 7, 32, 64)]
+    expected = [src(x) for x in inputs]
+    errors, results = [], {}
+
+    def worker(i):
+        try:
+            with torch.no_grad():
+                for rep in range(25):
+                    results[(i, rep)] = conv(inputs[i])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (i, rep), y in results.items():
+        torch.testing.assert_close(y, expected[i], rtol=1e-4, atol=1e-4)
+    assert len(results) == 100
