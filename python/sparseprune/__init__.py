@@ -7,7 +7,7 @@ from .formats import BSRMatrix, CSRMatrix
 from .nn import SparseLinear
 from .prune import prune_blocks, prune_channels, prune_nm, prune_unstructured, remove_masks
 from . import prune  # noqa: F401
-from .convert import convert, summary
+from .convert import ConversionError, Converter, convert, densify, measure, register_converter, summary
 from .io import load, save
 
 __version__ = "0.1.0"
@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BSRMatrix", "CSRMatrix", "SparseLinear",
     "prune_unstructured", "prune_blocks", "prune_nm", "prune_channels", "remove_masks", "prune",
-    "convert", "summary", "save", "load", "ops", "__version__",
+    "convert", "summary", "measure", "densify", "ConversionError", "Converter", "register_converter", "save", "load", "ops", "__version__",
 ]
