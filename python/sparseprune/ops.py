@@ -143,9 +143,23 @@ def conv_output_size(size: int, k: int, s: int, p0: int, p1: int, d: int) -> int
     return (size + p0 + p1 - d * (k - 1) - 1) // s + 1
 
 
+def _strides_like_channels_last(sizes, strides) -> bool:
+    # PyTorch's rule for an NCHW tensor's implied memory format (ambiguous cases fall back to NCHW)
+    if strides[1] == 0:
+        return False
+    lo = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lo:
+            return False
+        if d == 0 and lo == strides[1]:
+            return False
+        lo = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
 def conv_output_memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last when the input is (only) channels_last-contiguous, as dense PyTorch does."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    """The memory format dense PyTorch gives a conv output for this input (its suggested format)."""
+    if x.dim() == 4 and _strides_like_channels_last(x.shape, x.stride()):
         return torch.channels_last
     return torch.contiguous_format
 
