@@ -32,54 +32,92 @@ ConvQLayout conv_q_layout(const ConvGeom& g) {
   return q;
 }
 
+namespace {
+// Columns s of a phase row with iw = s*sw + px - pl inside [0, w): [lo, hi).
+void phase_cols(const ConvGeom& g, const ConvQLayout& q, int px, int64_t* lo, int64_t* hi) {
+  const int64_t a = g.pl - px;  // iw >= 0  <=>  s >= ceil(a / sw)
+  const int64_t s_lo = a <= 0 ? 0 : (a + g.sw - 1) / g.sw;
+  const int64_t b = g.w - 1 + g.pl - px;  // iw <= w-1  <=>  s <= floor(b / sw)
+  const int64_t s_last = b >= 0 ? b / g.sw : -1;
+  *lo = std::min<int64_t>(q.wq, s_lo);
+  *hi = std::max<int64_t>(*lo, std::min<int64_t>(q.wq, s_last + 1));
+}
+}  // namespace
+
 void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, int num_threads) {
   if (q.direct) return;
   const int64_t nc = g.n * g.c_in;
   const int nt = threads_for(nc * q.plane * 8, num_threads);
-  const bool cl = g.xs[1] == 1;  // channels_last: transpose CB channels at a time
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t u = 0; u < nc; ++u) {
-    const int64_t n = u / g.c_in, c = u % g.c_in;
-    const float* xc = x + n * g.xs[0] + c * g.xs[1];
-    float* dst = ws + u * q.plane;
-    for (int py = 0; py < g.sh; ++py)
-      for (int px = 0; px < g.sw; ++px) {
-        float* ph = dst + (static_cast<int64_t>(py) * g.sw + px) * q.hq * q.wq;
-        for (int64_t r = 0; r < q.hq; ++r) {
-          float* row = ph + r * q.wq;
-          const int64_t ih = r * g.sh + py - g.pt;
-          if (ih < 0 || ih >= g.h) {
-            std::memset(row, 0, sizeof(float) * q.wq);
-            continue;
+  const int64_t phase_sz = q.hq * q.wq;
+  int64_t lo[8], hi[8];  // strides above 8 take the generic bounds per row
+  for (int px = 0; px < g.sw && px < 8; ++px) phase_cols(g, q, px, &lo[px], &hi[px]);
+  // channels_last input: the channels of one pixel are contiguous, so walk pixels and spread the
+  // channels (reads stay sequential); NCHW: walk each channel's rows.
+  const bool cl = g.xs[1] == 1 && g.c_in > 1 && g.sw <= 8;
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < nc; ++u) {
+      const int64_t n = u / g.c_in, c = u % g.c_in;
+      const float* xc = x + n * g.xs[0] + c * g.xs[1];
+      float* dst = ws + u * q.plane;
+      for (int py = 0; py < g.sh; ++py)
+        for (int px = 0; px < g.sw; ++px) {
+          float* ph = dst + (static_cast<int64_t>(py) * g.sw + px) * phase_sz;
+          int64_t s_lo, s_hi;
+          if (px < 8) s_lo = lo[px], s_hi = hi[px];
+          else phase_cols(g, q, px, &s_lo, &s_hi);
+          for (int64_t r = 0; r < q.hq; ++r) {
+            float* row = ph + r * q.wq;
+            const int64_t ih = r * g.sh + py - g.pt;
+            if (ih < 0 || ih >= g.h) {
+              for (int64_t s = 0; s < q.wq; ++s) row[s] = 0.0f;
+              continue;
+            }
+            for (int64_t s = 0; s < s_lo; ++s) row[s] = 0.0f;
+            for (int64_t s = s_hi; s < q.wq; ++s) row[s] = 0.0f;
+            if (cl) continue;  // interior filled below
+            const float* xr = xc + ih * g.xs[2];
+            if (g.sw == 1 && g.xs[3] == 1) {
+              const float* src = xr + (px - g.pl);
+              for (int64_t s = s_lo; s < s_hi; ++s) row[s] = src[s];
+            } else {
+              for (int64_t s = s_lo; s < s_hi; ++s) row[s] = xr[(s * g.sw + px - g.pl) * g.xs[3]];
+            }
           }
-          const float* xr = xc + ih * g.xs[2];
-          // columns s with iw = s*sw + px - pl inside [0, w)
-          const int64_t s_lo = std::min<int64_t>(q.wq, std::max<int64_t>(0, (g.pl - px + g.sw - 1) / g.sw));
-          const int64_t hi_num = g.w - 1 + g.pl - px;  // may be negative: floor division
-          const int64_t s_last = hi_num >= 0 ? hi_num / g.sw : -((-hi_num + g.sw - 1) / g.sw);
-          const int64_t s_hi = std::max<int64_t>(s_lo, std::min<int64_t>(q.wq, s_last + 1));
-          for (int64_t s = 0; s < s_lo; ++s) row[s] = 0.0f;
-          if (g.sw == 1 && g.xs[3] == 1 && !cl) {
-            std::memcpy(row + s_lo, xr + (s_lo + px - g.pl), sizeof(float) * (s_hi - s_lo));
-          } else {
-            for (int64_t s = s_lo; s < s_hi; ++s) row[s] = xr[(s * g.sw + px - g.pl) * g.xs[3]];
+        }
+    }
+    if (cl) {
+      const int64_t rows = g.n * g.sh * q.hq;
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < rows; ++u) {
+        const int64_t n = u / (g.sh * q.hq), py = (u / q.hq) % g.sh, r = u % q.hq;
+        const int64_t ih = r * g.sh + py - g.pt;
+        if (ih < 0 || ih >= g.h) continue;
+        for (int px = 0; px < g.sw; ++px) {
+          float* drow = ws + n * g.c_in * q.plane + (py * g.sw + px) * phase_sz + r * q.wq;
+          for (int64_t s = lo[px]; s < hi[px]; ++s) {
+            const float* src = x + n * g.xs[0] + ih * g.xs[2] + (s * g.sw + px - g.pl) * g.xs[3];
+            float* d = drow + s;
+            for (int64_t c = 0; c < g.c_in; ++c) d[c * q.plane] = src[c];
           }
-          for (int64_t s = s_hi; s < q.wq; ++s) row[s] = 0.0f;
         }
       }
+    }
   }
 }
 
 void conv_column_offsets(const ConvGeom& g, const ConvQLayout& q, int32_t* kofs) {
   const int64_t T = g.taps();
+  std::vector<int64_t> toff(static_cast<size_t>(T));  // divisions once per tap, not per column
+  for (int i = 0; i < g.kh; ++i)
+    for (int j = 0; j < g.kw; ++j) {
+      const int64_t ri = static_cast<int64_t>(i) * g.dh, rj = static_cast<int64_t>(j) * g.dw;
+      const int64_t phase = (ri % g.sh) * g.sw + (rj % g.sw);
+      toff[i * g.kw + j] = phase * q.hq * q.wq + (ri / g.sh) * q.wq + rj / g.sw;
+    }
   for (int64_t ci = 0; ci < g.cin_g(); ++ci)
-    for (int i = 0; i < g.kh; ++i)
-      for (int j = 0; j < g.kw; ++j) {
-        const int64_t ri = static_cast<int64_t>(i) * g.dh, rj = static_cast<int64_t>(j) * g.dw;
-        const int64_t phase = (ri % g.sh) * g.sw + (rj % g.sw);
-        const int64_t off = ci * q.plane + phase * q.hq * q.wq + (ri / g.sh) * q.wq + rj / g.sw;
-        kofs[ci * T + i * g.kw + j] = static_cast<int32_t>(off);
-      }
+    for (int64_t t = 0; t < T; ++t) kofs[ci * T + t] = static_cast<int32_t>(ci * q.plane + toff[t]);
 }
 
 namespace {

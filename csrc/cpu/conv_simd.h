@@ -19,10 +19,40 @@
 
 #define SPC_INLINE inline __attribute__((always_inline))
 
-template <int R, int NBV, bool MASK, class Idx>
+// Where the lanes of one q vector go in an NCHW output row: lanes of `m` to dst + off + lane.
+struct QSeg {
+  typename V::M m;
+  int64_t off;
+};
+constexpr int kMaxSeg = V::W + 1;
+
+// Segments of the vectors of a tile starting at q (wq-wide q rows, wo valid columns, row stride ys2).
+inline void q_segments(int64_t q, int nv, int64_t wq, int64_t wo, int64_t ys2, QSeg* segs, int* nseg) {
+  constexpr int W = V::W;
+  int64_t oh = q / wq, ow = q % wq;
+  for (int v = 0; v < nv; ++v) {
+    int n = 0, l = 0;
+    while (l < W) {
+      const int run = static_cast<int>(std::min<int64_t>(W - l, wq - ow));
+      const int valid = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(run, wo - ow)));
+      if (valid > 0) segs[v * kMaxSeg + n++] = QSeg{V::mrange(l, l + valid), oh * ys2 + ow - l};
+      l += run;
+      ow += run;
+      if (ow == wq) {
+        ow = 0;
+        ++oh;
+      }
+    }
+    nseg[v] = n;
+  }
+}
+
+// MODE 0: row i of the tile is stored at dst + i*ldd (contiguous q == output positions, or a scratch
+// tile). MODE 1: NCHW rows through the segments (dst = first output channel's plane, ldd = ys1).
+template <int R, int NBV, bool MASK, int MODE, class Idx>
 SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kofs, const Idx* __restrict cols,
                        const float* __restrict vals, int rk, int64_t e0, int64_t e1, const float* bias,
-                       int rows, int tail, float* __restrict dst, int64_t ldd) {
+                       int rows, int tail, float* __restrict dst, int64_t ldd, const QSeg* segs, const int* nseg) {
   using T = typename V::T;
   constexpr int W = V::W;
   T acc[R][NBV];
@@ -51,25 +81,29 @@ SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kof
     if (i >= rows) break;
 #pragma GCC unroll 8
     for (int v = 0; v < NBV; ++v) {
-      if (MASK && v == NBV - 1) V::storen(dst + i * ldd + v * W, acc[i][v], tail);
-      else V::store(dst + i * ldd + v * W, acc[i][v]);
+      if constexpr (MODE == 1) {
+        for (int k = 0; k < nseg[v]; ++k) V::store_m(dst + i * ldd + segs[v * kMaxSeg + k].off, acc[i][v], segs[v * kMaxSeg + k].m);
+      } else {
+        if (MASK && v == NBV - 1) V::storen(dst + i * ldd + v * W, acc[i][v], tail);
+        else V::store(dst + i * ldd + v * W, acc[i][v]);
+      }
     }
   }
 }
 
 // A tile of nv (<= NBV) vectors, the last one holding `tail` lanes.
-template <int R, int NBV, class Idx>
+template <int R, int NBV, int MODE, class Idx>
 SPC_INLINE void q_tile_n(int nv, int tail, const float* xq, const int32_t* kofs, const Idx* cols,
                          const float* vals, int rk, int64_t e0, int64_t e1, const float* bias, int rows,
-                         float* dst, int64_t ldd) {
+                         float* dst, int64_t ldd, const QSeg* segs, const int* nseg) {
   if constexpr (NBV > 1) {
     if (nv < NBV) {
-      q_tile_n<R, NBV - 1, Idx>(nv, tail, xq, kofs, cols, vals, rk, e0, e1, bias, rows, dst, ldd);
+      q_tile_n<R, NBV - 1, MODE, Idx>(nv, tail, xq, kofs, cols, vals, rk, e0, e1, bias, rows, dst, ldd, segs, nseg);
       return;
     }
   }
-  if (tail == V::W) q_tile<R, NBV, false, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, rows, tail, dst, ldd);
-  else q_tile<R, NBV, true, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, rows, tail, dst, ldd);
+  if (tail == V::W) q_tile<R, NBV, false, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, rows, tail, dst, ldd, segs, nseg);
+  else q_tile<R, NBV, true, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, rows, tail, dst, ldd, segs, nseg);
 }
 
 struct QCall {
@@ -81,7 +115,7 @@ struct QCall {
   int64_t x_img;        // its image stride
   const float* bias;
   float* y;
-  bool direct_store;    // q positions are output positions (wq == wo, unit-stride rows)
+  int mode;             // 0: q positions are output positions (wq == wo, NCHW); 1: NCHW rows; 2: other
 };
 
 // Copy tile rows [0, rows) x q positions [q, q + cnt) from tmp (row stride NB) to y, dropping the
@@ -129,15 +163,27 @@ void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64
   const float* vals = w.values + i0;
   const float* bias = c.bias ? c.bias + co0 + i0 : nullptr;
   alignas(64) float tmp[R * NB];
+  QSeg segs[NBV * kMaxSeg];
+  int nseg[NBV];
+  float* yc = yimg + (co0 + i0) * c.g->ys[1];
   for (int64_t q = qa; q < qb; q += NB) {
     const int cnt = static_cast<int>(std::min<int64_t>(NB, qb - q));
     const int nv = (cnt + W - 1) / W;
     const int tail = cnt - (nv - 1) * W;
-    if (c.direct_store) {
-      q_tile_n<R, NBV, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows,
-                            yimg + (co0 + i0) * c.g->ys[1] + q, c.g->ys[1]);
+    if (c.mode == 0) {
+      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, yc + q, c.g->ys[1],
+                               nullptr, nullptr);
+    } else if (c.mode == 1) {
+      q_segments(q, nv, c.q->wq, c.g->wo, c.g->ys[2], segs, nseg);
+      if (tail != W) {  // lanes past qb belong to the next thread's range (or past the end)
+        const typename V::M keep = V::mrange(0, tail);
+        for (int k = 0; k < nseg[nv - 1]; ++k) segs[(nv - 1) * kMaxSeg + k].m &= keep;
+      }
+      q_tile_n<R, NBV, 1, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, yc, c.g->ys[1],
+                               segs, nseg);
     } else {
-      q_tile_n<R, NBV, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, tmp, NB);
+      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, tmp, NB, nullptr,
+                               nullptr);
       scatter_tile(c, yimg, co0 + i0, rows, q, cnt, tmp, NB);
     }
   }
@@ -194,8 +240,8 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
   conv_pack_input(g, q, x, ws, num_threads);
   std::vector<int32_t> kofs(static_cast<size_t>(std::max<int64_t>(1, g.cin_g() * g.taps())));
   conv_column_offsets(g, q, kofs.data());
-  QCall c{&g, &q, &w, kofs.data(), q.direct ? x : ws, q.direct ? g.xs[0] : g.c_in * q.plane, bias, y,
-          g.ys[3] == 1 && g.ys[2] == q.wq && q.wq == g.wo};
+  const int mode = g.ys[3] != 1 ? 2 : (g.ys[2] == q.wq && q.wq == g.wo) ? 0 : 1;
+  QCall c{&g, &q, &w, kofs.data(), q.direct ? x : ws, q.direct ? g.xs[0] : g.c_in * q.plane, bias, y, mode};
   // Split images when there are enough; otherwise the larger of input (q positions) and weight
   // (block rows, balanced by non-zeros) so that each thread streams half of it.
   const int64_t xbytes = g.c_in * q.plane, wbytes = w.nnzb() * w.r;

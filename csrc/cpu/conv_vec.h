@@ -18,6 +18,13 @@ struct CV8 {
   static inline void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static inline void storen(float* p, T v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
   static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  // lanes [lo, hi) as a store mask
+  using M = __m256i;
+  static inline M mrange(int lo, int hi) {
+    const __m256i l = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), l), _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), l));
+  }
+  static inline void store_m(float* p, T v, M m) { _mm256_maskstore_ps(p, m, v); }
 };
 
 #if defined(__AVX512F__)
@@ -33,5 +40,8 @@ struct CV16 {
   static inline void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static inline void storen(float* p, T v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
   static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  using M = __mmask16;
+  static inline M mrange(int lo, int hi) { return static_cast<M>(((1u << hi) - 1u) & ~((1u << lo) - 1u)); }
+  static inline void store_m(float* p, T v, M m) { _mm512_mask_storeu_ps(p, m, v); }
 };
 #endif
