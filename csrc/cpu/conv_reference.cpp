@@ -78,9 +78,11 @@ void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, fl
             for (int64_t s = s_hi; s < q.wq; ++s) row[s] = 0.0f;
             if (cl) continue;  // interior filled below
             const float* xr = xc + ih * g.xs[2];
+            const float* src = xr + (px - g.pl) * g.xs[3];
             if (g.sw == 1 && g.xs[3] == 1) {
-              const float* src = xr + (px - g.pl);
               for (int64_t s = s_lo; s < s_hi; ++s) row[s] = src[s];
+            } else if (g.sw == 2 && g.xs[3] == 1) {  // constant stride: the compiler deinterleaves
+              for (int64_t s = s_lo; s < s_hi; ++s) row[s] = src[2 * s];
             } else {
               for (int64_t s = s_lo; s < s_hi; ++s) row[s] = xr[(s * g.sw + px - g.pl) * g.xs[3]];
             }

@@ -188,8 +188,7 @@ def _conv_geom(x_shape, x_strides, out_channels, ho, wo, kernel_size, stride, pa
             dilation[0], dilation[1], groups, *x_strides, *y_strides]
 
 
-@torch.library.custom_op("sparseprune::sparse_conv2d", mutates_args=())
-def sparse_conv2d(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
+def sparse_conv2d_cpu(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
                   in_channels: int, out_channels: int, kernel_size: List[int], stride: List[int],
                   padding: List[int], dilation: List[int], groups: int, r: int, num_threads: int) -> Tensor:
     """``conv2d(x, W, bias)`` with W packed as (r x 1)-block BSR over (Cout, Cin/groups * kh * kw)."""
@@ -220,6 +219,9 @@ def sparse_conv2d(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, b
               x.data_ptr(), bias.data_ptr() if bias is not None else 0, y.data_ptr(),
               ws.data_ptr() if ws is not None else 0, ws_floats, resolve_threads(num_threads))
     return y
+
+
+sparse_conv2d = torch.library.custom_op("sparseprune::sparse_conv2d", sparse_conv2d_cpu, mutates_args=())
 
 
 @sparse_conv2d.register_fake
