@@ -44,19 +44,17 @@ void phase_cols(const ConvGeom& g, const ConvQLayout& q, int px, int64_t* lo, in
 }
 }  // namespace
 
-void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, int num_threads) {
+void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws) {
   if (q.direct) return;
   const int64_t nc = g.n * g.c_in;
-  const int nt = threads_for(nc * q.plane * 8, num_threads);
   const int64_t phase_sz = q.hq * q.wq;
   int64_t lo[8], hi[8];  // strides above 8 take the generic bounds per row
   for (int px = 0; px < g.sw && px < 8; ++px) phase_cols(g, q, px, &lo[px], &hi[px]);
   // channels_last input: the channels of one pixel are contiguous, so walk pixels and spread the
   // channels (reads stay sequential); NCHW: walk each channel's rows.
   const bool cl = g.xs[1] == 1 && g.c_in > 1 && g.sw <= 8;
-#pragma omp parallel num_threads(nt)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
     for (int64_t u = 0; u < nc; ++u) {
       const int64_t n = u / g.c_in, c = u % g.c_in;
       const float* xc = x + n * g.xs[0] + c * g.xs[1];
@@ -91,7 +89,7 @@ void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, fl
     }
     if (cl) {
       const int64_t rows = g.n * g.sh * q.hq;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
       for (int64_t u = 0; u < rows; ++u) {
         const int64_t n = u / (g.sh * q.hq), py = (u / q.hq) % g.sh, r = u % q.hq;
         const int64_t ih = r * g.sh + py - g.pt;

@@ -237,28 +237,42 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
   if (g.n == 0 || g.c_out == 0 || g.ho <= 0 || g.wo <= 0) return;
   const ConvQLayout q = conv_q_layout(g);
   const int nt = threads_for(g.n * q.lq * (w.nnzb() * w.r + g.c_out), num_threads);
-  conv_pack_input(g, q, x, ws, num_threads);
   std::vector<int32_t> kofs(static_cast<size_t>(std::max<int64_t>(1, g.cin_g() * g.taps())));
   conv_column_offsets(g, q, kofs.data());
   const int mode = g.ys[3] != 1 ? 2 : (g.ys[2] == q.wq && q.wq == g.wo) ? 0 : 1;
   QCall c{&g, &q, &w, kofs.data(), q.direct ? x : ws, q.direct ? g.xs[0] : g.c_in * q.plane, bias, y, mode};
-  // Split images when there are enough; otherwise the larger of input (q positions) and weight
-  // (block rows, balanced by non-zeros) so that each thread streams half of it.
+  // Work items for dynamic scheduling (a thread that the OS parks on a shared machine delays its
+  // items, not the whole call): whole images when there are enough, else about 4 items per thread
+  // over the larger of input (q ranges, aligned to full register tiles) and weight (block rows,
+  // balanced by non-zeros).
+  constexpr int NBQ = nbv_max(RMAX) * V::W;
   const int64_t xbytes = g.c_in * q.plane, wbytes = w.nnzb() * w.r;
-  const int64_t qtiles = (q.lq + V::W - 1) / V::W;
-  int pn = 1, pm = 1, pi = 1;
-  if (g.n >= nt) pi = nt;
-  else if ((xbytes >= wbytes && qtiles >= 4 * nt) || w.block_rows < nt) pn = nt;
-  else pm = nt;
+  const int64_t qtiles = (q.lq + NBQ - 1) / NBQ;
+  int64_t pi = 1, pn = 1, pm = 1;
+  if (g.n >= nt) {
+    pi = g.n;
+  } else {
+    const int64_t want = nt == 1 ? 1 : 4 * nt;
+    if ((xbytes >= wbytes && qtiles >= want) || w.block_rows < nt) {
+      pn = std::max<int64_t>(1, std::min<int64_t>(want, qtiles));
+    } else {
+      pm = std::max<int64_t>(1, std::min<int64_t>(want, w.block_rows));
+      pn = std::max<int64_t>(1, std::min<int64_t>(want / pm, qtiles));
+    }
+    pi = g.n;
+  }
+  const int64_t items = pi * pn * pm;
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = omp_get_thread_num();
-    const int ii = tid % pi, im = (tid / pi) % pm, in = tid / (pi * pm);
-    const int64_t n0 = g.n * ii / pi, n1 = g.n * (ii + 1) / pi;
-    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
-    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
-    const int64_t qa = std::min(q.lq, qtiles * in / pn * V::W), qb = std::min(q.lq, qtiles * (in + 1) / pn * V::W);
-    if (n0 < n1 && br0 < br1 && qa < qb) q_range<Idx>(c, cols, n0, n1, br0, br1, qa, qb);
+  conv_pack_input(g, q, x, ws);  // one fork/join for packing and compute
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t ii = it / (pn * pm), in = (it / pm) % pn, im = it % pm;
+    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, static_cast<int>(pm), static_cast<int>(im));
+    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, static_cast<int>(pm), static_cast<int>(im + 1));
+    const int64_t qa = std::min(q.lq, qtiles * in / pn * NBQ), qb = std::min(q.lq, qtiles * (in + 1) / pn * NBQ);
+    if (br0 < br1 && qa < qb) q_range<Idx>(c, cols, ii, ii + 1, br0, br1, qa, qb);
+  }
   }
 }
 

@@ -39,8 +39,10 @@ struct ConvQLayout {
   int64_t ws_floats = 0;    // workspace the caller must provide
 };
 ConvQLayout conv_q_layout(const ConvGeom& g);
-// Pack image rows of x into the phase-split, zero-padded q-domain buffer (any input strides).
-void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, int num_threads);
+// Pack x (any strides) into the phase-split, zero-padded q-domain buffer. Its loops are orphaned
+// `omp for`s: called inside a parallel region they share the work (and end with a barrier), called
+// outside one they run on the calling thread.
+void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws);
 // Input offset (q-domain, relative to the group's first channel) of every packed column k = ci*T+t.
 void conv_column_offsets(const ConvGeom& g, const ConvQLayout& q, int32_t* kofs);
 
