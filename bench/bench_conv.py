@@ -4,8 +4,8 @@ same process and thread count, plus ResNet-50 end to end (random-initialised tra
     pytest bench/bench_conv.py --benchmark-only            # pytest-benchmark groups, dense in each group
     python bench/bench_conv.py [--threads 2] [--e2e]        # the markdown table quoted in the README
 
-Speedups come from interleaved minimum times (dense and sparse alternate, best of many rounds): on a
-shared machine this is the most stable estimate of what each kernel can do.
+Speedups come from interleaved minimum times (dense and sparse take turns, best single call of many
+rounds): on a shared machine this is the most stable estimate of what each kernel can do.
 """
 import argparse
 import copy
@@ -60,7 +60,10 @@ def dense_flops(layer):
     return 2.0 * cin * cout * k * k * ho * ho
 
 
-def interleaved_min(fns, rounds=40, warmup=3):
+def interleaved_min(fns, rounds=40, warmup=3, inner=3):
+    """Best single-call time of each function; the functions take turns, `inner` calls at a time (so
+    that the allocator's page faults after another function's large frees do not count against the
+    first call of a turn more than they do for dense PyTorch)."""
     best = [math.inf] * len(fns)
     with torch.no_grad():
         for f in fns:
@@ -68,9 +71,10 @@ def interleaved_min(fns, rounds=40, warmup=3):
                 f()
         for _ in range(rounds):
             for i, f in enumerate(fns):
-                t = time.perf_counter()
-                f()
-                best[i] = min(best[i], time.perf_counter() - t)
+                for _ in range(inner):
+                    t = time.perf_counter()
+                    f()
+                    best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
