@@ -44,6 +44,45 @@ void phase_cols(const ConvGeom& g, const ConvQLayout& q, int px, int64_t* lo, in
 }
 }  // namespace
 
+// Phase rows [r0, r0 + q.hq) of one channel (xc: its first element) into dst (q.plane floats).
+static void pack_channel(const ConvGeom& g, const ConvQLayout& q, const float* xc, float* dst, int64_t r0,
+                         const int64_t* lo, const int64_t* hi, bool interior) {
+  const int64_t phase_sz = q.hq * q.wq;
+  for (int py = 0; py < g.sh; ++py)
+    for (int px = 0; px < g.sw; ++px) {
+      float* ph = dst + (static_cast<int64_t>(py) * g.sw + px) * phase_sz;
+      int64_t s_lo, s_hi;
+      if (px < 8) s_lo = lo[px], s_hi = hi[px];
+      else phase_cols(g, q, px, &s_lo, &s_hi);
+      for (int64_t r = 0; r < q.hq; ++r) {
+        float* row = ph + r * q.wq;
+        const int64_t ih = (r0 + r) * g.sh + py - g.pt;
+        if (ih < 0 || ih >= g.h) {
+          for (int64_t s = 0; s < q.wq; ++s) row[s] = 0.0f;
+          continue;
+        }
+        for (int64_t s = 0; s < s_lo; ++s) row[s] = 0.0f;
+        for (int64_t s = s_hi; s < q.wq; ++s) row[s] = 0.0f;
+        if (!interior) continue;
+        const float* xr = xc + ih * g.xs[2];
+        const float* src = xr + (px - g.pl) * g.xs[3];
+        if (g.sw == 1 && g.xs[3] == 1) {
+          for (int64_t s = s_lo; s < s_hi; ++s) row[s] = src[s];
+        } else if (g.sw == 2 && g.xs[3] == 1) {  // constant stride: the compiler deinterleaves
+          for (int64_t s = s_lo; s < s_hi; ++s) row[s] = src[2 * s];
+        } else {
+          for (int64_t s = s_lo; s < s_hi; ++s) row[s] = xr[(s * g.sw + px - g.pl) * g.xs[3]];
+        }
+      }
+    }
+}
+
+void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0) {
+  int64_t lo[8], hi[8];
+  for (int px = 0; px < g.sw && px < 8; ++px) phase_cols(g, qt, px, &lo[px], &hi[px]);
+  for (int64_t c = 0; c < g.c_in; ++c) pack_channel(g, qt, x_img + c * g.xs[1], dst + c * qt.plane, r0, lo, hi, true);
+}
+
 void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws) {
   if (q.direct) return;
   const int64_t nc = g.n * g.c_in;
@@ -57,35 +96,7 @@ void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, fl
 #pragma omp for schedule(dynamic, 8)
     for (int64_t u = 0; u < nc; ++u) {
       const int64_t n = u / g.c_in, c = u % g.c_in;
-      const float* xc = x + n * g.xs[0] + c * g.xs[1];
-      float* dst = ws + u * q.plane;
-      for (int py = 0; py < g.sh; ++py)
-        for (int px = 0; px < g.sw; ++px) {
-          float* ph = dst + (static_cast<int64_t>(py) * g.sw + px) * phase_sz;
-          int64_t s_lo, s_hi;
-          if (px < 8) s_lo = lo[px], s_hi = hi[px];
-          else phase_cols(g, q, px, &s_lo, &s_hi);
-          for (int64_t r = 0; r < q.hq; ++r) {
-            float* row = ph + r * q.wq;
-            const int64_t ih = r * g.sh + py - g.pt;
-            if (ih < 0 || ih >= g.h) {
-              for (int64_t s = 0; s < q.wq; ++s) row[s] = 0.0f;
-              continue;
-            }
-            for (int64_t s = 0; s < s_lo; ++s) row[s] = 0.0f;
-            for (int64_t s = s_hi; s < q.wq; ++s) row[s] = 0.0f;
-            if (cl) continue;  // interior filled below
-            const float* xr = xc + ih * g.xs[2];
-            const float* src = xr + (px - g.pl) * g.xs[3];
-            if (g.sw == 1 && g.xs[3] == 1) {
-              for (int64_t s = s_lo; s < s_hi; ++s) row[s] = src[s];
-            } else if (g.sw == 2 && g.xs[3] == 1) {  // constant stride: the compiler deinterleaves
-              for (int64_t s = s_lo; s < s_hi; ++s) row[s] = src[2 * s];
-            } else {
-              for (int64_t s = s_lo; s < s_hi; ++s) row[s] = xr[(s * g.sw + px - g.pl) * g.xs[3]];
-            }
-          }
-        }
+      pack_channel(g, q, x + n * g.xs[0] + c * g.xs[1], ws + u * q.plane, 0, lo, hi, !cl);
     }
     if (cl) {
       const int64_t rows = g.n * g.sh * q.hq;

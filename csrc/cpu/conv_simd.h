@@ -261,6 +261,41 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
     }
     pi = g.n;
   }
+  // Band mode (q split, NCHW-like input): each work item packs the input rows of a band of output
+  // rows into its thread's slice of the workspace right before computing it, so the padded copy
+  // stays in L2 instead of going out to memory and back.
+  const int64_t ext = static_cast<int64_t>(g.dh) * (g.kh - 1) / g.sh;
+  const int64_t per_row = g.c_in * g.sh * g.sw * q.wq;
+  int64_t th = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, per_row) - ext);
+  if (nt > 1) th = std::min<int64_t>(th, (g.ho + 2 * nt - 1) / (2 * nt));
+  ConvQLayout qt = q;
+  qt.hq = th + ext;
+  qt.plane = static_cast<int64_t>(g.sh) * g.sw * qt.hq * q.wq;
+  const bool band = !q.direct && !(g.xs[1] == 1 && g.c_in > 1) && pm == 1 && th < g.ho &&
+                    nt * g.c_in * qt.plane <= q.ws_floats;
+  if (band) {
+    std::vector<int32_t> kofs_t(kofs.size());
+    conv_column_offsets(g, qt, kofs_t.data());
+    const int64_t bands = (g.ho + th - 1) / th;
+#pragma omp parallel num_threads(nt)
+    {
+      float* buf = ws + omp_get_thread_num() * g.c_in * qt.plane;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < g.n * bands; ++it) {
+        const int64_t n = it / bands, oh0 = (it % bands) * th;
+        const int64_t rows = std::min(th, g.ho - oh0);
+        conv_pack_rows(g, qt, x + n * g.xs[0], buf, oh0);
+        QCall ct = c;
+        ct.q = &qt;
+        ct.kofs = kofs_t.data();
+        ct.x = buf;
+        ct.x_img = 0;
+        ct.y = y + oh0 * g.ys[2];
+        q_range<Idx>(ct, cols, n, n + 1, 0, w.block_rows, 0, (rows - 1) * q.wq + g.wo);
+      }
+    }
+    return;
+  }
   const int64_t items = pi * pn * pm;
 #pragma omp parallel num_threads(nt)
   {

@@ -43,6 +43,9 @@ ConvQLayout conv_q_layout(const ConvGeom& g);
 // `omp for`s: called inside a parallel region they share the work (and end with a barrier), called
 // outside one they run on the calling thread.
 void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws);
+// Serial: phase rows [r0, r0 + qt.hq) of every channel of one image into dst (c_in * qt.plane floats),
+// for a layout `qt` that covers a band of output rows (see conv_simd.h).
+void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0);
 // Input offset (q-domain, relative to the group's first channel) of every packed column k = ci*T+t.
 void conv_column_offsets(const ConvGeom& g, const ConvQLayout& q, int32_t* kofs);
 
