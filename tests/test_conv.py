@@ -53,23 +53,28 @@ def make_conv(case, fmt, block, sparsity, bias=True, g=None):
     return conv, sp.SparseConv2d.from_dense(conv, format=fmt, block_size=block)
 
 
+def _pad4(conv):
+    return sp.nn._conv_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
+
+
 def expected(conv, x):
+    """float64 unfold + matmul reference (independent of oneDNN and of our kernels)."""
     with torch.no_grad():
-        return F.conv2d(x.double(), conv.weight.double(), conv.bias.double() if conv.bias is not None else None,
-                        conv.stride, conv.padding, conv.dilation, conv.groups).float()
+        return reference_conv.conv2d(x, conv.weight, conv.bias, conv.stride, _pad4(conv), conv.dilation, conv.groups)
 
 
-def check(conv, sc, x):
-    # the reference runs in float64 (PyTorch's float32 conv segfaults on some channels_last grouped,
-    # dilated, width-1 inputs, e.g. (1, 16, 12, 1) with a (5, 1) kernel, dilation 2, groups 2);
-    # .double() keeps the memory format, so the output format is dense PyTorch's as well
+def check(conv, sc, x, run_dense=True):
     with torch.no_grad():
         out = sc(x)
-    ref = expected(conv, x)
-    assert out.shape == ref.shape
-    assert out.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(memory_format=torch.channels_last)
-    assert out.is_contiguous() == ref.is_contiguous()
-    assert_close(out, ref)
+        if run_dense:  # dense PyTorch's own output: shape and memory format
+            ref = conv(x)
+            assert out.shape == ref.shape
+            assert out.is_contiguous(memory_format=torch.channels_last) == \
+                ref.is_contiguous(memory_format=torch.channels_last)
+            assert out.is_contiguous() == ref.is_contiguous()
+        else:  # PyTorch's float32 conv segfaults inside oneDNN on some random geometries (see below)
+            assert out.is_contiguous(memory_format=sp.ops.conv_output_memory_format(x))
+    assert_close(out, expected(conv, x))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)).replace(" ", ""))
@@ -229,7 +234,9 @@ def test_property_random_geometry(cin_g, cout_g, groups, kh, kw, s, p, d, h, w, 
         x = x.to(memory_format=torch.channels_last)
     sp.ops.set_isa(isa)
     try:
-        check(conv, sc, x)
+        # not dense PyTorch's float32 conv here: it segfaults inside oneDNN on e.g. a channels_last
+        # (1, 16, 12, 1) input with a (5, 1) kernel, stride 2, padding 1, dilation 2, groups 2
+        check(conv, sc, x, run_dense=False)
     finally:
         sp.ops.set_isa("best")
 

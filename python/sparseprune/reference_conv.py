@@ -12,11 +12,21 @@ from .reference import bsr_to_dense
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
            dilation: Sequence[int], groups: int) -> Tensor:
-    """Dense conv2d in float64; ``padding`` is (top, bottom, left, right)."""
+    """Dense conv2d in float64 as unfold + matmul (no oneDNN: PyTorch's own conv crashes on some odd
+    channels_last geometries); ``padding`` is (top, bottom, left, right). Output is contiguous."""
     pt, pb, pl, pr = padding
     xp = F.pad(x.double(), (pl, pr, pt, pb))
-    return F.conv2d(xp, weight.double(), None if bias is None else bias.double(), tuple(stride), 0,
-                    tuple(dilation), groups).float()
+    n, c, h, w = xp.shape
+    cout, cin_g, kh, kw = weight.shape
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(xp, (kh, kw), dilation=tuple(dilation), stride=tuple(stride))  # (n, c*kh*kw, ho*wo)
+    cols = cols.reshape(n, groups, cin_g * kh * kw, ho * wo)
+    wg = weight.double().reshape(groups, cout // groups, cin_g * kh * kw)
+    out = torch.einsum("gok,ngkl->ngol", wg, cols).reshape(n, cout, ho, wo)
+    if bias is not None:
+        out = out + bias.double().reshape(1, -1, 1, 1)
+    return out.float()
 
 
 def packed_weight(row_ptr: Tensor, col_idx: Tensor, values: Tensor, out_channels: int, in_channels: int,
