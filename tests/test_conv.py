@@ -207,6 +207,14 @@ def test_eager_fast_path_matches_dispatcher_and_fake_mode():
         assert out.shape == (2, 24, 9, 8) and type(out) is not torch.Tensor
 
 
+def test_export_sees_the_custom_op():
+    conv, sc = make_conv((8, 12, 3, 1, 1, 1, 1, 6, 6), "csr", None, 0.5)
+    ep = torch.export.export(torch.nn.Sequential(sc, torch.nn.ReLU()), (torch.randn(2, 8, 6, 6),))
+    assert "sparseprune.sparse_conv2d" in ep.graph_module.code
+    x = torch.randn(2, 8, 6, 6)
+    assert_close(ep.module()(x), torch.relu(expected(conv, x)))
+
+
 def test_kernel_matches_packed_reference():
     # independent of nn.Conv2d: rebuild the weight element by element from the packed arrays
     conv, sc = make_conv((16, 24, 3, 2, 1, 2, 2, 12, 11), "bsr", (4, 4), 0.5)

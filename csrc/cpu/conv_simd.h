@@ -118,36 +118,21 @@ struct QCall {
   int mode;             // 0: q positions are output positions (wq == wo, NCHW); 1: NCHW rows; 2: other
 };
 
-// Copy tile rows [0, rows) x q positions [q, q + cnt) from tmp (row stride NB) to y, dropping the
-// columns ow >= wo that the q-domain computes in passing.
+// Mode 2 (output not NCHW, e.g. channels_last): copy tile rows [0, rows) x q positions [q, q + cnt)
+// from tmp (row stride NB) to y pixel by pixel, dropping the columns ow >= wo.
 inline void scatter_tile(const QCall& c, float* yimg, int64_t co0, int rows, int64_t q, int cnt,
                          const float* tmp, int nb) {
   const ConvGeom& g = *c.g;
   const int64_t wq = c.q->wq;
   int64_t oh = q / wq, ow = q % wq;
-  if (g.ys[3] == 1) {
-    int p = 0;
-    while (p < cnt) {
-      const int run = static_cast<int>(std::min<int64_t>(cnt - p, wq - ow));
-      const int valid = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(run, g.wo - ow)));
-      if (valid > 0) {
-        float* yr = yimg + co0 * g.ys[1] + oh * g.ys[2] + ow;
-        for (int i = 0; i < rows; ++i) std::memcpy(yr + i * g.ys[1], tmp + i * nb + p, sizeof(float) * valid);
-      }
-      p += run;
-      ++oh;
-      ow = 0;
+  for (int p = 0; p < cnt; ++p) {
+    if (ow < g.wo) {
+      float* yp = yimg + co0 * g.ys[1] + oh * g.ys[2] + ow * g.ys[3];
+      for (int i = 0; i < rows; ++i) yp[i * g.ys[1]] = tmp[i * nb + p];
     }
-  } else {
-    for (int p = 0; p < cnt; ++p) {
-      if (ow < g.wo) {
-        float* yp = yimg + co0 * g.ys[1] + oh * g.ys[2] + ow * g.ys[3];
-        for (int i = 0; i < rows; ++i) yp[i * g.ys[1]] = tmp[i * nb + p];
-      }
-      if (++ow == wq) {
-        ow = 0;
-        ++oh;
-      }
+    if (++ow == wq) {
+      ow = 0;
+      ++oh;
     }
   }
 }
