@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import sparseprune as sp
+from sparseprune.nn import SparseConv2d
 
 sys.path.insert(0, os.path.dirname(__file__))
 from resnet_helpers import conv_block_mask, prune_convs, sparsify_convs  # noqa: E402
@@ -49,7 +50,7 @@ def build(layer, fmt, block, sparsity, threads=THREADS, seed=0):
             keep = torch.zeros(w.numel(), dtype=torch.bool)
             keep[w.abs().flatten().topk(round(w.numel() * (1 - sparsity))).indices] = True
             w.mul_(keep.reshape(w.shape))
-    mod = sp.SparseConv2d.from_dense(conv, format=fmt, block_size=block, num_threads=threads)
+    mod = SparseConv2d.from_dense(conv, format=fmt, block_size=block, num_threads=threads)
     x = torch.randn(1, cin, hw, hw, generator=g)
     return conv, mod, x
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import sparseprune as sp
+from sparseprune.nn import SparseConv2d
 
 
 def conv_block_mask(weight: torch.Tensor, sparsity: float, block=(16, 16)) -> torch.Tensor:
@@ -44,5 +45,5 @@ def sparsify_convs(model: nn.Module, format="bsr", block=(16, 16), skip=("embedd
     for name, mod in todo:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1],
-                sp.SparseConv2d.from_dense(mod, format=format, block_size=block, num_threads=num_threads))
+                SparseConv2d.from_dense(mod, format=format, block_size=block, num_threads=num_threads))
     return len(todo)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import sparseprune as sp
+from sparseprune.nn import SparseConv2d
 from sparseprune import reference_conv
 from helpers import assert_close
 
@@ -50,7 +51,7 @@ def make_conv(case, fmt, block, sparsity, bias=True, g=None):
             w.mul_(keep.reshape(w.shape))
         else:
             w.mul_(block_mask_conv(cout, cin // groups, block, sparsity, g)[:, :, None, None])
-    return conv, sp.SparseConv2d.from_dense(conv, format=fmt, block_size=block)
+    return conv, SparseConv2d.from_dense(conv, format=fmt, block_size=block)
 
 
 def _pad4(conv):
@@ -104,7 +105,7 @@ def test_resnet_like_shapes(isa, case, fmt, block):
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_thread_counts_and_batches(isa, threads, n):
     conv, _ = make_conv((32, 48, 3, 1, 1, 1, 1, 20, 19), "bsr", (16, 16), 0.5)
-    sc = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), num_threads=threads)
+    sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), num_threads=threads)
     check(conv, sc, torch.randn(n, 32, 20, 19))
 
 
@@ -142,12 +143,12 @@ def test_output_fully_written_poisoned(isa, bias):
 def test_padding_modes_and_same(isa):
     for mode in ("reflect", "replicate", "circular"):
         conv = torch.nn.Conv2d(6, 8, 3, padding=1, padding_mode=mode)
-        sc = sp.SparseConv2d.from_dense(conv, format="csr")
+        sc = SparseConv2d.from_dense(conv, format="csr")
         x = torch.randn(2, 6, 7, 8)
         assert_close(sc(x), conv(x))
     conv = torch.nn.Conv2d(6, 8, (4, 2), padding="same", dilation=(1, 3))
     for fmt in ("csr", "dense"):
-        sc = sp.SparseConv2d.from_dense(conv, format=fmt)
+        sc = SparseConv2d.from_dense(conv, format=fmt)
         x = torch.randn(1, 6, 9, 10)
         assert_close(sc(x), conv(x))
 
@@ -251,19 +252,19 @@ def test_property_random_geometry(cin_g, cout_g, groups, kh, kw, s, p, d, h, w, 
 
 def test_formats_auto_dense_and_depthwise():
     conv, _ = make_conv((32, 32, 3, 1, 1, 1, 1, 8, 8), "bsr", (16, 16), 0.75)
-    auto = sp.SparseConv2d.from_dense(conv)
+    auto = SparseConv2d.from_dense(conv)
     assert auto.format == "bsr" and auto.block_size == (16, 16)
     conv_u, _ = make_conv((32, 32, 3, 1, 1, 1, 1, 8, 8), "csr", None, 0.9)
-    assert sp.SparseConv2d.from_dense(conv_u).format == "csr"
-    assert sp.SparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 3)).format == "dense"
+    assert SparseConv2d.from_dense(conv_u).format == "csr"
+    assert SparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 3)).format == "dense"
     dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
     with torch.no_grad():
         dw.weight.mul_(torch.rand_like(dw.weight) > 0.8)
-    assert sp.SparseConv2d.from_dense(dw).format == "dense"  # depthwise stays dense under auto
+    assert SparseConv2d.from_dense(dw).format == "dense"  # depthwise stays dense under auto
     x = torch.randn(2, 16, 9, 9)
     for fmt in ("csr", "bsr", "dense"):  # but runs correctly when forced sparse
-        assert_close(sp.SparseConv2d.from_dense(dw, format=fmt)(x), expected(dw, x))
-    for m in (auto, sp.SparseConv2d.from_dense(conv, format="dense")):
+        assert_close(SparseConv2d.from_dense(dw, format=fmt)(x), expected(dw, x))
+    for m in (auto, SparseConv2d.from_dense(conv, format="dense")):
         x = torch.randn(1, 32, 8, 8)
         assert_close(m(x), expected(conv, x))
 
@@ -292,19 +293,19 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="meta"):
         sc(torch.randn(1, 8, 9, 9, device="meta"))
     with pytest.raises(ValueError, match="smaller than"):
-        sp.SparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 5), format="csr")(torch.randn(1, 8, 3, 3))
+        SparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 5), format="csr")(torch.randn(1, 8, 3, 3))
     with pytest.raises(TypeError):
         sc("not a tensor")
     with pytest.raises(ValueError, match="format"):
-        sp.SparseConv2d.from_dense(conv, format="coo")
+        SparseConv2d.from_dense(conv, format="coo")
     with pytest.raises(TypeError, match="Conv2d"):
-        sp.SparseConv2d.from_dense(torch.nn.Linear(4, 4))
+        SparseConv2d.from_dense(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="block_size"):
-        sp.SparseConv2d.from_dense(conv, format="csr", block_size=(4, 4))
+        SparseConv2d.from_dense(conv, format="csr", block_size=(4, 4))
     with pytest.raises(TypeError, match="float32"):
         sc.double()
     with pytest.raises(TypeError, match="from_dense"):
-        sp.SparseConv2d(8, 8, 3)
+        SparseConv2d(8, 8, 3)
 
 
 def test_listed_in_kernel_table():

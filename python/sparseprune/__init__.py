@@ -4,7 +4,7 @@ import torch  # noqa: F401  (first: the extension binds to the OpenMP runtime to
 from ._ext import _C  # noqa: F401
 from . import ops  # noqa: F401
 from .formats import BSRMatrix, CSRMatrix
-from .nn import SparseConv2d, SparseLinear  # --- conv ---
+from .nn import SparseLinear
 from .prune import prune_blocks, prune_channels, prune_nm, prune_unstructured
 from .convert import convert, summary
 from .io import load, save
@@ -12,7 +12,7 @@ from .io import load, save
 __version__ = "0.1.0"
 
 __all__ = [
-    "BSRMatrix", "CSRMatrix", "SparseLinear", "SparseConv2d",
+    "BSRMatrix", "CSRMatrix", "SparseLinear",
     "prune_unstructured", "prune_blocks", "prune_nm", "prune_channels",
     "convert", "summary", "save", "load", "ops", "__version__",
 ]
