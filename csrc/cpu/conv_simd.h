@@ -231,14 +231,14 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
   // over the larger of input (q ranges, aligned to full register tiles) and weight (block rows,
   // balanced by non-zeros).
   constexpr int NBQ = nbv_max(RMAX) * V::W;
-  const int64_t xbytes = g.c_in * q.plane, wbytes = w.nnzb() * w.r;
+  const int64_t xfloats = g.c_in * q.plane, wfloats = w.nnzb() * w.r;
   const int64_t qtiles = (q.lq + NBQ - 1) / NBQ;
   int64_t pi = 1, pn = 1, pm = 1;
   if (g.n >= nt) {
     pi = g.n;
   } else {
     const int64_t want = nt == 1 ? 1 : 4 * nt;
-    if ((xbytes >= wbytes && qtiles >= want) || w.block_rows < nt) {
+    if ((xfloats >= wfloats && qtiles >= want) || w.block_rows < nt) {
       pn = std::max<int64_t>(1, std::min<int64_t>(want, qtiles));
     } else {
       pm = std::max<int64_t>(1, std::min<int64_t>(want, w.block_rows));
