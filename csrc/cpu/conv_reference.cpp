@@ -50,6 +50,11 @@ static void pack_channel(const ConvGeom& g, const ConvQLayout& q, const float* x
   const int64_t phase_sz = q.hq * q.wq;
   for (int py = 0; py < g.sh; ++py)
     for (int px = 0; px < g.sw; ++px) {
+      // phases no tap reads are left alone (a 1x1 stride-2 conv reads one phase of four)
+      bool used_y = false, used_x = false;
+      for (int i = 0; i < g.kh && !used_y; ++i) used_y = (i * g.dh) % g.sh == py;
+      for (int j = 0; j < g.kw && !used_x; ++j) used_x = (j * g.dw) % g.sw == px;
+      if (!used_y || !used_x) continue;
       float* ph = dst + (static_cast<int64_t>(py) * g.sw + px) * phase_sz;
       int64_t s_lo, s_hi;
       if (px < 8) s_lo = lo[px], s_hi = hi[px];
