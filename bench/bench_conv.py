@@ -134,15 +134,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--e2e", action="store_true", help="also ResNet-50 end to end")
+    ap.add_argument("--e2e-only", action="store_true")
     ap.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"sparseprune {sp.__version__}, torch {torch.__version__}, isa {sp.ops.active_isa()}, "
           f"threads {args.threads}, layout {args.layout}, batch 1; time = interleaved min of {args.rounds} rounds\n")
-    print("| layer | dense ms (GFLOP/s) | format | sparsity | density | sparse ms | speedup | eta |")
-    print("|---|---|---|---|---|---|---|---|")
-    for layer in LAYERS:
+    if not args.e2e_only:
+        print("| layer | dense ms (GFLOP/s) | format | sparsity | density | sparse ms | speedup | eta |")
+        print("|---|---|---|---|---|---|---|---|")
+    for layer in [] if args.e2e_only else LAYERS:
         built = [build(layer, f, b, s, args.threads) for f, b, s in CONFIGS[1:]]
         conv = built[0][0]
         x = built[0][2]
@@ -159,13 +161,13 @@ def main():
             name = "bsr 16x16" if fmt == "bsr" else fmt
             print(f"| {layer[0]} | {td * 1e3:.3f} ({dense_flops(layer) / td / 1e9:.0f}) | {name} | {s:.0%} | "
                   f"{m.density:.3f} | {t * 1e3:.3f} | {td / t:.2f}x | {td / t * m.density:.2f} |", flush=True)
-    if args.e2e:
+    if args.e2e or args.e2e_only:
         dense, sparse = resnet50_pair(threads=args.threads)
         x = torch.randn(1, 3, 224, 224)
         with torch.no_grad():
             a, b = dense(x).last_hidden_state, sparse(x).last_hidden_state
         rel = float((a - b).norm() / a.norm())
-        td, ts = interleaved_min([lambda: dense(x), lambda: sparse(x)], rounds=max(5, args.rounds // 4), warmup=2,
+        td, ts = interleaved_min([lambda: dense(x), lambda: sparse(x)], rounds=max(10, args.rounds // 2), warmup=2,
                                  inner=1)
         print(f"\nResNet-50 (transformers, random init), all convs but the stem at 80% in 16x16 blocks, batch 1 "
               f"224x224: dense masked {td * 1e3:.1f} ms, sparse {ts * 1e3:.1f} ms, speedup {td / ts:.2f}x, "
