@@ -6,7 +6,9 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "sparseprune/kernels.h"
 
@@ -57,6 +59,54 @@ void spmm_t(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr
   active_path().spmm_t(w, ptr<const float>(dy), n, lddy, ptr<float>(dx), lddx, num_threads);
 }
 
+// --- conv ---
+// geom: [n, c_in, h, w, c_out, ho, wo, kh, kw, sh, sw, pt, pl, dh, dw, groups, xs[4], ys[4]]
+ConvGeom make_geom(const std::vector<int64_t>& v) {
+  if (v.size() != 24) throw std::invalid_argument("conv geometry must have 24 entries");
+  ConvGeom g;
+  g.n = v[0]; g.c_in = v[1]; g.h = v[2]; g.w = v[3]; g.c_out = v[4]; g.ho = v[5]; g.wo = v[6];
+  g.kh = int(v[7]); g.kw = int(v[8]); g.sh = int(v[9]); g.sw = int(v[10]); g.pt = int(v[11]);
+  g.pl = int(v[12]); g.dh = int(v[13]); g.dw = int(v[14]); g.groups = int(v[15]);
+  for (int i = 0; i < 4; ++i) { g.xs[i] = v[16 + i]; g.ys[i] = v[20 + i]; }
+  if (g.n < 0 || g.c_in < 1 || g.h < 1 || g.w < 1 || g.c_out < 1 || g.ho < 1 || g.wo < 1 || g.kh < 1 ||
+      g.kw < 1 || g.sh < 1 || g.sw < 1 || g.pt < 0 || g.pl < 0 || g.dh < 1 || g.dw < 1 || g.groups < 1 ||
+      g.c_in % g.groups || g.c_out % g.groups)
+    throw std::invalid_argument("bad conv geometry");
+  return g;
+}
+
+int64_t conv2d_workspace(const std::vector<int64_t>& geom) {
+  const ConvGeom g = make_geom(geom);
+  const ConvQLayout q = conv_q_layout(g);
+  // q-domain offsets are int32 (they live in L1 next to the input rows)
+  if (g.c_in * q.plane > INT32_MAX) throw std::invalid_argument("conv2d: input too large for 32-bit offsets");
+  return q.ws_floats;
+}
+
+void conv2d(const std::vector<int64_t>& geom, int r, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
+            uintptr_t values, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t ws, int64_t ws_floats,
+            int num_threads) {
+  const ConvGeom g = make_geom(geom);
+  BsrView w = make_view(g.c_out, g.cin_g() * g.taps(), r, 1, row_ptr, col_idx, idx16, values);
+  if (g.groups > 1 && g.cout_g() % r) throw std::invalid_argument("conv2d: block rows straddle groups");
+  if (ws_floats < conv2d_workspace(geom)) throw std::invalid_argument("conv2d: workspace too small");
+  if (g.n == 0) return;
+  if (!x || !y) throw std::invalid_argument("null dense operand");
+  py::gil_scoped_release nogil;
+  active_path().conv(g, w, ptr<const float>(x), ptr<const float>(bias), ptr<float>(y), ptr<float>(ws), num_threads);
+}
+
+void conv2d_input_grad(const std::vector<int64_t>& geom, int r, uintptr_t row_ptr, uintptr_t col_idx,
+                       bool idx16, uintptr_t values, uintptr_t dy, uintptr_t dx, int num_threads) {
+  const ConvGeom g = make_geom(geom);
+  BsrView w = make_view(g.c_out, g.cin_g() * g.taps(), r, 1, row_ptr, col_idx, idx16, values);
+  if (g.groups > 1 && g.cout_g() % r) throw std::invalid_argument("conv2d: block rows straddle groups");
+  if (g.n == 0) return;
+  if (!dy || !dx) throw std::invalid_argument("null dense operand");
+  py::gil_scoped_release nogil;
+  active_path().conv_bwd(g, w, ptr<const float>(dy), ptr<float>(dx), num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -73,6 +123,7 @@ PYBIND11_MODULE(_C, m) {
       d["isa"] = p.isa;
       d["kernels"] = p.spmm_name;
       d["supported"] = p.supported();
+      d["conv_kernels"] = p.conv_name ? p.conv_name : "";  // --- conv ---
       out.append(d);
     }
     return out;
@@ -83,4 +134,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cpu_features", &cpu_features);
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
+  // --- conv ---
+  m.def("conv2d_workspace", &conv2d_workspace, "floats of workspace conv2d needs for this geometry");
+  m.def("conv2d", &conv2d, "y = conv2d(x, W) + b with W packed as (r x 1)-block BSR over (Cout, Cin/g*kh*kw)");
+  m.def("conv2d_input_grad", &conv2d_input_grad, "dx = conv2d_input_grad(dy, W)");
 }

@@ -23,6 +23,14 @@ std::vector<IsaPath> make_table() {
 #define SP_PATH(isa, names, spmm, spmm_t, check) t.push_back(IsaPath{#isa, names, spmm, spmm_t, check});
 #include "ukernels.inc"
 #undef SP_PATH
+  // --- conv ---
+#define SP_PATH(...)
+#define SP_CONV_PATH(isa_, names, fwd, bwd)                                                 \
+  for (auto& row : t)                                                                       \
+    if (std::string(row.isa) == #isa_) { row.conv_name = names; row.conv = fwd; row.conv_bwd = bwd; }
+#include "ukernels.inc"
+#undef SP_CONV_PATH
+#undef SP_PATH
   return t;
 }
 

@@ -6,7 +6,7 @@ the dense input. Python allocates outputs; C++ fills them.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -170,3 +170,151 @@ def _spmm_backward(ctx, grad):
 
 
 torch.library.register_autograd("sparseprune::spmm", _spmm_backward, setup_context=_spmm_setup)
+
+
+# --- conv ---------------------------------------------------------------------------------------
+# sparse_conv2d: y = conv2d(x, W) + b, with W (Cout, Cin/groups, kh, kw) packed as a BSR matrix of
+# (r x 1) blocks over its (Cout, Cin/groups*kh*kw) view (see csrc/include/sparseprune/conv.h).
+# padding is (top, bottom, left, right): PyTorch's 'same' pads asymmetrically for even extents.
+__all__ += ["sparse_conv2d", "sparse_conv2d_input_grad", "conv_output_memory_format", "conv_output_size"]
+
+
+def conv_output_size(size: int, k: int, s: int, p0: int, p1: int, d: int) -> int:
+    return (size + p0 + p1 - d * (k - 1) - 1) // s + 1
+
+
+def _strides_like_channels_last(sizes, strides) -> bool:
+    # PyTorch's rule for an NCHW tensor's implied memory format (ambiguous cases fall back to NCHW)
+    if strides[1] == 0:
+        return False
+    lo = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lo:
+            return False
+        if d == 0 and lo == strides[1]:
+            return False
+        lo = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+def conv_output_memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format dense PyTorch gives a conv output for this input (its suggested format)."""
+    if x.dim() == 4 and _strides_like_channels_last(x.shape, x.stride()):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_shapes(x: Tensor, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, name):
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if c != in_channels:
+        raise ValueError(f"{name}: input has {c} channels, the sparse weight expects {in_channels}")
+    kh, kw = kernel_size
+    sh, sw = stride
+    pt, pb, pl, pr = padding
+    dh, dw = dilation
+    ho = conv_output_size(h, kh, sh, pt, pb, dh)
+    wo = conv_output_size(w, kw, sw, pl, pr, dw)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{name}: input of spatial size {(h, w)} is smaller than the (dilated, padded) kernel")
+    return n, c, h, w, ho, wo
+
+
+def _conv_geom(x_shape, x_strides, out_channels, ho, wo, kernel_size, stride, padding, dilation, groups, y_strides):
+    n, c, h, w = x_shape
+    pt, _, pl, _ = padding
+    return [n, c, h, w, out_channels, ho, wo, kernel_size[0], kernel_size[1], stride[0], stride[1], pt, pl,
+            dilation[0], dilation[1], groups, *x_strides, *y_strides]
+
+
+def sparse_conv2d_cpu(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
+                  in_channels: int, out_channels: int, kernel_size: List[int], stride: List[int],
+                  padding: List[int], dilation: List[int], groups: int, r: int, num_threads: int) -> Tensor:
+    """``conv2d(x, W, bias)`` with W packed as (r x 1)-block BSR over (Cout, Cin/groups * kh * kw)."""
+    cols = (in_channels // groups) * kernel_size[0] * kernel_size[1]
+    if x.dtype != torch.float32:
+        raise TypeError(f"sparse_conv2d: expected float32 input, got {x.dtype}")
+    n, c, h, w, ho, wo = _conv_shapes(x, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                      groups, "sparse_conv2d")
+    dev = values.device
+    for t, what in ((x, "input"), (row_ptr, "row_ptr"), (col_idx, "col_idx")):
+        if t.device != dev:
+            raise ValueError(f"sparse_conv2d: {what} is on {t.device} but the sparse weight is on {dev}")
+    if bias is not None and (bias.device != dev or bias.dtype != torch.float32):
+        raise ValueError(f"sparse_conv2d: bias must be float32 on {dev}, got {bias.dtype} on {bias.device}")
+    if dev.type != "cpu":
+        raise NotImplementedError("sparse_conv2d has CPU kernels only for now")
+    y = torch.empty((n, out_channels, ho, wo), dtype=torch.float32, device=x.device,
+                    memory_format=conv_output_memory_format(x))
+    if n == 0:
+        return y
+    if bias is not None:
+        bias = bias.contiguous()
+    geom = _conv_geom(x.shape, x.stride(), out_channels, ho, wo, kernel_size, stride, padding, dilation, groups,
+                      y.stride())
+    ws_floats = _C.conv2d_workspace(geom)
+    ws = torch.empty(ws_floats, dtype=torch.float32) if ws_floats else None
+    _C.conv2d(geom, r, row_ptr.data_ptr(), col_idx.data_ptr(), col_idx.dtype == torch.int16, values.data_ptr(),
+              x.data_ptr(), bias.data_ptr() if bias is not None else 0, y.data_ptr(),
+              ws.data_ptr() if ws is not None else 0, ws_floats, resolve_threads(num_threads))
+    return y
+
+
+sparse_conv2d = torch.library.custom_op("sparseprune::sparse_conv2d", sparse_conv2d_cpu, mutates_args=())
+
+
+@sparse_conv2d.register_fake
+def _(x, row_ptr, col_idx, values, bias, in_channels, out_channels, kernel_size, stride, padding, dilation,
+      groups, r, num_threads):
+    n, c, h, w, ho, wo = _conv_shapes(x, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                      groups, "sparse_conv2d")
+    return torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=conv_output_memory_format(x))
+
+
+@torch.library.custom_op("sparseprune::sparse_conv2d_input_grad", mutates_args=())
+def sparse_conv2d_input_grad(dy: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, in_channels: int,
+                             height: int, width: int, kernel_size: List[int], stride: List[int],
+                             padding: List[int], dilation: List[int], groups: int, r: int,
+                             num_threads: int) -> Tensor:
+    """The gradient of :func:`sparse_conv2d` with respect to its input (contiguous NCHW)."""
+    if dy.dim() != 4 or dy.dtype != torch.float32:
+        raise ValueError(f"sparse_conv2d_input_grad: expected a 4-D float32 gradient, got {tuple(dy.shape)} {dy.dtype}")
+    n, out_channels, ho, wo = dy.shape
+    dx = torch.empty((n, in_channels, height, width), dtype=torch.float32, device=dy.device)
+    if n == 0:
+        return dx
+    if dy.device.type != "cpu":
+        raise NotImplementedError("sparse_conv2d_input_grad is CPU-only for now")
+    geom = _conv_geom(dx.shape, dx.stride(), out_channels, ho, wo, kernel_size, stride, padding, dilation, groups,
+                      dy.stride())
+    _C.conv2d_input_grad(geom, r, row_ptr.data_ptr(), col_idx.data_ptr(), col_idx.dtype == torch.int16,
+                         values.data_ptr(), dy.data_ptr(), dx.data_ptr(), resolve_threads(num_threads))
+    return dx
+
+
+@sparse_conv2d_input_grad.register_fake
+def _(dy, row_ptr, col_idx, values, in_channels, height, width, kernel_size, stride, padding, dilation, groups,
+      r, num_threads):
+    return dy.new_empty((dy.shape[0], in_channels, height, width))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, row_ptr, col_idx, values, bias, in_channels, out_channels, ks, st, pad, dil, groups, r, nt = inputs
+    ctx.save_for_backward(row_ptr, col_idx, values)
+    ctx.meta = (in_channels, x.shape[2], x.shape[3], ks, st, pad, dil, groups, r, nt, bias is not None)
+
+
+def _conv_backward(ctx, grad):
+    row_ptr, col_idx, values = ctx.saved_tensors
+    in_channels, h, w, ks, st, pad, dil, groups, r, nt, has_bias = ctx.meta
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.sparseprune.sparse_conv2d_input_grad(grad, row_ptr, col_idx, values, in_channels, h, w, ks,
+                                                            st, pad, dil, groups, r, nt)
+    gb = grad.sum((0, 2, 3)) if has_bias and ctx.needs_input_grad[4] else None
+    return (gx,) + (None,) * 3 + (gb,) + (None,) * 9
+
+
+torch.library.register_autograd("sparseprune::sparse_conv2d", _conv_backward, setup_context=_conv_setup)

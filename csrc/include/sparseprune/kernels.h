@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "sparseprune/formats.h"
+#include "sparseprune/conv.h"  // --- conv ---
 
 namespace sparseprune {
 
@@ -22,6 +23,10 @@ struct IsaPath {
   SpmmFn spmm;
   SpmmTFn spmm_t;
   bool (*supported)();        // run-time CPU check
+  // --- conv --- (filled from the SP_CONV_PATH rows of ukernels.inc)
+  const char* conv_name = nullptr;
+  ConvFn conv = nullptr;
+  ConvBwdFn conv_bwd = nullptr;
 };
 
 // Reference (scalar, obviously-correct) kernels: always built.

@@ -1,0 +1,303 @@
+// Direct sparse convolution in the q-domain (see sparseprune/conv.h), shared by the AVX2 and
+// AVX-512 translation units. Include inside `namespace sparseprune { namespace <isa> {` after
+// conv_vec.h, with the TU defining
+//   V          - vector traits (pixels along lanes)
+//   nbv_max(R) - constexpr: vectors of pixels per register tile for R output channels
+//   RMAX       - the tallest register tile (8 or 4 output channels)
+//
+// Micro-kernel f32_conv2d_q_<R>x<NBV*W>: an R (output channels) x NBV*W (q positions) tile of
+// accumulators in registers. Per stored entry (one input channel x one tap, R weights): NBV
+// contiguous input vectors are loaded once at the entry's precomputed offset and reused by the R
+// broadcast weights. Entries of a block row are shared by all R-groups and all pixel tiles.
+#pragma once
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "sparseprune/conv.h"
+#include "sparseprune/parallel.h"
+
+#define SPC_INLINE inline __attribute__((always_inline))
+
+// Where the lanes of one q vector go in an NCHW output row: lanes of `m` to dst + off + lane.
+struct QSeg {
+  typename V::M m;
+  int64_t off;
+};
+constexpr int kMaxSeg = V::W + 1;
+
+// Segments of the vectors of a tile starting at q (wq-wide q rows, wo valid columns, row stride ys2).
+inline void q_segments(int64_t q, int nv, int64_t wq, int64_t wo, int64_t ys2, QSeg* segs, int* nseg) {
+  constexpr int W = V::W;
+  int64_t oh = q / wq, ow = q % wq;
+  for (int v = 0; v < nv; ++v) {
+    int n = 0, l = 0;
+    while (l < W) {
+      const int run = static_cast<int>(std::min<int64_t>(W - l, wq - ow));
+      const int valid = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(run, wo - ow)));
+      if (valid > 0) segs[v * kMaxSeg + n++] = QSeg{V::mrange(l, l + valid), oh * ys2 + ow - l};
+      l += run;
+      ow += run;
+      if (ow == wq) {
+        ow = 0;
+        ++oh;
+      }
+    }
+    nseg[v] = n;
+  }
+}
+
+// MODE 0: row i of the tile is stored at dst + i*ldd (contiguous q == output positions, or a scratch
+// tile). MODE 1: NCHW rows through the segments (dst = first output channel's plane, ldd = ys1).
+template <int R, int NBV, bool MASK, int MODE, class Idx>
+SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kofs, const Idx* __restrict cols,
+                       const float* __restrict vals, int rk, int64_t e0, int64_t e1, const float* bias,
+                       int rows, int tail, float* __restrict dst, int64_t ldd, const QSeg* segs, const int* nseg) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  T acc[R][NBV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    const T bv = V::set1(bias && i < rows ? bias[i] : 0.0f);
+#pragma GCC unroll 8
+    for (int v = 0; v < NBV; ++v) acc[i][v] = bv;
+  }
+  for (int64_t e = e0; e < e1; ++e) {
+    const float* xp = xq + kofs[cols[e]];
+    const float* we = vals + e * rk;
+    T xv[NBV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NBV; ++v)
+      xv[v] = (MASK && v == NBV - 1) ? V::loadn(xp + v * W, tail) : V::load(xp + v * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const T wv = V::set1(we[i]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NBV; ++v) acc[i][v] = V::fma(wv, xv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    if (i >= rows) break;
+#pragma GCC unroll 8
+    for (int v = 0; v < NBV; ++v) {
+      if constexpr (MODE == 1) {
+        for (int k = 0; k < nseg[v]; ++k) V::store_m(dst + i * ldd + segs[v * kMaxSeg + k].off, acc[i][v], segs[v * kMaxSeg + k].m);
+      } else {
+        if (MASK && v == NBV - 1) V::storen(dst + i * ldd + v * W, acc[i][v], tail);
+        else V::store(dst + i * ldd + v * W, acc[i][v]);
+      }
+    }
+  }
+}
+
+// A tile of nv (<= NBV) vectors, the last one holding `tail` lanes.
+template <int R, int NBV, int MODE, class Idx>
+SPC_INLINE void q_tile_n(int nv, int tail, const float* xq, const int32_t* kofs, const Idx* cols,
+                         const float* vals, int rk, int64_t e0, int64_t e1, const float* bias, int rows,
+                         float* dst, int64_t ldd, const QSeg* segs, const int* nseg) {
+  if constexpr (NBV > 1) {
+    if (nv < NBV) {
+      q_tile_n<R, NBV - 1, MODE, Idx>(nv, tail, xq, kofs, cols, vals, rk, e0, e1, bias, rows, dst, ldd, segs, nseg);
+      return;
+    }
+  }
+  if (tail == V::W) q_tile<R, NBV, false, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, rows, tail, dst, ldd, segs, nseg);
+  else q_tile<R, NBV, true, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, rows, tail, dst, ldd, segs, nseg);
+}
+
+struct QCall {
+  const ConvGeom* g;
+  const ConvQLayout* q;
+  const BsrView* w;
+  const int32_t* kofs;
+  const float* x;       // q-domain input of image 0
+  int64_t x_img;        // its image stride
+  const float* bias;
+  float* y;
+  int mode;             // 0: q positions are output positions (wq == wo, NCHW); 1: NCHW rows; 2: other
+};
+
+// Mode 2 (output not NCHW, e.g. channels_last): copy tile rows [0, rows) x q positions [q, q + cnt)
+// from tmp (row stride NB) to y pixel by pixel, dropping the columns ow >= wo.
+inline void scatter_tile(const QCall& c, float* yimg, int64_t co0, int rows, int64_t q, int cnt,
+                         const float* tmp, int nb) {
+  const ConvGeom& g = *c.g;
+  const int64_t wq = c.q->wq;
+  int64_t oh = q / wq, ow = q % wq;
+  for (int p = 0; p < cnt; ++p) {
+    if (ow < g.wo) {
+      float* yp = yimg + co0 * g.ys[1] + oh * g.ys[2] + ow * g.ys[3];
+      for (int i = 0; i < rows; ++i) yp[i * g.ys[1]] = tmp[i * nb + p];
+    }
+    if (++ow == wq) {
+      ow = 0;
+      ++oh;
+    }
+  }
+}
+
+template <int R, class Idx>
+void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64_t br, int64_t co0, int i0,
+            int rows, int64_t qa, int64_t qb) {
+  constexpr int W = V::W;
+  constexpr int NBV = nbv_max(R);
+  constexpr int NB = NBV * W;
+  const BsrView& w = *c.w;
+  const int64_t e0 = w.row_ptr[br], e1 = w.row_ptr[br + 1];
+  const float* vals = w.values + i0;
+  const float* bias = c.bias ? c.bias + co0 + i0 : nullptr;
+  alignas(64) float tmp[R * NB];
+  QSeg segs[NBV * kMaxSeg];
+  int nseg[NBV];
+  float* yc = yimg + (co0 + i0) * c.g->ys[1];
+  for (int64_t q = qa; q < qb; q += NB) {
+    const int cnt = static_cast<int>(std::min<int64_t>(NB, qb - q));
+    const int nv = (cnt + W - 1) / W;
+    const int tail = cnt - (nv - 1) * W;
+    if (c.mode == 0) {
+      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, yc + q, c.g->ys[1],
+                               nullptr, nullptr);
+    } else if (c.mode == 1) {
+      q_segments(q, nv, c.q->wq, c.g->wo, c.g->ys[2], segs, nseg);
+      if (tail != W) {  // lanes past qb belong to the next thread's range (or past the end)
+        const typename V::M keep = V::mrange(0, tail);
+        for (int k = 0; k < nseg[nv - 1]; ++k) segs[(nv - 1) * kMaxSeg + k].m &= keep;
+      }
+      q_tile_n<R, NBV, 1, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, yc, c.g->ys[1],
+                               segs, nseg);
+    } else {
+      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, tmp, NB, nullptr,
+                               nullptr);
+      scatter_tile(c, yimg, co0 + i0, rows, q, cnt, tmp, NB);
+    }
+  }
+}
+
+// One thread's share: images [n0, n1), block rows [br0, br1), q positions [qa, qb).
+template <class Idx>
+void q_range(const QCall& c, const Idx* cols, int64_t n0, int64_t n1, int64_t br0, int64_t br1, int64_t qa,
+             int64_t qb) {
+  const ConvGeom& g = *c.g;
+  const BsrView& w = *c.w;
+  // q positions per pass: keep the input rows they touch (all input channels) within ~256 KiB
+  constexpr int NBQ = nbv_max(RMAX) * V::W;
+  const int64_t halo = (static_cast<int64_t>(g.dh) * (g.kh - 1) / g.sh + 1) * c.q->wq;
+  int64_t qblk = (int64_t(1) << 16) / std::max<int64_t>(1, g.cin_g()) - halo;
+  qblk = std::max<int64_t>(2 * NBQ, qblk / NBQ * NBQ);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* ximg = c.x + n * c.x_img;
+    float* yimg = c.y + n * g.ys[0];
+    for (int64_t q0 = qa; q0 < qb; q0 += qblk) {
+      const int64_t q1 = std::min(qb, q0 + qblk);
+      for (int64_t br = br0; br < br1; ++br) {
+        const int64_t co0 = br * w.r;
+        const int rows = static_cast<int>(std::min<int64_t>(w.r, g.c_out - co0));
+        const float* xg = ximg + (co0 / g.cout_g()) * g.cin_g() * c.q->plane;
+        int i0 = 0;
+        while (i0 < rows) {
+          const int left = rows - i0;
+          if (left >= RMAX) {
+            q_rows<RMAX, Idx>(c, cols, xg, yimg, br, co0, i0, RMAX, q0, q1);
+            i0 += RMAX;
+          } else if (RMAX > 4 && left >= 4) {
+            q_rows<4, Idx>(c, cols, xg, yimg, br, co0, i0, 4, q0, q1);
+            i0 += 4;
+          } else if (left >= 2) {
+            q_rows<2, Idx>(c, cols, xg, yimg, br, co0, i0, std::min(left, 2), q0, q1);
+            i0 += 2;
+          } else {
+            q_rows<1, Idx>(c, cols, xg, yimg, br, co0, i0, 1, q0, q1);
+            i0 += 1;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class Idx>
+void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x, const float* bias, float* y,
+            float* ws, int num_threads) {
+  if (g.n == 0 || g.c_out == 0 || g.ho <= 0 || g.wo <= 0) return;
+  const ConvQLayout q = conv_q_layout(g);
+  const int nt = threads_for(g.n * q.lq * (w.nnzb() * w.r + g.c_out), num_threads);
+  std::vector<int32_t> kofs(static_cast<size_t>(std::max<int64_t>(1, g.cin_g() * g.taps())));
+  conv_column_offsets(g, q, kofs.data());
+  const int mode = g.ys[3] != 1 ? 2 : (g.ys[2] == q.wq && q.wq == g.wo) ? 0 : 1;
+  QCall c{&g, &q, &w, kofs.data(), q.direct ? x : ws, q.direct ? g.xs[0] : g.c_in * q.plane, bias, y, mode};
+  // Work items for dynamic scheduling (a thread that the OS parks on a shared machine delays its
+  // items, not the whole call): whole images when there are enough, else about 4 items per thread
+  // over the larger of input (q ranges, aligned to full register tiles) and weight (block rows,
+  // balanced by non-zeros).
+  constexpr int NBQ = nbv_max(RMAX) * V::W;
+  const int64_t xfloats = g.c_in * q.plane, wfloats = w.nnzb() * w.r;
+  const int64_t qtiles = (q.lq + NBQ - 1) / NBQ;
+  int64_t pi = 1, pn = 1, pm = 1;
+  if (g.n >= nt) {
+    pi = g.n;
+  } else {
+    const int64_t want = nt == 1 ? 1 : 4 * nt;
+    if ((xfloats >= wfloats && qtiles >= want) || w.block_rows < nt) {
+      pn = std::max<int64_t>(1, std::min<int64_t>(want, qtiles));
+    } else {
+      pm = std::max<int64_t>(1, std::min<int64_t>(want, w.block_rows));
+      pn = std::max<int64_t>(1, std::min<int64_t>(want / pm, qtiles));
+    }
+    pi = g.n;
+  }
+  // Band mode (q split, NCHW-like input): each work item packs the input rows of a band of output
+  // rows into its thread's slice of the workspace right before computing it, so the padded copy
+  // stays in L2 instead of going out to memory and back.
+  const int64_t ext = static_cast<int64_t>(g.dh) * (g.kh - 1) / g.sh;
+  const int64_t per_row = g.c_in * g.sh * g.sw * q.wq;
+  int64_t th = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, per_row) - ext);
+  if (nt > 1) th = std::min<int64_t>(th, (g.ho + 2 * nt - 1) / (2 * nt));
+  ConvQLayout qt = q;
+  qt.hq = th + ext;
+  qt.plane = static_cast<int64_t>(g.sh) * g.sw * qt.hq * q.wq;
+  const bool band = !q.direct && !(g.xs[1] == 1 && g.c_in > 1) && pm == 1 && th < g.ho &&
+                    nt * g.c_in * qt.plane <= q.ws_floats;
+  if (band) {
+    std::vector<int32_t> kofs_t(kofs.size());
+    conv_column_offsets(g, qt, kofs_t.data());
+    const int64_t bands = (g.ho + th - 1) / th;
+#pragma omp parallel num_threads(nt)
+    {
+      float* buf = ws + omp_get_thread_num() * g.c_in * qt.plane;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < g.n * bands; ++it) {
+        const int64_t n = it / bands, oh0 = (it % bands) * th;
+        const int64_t rows = std::min(th, g.ho - oh0);
+        conv_pack_rows(g, qt, x + n * g.xs[0], buf, oh0);
+        QCall ct = c;
+        ct.q = &qt;
+        ct.kofs = kofs_t.data();
+        ct.x = buf;
+        ct.x_img = 0;
+        ct.y = y + oh0 * g.ys[2];
+        q_range<Idx>(ct, cols, n, n + 1, 0, w.block_rows, 0, (rows - 1) * q.wq + g.wo);
+      }
+    }
+    return;
+  }
+  const int64_t items = pi * pn * pm;
+#pragma omp parallel num_threads(nt)
+  {
+  conv_pack_input(g, q, x, ws);  // one fork/join for packing and compute
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t ii = it / (pn * pm), in = (it / pm) % pn, im = it % pm;
+    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, static_cast<int>(pm), static_cast<int>(im));
+    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, static_cast<int>(pm), static_cast<int>(im + 1));
+    const int64_t qa = std::min(q.lq, qtiles * in / pn * NBQ), qb = std::min(q.lq, qtiles * (in + 1) / pn * NBQ);
+    if (br0 < br1 && qa < qb) q_range<Idx>(c, cols, ii, ii + 1, br0, br1, qa, qb);
+  }
+  }
+}
+
+inline void conv_entry(const ConvGeom& g, const BsrView& w, const float* x, const float* bias, float* y,
+                       float* ws, int num_threads) {
+  if (w.idx16) conv_q(g, w, static_cast<const uint16_t*>(w.col_idx), x, bias, y, ws, num_threads);
+  else conv_q(g, w, static_cast<const int32_t*>(w.col_idx), x, bias, y, ws, num_threads);
+}

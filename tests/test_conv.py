@@ -1,0 +1,313 @@
+"""SparseConv2d against F.conv2d on the same masked weight: every variant, layout, sparsity and ISA path."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import sparseprune as sp
+from sparseprune.nn import SparseConv2d
+from sparseprune import reference_conv
+from helpers import assert_close
+
+SPARSITIES = [0.0, 0.8, 0.95, 1.0]
+FORMATS = [("csr", None), ("bsr", (16, 16)), ("bsr", (4, 4)), ("bsr", (3, 5))]
+# (cin, cout, kernel, stride, padding, dilation, groups, H, W)
+CASES = [
+    (8, 16, 1, 1, 0, 1, 1, 9, 7),          # 1x1: read in place (no packing)
+    (12, 20, 1, 2, 0, 1, 1, 11, 9),        # 1x1 stride 2
+    (16, 16, 3, 1, 1, 1, 1, 13, 11),       # 3x3 'resnet'
+    (16, 24, 3, 2, 1, 1, 1, 15, 13),       # 3x3 stride 2 (phase-split input)
+    (10, 18, 5, 1, 2, 1, 1, 9, 10),        # 5x5
+    (6, 17, 7, 2, 3, 1, 1, 19, 17),        # 7x7 stride 2 (stem-like)
+    (9, 11, 3, 1, 2, 2, 1, 8, 13),         # dilation 2
+    (16, 32, 3, 1, 1, 1, 4, 7, 9),         # groups 4
+    (12, 12, 3, 1, "same", 1, 1, 5, 6),    # 'same'
+    (7, 9, 4, 1, "same", 1, 1, 6, 5),      # 'same' with an even kernel (asymmetric padding)
+    (5, 13, 3, 1, 0, 1, 1, 3, 3),          # 'valid', 1x1 output
+    (8, 8, (3, 1), (2, 1), (1, 0), (1, 2), 1, 10, 9),  # non-square everything
+]
+
+
+def block_mask_conv(cout, cin_g, block, sparsity, g=None):
+    """(Cout, Cin/groups) keep-mask of whole r x c blocks with exactly round((1 - s) * blocks) kept."""
+    r, c = block
+    mb, kb = math.ceil(cout / r), math.ceil(cin_g / c)
+    keep = torch.zeros(mb * kb, dtype=torch.bool)
+    keep[torch.randperm(mb * kb, generator=g)[:round(mb * kb * (1 - sparsity))]] = True
+    return keep.reshape(mb, kb).repeat_interleave(r, 0).repeat_interleave(c, 1)[:cout, :cin_g]
+
+
+def make_conv(case, fmt, block, sparsity, bias=True, g=None):
+    cin, cout, k, s, p, d, groups, H, W = case
+    conv = torch.nn.Conv2d(cin, cout, k, s, p, d, groups, bias=bias)
+    with torch.no_grad():
+        w = conv.weight
+        w[w == 0] = 1.0
+        if fmt == "csr":
+            keep = torch.zeros(w.numel(), dtype=torch.bool)
+            keep[torch.randperm(w.numel(), generator=g)[:round(w.numel() * (1 - sparsity))]] = True
+            w.mul_(keep.reshape(w.shape))
+        else:
+            w.mul_(block_mask_conv(cout, cin // groups, block, sparsity, g)[:, :, None, None])
+    return conv, SparseConv2d.from_dense(conv, format=fmt, block_size=block)
+
+
+def _pad4(conv):
+    return sp.nn._conv_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
+
+
+def expected(conv, x):
+    """float64 unfold + matmul reference (independent of oneDNN and of our kernels)."""
+    with torch.no_grad():
+        return reference_conv.conv2d(x, conv.weight, conv.bias, conv.stride, _pad4(conv), conv.dilation, conv.groups)
+
+
+def check(conv, sc, x, run_dense=True):
+    with torch.no_grad():
+        out = sc(x)
+        if run_dense:  # dense PyTorch's own output: shape and memory format
+            ref = conv(x)
+            assert out.shape == ref.shape
+            assert out.is_contiguous(memory_format=torch.channels_last) == \
+                ref.is_contiguous(memory_format=torch.channels_last)
+            assert out.is_contiguous() == ref.is_contiguous()
+        else:  # PyTorch's float32 conv segfaults inside oneDNN on some random geometries (see below)
+            assert out.is_contiguous(memory_format=sp.ops.conv_output_memory_format(x))
+    assert_close(out, expected(conv, x))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)).replace(" ", ""))
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=lambda v: str(v))
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_matches_conv2d_all_paths(isa, case, fmt, block, sparsity):
+    conv, sc = make_conv(case, fmt, block, sparsity)
+    cin, H, W = case[0], case[7], case[8]
+    for n in (1, 2):
+        x = torch.randn(n, cin, H, W)
+        check(conv, sc, x)
+        check(conv, sc, x.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("case", [(64, 64, 3, 1, 1, 1, 1, 20, 20), (64, 128, 1, 1, 0, 1, 1, 20, 19),
+                                  (32, 48, 3, 2, 1, 1, 1, 29, 30), (128, 64, 3, 1, 1, 1, 1, 7, 7)])
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (16, 16)), ("bsr", (8, 8))])
+def test_resnet_like_shapes(isa, case, fmt, block):
+    # full register tiles, several pixel passes, both thread splits
+    conv, sc = make_conv(case, fmt, block, 0.8)
+    x = torch.randn(1, case[0], case[7], case[8])
+    check(conv, sc, x)
+    check(conv, sc, x.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_thread_counts_and_batches(isa, threads, n):
+    conv, _ = make_conv((32, 48, 3, 1, 1, 1, 1, 20, 19), "bsr", (16, 16), 0.5)
+    sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), num_threads=threads)
+    check(conv, sc, torch.randn(n, 32, 20, 19))
+
+
+def test_strided_and_sliced_inputs(isa):
+    conv, sc = make_conv((8, 12, 3, 1, 1, 1, 1, 9, 9), "csr", None, 0.5)
+    base = torch.randn(2, 16, 12, 20)
+    check(conv, sc, base[:, ::2, 1:10, 3:21:2])          # every stride odd: packed through the strides
+    check(conv, sc, base[:, :8, :9, :9])                 # a window of a bigger tensor
+    check(conv, sc, torch.randn(9, 9, 8, 2).permute(3, 2, 0, 1))  # (N, C, H, W) from an (H, W, C, N) tensor
+    x1 = torch.randn(8, 9, 9)                            # unbatched
+    assert_close(sc(x1), expected(conv, x1[None])[0])
+    empty = sc(torch.randn(0, 8, 9, 9))
+    assert empty.shape == (0, 12, 9, 9)
+
+
+def test_direct_1x1_reads_in_place_at_the_end_of_memory(isa):
+    # 1x1 stride 1 reads the input where it lies: the last pixel tile must not read past the tensor
+    conv, sc = make_conv((3, 40, 1, 1, 0, 1, 1, 5, 7), "csr", None, 0.0)
+    big = torch.randn(4096)
+    x = big[-3 * 35:].view(1, 3, 5, 7)
+    check(conv, sc, x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_fully_written_poisoned(isa, bias):
+    conv, sc = make_conv((16, 33, 3, 2, 1, 1, 1, 11, 10), "bsr", (16, 16), 0.95, bias=bias)
+    for _ in range(3):
+        torch.full((1 << 16,), float("nan")).sum()  # dirty the allocator
+        x = torch.randn(2, 16, 11, 10)
+        out = sc(x)
+        assert torch.isfinite(out).all()
+        assert_close(out, expected(conv, x))
+
+
+def test_padding_modes_and_same(isa):
+    for mode in ("reflect", "replicate", "circular"):
+        conv = torch.nn.Conv2d(6, 8, 3, padding=1, padding_mode=mode)
+        sc = SparseConv2d.from_dense(conv, format="csr")
+        x = torch.randn(2, 6, 7, 8)
+        assert_close(sc(x), conv(x))
+    conv = torch.nn.Conv2d(6, 8, (4, 2), padding="same", dilation=(1, 3))
+    for fmt in ("csr", "dense"):
+        sc = SparseConv2d.from_dense(conv, format=fmt)
+        x = torch.randn(1, 6, 9, 10)
+        assert_close(sc(x), conv(x))
+
+
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (16, 16)), ("bsr", (4, 4))])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7], CASES[9]], ids=lambda c: str(c[:7]))
+def test_gradient_wrt_input(isa, fmt, block, case):
+    conv, sc = make_conv(case, fmt, block, 0.6)
+    cin, H, W = case[0], case[7], case[8]
+    for cl in (False, True):
+        x = torch.randn(2, cin, H, W)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        x2 = x.detach().clone().requires_grad_(True)
+        out = sc(x)
+        g = torch.randn_like(out)
+        (out * g).sum().backward()
+        (conv(x2) * g).sum().backward()
+        assert_close(x.grad, x2.grad)
+        assert_close(sc.bias.grad, conv.bias.grad)
+        sc.bias.grad = None
+        conv.zero_grad()
+
+
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (16, 16)), ("bsr", (4, 4))])
+def test_opcheck(fmt, block):
+    conv, sc = make_conv((8, 16, 3, 2, 1, 1, 2, 7, 6), fmt, block, 0.5)
+    for n in (0, 1, 3):
+        for cl in (False, True):
+            x = torch.randn(n, 8, 7, 6)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            args = (x, sc.row_ptr, sc.col_idx, sc.values, sc.bias.detach(), 8, 16, [3, 3], [2, 2], [1, 1, 1, 1],
+                    [1, 1], 2, sc.rk, 1)
+            torch.library.opcheck(torch.ops.sparseprune.sparse_conv2d.default, args)
+        dy = torch.randn(n, 16, 4, 3)
+        torch.library.opcheck(torch.ops.sparseprune.sparse_conv2d_input_grad.default,
+                              (dy, sc.row_ptr, sc.col_idx, sc.values, 8, 7, 6, [3, 3], [2, 2], [1, 1, 1, 1],
+                               [1, 1], 2, sc.rk, 1))
+
+
+def test_eager_fast_path_matches_dispatcher_and_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    conv, sc = make_conv((16, 24, 3, 1, 1, 1, 1, 9, 8), "bsr", (8, 8), 0.5)
+    x = torch.randn(2, 16, 9, 8)
+    with torch.no_grad():
+        fast = sc(x)  # plain eager inference: the implementation is called directly
+    slow = sc(x.clone().requires_grad_(True))  # autograd: through torch.ops and the dispatcher
+    assert torch.equal(fast, slow.detach())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(x)
+        with torch.no_grad():
+            out = sc(fx)  # must take the dispatcher (fake kernel), not the CPU implementation
+        assert out.shape == (2, 24, 9, 8) and type(out) is not torch.Tensor
+
+
+def test_export_sees_the_custom_op():
+    conv, sc = make_conv((8, 12, 3, 1, 1, 1, 1, 6, 6), "csr", None, 0.5)
+    ep = torch.export.export(torch.nn.Sequential(sc, torch.nn.ReLU()), (torch.randn(2, 8, 6, 6),))
+    assert "sparseprune.sparse_conv2d" in ep.graph_module.code
+    x = torch.randn(2, 8, 6, 6)
+    assert_close(ep.module()(x), torch.relu(expected(conv, x)))
+
+
+def test_kernel_matches_packed_reference():
+    # independent of nn.Conv2d: rebuild the weight element by element from the packed arrays
+    conv, sc = make_conv((16, 24, 3, 2, 1, 2, 2, 12, 11), "bsr", (4, 4), 0.5)
+    x = torch.randn(2, 16, 12, 11)
+    ref = reference_conv.sparse_conv2d(x, sc.row_ptr, sc.col_idx, sc.values, sc.bias, 16, 24, (3, 3), (2, 2),
+                                       (1, 1, 1, 1), (2, 2), 2, sc.rk)
+    with torch.no_grad():
+        assert_close(sc(x), ref)
+
+
+@given(cin_g=st.integers(1, 12), cout_g=st.integers(1, 20), groups=st.sampled_from([1, 1, 2, 3]),
+       kh=st.integers(1, 5), kw=st.integers(1, 5), s=st.integers(1, 3), p=st.integers(0, 2), d=st.integers(1, 2),
+       h=st.integers(1, 12), w=st.integers(1, 12), n=st.integers(1, 3),
+       block=st.sampled_from([None, (1, 1), (2, 3), (4, 4), (8, 8), (16, 16)]),
+       sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]), cl=st.booleans(),
+       isa=st.sampled_from([p["isa"] for p in sp.ops.isa_paths()]), seed=st.integers(0, 2**16))
+def test_property_random_geometry(cin_g, cout_g, groups, kh, kw, s, p, d, h, w, n, block, sparsity, cl, isa, seed):
+    h, w = h + d * (kh - 1), w + d * (kw - 1)  # at least one output pixel without padding
+    g = torch.Generator().manual_seed(seed)
+    case = (cin_g * groups, cout_g * groups, (kh, kw), s, p, d, groups, h, w)
+    fmt = "csr" if block is None else "bsr"
+    conv, sc = make_conv(case, fmt, block, sparsity, g=g)
+    x = torch.randn(n, cin_g * groups, h, w, generator=g)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    sp.ops.set_isa(isa)
+    try:
+        # not dense PyTorch's float32 conv here: it segfaults inside oneDNN on e.g. a channels_last
+        # (1, 16, 12, 1) input with a (5, 1) kernel, stride 2, padding 1, dilation 2, groups 2
+        check(conv, sc, x, run_dense=False)
+    finally:
+        sp.ops.set_isa("best")
+
+
+def test_formats_auto_dense_and_depthwise():
+    conv, _ = make_conv((32, 32, 3, 1, 1, 1, 1, 8, 8), "bsr", (16, 16), 0.75)
+    auto = SparseConv2d.from_dense(conv)
+    assert auto.format == "bsr" and auto.block_size == (16, 16)
+    conv_u, _ = make_conv((32, 32, 3, 1, 1, 1, 1, 8, 8), "csr", None, 0.9)
+    assert SparseConv2d.from_dense(conv_u).format == "csr"
+    assert SparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 3)).format == "dense"
+    dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    with torch.no_grad():
+        dw.weight.mul_(torch.rand_like(dw.weight) > 0.8)
+    assert SparseConv2d.from_dense(dw).format == "dense"  # depthwise stays dense under auto
+    x = torch.randn(2, 16, 9, 9)
+    for fmt in ("csr", "bsr", "dense"):  # but runs correctly when forced sparse
+        assert_close(SparseConv2d.from_dense(dw, format=fmt)(x), expected(dw, x))
+    for m in (auto, SparseConv2d.from_dense(conv, format="dense")):
+        x = torch.randn(1, 32, 8, 8)
+        assert_close(m(x), expected(conv, x))
+
+
+def test_to_dense_round_trip_and_memory():
+    conv, sc = make_conv((64, 64, 3, 1, 1, 1, 1, 8, 8), "bsr", (16, 16), 0.9)
+    assert torch.equal(sc.to_dense(), conv.weight.detach())
+    back = sc.to_conv()
+    assert torch.equal(back.weight, conv.weight.detach())
+    held = sum(b.numel() * b.element_size() for b in sc.buffers())
+    assert held < 0.2 * conv.weight.numel() * 4
+    assert not any(name == "weight" for name, _ in sc.named_buffers())
+    assert "format=bsr" in repr(sc) and "block_size=(16, 16)" in repr(sc) and "density=0.1" in repr(sc)
+
+
+def test_bad_inputs_raise():
+    conv, sc = make_conv((8, 16, 3, 1, 1, 1, 1, 9, 9), "bsr", (4, 4), 0.5)
+    with pytest.raises(ValueError, match="8"):
+        sc(torch.randn(1, 9, 9, 9))
+    with pytest.raises(ValueError, match="4-D|H, W"):
+        sc(torch.randn(8, 9))
+    with pytest.raises(TypeError, match="float32"):
+        sc(torch.randn(1, 8, 9, 9, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32"):
+        sc(torch.ones(1, 8, 9, 9, dtype=torch.int64))
+    with pytest.raises(ValueError, match="meta"):
+        sc(torch.randn(1, 8, 9, 9, device="meta"))
+    with pytest.raises(ValueError, match="smaller than"):
+        SparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 5), format="csr")(torch.randn(1, 8, 3, 3))
+    with pytest.raises(TypeError):
+        sc("not a tensor")
+    with pytest.raises(ValueError, match="format"):
+        SparseConv2d.from_dense(conv, format="coo")
+    with pytest.raises(TypeError, match="Conv2d"):
+        SparseConv2d.from_dense(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="block_size"):
+        SparseConv2d.from_dense(conv, format="csr", block_size=(4, 4))
+    with pytest.raises(TypeError, match="float32"):
+        sc.double()
+    with pytest.raises(TypeError, match="from_dense"):
+        SparseConv2d(8, 8, 3)
+
+
+def test_listed_in_kernel_table():
+    for p in sp.ops.isa_paths():
+        assert p["conv_kernels"].startswith("f32_conv2d_") and p["conv_kernels"].endswith(p["isa"])
