@@ -23,12 +23,29 @@ def load(path):
         ex["median"] = b["stats"]["median"]
         rows.append(ex)
     # recompute ratios from the JSON itself (the dense entry of the same group, same run)
-    dense = {r["group"]: r["median"] for r in rows if r.get("impl") == "dense"}
+    dense = {r["group"]: r["median"] for r in rows if _is_dense(r)}
     for r in rows:
         if r["group"] in dense:
             r["speedup"] = dense[r["group"]] / r["median"]
-            r["eta"] = r["speedup"] * r.get("density", 1.0)
+            r["eta"] = r["speedup"] * (r.get("density") or 1.0)
     return data, rows
+
+
+def _is_dense(r):
+    if "impl" in r:
+        return r["impl"] == "dense"
+    if "format" in r and "which" not in r["name"]:
+        return r["format"] == "dense"
+    return "dense" in r["name"].split("[")[-1] or r["name"].endswith("_dense")
+
+
+def _label(r):
+    if r.get("impl"):
+        return r["impl"]
+    name = r["name"]
+    if "[" in name:
+        return name.split("[", 1)[1].rstrip("]")
+    return name.replace("test_", "")
 
 
 def machine_line(data, rows):
@@ -64,12 +81,17 @@ def generic_table(rows, prefix):
     if not sel:
         return ""
     acc = any("accuracy_cosine" in r for r in sel)
-    out = ["| group | impl | format | block | density | ms | ×dense | η |" + (" cosine vs dense |" if acc else ""),
+    out = ["| group | case | format | block | density | ms | ×dense | η |" + (" cosine vs dense |" if acc else ""),
            "|---|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
-    for r in sorted(sel, key=lambda r: (r["group"], r.get("impl") != "dense", r["median"])):
-        out.append(f"| {r['group']} | {r.get('impl')} | {r.get('format', '')} | {r.get('block') or ''} | "
-                   f"{r.get('density', 1.0):.3f} | {r['median'] * 1e3:.3f} | {r.get('speedup', float('nan')):.2f} | "
-                   f"{r.get('eta', float('nan')):.2f} |" + (f" {r.get('accuracy_cosine', float('nan')):.4f} |" if acc else ""))
+    for r in sorted(sel, key=lambda r: (r["group"], not _is_dense(r), r["median"])):
+        block = r.get("block")
+        if isinstance(block, (list, tuple)):
+            block = "x".join(map(str, block))
+        dens = r.get("density")
+        out.append(f"| {r['group']} | {_label(r)} | {r.get('format', '')} | {block or ''} | "
+                   f"{'' if dens is None else f'{dens:.3f}'} | {r['median'] * 1e3:.3f} | "
+                   f"{r.get('speedup', float('nan')):.2f} | {r.get('eta', float('nan')):.2f} |"
+                   + (f" {r.get('accuracy_cosine', float('nan')):.4f} |" if acc else ""))
     return "\n".join(out)
 
 
@@ -124,8 +146,12 @@ def main(argv=None):
     data, rows = load(a.json)
     parts = [f"_{machine_line(data, rows)}_", "", "### Sparse matmul (ratio to dense `F.linear`, same process)", "",
              spmm_table(rows)]
-    for prefix, title in [("blocks ", "Block shapes (BERT FFN up, 128 rows)"), ("conv", "Convolution layers"),
-                          ("model", "End-to-end models"), ("convert", "convert() end to end")]:
+    for prefix, title in [("blocks ", "Block shapes (BERT FFN up, 128 rows)"),
+                          ("conv", "Convolution layers (ResNet-50 shapes, batch 1)"),
+                          ("resnet50 batch", "ResNet-50, every conv but the stem at 80% 16x16 blocks (SparseConv2d)"),
+                          ("model", "End-to-end models: dense vs channel-pruned vs block-sparse + convert()"),
+                          ("mixed", "convert(): mixed model (2 layers 95% blocks, 90% unstructured, 10%)"),
+                          ("unpruned", "convert(): unpruned model (must not be slower)")]:
         t = generic_table(rows, prefix)
         if t:
             parts += ["", f"### {title}", "", t]

@@ -20,7 +20,9 @@ def info_lines():
     ]
     for p in ops.isa_paths(supported_only=False):
         mark = "*" if p["isa"] == ops.active_isa() else " "
-        lines.append(f" {mark} {p['isa']:<7} {p['kernels']}{'' if p['supported'] else '  (not supported here)'}")
+        lines.append(f" {mark} {p['isa']:<7} spmm: {p['kernels']}{'' if p['supported'] else '  (not supported here)'}")
+        if p.get("conv_kernels"):
+            lines.append(f"   {'':<7} conv: {p['conv_kernels']}")
     if _ext._cuda is not None:
         dev = ""
         if torch.cuda.is_available():
