@@ -86,7 +86,9 @@ def _id(v):
 
 @pytest.mark.parametrize("layer", LAYERS, ids=_id)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
-def test_conv_layer(benchmark, layer, cfg):
+def test_conv_layer(benchmark, layer, cfg, quick):
+    if quick and (layer is not LAYERS[0] or cfg[2] == 0.8 or cfg[0] == "csr"):
+        pytest.skip("--quick")
     torch.set_num_threads(THREADS)
     fmt, block, sparsity = cfg
     conv, mod, x = build(layer, fmt, block, sparsity)
@@ -114,7 +116,9 @@ def resnet50_pair(sparsity=0.8, block=(16, 16), threads=THREADS):
 
 
 @pytest.mark.parametrize("which", ["dense", "sparse"])
-def test_resnet50_end_to_end(benchmark, which):
+def test_resnet50_end_to_end(benchmark, which, quick):
+    if quick:
+        pytest.skip("--quick")
     torch.set_num_threads(THREADS)
     dense, sparse = resnet50_pair()
     x = torch.randn(1, 3, 224, 224)

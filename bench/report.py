@@ -91,7 +91,7 @@ def generic_table(rows, prefix):
         out.append(f"| {r['group']} | {_label(r)} | {r.get('format', '')} | {block or ''} | "
                    f"{'' if dens is None else f'{dens:.3f}'} | {r['median'] * 1e3:.3f} | "
                    f"{r.get('speedup', float('nan')):.2f} | {r.get('eta', float('nan')):.2f} |"
-                   + (f" {r.get('accuracy_cosine', float('nan')):.4f} |" if acc else ""))
+                   + ((f" {r['accuracy_cosine']:.4f} |" if "accuracy_cosine" in r else " – |") if acc else ""))
     return "\n".join(out)
 
 
