@@ -142,6 +142,8 @@ def main(argv=None):
     ap.add_argument("json")
     ap.add_argument("--plots", default=None, help="folder for PNG plots")
     ap.add_argument("--markdown", default=None, help="write the Markdown here too")
+    ap.add_argument("--readme", default=None,
+                    help="replace the text between <!-- RESULTS --> and <!-- /RESULTS --> in this file")
     a = ap.parse_args(argv)
     data, rows = load(a.json)
     parts = [f"_{machine_line(data, rows)}_", "", "### Sparse matmul (ratio to dense `F.linear`, same process)", "",
@@ -159,9 +161,22 @@ def main(argv=None):
     print(md)
     if a.markdown:
         Path(a.markdown).write_text(md)
-    if a.plots:
-        for p in plots(rows, a.plots):
-            print(f"plot: {p}")
+    pngs = plots(rows, a.plots) if a.plots else []
+    for p in pngs:
+        print(f"plot: {p}")
+    if a.readme:
+        readme = Path(a.readme)
+        text = readme.read_text()
+        start, end = "<!-- RESULTS -->", "<!-- /RESULTS -->"
+        if start not in text:
+            raise SystemExit(f"{readme}: no {start} marker")
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1] if end in rest else ""
+        imgs = "".join(f"\n![speedup vs sparsity]({p.relative_to(readme.parent.resolve()) if p.is_absolute() else p})\n"
+                       for p in pngs)
+        body = (f"\n_Produced by `python bench/report.py {a.json} --readme {a.readme}` from a real run._\n\n"
+                + md + imgs)
+        readme.write_text(head + start + body + end + tail)
 
 
 if __name__ == "__main__":
