@@ -13,8 +13,8 @@
 
 namespace sparseprune {
 namespace conv_avx2 {
-#include "conv_vec.h"
-using V = CV8;
+#include "vec_x86.h"
+using V = V8;
 constexpr int RMAX = 4;
 constexpr int nbv_max(int R) { return R >= 4 ? 3 : R >= 2 ? 4 : 6; }
 #include "conv_simd.h"

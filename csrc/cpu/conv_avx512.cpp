@@ -13,8 +13,8 @@
 
 namespace sparseprune {
 namespace conv_avx512 {
-#include "conv_vec.h"
-using V = CV16;
+#include "vec_x86.h"
+using V = V16;
 constexpr int RMAX = 8;
 constexpr int nbv_max(int R) { return R >= 8 ? 3 : R >= 4 ? 6 : R >= 2 ? 8 : 8; }
 #include "conv_simd.h"

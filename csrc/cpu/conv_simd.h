@@ -1,6 +1,6 @@
 // Direct sparse convolution in the q-domain (see sparseprune/conv.h), shared by the AVX2 and
 // AVX-512 translation units. Include inside `namespace sparseprune { namespace <isa> {` after
-// conv_vec.h, with the TU defining
+// vec_x86.h, with the TU defining
 //   V          - vector traits (pixels along lanes)
 //   nbv_max(R) - constexpr: vectors of pixels per register tile for R output channels
 //   RMAX       - the tallest register tile (8 or 4 output channels)

@@ -20,6 +20,13 @@ struct V8 {
   static inline void storen(float* p, T v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
   static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
+  // lanes [lo, hi) as a store mask
+  using M = __m256i;
+  static inline M mrange(int lo, int hi) {
+    const __m256i l = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), l), _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), l));
+  }
+  static inline void store_m(float* p, T v, M m) { _mm256_maskstore_ps(p, m, v); }
   static inline float hsum(T v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -50,6 +57,9 @@ struct V16 {
   static inline void storen(float* p, T v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
   static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
+  using M = __mmask16;
+  static inline M mrange(int lo, int hi) { return static_cast<M>(((1u << hi) - 1u) & ~((1u << lo) - 1u)); }
+  static inline void store_m(float* p, T v, M m) { _mm512_mask_storeu_ps(p, m, v); }
   static inline float hsum(T v) { return _mm512_reduce_add_ps(v); }
   static inline __m512i idx(const uint16_t* p) {
     return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
