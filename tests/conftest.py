@@ -26,3 +26,13 @@ def isa(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny layers on a shared 2-core machine: one thread avoids OpenMP contention (often 10x faster),
+    and no result depends on the thread count. Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -85,13 +85,7 @@ _CACHE = {}
 FT_EPOCHS, FT_LR = 6, 3e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions on a shared 2-core box: one thread avoids OpenMP oversubscription (10x faster)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_model(kind):

@@ -24,12 +24,7 @@ from test_prune_channels import _first, _run, _randomize_norms, _silence  # noqa
 BLOCKS = ["conv", "res", "cat", "dw", "shuffle", "chunk", "se"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cbr(cin, cout, k=1, groups=1):

@@ -11,12 +11,7 @@ from sparseprune.prune.search import (Plan, PlanResult, SearchResult, Sensitivit
 from test_accuracy_digits import accuracy, dense_model, digits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_search_plans_measures_each_converted_plan(tmp_path):
