@@ -318,7 +318,6 @@ def test_fold_rules():
     torch.testing.assert_close(folded(x), u(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not hasattr(sp.nn, "SparseConv2d"), reason="SparseConv2d not in this build yet")
 def test_conv2d_layers_convert_fold_save_load(tmp_path):
     from sparseprune.fold import fold_batchnorm
     from test_convert_models import ConvBN

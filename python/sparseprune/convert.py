@@ -68,14 +68,17 @@ def register_converter(module_type: type, converter: Converter) -> None:
     CONVERTERS[module_type] = converter
 
 
-def _plain_linear(m: nn.Linear) -> nn.Linear:
-    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                    device=m.weight.device, dtype=m.weight.dtype)
+def _copy_params(dst: nn.Module, src: nn.Module) -> nn.Module:
     with torch.no_grad():
-        lin.weight.copy_(m.weight)
-        if m.bias is not None:
-            lin.bias.copy_(m.bias)
-    return lin
+        dst.weight.copy_(src.weight)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)
+    return dst
+
+
+def _plain_linear(m: nn.Linear) -> nn.Linear:
+    return _copy_params(nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                                  device=m.weight.device, dtype=m.weight.dtype), m)
 
 
 def _build_linear(m, fmt, block, num_threads):
@@ -89,30 +92,21 @@ register_converter(nn.Linear, Converter(
 
 
 def _plain_conv2d(m: nn.Conv2d) -> nn.Conv2d:
-    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                     dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-                     device=m.weight.device, dtype=m.weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(m.weight)
-        if m.bias is not None:
-            conv.bias.copy_(m.bias)
-    return conv
+    return _copy_params(nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                                  padding=m.padding, dilation=m.dilation, groups=m.groups,
+                                  bias=m.bias is not None, padding_mode=m.padding_mode,
+                                  device=m.weight.device, dtype=m.weight.dtype), m)
 
 
 def _build_conv2d(m, fmt, block, num_threads):
-    kw = {"format": fmt}
-    if fmt == "bsr":
-        kw["block_size"] = block
-    if num_threads is not None:
-        kw["num_threads"] = num_threads
-    return spnn.SparseConv2d.from_dense(m, **kw)
+    return spnn.SparseConv2d.from_dense(m, format=fmt, block_size=block if fmt == "bsr" else None,
+                                        num_threads=num_threads)
 
 
-if hasattr(spnn, "SparseConv2d"):
-    # a conv block (r, c) is r output channels x c input channels x every kernel position
-    register_converter(nn.Conv2d, Converter(
-        pattern=lambda m: (m.weight.detach() != 0).flatten(2).any(2).float(),
-        weight=lambda m: m.weight.detach(), dense=_plain_conv2d, build=_build_conv2d))
+# a conv block (r, c) is r output channels x c input channels x every kernel position
+register_converter(nn.Conv2d, Converter(
+    pattern=lambda m: (m.weight.detach() != 0).flatten(2).any(2).float(),
+    weight=lambda m: m.weight.detach(), dense=_plain_conv2d, build=_build_conv2d))
 
 
 def _base_type(m: nn.Module) -> type:
@@ -703,7 +697,7 @@ def _rows_from_modules(model: nn.Module) -> List[dict]:
     for name, m in model.named_modules():
         if not name:
             continue
-        if isinstance(m, spnn.SparseLinear) or (hasattr(spnn, "SparseConv2d") and isinstance(m, spnn.SparseConv2d)):
+        if isinstance(m, (spnn.SparseLinear, spnn.SparseConv2d)):
             w_shape = [m.out_features, m.in_features] if isinstance(m, spnn.SparseLinear) else None
             rows.append({"name": name, "type": type(m).__name__, "shape": w_shape, "format": m.format,
                          "block": list(m.block_size) if m.format == "bsr" else None, "density": m.density,
