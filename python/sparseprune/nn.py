@@ -1,21 +1,35 @@
-"""Sparse modules: drop-in replacements for ``nn.Linear`` that hold only the packed weight."""
+"""Sparse modules: drop-in replacements for ``nn.Linear`` / ``nn.Conv2d`` that hold only the packed weight.
+
+Every sparse module shares one protocol, :class:`SparseModule`:
+
+- :meth:`~SparseModule.from_dense` (one template: checks, format choice, packing, validation);
+- :meth:`~SparseModule.packed` (the matrix exactly as the kernels read it), ``density``, ``nbytes``;
+- :meth:`~SparseModule.to_dense_module` (the plain layer computing the same thing);
+- :meth:`~SparseModule.validate`, the only gate between arrays and kernels: run by the constructor,
+  by ``load_state_dict`` (a candidate set of arrays is validated first and adopted only if valid) and
+  by ``sparseprune.load`` after every alias is resolved;
+- :meth:`~SparseModule._route`, the one place that decides whether a call may skip the dispatcher.
+"""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  (registers torch.ops.sparseprune.*)
+from . import ops
 from .formats import BSRMatrix, CSRMatrix, block_mask
 
-__all__ = ["SparseLinear", "FORMATS", "detect_block_size", "choose_format"]
+__all__ = ["SparseModule", "SparseLinear", "SparseConv2d", "FORMATS", "detect_block_size", "choose_format"]
 
 FORMATS = ("auto", "dense", "csr", "bsr")
 # Candidate block shapes for detection, largest first (a 16x16 pattern is also an 8x8 pattern).
 BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8), (4, 4), (1, 16), (16, 1), (1, 8), (8, 1), (2, 2), (1, 4), (4, 1))
+MAX_THREADS = 1024
+_MAX_DIM = 2 ** 31 - 1
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _density(w: Tensor) -> float:
@@ -40,6 +54,8 @@ def detect_block_size(weight: Tensor, tolerance: float = 0.02) -> Optional[Tuple
 def choose_format(weight: Tensor) -> Tuple[str, Optional[Tuple[int, int]]]:
     """Heuristic choice without timing (convert() measures instead): blocks when the zeros come in
     blocks and at least half the weight is gone, CSR at >= 70% unstructured sparsity, else dense."""
+    if weight.numel() == 0 or weight.device.type == "meta":
+        return "dense", None
     d = _density(weight)
     bs = detect_block_size(weight)
     if bs is not None and bs[0] * bs[1] >= 16 and d <= 0.5:
@@ -49,130 +65,313 @@ def choose_format(weight: Tensor) -> Tuple[str, Optional[Tuple[int, int]]]:
     return "dense", None
 
 
-class SparseLinear(nn.Module):
+def _int(v, name: str, lo: int = 0, hi: int = _MAX_DIM) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _pair_of(v, name: str, lo: int = 1) -> Tuple[int, int]:
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        raise ValueError(f"{name} must be a pair of ints, got {v!r}")
+    return _int(v[0], name, lo), _int(v[1], name, lo)
+
+
+class SparseModule(nn.Module):
+    """Base of every sparse module. Subclasses say what dense layer they replace (``dense_type``),
+    which geometry attributes they keep, how the weight maps to the packed matrix, and how to run."""
+
+    dense_type: type = nn.Module
+    PACKED = ("row_ptr", "col_idx", "values")
+
+    # -- subclass hooks -----------------------------------------------------------------------
+    @classmethod
+    def _geometry(cls, dense: nn.Module) -> dict:
+        """The plain attributes (ints, tuples, strings) copied from the dense layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def _auto_format(cls, weight: Tensor, geometry: dict, block_size):
+        """``(format, block_size)`` for ``format="auto"``."""
+        raise NotImplementedError
+
+    def _check_geometry(self) -> None:
+        """Raise ValueError when the geometry attributes are inconsistent."""
+        raise NotImplementedError
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        """Shape of the dense layer's weight."""
+        raise NotImplementedError
+
+    def _kernel_block(self) -> Tuple[int, int]:
+        """Block shape of the packed matrix as the kernels read it."""
+        return tuple(self.block_size)
+
+    def to_dense_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, module: nn.Module, format: str = "auto", block_size=None,
+                   num_threads: Optional[int] = None) -> "SparseModule":
+        """Pack ``module``'s (masked) weight once. ``format``: auto | dense | csr | bsr."""
+        if not isinstance(module, cls.dense_type):
+            raise TypeError(f"expected an {cls.dense_type.__module__.split('.')[0]}.{cls.dense_type.__qualname__}, "
+                            f"got {type(module).__name__}")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        weight = module.weight.detach()
+        if weight.device.type not in ("cpu", "cuda", "meta"):
+            raise ValueError(f"unsupported device {weight.device}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        weight = weight.float().contiguous()
+        geometry = cls._geometry(module)
+        if format == "auto":
+            format, block_size = cls._auto_format(weight, geometry, block_size)
+        if format == "csr":
+            if block_size not in (None, (1, 1), [1, 1]):
+                raise ValueError("format='csr' has no block_size (use format='bsr')")
+            block_size = (1, 1)
+        elif format == "bsr":
+            if block_size is None:
+                block_size = detect_block_size(cls._pattern(weight)) if weight.device.type != "meta" else None
+                block_size = block_size or (16, 16)
+            from .formats import _check_block
+            block_size = _check_block(block_size)
+        else:
+            block_size = None
+        if format != "dense" and weight.device.type == "meta":
+            raise ValueError("cannot pack a weight on the meta device (it has no values); use format='dense'")
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        for k, v in geometry.items():
+            setattr(mod, k, v)
+        mod.format, mod.block_size, mod.num_threads = format, block_size, num_threads
+        b = getattr(module, "bias", None)
+        mod.bias = nn.Parameter(b.detach().float().clone(), requires_grad=b.requires_grad) if b is not None else None
+        mod._finish_geometry()
+        if format == "dense":
+            mod.register_buffer("weight", weight.clone())
+        else:
+            mod._adopt(mod._pack(weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))))
+        return mod.validate()
+
+    @classmethod
+    def _pattern(cls, weight: Tensor) -> Tensor:
+        """2-D tensor whose zeros decide the blocks (rows = outputs, cols = inputs)."""
+        return weight
+
+    def _finish_geometry(self) -> None:
+        """Derived attributes, computed once the format is known."""
+
+    def _pack(self, matrix: Tensor) -> BSRMatrix:
+        if self.format == "csr" and self._kernel_block() == (1, 1) and type(self) is SparseLinear:
+            return CSRMatrix.from_dense(matrix)
+        return BSRMatrix.from_dense(matrix, self._kernel_block())
+
+    def _adopt(self, m: BSRMatrix) -> None:
+        for name, t in zip(self.PACKED, m.tensors()):
+            if name in self._buffers:
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t)
+
+    # -- the gate -----------------------------------------------------------------------------
+    def validate(self) -> "SparseModule":
+        """Check every attribute and array a kernel will rely on; raise ValueError / TypeError naming
+        the problem. Returns ``self``."""
+        if self.format not in ("dense", "csr", "bsr"):
+            raise ValueError(f"format must be 'dense', 'csr' or 'bsr', got {self.format!r}")
+        if self.num_threads is not None:
+            _int(self.num_threads, "num_threads", 1, MAX_THREADS)
+        if self.format == "csr" and tuple(self.block_size or ()) != (1, 1):
+            raise ValueError(f"a CSR layer has 1x1 blocks, got block_size={self.block_size!r}")
+        if self.format == "bsr":
+            self.block_size = _pair_of(self.block_size, "block_size")
+            if max(self.block_size) > 4096:
+                raise ValueError(f"block_size {self.block_size} is too large (at most 4096 per side)")
+        if self.format == "dense" and self.block_size is not None:
+            raise ValueError(f"a dense layer has no block_size, got {self.block_size!r}")
+        self._check_geometry()
+        out = self.weight_shape[0]
+        bias = self._parameters.get("bias")
+        if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (out,)):
+            raise ValueError(f"bias must be float32 of shape ({out},), got {bias.dtype} {tuple(bias.shape)}")
+        if self.format == "dense":
+            w = self._buffers.get("weight")
+            if not isinstance(w, Tensor) or not w.is_floating_point() or tuple(w.shape) != tuple(self.weight_shape):
+                raise ValueError(f"a dense layer needs a floating-point weight of shape {tuple(self.weight_shape)}")
+            extra = [n for n in self.PACKED if self._buffers.get(n) is not None]
+            if extra:
+                raise ValueError(f"a dense layer has no packed arrays, got {extra}")
+        else:
+            if self._buffers.get("weight") is not None:
+                raise ValueError("a packed layer has no dense weight buffer")
+            for n in self.PACKED:
+                if not isinstance(self._buffers.get(n), Tensor):
+                    raise ValueError(f"packed array {n!r} is missing")
+            self.packed().validate()
+            if self.bias is not None and self.bias.device != self.values.device:
+                raise ValueError("bias and packed weight must be on one device")
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Packed arrays change size with the pattern: take the incoming set as a candidate, validate it,
+        # and adopt it only if valid (a refused set leaves the module exactly as it was).
+        names = self.PACKED if self.format != "dense" else ()
+        incoming = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        if incoming:
+            for n, t in incoming.items():
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{prefix}{n}: expected a tensor, got {type(t).__name__}")
+            old = {n: self._buffers[n] for n in incoming}
+            dev = self._buffers[self.PACKED[-1]].device
+            for n, t in incoming.items():
+                self._buffers[n] = t.detach().to(dev).clone().contiguous()
+            try:
+                self.validate()
+            except (TypeError, ValueError) as e:
+                self._buffers.update(old)
+                raise ValueError(f"{prefix or type(self).__name__}: invalid packed weight in state_dict: {e}") \
+                    from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # -- views --------------------------------------------------------------------------------
+    def packed(self) -> BSRMatrix:
+        """The packed weight matrix exactly as the kernels read it (not validated: see validate())."""
+        if self.format == "dense":
+            raise ValueError(f"a dense-format {type(self).__name__} has no packed weight")
+        shape = (self.weight_shape[0], math.prod(self.weight_shape[1:]))
+        block = self._kernel_block()
+        if block == (1, 1) and self.values.dim() == 1:
+            return CSRMatrix(shape, self.row_ptr, self.col_idx, self.values, check=False)
+        return BSRMatrix(shape, block, self.row_ptr, self.col_idx, self.values, check=False)
+
+    def to_dense(self) -> Tensor:
+        """The dense weight this layer computes with (zeros where pruned)."""
+        if self.format == "dense":
+            return self.weight.clone()
+        return self.packed().to_dense().reshape(self.weight_shape)
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight that is stored and computed."""
+        if self.format == "dense":
+            return _density(self.weight) if self.weight.device.type != "meta" else 1.0
+        return self.values.numel() / max(1, math.prod(self.weight_shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight as held (packed arrays, or the dense weight) plus the bias."""
+        ts = [self.weight] if self.format == "dense" else [self._buffers[n] for n in self.PACKED]
+        if self.bias is not None:
+            ts.append(self.bias)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def _repr_tail(self) -> str:
+        s = f", format={self.format}"
+        if self.format == "bsr":
+            s += f", block_size={self.block_size}"
+        return s + (f", density={self.density:.3f}" if self._values_readable() else "")
+
+    def _values_readable(self) -> bool:
+        t = self.weight if self.format == "dense" else self.values
+        return t.device.type != "meta"
+
+    # -- running ------------------------------------------------------------------------------
+    def _threads(self) -> int:
+        return -1 if self.num_threads is None else int(self.num_threads)
+
+    def _route(self, x: Tensor) -> str:
+        """How this call reaches the kernels: ``"eager"`` (direct call: plain tensors, no grad, not traced),
+        ``"autograd"`` (the eager autograd twin), or ``"op"`` (the registered custom op: compile,
+        export, fake / meta tensors, modes)."""
+        if (type(x) is not torch.Tensor or x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
+                or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() != 0):
+            return "op"
+        bias = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return "autograd"
+        return "eager"
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dtype != torch.float32:
+            raise TypeError(f"{type(self).__name__} computes in float32; got a {x.dtype} input (cast it with .float())")
+        if x.device != self.values.device:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+
+    def _apply(self, fn, recurse=True):
+        # Packed indices must stay integers and values float32: refuse dtype casts clearly.
+        probe = fn(torch.zeros(1))
+        if self.format != "dense" and probe.dtype != torch.float32:
+            raise TypeError(f"{type(self).__name__} ({self.format}) runs in float32 only; cannot convert to {probe.dtype}")
+        return super()._apply(fn, recurse)
+
+
+class SparseLinear(SparseModule):
     """``y = x W^T + b`` with W packed as CSR or BSR and executed by sparseprune's kernels.
 
     Build with :meth:`from_dense`. ``format="dense"`` keeps a dense weight (what convert() picks when
     sparse would be slower); it is reported as such, never passed off as sparse.
     """
 
+    dense_type = nn.Linear
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "csr",
                  block_size: Optional[Tuple[int, int]] = None, num_threads: Optional[int] = None):
         super().__init__()
         if format not in ("dense", "csr", "bsr"):
             raise ValueError(f"format must be one of 'dense', 'csr', 'bsr' for a constructed layer, got {format!r}")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.format = format
-        self.block_size = (1, 1) if format == "csr" else (tuple(block_size) if block_size else None)
-        if format == "bsr" and self.block_size is None:
+        if format == "bsr" and block_size is None:
             raise ValueError("format='bsr' needs a block_size")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.format = format
+        self.block_size = (1, 1) if format == "csr" else (tuple(block_size) if format == "bsr" else None)
         self.num_threads = num_threads
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        zeros = torch.zeros(out_features, in_features)
         if format == "dense":
-            self.register_buffer("weight", torch.zeros(out_features, in_features))
+            self.register_buffer("weight", zeros)
         else:
-            empty = BSRMatrix.from_dense(torch.zeros(out_features, in_features), self.block_size)
-            self._set_packed(empty)
+            self._adopt(self._pack(zeros))
+        self.validate()
 
-    # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, linear: nn.Linear, format: str = "auto", block_size=None,
-                   num_threads: Optional[int] = None) -> "SparseLinear":
-        """Pack ``linear``'s (masked) weight once. ``format``: auto | dense | csr | bsr."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-        weight = linear.weight.detach()
-        if weight.device.type != "cpu" and weight.device.type != "cuda":
-            raise ValueError(f"unsupported device {weight.device}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating point, got {weight.dtype}")
-        weight = weight.float()
-        if format == "auto":
-            format, detected = choose_format(weight)
-            block_size = block_size or detected
-        if format == "csr" and block_size not in (None, (1, 1), [1, 1]):
-            raise ValueError("format='csr' has no block_size (use format='bsr')")
-        if format == "bsr":
-            block_size = tuple(block_size) if block_size is not None else (detect_block_size(weight) or (16, 16))
-        mod = cls.__new__(cls)
-        nn.Module.__init__(mod)
-        mod.in_features, mod.out_features = linear.in_features, linear.out_features
-        mod.format = format
-        mod.block_size = (1, 1) if format == "csr" else (tuple(block_size) if block_size else None)
-        mod.num_threads = num_threads
-        b = linear.bias
-        mod.bias = nn.Parameter(b.detach().float().clone(), requires_grad=b.requires_grad) if b is not None else None
-        if format == "dense":
-            mod.register_buffer("weight", weight.clone())
-        else:
-            packer = CSRMatrix if format == "csr" else BSRMatrix
-            mod._set_packed(packer.from_dense(weight, mod.block_size))
-        return mod
+    def _geometry(cls, dense: nn.Linear) -> dict:
+        return {"in_features": dense.in_features, "out_features": dense.out_features}
 
-    def _set_packed(self, m: BSRMatrix) -> None:
-        for name, t in zip(("row_ptr", "col_idx", "values"), m.tensors()):
-            if name in self._buffers:
-                self._buffers[name] = t
-            else:
-                self.register_buffer(name, t)
+    @classmethod
+    def _auto_format(cls, weight, geometry, block_size):
+        fmt, detected = choose_format(weight)
+        return fmt, (block_size or detected) if fmt == "bsr" else None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # The packed arrays change size with the sparsity pattern: adopt the incoming tensors (instead of
-        # copying into same-shaped buffers), then validate them so the kernels can trust every index.
-        if self.format != "dense":
-            for name in ("row_ptr", "col_idx", "values"):
-                key = prefix + name
-                if key in state_dict:
-                    t = state_dict[key]
-                    if not isinstance(t, Tensor):
-                        raise TypeError(f"{key}: expected a tensor, got {type(t).__name__}")
-                    self._buffers[name] = t.detach().clone().contiguous()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if self.format != "dense":
-            try:
-                self.packed().validate()
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{prefix or 'SparseLinear'}: invalid packed weight in state_dict: {e}") from None
-
-    # -- views --------------------------------------------------------------------------------
-    def packed(self) -> BSRMatrix:
-        if self.format == "dense":
-            raise ValueError("a dense-format SparseLinear has no packed weight")
-        if self.format == "csr":
-            return CSRMatrix((self.out_features, self.in_features), self.row_ptr, self.col_idx, self.values, check=False)
-        return BSRMatrix((self.out_features, self.in_features), self.block_size, self.row_ptr, self.col_idx,
-                         self.values, check=False)
-
-    def to_dense(self) -> Tensor:
-        """The dense weight this layer computes with (zeros where pruned)."""
-        return self.weight.clone() if self.format == "dense" else self.packed().to_dense()
+    def _check_geometry(self) -> None:
+        _int(self.in_features, "in_features")
+        _int(self.out_features, "out_features")
 
     @property
-    def density(self) -> float:
-        if self.format == "dense":
-            return _density(self.weight)
-        return self.packed().density
+    def weight_shape(self) -> Tuple[int, int]:
+        return (self.out_features, self.in_features)
 
-    def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+    def to_dense_module(self) -> nn.Linear:
+        dev = (self.weight if self.format == "dense" else self.values).device
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dev)
         with torch.no_grad():
             lin.weight.copy_(self.to_dense())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
 
-    def extra_repr(self) -> str:
-        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, format={self.format}"
-        if self.format == "bsr":
-            s += f", block_size={self.block_size}"
-        return s + f", density={self.density:.3f}"
+    to_linear = to_dense_module
 
-    # -- compute ------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + self._repr_tail())
+
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"SparseLinear expects a Tensor, got {type(x).__name__}")
@@ -180,33 +379,20 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
         if self.format == "dense":
             return F.linear(x, self.weight, self.bias)
-        if x.dtype != torch.float32:
-            raise TypeError(f"SparseLinear computes in float32; got a {x.dtype} input (cast it with .float())")
-        if x.device != self.values.device:
-            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+        self._check_input(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(math.prod(lead), self.in_features)
         r, c = self.block_size
-        nt = -1 if self.num_threads is None else int(self.num_threads)
-        args = (x2, self.row_ptr, self.col_idx, self.values, self.bias, self.out_features, self.in_features, r, c, nt)
-        if not ops.can_run_eager(x2):
-            y = torch.ops.sparseprune.spmm(*args)  # traced / compiled / exported: the registered op
-        elif ops.needs_grad(x2, self.bias):
+        args = (x2, self.row_ptr, self.col_idx, self.values, self.bias, self.out_features, self.in_features, r, c,
+                self._threads())
+        route = self._route(x2)
+        if route == "eager":
+            y = ops.spmm_eager(*args)  # same kernel, without the dispatcher's per-call cost
+        elif route == "autograd":
             y = ops.SpmmFunction.apply(*args)
         else:
-            y = ops.spmm_eager(*args)  # same kernel, without the dispatcher's per-call cost
+            y = torch.ops.sparseprune.spmm(*args)
         return y.reshape(*lead, self.out_features)
-
-    def _apply(self, fn, recurse=True):
-        # Packed indices must stay integers and values float32: refuse dtype casts clearly.
-        probe = fn(torch.zeros(1))
-        if self.format != "dense" and probe.dtype != torch.float32:
-            raise TypeError(f"SparseLinear ({self.format}) runs in float32 only; cannot convert to {probe.dtype}")
-        return super()._apply(fn, recurse)
-
-
-# --- conv ---------------------------------------------------------------------------------------
-__all__ += ["SparseConv2d"]
 
 
 def _pair(v, name):
@@ -225,26 +411,20 @@ def _conv_padding(padding, kernel_size, stride, dilation):
             return (0, 0, 0, 0)
         if padding != "same":
             raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
-        if stride != (1, 1):
+        if tuple(stride) != (1, 1):
             raise ValueError("padding='same' needs stride 1 (as in nn.Conv2d)")
         out = []
         for k, d in zip(kernel_size, dilation):
             total = d * (k - 1)
             out += [total // 2, total - total // 2]  # PyTorch puts the odd extra pixel at the end
         return tuple(out)
-    ph, pw = _pair(padding, "padding")
+    if type(padding) is int:
+        padding = (padding, padding)
+    ph, pw = _pair_of(padding, "padding", lo=0)
     return (ph, ph, pw, pw)
 
 
-def _plain_inference_call(x: Tensor, bias: Optional[Tensor]) -> bool:
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    return not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0
-
-
-class SparseConv2d(nn.Module):
+class SparseConv2d(SparseModule):
     """``nn.Conv2d`` with the weight packed once and executed by sparseprune's kernels.
 
     Block semantics: a block ``(r, c)`` covers r output channels x c input channels at every kernel
@@ -257,106 +437,93 @@ class SparseConv2d(nn.Module):
     Inputs may be NCHW or channels_last; the output has the memory format dense PyTorch gives.
     """
 
+    dense_type = nn.Conv2d
+
     def __init__(self, *args, **kwargs):
         raise TypeError("build a SparseConv2d with SparseConv2d.from_dense(conv, ...)")
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, format: str = "auto", block_size=None,
-                   num_threads: Optional[int] = None) -> "SparseConv2d":
-        """Pack ``conv``'s (masked) weight once. ``format``: auto | dense | csr | bsr."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-        weight = conv.weight.detach()
-        if weight.device.type != "cpu":
-            raise ValueError(f"SparseConv2d has CPU kernels only; the weight is on {weight.device}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating point, got {weight.dtype}")
-        weight = weight.float().contiguous()
-        cout, cin_g, kh, kw = weight.shape
-        groups = conv.groups
-        mat = weight.reshape(cout, cin_g * kh * kw)
-        chan = (weight != 0).any(dim=3).any(dim=2).float()  # (Cout, Cin/groups): block semantics live here
-        if format == "auto":
-            d = _density(weight)
-            detected = detect_block_size(chan) if 0.0 < d < 1.0 else None
-            if cin_g == 1 and groups > 1:
-                format = "dense"  # depthwise: nothing to share between taps, PyTorch's kernel wins
-            elif detected is not None and detected[0] * detected[1] >= 16 and d <= 0.5:
-                format, block_size = "bsr", block_size or detected
-            elif d <= 0.3:
-                format = "csr"
-            else:
-                format = "dense"
-        if format == "csr" and block_size not in (None, (1, 1), [1, 1]):
-            raise ValueError("format='csr' has no block_size (use format='bsr')")
-        if format == "bsr":
-            block_size = tuple(block_size) if block_size is not None else (detect_block_size(chan) or (16, 16))
-            if len(block_size) != 2 or min(block_size) < 1:
-                raise ValueError(f"block_size must be a pair of positive ints, got {block_size}")
-        mod = cls.__new__(cls)
-        nn.Module.__init__(mod)
-        mod.in_channels, mod.out_channels = conv.in_channels, conv.out_channels
-        mod.kernel_size = (kh, kw)
-        mod.stride = _pair(conv.stride, "stride")
-        mod.dilation = _pair(conv.dilation, "dilation")
-        mod.groups = groups
-        mod.padding = conv.padding
-        mod.padding_mode = conv.padding_mode
-        mod._pad4 = _conv_padding(conv.padding, mod.kernel_size, mod.stride, mod.dilation)
-        mod.format = format
-        mod.block_size = (1, 1) if format == "csr" else (tuple(int(v) for v in block_size) if format == "bsr" else None)
-        mod.num_threads = num_threads
-        b = conv.bias
-        mod.bias = nn.Parameter(b.detach().float().clone(), requires_grad=b.requires_grad) if b is not None else None
-        if format == "dense":
-            mod.register_buffer("weight", weight.clone())
-            mod.rk = 0
-        else:
-            rk = 1 if format == "csr" else int(mod.block_size[0])
-            if groups > 1:
-                rk = math.gcd(rk, cout // groups)  # a block row must not straddle two groups
-            mod.rk = rk
-            packed = BSRMatrix.from_dense(mat, (rk, 1))
-            for name, t in zip(("row_ptr", "col_idx", "values"), packed.tensors()):
-                mod.register_buffer(name, t)
-        return mod
+    def _geometry(cls, conv: nn.Conv2d) -> dict:
+        kernel_size = tuple(conv.weight.shape[2:])
+        stride, dilation = _pair(conv.stride, "stride"), _pair(conv.dilation, "dilation")
+        return {"in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": kernel_size,
+                "stride": stride, "dilation": dilation, "groups": conv.groups, "padding": conv.padding,
+                "padding_mode": conv.padding_mode,
+                "_pad4": _conv_padding(conv.padding, kernel_size, stride, dilation)}
 
-    # -- views --------------------------------------------------------------------------------
-    def to_dense(self) -> Tensor:
-        """The dense (Cout, Cin/groups, kh, kw) weight this layer computes with (zeros where pruned)."""
+    @classmethod
+    def _pattern(cls, weight: Tensor) -> Tensor:
+        # block semantics live on (Cout, Cin/groups): a block covers every kernel position
+        return (weight != 0).any(dim=3).any(dim=2).float()
+
+    @classmethod
+    def _auto_format(cls, weight, geometry, block_size):
+        if weight.numel() == 0 or weight.device.type == "meta":
+            return "dense", None
+        d = _density(weight)
+        if weight.shape[1] == 1 and geometry["groups"] > 1:
+            return "dense", None  # depthwise: nothing to share between taps, PyTorch's kernel wins
+        detected = detect_block_size(cls._pattern(weight)) if 0.0 < d < 1.0 else None
+        if detected is not None and detected[0] * detected[1] >= 16 and d <= 0.5:
+            return "bsr", block_size or detected
+        return ("csr", None) if d <= 0.3 else ("dense", None)
+
+    def _expected_rk(self) -> int:
         if self.format == "dense":
-            return self.weight.clone()
-        cols = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
-        m = BSRMatrix((self.out_channels, cols), (self.rk, 1), self.row_ptr, self.col_idx, self.values, check=False)
-        return m.to_dense().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+            return 0
+        rk = 1 if self.format == "csr" else int(self.block_size[0])
+        if self.groups > 1:
+            rk = math.gcd(rk, self.out_channels // self.groups)  # a block row must not straddle two groups
+        return rk
+
+    def _finish_geometry(self) -> None:
+        self.rk = self._expected_rk()
+
+    def _kernel_block(self) -> Tuple[int, int]:
+        return (self.rk, 1)
+
+    def _check_geometry(self) -> None:
+        cin, cout = _int(self.in_channels, "in_channels", 1), _int(self.out_channels, "out_channels", 1)
+        groups = _int(self.groups, "groups", 1)
+        if cin % groups or cout % groups:
+            raise ValueError(f"in_channels ({cin}) and out_channels ({cout}) must be divisible by groups ({groups})")
+        self.kernel_size = _pair_of(self.kernel_size, "kernel_size")
+        self.stride = _pair_of(self.stride, "stride")
+        self.dilation = _pair_of(self.dilation, "dilation")
+        if self.padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {self.padding_mode!r}")
+        if not isinstance(self.padding, str):
+            self.padding = _pair_of((self.padding, self.padding) if type(self.padding) is int else self.padding,
+                                    "padding", lo=0)
+        want = _conv_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        if not isinstance(self._pad4, (tuple, list)) or tuple(self._pad4) != want:
+            raise ValueError(f"_pad4 {self._pad4!r} does not match padding {self.padding!r} (expected {want})")
+        self._pad4 = want
+        if self.rk != self._expected_rk():
+            raise ValueError(f"rk={self.rk!r} does not match format {self.format!r}, block_size {self.block_size!r} "
+                             f"and groups {groups} (expected {self._expected_rk()})")
 
     @property
-    def density(self) -> float:
-        if self.format == "dense":
-            return _density(self.weight)
-        return self.values.numel() / max(1, self.out_channels * (self.in_channels // self.groups)
-                                         * self.kernel_size[0] * self.kernel_size[1])
+    def weight_shape(self) -> Tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
-    def to_conv(self) -> nn.Conv2d:
+    def to_dense_module(self) -> nn.Conv2d:
+        dev = (self.weight if self.format == "dense" else self.values).device
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, self.bias is not None, self.padding_mode)
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode, device=dev)
         with torch.no_grad():
             conv.weight.copy_(self.to_dense())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
 
-    def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-             f"bias={self.bias is not None}, format={self.format}")
-        if self.format == "bsr":
-            s += f", block_size={self.block_size}"
-        return s + f", density={self.density:.3f}"
+    to_conv = to_dense_module
 
-    # -- compute ------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}" + self._repr_tail())
+
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"SparseConv2d expects a Tensor, got {type(x).__name__}")
@@ -376,21 +543,11 @@ class SparseConv2d(nn.Module):
             else:
                 pad = (pt, pl)
             return F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
-        if x.dtype != torch.float32:
-            raise TypeError(f"SparseConv2d computes in float32; got a {x.dtype} input (cast it with .float())")
-        if x.device != self.values.device:
-            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+        self._check_input(x)
         args = (x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels, self.out_channels,
                 list(self.kernel_size), list(self.stride), list(pad4), list(self.dilation), self.groups, self.rk,
-                -1 if self.num_threads is None else int(self.num_threads))
-        if _plain_inference_call(x, self.bias):
-            # eager inference on plain CPU tensors: the same implementation without the dispatcher
-            # round trip (~35 us a call, a sizeable share of a sparse layer's time at batch 1)
+                self._threads())
+        if self._route(x) == "eager":
+            # the same implementation without the dispatcher round trip (~35 us a call)
             return ops.sparse_conv2d_cpu(*args)
         return torch.ops.sparseprune.sparse_conv2d(*args)
-
-    def _apply(self, fn, recurse=True):
-        probe = fn(torch.zeros(1))
-        if self.format != "dense" and probe.dtype != torch.float32:
-            raise TypeError(f"SparseConv2d ({self.format}) runs in float32 only; cannot convert to {probe.dtype}")
-        return super()._apply(fn, recurse)

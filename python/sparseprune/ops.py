@@ -14,7 +14,9 @@ from torch import Tensor
 from . import _ext
 from ._ext import _C
 
-__all__ = ["spmm", "spmm_t", "spmm_eager", "can_run_eager", "needs_grad", "SpmmFunction", "set_isa", "active_isa", "isa_paths", "resolve_threads"]
+__all__ = ["spmm", "spmm_t", "spmm_eager", "SpmmFunction", "set_isa", "active_isa", "isa_paths",
+           "resolve_threads", "sparse_conv2d", "sparse_conv2d_input_grad", "conv_output_memory_format",
+           "conv_output_size"]
 
 
 def set_isa(isa: str) -> None:
@@ -71,9 +73,10 @@ def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias
     if x.stride(1) != 1 or x.stride(0) < max(cols, 1):
         x = x.contiguous()
     n = x.shape[0]
+    if n == 0 or rows == 0 or cols == 0:  # nothing to multiply (zero-size layers are legal)
+        y = torch.zeros(n, rows, dtype=torch.float32, device=x.device)
+        return y + bias if bias is not None and n else y
     y = torch.empty(n, rows, dtype=torch.float32, device=x.device)
-    if n == 0:
-        return y
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     args = (rows, cols, r, c, row_ptr.data_ptr(), col_idx.data_ptr(), col_idx.dtype == torch.int16,
@@ -91,22 +94,13 @@ def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias
     return y
 
 
-def can_run_eager(x: Tensor) -> bool:
-    """True when a call may skip the dispatcher: plain tensors, not being traced or compiled."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
-
-
-def needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def spmm_t_eager(dy: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
                  rows: int, cols: int, r: int, c: int, num_threads: int) -> Tensor:
     dy = dy.contiguous()
     n = dy.shape[0]
+    if n == 0 or rows == 0 or cols == 0:
+        return torch.zeros(n, cols, dtype=torch.float32, device=dy.device)
     dx = torch.empty(n, cols, dtype=torch.float32, device=dy.device)
-    if n == 0:
-        return dx
     if dy.device.type != "cpu":
         raise NotImplementedError("spmm_t (training through sparse layers) is CPU-only for now")
     _C.spmm_t(rows, cols, r, c, row_ptr.data_ptr(), col_idx.data_ptr(), col_idx.dtype == torch.int16,
@@ -172,13 +166,10 @@ def _spmm_backward(ctx, grad):
 torch.library.register_autograd("sparseprune::spmm", _spmm_backward, setup_context=_spmm_setup)
 
 
-# --- conv ---------------------------------------------------------------------------------------
+# -- sparse_conv2d ---------------------------------------------------------------------------------
 # sparse_conv2d: y = conv2d(x, W) + b, with W (Cout, Cin/groups, kh, kw) packed as a BSR matrix of
 # (r x 1) blocks over its (Cout, Cin/groups*kh*kw) view (see csrc/include/sparseprune/conv.h).
 # padding is (top, bottom, left, right): PyTorch's 'same' pads asymmetrically for even extents.
-__all__ += ["sparse_conv2d", "sparse_conv2d_input_grad", "conv_output_memory_format", "conv_output_size"]
-
-
 def conv_output_size(size: int, k: int, s: int, p0: int, p1: int, d: int) -> int:
     return (size + p0 + p1 - d * (k - 1) - 1) // s + 1
 
