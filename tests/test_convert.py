@@ -9,7 +9,15 @@ from torch import nn
 import sparseprune as sp
 from test_convert_models import MLP, make_convbn, make_mixed
 
-cv = importlib.import_module("sparseprune.convert")  # the module (sparseprune.convert is the function)
+cv = importlib.import_module("sparseprune.convert")  # the package (sparseprune.convert is the function)
+cv_decide = importlib.import_module("sparseprune.convert.decide")
+cv_registry = importlib.import_module("sparseprune.convert.registry")
+
+
+def _fake_timer(monkeypatch, fake):
+    """Replace the one timing helper where convert uses it (per layer and end to end)."""
+    monkeypatch.setattr(cv_decide, "time_calls", fake)
+    monkeypatch.setattr(cv, "time_calls", fake)
 
 BUDGET = 0.4  # seconds of timing per convert() call: decisions are checked, not timings
 
@@ -54,7 +62,7 @@ def test_mixed_model_choices_visible_and_consistent():
         best = min((k for k in times if k != "dense"), key=times.get)
         # the decision rule, applied to the recorded measurements
         if times[best] * 1.1 <= times["dense"]:
-            assert r["format"] != "dense" and cv._label(r["format"], r["block"]) == best
+            assert r["format"] != "dense" and cv_decide.label(r["format"], r["block"]) == best
             assert isinstance(mod, sp.SparseLinear) and mod.format == r["format"]
             if r["format"] == "bsr":
                 assert list(mod.block_size) == r["block"]
@@ -85,9 +93,9 @@ def test_mixed_model_heuristic_without_inputs():
 @pytest.mark.parametrize("sparse_ms,expect_sparse", [(0.95, False), (0.5, True)])
 def test_margin_rule(monkeypatch, sparse_ms, expect_sparse):
     """A sparse format replaces dense only if it beats it by the margin (fake timings: no clock)."""
-    def fake(cands, inputs, budget, **kw):
+    def fake(cands, budget, **kw):
         return {k: (1e-3 if k == "dense" else sparse_ms * 1e-3) for k in cands}
-    monkeypatch.setattr(cv, "_time_candidates", fake)
+    _fake_timer(monkeypatch, fake)
     src = _small_mixed()
     out = sp.convert(src, torch.randn(4, 128), margin=0.1)
     for name in ("fc1", "fc2", "fc3"):
@@ -95,11 +103,11 @@ def test_margin_rule(monkeypatch, sparse_ms, expect_sparse):
 
 
 def test_end_to_end_guard_reverts_when_the_whole_model_is_slower(monkeypatch):
-    def fake(cands, inputs, budget, **kw):
+    def fake(cands, budget, **kw):
         if "converted" in cands:  # the whole-model comparison
             return {"dense": 1e-3, "converted": 2e-3}
         return {k: (1e-3 if k == "dense" else 1e-4) for k in cands}
-    monkeypatch.setattr(cv, "_time_candidates", fake)
+    _fake_timer(monkeypatch, fake)
     src = _small_mixed()
     x = torch.randn(4, 128)
     out = sp.convert(src, x)
@@ -144,9 +152,9 @@ class Tagged(nn.Linear):
 def test_mismatch_is_refused_and_inplace_is_restored(monkeypatch):
     # a candidate that is right on the captured input passes the per-layer check, then drifts
     monkeypatch.setitem(cv.CONVERTERS, Tagged, cv.Converter(
-        pattern=lambda m: m.weight.detach(), weight=lambda m: m.weight.detach(), dense=cv._plain_linear,
+        pattern=lambda m: m.weight.detach(), weight=lambda m: m.weight.detach(), dense=cv_registry._plain,
         build=lambda m, f, b, t: _Drifting(m, good_calls=1)))
-    monkeypatch.setattr(cv, "_time_candidates", lambda c, i, b, **k: {n: (1.0 if n == "dense" else 0.1) for n in c})
+    _fake_timer(monkeypatch, lambda c, b, **k: {n: (1.0 if n == "dense" else 0.1) for n in c})
     model = nn.Sequential(Tagged(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
     with torch.no_grad():
         model[0].weight.mul_(torch.rand(64, 64) > 0.9)
@@ -167,7 +175,7 @@ def test_per_layer_check_rejects_wrong_candidate(monkeypatch):
             bad.weight.add_(0.1)
         return bad
     monkeypatch.setitem(cv.CONVERTERS, Tagged, cv.Converter(
-        pattern=lambda m: m.weight.detach(), weight=lambda m: m.weight.detach(), dense=cv._plain_linear, build=wrong))
+        pattern=lambda m: m.weight.detach(), weight=lambda m: m.weight.detach(), dense=cv_registry._plain, build=wrong))
     model = nn.Sequential(Tagged(32, 32)).eval()
     with torch.no_grad():
         model[0].weight.mul_(torch.rand(32, 32) > 0.8)

@@ -17,19 +17,16 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from ._modules import set_module
+
 __all__ = ["fold_batchnorm", "fold_conv_bn", "find_conv_bn_pairs"]
 
 _CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 
 
-def _sparse_conv_type():
-    from . import nn as spnn
-    return getattr(spnn, "SparseConv2d", None)
-
-
 def _is_conv(m: nn.Module) -> bool:
-    sc = _sparse_conv_type()
-    return type(m) in _CONV_BN or (sc is not None and type(m) is sc)
+    from .nn import SparseConv2d
+    return type(m) in _CONV_BN or type(m) is SparseConv2d
 
 
 def _bn_matches(conv: nn.Module, bn: nn.Module) -> bool:
@@ -42,32 +39,39 @@ def _bn_matches(conv: nn.Module, bn: nn.Module) -> bool:
     return out == bn.num_features
 
 
-def _dense_conv_of(conv: nn.Module) -> nn.Conv2d:
-    """A plain nn.Conv2d equal to a SparseConv2d (to fold into, then pack again)."""
-    for method in ("to_conv", "to_conv2d"):
-        if hasattr(conv, method):
-            return getattr(conv, method)()
-    dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, dilation=conv.dilation, groups=getattr(conv, "groups", 1),
-                      bias=conv.bias is not None)
+def _plain_copy(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A fresh conv of ``conv``'s configuration holding ``weight`` / ``bias``: no masks, hooks or
+    parametrizations come along (the masks are baked into ``weight``)."""
+    new = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                     padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        dense.weight.copy_(conv.to_dense().reshape(dense.weight.shape))
-        if conv.bias is not None:
-            dense.bias.copy_(conv.bias)
-    return dense
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+    new.weight.requires_grad_(conv.weight.requires_grad)
+    new.bias.requires_grad_(conv.weight.requires_grad)
+    new.train(conv.training)
+    return new
 
 
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
-    """A new conv module computing ``bn(conv(x))`` for eval-mode ``bn`` (the inputs are not changed)."""
+    """A new conv module computing ``bn(conv(x))`` for eval-mode ``bn`` (the inputs are not changed).
+    A masked conv's mask is baked into the folded weight (scaling an output channel keeps its zeros)."""
+    from .nn import SparseConv2d
+    from .prune.masks import get_mask
+
     if not _is_conv(conv):
         raise TypeError(f"fold_conv_bn: expected a convolution, got {type(conv).__name__}")
     if not _bn_matches(conv, bn):
         raise ValueError("fold_conv_bn: the BatchNorm must be in eval mode, track running stats and match "
                          "the conv's output channels")
-    sparse = type(conv) not in _CONV_BN
-    dense = _dense_conv_of(conv) if sparse else conv
+    sparse = isinstance(conv, SparseConv2d)
+    dense = conv.to_dense_module() if sparse else conv
     w = dense.weight.detach()
+    mask = get_mask(dense)
+    if mask is not None:
+        w = w.masked_fill(~mask.to(w.device), 0)
     scale = bn.running_var.to(torch.float64).add(bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight.detach().to(torch.float64)
@@ -76,18 +80,11 @@ def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     if bn.bias is not None:
         bias = bias + bn.bias.detach().to(torch.float64)
     shape = (-1,) + (1,) * (w.dim() - 1)
-    folded = copy.deepcopy(dense) if not sparse else dense
-    # a conv created without bias gets one; the parameter keeps the conv's dtype and device
-    folded.weight = nn.Parameter((w.to(torch.float64) * scale.reshape(shape)).to(w.dtype),
-                                 requires_grad=w.requires_grad)
-    folded.bias = nn.Parameter(bias.to(w.dtype).to(w.device), requires_grad=w.requires_grad)
+    folded = _plain_copy(dense, (w.to(torch.float64) * scale.reshape(shape)).to(w.dtype),
+                         bias.to(w.dtype).to(w.device))
     if sparse:
-        kw = {"format": conv.format}
-        if conv.format == "bsr":
-            kw["block_size"] = conv.block_size
-        if getattr(conv, "num_threads", None) is not None:
-            kw["num_threads"] = conv.num_threads
-        return type(conv).from_dense(folded, **kw)
+        return SparseConv2d.from_dense(folded, format=conv.format, block_size=conv.block_size,
+                                       num_threads=conv.num_threads)
     return folded
 
 
@@ -145,11 +142,6 @@ def _sequential_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     return pairs
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def fold_batchnorm(model: nn.Module, inplace: bool = False):
     """Fold every eval-mode BatchNorm into the conv before it; the BatchNorm becomes ``nn.Identity``.
 
@@ -161,6 +153,6 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False):
     pairs = find_conv_bn_pairs(model)
     for conv_name, bn_name in pairs:
         folded = fold_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name))
-        _set_module(model, conv_name, folded)
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, conv_name, folded)
+        set_module(model, bn_name, nn.Identity())
     return model, pairs

@@ -82,6 +82,7 @@ class SparseModule(nn.Module):
     which geometry attributes they keep, how the weight maps to the packed matrix, and how to run."""
 
     dense_type: type = nn.Module
+    SAVED_ATTRS: Tuple[str, ...] = ()  # plain attributes a saved file holds (and load() accepts)
     PACKED = ("row_ptr", "col_idx", "values")
 
     # -- subclass hooks -----------------------------------------------------------------------
@@ -150,7 +151,8 @@ class SparseModule(nn.Module):
             setattr(mod, k, v)
         mod.format, mod.block_size, mod.num_threads = format, block_size, num_threads
         b = getattr(module, "bias", None)
-        mod.bias = nn.Parameter(b.detach().float().clone(), requires_grad=b.requires_grad) if b is not None else None
+        mod.register_parameter("bias", nn.Parameter(b.detach().float().clone(), requires_grad=b.requires_grad)
+                               if b is not None else None)
         mod._finish_geometry()
         if format == "dense":
             mod.register_buffer("weight", weight.clone())
@@ -320,6 +322,7 @@ class SparseLinear(SparseModule):
     """
 
     dense_type = nn.Linear
+    SAVED_ATTRS = ("in_features", "out_features", "format", "block_size", "num_threads")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "csr",
                  block_size: Optional[Tuple[int, int]] = None, num_threads: Optional[int] = None):
@@ -332,7 +335,7 @@ class SparseLinear(SparseModule):
         self.format = format
         self.block_size = (1, 1) if format == "csr" else (tuple(block_size) if format == "bsr" else None)
         self.num_threads = num_threads
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features)) if bias else None)
         zeros = torch.zeros(out_features, in_features)
         if format == "dense":
             self.register_buffer("weight", zeros)
@@ -438,6 +441,8 @@ class SparseConv2d(SparseModule):
     """
 
     dense_type = nn.Conv2d
+    SAVED_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "padding",
+                   "padding_mode", "_pad4", "format", "block_size", "num_threads", "rk")
 
     def __init__(self, *args, **kwargs):
         raise TypeError("build a SparseConv2d with SparseConv2d.from_dense(conv, ...)")

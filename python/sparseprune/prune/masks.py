@@ -72,10 +72,14 @@ def _attach_param(module: nn.Module) -> None:
     Parameter, tied here on its first forward."""
     w = module.weight
     ref = _OWNERS.get(w)
-    if ref is not None and ref() is module:
-        return
-    _GRAD_HANDLES[w] = w.register_hook(_MaskGrad(module))
-    _OWNERS[w] = weakref.ref(module)
+    if ref is None or ref() is not module:
+        _OWNERS[w] = weakref.ref(module)
+        old = _GRAD_HANDLES.pop(w, None)
+        if old is not None:
+            old.remove()
+    # a frozen weight takes no gradient hook (torch refuses one); it gets one once it requires grad
+    if w.requires_grad and w not in _GRAD_HANDLES:
+        _GRAD_HANDLES[w] = w.register_hook(_MaskGrad(module))
 
 
 def _forward_pre_hook(module: nn.Module, args):

@@ -1,0 +1,269 @@
+"""convert(): measured per-layer choice of dense / CSR / BSR, and summary() of the choices.
+
+For every layer a converter is registered for (``nn.Linear``, ``nn.Conv2d``) convert() reads the
+weight's zero pattern, builds the candidates (dense, CSR, BSR with the detected block and other
+blocks that fit), times each one on the inputs that layer really received during a forward pass of
+``example_inputs``, and keeps the fastest. A sparse format must beat dense by ``margin`` to be
+chosen, so a layer is never made slower by more than timing noise. The converted model is then
+checked against the source model on ``example_inputs``; a mismatch beyond ``tolerance`` is refused.
+
+Without ``example_inputs`` nothing can be timed: each layer takes
+:func:`sparseprune.nn.choose_format` and the summary says that the choice was not measured.
+
+The package is split by concern: ``registry`` (module types and their dense twins), ``capture``
+(what each layer receives), ``timing`` (the one timing helper), ``decide`` (one layer's choice),
+``report`` (summary / measure).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .._inputs import call_model
+from .._modules import module_names, set_module
+from .capture import capture, max_error, relative
+from .decide import LayerRow, Settings, decide, label
+from .registry import (CONVERTERS, Converter, base_type, converter_for, dense_twin, densify, has_hooks,
+                       register_converter, weight_density)
+from .report import REPORT_ATTR, Summary, check_report, layer_report, measure, summary
+from .timing import Threads, time_calls
+
+__all__ = ["convert", "summary", "measure", "densify", "Summary", "ConversionError", "Converter",
+           "register_converter", "CONVERTERS", "REPORT_ATTR", "layer_report", "time_calls", "LayerRow"]
+
+# parents that read their children's .weight instead of calling them (torch's fused attention paths,
+# which a capture pass under a TorchFunctionMode does not take)
+_READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_E2E_SHARE = 0.2
+
+
+class ConversionError(ValueError):
+    """convert() refused: the converted model does not reproduce the source model's outputs."""
+
+
+def _skipped(name: str, module: nn.Module, skip) -> bool:
+    for s in skip:
+        if isinstance(s, type) and isinstance(module, s):
+            return True
+        if isinstance(s, str) and (name == s or fnmatch.fnmatchcase(name, s) or name.startswith(s + ".")):
+            return True
+    return False
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """deepcopy that also copes with torch.nn.utils.prune / weight_norm, which keep a computed
+    (non-leaf) weight tensor as a plain attribute: those are copied detached (the hooks recompute them)."""
+    memo = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _stderr_is_tty() -> bool:
+    """A person is watching: a terminal, or a Jupyter kernel (where tqdm.auto draws a widget)."""
+    import sys
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Swaps:
+    """Module replacements made on the working copy, undoable (a module registered under several
+    names is replaced under every name)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = module_names(model)
+        self.done: List[Tuple[str, nn.Module]] = []  # (name, original)
+
+    def replace(self, old: nn.Module, new: nn.Module, name: str) -> None:
+        for alias in self.names.get(id(old), [name]):
+            self.done.append((alias, old))
+            set_module(self.model, alias, new)
+
+    def undo(self) -> None:
+        for name, orig in reversed(self.done):
+            set_module(self.model, name, orig)
+
+
+def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = ("dense", "csr", "bsr"),
+            skip: Iterable = (), num_threads: Optional[int] = None, time_budget: float = 10.0,
+            margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
+            inplace: bool = False, progress: Optional[bool] = None) -> nn.Module:
+    """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
+
+    Args:
+        model: the (pruned) model. It is not modified unless ``inplace=True``.
+        example_inputs: the arguments of one call of the model: a tensor, a tuple/list (positional
+            args) or any mapping (keyword args, e.g. a tokenizer's output). Each layer is timed on the
+            inputs it receives in this forward pass, so give the batch size you will run. ``None``: no
+            timing, each layer takes :func:`sparseprune.nn.choose_format` and no output check is done.
+        formats: formats allowed, from ``"dense"``, ``"csr"``, ``"bsr"`` (dense is always allowed).
+        skip: layer names (exact, prefix, or fnmatch pattern such as ``"encoder.*.fc2"``) or module
+            types to leave untouched.
+        num_threads: threads for the sparse kernels and, while timing, for dense torch too.
+        time_budget: wall-clock seconds for the whole conversion (timing, packing, checks), kept to
+            within the cost of one forward pass and one candidate per layer when it is very small.
+        margin: a sparse format must be at least ``1 + margin`` times faster than dense to be chosen.
+        tolerance: largest accepted output difference, relative to the largest reference output
+            magnitude, checked per layer and end to end; a larger error raises :class:`ConversionError`.
+        fold_bn: fold eval-mode BatchNorm into the preceding conv first (masks are baked in).
+        end_to_end: also time the whole converted model against its dense twin (a fifth of the
+            budget); if it is not faster, every layer goes back to dense and the summary says so.
+        inplace: convert ``model`` itself instead of a deep copy.
+        progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` on a terminal after 1 s.
+
+    A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,
+    self.lin.weight)``) stays the dense module it is. The returned model is in eval mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in ("dense", "csr", "bsr")]
+    if bad:
+        raise ValueError(f"formats must be chosen from 'dense', 'csr', 'bsr'; got {bad}")
+    if not (margin >= 0 and tolerance >= 0 and time_budget >= 0):
+        raise ValueError("margin, tolerance and time_budget must be non-negative")
+    if num_threads is not None and not 1 <= int(num_threads) <= 1024:
+        raise ValueError(f"num_threads must be in [1, 1024], got {num_threads}")
+    skip = (skip,) if isinstance(skip, (str, type)) else tuple(skip)
+    settings = Settings(tuple(f for f in formats if f != "dense"), num_threads, margin, tolerance,
+                        example_inputs is not None)
+    start = time.perf_counter()
+    work = model if inplace else _copy_model(model)
+    work.eval()
+    swaps = _Swaps(work)
+    try:
+        with torch.no_grad(), Threads(num_threads):
+            reference = call_model(work, example_inputs) if example_inputs is not None else None
+            report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
+                              end_to_end, progress, swaps)
+    except BaseException:
+        if inplace:
+            swaps.undo()
+        raise
+    report["convert_seconds"] = time.perf_counter() - start
+    setattr(work, REPORT_ATTR, report)
+    return work
+
+
+def _fold(work: nn.Module, swaps: _Swaps) -> List[dict]:
+    from ..fold import find_conv_bn_pairs, fold_conv_bn
+    folded = []
+    for conv_name, bn_name in find_conv_bn_pairs(work):
+        conv, bn = work.get_submodule(conv_name), work.get_submodule(bn_name)
+        swaps.replace(conv, fold_conv_bn(conv, bn), conv_name)
+        swaps.replace(bn, nn.Identity(), bn_name)
+        folded.append({"conv": conv_name, "bn": bn_name})
+    return folded
+
+
+def _targets(work: nn.Module, skip) -> Tuple[list, List[LayerRow]]:
+    targets, rows = [], []
+    for name, m in work.named_modules():
+        cv = converter_for(m)
+        if cv is None or not name:
+            continue
+        parent = work.get_submodule(name.rpartition(".")[0]) if "." in name else work
+        if isinstance(parent, _READS_WEIGHTS):
+            continue  # the parent reads .weight directly (fused fast paths): the layer must stay as it is
+        if _skipped(name, m, skip):
+            w = cv.weight(m)
+            rows.append(LayerRow(name=name, type=base_type(m).__name__, shape=list(w.shape),
+                                 density=weight_density(w), reason="skipped (skip=...)"))
+            continue
+        targets.append((name, m, cv))
+    return targets, rows
+
+
+def _convert(work, example_inputs, reference, settings: Settings, skip, start: float, time_budget: float,
+             fold_bn: bool, end_to_end: bool, progress, swaps: _Swaps) -> dict:
+    deadline = start + time_budget
+    folded = _fold(work, swaps) if fold_bn else []
+    targets, rows = _targets(work, skip)
+    captured: Dict[str, Dict] = {}
+    read_outside = set()
+    if example_inputs is not None and targets:
+        captured, read_outside = capture(work, [(n, m) for n, m, _ in targets], example_inputs)
+
+    from tqdm.auto import tqdm
+    quiet = progress is False or (progress is None and not _stderr_is_tty())
+    bar = tqdm(targets, desc="sparseprune.convert", unit="layer", leave=False, disable=quiet or not targets,
+               delay=0 if progress else 1.0)
+    reserve = _E2E_SHARE * time_budget if end_to_end and reference is not None else 0.0
+    left = sum(1 for n, _, _ in targets if n in captured)
+    try:
+        for name, m, cv in bar:
+            if name in read_outside:
+                w = cv.weight(m)
+                rows.append(LayerRow(name=name, type=base_type(m).__name__, shape=list(w.shape),
+                                     density=weight_density(w),
+                                     reason="kept as it is: its weight is also read outside its forward "
+                                            "(tied weights or used by hand)"))
+                continue
+            budget = max(0.0, deadline - reserve - time.perf_counter()) / max(left, 1)
+            left -= name in captured
+            row, new = decide(name, m, cv, captured.get(name), settings, budget, deadline - reserve)
+            if new is not None:
+                swaps.replace(m, new, name)
+            rows.append(row)
+    finally:
+        bar.close()
+
+    order = {n: i for i, (n, _) in enumerate(work.named_modules())}
+    rows.sort(key=lambda r: order.get(r.name, len(order)))
+    report = {"layers": rows, "folded": folded, "tolerance": settings.tolerance, "margin": settings.margin,
+              "num_threads": settings.num_threads if settings.num_threads is not None else torch.get_num_threads(),
+              "measured": settings.measured, "max_abs_error": None, "max_rel_error": None,
+              "convert_seconds": None, "end_to_end_reverted": False}
+    if reference is not None and end_to_end and any(r.format != "dense" for r in rows):
+        _end_to_end_guard(work, example_inputs, rows, swaps, report, max(deadline - time.perf_counter(), 0.0))
+    if reference is not None:
+        err, scale = max_error(call_model(work, example_inputs), reference)
+        report["max_abs_error"], report["max_rel_error"] = err, relative(err, scale)
+        if not relative(err, scale) <= settings.tolerance:
+            changed = [r.name for r in rows if r.format != "dense" or r.changed]
+            raise ConversionError(
+                f"convert: the converted model does not match the source model on example_inputs: max abs "
+                f"error {err:.3g} is {relative(err, scale):.3g} of the largest output {scale:.3g}, above "
+                f"tolerance={settings.tolerance:g}. Converted layers: {changed or 'none'}; folded BatchNorms: "
+                f"{[f['bn'] for f in folded] or 'none'}. Pass skip=[...] to leave layers dense, or raise "
+                f"tolerance if the difference is acceptable.")
+    report["layers"] = [r.as_dict() for r in rows]
+    return report
+
+
+def _end_to_end_guard(work, example_inputs, rows: List[LayerRow], swaps: _Swaps, report: dict,
+                      budget: float) -> None:
+    """Time the whole converted model against its dense twin; if it is not faster, undo the sparse
+    layers (per-layer timings can miss interactions: caches, threads, layouts)."""
+    base = densify(work).eval()
+    t = time_calls({"dense": lambda: call_model(base, example_inputs),
+                    "converted": lambda: call_model(work, example_inputs)},
+                   budget, min_reps=3 if budget > 0 else 1, max_reps=25,
+                   deadline=time.perf_counter() + budget)
+    report["end_to_end_ms"] = {k: v * 1e3 for k, v in t.items()}
+    if t["converted"] < t["dense"]:
+        return
+    originals = dict(swaps.done)
+    for r in rows:
+        if r.format != "dense" and r.name in originals:
+            orig = originals[r.name]
+            cv = converter_for(orig)
+            dense = orig if not has_hooks(orig) else cv.dense(orig)
+            for alias in swaps.names.get(id(orig), [r.name]):
+                set_module(work, alias, dense)
+            r.format, r.block, r.speedup = "dense", None, 1.0
+            r.reason = (f"reverted by the end-to-end check: whole model was not faster converted "
+                        f"({t['dense'] * 1e3:.3f} ms dense, {t['converted'] * 1e3:.3f} ms converted)")
+    report["end_to_end_reverted"] = True

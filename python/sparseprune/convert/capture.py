@@ -1,0 +1,114 @@
+"""One forward pass of ``example_inputs`` that records what each layer receives, and which layers'
+weights are also read outside their own forward (tied weights, ``F.linear(x, self.lin.weight)``):
+those must stay the dense module they are."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from .._inputs import call_model
+
+__all__ = ["capture", "flat_tensors", "max_error", "relative"]
+
+_MAX_SHAPES_SEEN = 8
+
+
+class _WeightReads(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.watch: Dict[int, str] = {}
+        self.active: List[str] = []
+        self.outside: Set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.watch:
+            for a in tree_leaves((args, kwargs)):
+                name = self.watch.get(id(a)) if isinstance(a, Tensor) else None
+                if name is not None and name not in self.active:
+                    self.outside.add(name)
+        return func(*args, **kwargs)
+
+
+def capture(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_inputs
+            ) -> Tuple[Dict[str, Dict[Tuple, List]], Set[str]]:
+    """``(inputs, read_outside)``: for each layer the input tensors it received, one copy per distinct
+    shape (at most 8) with call counts; and the layers whose weight something else also computed with."""
+    captured: Dict[str, Dict[Tuple, List]] = {}
+    reads = _WeightReads()
+    hooks = []
+    for name, m in layers:
+        def pre(mod, args, _name=name):
+            w = getattr(mod, "weight", None)
+            if isinstance(w, Tensor):
+                reads.watch[id(w)] = _name  # after masks / parametrizations computed it
+            reads.active.append(_name)
+            if args and isinstance(args[0], Tensor):
+                seen = captured.setdefault(_name, {})
+                key = tuple(args[0].shape)
+                if key in seen:
+                    seen[key][1] += 1
+                elif len(seen) < _MAX_SHAPES_SEEN:
+                    seen[key] = [args[0].detach().clone(), 1]
+
+        def post(mod, args, out, _name=name):
+            if reads.active and reads.active[-1] == _name:
+                reads.active.pop()
+        w = getattr(m, "weight", None)
+        if isinstance(w, Tensor):
+            reads.watch[id(w)] = name
+        hooks.append(m.register_forward_pre_hook(pre))
+        hooks.append(m.register_forward_hook(post))
+    try:
+        with reads:
+            call_model(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured, reads.outside
+
+
+def flat_tensors(out) -> List[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flat_tensors(v)]
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return flat_tensors(out.to_tuple())
+    return []
+
+
+def max_error(actual, expected) -> Tuple[float, float]:
+    """(max abs error, largest reference magnitude) over every output tensor; NaN/inf must agree."""
+    a, e = flat_tensors(actual), flat_tensors(expected)
+    if len(a) != len(e):
+        return math.inf, 0.0
+    err, scale = 0.0, 0.0
+    for x, y in zip(a, e):
+        if x.shape != y.shape:
+            return math.inf, 0.0
+        if x.device.type == "meta" or y.device.type == "meta":
+            continue
+        if not (x.is_floating_point() or x.is_complex()):
+            if not torch.equal(x, y):
+                return math.inf, 0.0
+            continue
+        x, y = x.detach().double(), y.detach().double()
+        fy, fx = torch.isfinite(y), torch.isfinite(x)
+        if not torch.equal(fx, fy) or not torch.equal(x[~fy].nan_to_num(0.0), y[~fy].nan_to_num(0.0)):
+            return math.inf, 0.0
+        if y.numel() and fy.any():
+            err = max(err, float((x[fy] - y[fy]).abs().max()))
+            scale = max(scale, float(y[fy].abs().max()))
+    return err, scale
+
+
+def relative(err: float, scale: float) -> float:
+    return err / scale if scale > 0 else err

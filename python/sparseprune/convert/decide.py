@@ -1,0 +1,204 @@
+"""Per-layer decision: candidates (dense, CSR, BSR shapes that fit the zeros), timing, choice."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import nn as spnn
+from ..formats import block_mask
+from .capture import max_error, relative
+from .registry import Converter, base_type, has_hooks, weight_density
+from .timing import time_calls
+
+__all__ = ["LayerRow", "Settings", "decide", "label", "candidate_formats", "BSR_TRY"]
+
+# BSR shapes tried besides the detected one (only those whose stored fraction fits, see candidate_formats)
+BSR_TRY = ((16, 16), (8, 8), (4, 4), (1, 16))
+MAX_SHAPES = 3  # distinct input shapes timed per layer (the most frequent ones)
+# candidates within this factor of the fastest count as tied: the most structured one is kept, so a
+# pure 16x16 pattern does not flip to CSR or 8x8 on timing noise
+NOISE = 1.08
+
+
+@dataclass
+class LayerRow:
+    """One layer's line in convert()'s report (stored in saved files as a plain dict)."""
+    name: str
+    type: str
+    shape: Optional[List[int]]
+    format: str = "dense"
+    block: Optional[List[int]] = None
+    density: Optional[float] = None
+    dense_ms: Optional[float] = None
+    sparse_ms: Optional[float] = None
+    speedup: Optional[float] = None
+    candidates: Dict[str, object] = field(default_factory=dict)
+    reason: str = ""
+    changed: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "LayerRow":
+        """A row read from a file: every field type-checked (ValueError otherwise)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a report row must be an object, got {type(d).__name__}")
+        known = cls.__dataclass_fields__
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"report row has unknown fields {sorted(unknown)[:5]}")
+        row = cls(**{k: v for k, v in d.items()})
+        num = (int, float)
+        checks = [("name", str, False), ("type", str, False), ("format", str, False), ("reason", str, False),
+                  ("density", num, True), ("dense_ms", num, True), ("sparse_ms", num, True), ("speedup", num, True),
+                  ("shape", list, True), ("block", list, True), ("candidates", dict, False), ("changed", bool, False)]
+        for k, t, opt in checks:
+            v = getattr(row, k)
+            if (v is None and not opt) or (v is not None and (not isinstance(v, t) or isinstance(v, bool) and t is num)):
+                raise ValueError(f"report row field {k!r} has a bad value {v!r}")
+        for k in ("shape", "block"):
+            v = getattr(row, k)
+            if v is not None and not all(type(i) is int for i in v):
+                raise ValueError(f"report row field {k!r} must hold ints, got {v!r}")
+        if row.format not in ("dense", "csr", "bsr"):
+            raise ValueError(f"report row format {row.format!r} is unknown")
+        for k, v in row.candidates.items():
+            if not isinstance(k, str) or not isinstance(v, (int, float, str)) or isinstance(v, bool):
+                raise ValueError("report row candidates must map names to times or notes")
+        return row
+
+
+@dataclass(frozen=True)
+class Settings:
+    sparse_formats: Tuple[str, ...]
+    num_threads: Optional[int]
+    margin: float
+    tolerance: float
+    measured: bool
+
+
+def label(fmt: str, block) -> str:
+    return f"bsr{block[0]}x{block[1]}" if fmt == "bsr" else fmt
+
+
+def _stored_fraction(pattern: Tensor, block) -> float:
+    r, c = block
+    return float(block_mask(pattern, block).sum()) * r * c / max(pattern.numel(), 1)
+
+
+def candidate_formats(pattern: Tensor, density: float, formats: Sequence[str]):
+    """Formats worth timing, most structured first: the detected block, other blocks whose stored
+    fraction is within 1.5x of the true density (a block storing many zeros only adds work), CSR."""
+    out = []
+    if "bsr" in formats:
+        seen = set()
+        det = spnn.detect_block_size(pattern)
+        if det is not None and det != (1, 1):
+            out.append(("bsr", det))
+            seen.add(det)
+        for bs in BSR_TRY:
+            if bs in seen or pattern.shape[0] < bs[0] or pattern.shape[1] < bs[1]:
+                continue
+            if len(seen) >= 2:
+                break
+            if _stored_fraction(pattern, bs) <= min(1.0, 1.5 * density + 1e-9):
+                out.append(("bsr", bs))
+                seen.add(bs)
+    if "csr" in formats:
+        out.append(("csr", None))
+    return out
+
+
+def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], settings: Settings, budget_s: float,
+           deadline: float) -> Tuple[LayerRow, Optional[nn.Module]]:
+    """One layer: ``(row, replacement or None)``."""
+    w = cv.weight(m)
+    row = LayerRow(name=name, type=base_type(m).__name__, shape=list(w.shape), density=weight_density(w))
+    new: Optional[nn.Module] = None
+    # masks / parametrizations cost a multiply per call: the dense choice is a plain module
+    dense_mod = m
+    if has_hooks(m):
+        dense_mod = new = cv.dense(m)
+        row.changed = True
+    if row.density is None:
+        row.reason = "kept dense: meta tensors have no values to inspect"
+        return row, new
+    if not w.is_floating_point() or w.dtype != torch.float32 or w.device.type not in ("cpu", "cuda"):
+        row.reason = f"kept dense: sparse kernels run float32 on cpu/cuda (weight is {w.dtype} on {w.device})"
+        return row, new
+    if row.density >= 1.0 or w.numel() == 0:
+        row.reason = "no zero weights: nothing to skip"
+        return row, new
+    if not settings.sparse_formats:
+        row.reason = "sparse formats not allowed"
+        return row, new
+    pattern = cv.pattern(m).float()
+    if not settings.measured:
+        fmt, block = spnn.choose_format(pattern)
+        if fmt not in settings.sparse_formats:
+            fmt, block = "dense", None
+        row.reason = "heuristic (no example_inputs): sparseprune.nn.choose_format"
+        if fmt != "dense":
+            try:
+                new = cv.build(m, fmt, block, settings.num_threads)
+                row.format, row.block = fmt, list(block) if fmt == "bsr" else None
+            except (ValueError, TypeError, NotImplementedError) as e:
+                row.reason = f"kept dense: {fmt} not buildable ({e})"
+        return row, new
+    if seen is None:
+        row.reason = "not called by example_inputs: kept dense"
+        return row, new
+    inputs = [x for x, _ in sorted(seen.values(), key=lambda v: -v[1])[:MAX_SHAPES]]
+    counts = [n for _, n in sorted(seen.values(), key=lambda v: -v[1])[:MAX_SHAPES]]
+    cands: Dict[str, nn.Module] = {"dense": dense_mod}
+    info = {}
+    dense_out = [dense_mod(x) for x in inputs]
+    for i, (fmt, block) in enumerate(candidate_formats(pattern, row.density, settings.sparse_formats)):
+        if i and time.perf_counter() >= deadline:
+            row.candidates[label(fmt, block)] = "not tried: time_budget spent"
+            continue
+        lab = label(fmt, block)
+        try:
+            mod = cv.build(m, fmt, block, settings.num_threads)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            row.candidates[lab] = f"not buildable: {e}"
+            continue
+        # a candidate that does not reproduce the dense layer on the real inputs is never timed
+        err, scale = max_error([mod(x) for x in inputs], dense_out)
+        if not relative(err, scale) <= settings.tolerance:
+            row.candidates[lab] = f"rejected: relative error {relative(err, scale):.3g} > tolerance {settings.tolerance:g}"
+            continue
+        cands[lab] = mod
+        info[lab] = (fmt, block)
+    times = {k: 0.0 for k in cands}
+    for x, n in zip(inputs, counts):
+        per = time_calls({k: (lambda mod=mod, x=x: mod(x)) for k, mod in cands.items()}, budget_s / len(inputs),
+                         deadline=deadline)
+        for k, t in per.items():
+            times[k] += n * t
+    for k, t in times.items():
+        row.candidates[k] = t * 1e3
+    dense_t = times.pop("dense")
+    row.dense_ms = dense_t * 1e3
+    row.speedup = 1.0
+    if not times:
+        row.reason = "dense: no sparse candidate"
+        return row, new
+    best = min(times, key=times.get)
+    preferred = next(iter(times))  # the most structured candidate
+    if best != preferred and times[preferred] <= NOISE * times[best]:
+        best = preferred
+    row.sparse_ms = times[best] * 1e3
+    if times[best] * (1.0 + settings.margin) <= dense_t:
+        fmt, block = info[best]
+        row.format, row.block, row.speedup = fmt, list(block) if fmt == "bsr" else None, dense_t / times[best]
+        row.reason = f"fastest ({best}), {dense_t / times[best]:.2f}x dense"
+        new = cands[best]
+    else:
+        row.reason = f"dense: best sparse ({best}) only {dense_t / times[best]:.2f}x, margin {1 + settings.margin:.2f}x"
+    return row, new

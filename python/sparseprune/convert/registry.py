@@ -1,0 +1,110 @@
+"""Which module types convert() knows, and how each maps to a sparse module and back."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import nn as spnn
+from .._modules import set_module
+
+__all__ = ["Converter", "CONVERTERS", "register_converter", "base_type", "has_hooks", "densify", "dense_twin",
+           "converter_for", "weight_density"]
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How convert() handles one dense module type.
+
+    ``pattern(m)``: 2-D tensor whose zeros decide the blocks (rows = outputs, cols = inputs);
+    ``weight(m)``: the effective weight (masks applied); ``dense(m)``: a plain dense module computing
+    the same thing (no hooks or masks); ``build(m, format, block, num_threads)``: the sparse module.
+    ``sparse_type``: the :class:`~sparseprune.nn.SparseModule` class ``build`` returns (densify and
+    summary rows find their way back through it).
+    """
+    pattern: Callable[[nn.Module], Tensor]
+    weight: Callable[[nn.Module], Tensor]
+    dense: Callable[[nn.Module], nn.Module]
+    build: Callable[[nn.Module, str, Optional[Tuple[int, int]], Optional[int]], nn.Module]
+    sparse_type: Optional[type] = None
+
+
+CONVERTERS: Dict[type, Converter] = {}
+
+
+def register_converter(module_type: type, converter: Converter) -> None:
+    """Teach convert() a module type (exact type match; subclasses may compute differently)."""
+    CONVERTERS[module_type] = converter
+
+
+def base_type(m: nn.Module) -> type:
+    # torch.nn.utils.parametrize swaps in a generated subclass; the layer is still its base type
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return type(m).__bases__[0]
+    return type(m)
+
+
+def converter_for(m: nn.Module) -> Optional[Converter]:
+    return CONVERTERS.get(base_type(m))
+
+
+def has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks or torch.nn.utils.parametrize.is_parametrized(m))
+
+
+def weight_density(w: Tensor) -> Optional[float]:
+    if w.device.type == "meta":
+        return None
+    return float((w != 0).sum()) / max(w.numel(), 1)
+
+
+def _sparse_builder(sparse_type):
+    def build(m, fmt, block, num_threads):
+        return sparse_type.from_dense(m, format=fmt, block_size=block if fmt == "bsr" else None,
+                                      num_threads=num_threads)
+    return build
+
+
+def _plain(m: nn.Module) -> nn.Module:
+    """A hook-free copy of a Linear / Conv2d holding its effective (masked) weight."""
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                        dtype=m.weight.dtype)
+    else:
+        new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                        dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
+                        device=m.weight.device, dtype=m.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(m.weight)
+        if m.bias is not None:
+            new.bias.copy_(m.bias)
+    return new
+
+
+register_converter(nn.Linear, Converter(
+    pattern=lambda m: m.weight.detach(), weight=lambda m: m.weight.detach(), dense=_plain,
+    build=_sparse_builder(spnn.SparseLinear), sparse_type=spnn.SparseLinear))
+# a conv block (r, c) is r output channels x c input channels x every kernel position
+register_converter(nn.Conv2d, Converter(
+    pattern=lambda m: spnn.SparseConv2d._pattern(m.weight.detach()), weight=lambda m: m.weight.detach(),
+    dense=_plain, build=_sparse_builder(spnn.SparseConv2d), sparse_type=spnn.SparseConv2d))
+
+
+def dense_twin(m: nn.Module) -> Optional[nn.Module]:
+    """The plain dense module a sparse one replaced (None if ``m`` is not a sparse module)."""
+    if isinstance(m, spnn.SparseModule):
+        return m.to_dense_module()
+    return None
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every sparse layer replaced by the dense layer it computes."""
+    model = copy.deepcopy(getattr(model, "_orig_mod", model))
+    for name, m in list(model.named_modules()):
+        d = dense_twin(m) if name else None
+        if d is not None:
+            set_module(model, name, d)
+    return model

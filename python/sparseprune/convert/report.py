@@ -1,0 +1,229 @@
+"""What convert() decided, as a table: summary(), measure() (re-timing a converted model)."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .. import nn as spnn
+from .._inputs import call_model
+from .capture import capture, max_error, relative
+from .decide import MAX_SHAPES, LayerRow, label
+from .registry import CONVERTERS, base_type, dense_twin, densify, weight_density
+from .timing import Threads, time_calls
+
+__all__ = ["Summary", "summary", "measure", "layer_report", "REPORT_ATTR", "check_report"]
+
+REPORT_ATTR = "_sparseprune_report"
+_REPORT_KEYS = {"layers", "folded", "tolerance", "margin", "num_threads", "measured", "max_abs_error",
+                "max_rel_error", "convert_seconds", "end_to_end_ms", "end_to_end_reverted"}
+
+
+def layer_report(model: nn.Module) -> Optional[dict]:
+    """The decisions convert() recorded on ``model`` (None for a model convert() did not produce)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    return getattr(model, REPORT_ATTR, None)
+
+
+def check_report(report) -> dict:
+    """A report read from a file, type-checked field by field (ValueError otherwise)."""
+    if not isinstance(report, dict):
+        raise ValueError(f"the report must be an object, got {type(report).__name__}")
+    unknown = set(report) - _REPORT_KEYS
+    if unknown:
+        raise ValueError(f"the report has unknown fields {sorted(unknown)[:5]}")
+    layers = report.get("layers", [])
+    if not isinstance(layers, list):
+        raise ValueError("the report's layers must be a list")
+    out = dict(report)
+    out["layers"] = [LayerRow.from_dict(r).as_dict() for r in layers]
+    for k in ("tolerance", "margin", "max_abs_error", "max_rel_error", "convert_seconds"):
+        v = out.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ValueError(f"the report's {k} must be a number, got {v!r}")
+    nt = out.get("num_threads")
+    if nt is not None and type(nt) is not int:
+        raise ValueError(f"the report's num_threads must be an int, got {nt!r}")
+    for k in ("measured", "end_to_end_reverted"):
+        if out.get(k) is not None and type(out[k]) is not bool:
+            raise ValueError(f"the report's {k} must be a boolean")
+    e2e = out.get("end_to_end_ms")
+    if e2e is not None and (not isinstance(e2e, dict) or set(e2e) - {"dense", "converted"}
+                            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in e2e.values())):
+        raise ValueError("the report's end_to_end_ms must map 'dense' / 'converted' to times")
+    folded = out.get("folded", [])
+    if not isinstance(folded, list) or not all(isinstance(f, dict) and set(f) == {"conv", "bn"}
+                                               and all(isinstance(v, str) for v in f.values()) for f in folded):
+        raise ValueError("the report's folded list is malformed")
+    return out
+
+
+# -- summary ----------------------------------------------------------------------------------------
+def _num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+class Summary(list):
+    """Per-layer rows (dicts) with ``.totals``; ``str()`` is the table."""
+
+    def __init__(self, rows, totals):
+        super().__init__(rows)
+        self.totals = totals
+
+    def table(self) -> str:
+        cols = [("layer", "name", ""), ("type", "type", ""), ("shape", "shape", ""), ("format", "format", ""),
+                ("block", "block", ""), ("density", "density", ".3f"), ("dense ms", "dense_ms", ".3f"),
+                ("sparse ms", "sparse_ms", ".3f"), ("speedup", "speedup", ".2f")]
+        body = []
+        for r in self:
+            cells = []
+            for _, key, spec in cols:
+                v = r.get(key)
+                if key == "shape" and v is not None:
+                    v = "x".join(str(s) for s in v)
+                elif key == "block" and v:
+                    v = f"{v[0]}x{v[1]}"
+                elif key == "sparse_ms" and r.get("format") == "dense" and v is not None:
+                    v = f"({v:.3f})"  # best sparse candidate, not chosen
+                elif key == "speedup" and v is not None:
+                    v = f"{v:.2f}x"
+                elif spec and v is not None:
+                    v = format(v, spec)
+                cells.append("-" if v is None else str(v))
+            body.append(cells)
+        t = self.totals
+        tot = ["total", "", "", f"{t['sparse_layers']}/{t['layers']} sparse", "", "", _num(t["dense_ms"], ".3f"),
+               _num(t["converted_ms"], ".3f"), "-" if t["speedup"] is None else f"{t['speedup']:.2f}x"]
+        head = [c[0] for c in cols]
+        widths = [max(len(str(x[i])) for x in [head, tot] + body) for i in range(len(cols))]
+
+        def line(cells):
+            return "  ".join(str(c).ljust(w) if i < 5 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths)))
+        out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+        out += [line(["-" * w for w in widths]), line(tot)]
+        return "\n".join(out + [""] + self.notes())
+
+    def notes(self) -> List[str]:
+        t = self.totals
+        notes = []
+        if t.get("max_abs_error") is not None:
+            tol = "" if t.get("tolerance") is None else f", tolerance {t['tolerance']:g}"
+            notes.append(f"checked on example_inputs: max abs error {t['max_abs_error']:.3g} "
+                         f"(relative {_num(t.get('max_rel_error'), '.3g')}{tol})")
+        if t.get("measured") is False:
+            notes.append("formats chosen by heuristic (no example_inputs): not measured")
+        e = t.get("end_to_end_ms")
+        if e and e.get("dense") is not None and e.get("converted"):
+            notes.append(f"end to end: dense {e['dense']:.3f} ms, converted {e['converted']:.3f} ms "
+                         f"({e['dense'] / e['converted']:.2f}x)")
+            if t.get("end_to_end_reverted"):
+                notes.append(f"ALL sparse layers were reverted by the end-to-end check: the converted model took "
+                             f"{e['converted']:.3f} ms against {e['dense']:.3f} ms dense, so every layer runs dense")
+        if t.get("folded"):
+            notes.append(f"BatchNorm folded: {', '.join(f['bn'] + ' -> ' + f['conv'] for f in t['folded'])}")
+        notes.append("sparse ms in parentheses: fastest sparse candidate, slower than dense by the margin")
+        if t.get("num_threads") is not None:
+            notes.append(f"threads: {t['num_threads']}")
+        return notes
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _row_of(name: str, m: nn.Module, reason: str) -> LayerRow:
+    if isinstance(m, spnn.SparseModule):
+        readable = m._values_readable()
+        return LayerRow(name=name, type=m.dense_type.__name__, shape=list(m.weight_shape), format=m.format,
+                        block=list(m.block_size) if m.format == "bsr" else None,
+                        density=m.density if readable else None, reason=reason)
+    w = CONVERTERS[base_type(m)].weight(m)
+    return LayerRow(name=name, type=base_type(m).__name__, shape=list(w.shape), density=weight_density(w),
+                    reason=reason)
+
+
+def _layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules()
+            if n and (isinstance(m, spnn.SparseModule) or base_type(m) in CONVERTERS)]
+
+
+def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = print) -> Summary:
+    """Per-layer table of what convert() chose: format, block, density, dense vs sparse time, speedup.
+
+    Prints the table with ``print_fn`` (``None``: do not print) and returns it as a :class:`Summary`:
+    a list of dicts (``name, type, shape, format, block, density, dense_ms, sparse_ms, speedup,
+    candidates, reason``) with ``.totals`` (``layers, sparse_layers, dense_ms, converted_ms, speedup``
+    over the measured layers, ``max_abs_error``, ``max_rel_error``, ``tolerance``, ``end_to_end_ms``,
+    ``end_to_end_reverted``).
+    """
+    report = layer_report(model)
+    if report is not None:
+        rows = [dict(r) for r in report["layers"]]
+    else:
+        rows = [_row_of(n, m, "not measured (model not produced by convert)").as_dict()
+                for n, m in _layers(getattr(model, "_orig_mod", model))]
+        report = {}
+    timed = [r for r in rows if r.get("dense_ms") is not None and r.get("speedup")]
+    dense_total = sum(r["dense_ms"] for r in timed) if timed else None
+    conv_total = sum(r["dense_ms"] / r["speedup"] for r in timed) if timed else None
+    totals = {"layers": len(rows), "sparse_layers": sum(r["format"] != "dense" for r in rows),
+              "dense_ms": dense_total, "converted_ms": conv_total,
+              "speedup": dense_total / conv_total if timed and conv_total else None,
+              "max_abs_error": report.get("max_abs_error"), "max_rel_error": report.get("max_rel_error"),
+              "tolerance": report.get("tolerance"), "measured": report.get("measured"),
+              "folded": report.get("folded", []), "num_threads": report.get("num_threads"),
+              "end_to_end_ms": report.get("end_to_end_ms"),
+              "end_to_end_reverted": bool(report.get("end_to_end_reverted"))}
+    s = Summary(rows, totals)
+    if print_fn is not None:
+        print_fn(s.table())
+    return s
+
+
+def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_threads: Optional[int] = None,
+            end_to_end: bool = True) -> Summary:
+    """Re-time an already converted model on ``example_inputs``: every sparse layer against the dense
+    layer it replaced, and (``end_to_end``) the whole model against :func:`densify`'s copy. Stores the
+    result as the model's report (what :func:`summary` shows) and returns the summary."""
+    target = getattr(model, "_orig_mod", model)
+    layers = _layers(target)
+    with torch.no_grad(), Threads(num_threads):
+        captured, _ = capture(target, layers, example_inputs)
+        budget = time_budget / (max(len(captured), 1) + (2 if end_to_end else 0))
+        rows = []
+        for name, m in layers:
+            row = _row_of(name, m, "re-measured")
+            if name not in captured:
+                row.reason = "not called by example_inputs"
+                rows.append(row.as_dict())
+                continue
+            inputs = sorted(captured[name].values(), key=lambda v: -v[1])[:MAX_SHAPES]
+            dense = dense_twin(m)
+            cands = {"dense": dense if dense is not None else m}
+            if dense is not None:
+                cands[label(m.format, m.block_size)] = m
+            times = {k: 0.0 for k in cands}
+            for x, n in inputs:
+                per = time_calls({k: (lambda mod=mod, x=x: mod(x)) for k, mod in cands.items()}, budget / len(inputs))
+                for k, t in per.items():
+                    times[k] += n * t
+            row.candidates = {k: v * 1e3 for k, v in times.items()}
+            row.dense_ms = times["dense"] * 1e3
+            row.speedup = 1.0
+            if dense is not None:
+                row.sparse_ms = times[label(m.format, m.block_size)] * 1e3
+                row.speedup = row.dense_ms / row.sparse_ms
+            rows.append(row.as_dict())
+        report = dict(getattr(target, REPORT_ATTR, None) or {})
+        report.update(layers=rows, measured=True, end_to_end_reverted=False,
+                      num_threads=num_threads if num_threads is not None else torch.get_num_threads())
+        if end_to_end:
+            ref = densify(target).eval()
+            e2e = time_calls({"dense": lambda: call_model(ref, example_inputs),
+                              "converted": lambda: call_model(target, example_inputs)}, 2 * budget)
+            report["end_to_end_ms"] = {k: v * 1e3 for k, v in e2e.items()}
+            err, scale = max_error(call_model(target, example_inputs), call_model(ref, example_inputs))
+            report["max_abs_error"], report["max_rel_error"] = err, relative(err, scale)
+    setattr(target, REPORT_ATTR, report)
+    return summary(target, print_fn=None)
