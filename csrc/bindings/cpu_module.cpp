@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "sparseprune/kernels.h"
+#include "sparseprune/qkernels.h"
 
 namespace py = pybind11;
 using namespace sparseprune;
@@ -107,6 +108,41 @@ void conv2d_input_grad(const std::vector<int64_t>& geom, int r, uintptr_t row_pt
   active_path().conv_bwd(g, w, ptr<const float>(dy), ptr<float>(dx), num_threads);
 }
 
+// --- quantized (issue #14) ---
+void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx,
+           bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x, bool x_bf16, int64_t n,
+           int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads) {
+  const bool s8 = dtype == "int8";
+  if (!s8 && dtype != "bf16") throw std::invalid_argument("qspmm: dtype must be 'int8' or 'bf16'");
+  const int g = s8 ? 4 : 2;
+  if (rows < 0 || cols < 0 || r < 1 || c < 1) throw std::invalid_argument("qspmm: bad sparse matrix shape");
+  if (c % g) throw std::invalid_argument("qspmm: block width must be a multiple of " + std::to_string(g));
+  if (s8 && cols > 65536) throw std::invalid_argument("qspmm: int8 supports K <= 65536 (int32 accumulation)");
+  if (!row_ptr) throw std::invalid_argument("qspmm: row_ptr is null");
+  if (s8 && (!wscale || !comp)) throw std::invalid_argument("qspmm: int8 needs scales and compensation");
+  if (s8 && x_bf16) throw std::invalid_argument("qspmm: int8 takes float32 input");
+  if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("qspmm: bad dense operand shape");
+  if (n == 0 || rows == 0) return;
+  if (!x || !y) throw std::invalid_argument("qspmm: null dense operand");
+  QBsrView w;
+  w.rows = rows;
+  w.cols = cols;
+  w.r = r;
+  w.c = c;
+  w.block_rows = (rows + r - 1) / r;
+  w.block_cols = (cols + c - 1) / c;
+  w.row_ptr = ptr<const int32_t>(row_ptr);
+  w.col_idx = ptr<const void>(col_idx);
+  w.idx16 = idx16;
+  w.values = ptr<const uint32_t>(values);
+  w.wscale = ptr<const float>(wscale);
+  w.comp = ptr<const int32_t>(comp);
+  const QPath& path = active_qpath(dtype);
+  py::gil_scoped_release nogil;
+  path.fn(w, ptr<const void>(x), x_bf16 ? XType::bf16 : XType::f32, n, ldx, ptr<const float>(bias), ptr<float>(y),
+          ldy, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -137,5 +173,20 @@ PYBIND11_MODULE(_C, m) {
   // --- conv ---
   m.def("conv2d_workspace", &conv2d_workspace, "floats of workspace conv2d needs for this geometry");
   m.def("conv2d", &conv2d, "y = conv2d(x, W) + b with W packed as (r x 1)-block BSR over (Cout, Cin/g*kh*kw)");
+  // --- quantized (issue #14) ---
+  m.def("qspmm", &qspmm, "Y = X W^T + b with W an int8 or bf16 block-sparse matrix (packed by quant.py)");
+  m.def("qpaths", [] {
+    py::list out;
+    for (const auto& p : all_qpaths()) {
+      py::dict d;
+      d["dtype"] = p.dtype;
+      d["isa"] = p.isa;
+      d["kernels"] = p.names;
+      d["supported"] = p.supported();
+      out.append(d);
+    }
+    return out;
+  });
+  m.def("active_qisa", [](const std::string& dtype) { return std::string(active_qpath(dtype).isa); });
   m.def("conv2d_input_grad", &conv2d_input_grad, "dx = conv2d_input_grad(dy, W)");
 }

@@ -1,0 +1,27 @@
+// Quantized BSR path: AVX2 + FMA: int8 through vpmaddwd, bf16 widened to fp32 (ymm).
+// This file alone carries its -m flags (CMakeLists.txt); dispatch.cpp calls it only where CPUID allows.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "sparseprune/kernels.h"
+#include "sparseprune/parallel.h"
+#include "sparseprune/qkernels.h"
+
+namespace sparseprune {
+namespace q_avx2 {
+#include "qspmm_pack.h"
+#include "qspmm_simd.h"
+}  // namespace q_avx2
+
+#define QARGS const QBsrView& w, const void* x, XType xt, int64_t n, int64_t ldx, const float* bias, float* y, \
+              int64_t ldy, int num_threads
+#define QCALL w, x, xt, n, ldx, bias, y, ldy, num_threads
+void s8_bsr_spmm__avx2(QARGS) { q_avx2::q_spmm<q_avx2::S8Madd8>(QCALL); }
+void bf16_bsr_spmm__avx2(QARGS) { q_avx2::q_spmm<q_avx2::BF16Widen8>(QCALL); }
+
+}  // namespace sparseprune

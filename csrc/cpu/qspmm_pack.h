@@ -1,0 +1,133 @@
+// Per-call preparation of X for the quantized kernels: one row of X -> a row of 32-bit words
+// (int8: 4 x u8 quantized per row, see qkernels.h; bf16: 2 x bf16 rounded to nearest even).
+// Included inside an ISA namespace (like vec_x86.h): the AVX2 branch is taken in every x86 TU,
+// the scalar branch in the reference TU; both give bit-identical words (min/max are exact, both
+// round with nearest-even, both clamp NaN to 0). Files including this are built -ffp-contract=off.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+struct QRowParams {
+  float s = 1.0f;    // scale
+  float inv = 1.0f;  // 1 / s
+  int32_t zp = 0;    // zero point, in [0, 255]
+};
+
+inline QRowParams q_row_params(float lo, float hi) {
+  lo = lo < 0.0f ? lo : 0.0f;
+  hi = hi > 0.0f ? hi : 0.0f;
+  QRowParams p;
+  float s = (hi - lo) / 255.0f;
+  // all-zero rows, and ranges so small that 1 / s would overflow, use s = 1 (q == zp == 0 for them)
+  if (!(s >= 1e-30f) || !std::isfinite(s)) s = 1.0f;
+  p.s = s;
+  p.inv = 1.0f / s;
+  float z = std::nearbyint(-lo / s);
+  z = z > 0.0f ? z : 0.0f;
+  z = z < 255.0f ? z : 255.0f;
+  p.zp = static_cast<int32_t>(z);
+  return p;
+}
+
+inline uint32_t q_u8(float x, float inv, float zp) {
+  float t = std::nearbyint(x * inv) + zp;
+  t = t > 0.0f ? t : 0.0f;  // NaN -> 0
+  t = t < 255.0f ? t : 255.0f;
+  return static_cast<uint32_t>(t);
+}
+
+inline uint32_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// int8: quantize x[0, K) into kg words (k >= K are 0). Returns this row's parameters.
+inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* out) {
+  float lo = 0.0f, hi = 0.0f;
+  int64_t k = 0;
+#if defined(__AVX2__)
+  {
+    __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+      const __m256 v = _mm256_loadu_ps(x + k);
+      vlo = _mm256_min_ps(vlo, v);
+      vhi = _mm256_max_ps(vhi, v);
+    }
+    alignas(32) float a[8], b[8];
+    _mm256_store_ps(a, vlo);
+    _mm256_store_ps(b, vhi);
+    for (int i = 0; i < 8; ++i) {
+      lo = a[i] < lo ? a[i] : lo;
+      hi = b[i] > hi ? b[i] : hi;
+    }
+  }
+#endif
+  for (; k < K; ++k) {
+    lo = x[k] < lo ? x[k] : lo;
+    hi = x[k] > hi ? x[k] : hi;
+  }
+  const QRowParams p = q_row_params(lo, hi);
+  const float zpf = static_cast<float>(p.zp);
+  int64_t g = 0;
+#if defined(__AVX2__)
+  {
+    const __m256 vinv = _mm256_set1_ps(p.inv), vzp = _mm256_set1_ps(zpf);
+    const __m256 v0 = _mm256_setzero_ps(), v255 = _mm256_set1_ps(255.0f);
+    const __m128i pick = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (; 4 * g + 8 <= K; g += 2) {
+      __m256 t = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 4 * g), vinv),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      t = _mm256_add_ps(t, vzp);
+      t = _mm256_min_ps(_mm256_max_ps(t, v0), v255);  // max(NaN, 0) = 0
+      const __m256i q = _mm256_cvttps_epi32(t);
+      out[g] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_shuffle_epi8(_mm256_castsi256_si128(q), pick)));
+      out[g + 1] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_shuffle_epi8(_mm256_extracti128_si256(q, 1), pick)));
+    }
+  }
+#endif
+  for (; g < kg; ++g) {
+    uint32_t wd = 0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t kk = 4 * g + j;
+      if (kk < K) wd |= q_u8(x[kk], p.inv, zpf) << (8 * j);
+    }
+    out[g] = wd;
+  }
+  return p;
+}
+
+// bf16: round x[0, K) to bf16 pairs, kg words (k >= K are 0). xb: X already in bf16 (or null).
+inline void bf16_row_words(const float* x, const uint16_t* xb, int64_t K, int64_t kg, uint32_t* out) {
+  int64_t g = 0;
+  if (xb) {
+    const int64_t full = K / 2;
+    std::memcpy(out, xb, static_cast<size_t>(full) * 4);
+    g = full;
+    for (; g < kg; ++g) out[g] = 2 * g < K ? xb[2 * g] : 0u;
+    return;
+  }
+#if defined(__AVX2__)
+  {
+    const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    for (; 2 * g + 8 <= K; g += 4) {
+      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(x + 2 * g));
+      const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+      const __m256i h = _mm256_srli_epi32(r, 16);  // 8 bf16 in the low halves of 8 dwords
+      // pair neighbours: word j = h[2j] | h[2j+1] << 16
+      const __m256i pairs = _mm256_or_si256(h, _mm256_srli_epi64(h, 16));
+      const __m256i packed = _mm256_permutevar8x32_epi32(pairs, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g), _mm256_castsi256_si128(packed));
+    }
+  }
+#endif
+  for (; g < kg; ++g) {
+    const uint32_t a = 2 * g < K ? bf16_bits(x[2 * g]) : 0u;
+    const uint32_t b = 2 * g + 1 < K ? bf16_bits(x[2 * g + 1]) : 0u;
+    out[g] = a | (b << 16);
+  }
+}

@@ -1,0 +1,107 @@
+// Scalar reference for the quantized BSR kernels: the obviously-correct twins (same packed layout,
+// same quantization of X, same epilogue) and the fallback on CPUs without a vector path.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "sparseprune/kernels.h"
+#include "sparseprune/parallel.h"
+#include "sparseprune/qkernels.h"
+
+namespace sparseprune {
+namespace q_scalar {
+#include "qspmm_pack.h"
+
+int64_t block_col(const QBsrView& w, int64_t b) {
+  return w.idx16 ? static_cast<const uint16_t*>(w.col_idx)[b] : static_cast<const int32_t*>(w.col_idx)[b];
+}
+
+}  // namespace q_scalar
+
+void s8_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType, int64_t n, int64_t ldx, const float* bias,
+                         float* y, int64_t ldy, int num_threads) {
+  const int r = w.r, gpb = w.c / 4;
+  const int64_t kg = w.block_cols * gpb;
+  const int nt = threads_for(n * (w.nnzb() * r * w.c + w.rows), num_threads);
+  const float* x = static_cast<const float*>(xv);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<uint32_t> words(static_cast<size_t>(kg));
+    std::vector<int32_t> acc(static_cast<size_t>(r));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const q_scalar::QRowParams p = q_scalar::q_row_words(x + i * ldx, w.cols, kg, words.data());
+      for (int64_t br = 0; br < w.block_rows; ++br) {
+        const int64_t m0 = br * r;
+        const int rr = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
+        std::fill(acc.begin(), acc.end(), 0);
+        for (int64_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+          const int64_t g0 = q_scalar::block_col(w, b) * gpb;
+          for (int g = 0; g < gpb; ++g) {
+            const uint32_t xw = words[g0 + g];
+            for (int ii = 0; ii < rr; ++ii) {
+              const uint32_t ww = w.values[(b * gpb + g) * r + ii];
+              int32_t s = 0;
+              for (int j = 0; j < 4; ++j)
+                s += static_cast<int32_t>((xw >> (8 * j)) & 0xFF) * static_cast<int32_t>(static_cast<int8_t>(ww >> (8 * j)));
+              acc[ii] += s;
+            }
+          }
+        }
+        for (int ii = 0; ii < rr; ++ii) {
+          const int64_t m = m0 + ii;
+          float v = static_cast<float>(acc[ii] - p.zp * w.comp[m]) * (p.s * w.wscale[m]);
+          if (bias) v = v + bias[m];
+          y[i * ldy + m] = v;
+        }
+      }
+    }
+  }
+}
+
+void bf16_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType xt, int64_t n, int64_t ldx, const float* bias,
+                           float* y, int64_t ldy, int num_threads) {
+  const int r = w.r, gpb = w.c / 2;
+  const int64_t kg = w.block_cols * gpb;
+  const int nt = threads_for(n * (w.nnzb() * r * w.c + w.rows), num_threads);
+  auto f32 = [](uint32_t bits16) {
+    const uint32_t u = bits16 << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<uint32_t> words(static_cast<size_t>(kg));
+    std::vector<float> acc(static_cast<size_t>(r));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      if (xt == XType::bf16)
+        q_scalar::bf16_row_words(nullptr, static_cast<const uint16_t*>(xv) + i * ldx, w.cols, kg, words.data());
+      else
+        q_scalar::bf16_row_words(static_cast<const float*>(xv) + i * ldx, nullptr, w.cols, kg, words.data());
+      for (int64_t br = 0; br < w.block_rows; ++br) {
+        const int64_t m0 = br * r;
+        const int rr = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+          const int64_t g0 = q_scalar::block_col(w, b) * gpb;
+          for (int g = 0; g < gpb; ++g) {
+            const uint32_t xw = words[g0 + g];
+            for (int ii = 0; ii < rr; ++ii) {
+              const uint32_t ww = w.values[(b * gpb + g) * r + ii];
+              // odd k first: the order vdpbf16ps adds its two (exact) products in
+              acc[ii] = acc[ii] + f32(xw >> 16) * f32(ww >> 16);
+              acc[ii] = acc[ii] + f32(xw & 0xFFFF) * f32(ww & 0xFFFF);
+            }
+          }
+        }
+        for (int ii = 0; ii < rr; ++ii) y[i * ldy + m0 + ii] = bias ? acc[ii] + bias[m0 + ii] : acc[ii];
+      }
+    }
+  }
+}
+
+}  // namespace sparseprune

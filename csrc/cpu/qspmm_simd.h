@@ -1,0 +1,406 @@
+// Quantized BSR micro-kernels shared by the x86 translation units (int8 and bf16, every ISA).
+// Include inside `namespace sparseprune { namespace <isa> {` after defining one or more Op traits:
+//   T, WP              accumulator vector; prepared weights of one k-group (W outputs)
+//   W, MR, G, S8       lanes (outputs), tallest register tile, k per word, int8 (else bf16)
+//   zero(), loadw(p), loadw_n(p, n), dot(acc, word, wp), add(a, b)
+//   store(y, acc, n, Epi, row)  the epilogue: int8 rescale + compensation, or bias only
+// Register tile: MR rows of X x W outputs of one block row. Per k-group: one weight vector, MR
+// broadcasts of a 32-bit word of packed X, MR dot instructions; accumulators stay in registers
+// over the whole block row. X is quantized / rounded once per call into panels of PW rows.
+#pragma once
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "sparseprune/kernels.h"
+#include "sparseprune/parallel.h"
+#include "sparseprune/qkernels.h"
+
+#define SQ_INLINE inline __attribute__((always_inline))
+
+constexpr int QPW = 24;  // rows of X per panel; every MR divides it
+
+// Epilogue operands for one chunk of W outputs (pointers already offset to the chunk / panel).
+struct QEpi {
+  const int32_t* zp = nullptr;    // per row of X (int8)
+  const float* sx = nullptr;      // per row of X (int8)
+  const int32_t* comp = nullptr;  // per output (int8)
+  const float* ws = nullptr;      // per output (int8)
+  const float* bias = nullptr;    // per output, may be null
+};
+
+inline uint32_t* q_scratch(size_t words) {
+  thread_local std::vector<uint32_t> buf;
+  if (buf.size() < words + 16) buf.resize(words + 16);
+  auto p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<uint32_t*>((p + 63) & ~uintptr_t(63));
+}
+
+template <class Op, int MR, bool TAIL, int A, class Idx>
+SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps, int r, int gpb, const uint32_t* __restrict vals,
+                      const Idx* __restrict cols, int64_t b0, int64_t b1, int tail, const QEpi& e, int row,
+                      float* __restrict y, int64_t ldy) {
+  using T = typename Op::T;
+  T acc[A][MR];
+#pragma GCC unroll 4
+  for (int a = 0; a < A; ++a)
+#pragma GCC unroll 24
+    for (int m = 0; m < MR; ++m) acc[a][m] = Op::zero();
+  const int64_t bw = static_cast<int64_t>(gpb) * r;  // words per block
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint32_t* xb = xp + static_cast<int64_t>(cols[b]) * gpb * ps;
+    const uint32_t* wb = vals + b * bw;
+    int g = 0;
+    for (; g + A <= gpb; g += A) {
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) {
+        const auto wv = TAIL ? Op::loadw_n(wb + (g + a) * r, tail) : Op::loadw(wb + (g + a) * r);
+        const uint32_t* xg = xb + (g + a) * ps;
+#pragma GCC unroll 24
+        for (int m = 0; m < MR; ++m) acc[a][m] = Op::dot(acc[a][m], xg[m], wv);
+      }
+    }
+    for (; g < gpb; ++g) {
+      const auto wv = TAIL ? Op::loadw_n(wb + g * r, tail) : Op::loadw(wb + g * r);
+      const uint32_t* xg = xb + g * ps;
+#pragma GCC unroll 24
+      for (int m = 0; m < MR; ++m) acc[0][m] = Op::dot(acc[0][m], xg[m], wv);
+    }
+  }
+#pragma GCC unroll 24
+  for (int m = 0; m < MR; ++m) {
+    T s = acc[0][m];
+#pragma GCC unroll 4
+    for (int a = 1; a < A; ++a) s = Op::add(s, acc[a][m]);
+    Op::store(y + m * ldy, s, TAIL ? tail : Op::W, e, row + m);
+  }
+}
+
+template <class Op, int MR, bool TAIL, class Idx>
+SQ_INLINE void q_tile_a(const uint32_t* xp, int64_t ps, int r, int gpb, const uint32_t* vals, const Idx* cols,
+                        int64_t b0, int64_t b1, int tail, const QEpi& e, int row, float* y, int64_t ldy) {
+  // one or two rows of X (decode): independent accumulator chains hide the dot latency
+  constexpr int A = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  q_tile<Op, MR, TAIL, A>(xp, ps, r, gpb, vals, cols, b0, b1, tail, e, row, y, ldy);
+}
+
+// Rows [0, nv) of one panel for one W-output chunk of one block row.
+template <class Op, bool TAIL, class Idx>
+void q_rows(const uint32_t* xp, int64_t ps, int nv, int r, int gpb, const uint32_t* vals, const Idx* cols,
+            int64_t b0, int64_t b1, int tail, const QEpi& e, int row0, float* y, int64_t ldy) {
+  constexpr int MR = Op::MR;
+  int i = 0;
+  for (; i + MR <= nv; i += MR)
+    q_tile_a<Op, MR, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+  if constexpr (MR > 8) {
+    for (; i + 8 <= nv; i += 8)
+      q_tile_a<Op, 8, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+  }
+  const int rem = nv - i;
+  if constexpr (MR > 4) if (rem & 4) {
+    q_tile_a<Op, 4, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+    i += 4;
+  }
+  if (rem & 2) {
+    q_tile_a<Op, 2, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+    i += 2;
+  }
+  if (rem & 1) q_tile_a<Op, 1, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+}
+
+template <class Op, class Idx>
+void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int64_t n, int64_t ldx,
+                const float* bias, float* y, int64_t ldy, int num_threads) {
+  constexpr int W = Op::W, G = Op::G;
+  if (n <= 0 || w.rows <= 0) return;
+  const int r = w.r, gpb = w.c / G;
+  const int64_t kg = w.block_cols * gpb;  // k-groups of the zero-padded K
+  const int64_t ps = n >= QPW ? QPW : n;  // rows per panel
+  const int64_t units = (n + ps - 1) / ps;
+  // int8 runs ~4 MACs per fp32 MAC's time: size the thread count by that work
+  const int64_t work = n * (w.nnzb() * r * w.c / (Op::S8 ? 4 : 2) + w.rows + w.cols);
+  const int nt = threads_for(work, num_threads);
+  uint32_t* xp = q_scratch(static_cast<size_t>(units * kg * ps + 2 * n));
+  int32_t* zp = reinterpret_cast<int32_t*>(xp + units * kg * ps);
+  float* sx = reinterpret_cast<float*>(zp + n);
+  const int pm = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
+  const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
+  // rows of X per pass: keep the packed X (nc x kg words) within ~256 KiB of L2
+  const int64_t nc = std::max<int64_t>(ps, ((int64_t(1) << 16) / std::max<int64_t>(kg, 1)) / ps * ps);
+#pragma omp parallel num_threads(nt)
+  {
+    thread_local std::vector<uint32_t> rowbuf;
+    if (static_cast<int64_t>(rowbuf.size()) < kg) rowbuf.resize(kg);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t* words = rowbuf.data();
+      if (Op::S8) {
+        const QRowParams p = q_row_words(static_cast<const float*>(x) + i * ldx, w.cols, kg, words);
+        zp[i] = p.zp;
+        sx[i] = p.s;
+      } else if (xt == XType::bf16) {
+        bf16_row_words(nullptr, static_cast<const uint16_t*>(x) + i * ldx, w.cols, kg, words);
+      } else {
+        bf16_row_words(static_cast<const float*>(x) + i * ldx, nullptr, w.cols, kg, words);
+      }
+      uint32_t* dst = xp + (i / ps) * kg * ps + (i % ps);
+      for (int64_t g = 0; g < kg; ++g) dst[g * ps] = words[g];
+    }
+    const int tid = omp_get_thread_num();
+    if (tid < pm * pn) {
+      const int im = tid % pm, in = tid / pm;
+      const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
+      const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
+      const int64_t nn0 = std::min(n, units * in / pn * ps), nn1 = std::min(n, units * (in + 1) / pn * ps);
+      for (int64_t a = nn0; a < nn1; a += nc) {
+        const int64_t a1 = std::min(nn1, a + nc);
+        for (int64_t br = br0; br < br1; ++br) {
+          const int64_t m0 = br * r;
+          const int rows = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
+          const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
+          for (int i0 = 0; i0 < rows; i0 += W) {
+            const int len = std::min(W, rows - i0);
+            QEpi e;
+            e.zp = zp;
+            e.sx = sx;
+            if (Op::S8) {
+              e.comp = w.comp + m0 + i0;
+              e.ws = w.wscale + m0 + i0;
+            }
+            e.bias = bias ? bias + m0 + i0 : nullptr;
+            const uint32_t* vv = w.values + i0;
+            for (int64_t p0 = a; p0 < a1; p0 += ps) {
+              const uint32_t* xpp = xp + (p0 / ps) * kg * ps;
+              const int nv = static_cast<int>(std::min<int64_t>(ps, a1 - p0));
+              float* yy = y + p0 * ldy + m0 + i0;
+              if (len == W)
+                q_rows<Op, false>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, static_cast<int>(p0), yy, ldy);
+              else
+                q_rows<Op, true>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, static_cast<int>(p0), yy, ldy);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class Op>
+void q_spmm(const QBsrView& w, const void* x, XType xt, int64_t n, int64_t ldx, const float* bias, float* y,
+            int64_t ldy, int num_threads) {
+  if (w.idx16)
+    q_spmm_run<Op>(w, static_cast<const uint16_t*>(w.col_idx), x, xt, n, ldx, bias, y, ldy, num_threads);
+  else
+    q_spmm_run<Op>(w, static_cast<const int32_t*>(w.col_idx), x, xt, n, ldx, bias, y, ldy, num_threads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared epilogues over a float vector type V (V8 / V16 of vec_x86.h) and its int32 twin.
+template <class V, class I, class Op>
+struct QStore {
+  static SQ_INLINE void s8(float* y, typename I::T acc, int n, const QEpi& e, int row) {
+    using F = typename V::T;
+    const bool full = n == V::W;
+    typename I::T comp = full ? I::load(e.comp) : I::loadn(e.comp, n);
+    typename I::T a = I::sub(acc, I::mullo(comp, I::set1(e.zp[row])));
+    F ws = full ? V::load(e.ws) : V::loadn(e.ws, n);
+    F v = V::mul(I::to_f(a), V::mul(V::set1(e.sx[row]), ws));
+    if (e.bias) v = V::add(v, full ? V::load(e.bias) : V::loadn(e.bias, n));
+    if (full) V::store(y, v); else V::storen(y, v, n);
+  }
+  static SQ_INLINE void f(float* y, typename V::T acc, int n, const QEpi& e, int) {
+    const bool full = n == V::W;
+    if (e.bias) acc = V::add(acc, full ? V::load(e.bias) : V::loadn(e.bias, n));
+    if (full) V::store(y, acc); else V::storen(y, acc, n);
+  }
+};
+
+#if defined(__AVX2__)
+struct QF8 {
+  using T = __m256;
+  static constexpr int W = 8;
+  static SQ_INLINE __m256i mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static SQ_INLINE T set1(float v) { return _mm256_set1_ps(v); }
+  static SQ_INLINE T load(const float* p) { return _mm256_loadu_ps(p); }
+  static SQ_INLINE T loadn(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static SQ_INLINE void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static SQ_INLINE void storen(float* p, T v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
+  static SQ_INLINE T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static SQ_INLINE T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+};
+struct QI8 {
+  using T = __m256i;
+  static SQ_INLINE T set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static SQ_INLINE T load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static SQ_INLINE T loadn(const void* p, int n) {
+    return _mm256_maskload_epi32(static_cast<const int*>(p), QF8::mask(n));
+  }
+  static SQ_INLINE T sub(T a, T b) { return _mm256_sub_epi32(a, b); }
+  static SQ_INLINE T mullo(T a, T b) { return _mm256_mullo_epi32(a, b); }
+  static SQ_INLINE __m256 to_f(T a) { return _mm256_cvtepi32_ps(a); }
+};
+
+// int8 on AVX2: u8 x s8 through vpmaddwd on 16-bit halves (exact: vpmaddubsw would saturate).
+struct S8Madd8 {
+  using T = __m256i;
+  struct WP { __m256i lo, hi; };
+  static constexpr int W = 8, MR = 8, G = 4;
+  static constexpr bool S8 = true;
+  static SQ_INLINE T zero() { return _mm256_setzero_si256(); }
+  static SQ_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
+  static SQ_INLINE WP prep(__m256i v) { return {_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), _mm256_srai_epi16(v, 8)}; }
+  static SQ_INLINE WP loadw(const uint32_t* p) { return prep(QI8::load(p)); }
+  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return prep(QI8::loadn(p, n)); }
+  static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
+    const __m256i xb = _mm256_set1_epi32(static_cast<int>(word));
+    const __m256i xl = _mm256_and_si256(xb, _mm256_set1_epi32(0x00FF00FF)), xh = _mm256_srli_epi16(xb, 8);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(xl, w.lo), _mm256_madd_epi16(xh, w.hi)));
+  }
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, S8Madd8>::s8(y, acc, n, e, row); }
+};
+
+// bf16 on AVX2 / FMA: widen both operands to fp32 (odd k first, the order of vdpbf16ps).
+struct BF16Widen8 {
+  using T = __m256;
+  struct WP { __m256 lo, hi; };
+  static constexpr int W = 8, MR = 8, G = 2;
+  static constexpr bool S8 = false;
+  static SQ_INLINE T zero() { return _mm256_setzero_ps(); }
+  static SQ_INLINE T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static SQ_INLINE WP prep(__m256i v) {
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))))};
+  }
+  static SQ_INLINE WP loadw(const uint32_t* p) { return prep(QI8::load(p)); }
+  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return prep(QI8::loadn(p, n)); }
+  static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
+    const __m256i xb = _mm256_set1_epi32(static_cast<int>(word));
+    const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(xb, 16));
+    const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(xb, _mm256_set1_epi32(int(0xFFFF0000u))));
+    return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
+  }
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, BF16Widen8>::f(y, acc, n, e, row); }
+};
+#endif
+
+#if defined(__AVXVNNI__)
+// int8 with AVX-VNNI (VEX-encoded vpdpbusd on ymm).
+struct S8Vnni8 {
+  using T = __m256i;
+  using WP = __m256i;
+  static constexpr int W = 8, MR = 12, G = 4;
+  static constexpr bool S8 = true;
+  static SQ_INLINE T zero() { return _mm256_setzero_si256(); }
+  static SQ_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
+  static SQ_INLINE WP loadw(const uint32_t* p) { return QI8::load(p); }
+  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI8::loadn(p, n); }
+  static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
+    return _mm256_dpbusd_avx_epi32(acc, _mm256_set1_epi32(static_cast<int>(word)), w);
+  }
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, S8Vnni8>::s8(y, acc, n, e, row); }
+};
+#endif
+
+#if defined(__AVX512BW__)
+struct QF16 {
+  using T = __m512;
+  static constexpr int W = 16;
+  static SQ_INLINE __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static SQ_INLINE T set1(float v) { return _mm512_set1_ps(v); }
+  static SQ_INLINE T load(const float* p) { return _mm512_loadu_ps(p); }
+  static SQ_INLINE T loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static SQ_INLINE void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static SQ_INLINE void storen(float* p, T v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static SQ_INLINE T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static SQ_INLINE T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+};
+struct QI16 {
+  using T = __m512i;
+  static SQ_INLINE T set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static SQ_INLINE T load(const void* p) { return _mm512_loadu_si512(p); }
+  static SQ_INLINE T loadn(const void* p, int n) { return _mm512_maskz_loadu_epi32(QF16::mask(n), p); }
+  static SQ_INLINE T sub(T a, T b) { return _mm512_sub_epi32(a, b); }
+  static SQ_INLINE T mullo(T a, T b) { return _mm512_mullo_epi32(a, b); }
+  static SQ_INLINE __m512 to_f(T a) { return _mm512_cvtepi32_ps(a); }
+};
+
+// int8 on AVX-512BW without VNNI: vpmaddwd on 16-bit halves.
+struct S8Madd16 {
+  using T = __m512i;
+  struct WP { __m512i lo, hi; };
+  static constexpr int W = 16, MR = 12, G = 4;
+  static constexpr bool S8 = true;
+  static SQ_INLINE T zero() { return _mm512_setzero_si512(); }
+  static SQ_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
+  static SQ_INLINE WP prep(__m512i v) { return {_mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), _mm512_srai_epi16(v, 8)}; }
+  static SQ_INLINE WP loadw(const uint32_t* p) { return prep(QI16::load(p)); }
+  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return prep(QI16::loadn(p, n)); }
+  static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
+    const __m512i xb = _mm512_set1_epi32(static_cast<int>(word));
+    const __m512i xl = _mm512_and_si512(xb, _mm512_set1_epi32(0x00FF00FF)), xh = _mm512_srli_epi16(xb, 8);
+    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(xl, w.lo), _mm512_madd_epi16(xh, w.hi)));
+  }
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, S8Madd16>::s8(y, acc, n, e, row); }
+};
+
+// bf16 on AVX-512F without BF16: widen to fp32 (odd k first, the order of vdpbf16ps).
+struct BF16Widen16 {
+  using T = __m512;
+  struct WP { __m512 lo, hi; };
+  static constexpr int W = 16, MR = 12, G = 2;
+  static constexpr bool S8 = false;
+  static SQ_INLINE T zero() { return _mm512_setzero_ps(); }
+  static SQ_INLINE T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static SQ_INLINE WP prep(__m512i v) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))))};
+  }
+  static SQ_INLINE WP loadw(const uint32_t* p) { return prep(QI16::load(p)); }
+  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return prep(QI16::loadn(p, n)); }
+  static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
+    const __m512i xb = _mm512_set1_epi32(static_cast<int>(word));
+    const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xb, 16));
+    const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xb, _mm512_set1_epi32(int(0xFFFF0000u))));
+    return _mm512_fmadd_ps(xe, w.lo, _mm512_fmadd_ps(xo, w.hi, acc));
+  }
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, BF16Widen16>::f(y, acc, n, e, row); }
+};
+#endif
+
+#if defined(__AVX512VNNI__)
+// int8 with AVX512-VNNI: one vpdpbusd = 16 outputs x 4 k.
+struct S8Vnni16 {
+  using T = __m512i;
+  using WP = __m512i;
+  static constexpr int W = 16, MR = 24, G = 4;
+  static constexpr bool S8 = true;
+  static SQ_INLINE T zero() { return _mm512_setzero_si512(); }
+  static SQ_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
+  static SQ_INLINE WP loadw(const uint32_t* p) { return QI16::load(p); }
+  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI16::loadn(p, n); }
+  static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
+    return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(static_cast<int>(word)), w);
+  }
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, S8Vnni16>::s8(y, acc, n, e, row); }
+};
+#endif
+
+#if defined(__AVX512BF16__)
+// bf16 with AVX512-BF16: one vdpbf16ps = 16 outputs x 2 k, fp32 accumulation.
+struct BF16Dp16 {
+  using T = __m512;
+  using WP = __m512i;
+  static constexpr int W = 16, MR = 24, G = 2;
+  static constexpr bool S8 = false;
+  static SQ_INLINE T zero() { return _mm512_setzero_ps(); }
+  static SQ_INLINE T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static SQ_INLINE WP loadw(const uint32_t* p) { return QI16::load(p); }
+  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI16::loadn(p, n); }
+  static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(word)), (__m512bh)w);
+  }
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, BF16Dp16>::f(y, acc, n, e, row); }
+};
+#endif

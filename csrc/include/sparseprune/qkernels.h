@@ -1,0 +1,69 @@
+// Quantized block-sparse kernels (issue #14): int8 (u8 activations x s8 weights, int32 accumulation)
+// and bf16 (fp32 accumulation). Torch-free: Python allocates and packs, C++ reads and fills.
+//
+// Packed layout (written by python/sparseprune/quant.py). A block of r x c weights is stored as
+// c / G groups of G consecutive k, each group r 32-bit words (one per output feature):
+//   int8: G = 4, word = W[m, k..k+3] as 4 x s8   (one vpdpbusd lane: 4 products, one output)
+//   bf16: G = 2, word = W[m, k..k+1] as 2 x bf16 (one vdpbf16ps lane)
+// values[((b * (c / G) + g) * r + i) * 4 bytes] = W[m0 + i, k0 + g * G .. + G). Edge blocks are
+// zero-padded. X is quantized (int8) or rounded (bf16) once per call and packed into panels of
+// the same 32-bit words, k-group-major, so a register tile broadcasts one word per row of X.
+//
+// int8 numerics (those of torch's dynamic quantization, per row of X):
+//   lo = min(0, min_k x), hi = max(0, max_k x), s = (hi - lo) / 255 (1 when hi == lo),
+//   zp = clamp(nearbyint(-lo / s), 0, 255), q = clamp(nearbyint(x * (1 / s)) + zp, 0, 255)
+//   y[n, m] = float(sum_k q * w - zp * comp[m]) * (s * wscale[m]) + bias[m],  comp[m] = sum_k w[m, k]
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sparseprune {
+
+struct QBsrView {
+  int64_t rows = 0, cols = 0;       // M, K
+  int32_t r = 1, c = 4;             // block shape; c % G == 0
+  int64_t block_rows = 0;           // ceil(M / r)
+  int64_t block_cols = 0;           // ceil(K / c)
+  const int32_t* row_ptr = nullptr;
+  const void* col_idx = nullptr;    // uint16 when idx16, else int32
+  bool idx16 = false;
+  const uint32_t* values = nullptr; // packed words, see above
+  const float* wscale = nullptr;    // int8: M per-output-channel scales
+  const int32_t* comp = nullptr;    // int8: M sums of the quantized weights of each output
+
+  int64_t nnzb() const { return row_ptr ? row_ptr[block_rows] : 0; }
+};
+
+enum class XType : int { f32 = 0, bf16 = 1 };
+
+// Y[n, m] (fp32, ldy) = X W^T + b for X n x K (fp32, or bf16 for the bf16 kernels), leading dim ldx.
+using QSpmmFn = void (*)(const QBsrView& w, const void* x, XType xt, int64_t n, int64_t ldx,
+                         const float* bias, float* y, int64_t ldy, int num_threads);
+
+// One quantized path: a SP_QPATH row of csrc/cpu/ukernels.inc.
+struct QPath {
+  const char* dtype;   // "int8" or "bf16"
+  const char* isa;     // level name, see dispatch.cpp
+  const char* names;   // micro-kernel names
+  QSpmmFn fn;
+  bool (*supported)();
+};
+
+void s8_bsr_spmm__scalar(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void bf16_bsr_spmm__scalar(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+#if defined(SPARSEPRUNE_X86)
+void s8_bsr_spmm__avx2(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void bf16_bsr_spmm__avx2(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void s8_bsr_spmm__avxvnni(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void s8_bsr_spmm__avx512(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void bf16_bsr_spmm__avx512(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void s8_bsr_spmm__avx512vnni(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void bf16_bsr_spmm__avx512bf16(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+#endif
+
+const std::vector<QPath>& all_qpaths();
+// The active path for "int8" / "bf16" under the current ISA level (SPARSEPRUNE_ISA / set_isa).
+const QPath& active_qpath(const std::string& dtype);
+
+}  // namespace sparseprune

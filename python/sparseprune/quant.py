@@ -1,0 +1,404 @@
+"""Quantized block-sparse weights (int8, bf16) and the one op that runs them (issue #14).
+
+Two pieces, for the modules to build on:
+
+* :class:`QuantBSRMatrix` — a packed container: ``from_dense(weight, block_size, dtype)``,
+  ``to_dense()`` (dequantized), ``validate()`` (the only gate between arrays and kernels),
+  ``tensors()`` / ``tensor_names``, ``nbytes``.
+* :func:`qspmm` — ``y = x @ W.T + bias`` for such a W: quantizes / rounds ``x`` once per call inside
+  the kernel, runs the int8 (VNNI / AVX2) or bf16 (AVX512-BF16 / widening) BSR micro-kernel, applies
+  scales, compensation and bias at the store. Inference only.
+
+Numerics (identical in every kernel path and in :func:`reference_qspmm`):
+
+* int8 — weights symmetric per output channel (``scale[m] = max|W[m]| / 127``, values in
+  [-127, 127]); activations asymmetric uint8 per row of ``x`` (per token), computed at run time:
+  ``lo = min(0, min x)``, ``hi = max(0, max x)``, ``s = (hi - lo) / 255``, ``zp = round(-lo / s)``,
+  ``q = clamp(round(x * (1 / s)) + zp, 0, 255)`` (round half to even). int32 accumulation;
+  ``y = float(Σ q·w - zp · comp[m]) * (s * scale[m]) + bias[m]`` with ``comp[m] = Σ_k w[m, k]``
+  precomputed at pack time. The integer part is exact, so every path agrees bit for bit.
+* bf16 — weights bf16; ``x`` rounded to bf16 (nearest even) unless it already is; exact products,
+  fp32 accumulation, fp32 bias.
+
+Packed layout (what the kernels read): a block of ``r x c`` weights is ``c / G`` groups of ``G``
+consecutive k (G = 4 for int8, 2 for bf16), each group ``r`` 32-bit words, one per output feature:
+``values[b, g, i, j] = W[m0 + i, k0 + g * G + j]`` — one vpdpbusd / vdpbf16ps lane per word.
+Block widths must be multiples of G (int8: 4, 8, 16, ...; bf16: even).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import formats, ops, reference
+from ._ext import _C
+
+__all__ = ["QuantBSRMatrix", "qspmm", "qspmm_eager", "reference_qspmm", "quantize_rows", "qisa_paths",
+           "active_qisa", "QUANT_DTYPES"]
+
+QUANT_DTYPES = (torch.int8, torch.bfloat16)
+_GROUP = {torch.int8: 4, torch.bfloat16: 2}
+_KIND = {torch.int8: "int8", torch.bfloat16: "bf16"}
+_INT8_MAX_K = 65536  # int32 accumulation: 255 * 127 * K must stay below 2**31
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype not in _GROUP:
+        raise TypeError(f"quantized weight dtype must be torch.int8 or torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _check_block(block_size, dtype) -> Tuple[int, int]:
+    r, c = formats._check_block(block_size)
+    g = _GROUP[dtype]
+    if c % g:
+        raise ValueError(f"{_KIND[dtype]} BSR needs block widths that are multiples of {g} (k is grouped by {g} "
+                         f"per 32-bit lane), got block_size {(r, c)}; use e.g. (16, 16), (16, 4), (4, 4), (1, 4)")
+    return r, c
+
+
+def qisa_paths(supported_only: bool = True):
+    """The quantized kernel paths (``dtype``, ``isa``, ``kernels``, ``supported``) from csrc/cpu/ukernels.inc."""
+    return [p for p in _C.qpaths() if p["supported"] or not supported_only]
+
+
+def active_qisa(dtype) -> str:
+    """The ISA path :func:`qspmm` uses now for ``dtype`` (follows SPARSEPRUNE_ISA / ``ops.set_isa``)."""
+    return _C.active_qisa(_KIND[_check_dtype(dtype)])
+
+
+class QuantBSRMatrix:
+    """Block-sparse weight quantized to int8 or bf16, packed for the quantized kernels.
+
+    Attributes: ``shape`` (rows M, cols K), ``block_size`` (r, c), ``dtype`` (torch.int8 or torch.bfloat16),
+    ``row_ptr`` (int32, block_rows + 1), ``col_idx`` (int16 or int32, one per stored block), ``values``
+    (``dtype``, shape (nnzb, c / G, r, G)), and for int8 ``scales`` (float32, M: per-output-channel
+    weight scale) and ``compensation`` (int32, M: sum of the quantized weights of each output).
+    """
+
+    format = "bsr"
+
+    def __init__(self, shape, block_size, dtype, row_ptr, col_idx, values, scales=None, compensation=None, *,
+                 check: bool = True):
+        self.dtype = _check_dtype(dtype)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.block_size = _check_block(block_size, self.dtype)
+        self.row_ptr = row_ptr
+        self.col_idx = col_idx
+        self.values = values
+        self.scales = scales
+        self.compensation = compensation
+        if check:
+            self.validate()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: Tensor, block_size=(16, 16), dtype=torch.int8) -> "QuantBSRMatrix":
+        """Pack every block of ``weight`` (M x K) holding a non-zero, quantized to ``dtype``."""
+        dtype = _check_dtype(dtype)
+        r, c = _check_block(block_size, dtype)
+        dense = formats._as_matrix(weight)
+        m, k = dense.shape
+        if dtype == torch.int8 and k > _INT8_MAX_K:
+            raise ValueError(f"int8 BSR supports at most {_INT8_MAX_K} input features (int32 accumulation), got {k}")
+        nz = formats.block_mask(dense, (r, c))  # (Mb, Kb)
+        counts = nz.sum(dim=1, dtype=torch.int64)
+        row_ptr = torch.zeros(nz.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=row_ptr[1:])
+        if row_ptr[-1] > torch.iinfo(torch.int32).max:
+            raise ValueError("too many non-zero blocks for 32-bit row pointers")
+        col_idx = nz.nonzero()[:, 1].to(formats.index_dtype_for(nz.shape[1]))
+        g = _GROUP[dtype]
+        scales = comp = None
+        if dtype == torch.int8:
+            amax = dense.abs().amax(dim=1) if k else dense.new_zeros(m)
+            scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).float().contiguous()
+            wq = torch.round(dense / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+            comp = wq.sum(dim=1, dtype=torch.int32).contiguous()
+        else:
+            wq = dense.to(torch.bfloat16)
+        blocks = formats._blocks(wq, r, c)[nz]  # (nnzb, c, r), column-major blocks
+        values = blocks.reshape(-1, c // g, g, r).permute(0, 1, 3, 2).contiguous()
+        return cls((m, k), (r, c), dtype, row_ptr.to(torch.int32), col_idx, values, scales, comp, check=False)
+
+    @classmethod
+    def from_tensors(cls, shape, block_size, dtype, tensors: dict) -> "QuantBSRMatrix":
+        """Rebuild from :meth:`tensors` (e.g. a loaded file): validated before anything runs on it."""
+        return cls(shape, block_size, dtype, tensors.get("row_ptr"), tensors.get("col_idx"), tensors.get("values"),
+                   tensors.get("scales"), tensors.get("compensation"), check=True)
+
+    def _column_major_blocks(self) -> Tensor:
+        """values as (nnzb, c, r) column-major blocks (the fp32 BSR layout)."""
+        r, c = self.block_size
+        return self.values.permute(0, 1, 3, 2).reshape(-1, c, r)
+
+    def int_repr(self) -> Tensor:
+        """The stored weights as a dense M x K matrix of ``dtype`` (int8 values before scaling)."""
+        m, k = self.shape
+        r, c = self.block_size
+        mb, kb = self.block_shape
+        out = torch.zeros(mb, kb, c, r, dtype=self.dtype, device=self.values.device)
+        rows = torch.repeat_interleave(torch.arange(mb, device=self.row_ptr.device),
+                                       self.row_ptr[1:].long() - self.row_ptr[:-1].long())
+        cols = self.col_idx.long() & 0xFFFF if self.col_idx.dtype == torch.int16 else self.col_idx.long()
+        out[rows, cols] = self._column_major_blocks()
+        return out.permute(0, 3, 1, 2).reshape(mb * r, kb * c)[:m, :k].contiguous()
+
+    def to_dense(self) -> Tensor:
+        """The dequantized weight, float32 M x K."""
+        w = self.int_repr().float()
+        if self.dtype == torch.int8:
+            w = w * self.scales[:, None]
+        return w
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def tensor_names(self) -> Tuple[str, ...]:
+        base = ("row_ptr", "col_idx", "values")
+        return base + ("scales", "compensation") if self.dtype == torch.int8 else base
+
+    def tensors(self) -> Tuple[Tensor, ...]:
+        """The arrays the kernels read, in the order of :attr:`tensor_names`."""
+        return tuple(getattr(self, n) for n in self.tensor_names)
+
+    @property
+    def block_shape(self) -> Tuple[int, int]:
+        r, c = self.block_size
+        return math.ceil(self.shape[0] / r), math.ceil(self.shape[1] / c)
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.col_idx.numel())
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        numel = self.shape[0] * self.shape[1]
+        return self.nnz / numel if numel else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> "QuantBSRMatrix":
+        """Check every invariant the kernels rely on; raise ValueError / TypeError naming the problem."""
+        m, k = self.shape
+        if m < 0 or k < 0:
+            raise ValueError(f"negative shape {self.shape}")
+        dtype = _check_dtype(self.dtype)
+        r, c = _check_block(self.block_size, dtype)
+        g = _GROUP[dtype]
+        if dtype == torch.int8 and k > _INT8_MAX_K:
+            raise ValueError(f"int8 BSR supports at most {_INT8_MAX_K} input features, got {k}")
+        mb, kb = self.block_shape
+        for name in self.tensor_names:
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if dtype == torch.bfloat16 and (self.scales is not None or self.compensation is not None):
+            raise ValueError("bf16 BSR has no scales / compensation")
+        rp, ci, v = self.row_ptr, self.col_idx, self.values
+        if rp.dtype != torch.int32:
+            raise TypeError(f"row_ptr must be int32, got {rp.dtype}")
+        if ci.dtype not in (torch.int16, torch.int32):
+            raise TypeError(f"col_idx must be int16 or int32, got {ci.dtype}")
+        if ci.dtype == torch.int16 and kb > formats._INT16_MAX + 1:
+            raise ValueError(f"int16 column indices cannot address {kb} block columns")
+        if v.dtype != dtype:
+            raise TypeError(f"values must be {dtype}, got {v.dtype}")
+        if rp.dim() != 1 or rp.numel() != mb + 1:
+            raise ValueError(f"row_ptr must have {mb + 1} entries for {mb} block rows, got shape {tuple(rp.shape)}")
+        if ci.dim() != 1:
+            raise ValueError(f"col_idx must be 1-D, got shape {tuple(ci.shape)}")
+        nnzb = ci.numel()
+        if tuple(v.shape) != (nnzb, c // g, r, g):
+            raise ValueError(f"values must have shape {(nnzb, c // g, r, g)} for {nnzb} blocks of {r}x{c}, "
+                             f"got {tuple(v.shape)}")
+        tensors = self.tensors()
+        if not all(t.is_contiguous() for t in tensors):
+            raise ValueError(f"{', '.join(self.tensor_names)} must be contiguous")
+        if len({t.device for t in tensors}) != 1:
+            raise ValueError(f"{', '.join(self.tensor_names)} must be on one device")
+        rpl = rp.long()
+        if int(rpl[0]) != 0:
+            raise ValueError(f"row_ptr[0] must be 0, got {int(rpl[0])}")
+        if int(rpl[-1]) != nnzb:
+            raise ValueError(f"row_ptr[-1] = {int(rpl[-1])} does not match {nnzb} column indices")
+        if mb and bool((rpl[1:] < rpl[:-1]).any()):
+            raise ValueError("row_ptr must be non-decreasing")
+        if nnzb:
+            cil = ci.long() & 0xFFFF if ci.dtype == torch.int16 else ci.long()  # kernels read int16 as unsigned
+            if int(cil.min()) < 0 or int(cil.max()) >= kb:
+                raise ValueError(f"column indices must lie in [0, {kb}), got [{int(cil.min())}, {int(cil.max())}]")
+            starts = torch.zeros(nnzb, dtype=torch.bool, device=ci.device)
+            starts[rpl[:-1][rpl[:-1] < rpl[1:]]] = True
+            if bool(((cil[1:] <= cil[:-1]) & ~starts[1:]).any()):
+                raise ValueError("column indices must be sorted and unique within each row")
+        if dtype == torch.int8:
+            s, cp = self.scales, self.compensation
+            if s.dtype != torch.float32 or s.dim() != 1 or s.numel() != m:
+                raise ValueError(f"scales must be float32 of shape ({m},), got {s.dtype} {tuple(s.shape)}")
+            if cp.dtype != torch.int32 or cp.dim() != 1 or cp.numel() != m:
+                raise ValueError(f"compensation must be int32 of shape ({m},), got {cp.dtype} {tuple(cp.shape)}")
+            if m and not bool((torch.isfinite(s) & (s > 0)).all()):
+                raise ValueError("scales must be finite and positive")
+            if m and not torch.equal(self.int_repr().sum(dim=1, dtype=torch.int32), cp):
+                raise ValueError("compensation does not match the row sums of the quantized weights")
+        return self
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(shape={self.shape}, block_size={self.block_size}, dtype={self.dtype}, "
+                f"nnz_blocks={self.nnz_blocks}, density={self.density:.3f}, index={self.col_idx.dtype})")
+
+
+# -- the op ---------------------------------------------------------------------------------------
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _can_run_eager(x: Tensor) -> bool:
+    """Plain tensors outside tracing / compilation may skip the dispatcher (a few µs instead of tens)."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _check_operands(x: Tensor, values: Tensor, bias: Optional[Tensor], rows: int, cols: int, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D input, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"{name}: expected a float32 or bfloat16 input, got {x.dtype}")
+    if x.shape[1] != cols:
+        raise ValueError(f"{name}: input has {x.shape[1]} features, the sparse weight expects {cols}")
+    if x.device.type != "cpu" or values.device.type != "cpu":
+        raise NotImplementedError(f"{name}: quantized kernels are CPU-only")
+    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1 or bias.numel() != rows):
+        raise ValueError(f"{name}: bias must be float32 of shape ({rows},), got {bias.dtype} {tuple(bias.shape)}")
+
+
+def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Optional[Tensor],
+                compensation: Optional[Tensor], bias: Optional[Tensor], rows: int, cols: int, r: int, c: int,
+                num_threads: int) -> Tensor:
+    """The body of the ``sparseprune::qspmm`` op without the dispatcher, for validated operands."""
+    s8 = values.dtype == torch.int8
+    out_dtype = x.dtype
+    if s8 and x.dtype != torch.float32:
+        x = x.float()
+    if x.stride(1) != 1 or x.stride(0) < max(cols, 1):
+        x = x.contiguous()
+    n = x.shape[0]
+    y = torch.empty(n, rows, dtype=torch.float32, device=x.device)
+    if n == 0 or rows == 0:
+        return y.to(out_dtype)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    _C.qspmm("int8" if s8 else "bf16", rows, cols, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
+             col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
+             compensation.data_ptr() if s8 else 0, x.data_ptr(), x.dtype == torch.bfloat16, n,
+             max(x.stride(0), cols), bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows,
+             ops.resolve_threads(num_threads))
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+@torch.library.custom_op("sparseprune::qspmm", mutates_args=())
+def _qspmm_op(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Optional[Tensor],
+              compensation: Optional[Tensor], bias: Optional[Tensor], rows: int, cols: int, r: int, c: int,
+              num_threads: int) -> Tensor:
+    """``x @ W.T + bias`` for an int8 / bf16 block-sparse W packed by :class:`QuantBSRMatrix`."""
+    _check_operands(x, values, bias, rows, cols, "qspmm")
+    if values.dtype == torch.int8 and (scales is None or compensation is None):
+        raise ValueError("qspmm: int8 weights need scales and compensation")
+    return qspmm_eager(x, row_ptr, col_idx, values, scales, compensation, bias, rows, cols, r, c, num_threads)
+
+
+@_qspmm_op.register_fake
+def _(x, row_ptr, col_idx, values, scales, compensation, bias, rows, cols, r, c, num_threads):
+    torch._check(x.dim() == 2, lambda: "qspmm: expected a 2-D input")
+    torch._check(x.shape[1] == cols, lambda: f"qspmm: input features must be {cols}")
+    return x.new_empty(x.shape[0], rows)
+
+
+def _qspmm_backward(ctx, grad):
+    raise RuntimeError("sparseprune::qspmm is inference-only (quantized weights have no gradient); "
+                       "train the float model and quantize afterwards")
+
+
+def _qspmm_setup(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("sparseprune::qspmm", _qspmm_backward, setup_context=_qspmm_setup)
+
+
+def qspmm(x: Tensor, packed: QuantBSRMatrix, bias: Optional[Tensor] = None, num_threads: int = 0) -> Tensor:
+    """``x @ W.T + bias`` for a quantized block-sparse ``W``; ``x`` is (..., K), float32 or bfloat16.
+
+    The output has x's dtype (computation in int32 / fp32). ``num_threads <= 0`` means
+    ``torch.get_num_threads()``. Inference only: raises if a gradient would be needed."""
+    if not isinstance(packed, QuantBSRMatrix):
+        raise TypeError(f"qspmm: expected a QuantBSRMatrix, got {type(packed).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"qspmm: expected a tensor input, got {type(x).__name__}")
+    m, k = packed.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"qspmm: input of shape {tuple(x.shape)} does not end in {k} features")
+    if _needs_grad(x, bias):
+        raise RuntimeError("qspmm is inference-only: call it under torch.no_grad() / inference_mode, or on "
+                           "inputs that do not require grad")
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    r, c = packed.block_size
+    args = (packed.row_ptr, packed.col_idx, packed.values, packed.scales, packed.compensation, bias, m, k, r, c,
+            int(num_threads))
+    if _can_run_eager(x2):
+        _check_operands(x2, packed.values, bias, m, k, "qspmm")
+        y = qspmm_eager(x2, *args)
+    else:
+        y = torch.ops.sparseprune.qspmm(x2, *args)
+    return y.reshape(*lead, m)
+
+
+# -- pure-torch reference -------------------------------------------------------------------------
+def quantize_rows(x: Tensor):
+    """Per-row asymmetric uint8 quantization of a float32 (N, K) x, exactly as the kernels do it.
+
+    Returns (q as float32 integers in [0, 255], scale (N,), zero_point (N,) as float32 integers)."""
+    x = x.float()
+    n = x.shape[0]
+    if x.shape[1] == 0:
+        lo = hi = torch.zeros(n)
+    else:
+        lo, hi = x.amin(dim=1).clamp(max=0.0), x.amax(dim=1).clamp(min=0.0)
+    s = (hi - lo) / 255.0
+    s = torch.where((s >= 1e-30) & torch.isfinite(s), s, torch.ones_like(s))
+    inv = torch.div(torch.ones_like(s), s)
+    zp = torch.round(torch.div(-lo, s)).clamp(0.0, 255.0)
+    q = (torch.round(x * inv[:, None]) + zp[:, None]).clamp(0.0, 255.0)
+    return q, s, zp
+
+
+def reference_qspmm(x: Tensor, packed: QuantBSRMatrix, bias: Optional[Tensor] = None) -> Tensor:
+    """Slow, obviously-correct twin of :func:`qspmm` (fp32 output). int8 agrees bit for bit."""
+    m, k = packed.shape
+    r, c = packed.block_size
+    x2 = x.reshape(-1, k)
+    blocks = packed._column_major_blocks()
+    if packed.dtype == torch.int8:
+        w = reference.bsr_to_dense(packed.row_ptr, packed.col_idx, blocks.to(torch.int32), m, k, r, c)  # float64
+        q, s, zp = quantize_rows(x2)
+        acc = (q.double() @ w.T).long()  # exact: |acc| < 2**31
+        acc = acc - zp.long()[:, None] * packed.compensation.long()[None, :]
+        y = acc.float() * (s[:, None] * packed.scales[None, :])
+    else:
+        w = reference.bsr_to_dense(packed.row_ptr, packed.col_idx, blocks.float(), m, k, r, c)
+        y = (x2.to(torch.bfloat16).double() @ w.T).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], m)
