@@ -18,6 +18,11 @@ blocks / N:M groups; criteria know nothing about patterns.
 Calibration inputs (``example_inputs``): a Tensor (``model(x)``), a tuple (``model(*args)``), a
 mapping (``model(**kwargs)``, e.g. a tokenizer's output), or a list / any other iterable of such
 batches. Pass ``forward=lambda model, batch: ...`` for anything else (e.g. a DataLoader of (x, y)).
+
+Padding is not activation: when a batch carries an ``attention_mask`` (a mapping batch, or a tuple
+whose first item is a mapping, as a SentenceTransformer's features), a Linear layer whose input is
+shaped ``(*mask.shape, features)`` contributes only the real tokens' rows to the statistics, so
+calibration can run on padded batches of many sentences at once.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["CRITERIA", "iter_batches", "run_batch", "ActivationStats", "collect_activation_stats",
-           "element_scores", "GradientScores"]
+           "element_scores", "GradientScores", "batch_token_mask", "layer_inputs"]
 
 CRITERIA = ("magnitude", "l1", "l2", "wanda", "taylor", "movement", "random", "sparsegpt")
 
@@ -62,10 +67,26 @@ def run_batch(model: nn.Module, batch, forward: Optional[Callable] = None):
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model; pass forward=")
 
 
-def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
+def batch_token_mask(batch) -> Optional[Tensor]:
+    """The ``attention_mask`` of a calibration batch (a mapping, or a tuple/list whose first item is a
+    mapping), as a bool tensor; None when there is none."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Mapping):
+        batch = batch[0]
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        if isinstance(m, Tensor) and m.dim() >= 1:
+            return m.detach().bool()
+    return None
+
+
+def layer_inputs(module: nn.Module, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
     """The 2-D matrix (tokens, features) that multiplies the weight's columns: for Conv2d the
-    im2col'd input (columns ordered channel-major, then kernel row, kernel column)."""
+    im2col'd input (columns ordered channel-major, then kernel row, kernel column). For a Linear
+    input shaped ``(*token_mask.shape, features)``, only the rows of real (unmasked) tokens."""
     x = x.detach()
+    if token_mask is not None and not isinstance(module, nn.Conv2d) and x.dim() == token_mask.dim() + 1 \
+            and x.shape[:-1] == token_mask.shape:
+        return x[token_mask.to(x.device)].float()
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:
             x = x.unsqueeze(0)
@@ -83,6 +104,9 @@ def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     return x.float().reshape(-1, x.shape[-1])
 
 
+_layer_inputs = layer_inputs
+
+
 class ActivationStats:
     """Per-layer input statistics: sum of squares per input column, token count, optional Gram matrix."""
 
@@ -92,8 +116,8 @@ class ActivationStats:
         self.count = 0
         self.hessian = hessian
 
-    def update(self, module: nn.Module, x: Tensor) -> None:
-        cols = _layer_inputs(module, x)
+    def update(self, module: nn.Module, x: Tensor, token_mask: Optional[Tensor] = None) -> None:
+        cols = layer_inputs(module, x, token_mask)
         s = cols.pow(2).sum(0)
         self.sq = s if self.sq is None else self.sq + s
         if self.hessian:
@@ -126,9 +150,10 @@ def collect_activation_stats(model: nn.Module, modules: Dict[str, nn.Module], ex
     With ``stop_after``, each forward is cut short once that module has seen its input."""
     stats = {name: ActivationStats(hessian) for name in modules}
     handles = []
+    current = {"mask": None}
     for name, mod in modules.items():
         def hook(m, args, _name=name):
-            stats[_name].update(m, args[0])
+            stats[_name].update(m, args[0], current["mask"])
             if m is stop_after:
                 raise _Stop
         handles.append(mod.register_forward_pre_hook(hook))
@@ -137,6 +162,7 @@ def collect_activation_stats(model: nn.Module, modules: Dict[str, nn.Module], ex
     try:
         with torch.no_grad():
             for batch in iter_batches(example_inputs):
+                current["mask"] = batch_token_mask(batch)
                 try:
                     run_batch(model, batch, forward)
                 except _Stop:

