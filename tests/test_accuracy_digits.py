@@ -102,10 +102,10 @@ def dense_model(kind):
 
 def prune(model, pattern, sparsity=None, block=None, importance="magnitude", calib=None):
     if pattern == "blocks":
-        return prune_blocks(model, sparsity, block, importance=importance, example_inputs=calib, misfit="shrink")
+        return prune_blocks(model, sparsity, block, importance=importance, calibration=calib, misfit="shrink")
     if pattern == "unstructured":
-        return prune_unstructured(model, sparsity, importance=importance, example_inputs=calib)
-    return prune_nm(model, 2, 4, importance=importance, example_inputs=calib)
+        return prune_unstructured(model, sparsity, importance=importance, calibration=calib)
+    return prune_nm(model, 2, 4, importance=importance, calibration=calib)
 
 
 def pack_linears(model):

@@ -95,7 +95,7 @@ def run(configs, n_calib=128, n_heldout=64, out=sys.stdout):
     results = {}
     for pattern, imp in configs:
         m = copy.deepcopy(model)
-        kw = dict(importance=imp, example_inputs=calib, sequential=False)
+        kw = dict(importance=imp, calibration=calib, sequential=False)
         if pattern == "2:4":
             prune_nm(m, 2, 4, **kw)
         else:

@@ -280,18 +280,19 @@ def test_calibration_input_forms_agree():
 
     base = KW()
     x = torch.randn(30, 12)
-    forms = [x, (x,), {"x": x}, [x[:10], x[10:]], [(x[:15],), {"x": x[15:]}], (t for t in (x[:7], x[7:]))]
+    calls = [x, (x,), {"x": x}]  # example_inputs: one call of the model, as everywhere
+    batches = [[x[:10], x[10:]], [(x[:15],), {"x": x[15:]}], (t for t in (x[:7], x[7:]))]  # calibration=
     results = []
-    for ex in forms:
+    for kw in [{"example_inputs": c} for c in calls] + [{"calibration": b} for b in batches]:
         m = copy.deepcopy(base)
-        prune_unstructured(m, 0.5, importance="wanda", example_inputs=ex, dense_first_last=False)
+        prune_unstructured(m, 0.5, importance="wanda", dense_first_last=False, **kw)
         results.append(torch.cat([masks.get_mask(m.a).flatten(), masks.get_mask(m.b).flatten()]))
     for r in results[1:]:
         assert torch.equal(r, results[0])
     # a loader of (x, y) pairs with a forward= that drops the labels
     m = copy.deepcopy(base)
     pairs = [(x[:10], torch.zeros(10)), (x[10:], torch.zeros(20))]
-    prune_unstructured(m, 0.5, importance="wanda", example_inputs=pairs, forward=lambda mod, b: mod(b[0]),
+    prune_unstructured(m, 0.5, importance="wanda", calibration=pairs, forward=lambda mod, b: mod(b[0]),
                        dense_first_last=False)
     assert torch.equal(torch.cat([masks.get_mask(m.a).flatten(), masks.get_mask(m.b).flatten()]), results[0])
     with pytest.raises(TypeError):
@@ -550,8 +551,8 @@ def test_sequential_calibration_accepts_a_generator_and_sees_pruned_inputs():
     net = mlp(16, 32, 32, 4)
     x = torch.randn(64, 16)
     seq, par = copy.deepcopy(net), copy.deepcopy(net)
-    prune_unstructured(seq, 0.7, importance="wanda", example_inputs=(b for b in x.split(16)), sequential=True)
-    prune_unstructured(par, 0.7, importance="wanda", example_inputs=(b for b in x.split(16)), sequential=False)
+    prune_unstructured(seq, 0.7, importance="wanda", calibration=(b for b in x.split(16)), sequential=True)
+    prune_unstructured(par, 0.7, importance="wanda", calibration=(b for b in x.split(16)), sequential=False)
     assert torch.equal(masks.get_mask(seq[0]), masks.get_mask(par[0]))  # the first layer sees the same input
     # layer "2" is calibrated on the pruned layer 0's outputs in sequential mode: reference by hand
     h = torch.relu(seq[0](x)).detach()

@@ -6,7 +6,7 @@ import torch
 
 import sparseprune as sp
 from sparseprune.prune import masks
-from sparseprune.prune.search import (Plan, PlanResult, SearchResult, Sensitivity, convert_linears, search_plans,
+from sparseprune.prune.search import (Plan, PlanResult, SearchResult, Sensitivity, search_plans,
                                       sensitivity)
 from test_accuracy_digits import accuracy, dense_model, digits
 
@@ -34,21 +34,6 @@ def test_search_plans_measures_each_converted_plan(tmp_path):
     png = res.plot(str(tmp_path / "pareto.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert torch.equal(model.fc2.weight, dense_model("mlp")[0].fc2.weight)  # the user's model is untouched
-
-
-def test_convert_linears_formats_follow_the_plan():
-    model, _ = dense_model("mlp")
-    plan = Plan("blocks", 0.5, (16, 16))
-    fast = convert_linears(plan.apply(copy.deepcopy(model)), plan)
-    assert (fast.fc1.format, fast.fc1.block_size) == ("bsr", (16, 16)) and fast.fc3.format == "dense"
-    plan = Plan("unstructured", 0.5)
-    pruned = plan.apply(copy.deepcopy(model))
-    fast = convert_linears(pruned, plan)
-    assert fast.fc2.format == "csr"
-    x = torch.rand(5, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), pruned(x), rtol=1e-4, atol=1e-4)
-    assert masks.get_mask(pruned.fc2) is not None  # converting a copy leaves the masked model alone
 
 
 def test_pareto_front_is_exact():

@@ -10,7 +10,7 @@ call arguments, see :func:`iter_calls`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from torch import Tensor, nn
 

@@ -41,10 +41,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="callable returning a fresh instance of the original architecture")
     b.add_argument("--input-shape", required=True, metavar="N,...",
                    help="shape of the random float32 input, e.g. 128,768 or 8,3,224,224")
-    b.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
-    b.add_argument("--time-budget", type=float, default=5.0, help="seconds of timing in total")
+    b.add_argument("--threads", type=_positive_int, default=None, help="threads (default: torch's)")
+    b.add_argument("--time-budget", type=_non_negative, default=5.0, help="seconds of timing in total")
     b.add_argument("--json", action="store_true", help="print the rows and totals as JSON")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= 1024:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 1024], got {text!r}")
+    return v
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, got {text!r}")
+    return v
 
 
 def _arch(spec: str):
@@ -92,16 +112,21 @@ def _report(args) -> int:
     except (OSError, ValueError) as e:
         print(f"sparseprune: {e}", file=sys.stderr)
         return 1
-    holder = type("_Saved", (), {})()  # summary() reads only the stored report
+    holder = type("_Saved", (), {})()  # summary() reads only the stored (schema-checked) report
     setattr(holder, REPORT_ATTR, structure.get("report"))
     size = os.path.getsize(args.model_file)
     if structure.get("report") is None:
-        rows = [{"name": n, "type": e["class"], "shape": None, "format": e["attrs"].get("format", "-"),
-                 "block": e["attrs"].get("block_size") if e["attrs"].get("format") == "bsr" else None,
-                 "density": None, "dense_ms": None, "sparse_ms": None, "speedup": None}
-                for n, e in structure["modules"].items() if e["class"] != "Identity"]
-        s = Summary(rows, {"layers": len(rows), "sparse_layers": len(rows), "dense_ms": None,
-                           "converted_ms": None, "speedup": None})
+        rows = []
+        for n, e in structure["modules"].items():
+            if e["class"] == "Identity":
+                continue
+            attrs = e["attrs"]
+            fmt = attrs.get("format") if isinstance(attrs.get("format"), str) else "-"
+            block = attrs.get("block_size") if fmt == "bsr" and isinstance(attrs.get("block_size"), list) else None
+            rows.append({"name": n, "type": e["class"], "shape": None, "format": fmt, "block": block,
+                         "density": None, "dense_ms": None, "sparse_ms": None, "speedup": None})
+        s = Summary(rows, {"layers": len(rows), "sparse_layers": sum(r["format"] in ("csr", "bsr") for r in rows),
+                           "dense_ms": None, "converted_ms": None, "speedup": None})
     else:
         s = summary(holder, print_fn=None)
     if not args.json:
@@ -127,7 +152,11 @@ def _bench(args) -> int:
         return 1
     model.eval()
     x = torch.randn(*shape)
-    s = measure(model, x, time_budget=args.time_budget, num_threads=args.threads)
+    try:
+        s = measure(model, x, time_budget=args.time_budget, num_threads=args.threads)
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"sparseprune: the model does not run on an input of shape {shape}: {e}", file=sys.stderr)
+        return 1
     _print_summary(s, args.json)
     return 0
 

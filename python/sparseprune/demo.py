@@ -9,12 +9,12 @@ Everything runs locally on the CPU; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
 import sparseprune as sp
+from sparseprune.convert.timing import time_calls
 
 
 class FFNStack(nn.Module):
@@ -33,17 +33,8 @@ class FFNStack(nn.Module):
 
 
 def timeit(fn, min_time=0.4):
-    fn()
-    n, t = 0, 0.0
-    best = float("inf")
-    while t < min_time or n < 3:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best = min(best, dt)
-        t += dt
-        n += 1
-    return best
+    """Median seconds per call, by the library's one timing helper (the same one convert() uses)."""
+    return time_calls({"fn": fn}, min_time, min_reps=3, max_reps=1000)["fn"]
 
 
 @torch.no_grad()

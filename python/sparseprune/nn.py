@@ -13,7 +13,7 @@ Every sparse module shares one protocol, :class:`SparseModule`:
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -44,10 +44,7 @@ def capture(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_i
     hooks = []
     for name, m in layers:
         def pre(mod, args, _name=name):
-            w = getattr(mod, "weight", None)
-            if isinstance(w, Tensor):
-                reads.watch[id(w)] = _name  # after masks / parametrizations computed it
-            reads.active.append(_name)
+            reads.active.append(_name)  # first of the pre-hooks: a mask's own hook counts as inside
             if args and isinstance(args[0], Tensor):
                 seen = captured.setdefault(_name, {})
                 key = tuple(args[0].shape)
@@ -56,13 +53,19 @@ def capture(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_i
                 elif len(seen) < _MAX_SHAPES_SEEN:
                     seen[key] = [args[0].detach().clone(), 1]
 
+        def watch(mod, args, _name=name):
+            w = getattr(mod, "weight", None)
+            if isinstance(w, Tensor):
+                reads.watch[id(w)] = _name  # after masks / parametrizations computed it
+
         def post(mod, args, out, _name=name):
             if reads.active and reads.active[-1] == _name:
                 reads.active.pop()
         w = getattr(m, "weight", None)
         if isinstance(w, Tensor):
             reads.watch[id(w)] = name
-        hooks.append(m.register_forward_pre_hook(pre))
+        hooks.append(m.register_forward_pre_hook(pre, prepend=True))
+        hooks.append(m.register_forward_pre_hook(watch))
         hooks.append(m.register_forward_hook(post))
     try:
         with reads:

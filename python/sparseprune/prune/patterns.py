@@ -19,8 +19,10 @@ keyword arguments:
 ``importance``      "magnitude" (= "l2": block L2 norm) | "l1" | "wanda" | "sparsegpt" | "taylor" | "random", a
                     ``criteria.GradientScores`` (taylor / movement), a dict {layer name: score} or a
                     callable(name, module) -> score. Block scores are the mean element score.
-``example_inputs``  calibration batches for wanda / sparsegpt (see ``criteria``); ``forward`` feeds
-                    a batch that is not a Tensor / tuple / dict.
+``calibration``     calibration batches for wanda / sparsegpt: an iterable of model inputs (each a
+                    Tensor, a tuple of positional args or a mapping of keyword args); ``forward`` feeds
+                    a batch of another form. ``example_inputs`` (one call of the model, as everywhere
+                    in sparseprune) is accepted as a single calibration batch.
 ``layers``          which layers (None = every Linear and Conv2d): names, glob patterns, module types,
                     module objects, or a callable(name, module) -> bool. ``exclude``: same forms.
 ``dense_first_last`` keep the first layer (when it is a Conv2d) and the last Linear / Conv2d (the
@@ -59,11 +61,26 @@ __all__ = ["prune_unstructured", "prune_blocks", "prune_nm", "select_layers", "p
            "check_sparsity", "check_block_size", "check_nm", "PRUNABLE"]
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
-_COMMON_KW = {"importance", "example_inputs", "forward", "layers", "exclude", "dense_first_last", "scope",
+_COMMON_KW = {"importance", "example_inputs", "calibration", "forward", "layers", "exclude", "dense_first_last", "scope",
               "overrides", "misfit", "per_row", "keep_pruned", "sequential", "damp", "seed", "nm_axis"}
 
 
 # -- argument checks ---------------------------------------------------------------------------------
+def _calibration_batches(kw) -> list:
+    from .._inputs import iter_calls, split_call
+    cal, ex = kw.get("calibration"), kw.get("example_inputs")
+    if cal is not None and ex is not None:
+        raise ValueError("pass calibration batches as calibration=... or one call as example_inputs=..., not both")
+    if cal is not None:
+        return iter_calls(cal)
+    if ex is None:
+        raise ValueError("importance='wanda' / 'sparsegpt' needs calibration=[batches] (or one call as "
+                         "example_inputs=...)")
+    if kw.get("forward") is None:
+        split_call(ex)  # one call of the model: a Tensor, a tuple of positional args or a mapping
+    return [ex]
+
+
 def check_sparsity(s, what: str = "sparsity") -> float:
     if isinstance(s, bool) or not isinstance(s, numbers.Real) and not (isinstance(s, Tensor) and s.numel() == 1):
         raise TypeError(f"{what} must be a number in [0, 1], got {type(s).__name__}")
@@ -313,11 +330,10 @@ def _prune(model, kind, base, kw):
     sequential = kw.get("sequential")
     if sequential is None:
         sequential = any(p.get("importance", importance) == "sparsegpt" for p in plans.values())
-    ex, fwd = kw.get("example_inputs"), kw.get("forward")
+    fwd = kw.get("forward")
+    ex = None
     if any(calib.values()):
-        if ex is None:
-            raise ValueError("importance='wanda' / 'sparsegpt' needs example_inputs (calibration batches)")
-        ex = C.iter_batches(ex)  # a list: a generator would be spent after the first (sequential) pass
+        ex = _calibration_batches(kw)  # a list: a generator would be spent after the first (sequential) pass
     stats = {}
     if any(calib.values()) and not sequential:
         need = {n: m for n, m in mods.items() if calib[n]}

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import criteria as C
+
 from .masks import apply_mask, get_mask, remove_masks
 from .patterns import (check_block_size, check_nm, check_sparsity, prune_blocks, prune_nm, prune_unstructured,
                        select_layers)
 
-__all__ = ["Plan", "PlanResult", "SearchResult", "default_plans", "search_plans", "convert_linears",
+__all__ = ["Plan", "PlanResult", "SearchResult", "default_plans", "search_plans",
            "measure_latency", "Sensitivity", "sensitivity"]
 
 
@@ -84,54 +82,27 @@ def default_plans(**prune_kw) -> List[Plan]:
     return plans
 
 
-def convert_linears(model: nn.Module, plan: Optional[Plan] = None) -> nn.Module:
-    """A copy with every pruned nn.Linear replaced by a SparseLinear in the plan's format (BSR with
-    the plan's block for blocks, CSR otherwise; dense-format when nothing was pruned). Masks are baked
-    in. Conv2d layers stay as they are (until a sparse conv module exists)."""
-    from ..nn import SparseLinear
-
-    out = remove_masks(copy.deepcopy(model))
-    for mod in list(out.modules()):
-        for name, child in list(mod.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            w = child.weight.detach()
-            if not bool((w == 0).any()):
-                fmt, bs = "dense", None
-            elif plan is not None and plan.pattern == "blocks":
-                fmt, bs = "bsr", plan.block_size
-            else:
-                fmt, bs = "csr", None
-            setattr(mod, name, SparseLinear.from_dense(child, format=fmt, block_size=bs))
-    return out
-
-
 def _default_converter(model, example_inputs, plan):
-    try:
-        from ..convert import convert
-        return convert(model, example_inputs)
-    except NotImplementedError:
-        return convert_linears(model, plan)
+    from ..convert import convert
+    return convert(model, example_inputs)
 
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, example_inputs, forward: Optional[Callable] = None, repeats: int = 10,
                     warmup: int = 2) -> float:
-    """Median wall time (ms) of one pass over ``example_inputs`` (all its batches), eval mode."""
+    """Median wall time (ms) of one call of ``model`` on ``example_inputs`` (``forward(model, inputs)``
+    if given), eval mode, timed by the library's one timing helper."""
+    from .._inputs import call_model
+    from ..convert.timing import time_calls
+
     was = model.training
     model.eval()
-    batches = C.iter_batches(example_inputs)
-    for _ in range(warmup):
-        for b in batches:
-            C.run_batch(model, b, forward)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for b in batches:
-            C.run_batch(model, b, forward)
-        times.append((time.perf_counter() - t) * 1e3)
-    model.train(was)
-    return statistics.median(times)
+    run = (lambda: forward(model, example_inputs)) if forward is not None else (lambda: call_model(model, example_inputs))
+    try:
+        t = time_calls({"model": run}, 0.0, min_reps=repeats, max_reps=repeats, warmup=warmup)["model"]
+    finally:
+        model.train(was)
+    return t * 1e3
 
 
 @dataclass
@@ -203,9 +174,8 @@ def search_plans(model: nn.Module, evaluate: Callable[[nn.Module], float], examp
                  forward: Optional[Callable] = None, repeats: int = 10, higher_is_better: bool = True,
                  num_threads: Optional[int] = None) -> SearchResult:
     """Try each plan on a copy of ``model``: prune, ``finetune(copy)`` if given, convert
-    (``converter(model, example_inputs, plan)``; default ``sparseprune.convert``, or a Linear-only
-    conversion while that is unavailable), ``evaluate`` the converted model and time it on
-    ``example_inputs``. The dense model is timed in the same process and thread count."""
+    (``converter(model, example_inputs, plan)``; default ``sparseprune.convert``), ``evaluate`` the
+    converted model and time it on ``example_inputs`` (one call of the model). The dense model is timed in the same process and thread count."""
     if not callable(evaluate):
         raise TypeError("evaluate must be a callable(model) -> float")
     plans = default_plans() if plans is None else list(plans)
