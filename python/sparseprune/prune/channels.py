@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from .._inputs import call_model
 from . import graph
 from .graph import FIXED
 from .importance import IMPORTANCES, unit_scores
 
-__all__ = ["prune_channels", "ChannelPruneReport", "ChannelPruneWarning"]
+__all__ = ["prune_channels", "ChannelPruner", "register_channel_rule", "unregister_channel_rule",
+           "ChannelPruneReport", "ChannelPruneWarning"]
 
 
 class ChannelPruneWarning(UserWarning):
@@ -31,7 +35,7 @@ class ChannelPruneWarning(UserWarning):
 class Group:
     units: list                 # root atom per unit
     slots: list                 # indices into trace.slots
-    members: dict = field(default_factory=dict)   # root -> [(slot index, LongTensor positions)]
+    members: dict = field(default_factory=dict)   # root -> [(slot index, number of positions)]
     slot_roots: dict = field(default_factory=dict)  # slot index -> (unique roots, inverse index)
 
     def describe(self, tr):
@@ -80,49 +84,80 @@ class ChannelPruneReport:
 
 
 # ------------------------------------------------------------------------------------------- checks
-def _check_args(model, example_inputs, ratio, importance, global_ranking, round_to, ignore):
+def _check_ratio(name, r):
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+        raise TypeError(f"{name} must be a number in [0, 1), got {r!r}")
+    if not 0.0 <= r < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (the fraction of channels removed; at least one channel "
+                         f"always stays), got {r}")
+
+
+def _check_args(model, example_inputs, ratio, importance, global_ranking, round_to, lists, layer_ratios,
+                head_ratio, steps):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
-        raise TypeError("example_inputs must be a tensor, a tuple of positional arguments or a dict of "
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list, Mapping)):
+        raise TypeError("example_inputs must be a tensor, a tuple of positional arguments or a mapping of "
                         f"keyword arguments, got {type(example_inputs).__name__}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-        raise TypeError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1) (the fraction of channels removed; at least one channel "
-                         f"always stays), got {ratio}")
+    _check_ratio("ratio", ratio)
+    if head_ratio is not None:
+        _check_ratio("head_ratio", head_ratio)
+    if not isinstance(layer_ratios, Mapping):
+        raise TypeError("layer_ratios must be a mapping {name pattern or module: ratio}")
+    for k, v in layer_ratios.items():
+        if not isinstance(k, (str, nn.Module)):
+            raise TypeError(f"layer_ratios keys must be name patterns (str) or modules, got {k!r}")
+        _check_ratio(f"layer_ratios[{k!r}]", v)
     if not (callable(importance) or importance in IMPORTANCES):
         raise ValueError(f"importance must be one of {sorted(IMPORTANCES)} or a callable, got {importance!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not isinstance(global_ranking, bool):
         raise TypeError("global_ranking must be a bool")
-    for x in ignore:
-        if not isinstance(x, (nn.Module, str, type)):
-            raise TypeError(f"ignore entries must be modules, qualified names or module classes, got {x!r}")
+    for arg, xs in lists.items():
+        for x in xs:
+            if not isinstance(x, (nn.Module, str, type)):
+                raise TypeError(f"{arg} entries must be modules, qualified names or module classes, got {x!r}")
 
 
-def _resolve_ignore(model, ignore):
+def _as_list(x):
+    return (x,) if isinstance(x, (nn.Module, str, type)) else tuple(x)
+
+
+def _resolve_modules(model, xs, arg="ignore"):
     names = dict(model.named_modules())
     out = set()
-    for x in ignore:
+    for x in xs:
         if isinstance(x, str):
             if x not in names:
-                raise ValueError(f"ignore: no submodule named {x!r}")
+                raise ValueError(f"{arg}: no submodule named {x!r}")
             out.update(id(m) for m in names[x].modules())
         elif isinstance(x, type):
             out.update(id(m) for m in model.modules() if isinstance(m, x))
         else:
             if not any(m is x for m in model.modules()):
-                raise ValueError("ignore: module is not part of the model")
+                raise ValueError(f"{arg}: module is not part of the model")
             out.update(id(m) for m in x.modules())
     return out
 
 
 # ------------------------------------------------------------------------------------------- groups
-def _build_groups(tr, ignored):
+def _protect(tr, frozen, kept_outputs):
+    """Fix the atoms of protected modules' slots: every slot of a frozen module, every slot but the input
+    channels ("in") of a module whose outputs are kept."""
     uf = tr.uf
-    # two slots over the same tensor dim (tied weights) share their atoms index by index
+    for s in tr.slots:
+        owners = tr.owners.get(s.key, [])
+        if any(id(o[0]) in frozen for o in owners) or (
+                s.kind != "in" and any(id(o[0]) in kept_outputs for o in owners)):
+            for a in s.atoms.tolist():
+                uf.union(FIXED, a)
+
+
+def _tie_slots(tr):
+    """Two slots over the same tensor dim (tied weights) share their atoms index by index."""
     by_key = {}
     for s in tr.slots:
         by_key.setdefault((s.key, s.dim), []).append(s)
@@ -130,20 +165,24 @@ def _build_groups(tr, ignored):
         for s in ss[1:]:
             n = min(len(s.atoms), len(ss[0].atoms))
             for a, b in zip(ss[0].atoms[:n].tolist(), s.atoms[:n].tolist()):
-                uf.union(a, b)
-    for s in tr.slots:
-        owners = tr.owners.get(s.key, [])
-        if any(id(o[0]) in ignored for o in owners):
-            for a in s.atoms.tolist():
-                uf.union(FIXED, a)
+                tr.uf.union(a, b)
+
+
+def _build_groups(tr):
+    uf = tr.uf
     fixed_root = uf.find(FIXED)
-    roots = [uf.roots(s.atoms) for s in tr.slots]
+    roots, uniq = [], []
+    for s in tr.slots:
+        r = uf.roots(s.atoms)
+        u, inv = torch.unique(r, return_inverse=True)
+        roots.append(r)
+        uniq.append((u.tolist(), inv))
     # connected components of slots through shared roots
     comp = graph.UnionFind()
     slot_node = comp.new(len(tr.slots)).tolist()
     first = {}
-    for i, r in enumerate(roots):
-        for a in torch.unique(r).tolist():
+    for i, (ul, _) in enumerate(uniq):
+        for a in ul:
             if a < 0 or a == fixed_root:
                 continue
             if a in first:
@@ -154,18 +193,15 @@ def _build_groups(tr, ignored):
     for a, i in first.items():
         g = groups.setdefault(comp.find(slot_node[i]), Group([], []))
         g.units.append(a)
-    for i, r in enumerate(roots):
-        uniq, inv = torch.unique(r, return_inverse=True)
-        ul = uniq.tolist()
+    for i, (ul, inv) in enumerate(uniq):
         if not any(a >= 0 and a != fixed_root for a in ul):
             continue
         g = groups[comp.find(slot_node[i])]
         g.slots.append(i)
         g.slot_roots[i] = (ul, inv)
-        order = torch.argsort(inv, stable=True)
-        for a, pos in zip(ul, torch.split(order, torch.bincount(inv, minlength=len(ul)).tolist())):
+        for a, n in zip(ul, torch.bincount(inv, minlength=len(ul)).tolist()):
             if a >= 0 and a != fixed_root:
-                g.members.setdefault(a, []).append((i, pos))
+                g.members.setdefault(a, []).append((i, n))
     out = []
     for g in groups.values():
         producers = [i for i in g.slots if tr.slots[i].kind == "out"]
@@ -195,49 +231,48 @@ def _unit_round(g, tr, round_to):
         return 1
     per = []
     for a in g.units:
-        outs = [len(p) for i, p in g.members[a] if tr.slots[i].kind == "out"]
+        outs = [n for i, n in g.members[a] if tr.slots[i].kind == "out"]
         per.append(min(outs) if outs else 1)
     cpu = max(1, min(per))
     return round_to // math.gcd(round_to, cpu)
 
 
-def _select(groups, scores, ratio, round_to, global_ranking, tr, roots):
-    """Units to remove, per group (list of roots)."""
+def _select(groups, scores, targets, n0s, global_ranking, tr, global_k, rounds):
+    """Units to remove, per group (list of roots). ``targets[gi]``: the fraction of the group's original
+    ``n0s[gi]`` units that should be gone after this step, or None for a group ranked globally
+    (``global_k`` lowest-scoring units of those groups go)."""
     plan = []
-    rounds = [_unit_round(g, tr, round_to) for g in groups]
+    chosen = {}
     if global_ranking:
         allu = []
         for gi, g in enumerate(groups):
-            allu += [(float(scores[gi][j]), gi, j) for j in range(len(g.units))]
+            if targets[gi] is None:
+                allu += [(float(scores[gi][j]), gi, j) for j in range(len(g.units))]
         allu.sort()
-        n_total = len(allu)
-        k = int(math.floor(n_total * ratio + 1e-9))
-        chosen = {}
-        for _, gi, j in allu[:k]:
+        for _, gi, j in allu[:max(0, global_k)]:
             chosen.setdefault(gi, []).append(j)
-        for gi, g in enumerate(groups):
-            n = len(g.units)
+    for gi, g in enumerate(groups):
+        n = len(g.units)
+        if targets[gi] is None:
             want = len(chosen.get(gi, []))
             keep = _n_keep(n, want / n if n else 0, rounds[gi]) if want else n
-            order = torch.argsort(scores[gi], stable=True).tolist()
-            plan.append([g.units[j] for j in order[: n - keep]])
-    else:
-        for gi, g in enumerate(groups):
-            n = len(g.units)
-            keep = _n_keep(n, ratio, rounds[gi])
-            order = torch.argsort(scores[gi], stable=True).tolist()
-            plan.append([g.units[j] for j in order[: n - keep]])
+        else:
+            keep = min(n, _n_keep(n0s[gi], targets[gi], rounds[gi]))
+        order = torch.argsort(scores[gi], stable=True).tolist()
+        plan.append([g.units[j] for j in order[: n - keep]])
     # never empty a layer: every slot keeps at least one of its channels
     for gi, g in enumerate(groups):
+        if not plan[gi]:
+            continue
         pr = set(plan[gi])
+        index = {a: j for j, a in enumerate(g.units)}
         changed = True
         while changed:
             changed = False
             for i in g.slots:
-                r = roots[i]
-                live = [a for a in torch.unique(r).tolist() if a >= 0]
+                live = [a for a in g.slot_roots[i][0] if a >= 0]
                 if live and all(a in pr for a in live):  # a fixed root is never in pr
-                    best = max((a for a in live if a in pr), key=lambda a: float(scores[gi][g.units.index(a)]))
+                    best = max((a for a in live if a in pr), key=lambda a: float(scores[gi][index[a]]))
                     pr.discard(best)
                     changed = True
         plan[gi] = [a for a in plan[gi] if a in pr]
@@ -272,31 +307,33 @@ class _Undo:
 
 
 def _apply(model, tr, groups, plan_sets, roots, undo):
-    """Remove the planned units from every tensor they touch; fix module attributes."""
+    """Remove the planned units from every tensor they touch; fix module attributes. Returns the kept
+    positions per (tensor id, dim) as bool masks."""
     pruned = set()
     for s in plan_sets:
         pruned |= s
     if not pruned:
-        return
+        return {}
+    gone = torch.tensor(sorted(pruned), dtype=torch.int64)
     keep = {}   # (key, dim) -> bool mask
     for i, s in enumerate(tr.slots):
-        r = roots[i]
-        rm = torch.tensor([int(a) in pruned for a in r.tolist()], dtype=torch.bool)
+        rm = torch.isin(roots[i], gone)
         if not bool(rm.any()):
             continue
-        m = keep.setdefault((s.key, s.dim), torch.ones(len(r), dtype=torch.bool))
+        m = keep.setdefault((s.key, s.dim), torch.ones(len(rm), dtype=torch.bool))
         m &= ~rm
     changed = {}
     for (key, dim), m in keep.items():
         changed.setdefault(key, []).append((dim, m.nonzero().view(-1)))
-    old_shapes = {}
     for key, dims in changed.items():
         t = tr.tensors[key]
-        old_shapes[key] = tuple(t.shape)
         new = t.detach()
         for dim, idx in dims:
             new = new.index_select(dim, idx.to(new.device))
-        new = new.clone()
+        # a fresh, contiguous tensor in the original memory format (channels_last stays channels_last)
+        fmt = torch.channels_last if t.dim() == 4 and not t.is_contiguous() and \
+            t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        new = new.clone(memory_format=fmt)
         if isinstance(t, nn.Parameter):  # one object for every owner: tied weights stay tied
             new = nn.Parameter(new, requires_grad=t.requires_grad)
         for mod, attr, is_buf, _ in tr.owners[key]:
@@ -310,7 +347,7 @@ def _apply(model, tr, groups, plan_sets, roots, undo):
     # attributes tied to channel counts (LayerNorm without weight, GroupNorm groups)
     for mod, attr, atoms in tr.attr_slots:
         r = tr.uf.roots(atoms)
-        n = int(sum(1 for a in r.tolist() if a not in pruned))
+        n = int((~torch.isin(r, gone)).sum())
         if attr == "normalized_shape":
             undo.setattr(mod, attr, (n,))
         elif attr == "num_groups":
@@ -319,9 +356,65 @@ def _apply(model, tr, groups, plan_sets, roots, undo):
             undo.setattr(mod, attr, n)
     for site in tr.split_sites:
         _fix_split_site(site, tr, pruned, undo)
+    return keep
+
+
+def _commit(tr, keep, pruned, undo):
+    """Make the trace describe the pruned model, so that the next step reuses it: slots lose the removed
+    positions and point at the new tensors; split sites, attribute slots and conv shapes follow."""
+    if not keep:
+        return
+    gone = torch.tensor(sorted(pruned), dtype=torch.int64)
+    for s in tr.slots:
+        m = keep.get((s.key, s.dim))
+        if m is not None and len(m) == len(s.atoms):
+            s.atoms = s.atoms[m]
+    remap = {}
+    for key in {k for k, _ in keep}:
+        mod, attr, is_buf, _ = tr.owners[key][0]
+        new = (mod._buffers if is_buf else mod._parameters)[attr]
+        remap[key] = new
+    for key, new in remap.items():
+        tr.owners[id(new)] = tr.owners.pop(key)
+        tr.tensors.pop(key, None)
+    for key, new in remap.items():
+        tr.tensors[id(new)] = new
+    for s in tr.slots:
+        if s.key in remap:
+            s.key = id(remap[s.key])
+    tr.attr_slots = [(mod, attr, atoms[~torch.isin(tr.uf.roots(atoms), gone)]) for mod, attr, atoms in tr.attr_slots]
+    for site in tr.split_sites:
+        if isinstance(site, graph.SplitSizeSite):
+            site.atoms = site.atoms[~torch.isin(tr.uf.roots(site.atoms), gone)]
+            site.size = site.atoms.numel()
+        else:
+            g = site.grid
+            heads = [int(tr.uf.find(int(g.select(site.dim, j).reshape(-1)[0]))) for j in range(g.shape[site.dim])]
+            idx = torch.tensor([j for j, a in enumerate(heads) if a not in pruned], dtype=torch.int64)
+            site.grid = g.index_select(site.dim, idx)
+    for mod in {id(o[0]): o[0] for k in remap for o in tr.owners[id(remap[k])]}.values():
+        info = tr.conv_info.get(id(mod))
+        if info is not None:
+            w = mod.weight
+            g0, _, _, transposed, mode = info
+            if transposed:
+                I, O = w.shape[0], w.shape[1] * mod.groups
+            else:
+                O, I = w.shape[0], w.shape[1] * mod.groups
+            tr.conv_info[id(mod)] = (mod.groups, O, I, transposed, mode)
+    undo.log.clear()
 
 
 def _fix_module_attrs(mod, tr, undo):
+    rule = graph.rule_for(mod)
+    if rule is not None:  # a registered custom module fixes its own attributes
+        if rule.update is not None:
+            before = dict(vars(mod))
+            rule.update(mod)
+            for k, v in list(vars(mod).items()):
+                if k in before and before[k] is not v and not k.startswith("_"):
+                    undo.log.append((mod, k, before[k], "attr"))
+        return
     w = getattr(mod, "weight", None)
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         info = tr.conv_info.get(id(mod))
@@ -380,7 +473,7 @@ def _fix_split_site(site, tr, pruned, undo):
         return
     g = site.grid
     last = g.dim() - 1
-    if site.dim == last:  # innermost shrinks: the outer counts (groups, heads) stay as they are
+    if site.dim == last and site.kind != "head_dim":  # innermost shrinks: outer counts (groups, heads) stay
         return
     r = tr.uf.roots(g)
     size = g.shape[site.dim]
@@ -392,7 +485,12 @@ def _fix_split_site(site, tr, pruned, undo):
         if type(v) is not int:
             continue
         low = k.lower()
-        if v == size and "head" in low:                    # num_heads, n_heads, num_attention_heads
+        if site.kind == "head_dim":
+            if v == size and "head" in low and ("dim" in low or "size" in low) and "all" not in low:
+                undo.setattr(mod, k, left)                 # head_dim, attention_head_size
+            elif v == total and any(w in low for w in ("head", "embed", "inner", "all")):
+                undo.setattr(mod, k, left * rest)          # all_head_size, inner_dim
+        elif v == size and "head" in low:                  # num_heads, n_heads, num_attention_heads
             undo.setattr(mod, k, left)
         elif v == total and any(w in low for w in ("head", "embed", "inner", "all")):  # all_head_size, embed_dim
             undo.setattr(mod, k, left * rest)
@@ -416,7 +514,7 @@ def _run(model, example_inputs):
     model.eval()
     try:
         with torch.no_grad():
-            return graph._call(model, example_inputs)
+            return call_model(model, example_inputs)
     finally:
         model.train(was)
 
@@ -473,15 +571,219 @@ def _report(before, after, macs_b, macs_a, pb, pa):
 
 
 # ------------------------------------------------------------------------------------------- API
+def register_channel_rule(cls, *, in_params=None, out_params=None, in_dim=-1, out_dim=-1,
+                          same_channels=False, update=None):
+    """Tell channel pruning how a custom module's own parameters follow its channels.
+
+    The module is then traced as one leaf (its forward is run but not looked into): its input channels
+    are dim ``in_dim`` of its first tensor argument, its output channels dim ``out_dim`` of its first
+    tensor output.
+
+    Args:
+        cls: the module class (subclasses match too).
+        in_params: ``{name: dim}``: parameters/buffers whose ``dim`` is indexed by the input channels
+            (a linear-like weight: ``{"weight": 1}``).
+        out_params: ``{name: dim}``: parameters/buffers whose ``dim`` is indexed by the output channels
+            (``{"weight": 0, "bias": 0}``).
+        same_channels: the outputs are the inputs, channel for channel (a per-channel scale, a custom
+            norm); ``out_params`` then follow the input channels.
+        update: ``update(module)`` after the parameters were sliced: fix attributes derived from shapes
+            (e.g. ``module.features = module.weight.shape[0]``).
+
+    Returns ``cls`` (usable as a class decorator via ``functools.partial``). Registering again replaces
+    the rule; ``unregister_channel_rule(cls)`` removes it.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError("register_channel_rule: cls must be an nn.Module subclass")
+    if update is not None and not callable(update):
+        raise TypeError("register_channel_rule: update must be callable")
+
+    def norm(d, what):
+        d = dict(d or {})
+        for k, v in d.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"register_channel_rule: {what} must map parameter names to dims, got {k!r}: {v!r}")
+        return tuple(d.items())
+
+    graph._RULES[cls] = graph.ChannelRule(norm(in_params, "in_params"), norm(out_params, "out_params"),
+                                          int(in_dim), int(out_dim), bool(same_channels), update)
+    return cls
+
+
+def unregister_channel_rule(cls):
+    graph._RULES.pop(cls, None)
+
+
+def _names_of(model, xs, arg):
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for x in xs:
+        if isinstance(x, nn.Module):
+            if id(x) not in names:
+                raise ValueError(f"{arg}: module is not part of the model")
+            out.append(names[id(x)])
+        elif isinstance(x, type):
+            out += [n for n, m in model.named_modules() if isinstance(m, x)]
+        else:
+            out.append(x)
+    return out
+
+
+class ChannelPruner:
+    """Channel pruning in ``steps`` steps over one dependency graph: trace once, then ``step()`` removes
+    the next share (after step i of k, ``ratio * i / k`` of every group's original channels are gone),
+    so the model can be fine-tuned between steps. Arguments are those of :func:`prune_channels`.
+
+    Each step replaces the pruned parameters with new (smaller) tensors: rebuild the optimizer after it.
+    """
+
+    def __init__(self, model, example_inputs, ratio=0.5, *, steps=1, importance="l1", global_ranking=False,
+                 layer_ratios=None, head_ratio=None, keep_outputs=(), freeze=(), ignore=(), round_to=1,
+                 prune_heads=True, prune_head_dims=False, loss_fn=None, seed=0, verbose=False):
+        keep_outputs, freeze, ignore = _as_list(keep_outputs), _as_list(freeze), _as_list(ignore)
+        layer_ratios = {} if layer_ratios is None else layer_ratios
+        _check_args(model, example_inputs, ratio, importance, global_ranking, round_to,
+                    dict(keep_outputs=keep_outputs, freeze=freeze, ignore=ignore), layer_ratios, head_ratio, steps)
+        if importance == "taylor" and loss_fn is None and not any(p.grad is not None for p in model.parameters()):
+            raise ValueError('importance="taylor" needs loss_fn=callable(output) -> scalar, or gradients in .grad')
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable")
+        self.model, self.example_inputs = model, example_inputs
+        self.ratio, self.steps, self.importance = float(ratio), steps, importance
+        self.global_ranking, self.round_to, self.loss_fn, self.verbose = global_ranking, round_to, loss_fn, verbose
+        self.head_ratio = head_ratio
+        names = {id(m): n for n, m in model.named_modules()}
+        self.layer_ratios = []
+        for k, v in layer_ratios.items():
+            if isinstance(k, nn.Module):
+                if id(k) not in names:
+                    raise ValueError("layer_ratios: module is not part of the model")
+                k = names[id(k)]
+            self.layer_ratios.append((k, float(v)))
+        frozen = _resolve_modules(model, freeze, "freeze") | _resolve_modules(model, ignore, "ignore")
+        kept = _resolve_modules(model, keep_outputs, "keep_outputs")
+        self.gen = torch.Generator().manual_seed(seed)
+        self.step_count = 0
+        _, ref_out = graph.module_macs(model, example_inputs)
+        self.ref_shapes = _shapes(ref_out)
+        self.tr = graph.trace(model, example_inputs, prune_heads=prune_heads, head_dims=prune_head_dims)
+        _tie_slots(self.tr)
+        _protect(self.tr, frozen, kept)
+        self.n0 = {}   # unit root -> units of its group before any step
+        self.global_n0 = None
+
+    def _group_targets(self, groups, frac):
+        tr = self.tr
+        head_roots = set()
+        for site in tr.split_sites:
+            if isinstance(site, graph.SplitSite) and site.kind in ("heads", "head_dim"):
+                head_roots.update(int(a) for a in tr.uf.roots(site.grid).reshape(-1).tolist())
+        targets = []
+        for g in groups:
+            r = None
+            if self.layer_ratios:
+                mods = {tr.slots[i].module for i in g.slots if tr.slots[i].kind == "out"}
+                hits = [v for pat, v in self.layer_ratios for m in mods if fnmatch.fnmatchcase(m, pat)]
+                if hits:
+                    r = min(hits)  # several patterns on one group: the gentlest wins
+            if r is None and self.head_ratio is not None and any(a in head_roots for a in g.units):
+                r = self.head_ratio
+            if r is None and not self.global_ranking:
+                r = self.ratio
+            targets.append(None if r is None else r * frac)
+        return targets
+
+    def step(self, return_report=False):
+        """Prune the next share; returns the model, or ``(model, report)``."""
+        if self.step_count >= self.steps:
+            raise RuntimeError(f"all {self.steps} steps are done")
+        model, x, tr = self.model, self.example_inputs, self.tr
+        self.step_count += 1
+        frac = self.step_count / self.steps
+        macs_b, _ = graph.module_macs(model, x)
+        before = _layer_table(model)
+        pb = sum(p.numel() for p in model.parameters())
+
+        groups, roots = _build_groups(tr)
+        for g in groups:
+            for a in g.units:
+                self.n0.setdefault(a, len(g.units))
+        n0s = [self.n0.get(g.units[0], len(g.units)) for g in groups]
+        targets = self._group_targets(groups, frac)
+        global_k = 0
+        if self.global_ranking:
+            pool_now = sum(len(g.units) for g, t in zip(groups, targets) if t is None)
+            if self.global_n0 is None:
+                self.global_n0 = pool_now
+            global_k = int(math.floor(self.global_n0 * self.ratio * frac + 1e-9)) - (self.global_n0 - pool_now)
+        grads = _taylor_grads(model, x, self.loss_fn) if self.importance == "taylor" else None
+        scores = [unit_scores(g, tr, roots, self.importance, grads, self.gen, model, self.global_ranking)
+                  for g in groups]
+        rounds = [_unit_round(g, tr, self.round_to) for g in groups]
+        plan = _select(groups, scores, targets, n0s, self.global_ranking, tr, global_k, rounds)
+
+        skipped = []
+        undo = _Undo()
+        keep = _apply(model, tr, groups, [set(p) for p in plan], roots, undo)
+        why = _validate(model, x, self.ref_shapes)
+        if why is not None:
+            # put everything back, then add groups one at a time and keep the ones that are safe
+            undo.undo()
+            accepted = []
+            for gi, g in enumerate(groups):
+                if not plan[gi]:
+                    continue
+                trial = _Undo()
+                _apply(model, tr, groups, [set(plan[j]) for j in accepted] + [set(plan[gi])], roots, trial)
+                w = _validate(model, x, self.ref_shapes)
+                trial.undo()
+                if w is None:
+                    accepted.append(gi)
+                else:
+                    skipped.append(dict(layers=g.describe(tr), reason=w))
+            undo = _Undo()
+            keep = _apply(model, tr, groups, [set(plan[j]) for j in accepted], roots, undo)
+            final = _validate(model, x, self.ref_shapes)
+            if final is not None:  # combinations can still interact: give up rather than break the model
+                undo.undo()
+                keep = {}
+                skipped.append(dict(layers="all groups", reason=final))
+                accepted = []
+            plan = [plan[j] if j in accepted else [] for j in range(len(plan))]
+        pruned = set()
+        for p in plan:
+            pruned.update(p)
+        _commit(tr, keep, pruned, undo)
+        for s in skipped:
+            warnings.warn(f"prune_channels left alone {s['layers']}: {s['reason']}", ChannelPruneWarning, stacklevel=2)
+        for p in model.parameters():
+            p.grad = None
+
+        after = _layer_table(model)
+        macs_a, _ = graph.module_macs(model, x)
+        pa = sum(p.numel() for p in model.parameters())
+        rep = _report(before, after, macs_b, macs_a, pb, pa)
+        rep.skipped = skipped
+        rep.notes = list(dict.fromkeys(tr.notes))
+        for gi, g in enumerate(groups):
+            rep.groups.append(dict(layers=g.describe(tr), units=len(g.units), pruned=len(plan[gi]),
+                                   unit_size=max(sum(n for _, n in g.members[a]) for a in g.units)))
+        if self.verbose:
+            print(rep)
+        return (model, rep) if return_report else model
+
+
 def prune_channels(model, example_inputs, ratio=0.5, *, importance="l1", global_ranking=False,
-                   ignore=(), round_to=1, prune_heads=True, loss_fn=None, seed=0, dry_run=False,
+                   layer_ratios=None, head_ratio=None, keep_outputs=(), freeze=(), ignore=(), round_to=1,
+                   prune_heads=True, prune_head_dims=False, loss_fn=None, seed=0, dry_run=False,
                    return_report=False, verbose=False, **kwargs):
     """Remove whole channels (filters, features, attention heads) and everything coupled to them.
 
     Args:
         model: the ``nn.Module`` to prune in place (it is returned).
-        example_inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments; one
-            forward pass on it finds the dependencies, and a second one checks the result.
+        example_inputs: the arguments of one model call: a tensor, a tuple/list of positional arguments
+            or any mapping (dict, ``BatchEncoding``) of keyword arguments. One forward pass on it finds
+            the dependencies, and a second one checks the result.
         ratio: fraction of the channels of every dependency group to remove, in [0, 1). At least one
             channel of every layer always stays.
         importance: ``"l1"``, ``"l2"`` (norms of every coupled weight slice), ``"bn_scale"`` (|gamma| of
@@ -489,108 +791,58 @@ def prune_channels(model, example_inputs, ratio=0.5, *, importance="l1", global_
             in ``.grad``), ``"random"``, or a callable ``f(tensor, dim) -> scores per index``.
         global_ranking: rank every unit of the model together instead of removing ``ratio`` of every
             group (norms and Taylor scores are then taken per weight, so wide layers are not favoured).
-        ignore: modules, qualified names or module classes whose channels must not change.
+            Groups with their own ratio (``layer_ratios``, ``head_ratio``) keep it.
+        layer_ratios: ``{pattern: ratio}``: groups produced by a module whose qualified name matches the
+            ``fnmatch`` pattern (``"encoder.layer.1*.intermediate.*"``; a module object also works) use
+            that ratio; when several patterns match one group, the smallest ratio wins. 0 keeps a group.
+        head_ratio: fraction of the attention heads removed (of the head dims with
+            ``prune_head_dims``); default ``ratio``. ``layer_ratios`` take precedence.
+        keep_outputs: modules (objects, qualified names or classes) whose output channels must not
+            change; their input channels may still shrink (Torch-Pruning's ``ignored_layers``: a
+            classifier listed here still lets the features feeding it be pruned).
+        freeze: modules left entirely unchanged: input and output channels (so the layers feeding them
+            keep their output channels too).
+        ignore: same as ``freeze`` (its meaning before ``keep_outputs`` existed; kept for compatibility).
+            Whatever is listed, the model's own outputs always keep their shapes.
         round_to: keep channel counts multiples of this (groups smaller than it stay whole).
         prune_heads: attention written as Linear + reshape loses whole heads; False keeps it whole.
+        prune_head_dims: attention keeps its head count and every head loses the same positions of
+            its head dim (q, k, v together); ``head_dim`` / ``attention_head_size`` / ``all_head_size``
+            style attributes are updated. The softmax scale stored by the module is left as it was, so
+            removing dead positions changes no output.
         loss_fn: ``loss_fn(output) -> scalar`` for ``"taylor"``.
         seed: for ``"random"``.
         dry_run: report what would be removed and leave ``model`` untouched (returns the report).
         return_report: return ``(model, report)``.
+
+    For several steps with fine-tuning in between over one trace, use :class:`ChannelPruner`. For a
+    custom module with its own parameters, see :func:`register_channel_rule`.
 
     Groups that cannot be pruned safely are left alone with a ``ChannelPruneWarning`` and an entry in
     the report's ``skipped`` list. Model outputs keep their shapes.
     """
     if kwargs:
         raise TypeError(f"prune_channels got unexpected keyword arguments: {sorted(kwargs)}")
-    ignore = (ignore,) if isinstance(ignore, (nn.Module, str, type)) else tuple(ignore)
-    _check_args(model, example_inputs, ratio, importance, global_ranking, round_to, ignore)
-    if importance == "taylor" and loss_fn is None and not any(p.grad is not None for p in model.parameters()):
-        raise ValueError('importance="taylor" needs loss_fn=callable(output) -> scalar, or gradients in .grad')
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError("loss_fn must be callable")
+    opts = dict(importance=importance, global_ranking=global_ranking, head_ratio=head_ratio,
+                round_to=round_to, prune_heads=prune_heads, prune_head_dims=prune_head_dims, loss_fn=loss_fn,
+                seed=seed, verbose=verbose)
     if dry_run:
+        keep_outputs, freeze, ignore = _as_list(keep_outputs), _as_list(freeze), _as_list(ignore)
+        _check_args(model, example_inputs, ratio, importance, global_ranking, round_to,
+                    dict(keep_outputs=keep_outputs, freeze=freeze, ignore=ignore), layer_ratios or {},
+                    head_ratio, 1)
+        lr = {}
+        for k, v in (layer_ratios or {}).items():
+            lr[_names_of(model, [k], "layer_ratios")[0] if isinstance(k, nn.Module) else k] = v
         clone = copy.deepcopy(model)
-        _, rep = prune_channels(clone, example_inputs, ratio, importance=importance,
-                                global_ranking=global_ranking,
-                                ignore=[n for n in _ignore_names(model, ignore)], round_to=round_to,
-                                prune_heads=prune_heads, loss_fn=loss_fn, seed=seed, return_report=True)
+        _, rep = ChannelPruner(clone, example_inputs, ratio, layer_ratios=lr,
+                               keep_outputs=_names_of(model, keep_outputs, "keep_outputs"),
+                               freeze=_names_of(model, freeze + ignore, "freeze"), **opts).step(return_report=True)
         rep.dry_run = True
         return rep
-    ignored = _resolve_ignore(model, ignore)
-
-    macs_b, ref_out = graph.module_macs(model, example_inputs)
-    ref_shapes = _shapes(ref_out)
-    before = _layer_table(model)
-    pb = sum(p.numel() for p in model.parameters())
-
-    tr = graph.trace(model, example_inputs, prune_heads=prune_heads)
-    groups, roots = _build_groups(tr, ignored)
-    grads = None
-    if importance == "taylor":
-        grads = _taylor_grads(model, example_inputs, loss_fn)
-    gen = torch.Generator().manual_seed(seed)
-    scores = [unit_scores(g, tr, roots, importance, grads, gen, model, global_ranking) for g in groups]
-    plan = _select(groups, scores, ratio, round_to, global_ranking, tr, roots)
-
-    skipped = []
-    undo = _Undo()
-    _apply(model, tr, groups, [set(p) for p in plan], roots, undo)
-    why = _validate(model, example_inputs, ref_shapes)
-    if why is not None:
-        # put everything back, then add groups one at a time and keep the ones that are safe
-        undo.undo()
-        accepted = []
-        for gi, g in enumerate(groups):
-            if not plan[gi]:
-                continue
-            trial = _Undo()
-            _apply(model, tr, groups, [set(plan[j]) for j in accepted] + [set(plan[gi])], roots, trial)
-            w = _validate(model, example_inputs, ref_shapes)
-            trial.undo()
-            if w is None:
-                accepted.append(gi)
-            else:
-                skipped.append(dict(layers=g.describe(tr), reason=w))
-        undo = _Undo()
-        _apply(model, tr, groups, [set(plan[j]) for j in accepted], roots, undo)
-        final = _validate(model, example_inputs, ref_shapes)
-        if final is not None:  # combinations can still interact: give up rather than break the model
-            undo.undo()
-            skipped.append(dict(layers="all groups", reason=final))
-            accepted = []
-        plan = [plan[j] if j in accepted else [] for j in range(len(plan))]
-    for s in skipped:
-        warnings.warn(f"prune_channels left alone {s['layers']}: {s['reason']}", ChannelPruneWarning, stacklevel=2)
-    for p in model.parameters():
-        p.grad = None
-
-    after = _layer_table(model)
-    macs_a, _ = graph.module_macs(model, example_inputs)
-    pa = sum(p.numel() for p in model.parameters())
-    rep = _report(before, after, macs_b, macs_a, pb, pa)
-    rep.skipped = skipped
-    rep.notes = list(dict.fromkeys(tr.notes))
-    for gi, g in enumerate(groups):
-        rep.groups.append(dict(layers=g.describe(tr), units=len(g.units), pruned=len(plan[gi]),
-                               unit_size=max(sum(len(p) for _, p in g.members[a]) for a in g.units)))
-    if verbose:
-        print(rep)
-    return (model, rep) if return_report else model
-
-
-def _ignore_names(model, ignore):
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for x in ignore:
-        if isinstance(x, nn.Module):
-            if id(x) not in names:
-                raise ValueError("ignore: module is not part of the model")
-            out.append(names[id(x)])
-        elif isinstance(x, type):
-            out += [n for n, m in model.named_modules() if isinstance(m, x)]
-        else:
-            out.append(x)
-    return out
+    pruner = ChannelPruner(model, example_inputs, ratio, layer_ratios=layer_ratios, keep_outputs=keep_outputs,
+                           freeze=freeze, ignore=ignore, **opts)
+    return pruner.step(return_report=return_report)
 
 
 def _taylor_grads(model, example_inputs, loss_fn):
@@ -603,7 +855,7 @@ def _taylor_grads(model, example_inputs, loss_fn):
     model.eval()
     try:
         with torch.enable_grad():
-            loss = loss_fn(graph._call(model, example_inputs))
+            loss = loss_fn(call_model(model, example_inputs))
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("loss_fn must return a scalar tensor")
             loss.backward()

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from .._inputs import call_model
+
 NONE = -1   # element carries no channel identity (constants, indices, model inputs)
 FIXED = 0   # atom that must never be pruned
 
@@ -80,6 +82,7 @@ class SplitSite:
     module: nn.Module | None
     grid: torch.Tensor  # atoms, one dim per split dim
     dim: int            # the split dim whose entries may go (all entries sharing its index go together)
+    kind: str = ""      # "heads" (whole heads go), "head_dim" (every head loses the same positions), ""
 
 
 @dataclass
@@ -101,6 +104,35 @@ class Trace:
     owners: dict = field(default_factory=dict)       # id(tensor) -> [(module, attr, is_buffer, qualname)]
     tensors: dict = field(default_factory=dict)      # id(tensor) -> tensor
     output: object = None
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    """How a custom module's own parameters follow its channels (see ``register_channel_rule``).
+
+    The module is traced as one leaf: its input channels are dim ``in_dim`` of its first tensor argument,
+    its output channels dim ``out_dim`` of its first tensor output. ``in_params`` / ``out_params`` map a
+    parameter (or buffer) name to the dim of that tensor indexed by input / output channels. With
+    ``same_channels`` the outputs are the inputs (a per-channel scale, a custom norm): ``out_params``
+    then follow the input channels and nothing new is created. ``update(module)`` runs after slicing to
+    fix attributes derived from shapes."""
+    in_params: tuple = ()
+    out_params: tuple = ()
+    in_dim: int = -1
+    out_dim: int = -1
+    same_channels: bool = False
+    update: object = None
+
+
+_RULES: dict = {}   # module class -> ChannelRule
+
+
+def rule_for(mod):
+    for cls in type(mod).__mro__:
+        r = _RULES.get(cls)
+        if r is not None:
+            return r
+    return None
 
 
 _CONV = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
@@ -185,6 +217,17 @@ def _reshape_groups(si, so):
     return groups
 
 
+def _unique_pairs(a, b):
+    """Distinct (a[i], b[i]) pairs of two non-negative int64 vectors, as a list of tuples. One 1-D unique
+    on a combined key: ``torch.unique(dim=...)`` sorts rows lexicographically and is orders of magnitude
+    slower on the millions of elements of an activation."""
+    if a.numel() == 0:
+        return []
+    span = int(b.max()) + 1
+    key = torch.unique(a * span + b)
+    return list(zip((key // span).tolist(), (key % span).tolist()))
+
+
 class _Tracer(TorchFunctionMode):
     def __init__(self, model, trace: Trace):
         super().__init__()
@@ -194,6 +237,9 @@ class _Tracer(TorchFunctionMode):
         self.raw = {}       # id(param/buffer) -> per-element labels
         self.stack = []     # modules being executed
         self.suppress = 0
+        self.heads_ok = True
+        self.head_dims = False
+        self.hd_first = {}  # id(attention module) -> its first head_dim split grid
 
     # ---------------------------------------------------------------- labels
     def lab(self, t):
@@ -238,8 +284,7 @@ class _Tracer(TorchFunctionMode):
         a2, b2 = torch.broadcast_tensors(a, b)
         m = (a2 >= 0) & (b2 >= 0) & (a2 != b2)
         if bool(m.any()):
-            pairs = torch.unique(torch.stack([a2[m], b2[m]]), dim=1)
-            for x, y in pairs.t().tolist():
+            for x, y in _unique_pairs(a2[m], b2[m]):
                 self.uf.union(x, y)
         return ""
 
@@ -251,17 +296,18 @@ class _Tracer(TorchFunctionMode):
         x = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
         if x.shape[1] == 0:
             return torch.full((size,), NONE, dtype=torch.int64)
-        if bool((x == x[:, :1]).all()):
-            return x[:, 0].clone()
-        rep = torch.full((x.shape[0],), NONE, dtype=torch.int64)
+        valid = x >= 0
+        hi = x.amax(1)
+        lo = torch.where(valid, x, torch.full_like(x, torch.iinfo(torch.int64).max)).amin(1)
+        rep = torch.where(hi >= 0, hi, torch.full_like(hi, NONE))
+        mixed = (hi >= 0) & (lo != hi)
+        if not bool(mixed.any()):  # every slice has one atom (padding borders carry NONE): the common case
+            return rep
+        # slices with several atoms: unify them, once per distinct (slice, atom) pair
         rows = torch.arange(x.shape[0]).unsqueeze(1).expand_as(x)
-        m = x >= 0
-        pairs = torch.unique(torch.stack([rows[m], x[m]]), dim=1)
-        for r, a in pairs.t().tolist():
-            if rep[r] < 0:
-                rep[r] = a
-            else:
-                self.uf.union(int(rep[r]), a)
+        m = valid & mixed.unsqueeze(1)
+        for r, a in _unique_pairs(rows[m], x[m]):
+            self.uf.union(int(rep[r]), a)
         return rep
 
     @staticmethod
@@ -676,7 +722,7 @@ class _Tracer(TorchFunctionMode):
                                     "way not supported: kept")
                 continue
             sizes = [lout.shape[d] for d in go_big]
-            p = self.split_dim(name, args, go_big, sizes)
+            p, kind = self.split_dim(name, args, go_big, sizes)
             grid = lout.movedim(go_big, list(range(-len(go_big), 0))).reshape(-1, *sizes)
             if _const_along(grid, 0):
                 grid = grid[:1]
@@ -687,7 +733,12 @@ class _Tracer(TorchFunctionMode):
                 g = grid[lead]
                 for j in range(sizes[p]):
                     self.uf.union_all(g.select(p, j).reshape(-1).tolist())
-            self.t.split_sites.append(SplitSite(self.cur_module(), grid[0].clone(), p))
+            if kind == "head_dim":  # q, k and v of one module share head_dim: position j goes from all
+                first = self.hd_first.setdefault(id(self.cur_module()), grid[0])
+                if first.shape == grid[0].shape:
+                    for j in range(sizes[p]):
+                        self.uf.union(int(first.select(p, j).reshape(-1)[0]), int(grid[0].select(p, j).reshape(-1)[0]))
+            self.t.split_sites.append(SplitSite(self.cur_module(), grid[0].clone(), p, kind))
 
     def split_dim(self, name, args, go_big, sizes):
         """Which of the split dims may shrink: the one written -1, else one matching a ``*head*``
@@ -701,19 +752,24 @@ class _Tracer(TorchFunctionMode):
             d, sizes_req = args[1], list(args[2])
             req = [None] * d + sizes_req
         p = None
+        mod = self.cur_module()
+        heads = {} if mod is None else {k.lower(): v for k, v in vars(mod).items() if type(v) is int and "head" in k.lower()}
+        if self.head_dims and last > 0 and any(v == sizes[last] and ("dim" in k or "size" in k) for k, v in heads.items()) \
+                and any(v in sizes[:last] for v in heads.values()):
+            return last, "head_dim"
         if req is not None and -1 in req and req.index(-1) in go_big:
             p = go_big.index(req.index(-1))
-        mod = self.cur_module()
-        if p is None and mod is not None:
-            for k, v in vars(mod).items():
-                if type(v) is int and "head" in k.lower() and v in sizes[:last]:
+        if p is None:
+            for v in heads.values():
+                if v in sizes[:last]:
                     p = sizes.index(v)
                     break
         if p is None:
             p = last
+        kind = "heads" if p != last and sizes[p] in heads.values() else ""
         if p != last and not self.heads_ok:
-            return None
-        return p
+            return None, ""
+        return p, kind
 
     # ---------------------------------------------------------------- modules handled whole
     def mha_pre(self, mod, args, kwargs):
@@ -751,6 +807,36 @@ class _Tracer(TorchFunctionMode):
         if outs:
             self.set_lab(outs[0], self.bcast(atoms, outs[0].shape, -1))
 
+    def rule_post(self, mod, args, kwargs, out):
+        self.suppress -= 1
+        self.stack.pop()
+        rule = rule_for(mod)
+        ins = _tensors_in(args) + _tensors_in(kwargs)
+        outs = _tensors_in(out)
+        if not ins or not outs:
+            return self.fallback(type(mod).__name__, args, kwargs, outs, "registered rule: no tensor in or out")
+        x, o = ins[0], outs[0]
+        rin = self.chan_reps(self.lab(x), rule.in_dim, x.shape[rule.in_dim])
+        if rule.same_channels:
+            if o.shape[rule.out_dim] != rin.numel():
+                return self.fallback(type(mod).__name__, args, kwargs, outs, "same_channels but sizes differ")
+            aout = rin
+        else:
+            aout = self.uf.new(o.shape[rule.out_dim])
+        for names, atoms, kind in ((rule.in_params, rin, "in"),
+                                   (rule.out_params, aout, "norm" if rule.same_channels else "out")):
+            for pname, d in names:
+                p = getattr(mod, pname, None)
+                if p is None:
+                    continue
+                if not self.is_param(p) or p.shape[d] != atoms.numel():
+                    raise ValueError(f"channel rule of {type(mod).__name__}: '{pname}' dim {d} has size "
+                                     f"{tuple(p.shape)[d] if self.is_param(p) else '?'}, expected {atoms.numel()}")
+                self.slot(p, d, atoms, kind)
+        self.set_lab(o, self.bcast(aout, o.shape, rule.out_dim))
+        for extra in outs[1:]:  # other outputs: channel identity unknown, keep what they carry
+            self.set_lab(extra, torch.zeros(extra.shape, dtype=torch.int64))
+
     def uf_vec(self, a, b):
         for x, y in zip(a.tolist(), b.tolist()):
             self.uf.union(x, y)
@@ -763,12 +849,8 @@ class _Tracer(TorchFunctionMode):
             self.stack.pop()
 
 
-def _call(model, example_inputs):
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+def _call(model, example_inputs):  # kept for callers of the old private name
+    return call_model(model, example_inputs)
 
 
 def owners_of(model):
@@ -788,15 +870,22 @@ def owners_of(model):
     return owners, tensors
 
 
-def trace(model: nn.Module, example_inputs, prune_heads: bool = True) -> Trace:
-    """Run one forward pass and return the channel-atom graph (slots, split sites, notes)."""
+def trace(model: nn.Module, example_inputs, prune_heads: bool = True, head_dims: bool = False) -> Trace:
+    """Run one forward pass and return the channel-atom graph (slots, split sites, notes).
+
+    ``head_dims``: attention heads keep their count and every head loses the same positions (the
+    split's innermost dim shrinks) instead of whole heads going."""
     t = Trace(UnionFind())
     t.owners, t.tensors = owners_of(model)
     tr = _Tracer(model, t)
     tr.heads_ok = prune_heads
+    tr.head_dims = head_dims
     handles = []
     for mod in model.modules():
-        if isinstance(mod, nn.MultiheadAttention):
+        if rule_for(mod) is not None:
+            handles.append(mod.register_forward_pre_hook(tr.mha_pre, with_kwargs=True))
+            handles.append(mod.register_forward_hook(tr.rule_post, with_kwargs=True))
+        elif isinstance(mod, nn.MultiheadAttention):
             handles.append(mod.register_forward_pre_hook(tr.mha_pre, with_kwargs=True))
             handles.append(mod.register_forward_hook(tr.mha_post, with_kwargs=True))
         else:
@@ -806,7 +895,7 @@ def trace(model: nn.Module, example_inputs, prune_heads: bool = True) -> Trace:
     model.eval()
     try:
         with torch.enable_grad(), tr:
-            out = _call(model, example_inputs)
+            out = call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -901,7 +990,7 @@ def module_macs(model, example_inputs):
     model.eval()
     try:
         with torch.no_grad(), Counter():
-            out = _call(model, example_inputs)
+            out = call_model(model, example_inputs)
     finally:
         for h in hs:
             h.remove()
