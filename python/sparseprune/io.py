@@ -71,7 +71,7 @@ def _own_attrs(m: nn.Module, name: str) -> dict:
     """The attributes a sparse module's class set (private ones included), all JSON-able."""
     attrs = {}
     for k, v in vars(m).items():
-        if k in _MODULE_INTERNAL:
+        if k in _MODULE_INTERNAL or k.startswith("_warned"):
             continue
         if not _jsonable(v):
             raise ValueError(f"save: attribute {k!r} of {name} ({type(m).__name__}) is a {type(v).__name__}, "
@@ -409,6 +409,8 @@ def _rebuild(cls: type, entry: dict, name: str, state: Dict[str, torch.Tensor]) 
         t = state.get(f"{name}.bias")
         if t is None:
             raise ValueError(f"load: the file lacks tensor {name}.bias")
+        if t.dtype != torch.float32:
+            raise ValueError(f"load: {name}.bias must be float32, got {t.dtype}")
         m.register_parameter("bias", nn.Parameter(t))
     else:
         m.register_parameter("bias", None)

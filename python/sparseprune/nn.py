@@ -13,6 +13,7 @@ Every sparse module shares one protocol, :class:`SparseModule`:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -243,6 +244,22 @@ class SparseModule(nn.Module):
                                       error_msgs)
 
     # -- views --------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight: the buffer of a dense-format layer; for a packed layer, built from the
+        packed arrays on every access (correct, but not the fast path: code that reads ``.weight``
+        itself computes densely; convert() keeps layers whose weight is read that way dense)."""
+        w = self._buffers.get("weight")
+        if w is not None or self.__dict__.get("format", "dense") == "dense" or "values" not in self._buffers:
+            if w is None:
+                raise AttributeError(f"{type(self).__name__} has no weight")
+            return w
+        if not self.__dict__.get("_warned_weight"):
+            self.__dict__["_warned_weight"] = True
+            warnings.warn(f"reading .weight of a packed {type(self).__name__} rebuilds the dense weight on every "
+                          "access; the sparse kernels are not used by the code that reads it", stacklevel=2)
+        return self.to_dense()
+
     def packed(self) -> BSRMatrix:
         """The packed weight matrix exactly as the kernels read it (not validated: see validate())."""
         if self.format == "dense":
@@ -256,7 +273,7 @@ class SparseModule(nn.Module):
     def to_dense(self) -> Tensor:
         """The dense weight this layer computes with (zeros where pruned)."""
         if self.format == "dense":
-            return self.weight.clone()
+            return self._buffers["weight"].clone()
         return self.packed().to_dense().reshape(self.weight_shape)
 
     @property

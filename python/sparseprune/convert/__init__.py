@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .._inputs import call_model
 from .._modules import module_names, set_module
-from .capture import capture, max_error, relative
+from .capture import capture, max_error, relative, static_weight_reads
 from .decide import LayerRow, Settings, decide, label
 from .registry import (CONVERTERS, Converter, base_type, converter_for, dense_twin, densify, has_hooks,
                        register_converter, weight_density)
@@ -195,6 +195,8 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
     read_outside = set()
     if example_inputs is not None and targets:
         captured, read_outside = capture(work, [(n, m) for n, m, _ in targets], example_inputs)
+    elif targets:
+        read_outside = static_weight_reads(work, [n for n, _, _ in targets])
 
     from tqdm.auto import tqdm
     quiet = progress is False or (progress is None and not _stderr_is_tty())

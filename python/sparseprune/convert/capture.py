@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._inputs import call_model
 
-__all__ = ["capture", "flat_tensors", "max_error", "relative"]
+__all__ = ["capture", "static_weight_reads", "flat_tensors", "max_error", "relative"]
 
 _MAX_SHAPES_SEEN = 8
 
@@ -35,6 +35,13 @@ class _WeightReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _weight_of(m: nn.Module):
+    from ..nn import SparseModule
+    if isinstance(m, SparseModule):
+        return m._buffers.get("weight")  # a packed layer's .weight is rebuilt per access: not watched
+    return getattr(m, "weight", None)
+
+
 def capture(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_inputs
             ) -> Tuple[Dict[str, Dict[Tuple, List]], Set[str]]:
     """``(inputs, read_outside)``: for each layer the input tensors it received, one copy per distinct
@@ -54,14 +61,14 @@ def capture(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_i
                     seen[key] = [args[0].detach().clone(), 1]
 
         def watch(mod, args, _name=name):
-            w = getattr(mod, "weight", None)
+            w = _weight_of(mod)
             if isinstance(w, Tensor):
                 reads.watch[id(w)] = _name  # after masks / parametrizations computed it
 
         def post(mod, args, out, _name=name):
             if reads.active and reads.active[-1] == _name:
                 reads.active.pop()
-        w = getattr(m, "weight", None)
+        w = _weight_of(m)
         if isinstance(w, Tensor):
             reads.watch[id(w)] = name
         hooks.append(m.register_forward_pre_hook(pre, prepend=True))
@@ -74,6 +81,19 @@ def capture(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_i
         for h in hooks:
             h.remove()
     return captured, reads.outside
+
+
+def static_weight_reads(model: nn.Module, names: Sequence[str]) -> Set[str]:
+    """Without example inputs: the layers among ``names`` whose ``.weight`` the traced forward reads
+    directly (a ``get_attr`` node). Models that do not trace report nothing (a converted layer still
+    answers ``.weight``, slowly, see ``SparseModule.weight``)."""
+    from ..fold import _LeafTracer
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable forward: nothing known
+        return set()
+    wanted = {f"{n}.weight": n for n in names}
+    return {wanted[node.target] for node in graph.nodes if node.op == "get_attr" and node.target in wanted}
 
 
 def flat_tensors(out) -> List[Tensor]:
