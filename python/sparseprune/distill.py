@@ -482,7 +482,8 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
             bf16: bool = False, progress: Optional[bool] = None,
             eval_fn: Optional[Callable] = None, eval_every: Optional[int] = None, log: Optional[list] = None,
             checkpoint=None, checkpoint_every: float = 300.0, resume: bool = True,
-            layers=None, exclude=None, dense_first_last=None, seed: int = 0) -> nn.Module:
+            layers=None, exclude=None, dense_first_last=None, seed: int = 0,
+            clock: Callable[[], float] = time.perf_counter) -> nn.Module:
     """Prune ``model`` in place to ``sparsity`` in ``pattern`` while distilling from ``teacher``
     (default: a frozen copy of ``model`` before pruning). Returns ``model`` with masks attached.
 
@@ -518,6 +519,8 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
             saves; an existing file is resumed from when ``resume``.
         layers, exclude, dense_first_last: which layers are pruned (as for ``prune_*``).
         seed: seeds torch's RNG for the run (dropout).
+        clock: what ``time_budget`` is measured with: wall time (default), or e.g.
+            ``time.process_time`` (CPU seconds of this process, all threads) on a shared machine.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"distill expects an nn.Module, got {type(model).__name__}")
@@ -544,7 +547,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
     init_sparsity = min(check_sparsity(init_sparsity, "init_sparsity"), sparsity)
     if pattern == "nm" and init is None:
         init = "magnitude"
-    t_begin = time.perf_counter()
+    t_begin = clock()
     dist = _dist()
     rank = dist.get_rank() if dist is not None else 0
     show = (rank == 0) if progress is None else (bool(progress) and rank == 0)
@@ -630,7 +633,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
     else:
         torch.manual_seed(seed)
     elapsed0 = state["elapsed"]
-    t_start = time.perf_counter()
+    t_start = clock()
     setup_s = t_start - t_begin
 
     # -- teacher cache -------------------------------------------------------------------------------
@@ -661,7 +664,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         if time_budget is None:
             return state["total"]
         done = state["step"] - step0
-        spent = time.perf_counter() - t_start
+        spent = clock() - t_start
         left = time_budget - elapsed0 - setup_s - spent
         if done < 2:  # no step time measured yet: one more step, the schedule stays at its start
             return None
@@ -702,7 +705,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
                          f"distill {pattern} {sparsity:.0%}")
     if bar is not None:
         bar.update(step0)
-    last_ckpt = time.perf_counter()
+    last_ckpt = clock()
     ema = None
     was_training = base.training
     student.train()
@@ -718,7 +721,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
 
     def save():
         st = dict(state)
-        st["elapsed"] = elapsed0 + (time.perf_counter() - t_start) + (setup_s if step0 == 0 else 0.0)
+        st["elapsed"] = elapsed0 + (clock() - t_start) + (setup_s if step0 == 0 else 0.0)
         ex = {}
         if isinstance(tracker, _RunningWanda):
             ex = {"wanda/" + k: v for k, v in tracker.state().items()}
@@ -777,9 +780,9 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
                     post.update({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in rec.items()
                                  if k not in ("step", "sparsity")})
                 bar.set_postfix(post, refresh=False)
-            if checkpoint is not None and time.perf_counter() - last_ckpt >= checkpoint_every:
+            if checkpoint is not None and clock() - last_ckpt >= checkpoint_every:
                 save()
-                last_ckpt = time.perf_counter()
+                last_ckpt = clock()
         maybe_prune(1.0, force=True)  # the target is always reached, even when the budget ran out early
         if checkpoint is not None:
             save()
@@ -794,7 +797,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
             tracker.close()
         base.train(was_training)
     stats = {"steps": state["step"], "sparsity": state["sparsity"], "events": state["events"],
-             "seconds": elapsed0 + time.perf_counter() - t_begin, "loss": ema}
+             "seconds": elapsed0 + clock() - t_begin, "loss": ema}
     object.__setattr__(base, "_sparseprune_distill", stats)
     return model
 
