@@ -40,10 +40,16 @@ def _check_operands(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
                     bias: Optional[Tensor], feat: int, name: str) -> None:
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D input, got shape {tuple(x.shape)}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"{name}: expected float32 input, got {x.dtype}")
     if x.shape[1] != feat:
         raise ValueError(f"{name}: input has {x.shape[1]} features, the sparse weight expects {feat}")
+    _check_placement(x, row_ptr, col_idx, values, bias, name)
+
+
+def _check_placement(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
+                     name: str) -> None:
+    """float32 input, and every operand on the sparse weight's device."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name}: expected float32 input, got {x.dtype}")
     dev = values.device
     for t, what in ((x, "input"), (row_ptr, "row_ptr"), (col_idx, "col_idx")):
         if t.device != dev:
@@ -223,18 +229,10 @@ def sparse_conv2d_cpu(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tenso
                   in_channels: int, out_channels: int, kernel_size: List[int], stride: List[int],
                   padding: List[int], dilation: List[int], groups: int, r: int, num_threads: int) -> Tensor:
     """``conv2d(x, W, bias)`` with W packed as (r x 1)-block BSR over (Cout, Cin/groups * kh * kw)."""
-    cols = (in_channels // groups) * kernel_size[0] * kernel_size[1]
-    if x.dtype != torch.float32:
-        raise TypeError(f"sparse_conv2d: expected float32 input, got {x.dtype}")
+    _check_placement(x, row_ptr, col_idx, values, bias, "sparse_conv2d")
     n, c, h, w, ho, wo = _conv_shapes(x, in_channels, out_channels, kernel_size, stride, padding, dilation,
                                       groups, "sparse_conv2d")
-    dev = values.device
-    for t, what in ((x, "input"), (row_ptr, "row_ptr"), (col_idx, "col_idx")):
-        if t.device != dev:
-            raise ValueError(f"sparse_conv2d: {what} is on {t.device} but the sparse weight is on {dev}")
-    if bias is not None and (bias.device != dev or bias.dtype != torch.float32):
-        raise ValueError(f"sparse_conv2d: bias must be float32 on {dev}, got {bias.dtype} on {bias.device}")
-    if dev.type != "cpu":
+    if values.device.type != "cpu":
         raise NotImplementedError("sparse_conv2d has CPU kernels only for now")
     y = torch.empty((n, out_channels, ho, wo), dtype=torch.float32, device=x.device,
                     memory_format=conv_output_memory_format(x))
