@@ -420,3 +420,47 @@ def test_sentence_transformer_direct(tiny_st):
     assert st[0].model is fast_inner
     with torch.no_grad():
         torch.testing.assert_close(st(dict(feats[0]))["sentence_embedding"], ref, atol=1e-4, rtol=1e-4)
+
+
+# -- DDP (opt-in, as tests/test_prune_patterns_ddp.py: gloo teardown can abort on 2 cores) ------------
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    from sparseprune.distill import distill as _distill
+    from sparseprune.prune import masks as _masks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = mlp()
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: wanda statistics differ
+        data = [torch.randn(8, 16, generator=g) * (1 + 3 * rank) for _ in range(4)]
+        _distill(model, data, sparsity=0.75, block_size=(4, 4), steps=12, init="wanda", init_sparsity=0.25,
+                 importance="wanda", lr=1e-2, progress=False)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        mflat = torch.cat([m.flatten().float() for _, m in sorted((n, _masks.get_mask(mod))
+                                                                 for n, mod in _masks.masked_modules(model))])
+        gw = [torch.zeros_like(flat) for _ in range(world)]
+        gm = [torch.zeros_like(mflat) for _ in range(world)]
+        dist.all_gather(gw, flat)
+        dist.all_gather(gm, mflat)
+        agree = all(torch.equal(gw[0], t) for t in gw) and all(torch.equal(gm[0], t) for t in gm)
+        held = all(bool((m.weight[~_masks.get_mask(m)] == 0).all()) for _, m in _masks.masked_modules(model))
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{int(agree)} {int(held)} {_masks.sparsity(model, only_masked=True)}\n")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(os.environ.get("SPARSEPRUNE_TEST_DDP") != "1", reason="opt-in: SPARSEPRUNE_TEST_DDP=1")
+def test_ddp_masks_identical_on_every_rank(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        agree, held, sparsity = open(tmp_path / f"rank{r}.txt").read().split()
+        assert agree == "1", f"rank {r}: ranks disagree on weights or masks"
+        assert held == "1"
+        assert float(sparsity) == pytest.approx(0.75, abs=0.05)

@@ -598,15 +598,16 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
             _prune_to(base, pattern, init_sparsity, block_size, n, m, **kw)
         if dist is not None:  # ranks calibrated on their own data: take rank 0's mask and weights
             sync_masks(base)
-            for p in base.parameters():
-                dist.broadcast(p.data, src=0)
+            with torch.no_grad():
+                for p in base.parameters():
+                    dist.broadcast(p.data, src=0)
         state["sparsity"] = sparsity if pattern == "nm" else init_sparsity
     state["done_init"] = True
 
     # -- optimiser, trackers -------------------------------------------------------------------------
     student = model
     if dist is not None and not isinstance(model, nn.parallel.DistributedDataParallel):
-        student = nn.parallel.DistributedDataParallel(base, broadcast_buffers=False)
+        student = nn.parallel.DistributedDataParallel(base)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -691,8 +692,11 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         else:
             kw["importance"] = imp
         _prune_to(base, pattern, goal, block_size, n, m, **kw)
-        if dist is not None:
+        if dist is not None:  # rank 0's mask and weights (a rank may have zeroed what rank 0 keeps)
             sync_masks(base)
+            with torch.no_grad():
+                for p_ in base.parameters():
+                    dist.broadcast(p_.data, src=0)
         if isinstance(tracker, C.GradientScores):
             tracker.reset()
         state["sparsity"] = goal
