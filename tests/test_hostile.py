@@ -300,6 +300,26 @@ STRUCTURE_CASES = [
         hostile.rewrite_header(p, bad, lambda text: text.replace('"__metadata__":{', '"__metadata__":{"nest":' + "{\\"a\\":" * 100000 + "1" + "}" * 100000 + ",", 1))
         result = must_refuse(bad, seq_linear_arch)
     """),
+    case("linear_bias_int_dtype", """
+        p = save(seq_linear_model())
+        def edit(t, s, m):
+            t["0.bias"] = t["0.bias"].to(torch.int32)
+        result = must_refuse(evil(p, edit), seq_linear_arch)
+    """),
+    case("conv_bias_float64", """
+        p = save(seq_conv_model())
+        def edit(t, s, m):
+            t["1.bias"] = t["1.bias"].double()
+        result = must_refuse(evil(p, edit), seq_conv_arch)
+    """),
+    case("folded_bn_bias_int_dtype", """
+        # convert folds bn1 into conv1 (bias=False before): the file records a new conv1.bias, which load
+        # makes room for; an integer dtype there must be refused, not crash nn.Parameter with RuntimeError
+        p = save(sp.convert(make_convbn()))
+        def edit(t, s, m):
+            t["conv1.bias"] = t["conv1.bias"].to(torch.int64)
+        result = must_refuse(evil(p, edit), ConvBN)
+    """),
     case("modules_attrs_not_a_dict", """
         p = save(seq_linear_model())
         result = must_refuse(evil(p, lambda t, s, m: s["modules"]["0"].update(attrs=[1, 2])), seq_linear_arch)
