@@ -519,13 +519,18 @@ def _run(model, example_inputs):
         model.train(was)
 
 
-def _validate(model, example_inputs, ref_shapes):
+def _validate(model, example_inputs, ref_shapes, macs=None):
+    """None when the model runs and keeps its output shapes, else why not. The same pass counts MACs
+    into ``macs`` (a dict) when given."""
     try:
-        out = _run(model, example_inputs)
+        counts, out = graph.module_macs(model, example_inputs)
     except Exception as e:  # the model may raise anything when a reshape no longer fits
         return f"the pruned model fails to run ({type(e).__name__}: {str(e)[:160]})"
     if _shapes(out) != ref_shapes:
         return "the pruned model's output shapes would change"
+    if macs is not None:
+        macs.clear()
+        macs.update(counts)
     return None
 
 
@@ -664,9 +669,10 @@ class ChannelPruner:
         kept = _resolve_modules(model, keep_outputs, "keep_outputs")
         self.gen = torch.Generator().manual_seed(seed)
         self.step_count = 0
-        _, ref_out = graph.module_macs(model, example_inputs)
-        self.ref_shapes = _shapes(ref_out)
         self.tr = graph.trace(model, example_inputs, prune_heads=prune_heads, head_dims=prune_head_dims)
+        self.ref_shapes = _shapes(self.tr.output)
+        self.tr.output = None          # frees the traced call's autograd graph
+        self.macs_now = dict(self.tr.macs)
         _tie_slots(self.tr)
         _protect(self.tr, frozen, kept)
         self.n0 = {}   # unit root -> units of its group before any step
@@ -700,7 +706,8 @@ class ChannelPruner:
         model, x, tr = self.model, self.example_inputs, self.tr
         self.step_count += 1
         frac = self.step_count / self.steps
-        macs_b, _ = graph.module_macs(model, x)
+        macs_b = self.macs_now
+        macs_a = dict(macs_b)
         before = _layer_table(model)
         pb = sum(p.numel() for p in model.parameters())
 
@@ -725,7 +732,7 @@ class ChannelPruner:
         skipped = []
         undo = _Undo()
         keep = _apply(model, tr, groups, [set(p) for p in plan], roots, undo)
-        why = _validate(model, x, self.ref_shapes)
+        why = _validate(model, x, self.ref_shapes, macs_a) if keep else None
         if why is not None:
             # put everything back, then add groups one at a time and keep the ones that are safe
             undo.undo()
@@ -743,10 +750,11 @@ class ChannelPruner:
                     skipped.append(dict(layers=g.describe(tr), reason=w))
             undo = _Undo()
             keep = _apply(model, tr, groups, [set(plan[j]) for j in accepted], roots, undo)
-            final = _validate(model, x, self.ref_shapes)
+            final = _validate(model, x, self.ref_shapes, macs_a) if keep else None
             if final is not None:  # combinations can still interact: give up rather than break the model
                 undo.undo()
                 keep = {}
+                macs_a = dict(macs_b)
                 skipped.append(dict(layers="all groups", reason=final))
                 accepted = []
             plan = [plan[j] if j in accepted else [] for j in range(len(plan))]
@@ -760,7 +768,9 @@ class ChannelPruner:
             p.grad = None
 
         after = _layer_table(model)
-        macs_a, _ = graph.module_macs(model, x)
+        if not keep:
+            macs_a = dict(macs_b)
+        self.macs_now = macs_a
         pa = sum(p.numel() for p in model.parameters())
         rep = _report(before, after, macs_b, macs_a, pb, pa)
         rep.skipped = skipped

@@ -104,6 +104,7 @@ class Trace:
     owners: dict = field(default_factory=dict)       # id(tensor) -> [(module, attr, is_buffer, qualname)]
     tensors: dict = field(default_factory=dict)      # id(tensor) -> tensor
     output: object = None
+    macs: dict = field(default_factory=dict)         # module name -> MACs of the traced call
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ class _Tracer(TorchFunctionMode):
         self.heads_ok = True
         self.head_dims = False
         self.hd_first = {}  # id(attention module) -> its first head_dim split grid
+        self.names = {id(m): n for n, m in model.named_modules()}
 
     # ---------------------------------------------------------------- labels
     def lab(self, t):
@@ -338,12 +340,16 @@ class _Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        name, full = _short(func)
+        m = op_macs(name, args, kwargs, out)
+        if m:  # the same count as module_macs, so that pruning needs no separate pass for it
+            key = self.names.get(id(self.stack[-1]), "") if self.stack else ""
+            self.t.macs[key] = self.t.macs.get(key, 0) + m
         if self.suppress:
             return out
         outs = _tensors_in(out)
         if not outs:
             return out
-        name, full = _short(func)
         try:
             self.handle(name, full, args, kwargs, out, outs)
         except Exception as e:  # never let tracing break the user's forward; be conservative instead
@@ -561,6 +567,8 @@ class _Tracer(TorchFunctionMode):
             return None
         la = la if la is not None else torch.full(sa, NONE, dtype=torch.int64)
         lb = lb if lb is not None else torch.full(sb, NONE, dtype=torch.int64)
+        # labels repeat along tokens / batch: work on one copy (size-1 dims broadcast), never on L x L
+        la, lb = _squeeze_const(la), _squeeze_const(lb)
         la, lb = self.uf.roots(la), self.uf.roots(lb)  # rows unified by a head split compare equal
         # contracted index k: a[..., n, k] and b[..., k, m] must stay aligned
         self.unify_pairs(la.unsqueeze(-1), lb.unsqueeze(-3))
@@ -573,6 +581,8 @@ class _Tracer(TorchFunctionMode):
             self.unify_pairs(ca, cb)
         ca2, cb2 = torch.broadcast_tensors(ca, cb)
         res = torch.where(ca2 >= 0, ca2, cb2)
+        if so is None:
+            return res
         return res.expand(so) if tuple(res.shape) != tuple(so) else res
 
     def sdpa(self, args, kwargs, out):
@@ -585,9 +595,9 @@ class _Tracer(TorchFunctionMode):
             return self.fallback("sdpa", args, kwargs, [out], "grouped-query attention")
         sshape = tuple(q.shape[:-1]) + (k.shape[-2],)
         s = self.matmul_labels(lq, lk.transpose(-1, -2) if lk is not None else None, q.shape,
-                               tuple(k.shape[:-2]) + (k.shape[-1], k.shape[-2]), sshape)
+                               tuple(k.shape[:-2]) + (k.shape[-1], k.shape[-2]), None)
         if mask is not None and self.lab(mask) is not None and s is not None:
-            self.unify_pairs(s, self.lab(mask))
+            self.unify_pairs(s.expand(sshape), self.lab(mask))  # a per-head bias joins its head
         self.set_lab(out, self.matmul_labels(s, lv, sshape, v.shape, out.shape))
 
     def pad(self, args, kwargs, outs):
@@ -939,6 +949,37 @@ def _raw_slots(tr, t):
         t.slots.append(Slot(k, found, sl.clone(), "raw", t.owners[k][0][3].rsplit(".", 1)[0]))
 
 
+def op_macs(name, args, kwargs, out):
+    """Multiply-accumulates of one call of a conv / linear / matmul / attention op (0 for others)."""
+    m = 0
+    try:
+        if name in _CONV:
+            w = args[1]
+            m = out.numel() * w.shape[1] * math.prod(w.shape[2:])
+        elif name in _CONVT:
+            w = args[1]
+            m = args[0].numel() * w.shape[1] * math.prod(w.shape[2:])
+        elif name == "linear":
+            m = out.numel() * args[1].shape[1]
+        elif name in ("matmul", "__matmul__", "bmm", "mm", "addmm", "baddbmm", "__rmatmul__"):
+            a = args[1] if name in ("addmm", "baddbmm") else args[0]
+            m = out.numel() * a.shape[-1]
+        elif name == "scaled_dot_product_attention":
+            q, k = args[0], args[1]
+            m = 2 * q.numel() // q.shape[-1] * k.shape[-2] * q.shape[-1]
+        elif name == "multi_head_attention_forward":  # args are sequence-first here
+            q, k, w_in = args[0], args[1], args[5]
+            w_out = args[11] if len(args) > 11 else kwargs.get("out_proj_weight")
+            rows = q.numel() // q.shape[-1]            # target length x batch
+            e = w_in.shape[0] // 3
+            m = rows * q.shape[-1] * w_in.shape[0] + 2 * rows * k.shape[0] * e
+            if w_out is not None:
+                m += rows * w_out.shape[0] * w_out.shape[1]
+    except Exception:
+        m = 0
+    return int(m)
+
+
 def module_macs(model, example_inputs):
     """Multiply-accumulates of conv / linear / matmul / attention per module, and the output (one forward
     pass, eval mode, no grad)."""
@@ -950,33 +991,7 @@ def module_macs(model, example_inputs):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            name, _ = _short(func)
-            m = 0
-            try:
-                if name in _CONV:
-                    w = args[1]
-                    m = out.numel() * w.shape[1] * math.prod(w.shape[2:])
-                elif name in _CONVT:
-                    w = args[1]
-                    m = args[0].numel() * w.shape[1] * math.prod(w.shape[2:])
-                elif name == "linear":
-                    m = out.numel() * args[1].shape[1]
-                elif name in ("matmul", "__matmul__", "bmm", "mm", "addmm", "baddbmm", "__rmatmul__"):
-                    a = args[1] if name in ("addmm", "baddbmm") else args[0]
-                    m = out.numel() * a.shape[-1]
-                elif name == "scaled_dot_product_attention":
-                    q, k = args[0], args[1]
-                    m = 2 * q.numel() // q.shape[-1] * k.shape[-2] * q.shape[-1]
-                elif name == "multi_head_attention_forward":  # args are sequence-first here
-                    q, k, w_in = args[0], args[1], args[5]
-                    w_out = args[11] if len(args) > 11 else kwargs.get("out_proj_weight")
-                    rows = q.numel() // q.shape[-1]            # target length x batch
-                    e = w_in.shape[0] // 3
-                    m = rows * q.shape[-1] * w_in.shape[0] + 2 * rows * k.shape[0] * e
-                    if w_out is not None:
-                        m += rows * w_out.shape[0] * w_out.shape[1]
-            except Exception:
-                m = 0
+            m = op_macs(_short(func)[0], args, kwargs, out)
             if m:
                 key = names.get(id(stack[-1]), "") if stack else ""
                 counts[key] = counts.get(key, 0) + int(m)

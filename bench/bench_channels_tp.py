@@ -1,0 +1,274 @@
+"""Channel pruning side by side with Torch-Pruning: ResNet-50, MobileNetV2, ViT-base, BERT-base,
+ConvNeXt-tiny and Swin-tiny (transformers implementations, random init, batch 1; 224x224 images, 128
+tokens), both libraries at the same settings: 50% of the channels of every group, L1 importance, the
+classifier's outputs kept. Reported per library: parameters, MACs, latency and speedup against the
+dense model timed in the same process with the same thread count, and the time pruning took.
+
+Each library keeps its own default for attention: sparseprune removes whole heads, Torch-Pruning
+shrinks every head (``prune_head_dims=True``); both remove half of the attention width.
+
+    pytest bench/bench_channels_tp.py                 # pytest-benchmark; writes bench/results/channels_tp.md
+    pytest bench/bench_channels_tp.py --quick         # smoke run: MobileNetV2 only, nothing written
+    python bench/bench_channels_tp.py [--quick] [--out FILE] [--models resnet50,vit-base]   # table only
+
+Torch-Pruning is the optional extra ``torch-pruning``; its rows are skipped when it is absent.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import sparseprune as sp  # noqa: E402
+from sparseprune._inputs import call_model  # noqa: E402
+from sparseprune.prune import graph  # noqa: E402
+
+RATIO = 0.5
+NAMES = ["resnet50", "mobilenetv2", "vit-base", "bert-base", "convnext-tiny", "swin-tiny"]
+QUICK_NAMES = ["mobilenetv2"]
+IMPLS = ["dense", "sparseprune", "torch-pruning"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "channels_tp.md")
+
+
+# ------------------------------------------------------------------------------------------ models
+def build(name):
+    """(model in eval mode, example_inputs of one call), same weights for every call."""
+    import transformers as T
+    T.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    img = torch.randn(1, 3, 224, 224)
+    if name == "resnet50":
+        return T.ResNetForImageClassification(T.ResNetConfig()).eval(), img
+    if name == "mobilenetv2":
+        return T.MobileNetV2ForImageClassification(T.MobileNetV2Config()).eval(), img
+    if name == "vit-base":
+        return T.ViTForImageClassification(T.ViTConfig()).eval(), img
+    if name == "convnext-tiny":
+        return T.ConvNextForImageClassification(T.ConvNextConfig()).eval(), img
+    if name == "swin-tiny":
+        return T.SwinForImageClassification(T.SwinConfig()).eval(), img
+    if name == "bert-base":
+        cfg = T.BertConfig()
+        ids = torch.randint(0, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+        return T.BertForSequenceClassification(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    raise ValueError(name)
+
+
+def classifier(model):
+    return model.classifier
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if hasattr(m, "num_attention_heads") and hasattr(m, "query")
+            and hasattr(m, "attention_head_size")]
+
+
+# ------------------------------------------------------------------------------------------ pruning
+def prune_sparseprune(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sp.prune_channels(model, x, RATIO, importance="l1", keep_outputs=[classifier(model)])
+
+
+def prune_torch_pruning(model, x):
+    import torch_pruning as tp
+    attn = _attention_modules(model)
+    heads = {lin: m.num_attention_heads for m in attn for lin in (m.query, m.key, m.value)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=RATIO,
+            ignored_layers=[classifier(model)], num_heads=heads, output_transform=lambda out: out.logits)
+        pruner.step()
+    for m in attn:  # Torch-Pruning leaves the modules' own head bookkeeping to the user
+        m.num_attention_heads = pruner.num_heads[m.query]
+        m.attention_head_size = m.query.out_features // m.num_attention_heads
+        m.all_head_size = m.query.out_features
+    return model
+
+
+PRUNERS = {"sparseprune": prune_sparseprune, "torch-pruning": prune_torch_pruning}
+
+
+def have_torch_pruning():
+    try:
+        import torch_pruning  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------ measures
+def count_macs(model, x):
+    return sum(graph.module_macs(model, x)[0].values())
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_once(model, x):
+    with torch.no_grad():
+        return call_model(model, x)
+
+
+def latency(model, x, budget=2.0, min_reps=5):
+    """Median seconds of one forward pass (no grad), after warm-up."""
+    run_once(model, x)
+    times = []
+    end = time.perf_counter() + budget
+    while len(times) < min_reps or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        run_once(model, x)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def prepare(name, impl):
+    """Build, prune (timed) and check the model. Returns (model, x, row)."""
+    model, x = build(name)
+    row = dict(model=name, impl=impl, prune_s=0.0)
+    if impl != "dense":
+        t0 = time.perf_counter()
+        PRUNERS[impl](model, x)
+        row["prune_s"] = time.perf_counter() - t0
+        model.eval()
+    out = run_once(model, x)
+    row.update(params=count_params(model), macs=count_macs(model, x),
+               out_shape=tuple(getattr(out, "logits", out).shape))
+    return model, x, row
+
+
+# ------------------------------------------------------------------------------------------ table
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def table(rows, threads=None):
+    """Markdown: one line per model and library, dense first."""
+    threads = threads or torch.get_num_threads()
+    lines = [f"Channel pruning, sparseprune vs Torch-Pruning: ratio {RATIO}, L1 importance, classifier outputs "
+             f"kept, batch 1, {threads} threads, {cpu_model()}, torch {torch.__version__}.", "",
+             "| model | library | params (M) | MACs (G) | MACs kept | latency (ms) | speedup | prune time (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = {r["impl"]: r for r in rows if r["model"] == name}
+        dense = rs.get("dense")
+        for impl in IMPLS:
+            r = rs.get(impl)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {name} | {impl} | fails: {r['error'][:90]} | | | | | |")
+                continue
+            kept = f"{r['macs'] / dense['macs']:.3f}" if dense else ""
+            sp_ = f"{dense['latency_s'] / r['latency_s']:.2f}x" if dense else ""
+            pt = "" if impl == "dense" else f"{r['prune_s']:.2f}"
+            lines.append(f"| {name} | {impl} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | {kept} | "
+                         f"{r['latency_s'] * 1e3:.1f} | {sp_} | {pt} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows, path=RESULTS):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# Channel pruning: sparseprune vs Torch-Pruning\n\nProduced by `bench/bench_channels_tp.py`.\n\n")
+        f.write(table(rows))
+
+
+# ------------------------------------------------------------------------------------------ pytest
+try:
+    import pytest
+except ImportError:  # plain script use
+    pytest = None
+
+if pytest is not None and "pytest" in sys.modules and os.path.basename(sys.argv[0]) != os.path.basename(__file__):
+    from conftest import measure
+
+    pytest.importorskip("transformers")
+    _ROWS = []
+
+    @pytest.fixture(scope="module", autouse=True)
+    def _write_results(quick):
+        yield
+        if _ROWS and not quick and {r["model"] for r in _ROWS} == set(NAMES):
+            write_table(_ROWS)
+
+    @pytest.mark.parametrize("name,impl", [(n, i) for n in NAMES for i in IMPLS], ids=lambda v: v)
+    def test_channels_vs_torch_pruning(benchmark, quick, name, impl):
+        if quick and name not in QUICK_NAMES:
+            pytest.skip("--quick: one small model only")
+        if impl == "torch-pruning" and not have_torch_pruning():
+            pytest.skip("torch-pruning not installed (optional extra 'torch-pruning')")
+        try:
+            model, x, row = prepare(name, impl)
+        except Exception as e:
+            if impl != "torch-pruning":
+                raise
+            _ROWS.append(dict(model=name, impl=impl, error=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+            pytest.skip(f"Torch-Pruning fails on {name}: {type(e).__name__}")
+        with torch.no_grad():
+            med = measure(benchmark, lambda: call_model(model, x), group=f"channels-tp {name}", impl=impl,
+                          dense_flops=2 * row["macs"], quick=quick, model=name, params=row["params"],
+                          macs=row["macs"], prune_s=row["prune_s"])
+        row["latency_s"] = med
+        _ROWS.append(row)
+        if impl != "dense":
+            assert row["params"] < count_params(build(name)[0])
+
+
+# ------------------------------------------------------------------------------------------ script
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="MobileNetV2 only, short timings, nothing written")
+    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(NAMES))
+    ap.add_argument("--out", default=None, help=f"markdown file to write (default {RESULTS} for a full run)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("SPARSEPRUNE_BENCH_THREADS", "0")) or None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    names = a.models.split(",") if a.models else (QUICK_NAMES if a.quick else NAMES)
+    impls = IMPLS if have_torch_pruning() else IMPLS[:2]
+    rows = []
+    for name in names:
+        for impl in impls:
+            try:
+                model, x, row = prepare(name, impl)
+            except Exception as e:
+                if impl != "torch-pruning":
+                    raise
+                rows.append(dict(model=name, impl=impl, error=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+                print(rows[-1], flush=True)
+                continue
+            row["latency_s"] = latency(model, x, budget=0.5 if a.quick else 3.0)
+            rows.append(row)
+            print({k: v for k, v in row.items()}, flush=True)
+            del model
+    print(table(rows))
+    out = a.out or (RESULTS if not a.quick and names == NAMES else None)
+    if out:
+        write_table(rows, out)
+        print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
