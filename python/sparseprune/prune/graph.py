@@ -184,12 +184,22 @@ def _tensors_in(obj):
 
 
 def _const_along(t, d):
-    if t.shape[d] <= 1:
+    if t.shape[d] <= 1 or t.stride(d) == 0:
         return True
-    return bool((t == t.narrow(d, 0, 1)).all())
+    return bool((_compact(t) == _compact(t).narrow(d, 0, 1)).all())
+
+
+def _compact(t):
+    """The same labels with every broadcast (stride-0) dim narrowed to size 1: labels are mostly
+    channel vectors expanded over batch and tokens, and every rule works on what varies only."""
+    for d in range(t.dim()):
+        if t.shape[d] > 1 and t.stride(d) == 0:
+            t = t.narrow(d, 0, 1)
+    return t
 
 
 def _squeeze_const(t):
+    t = _compact(t)
     for d in range(t.dim()):
         if t.shape[d] > 1 and _const_along(t, d):
             t = t.narrow(d, 0, 1)
@@ -295,7 +305,12 @@ class _Tracer(TorchFunctionMode):
         whole slice alike)."""
         if lab is None:
             return torch.full((size,), NONE, dtype=torch.int64)
-        x = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
+        dim = dim % lab.dim()
+        c = lab.shape[dim]
+        lab = _compact(lab)
+        if lab.shape[dim] != c:  # the same labels for every index of dim
+            lab = lab.expand(*lab.shape[:dim], c, *lab.shape[dim + 1:])
+        x = lab.movedim(dim, 0).reshape(c, -1)
         if x.shape[1] == 0:
             return torch.full((size,), NONE, dtype=torch.int64)
         valid = x >= 0
@@ -429,9 +444,10 @@ class _Tracer(TorchFunctionMode):
             if r == "a":
                 cur = l
             elif r == "":
-                try:
-                    c2, l2 = torch.broadcast_tensors(cur, l)
-                    cur = torch.where(c2 >= 0, c2, l2)
+                try:  # combine what varies only, then broadcast back (a view: stays cheap downstream)
+                    shape = torch.broadcast_shapes(cur.shape, l.shape)
+                    c2, l2 = torch.broadcast_tensors(_compact(cur), _compact(l))
+                    cur = torch.where(c2 >= 0, c2, l2).expand(shape)
                 except RuntimeError:
                     pass
         try:
@@ -568,19 +584,21 @@ class _Tracer(TorchFunctionMode):
         la = la if la is not None else torch.full(sa, NONE, dtype=torch.int64)
         lb = lb if lb is not None else torch.full(sb, NONE, dtype=torch.int64)
         # labels repeat along tokens / batch: work on one copy (size-1 dims broadcast), never on L x L
-        la, lb = _squeeze_const(la), _squeeze_const(lb)
-        la, lb = self.uf.roots(la), self.uf.roots(lb)  # rows unified by a head split compare equal
+        la = self.uf.roots(_squeeze_const(la)).expand(la.shape)  # rows unified by a head split compare equal
+        lb = self.uf.roots(_squeeze_const(lb)).expand(lb.shape)
         # contracted index k: a[..., n, k] and b[..., k, m] must stay aligned
         self.unify_pairs(la.unsqueeze(-1), lb.unsqueeze(-3))
-        la, lb = self.uf.roots(la), self.uf.roots(lb)
-        ca = la.narrow(-1, 0, 1)
-        ca = torch.where((la == ca).all(-1, keepdim=True), ca, torch.full_like(ca, NONE))   # (..., n, 1)
-        cb = lb.narrow(-2, 0, 1)
-        cb = torch.where((lb == cb).all(-2, keepdim=True), cb, torch.full_like(cb, NONE))   # (..., 1, m)
+        la_c, lb_c = self.uf.roots(_squeeze_const(la)), self.uf.roots(_squeeze_const(lb))
+        ca = la_c.narrow(-1, 0, 1)
+        ca = torch.where((la_c == ca).all(-1, keepdim=True), ca, torch.full_like(ca, NONE))   # (..., n, 1)
+        cb = lb_c.narrow(-2, 0, 1)
+        cb = torch.where((lb_c == cb).all(-2, keepdim=True), cb, torch.full_like(cb, NONE))   # (..., 1, m)
+        sa_full = tuple(la.shape[:-1]) + (1,)
+        sb_full = tuple(lb.shape[:-2]) + (1,) + tuple(lb.shape[-1:])
         if bool((ca >= 0).any()) and bool((cb >= 0).any()):
-            self.unify_pairs(ca, cb)
+            self.unify_pairs(ca.expand(sa_full), cb.expand(sb_full))
         ca2, cb2 = torch.broadcast_tensors(ca, cb)
-        res = torch.where(ca2 >= 0, ca2, cb2)
+        res = torch.where(ca2 >= 0, ca2, cb2).expand(torch.broadcast_shapes(sa_full, sb_full))
         if so is None:
             return res
         return res.expand(so) if tuple(res.shape) != tuple(so) else res
@@ -598,7 +616,8 @@ class _Tracer(TorchFunctionMode):
                                tuple(k.shape[:-2]) + (k.shape[-1], k.shape[-2]), None)
         if mask is not None and self.lab(mask) is not None and s is not None:
             self.unify_pairs(s.expand(sshape), self.lab(mask))  # a per-head bias joins its head
-        self.set_lab(out, self.matmul_labels(s, lv, sshape, v.shape, out.shape))
+        self.set_lab(out, self.matmul_labels(s.expand(sshape) if s is not None else None, lv, sshape, v.shape,
+                                             out.shape))
 
     def pad(self, args, kwargs, outs):
         lx = self.lab(args[0])
