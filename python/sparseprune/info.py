@@ -23,6 +23,19 @@ def info_lines():
         lines.append(f" {mark} {p['isa']:<7} spmm: {p['kernels']}{'' if p['supported'] else '  (not supported here)'}")
         if p.get("conv_kernels"):
             lines.append(f"   {'':<7} conv: {p['conv_kernels']}")
+    try:  # quantized BSR paths (issue #14): int8 / bf16, selected by the same ISA level
+        from . import quant
+        levels = sorted({p["isa"] for p in quant.qisa_paths()} - {p["isa"] for p in ops.isa_paths()})
+        lines.append(f"quantized BSR paths (SPARSEPRUNE_ISA also takes {', '.join(levels) or 'nothing more'} here):")
+        for kind, dt in (("int8", torch.int8), ("bf16", torch.bfloat16)):
+            active = quant.active_qisa(dt)
+            for p in quant.qisa_paths(supported_only=False):
+                if p["dtype"] == kind:
+                    mark = "*" if p["isa"] == active else " "
+                    note = "" if p["supported"] else "  (not supported here)"
+                    lines.append(f" {mark} {p['isa']:<10} {kind}: {p['kernels']}{note}")
+    except Exception as e:  # never let info fail on an optional part
+        lines.append(f"quantized kernels: unavailable ({e})")
     if _ext._cuda is not None:
         dev = ""
         if torch.cuda.is_available():

@@ -295,6 +295,11 @@ def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, sca
     y = torch.empty(n, rows, dtype=torch.float32, device=x.device)
     if n == 0 or rows == 0:
         return y.to(out_dtype)
+    if cols == 0:  # nothing to multiply (and x may have no storage)
+        y.zero_()
+        if bias is not None:
+            y += bias
+        return y.to(out_dtype)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     _C.qspmm("int8" if s8 else "bf16", rows, cols, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
@@ -353,7 +358,7 @@ def qspmm(x: Tensor, packed: QuantBSRMatrix, bias: Optional[Tensor] = None, num_
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(lead), k)
     r, c = packed.block_size
     args = (packed.row_ptr, packed.col_idx, packed.values, packed.scales, packed.compensation, bias, m, k, r, c,
             int(num_threads))
@@ -388,7 +393,7 @@ def reference_qspmm(x: Tensor, packed: QuantBSRMatrix, bias: Optional[Tensor] = 
     """Slow, obviously-correct twin of :func:`qspmm` (fp32 output). int8 agrees bit for bit."""
     m, k = packed.shape
     r, c = packed.block_size
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
     blocks = packed._column_major_blocks()
     if packed.dtype == torch.int8:
         w = reference.bsr_to_dense(packed.row_ptr, packed.col_idx, blocks.to(torch.int32), m, k, r, c)  # float64

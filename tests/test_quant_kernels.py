@@ -1,0 +1,277 @@
+"""Quantized BSR kernels (issue #14): int8 agrees bit for bit with the pure-torch reference on every
+ISA path, bf16 to fp32 rounding; packing round-trips; validate() rejects every corruption."""
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparseprune import ops, quant
+from sparseprune.quant import QuantBSRMatrix, qspmm, reference_qspmm
+
+from helpers import block_sparse_weight
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16}
+QPATHS = [(p["dtype"], p["isa"]) for p in quant.qisa_paths(supported_only=False)]
+BLOCKS = {"int8": [(16, 16), (16, 4), (4, 4), (1, 4), (8, 8), (32, 16)],
+          "bf16": [(16, 16), (16, 4), (4, 4), (1, 4), (1, 2), (8, 8)]}
+
+
+@pytest.fixture(params=QPATHS, ids=[f"{d}-{i}" for d, i in QPATHS])
+def qpath(request):
+    """(dtype, isa): every quantized kernel path in ukernels.inc, forced; skipped where the CPU lacks it."""
+    kind, isa = request.param
+    supported = {(p["dtype"], p["isa"]) for p in quant.qisa_paths()}
+    if (kind, isa) not in supported:
+        pytest.skip(f"this CPU cannot run {kind} {isa}")
+    ops.set_isa(isa)
+    assert quant.active_qisa(DTYPES[kind]) == isa
+    yield DTYPES[kind]
+    ops.set_isa("best")
+
+
+def _check(y, ref, dtype):
+    if dtype == torch.int8:
+        assert torch.equal(y, ref), f"max diff {(y - ref).abs().max().item()}"
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * (1 + (ref.abs().max().item() if ref.numel() else 0)))
+
+
+def _run(x, p, bias=None, **kw):
+    with torch.no_grad():
+        return qspmm(x, p, bias, **kw)
+
+
+# (M, K, N, sparsity): odd sizes, M / K not multiples of the block, decode N = 1, N = 0, empty rows
+CASES = [(64, 64, 24, 0.5), (37, 50, 30, 0.5), (33, 21, 1, 0.3), (19, 13, 2, 0.0), (70, 90, 53, 0.8),
+         (48, 40, 0, 0.5), (40, 36, 5, 1.0), (5, 8, 26, 0.0)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}K{}N{}s{}".format(*c))
+@pytest.mark.parametrize("bias", [False, True])
+def test_paths_match_reference(qpath, case, bias):
+    dtype = qpath
+    m, k, n, s = case
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    for block in BLOCKS["int8" if dtype == torch.int8 else "bf16"][:4]:
+        w = block_sparse_weight(m, k, block, s, generator=g)
+        p = QuantBSRMatrix.from_dense(w, block, dtype)
+        x = torch.randn(n, k, generator=g) * 3
+        b = torch.randn(m, generator=g) if bias else None
+        _check(_run(x, p, b), reference_qspmm(x, p, b), dtype)
+
+
+def test_large_tiles_and_panels(qpath):
+    """Enough rows for full register tiles, several panels and both threads; 16-bit and 32-bit indices."""
+    dtype = qpath
+    g = torch.Generator().manual_seed(1)
+    w = block_sparse_weight(96, 200, (16, 16), 0.6, generator=g)
+    x = torch.randn(77, 200, generator=g)
+    b = torch.randn(96, generator=g)
+    p = QuantBSRMatrix.from_dense(w, (16, 16), dtype)
+    ref = reference_qspmm(x, p, b)
+    for nt in (1, 2):
+        _check(_run(x, p, b, num_threads=nt), ref, dtype)
+    p32 = QuantBSRMatrix(p.shape, p.block_size, dtype, p.row_ptr, p.col_idx.int(), p.values, p.scales, p.compensation)
+    _check(_run(x, p32, b), ref, dtype)
+
+
+def test_all_zero_and_dense_blocks(qpath):
+    dtype = qpath
+    w = torch.zeros(32, 48)
+    w[:16, 16:32] = 1e-30  # a stored block that quantizes to zeros (int8) / denormals (bf16)
+    w[16:, :] = torch.randn(16, 48)
+    p = QuantBSRMatrix.from_dense(w, (16, 16), dtype)
+    x = torch.randn(9, 48)
+    x[3] = 0  # an all-zero row of X: scale 1, zero point 0
+    x[4] = 5.0  # a constant row: zero point 0
+    x[5] = -2.0  # a negative constant row: zero point 255
+    _check(_run(x, p), reference_qspmm(x, p), dtype)
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(0, 30), s=st.sampled_from([0.0, 0.5, 0.9]),
+       kind=st.sampled_from(["int8", "bf16"]), bi=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_property_best_path(m, k, n, s, kind, bi, seed):
+    dtype = DTYPES[kind]
+    block = BLOCKS[kind][bi]
+    g = torch.Generator().manual_seed(seed)
+    w = block_sparse_weight(m, k, block, s, generator=g)
+    p = QuantBSRMatrix.from_dense(w, block, dtype)
+    x = torch.randn(n, k, generator=g)
+    b = torch.randn(m, generator=g)
+    _check(_run(x, p, b), reference_qspmm(x, p, b), dtype)
+    # pack -> unpack is exact on the stored values
+    assert torch.equal(QuantBSRMatrix.from_dense(p.to_dense(), block, dtype).int_repr(), p.int_repr())
+
+
+def test_accuracy_against_float():
+    """Quantization error is that of per-channel int8 / bf16, not worse."""
+    g = torch.Generator().manual_seed(2)
+    w = block_sparse_weight(128, 256, (16, 16), 0.5, generator=g)
+    x = torch.randn(32, 256, generator=g)
+    exact = x.double() @ w.double().T
+    for dtype, tol in ((torch.int8, 0.03), (torch.bfloat16, 0.01)):
+        y = _run(x, QuantBSRMatrix.from_dense(w, (16, 16), dtype))
+        rel = ((y.double() - exact).norm() / exact.norm()).item()
+        assert rel < tol, (dtype, rel)
+
+
+def test_pack_roundtrip_and_container():
+    g = torch.Generator().manual_seed(3)
+    w = block_sparse_weight(37, 52, (16, 4), 0.5, generator=g)
+    p = QuantBSRMatrix.from_dense(w, (16, 4), torch.int8)
+    assert p.tensor_names == ("row_ptr", "col_idx", "values", "scales", "compensation")
+    assert p.values.shape == (p.nnz_blocks, 1, 16, 4) and p.values.dtype == torch.int8
+    assert p.nbytes == sum(t.numel() * t.element_size() for t in p.tensors())
+    assert torch.equal(p.compensation, p.int_repr().sum(1, dtype=torch.int32))
+    err = (p.to_dense() - w).abs()
+    assert bool((err <= p.scales[:, None] / 2 + 1e-6).all())
+    assert bool(((p.to_dense() != 0) <= (w != 0)).all())
+    pb = QuantBSRMatrix.from_dense(w, (16, 4), torch.bfloat16)
+    assert pb.tensor_names == ("row_ptr", "col_idx", "values")
+    assert torch.equal(pb.to_dense(), w.bfloat16().float())
+    q = QuantBSRMatrix.from_tensors(p.shape, p.block_size, torch.int8, dict(zip(p.tensor_names, p.tensors())))
+    assert torch.equal(q.to_dense(), p.to_dense())
+    assert "int8" in repr(p)
+
+
+def test_input_dtypes_and_shapes():
+    g = torch.Generator().manual_seed(4)
+    w = block_sparse_weight(24, 32, (8, 8), 0.5, generator=g)
+    x = torch.randn(2, 5, 32, generator=g)
+    for dtype in DTYPES.values():
+        p = QuantBSRMatrix.from_dense(w, (8, 8), dtype)
+        y = _run(x, p)
+        assert y.shape == (2, 5, 24) and y.dtype == torch.float32
+        _check(y, reference_qspmm(x, p), dtype)
+        yb = _run(x.bfloat16(), p)
+        assert yb.dtype == torch.bfloat16
+        if dtype == torch.bfloat16:  # bf16 input is used as is
+            torch.testing.assert_close(yb.float(), reference_qspmm(x.bfloat16().float(), p), rtol=1e-2, atol=1e-2)
+        # non-contiguous input
+        xt = torch.randn(32, 7, generator=g).T
+        _check(_run(xt, p), reference_qspmm(xt.contiguous(), p), dtype)
+
+
+def test_zero_inner_dimension():
+    for dtype in DTYPES.values():
+        p = QuantBSRMatrix.from_dense(torch.zeros(5, 0), (1, 4), dtype)
+        b = torch.randn(5)
+        assert torch.equal(_run(torch.randn(3, 0), p, b), b.expand(3, 5))
+
+
+def test_errors():
+    w = torch.randn(16, 16)
+    for block in [(16, 3), (16, 2), (4, 1), (1, 6)]:
+        with pytest.raises(ValueError, match="multiples of 4"):
+            QuantBSRMatrix.from_dense(w, block, torch.int8)
+    for block in [(4, 1), (16, 3)]:
+        with pytest.raises(ValueError, match="multiples of 2"):
+            QuantBSRMatrix.from_dense(w, block, torch.bfloat16)
+    with pytest.raises(TypeError):
+        QuantBSRMatrix.from_dense(w, (16, 16), torch.float16)
+    p = QuantBSRMatrix.from_dense(w, (16, 16), torch.int8)
+    with pytest.raises(ValueError, match="features"):
+        _run(torch.randn(3, 15), p)
+    with pytest.raises(TypeError):
+        _run(torch.randn(3, 16).double(), p)
+    with pytest.raises(ValueError, match="bias"):
+        _run(torch.randn(3, 16), p, torch.randn(15))
+    with pytest.raises(TypeError):
+        qspmm(torch.randn(3, 16), w)
+    x = torch.randn(3, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        qspmm(x, p)
+
+
+CORRUPTIONS = {
+    "col_idx out of range": "p.col_idx[-1] = 99",
+    "col_idx unsorted": "p.col_idx[0], p.col_idx[1] = int(p.col_idx[1]), int(p.col_idx[0])",
+    "col_idx negative int32": "p.col_idx = p.col_idx.int(); p.col_idx[0] = -1",
+    "row_ptr too short": "p.row_ptr = p.row_ptr[:-1].clone()",
+    "row_ptr decreasing": "p.row_ptr[1] = int(p.row_ptr[2]) + 1",
+    "row_ptr end": "p.row_ptr[-1] = 10**6",
+    "row_ptr start": "p.row_ptr[0] = 1",
+    "row_ptr dtype": "p.row_ptr = p.row_ptr.long()",
+    "values short": "p.values = p.values[:-1].clone()",
+    "values dtype": "p.values = p.values.float()",
+    "values layout": "p.values = p.values.reshape(p.values.shape[0], -1).contiguous()",
+    "values non-contiguous": "p.values = p.values.transpose(1, 2)",
+    "scales missing": "p.scales = None",
+    "scales short": "p.scales = p.scales[:-1].clone()",
+    "scales negative": "p.scales[0] = -1.0",
+    "scales nan": "p.scales[0] = float('nan')",
+    "scales dtype": "p.scales = p.scales.double()",
+    "compensation wrong": "p.compensation[0] += 1",
+    "compensation dtype": "p.compensation = p.compensation.long()",
+    "col_idx 2-D": "p.col_idx = p.col_idx.reshape(1, -1)",
+    "block width": "p.block_size = (16, 6)",
+    "shape grows": "p.shape = (p.shape[0] + 40, p.shape[1])",
+    "bf16 values in int8": "p.values = p.values.to(torch.bfloat16)",
+    "not a tensor": "p.col_idx = p.col_idx.tolist()",
+}
+
+
+def test_corrupted_arrays_rejected_in_subprocess():
+    """validate() must catch every corruption; a miss would hand bad arrays to the kernel, so the cases
+    run (validate, then the kernel) in a child process: a crash fails this test instead of the run."""
+    script = textwrap.dedent(f"""
+        import json, torch
+        from sparseprune.quant import QuantBSRMatrix, qspmm
+        cases = {json.dumps(CORRUPTIONS)}
+        out = {{}}
+        for name, code in cases.items():
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(40, 70, generator=g)
+            w[:, 16:32] = 0
+            p = QuantBSRMatrix.from_dense(w, (16, 16), torch.int8)
+            try:
+                exec(code)
+                p.validate()
+                with torch.no_grad():
+                    qspmm(torch.randn(3, 70), p)
+                out[name] = "accepted"
+            except (ValueError, TypeError) as e:
+                out[name] = "rejected: " + str(e)[:80]
+        print(json.dumps(out))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    accepted = [k for k, v in out.items() if not v.startswith("rejected")]
+    assert not accepted, accepted
+
+
+def test_bf16_corruptions():
+    w = torch.randn(20, 24)
+    p = QuantBSRMatrix.from_dense(w, (4, 4), torch.bfloat16)
+    p.scales = torch.ones(20)
+    with pytest.raises(ValueError, match="no scales"):
+        p.validate()
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(5)
+    w = block_sparse_weight(40, 36, (16, 4), 0.5, generator=g)
+    for dtype in DTYPES.values():
+        p = QuantBSRMatrix.from_dense(w, (16, 4), dtype)
+        for x, b in ((torch.randn(7, 36, generator=g), torch.randn(40, generator=g)), (torch.randn(1, 36), None)):
+            args = (x, p.row_ptr, p.col_idx, p.values, p.scales, p.compensation, b, 40, 36, 16, 4, 1)
+            torch.library.opcheck(torch.ops.sparseprune.qspmm.default, args)
+
+
+def test_paths_listed():
+    kinds = {(p["dtype"], p["isa"]) for p in quant.qisa_paths(supported_only=False)}
+    assert ("int8", "scalar") in kinds and ("bf16", "scalar") in kinds
+    names = " ".join(p["kernels"] for p in quant.qisa_paths(supported_only=False))
+    assert "s8_bsr_spmm" in names and "bf16_bsr_spmm" in names
+    from sparseprune.info import info_lines
+    text = "\n".join(info_lines())
+    assert "s8_bsr_spmm" in text and "bf16_bsr_spmm" in text
