@@ -67,13 +67,16 @@ def test_sparsegpt_init_and_taylor_schedule():
     assert masked_sparsity(model) == pytest.approx(0.5, abs=0.05)
 
 
-def test_time_budget_is_honoured_and_target_reached():
+@pytest.mark.parametrize("clock", [time.perf_counter, time.process_time], ids=["wall", "cpu"])
+def test_time_budget_is_honoured_and_target_reached(clock):
+    distill(mlp(), tensors(), sparsity=0.5, steps=2, progress=False)  # one-time lazy imports (optimizers)
     model = mlp()
-    t = time.perf_counter()
+    t = clock()
     distill(model, tensors(), sparsity=0.75, block_size=(4, 4), time_budget=1.0, init="magnitude",
-            init_sparsity=0.25, progress=False)
-    took = time.perf_counter() - t
-    assert took < 1.6
+            init_sparsity=0.25, progress=False, clock=clock)
+    took = clock() - t
+    # at most about one step past the budget; on a loaded shared machine one step can stall (wall clock)
+    assert took < (1.3 if clock is time.process_time else 3.0)
     st = model._sparseprune_distill
     assert st["steps"] > 10 and masked_sparsity(model) == pytest.approx(0.75, abs=0.05)
     assert len(st["events"]) >= 2  # the schedule was compressed into the budget, not skipped
@@ -464,3 +467,9 @@ def test_ddp_masks_identical_on_every_rank(tmp_path):
         assert agree == "1", f"rank {r}: ranks disagree on weights or masks"
         assert held == "1"
         assert float(sparsity) == pytest.approx(0.75, abs=0.05)
+
+
+def test_steps_and_budget_whichever_ends_first():
+    model = mlp()
+    distill(model, tensors(), sparsity=0.5, block_size=(4, 4), steps=7, time_budget=30.0, progress=False)
+    assert model._sparseprune_distill["steps"] == 7 and masked_sparsity(model) == pytest.approx(0.5, abs=0.05)

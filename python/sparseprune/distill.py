@@ -492,7 +492,8 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         sparsity, pattern, block_size, n, m: the target ("unstructured", "blocks" or "nm"; N:M is
             applied at ``init`` and then trained at that fixed pattern).
         steps / time_budget: run length in optimizer steps, or in seconds (everything included;
-            the schedule is compressed to end on time). Default: one pass over a sized ``data``.
+            the schedule is compressed to end on time); both: whichever ends first (the schedule
+            then follows the time estimate). Default: one pass over a sized ``data``.
         lr, weight_decay, warmup, min_lr_ratio, max_grad_norm: AdamW with warm-up (fraction of the
             run) and cosine decay; ``optimizer=callable(params) -> Optimizer`` overrides AdamW.
         init: one-shot criterion for the first mask, ``"sparsegpt"``, ``"wanda"``, ``"magnitude"`` or
@@ -667,10 +668,11 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         done = state["step"] - step0
         spent = clock() - t_start
         left = time_budget - elapsed0 - setup_s - spent
-        if done < 2:  # no step time measured yet: one more step, the schedule stays at its start
-            return None
+        if done < 2:  # no step time measured yet: one more step (if any time is left), schedule at its start
+            return None if left > 0 or state["step"] == 0 else state["step"]
         per = spent / done
-        return state["step"] + max(0, int(left / per))  # stop once the next step would not fit
+        total = state["step"] + max(0, int(left / per))  # stop once the next step would not fit
+        return min(total, steps) if steps is not None else total
 
     def target_at(p: float) -> float:
         if pattern == "nm":
