@@ -29,6 +29,8 @@ FIXED = 0   # atom that must never be pruned
 class UnionFind:
     def __init__(self):
         self.parent = [0]  # atom 0 = FIXED
+        self._snap = None  # (number of atoms, merges so far, root of every atom) or None
+        self.merges = 0
 
     def new(self, n):
         start = len(self.parent)
@@ -52,15 +54,34 @@ class UnionFind:
             self.parent[rb] = ra
         else:
             self.parent[ra] = rb
+        self.merges += 1
 
     def union_all(self, atoms):
         atoms = [a for a in atoms if a >= 0]
         for a in atoms[1:]:
             self.union(atoms[0], a)
 
+    def root_table(self):
+        """Root of every atom as one tensor (pointer jumping over the parent array), cached until the next
+        merge."""
+        n = len(self.parent)
+        if self._snap is not None and self._snap[0] == n and self._snap[1] == self.merges:
+            return self._snap[2]
+        r = torch.tensor(self.parent, dtype=torch.int64)
+        while True:
+            r2 = r[r]
+            if torch.equal(r2, r):
+                break
+            r = r2
+        self._snap = (n, self.merges, r)
+        return r
+
     def roots(self, t):
         """Roots of a label tensor (NONE stays NONE)."""
         flat = t.reshape(-1)
+        if flat.numel() > 4096 and (self._snap is not None or flat.numel() > len(self.parent) // 8):
+            table = self.root_table()
+            return torch.where(flat >= 0, table[flat.clamp_min(0)], flat).view(t.shape)
         uniq, inv = torch.unique(flat, return_inverse=True)
         r = torch.tensor([self.find(a) if a >= 0 else NONE for a in uniq.tolist()], dtype=torch.int64)
         return r[inv].view(t.shape)
