@@ -50,9 +50,11 @@ class RandomNet(nn.Module):
             elif kind == "dw":
                 blk = _cbr(c, c, 3, groups=c)
             elif kind in ("shuffle", "chunk"):
-                if c % 2:
-                    blk = _cbr(c, c + 1, 1)   # make the width even first
-                    c = c + 1
+                if c % 2 or c < 4:
+                    # make the width even first; a shuffle of 1 channel per group is a reshape
+                    # (b, c, h, w) -> (b, 2, 1, h, w) that cannot be told apart from an unsqueeze
+                    blk = _cbr(c, max(c + 1, 4), 1)
+                    c = max(c + 1, 4)
                     self.spec[len(self.blocks)] = "conv"
                 else:
                     blk = _cbr(c // 2, c // 2, 3) if kind == "chunk" else nn.Identity()
