@@ -521,8 +521,13 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         if tname not in m._parameters and tname not in m._buffers:
             raise ValueError(f"load: {key} is not a parameter or buffer of this architecture")
         # a channel-pruned (or BN-folded: new bias) tensor: make room with the saved shape
-        new = torch.empty(saved.shape, dtype=saved.dtype,
-                          device=cur.device if isinstance(cur, torch.Tensor) else saved.device)
+        if isinstance(cur, torch.Tensor):
+            dtype, device = cur.dtype, cur.device  # the architecture's dtype; load_state_dict casts into it
+        elif spec.get("param", False) and not saved.is_floating_point():
+            raise ValueError(f"load: {key} is a parameter of dtype {saved.dtype}; parameters must be floating point")
+        else:
+            dtype, device = saved.dtype, saved.device
+        new = torch.empty(saved.shape, dtype=dtype, device=device)
         if spec.get("param", False):
             m.register_parameter(tname, nn.Parameter(new, requires_grad=spec.get("requires_grad", True)))
         else:
