@@ -92,6 +92,10 @@ void q_rows(const uint32_t* xp, int64_t ps, int nv, int r, int gpb, const uint32
   int i = 0;
   for (; i + MR <= nv; i += MR)
     q_tile_a<Op, MR, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+  if constexpr (MR > 16) {  // 16 rows (decode batches) in one pass over the weights, not two
+    for (; i + 16 <= nv; i += 16)
+      q_tile_a<Op, 16, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+  }
   if constexpr (MR > 8) {
     for (; i + 8 <= nv; i += 8)
       q_tile_a<Op, 8, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
