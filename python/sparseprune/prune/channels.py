@@ -170,31 +170,39 @@ def _tie_slots(tr):
 
 def _build_groups(tr):
     uf = tr.uf
-    fixed_root = uf.find(FIXED)
-    roots, uniq = [], []
+    table = uf.root_table()
+    fixed_root = int(table[FIXED])
+    roots, uniq, live = [], [], []
     for s in tr.slots:
-        r = uf.roots(s.atoms)
+        a = s.atoms
+        r = torch.where(a >= 0, table[a.clamp_min(0)], a)
         u, inv = torch.unique(r, return_inverse=True)
         roots.append(r)
         uniq.append((u.tolist(), inv))
-    # connected components of slots through shared roots
+        live.append(u[(u >= 0) & (u != fixed_root)])
+    # connected components of slots through shared roots: every slot joins the first slot holding each of
+    # its roots (distinct pairs only: a layer's channels mostly share one first slot)
     comp = graph.UnionFind()
     slot_node = comp.new(len(tr.slots)).tolist()
+    sid = torch.cat([torch.full((len(u),), i, dtype=torch.int64) for i, u in enumerate(live)]) if live else \
+        torch.zeros(0, dtype=torch.int64)
+    rts = torch.cat(live) if live else torch.zeros(0, dtype=torch.int64)
     first = {}
-    for i, (ul, _) in enumerate(uniq):
-        for a in ul:
-            if a < 0 or a == fixed_root:
-                continue
-            if a in first:
-                comp.union(slot_node[i], slot_node[first[a]])
-            else:
-                first[a] = i
+    if rts.numel():
+        big = len(tr.slots)
+        firsts = torch.full((len(uf.parent),), big, dtype=torch.int64).scatter_reduce(0, rts, sid, "amin")
+        fs = firsts[rts]
+        m = fs != sid
+        for i, j in graph._unique_pairs(sid[m], fs[m]):
+            comp.union(slot_node[i], slot_node[j])
+        ur = torch.unique(rts)
+        first = dict(zip(ur.tolist(), firsts[ur].tolist()))
     groups = {}
     for a, i in first.items():
         g = groups.setdefault(comp.find(slot_node[i]), Group([], []))
         g.units.append(a)
     for i, (ul, inv) in enumerate(uniq):
-        if not any(a >= 0 and a != fixed_root for a in ul):
+        if not live[i].numel():
             continue
         g = groups[comp.find(slot_node[i])]
         g.slots.append(i)
@@ -306,6 +314,16 @@ class _Undo:
         self.log.clear()
 
 
+def _gone_table(tr, pruned):
+    t = torch.zeros(len(tr.uf.parent), dtype=torch.bool)
+    t[torch.tensor(sorted(pruned), dtype=torch.int64)] = True
+    return t
+
+
+def _is_gone(r, table):
+    return (r >= 0) & table[r.clamp_min(0)]
+
+
 def _apply(model, tr, groups, plan_sets, roots, undo):
     """Remove the planned units from every tensor they touch; fix module attributes. Returns the kept
     positions per (tensor id, dim) as bool masks."""
@@ -314,10 +332,10 @@ def _apply(model, tr, groups, plan_sets, roots, undo):
         pruned |= s
     if not pruned:
         return {}
-    gone = torch.tensor(sorted(pruned), dtype=torch.int64)
+    gone = _gone_table(tr, pruned)
     keep = {}   # (key, dim) -> bool mask
     for i, s in enumerate(tr.slots):
-        rm = torch.isin(roots[i], gone)
+        rm = _is_gone(roots[i], gone)
         if not bool(rm.any()):
             continue
         m = keep.setdefault((s.key, s.dim), torch.ones(len(rm), dtype=torch.bool))
@@ -347,7 +365,7 @@ def _apply(model, tr, groups, plan_sets, roots, undo):
     # attributes tied to channel counts (LayerNorm without weight, GroupNorm groups)
     for mod, attr, atoms in tr.attr_slots:
         r = tr.uf.roots(atoms)
-        n = int((~torch.isin(r, gone)).sum())
+        n = int((~_is_gone(r, gone)).sum())
         if attr == "normalized_shape":
             undo.setattr(mod, attr, (n,))
         elif attr == "num_groups":
@@ -364,7 +382,7 @@ def _commit(tr, keep, pruned, undo):
     positions and point at the new tensors; split sites, attribute slots and conv shapes follow."""
     if not keep:
         return
-    gone = torch.tensor(sorted(pruned), dtype=torch.int64)
+    gone = _gone_table(tr, pruned)
     for s in tr.slots:
         m = keep.get((s.key, s.dim))
         if m is not None and len(m) == len(s.atoms):
@@ -382,10 +400,10 @@ def _commit(tr, keep, pruned, undo):
     for s in tr.slots:
         if s.key in remap:
             s.key = id(remap[s.key])
-    tr.attr_slots = [(mod, attr, atoms[~torch.isin(tr.uf.roots(atoms), gone)]) for mod, attr, atoms in tr.attr_slots]
+    tr.attr_slots = [(mod, attr, atoms[~_is_gone(tr.uf.roots(atoms), gone)]) for mod, attr, atoms in tr.attr_slots]
     for site in tr.split_sites:
         if isinstance(site, graph.SplitSizeSite):
-            site.atoms = site.atoms[~torch.isin(tr.uf.roots(site.atoms), gone)]
+            site.atoms = site.atoms[~_is_gone(tr.uf.roots(site.atoms), gone)]
             site.size = site.atoms.numel()
         else:
             g = site.grid

@@ -182,14 +182,26 @@ _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "l
 _POOL_EXTRA = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
 
 
+_SHORT = {}
+
+
 def _short(func):
+    try:
+        return _SHORT[func]
+    except (KeyError, TypeError):
+        pass
     try:
         name = resolve_name(func) or getattr(func, "__name__", "")
     except Exception:
         name = getattr(func, "__name__", "")
     if name.endswith(".__get__"):
         name = name[: -len(".__get__")]
-    return name.rsplit(".", 1)[-1], name
+    res = name.rsplit(".", 1)[-1], name
+    try:
+        _SHORT[func] = res
+    except TypeError:  # unhashable callable
+        pass
+    return res
 
 
 def _tensors_in(obj):
@@ -646,7 +658,11 @@ class _Tracer(TorchFunctionMode):
             return
         pad = args[1] if len(args) > 1 else kwargs["pad"]
         mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
-        if mode == "constant":
+        padded = range(lx.dim() - len(pad) // 2, lx.dim())
+        lc = _compact(lx)
+        if all(lc.shape[d] == 1 for d in padded):  # spatial padding of per-channel labels: nothing new
+            res = lc.expand(outs[0].shape)
+        elif mode == "constant":
             res = torch.nn.functional.pad(lx, pad, value=NONE)
         else:  # reflect / replicate / circular copy existing elements: replay on float labels
             res = torch.nn.functional.pad(lx.double(), pad, mode=mode).round().long()
