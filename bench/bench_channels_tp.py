@@ -15,10 +15,8 @@ Torch-Pruning is the optional extra ``torch-pruning``; its rows are skipped when
 """
 from __future__ import annotations
 
-import copy
 import os
 import statistics
-import sys
 import time
 import warnings
 
@@ -196,13 +194,14 @@ def write_table(rows, path=RESULTS):
 
 # ------------------------------------------------------------------------------------------ pytest
 try:
+    if __name__ == "__main__":
+        raise ImportError("run as a script")
     import pytest
+    from conftest import measure
 except ImportError:  # plain script use
     pytest = None
 
-if pytest is not None and "pytest" in sys.modules and os.path.basename(sys.argv[0]) != os.path.basename(__file__):
-    from conftest import measure
-
+if pytest is not None:
     pytest.importorskip("transformers")
     _ROWS = []
 

@@ -6,7 +6,6 @@ weights, norm scale and shift, consumer weights) are the lowest-scoring ones, so
 removed, and removing them must change no output.
 """
 import collections
-import copy
 
 import pytest
 import torch
