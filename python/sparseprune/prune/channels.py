@@ -658,6 +658,14 @@ class ChannelPruner:
     so the model can be fine-tuned between steps. Arguments are those of :func:`prune_channels`.
 
     Each step replaces the pruned parameters with new (smaller) tensors: rebuild the optimizer after it.
+    With ``importance="taylor"`` over several steps, pass ``loss_fn`` (gradients are cleared by a step).
+
+    Example::
+
+        pruner = ChannelPruner(model, x, ratio=0.5, steps=4, keep_outputs=[model.classifier])
+        for _ in range(4):
+            pruner.step()
+            fine_tune(model, make_optimizer(model))
     """
 
     def __init__(self, model, example_inputs, ratio=0.5, *, steps=1, importance="l1", global_ranking=False,
@@ -825,9 +833,10 @@ def prune_channels(model, example_inputs, ratio=0.5, *, importance="l1", global_
             that ratio; when several patterns match one group, the smallest ratio wins. 0 keeps a group.
         head_ratio: fraction of the attention heads removed (of the head dims with
             ``prune_head_dims``); default ``ratio``. ``layer_ratios`` take precedence.
-        keep_outputs: modules (objects, qualified names or classes) whose output channels must not
-            change; their input channels may still shrink (Torch-Pruning's ``ignored_layers``: a
-            classifier listed here still lets the features feeding it be pruned).
+        keep_outputs: modules (objects, qualified names or classes; a module covers its submodules)
+            whose output channels must not change; their input channels may still shrink (what
+            Torch-Pruning's ``ignored_layers`` means: a classifier listed here still lets the features
+            feeding it be pruned).
         freeze: modules left entirely unchanged: input and output channels (so the layers feeding them
             keep their output channels too).
         ignore: same as ``freeze`` (its meaning before ``keep_outputs`` existed; kept for compatibility).
