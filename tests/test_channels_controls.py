@@ -393,3 +393,38 @@ def test_dry_run_with_new_controls_leaves_model_alone():
                             dry_run=True)
     assert rep.dry_run and rep.params_after < rep.params_before
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ tracing cost
+class Padded(nn.Module):
+    """Explicit padding (as Hugging Face MobileNetV2 does): label borders carry no channel."""
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3, groups=16)
+        self.c3 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c1(F.pad(x, (1, 1, 1, 1))))
+        x = F.relu(self.c2(F.pad(x, (1, 1, 1, 1))))
+        return self.c3(x).mean((2, 3))
+
+
+def test_tracing_never_sorts_activations_row_wise(monkeypatch):
+    """torch.unique(dim=...) over activation-sized label tensors made tracing superlinear (seconds per
+    conv at 112x112); labels must be reduced per channel instead."""
+    real = torch.unique
+
+    def unique(*a, **k):
+        assert k.get("dim") is None, "unique(dim=...) in tracing"
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "unique", unique)
+    m = Padded()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for t in (m.c1.weight, m.c1.bias, m.c2.weight, m.c2.bias):
+            t[:8] = 0
+        m.c3.weight[:, :8] = 0
+    ref = _run(m, x)
+    sp.prune_channels(m, x, 0.5)
+    assert m.c1.out_channels == 8 and m.c2.groups == 8 and _same(_run(m, x), ref)
