@@ -42,6 +42,16 @@ keyword arguments, see ``sparseprune._inputs``), cycled as needed; a ``SentenceT
 features dict positionally, so a bare features dict or ``(features,)`` both work. ``forward=callable
 (model, batch)`` feeds anything else (e.g. ``(x, y)`` pairs with a ``task_loss``).
 
+SentenceTransformers are distilled directly (``sp.distill(st, [st.tokenize(texts) for texts in chunks],
+...)``: each batch is a features dict or a ``(features,)`` tuple). To run the pruned model fast,
+either convert the whole object, ``fast = sp.convert(st, (features,))`` (``example_inputs`` = the one
+positional features dict), or convert its transformer and put it back with
+:func:`set_transformer`::
+
+    sp.remove_masks(st)
+    inner = sp.convert(st[0].model, {"input_ids": ids, "attention_mask": mask})
+    set_transformer(st, inner)      # st[0].model = inner; ``st[0].auto_model = inner`` does nothing
+
 Checkpoints (``checkpoint="run.safetensors"``) hold weights, masks, optimizer state, RNG state and
 the schedule's position in one safetensors file with JSON metadata (no pickle); calling
 ``distill`` again with the same arguments and the same (unpruned) model resumes where it stopped and
