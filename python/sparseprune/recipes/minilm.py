@@ -155,7 +155,8 @@ def cmd_distill(a):
     t0, c0 = time.perf_counter(), time.process_time()
     distill(model, data, sparsity=a.sparsity, pattern="blocks", block_size=(a.block, a.block),
             time_budget=a.minutes * 60, lr=a.lr, init=a.init, init_sparsity=a.init_sparsity,
-            calibration=calib, importance=a.importance, prune_end=a.prune_end, hidden_states=True,
+            calibration=calib, importance=a.importance, prune_end=a.prune_end, hidden_states=a.hidden_weight > 0,
+            hidden_weight=a.hidden_weight, pooled_weight=a.pooled_weight,
             cache_teacher="auto", cache_dtype=torch.bfloat16, cache_limit_mb=a.cache_mb, bf16=a.bf16,
             layers=layers, dense_first_last=False, eval_fn=evals, eval_every=a.eval_every, log=log,
             checkpoint=os.path.join(a.run, "checkpoint.safetensors") if a.checkpoint else None, clock=clock)
@@ -166,7 +167,8 @@ def cmd_distill(a):
     stats = dict(getattr(model, "_sparseprune_distill", {}))
     info = {"sparsity": a.sparsity, "block": a.block, "minutes": minutes, "cpu_minutes": cpu_minutes,
             "budget_minutes": a.minutes, "clock": a.clock, "threads": a.threads, "lr": a.lr,
-            "freeze_embeddings": a.freeze_embeddings,
+            "freeze_embeddings": a.freeze_embeddings, "pooled_weight": a.pooled_weight,
+            "hidden_weight": a.hidden_weight,
             "init": a.init, "init_sparsity": a.init_sparsity, "importance": a.importance, "bf16": a.bf16,
             "prune_end": a.prune_end, "steps": stats.get("steps"), "events": stats.get("events"),
             "final_loss": stats.get("loss"), "masked_sparsity": sp.prune.sparsity(model, only_masked=True),
@@ -297,6 +299,9 @@ def main(argv=None):
     d.add_argument("--init-sparsity", type=float, default=None)
     d.add_argument("--importance", default="wanda")
     d.add_argument("--prune-end", type=float, default=0.5)
+    d.add_argument("--pooled-weight", type=float, default=1.0,
+                   help="weight of 1 - cos of the mean-pooled embedding (what retrieval uses)")
+    d.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the intermediate hidden states")
     d.add_argument("--calib", type=int, default=256, help="training documents for the one-shot initial mask")
     d.add_argument("--cache-mb", type=float, default=3072)
     d.add_argument("--bf16", action="store_true")
