@@ -64,9 +64,22 @@ def classifier(model):
     return model.classifier
 
 
+def _qkv(m):
+    """q, k, v projections of a Hugging Face attention module (BERT: query/key/value, ViT/Swin: q_proj...)."""
+    if hasattr(m, "query"):
+        return m.query, m.key, m.value
+    return m.q_proj, m.k_proj, m.v_proj
+
+
 def _attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "num_attention_heads") and hasattr(m, "query")
-            and hasattr(m, "attention_head_size")]
+    return [m for m in model.modules() if isinstance(getattr(m, "num_attention_heads", None), int)
+            and (hasattr(m, "query") or hasattr(m, "q_proj"))]
+
+
+def head_shapes(model):
+    """{(heads, head dim)} over the model's attention modules."""
+    return sorted({(m.num_attention_heads, _qkv(m)[0].out_features // m.num_attention_heads)
+                   for m in _attention_modules(model)})
 
 
 # ------------------------------------------------------------------------------------------ pruning
@@ -79,7 +92,7 @@ def prune_sparseprune(model, x):
 def prune_torch_pruning(model, x):
     import torch_pruning as tp
     attn = _attention_modules(model)
-    heads = {lin: m.num_attention_heads for m in attn for lin in (m.query, m.key, m.value)}
+    heads = {lin: m.num_attention_heads for m in attn for lin in _qkv(m)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(
@@ -87,9 +100,13 @@ def prune_torch_pruning(model, x):
             ignored_layers=[classifier(model)], num_heads=heads, output_transform=lambda out: out.logits)
         pruner.step()
     for m in attn:  # Torch-Pruning leaves the modules' own head bookkeeping to the user
-        m.num_attention_heads = pruner.num_heads[m.query]
-        m.attention_head_size = m.query.out_features // m.num_attention_heads
-        m.all_head_size = m.query.out_features
+        q = _qkv(m)[0]
+        m.num_attention_heads = pruner.num_heads[q]
+        for attr in ("attention_head_size", "head_dim"):
+            if hasattr(m, attr):
+                setattr(m, attr, q.out_features // m.num_attention_heads)
+        if hasattr(m, "all_head_size"):
+            m.all_head_size = q.out_features
     return model
 
 
@@ -132,6 +149,20 @@ def latency(model, x, budget=2.0, min_reps=5):
     return statistics.median(times)
 
 
+def interleaved_latency(models, budget=6.0, min_rounds=5):
+    """Median seconds of one forward pass of each (model, inputs), timed round-robin."""
+    for m, x in models:
+        run_once(m, x)
+    times = [[] for _ in models]
+    end = time.perf_counter() + budget
+    while len(times[0]) < min_rounds or (time.perf_counter() < end and len(times[0]) < 200):
+        for (m, x), ts in zip(models, times):
+            t0 = time.perf_counter()
+            run_once(m, x)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 def prepare(name, impl):
     """Build, prune (timed) and check the model. Returns (model, x, row)."""
     model, x = build(name)
@@ -143,7 +174,7 @@ def prepare(name, impl):
         model.eval()
     out = run_once(model, x)
     row.update(params=count_params(model), macs=count_macs(model, x),
-               out_shape=tuple(getattr(out, "logits", out).shape))
+               out_shape=tuple(getattr(out, "logits", out).shape), heads=head_shapes(model))
     return model, x, row
 
 
@@ -165,8 +196,8 @@ def table(rows, threads=None):
     threads = threads or torch.get_num_threads()
     lines = [f"Channel pruning, sparseprune vs Torch-Pruning: ratio {RATIO}, L1 importance, classifier outputs "
              f"kept, batch 1, {threads} threads, {cpu_model()}, torch {torch.__version__}.", "",
-             "| model | library | params (M) | MACs (G) | MACs kept | latency (ms) | speedup | prune time (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | library | params (M) | MACs (G) | MACs kept | heads x dim | latency (ms) | speedup | prune time (s) |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for name in dict.fromkeys(r["model"] for r in rows):
         rs = {r["impl"]: r for r in rows if r["model"] == name}
         dense = rs.get("dense")
@@ -175,12 +206,13 @@ def table(rows, threads=None):
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {name} | {impl} | fails: {r['error'][:90]} | | | | | |")
+                lines.append(f"| {name} | {impl} | fails: {r['error'][:90]} | | | | | | |")
                 continue
             kept = f"{r['macs'] / dense['macs']:.3f}" if dense else ""
             sp_ = f"{dense['latency_s'] / r['latency_s']:.2f}x" if dense else ""
             pt = "" if impl == "dense" else f"{r['prune_s']:.2f}"
-            lines.append(f"| {name} | {impl} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | {kept} | "
+            hd = ", ".join(f"{h}x{d}" for h, d in r.get("heads", []))
+            lines.append(f"| {name} | {impl} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | {kept} | {hd} | "
                          f"{r['latency_s'] * 1e3:.1f} | {sp_} | {pt} |")
     return "\n".join(lines) + "\n"
 
@@ -249,6 +281,7 @@ def main(argv=None):
     impls = IMPLS if have_torch_pruning() else IMPLS[:2]
     rows = []
     for name in names:
+        ready = []
         for impl in impls:
             try:
                 model, x, row = prepare(name, impl)
@@ -258,10 +291,14 @@ def main(argv=None):
                 rows.append(dict(model=name, impl=impl, error=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
                 print(rows[-1], flush=True)
                 continue
-            row["latency_s"] = latency(model, x, budget=0.5 if a.quick else 3.0)
+            ready.append((model, x, row))
+        # time the variants of one model in alternation, so that load changes hit them alike
+        lat = interleaved_latency([(m, x) for m, x, _ in ready], budget=1.0 if a.quick else 3.0 * len(ready))
+        for (_, _, row), t in zip(ready, lat):
+            row["latency_s"] = t
             rows.append(row)
-            print({k: v for k, v in row.items()}, flush=True)
-            del model
+            print(row, flush=True)
+        del ready
     print(table(rows))
     out = a.out or (RESULTS if not a.quick and names == NAMES else None)
     if out:
