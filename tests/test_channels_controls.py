@@ -428,3 +428,16 @@ def test_tracing_never_sorts_activations_row_wise(monkeypatch):
     ref = _run(m, x)
     sp.prune_channels(m, x, 0.5)
     assert m.c1.out_channels == 8 and m.c2.groups == 8 and _same(_run(m, x), ref)
+
+
+def test_pruner_steps_record_reshaped_modules_for_save(tmp_path):
+    from sparseprune.io import RESHAPED_ATTR
+    m = CNN()
+    x = torch.randn(2, 3, 8, 8)
+    p = sp.prune.channels.ChannelPruner(m, x, 0.5, steps=2)
+    p.step()
+    p.step()
+    assert {"conv1", "bn1", "conv2", "bn2", "fc"} <= set(getattr(m, RESHAPED_ATTR))
+    sp.save(m, tmp_path / "m.sp")
+    fresh = sp.load(tmp_path / "m.sp", CNN())
+    assert _same(_run(fresh, x), _run(m, x))

@@ -652,6 +652,27 @@ def _names_of(model, xs, arg):
     return out
 
 
+def _module_sigs(model):
+    out = {}
+    for name, m in model.named_modules():
+        sig = [(k, tuple(t.shape)) for k, t in list(m._parameters.items()) + list(m._buffers.items())
+               if t is not None]
+        sig += [(k, v) for k, v in vars(m).items() if type(v) is int and not k.startswith("_")]
+        out[name] = sorted(sig)
+    return out
+
+
+def _mark_reshaped(model, before):
+    """Record on the model which modules changed size: ``sparseprune.save`` lists them, and ``load`` lets
+    only those differ from a fresh instance of the architecture."""
+    from ..io import RESHAPED_ATTR
+    after = _module_sigs(model)
+    changed = {n for n in after if before.get(n) != after[n]}
+    if changed:
+        marked = set(getattr(model, RESHAPED_ATTR, ()) or ()) | changed
+        object.__setattr__(model, RESHAPED_ATTR, sorted(marked))
+
+
 class ChannelPruner:
     """Channel pruning in ``steps`` steps over one dependency graph: trace once, then ``step()`` removes
     the next share (after step i of k, ``ratio * i / k`` of every group's original channels are gone),
@@ -735,6 +756,7 @@ class ChannelPruner:
         macs_b = self.macs_now
         macs_a = dict(macs_b)
         before = _layer_table(model)
+        sigs = _module_sigs(model)
         pb = sum(p.numel() for p in model.parameters())
 
         groups, roots = _build_groups(tr)
@@ -794,6 +816,7 @@ class ChannelPruner:
             p.grad = None
 
         after = _layer_table(model)
+        _mark_reshaped(model, sigs)
         if not keep:
             macs_a = dict(macs_b)
         self.macs_now = macs_a
