@@ -665,7 +665,10 @@ def _module_sigs(model):
 def _mark_reshaped(model, before):
     """Record on the model which modules changed size: ``sparseprune.save`` lists them, and ``load`` lets
     only those differ from a fresh instance of the architecture."""
-    from ..io import RESHAPED_ATTR
+    try:
+        from ..io import RESHAPED_ATTR
+    except ImportError:  # an io without reshaped-module records: nothing to mark
+        return
     after = _module_sigs(model)
     changed = {n for n in after if before.get(n) != after[n]}
     if changed:
