@@ -398,10 +398,12 @@ def _rebuild(cls: type, entry: dict, name: str, state: Dict[str, torch.Tensor]) 
     m = cls.__new__(cls)
     nn.Module.__init__(m)
     want = set(cls.SAVED_ATTRS)
-    got = set(entry["attrs"])
-    if got != want:
-        raise ValueError(f"load: {name} ({cls.__name__}) has attributes {sorted(got)}, expected {sorted(want)}")
-    for k, v in entry["attrs"].items():
+    attrs = {k: v for k, v in cls.OPTIONAL_ATTRS.items() if k in want}  # absent from older files
+    attrs.update(entry["attrs"])
+    if set(attrs) != want:
+        raise ValueError(f"load: {name} ({cls.__name__}) has attributes {sorted(entry['attrs'])}, "
+                         f"expected {sorted(want)}")
+    for k, v in attrs.items():
         setattr(m, k, _tuples(v))
     if set(entry["params"]) != {"bias"}:
         raise ValueError(f"load: {name} ({cls.__name__}) must have exactly one parameter, 'bias'")
@@ -414,7 +416,7 @@ def _rebuild(cls: type, entry: dict, name: str, state: Dict[str, torch.Tensor]) 
         m.register_parameter("bias", nn.Parameter(t))
     else:
         m.register_parameter("bias", None)
-    names = ("weight",) if m.format == "dense" else cls.PACKED
+    names = ("weight",) if m.format == "dense" else m._packed_names()
     if set(entry["buffers"]) != set(names) or not all(entry["buffers"].values()):
         raise ValueError(f"load: {name} ({cls.__name__}, {m.format!r}) must hold buffers {list(names)}")
     for k in names:

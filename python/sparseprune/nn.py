@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from . import ops
 from .formats import BSRMatrix, CSRMatrix, block_mask
 
-__all__ = ["SparseModule", "SparseLinear", "SparseConv2d", "FORMATS", "detect_block_size", "choose_format"]
+__all__ = ["SparseModule", "SparseLinear", "SparseConv2d", "FORMATS", "WEIGHT_DTYPES", "detect_block_size",
+           "choose_format", "dtype_name"]
 
 FORMATS = ("auto", "dense", "csr", "bsr")
 # Candidate block shapes for detection, largest first (a 16x16 pattern is also an 8x8 pattern).
@@ -31,6 +32,18 @@ BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8), (4, 4), (1, 16), (16, 1), (1, 8)
 MAX_THREADS = 1024
 _MAX_DIM = 2 ** 31 - 1
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# weight dtypes a sparse module may hold, by the name saved files use
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+_DTYPE_NAMES = {v: k for k, v in WEIGHT_DTYPES.items()}
+
+
+def dtype_name(dtype) -> str:
+    """``"float32"`` / ``"bfloat16"`` / ``"int8"`` for a weight dtype (a torch.dtype or its name)."""
+    if isinstance(dtype, str) and dtype in WEIGHT_DTYPES:
+        return dtype
+    if dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    raise TypeError(f"weight_dtype must be torch.float32, torch.bfloat16 or torch.int8, got {dtype!r}")
 
 
 def _density(w: Tensor) -> float:
@@ -84,7 +97,10 @@ class SparseModule(nn.Module):
 
     dense_type: type = nn.Module
     SAVED_ATTRS: Tuple[str, ...] = ()  # plain attributes a saved file holds (and load() accepts)
+    OPTIONAL_ATTRS = {"weight_dtype": "float32"}  # absent from older files: these defaults apply
     PACKED = ("row_ptr", "col_idx", "values")
+    QUANT_DTYPES: Tuple[str, ...] = ()  # weight dtypes besides float32 this module type runs
+    weight_dtype = "float32"
 
     # -- subclass hooks -----------------------------------------------------------------------
     @classmethod
@@ -116,8 +132,11 @@ class SparseModule(nn.Module):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, module: nn.Module, format: str = "auto", block_size=None,
-                   num_threads: Optional[int] = None) -> "SparseModule":
-        """Pack ``module``'s (masked) weight once. ``format``: auto | dense | csr | bsr."""
+                   num_threads: Optional[int] = None, weight_dtype=torch.float32) -> "SparseModule":
+        """Pack ``module``'s (masked) weight once. ``format``: auto | dense | csr | bsr.
+        ``weight_dtype``: ``torch.float32`` (default), or where the module type supports it
+        ``torch.int8`` (per-output-channel weight scales, activations quantized per row at run time)
+        or ``torch.bfloat16``; quantized weights run as BSR (or, bf16 only, dense)."""
         if not isinstance(module, cls.dense_type):
             raise TypeError(f"expected an {cls.dense_type.__module__.split('.')[0]}.{cls.dense_type.__qualname__}, "
                             f"got {type(module).__name__}")
@@ -130,8 +149,20 @@ class SparseModule(nn.Module):
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         weight = weight.float().contiguous()
         geometry = cls._geometry(module)
+        wdt = dtype_name(weight_dtype)
+        if wdt != "float32" and wdt not in cls.QUANT_DTYPES:
+            raise ValueError(f"{cls.__name__} has no {wdt} kernels (weight_dtype must be torch.float32"
+                             + "".join(f" or torch.{d}" for d in cls.QUANT_DTYPES) + ")")
         if format == "auto":
             format, block_size = cls._auto_format(weight, geometry, block_size)
+            if wdt != "float32" and format != "dense":
+                format, block_size = "bsr", cls._quant_block(weight, wdt, block_size if format == "bsr" else None)
+        if wdt == "int8" and format == "dense":
+            raise ValueError("int8 weights run through the block-sparse kernel: use format='bsr' (a dense weight "
+                             "stores every block)")
+        if wdt != "float32" and format == "csr":
+            raise ValueError(f"{wdt} weights need blocks whose width is a multiple of "
+                             f"{4 if wdt == 'int8' else 2}: use format='bsr' with e.g. block_size=(1, 4)")
         if format == "csr":
             if block_size not in (None, (1, 1), [1, 1]):
                 raise ValueError("format='csr' has no block_size (use format='bsr')")
@@ -151,15 +182,42 @@ class SparseModule(nn.Module):
         for k, v in geometry.items():
             setattr(mod, k, v)
         mod.format, mod.block_size, mod.num_threads = format, block_size, num_threads
+        if wdt != "float32":
+            mod.weight_dtype = wdt
         b = getattr(module, "bias", None)
         mod.register_parameter("bias", nn.Parameter(b.detach().float().clone(), requires_grad=b.requires_grad)
                                if b is not None else None)
         mod._finish_geometry()
         if format == "dense":
-            mod.register_buffer("weight", weight.clone())
+            mod.register_buffer("weight", weight.to(WEIGHT_DTYPES[wdt]).clone())
         else:
             mod._adopt(mod._pack(weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))))
         return mod.validate()
+
+    @classmethod
+    def _quant_block(cls, weight: Tensor, wdt: str, preferred) -> Tuple[int, int]:
+        """A block whose width suits the quantized kernels (k grouped by 4 for int8, by 2 for bf16)."""
+        g = 4 if wdt == "int8" else 2
+        if preferred is not None and preferred[1] % g == 0:
+            return tuple(preferred)
+        pattern = cls._pattern(weight)
+        for bs in BLOCK_CANDIDATES:
+            if bs[1] % g == 0 and pattern.shape[0] >= bs[0] and pattern.shape[1] >= bs[1]:
+                stored = float(block_mask(pattern, bs).sum()) * bs[0] * bs[1] / max(pattern.numel(), 1)
+                if stored <= _density(pattern) * 1.02 + 1e-12:
+                    return bs
+        return (1, g)
+
+    def _packed_names(self) -> Tuple[str, ...]:
+        if self.weight_dtype == "int8":
+            return self.PACKED + ("scales", "compensation")
+        return self.PACKED
+
+    def _quant_matrix(self, check: bool = False):
+        from .quant import QuantBSRMatrix
+        shape = (self.weight_shape[0], math.prod(self.weight_shape[1:]))
+        return QuantBSRMatrix(shape, self.block_size, WEIGHT_DTYPES[self.weight_dtype],
+                              *[self._buffers.get(n) for n in self._packed_names()], check=check)
 
     @classmethod
     def _pattern(cls, weight: Tensor) -> Tensor:
@@ -170,12 +228,15 @@ class SparseModule(nn.Module):
         """Derived attributes, computed once the format is known."""
 
     def _pack(self, matrix: Tensor) -> BSRMatrix:
+        if self.weight_dtype != "float32":
+            from .quant import QuantBSRMatrix
+            return QuantBSRMatrix.from_dense(matrix, self._kernel_block(), WEIGHT_DTYPES[self.weight_dtype])
         if self.format == "csr" and self._kernel_block() == (1, 1) and type(self) is SparseLinear:
             return CSRMatrix.from_dense(matrix)
         return BSRMatrix.from_dense(matrix, self._kernel_block())
 
     def _adopt(self, m: BSRMatrix) -> None:
-        for name, t in zip(self.PACKED, m.tensors()):
+        for name, t in zip(self._packed_names(), m.tensors()):
             if name in self._buffers:
                 self._buffers[name] = t
             else:
@@ -187,6 +248,11 @@ class SparseModule(nn.Module):
         the problem. Returns ``self``."""
         if self.format not in ("dense", "csr", "bsr"):
             raise ValueError(f"format must be 'dense', 'csr' or 'bsr', got {self.format!r}")
+        wdt = self.weight_dtype
+        if not isinstance(wdt, str) or wdt not in WEIGHT_DTYPES or (wdt != "float32" and wdt not in self.QUANT_DTYPES):
+            raise ValueError(f"weight_dtype {wdt!r} is not one {type(self).__name__} runs")
+        if wdt != "float32" and (self.format == "csr" or (wdt == "int8" and self.format == "dense")):
+            raise ValueError(f"a {wdt} {type(self).__name__} cannot have format {self.format!r}")
         if self.num_threads is not None:
             _int(self.num_threads, "num_threads", 1, MAX_THREADS)
         if self.format == "csr" and tuple(self.block_size or ()) != (1, 1):
@@ -204,18 +270,24 @@ class SparseModule(nn.Module):
             raise ValueError(f"bias must be float32 of shape ({out},), got {bias.dtype} {tuple(bias.shape)}")
         if self.format == "dense":
             w = self._buffers.get("weight")
-            if not isinstance(w, Tensor) or not w.is_floating_point() or tuple(w.shape) != tuple(self.weight_shape):
-                raise ValueError(f"a dense layer needs a floating-point weight of shape {tuple(self.weight_shape)}")
+            if not isinstance(w, Tensor) or w.dtype != WEIGHT_DTYPES[wdt] or tuple(w.shape) != tuple(self.weight_shape):
+                raise ValueError(f"a dense layer needs a {wdt} weight of shape {tuple(self.weight_shape)}")
             extra = [n for n in self.PACKED if self._buffers.get(n) is not None]
             if extra:
                 raise ValueError(f"a dense layer has no packed arrays, got {extra}")
         else:
             if self._buffers.get("weight") is not None:
                 raise ValueError("a packed layer has no dense weight buffer")
-            for n in self.PACKED:
+            for n in self._packed_names():
                 if not isinstance(self._buffers.get(n), Tensor):
                     raise ValueError(f"packed array {n!r} is missing")
-            self.packed().validate()
+            extra = [n for n in self._buffers if n not in self._packed_names()]
+            if extra:
+                raise ValueError(f"unexpected arrays {extra} for a {wdt} {self.format} layer")
+            if wdt == "float32":
+                self.packed().validate()
+            elif self.values.device.type != "meta":
+                self._quant_matrix(check=True)
             if self.bias is not None and self.bias.device != self.values.device:
                 raise ValueError("bias and packed weight must be on one device")
         return self
@@ -224,14 +296,14 @@ class SparseModule(nn.Module):
                               error_msgs):
         # Packed arrays change size with the pattern: take the incoming set as a candidate, validate it,
         # and adopt it only if valid (a refused set leaves the module exactly as it was).
-        names = self.PACKED if self.format != "dense" else ()
+        names = self._packed_names() if self.format != "dense" else ()
         incoming = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
         if incoming:
             for n, t in incoming.items():
                 if not isinstance(t, Tensor):
                     raise TypeError(f"{prefix}{n}: expected a tensor, got {type(t).__name__}")
             old = {n: self._buffers[n] for n in incoming}
-            dev = self._buffers[self.PACKED[-1]].device
+            dev = self._buffers["values"].device
             for n, t in incoming.items():
                 self._buffers[n] = t.detach().to(dev).clone().contiguous()
             try:
@@ -260,10 +332,13 @@ class SparseModule(nn.Module):
                           "access; the sparse kernels are not used by the code that reads it", stacklevel=2)
         return self.to_dense()
 
-    def packed(self) -> BSRMatrix:
-        """The packed weight matrix exactly as the kernels read it (not validated: see validate())."""
+    def packed(self):
+        """The packed weight matrix exactly as the kernels read it (not validated: see validate()):
+        a BSRMatrix / CSRMatrix, or for int8 / bf16 weights a ``quant.QuantBSRMatrix``."""
         if self.format == "dense":
             raise ValueError(f"a dense-format {type(self).__name__} has no packed weight")
+        if self.weight_dtype != "float32":
+            return self._quant_matrix()
         shape = (self.weight_shape[0], math.prod(self.weight_shape[1:]))
         block = self._kernel_block()
         if block == (1, 1) and self.values.dim() == 1:
@@ -273,7 +348,7 @@ class SparseModule(nn.Module):
     def to_dense(self) -> Tensor:
         """The dense weight this layer computes with (zeros where pruned)."""
         if self.format == "dense":
-            return self._buffers["weight"].clone()
+            return self._buffers["weight"].float()
         return self.packed().to_dense().reshape(self.weight_shape)
 
     @property
@@ -286,13 +361,13 @@ class SparseModule(nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes of the weight as held (packed arrays, or the dense weight) plus the bias."""
-        ts = [self.weight] if self.format == "dense" else [self._buffers[n] for n in self.PACKED]
+        ts = [self.weight] if self.format == "dense" else [self._buffers[n] for n in self._packed_names()]
         if self.bias is not None:
             ts.append(self.bias)
         return sum(t.numel() * t.element_size() for t in ts)
 
     def _repr_tail(self) -> str:
-        s = f", format={self.format}"
+        s = f", format={self.format}" + (f", weight_dtype={self.weight_dtype}" if self.weight_dtype != "float32" else "")
         if self.format == "bsr":
             s += f", block_size={self.block_size}"
         return s + (f", density={self.density:.3f}" if self._values_readable() else "")
@@ -324,10 +399,13 @@ class SparseModule(nn.Module):
             raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
 
     def _apply(self, fn, recurse=True):
-        # Packed indices must stay integers and values float32: refuse dtype casts clearly.
-        probe = fn(torch.zeros(1))
-        if self.format != "dense" and probe.dtype != torch.float32:
-            raise TypeError(f"{type(self).__name__} ({self.format}) runs in float32 only; cannot convert to {probe.dtype}")
+        # Packed indices must stay integers and values in their dtype: refuse dtype casts clearly.
+        held = WEIGHT_DTYPES[self.weight_dtype] if self.weight_dtype != "int8" else torch.float32
+        for probe_dtype in {torch.float32, held}:
+            got = fn(torch.zeros(1, dtype=probe_dtype)).dtype
+            if got != probe_dtype and (self.format != "dense" or self.weight_dtype != "float32"):
+                raise TypeError(f"{type(self).__name__} ({self.format}, {self.weight_dtype} weights) keeps its "
+                                f"weight dtype; cannot convert {probe_dtype} to {got}")
         return super()._apply(fn, recurse)
 
 
@@ -339,7 +417,8 @@ class SparseLinear(SparseModule):
     """
 
     dense_type = nn.Linear
-    SAVED_ATTRS = ("in_features", "out_features", "format", "block_size", "num_threads")
+    SAVED_ATTRS = ("in_features", "out_features", "format", "block_size", "num_threads", "weight_dtype")
+    QUANT_DTYPES = ("int8", "bfloat16")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "csr",
                  block_size: Optional[Tuple[int, int]] = None, num_threads: Optional[int] = None):
@@ -398,7 +477,13 @@ class SparseLinear(SparseModule):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
         if self.format == "dense":
-            return F.linear(x, self.weight, self.bias)
+            if self.weight_dtype == "float32":
+                return F.linear(x, self.weight, self.bias)
+            y = F.linear(x.to(self.weight.dtype), self.weight)  # bf16 weights: torch's bf16 GEMM
+            y = y.float() + self.bias if self.bias is not None else y.float()
+            return y.to(x.dtype) if x.is_floating_point() else y
+        if self.weight_dtype != "float32":
+            return self._forward_quant(x)
         self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(math.prod(lead), self.in_features)
@@ -412,6 +497,26 @@ class SparseLinear(SparseModule):
             y = ops.SpmmFunction.apply(*args)
         else:
             y = torch.ops.sparseprune.spmm(*args)
+        return y.reshape(*lead, self.out_features)
+
+    def _forward_quant(self, x: Tensor) -> Tensor:
+        from . import quant
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"SparseLinear ({self.weight_dtype} weights) takes float32 or bfloat16 inputs, "
+                            f"got {x.dtype}")
+        if x.device != self.values.device:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(math.prod(lead), self.in_features)
+        r, c = self.block_size
+        args = (x2, self.row_ptr, self.col_idx, self.values, self._buffers.get("scales"),
+                self._buffers.get("compensation"), self.bias, self.out_features, self.in_features, r, c,
+                self._threads())
+        route = self._route(x2)
+        if route == "autograd":
+            raise RuntimeError(f"SparseLinear with {self.weight_dtype} weights is inference-only: run it under "
+                               "torch.no_grad() / torch.inference_mode()")
+        y = quant.qspmm_eager(*args) if route == "eager" else torch.ops.sparseprune.qspmm(*args)
         return y.reshape(*lead, self.out_features)
 
 

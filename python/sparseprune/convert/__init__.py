@@ -99,7 +99,8 @@ class _Swaps:
 def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = ("dense", "csr", "bsr"),
             skip: Iterable = (), num_threads: Optional[int] = None, time_budget: float = 10.0,
             margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
-            inplace: bool = False, progress: Optional[bool] = None) -> nn.Module:
+            inplace: bool = False, progress: Optional[bool] = None, weight_dtypes=(torch.float32,),
+            quant_tolerance: float = 0.05) -> nn.Module:
     """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
 
     Args:
@@ -121,6 +122,13 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         end_to_end: also time the whole converted model against its dense twin (a fifth of the
             budget); if it is not faster, every layer goes back to dense and the summary says so.
         inplace: convert ``model`` itself instead of a deep copy.
+        weight_dtypes: weight dtypes allowed, from ``torch.float32``, ``torch.bfloat16`` and ``torch.int8``
+            (default: float32 only; nothing is quantized unless asked). With int8 / bf16 the candidates
+            of each layer are {dense, CSR, BSR} x the allowed dtypes — dense bf16 and a BSR holding every
+            block (dense int8) included, so a layer is never slower than the best dense option allowed.
+            Quantized layers run inference only and need ``example_inputs`` (their error is measured).
+        quant_tolerance: the relative error accepted for a quantized layer and, when any layer is
+            quantized, end to end (default 0.05: catches a broken layer, accepts normal int8 error).
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` on a terminal after 1 s.
 
     A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,
@@ -137,8 +145,15 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
     if num_threads is not None and not 1 <= int(num_threads) <= 1024:
         raise ValueError(f"num_threads must be in [1, 1024], got {num_threads}")
     skip = (skip,) if isinstance(skip, (str, type)) else tuple(skip)
+    from ..nn import dtype_name
+    dtypes = tuple(dict.fromkeys(dtype_name(d) for d in ((weight_dtypes,) if isinstance(weight_dtypes, torch.dtype)
+                                                          else weight_dtypes)))
+    if not dtypes:
+        raise ValueError("weight_dtypes must name at least one dtype")
+    if not quant_tolerance >= 0:
+        raise ValueError("quant_tolerance must be non-negative")
     settings = Settings(tuple(f for f in formats if f != "dense"), num_threads, margin, tolerance,
-                        example_inputs is not None)
+                        example_inputs is not None, dtypes, quant_tolerance)
     start = time.perf_counter()
     work = model if inplace else _copy_model(model)
     work.eval()
@@ -233,12 +248,14 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
     if reference is not None:
         err, scale = max_error(call_model(work, example_inputs), reference)
         report["max_abs_error"], report["max_rel_error"] = err, relative(err, scale)
-        if not relative(err, scale) <= settings.tolerance:
+        quantized = any(r.weight_dtype != "float32" for r in rows)
+        report["tolerance"] = tol = settings.tolerance_for("int8" if quantized else "float32")
+        if not relative(err, scale) <= tol:
             changed = [r.name for r in rows if r.format != "dense" or r.changed]
             raise ConversionError(
                 f"convert: the converted model does not match the source model on example_inputs: max abs "
                 f"error {err:.3g} is {relative(err, scale):.3g} of the largest output {scale:.3g}, above "
-                f"tolerance={settings.tolerance:g}. Converted layers: {changed or 'none'}; folded BatchNorms: "
+                f"tolerance={tol:g}. Converted layers: {changed or 'none'}; folded BatchNorms: "
                 f"{[f['bn'] for f in folded] or 'none'}. Pass skip=[...] to leave layers dense, or raise "
                 f"tolerance if the difference is acceptable.")
     report["layers"] = [r.as_dict() for r in rows]
@@ -265,7 +282,7 @@ def _end_to_end_guard(work, example_inputs, rows: List[LayerRow], swaps: _Swaps,
             dense = orig if not has_hooks(orig) else cv.dense(orig)
             for alias in swaps.names.get(id(orig), [r.name]):
                 set_module(work, alias, dense)
-            r.format, r.block, r.speedup = "dense", None, 1.0
+            r.format, r.block, r.speedup, r.weight_dtype = "dense", None, 1.0, "float32"
             r.reason = (f"reverted by the end-to-end check: whole model was not faster converted "
                         f"({t['dense'] * 1e3:.3f} ms dense, {t['converted'] * 1e3:.3f} ms converted)")
     report["end_to_end_reverted"] = True

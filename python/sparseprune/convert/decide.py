@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import nn as spnn
+from ..nn import WEIGHT_DTYPES
 from ..formats import block_mask
 from .capture import max_error, relative
 from .registry import Converter, base_type, has_hooks, weight_density
@@ -39,6 +40,7 @@ class LayerRow:
     candidates: Dict[str, object] = field(default_factory=dict)
     reason: str = ""
     changed: bool = False
+    weight_dtype: str = "float32"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +57,7 @@ class LayerRow:
         row = cls(**{k: v for k, v in d.items()})
         num = (int, float)
         checks = [("name", str, False), ("type", str, False), ("format", str, False), ("reason", str, False),
+                  ("weight_dtype", str, False),
                   ("density", num, True), ("dense_ms", num, True), ("sparse_ms", num, True), ("speedup", num, True),
                   ("shape", list, True), ("block", list, True), ("candidates", dict, False), ("changed", bool, False)]
         for k, t, opt in checks:
@@ -67,6 +70,8 @@ class LayerRow:
                 raise ValueError(f"report row field {k!r} must hold ints, got {v!r}")
         if row.format not in ("dense", "csr", "bsr"):
             raise ValueError(f"report row format {row.format!r} is unknown")
+        if row.weight_dtype not in ("float32", "bfloat16", "int8"):
+            raise ValueError(f"report row weight_dtype {row.weight_dtype!r} is unknown")
         for k, v in row.candidates.items():
             if not isinstance(k, str) or not isinstance(v, (int, float, str)) or isinstance(v, bool):
                 raise ValueError("report row candidates must map names to times or notes")
@@ -80,15 +85,40 @@ class Settings:
     margin: float
     tolerance: float
     measured: bool
+    weight_dtypes: Tuple[str, ...] = ("float32",)
+    quant_tolerance: float = 0.05
+
+    def tolerance_for(self, dtype: str) -> float:
+        return self.tolerance if dtype == "float32" else max(self.tolerance, self.quant_tolerance)
 
 
-def label(fmt: str, block) -> str:
-    return f"bsr{block[0]}x{block[1]}" if fmt == "bsr" else fmt
+def label(fmt: str, block, dtype: str = "float32") -> str:
+    base = f"bsr{block[0]}x{block[1]}" if fmt == "bsr" else fmt
+    return base if dtype == "float32" else f"{base}-{dtype}"
 
 
 def _stored_fraction(pattern: Tensor, block) -> float:
     r, c = block
     return float(block_mask(pattern, block).sum()) * r * c / max(pattern.numel(), 1)
+
+
+def quant_candidates(pattern: Tensor, float_cands, dtypes: Sequence[str], formats: Sequence[str]):
+    """Quantized candidates: the float blocks whose width the kernels take (int8: k by 4, bf16: by 2),
+    else a narrow block; bf16 also dense (torch's bf16 GEMM). A fully dense weight gets a 16x16 BSR
+    holding every block (dense int8 through our kernel)."""
+    out = []
+    for dt in dtypes:
+        if dt == "float32":
+            continue
+        g = 4 if dt == "int8" else 2
+        blocks = [b for f, b in float_cands if f == "bsr" and b[1] % g == 0] if "bsr" in formats else []
+        if not blocks and "bsr" in formats:
+            full = bool((pattern != 0).all())
+            blocks = [(16, 16)] if full and pattern.shape[1] >= 16 else [(1, g) if not full else (1, g)]
+        out += [("bsr", b, dt) for b in blocks[:2]]
+        if dt == "bfloat16":
+            out.append(("dense", None, dt))
+    return out
 
 
 def candidate_formats(pattern: Tensor, density: float, formats: Sequence[str]):
@@ -131,10 +161,11 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
     if not w.is_floating_point() or w.dtype != torch.float32 or w.device.type not in ("cpu", "cuda"):
         row.reason = f"kept dense: sparse kernels run float32 on cpu/cuda (weight is {w.dtype} on {w.device})"
         return row, new
-    if row.density >= 1.0 or w.numel() == 0:
+    quantize = any(d != "float32" for d in settings.weight_dtypes) and settings.measured
+    if w.numel() == 0 or (row.density >= 1.0 and not quantize):
         row.reason = "no zero weights: nothing to skip"
         return row, new
-    if not settings.sparse_formats:
+    if not settings.sparse_formats and not quantize:
         row.reason = "sparse formats not allowed"
         return row, new
     pattern = cv.pattern(m).float()
@@ -158,23 +189,28 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
     cands: Dict[str, nn.Module] = {"dense": dense_mod}
     info = {}
     dense_out = [dense_mod(x) for x in inputs]
-    for i, (fmt, block) in enumerate(candidate_formats(pattern, row.density, settings.sparse_formats)):
+    floats = candidate_formats(pattern, row.density, settings.sparse_formats) if row.density < 1.0 else []
+    allowed = [(f, b, "float32") for f, b in floats] if "float32" in settings.weight_dtypes else []
+    if quantize:
+        allowed += quant_candidates(pattern, floats, settings.weight_dtypes, settings.sparse_formats + ("dense",))
+    for i, (fmt, block, dt) in enumerate(allowed):
+        lab = label(fmt, block, dt)
         if i and time.perf_counter() >= deadline:
-            row.candidates[label(fmt, block)] = "not tried: time_budget spent"
+            row.candidates[lab] = "not tried: time_budget spent"
             continue
-        lab = label(fmt, block)
         try:
-            mod = cv.build(m, fmt, block, settings.num_threads)
+            mod = cv.build(m, fmt, block, settings.num_threads, *(() if dt == "float32" else (WEIGHT_DTYPES[dt],)))
         except (ValueError, TypeError, NotImplementedError) as e:
             row.candidates[lab] = f"not buildable: {e}"
             continue
         # a candidate that does not reproduce the dense layer on the real inputs is never timed
+        tol = settings.tolerance_for(dt)
         err, scale = max_error([mod(x) for x in inputs], dense_out)
-        if not relative(err, scale) <= settings.tolerance:
-            row.candidates[lab] = f"rejected: relative error {relative(err, scale):.3g} > tolerance {settings.tolerance:g}"
+        if not relative(err, scale) <= tol:
+            row.candidates[lab] = f"rejected: relative error {relative(err, scale):.3g} > tolerance {tol:g}"
             continue
         cands[lab] = mod
-        info[lab] = (fmt, block)
+        info[lab] = (fmt, block, dt)
     times = {k: 0.0 for k in cands}
     for x, n in zip(inputs, counts):
         per = time_calls({k: (lambda mod=mod, x=x: mod(x)) for k, mod in cands.items()}, budget_s / len(inputs),
@@ -195,7 +231,7 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
         best = preferred
     row.sparse_ms = times[best] * 1e3
     if times[best] * (1.0 + settings.margin) <= dense_t:
-        fmt, block = info[best]
+        fmt, block, row.weight_dtype = info[best]
         row.format, row.block, row.speedup = fmt, list(block) if fmt == "bsr" else None, dense_t / times[best]
         row.reason = f"fastest ({best}), {dense_t / times[best]:.2f}x dense"
         new = cands[best]

@@ -21,7 +21,8 @@ class Converter:
 
     ``pattern(m)``: 2-D tensor whose zeros decide the blocks (rows = outputs, cols = inputs);
     ``weight(m)``: the effective weight (masks applied); ``dense(m)``: a plain dense module computing
-    the same thing (no hooks or masks); ``build(m, format, block, num_threads)``: the sparse module.
+    the same thing (no hooks or masks); ``build(m, format, block, num_threads[, weight_dtype])``: the
+    sparse module (``weight_dtype`` is passed only when it is not float32).
     ``sparse_type``: the :class:`~sparseprune.nn.SparseModule` class ``build`` returns (densify and
     summary rows find their way back through it).
     """
@@ -62,9 +63,9 @@ def weight_density(w: Tensor) -> Optional[float]:
 
 
 def _sparse_builder(sparse_type):
-    def build(m, fmt, block, num_threads):
+    def build(m, fmt, block, num_threads, weight_dtype=torch.float32):
         return sparse_type.from_dense(m, format=fmt, block_size=block if fmt == "bsr" else None,
-                                      num_threads=num_threads)
+                                      num_threads=num_threads, weight_dtype=weight_dtype)
     return build
 
 

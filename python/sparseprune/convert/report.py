@@ -73,7 +73,7 @@ class Summary(list):
 
     def table(self) -> str:
         cols = [("layer", "name", ""), ("type", "type", ""), ("shape", "shape", ""), ("format", "format", ""),
-                ("block", "block", ""), ("density", "density", ".3f"), ("dense ms", "dense_ms", ".3f"),
+                ("block", "block", ""), ("dtype", "weight_dtype", ""), ("density", "density", ".3f"), ("dense ms", "dense_ms", ".3f"),
                 ("sparse ms", "sparse_ms", ".3f"), ("speedup", "speedup", ".2f")]
         body = []
         for r in self:
@@ -93,13 +93,13 @@ class Summary(list):
                 cells.append("-" if v is None else str(v))
             body.append(cells)
         t = self.totals
-        tot = ["total", "", "", f"{t['sparse_layers']}/{t['layers']} sparse", "", "", _num(t["dense_ms"], ".3f"),
+        tot = ["total", "", "", f"{t['sparse_layers']}/{t['layers']} sparse", "", "", "", _num(t["dense_ms"], ".3f"),
                _num(t["converted_ms"], ".3f"), "-" if t["speedup"] is None else f"{t['speedup']:.2f}x"]
         head = [c[0] for c in cols]
         widths = [max(len(str(x[i])) for x in [head, tot] + body) for i in range(len(cols))]
 
         def line(cells):
-            return "  ".join(str(c).ljust(w) if i < 5 else str(c).rjust(w)
+            return "  ".join(str(c).ljust(w) if i < 6 else str(c).rjust(w)
                              for i, (c, w) in enumerate(zip(cells, widths)))
         out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
         out += [line(["-" * w for w in widths]), line(tot)]
@@ -136,7 +136,7 @@ def _row_of(name: str, m: nn.Module, reason: str) -> LayerRow:
     if isinstance(m, spnn.SparseModule):
         readable = m._values_readable()
         return LayerRow(name=name, type=m.dense_type.__name__, shape=list(m.weight_shape), format=m.format,
-                        block=list(m.block_size) if m.format == "bsr" else None,
+                        block=list(m.block_size) if m.format == "bsr" else None, weight_dtype=m.weight_dtype,
                         density=m.density if readable else None, reason=reason)
     w = CONVERTERS[base_type(m)].weight(m)
     return LayerRow(name=name, type=base_type(m).__name__, shape=list(w.shape), density=weight_density(w),
@@ -201,8 +201,9 @@ def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_t
             inputs = sorted(captured[name].values(), key=lambda v: -v[1])[:MAX_SHAPES]
             dense = dense_twin(m)
             cands = {"dense": dense if dense is not None else m}
+            lab = label(m.format, m.block_size, m.weight_dtype) if dense is not None else None
             if dense is not None:
-                cands[label(m.format, m.block_size)] = m
+                cands[lab] = m
             times = {k: 0.0 for k in cands}
             for x, n in inputs:
                 per = time_calls({k: (lambda mod=mod, x=x: mod(x)) for k, mod in cands.items()}, budget / len(inputs))
@@ -212,7 +213,7 @@ def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_t
             row.dense_ms = times["dense"] * 1e3
             row.speedup = 1.0
             if dense is not None:
-                row.sparse_ms = times[label(m.format, m.block_size)] * 1e3
+                row.sparse_ms = times[lab] * 1e3
                 row.speedup = row.dense_ms / row.sparse_ms
             rows.append(row.as_dict())
         report = dict(getattr(target, REPORT_ATTR, None) or {})
