@@ -35,7 +35,8 @@ class ChannelPruneWarning(UserWarning):
 class Group:
     units: list                 # root atom per unit
     slots: list                 # indices into trace.slots
-    members: dict = field(default_factory=dict)   # root -> [(slot index, number of positions)]
+    members: dict = field(default_factory=dict)   # root -> [(slot index, number of positions)], see _members
+    unit_size: int = 0                              # most positions one unit spans
     slot_roots: dict = field(default_factory=dict)  # slot index -> (unique roots, inverse index)
 
     def describe(self, tr):
@@ -201,26 +202,40 @@ def _build_groups(tr):
     for a, i in first.items():
         g = groups.setdefault(comp.find(slot_node[i]), Group([], []))
         g.units.append(a)
+    n_atoms = len(uf.parent)
+    size = torch.zeros(n_atoms, dtype=torch.int64)     # positions a unit spans over all slots
+    emitted = torch.zeros(n_atoms, dtype=torch.bool)   # some producer ("out" slot) emits the unit
     for i, (ul, inv) in enumerate(uniq):
         if not live[i].numel():
             continue
         g = groups[comp.find(slot_node[i])]
         g.slots.append(i)
         g.slot_roots[i] = (ul, inv)
-        for a, n in zip(ul, torch.bincount(inv, minlength=len(ul)).tolist()):
-            if a >= 0 and a != fixed_root:
-                g.members.setdefault(a, []).append((i, n))
+        u = torch.tensor(ul, dtype=torch.int64)
+        ok = (u >= 0) & (u != fixed_root)
+        size.index_add_(0, u[ok], torch.bincount(inv, minlength=len(ul))[ok])
+        if tr.slots[i].kind == "out":
+            emitted[u[ok]] = True
     out = []
     for g in groups.values():
-        producers = [i for i in g.slots if tr.slots[i].kind == "out"]
-        if not producers:
-            continue
         # a unit that no producer emits has nothing to remove (e.g. an input channel): not prunable
-        g.units = [a for a in g.units if any(tr.slots[i].kind == "out" for i, _ in g.members[a])]
+        g.units = [a for a in g.units if bool(emitted[a])]
         if g.units:
             g.units.sort()
+            g.unit_size = int(size[torch.tensor(g.units)].max())
             out.append(g)
     return out, roots
+
+
+def _members(g, tr):
+    """root -> [(slot index, positions in that slot)], built on demand."""
+    if not g.members:
+        for i in g.slots:
+            ul, inv = g.slot_roots[i]
+            for a, n in zip(ul, torch.bincount(inv, minlength=len(ul)).tolist()):
+                if a >= 0:
+                    g.members.setdefault(a, []).append((i, n))
+    return g.members
 
 
 def _n_keep(n, ratio, round_to):
@@ -239,7 +254,7 @@ def _unit_round(g, tr, round_to):
         return 1
     per = []
     for a in g.units:
-        outs = [n for i, n in g.members[a] if tr.slots[i].kind == "out"]
+        outs = [n for i, n in _members(g, tr).get(a, []) if tr.slots[i].kind == "out"]
         per.append(min(outs) if outs else 1)
     cpu = max(1, min(per))
     return round_to // math.gcd(round_to, cpu)
@@ -829,7 +844,7 @@ class ChannelPruner:
         rep.notes = list(dict.fromkeys(tr.notes))
         for gi, g in enumerate(groups):
             rep.groups.append(dict(layers=g.describe(tr), units=len(g.units), pruned=len(plan[gi]),
-                                   unit_size=max(sum(n for _, n in g.members[a]) for a in g.units)))
+                                   unit_size=g.unit_size))
         if self.verbose:
             print(rep)
         return (model, rep) if return_report else model
