@@ -1,0 +1,188 @@
+"""int8 / bf16 weights through the one sparse-module protocol: SparseLinear.from_dense(weight_dtype=...),
+the validate() gate, load_state_dict, save / load, convert(weight_dtypes=...), and the accuracy of a
+real pretrained model (all-MiniLM-L6-v2) quantized on top of its block-sparse pattern."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sparseprune as sp
+from sparseprune import quant
+from helpers import block_sparse_weight
+
+DTYPES = [torch.int8, torch.bfloat16]
+
+
+def _linear(m, k, block=(16, 16), sparsity=0.8, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, m, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(block_sparse_weight(m, k, block, sparsity, generator=g)
+                         if sparsity else torch.randn(m, k, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(m, generator=g))
+    return lin
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 70), k=st.sampled_from([4, 8, 16, 36, 64, 100]), n=st.integers(0, 9),
+       dtype=st.sampled_from(DTYPES), block=st.sampled_from([(16, 16), (16, 4), (4, 4), (1, 4)]),
+       sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]), bias=st.booleans(), seed=st.integers(0, 999))
+def test_module_matches_the_quantizing_reference(m, k, n, dtype, block, sparsity, bias, seed):
+    lin = _linear(m, k, block, sparsity, seed, bias)
+    mod = sp.SparseLinear.from_dense(lin, format="bsr", block_size=block, weight_dtype=dtype)
+    assert mod.weight_dtype == {torch.int8: "int8", torch.bfloat16: "bfloat16"}[dtype]
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        y = mod(x)
+    ref = quant.reference_qspmm(x, mod.packed(), mod.bias)
+    if dtype == torch.int8:
+        assert torch.equal(y, ref)  # int32 accumulation: exact
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # and close to the float layer (quantization error only)
+    with torch.no_grad():
+        dense = lin(x)
+    scale = dense.abs().max().item() if dense.numel() else 0.0
+    if scale:
+        assert (y - dense).abs().max().item() <= 0.05 * scale + 1e-4
+
+
+def test_auto_format_picks_a_block_the_kernels_take():
+    lin = _linear(64, 64, (8, 8), 0.75)
+    for dtype, g in ((torch.int8, 4), (torch.bfloat16, 2)):
+        mod = sp.SparseLinear.from_dense(lin, weight_dtype=dtype)
+        assert mod.format == "bsr" and mod.block_size[1] % g == 0
+    dense_bf16 = sp.SparseLinear.from_dense(_linear(16, 16, sparsity=0.0), format="dense", weight_dtype=torch.bfloat16)
+    assert dense_bf16.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    (dict(format="csr", weight_dtype=torch.int8), ValueError, "use format='bsr'"),
+    (dict(format="bsr", block_size=(4, 3), weight_dtype=torch.int8), ValueError, "multiples of 4"),
+    (dict(format="bsr", block_size=(4, 3), weight_dtype=torch.bfloat16), ValueError, "multiples of 2"),
+    (dict(format="dense", weight_dtype=torch.int8), ValueError, "block-sparse kernel"),
+    (dict(format="bsr", weight_dtype=torch.float16), TypeError, "weight_dtype"),
+])
+def test_bad_combinations_are_refused(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        sp.SparseLinear.from_dense(_linear(32, 32), **kw)
+
+
+def test_conv_has_no_quantized_kernels_yet():
+    with pytest.raises(ValueError, match="no int8 kernels"):
+        sp.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3), format="bsr", block_size=(4, 4), weight_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inference_only_and_dtype_casts_refused(dtype):
+    mod = sp.SparseLinear.from_dense(_linear(32, 32), format="bsr", weight_dtype=dtype)
+    x = torch.randn(3, 32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        mod(x)
+    with pytest.raises(TypeError, match="keeps its weight dtype"):
+        mod.double()
+    with pytest.raises(TypeError, match="keeps its weight dtype"):
+        mod.half()
+    with torch.no_grad():  # bf16 inputs are accepted; the output has the input's dtype
+        assert mod(x.detach().bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_load_state_dict_validates_before_adopting(dtype):
+    mod = sp.SparseLinear.from_dense(_linear(48, 64, (16, 16)), format="bsr", weight_dtype=dtype)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        before = mod(x)
+    bad_sets = [{"col_idx": mod.col_idx + 100}, {"row_ptr": mod.row_ptr.flip(0)},
+                {"values": mod.values.float()}]
+    if dtype == torch.int8:
+        bad_sets += [{"compensation": mod.compensation + 1}, {"scales": -mod.scales}, {"scales": mod.scales[:-1]}]
+    for bad in bad_sets:
+        state = dict(mod.state_dict())
+        state.update(bad)
+        with pytest.raises(ValueError, match="invalid packed weight"):
+            mod.load_state_dict(state)
+        with torch.no_grad():
+            assert torch.equal(mod(x), before)  # nothing adopted
+    # a valid set of another pattern is adopted (sizes change)
+    other = sp.SparseLinear.from_dense(_linear(48, 64, (16, 16), 0.5, seed=3), format="bsr", weight_dtype=dtype)
+    mod.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(mod(x), other(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_save_load_round_trip(tmp_path, dtype):
+    model = nn.Sequential(_linear(64, 32), nn.ReLU(), _linear(16, 64, (4, 4), 0.5, seed=2))
+    model[0] = sp.SparseLinear.from_dense(model[0], format="bsr", weight_dtype=dtype)
+    model[2] = sp.SparseLinear.from_dense(model[2], format="bsr", block_size=(4, 4), weight_dtype=dtype)
+    sp.save(model, tmp_path / "q.sp")
+    fresh = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    loaded = sp.load(tmp_path / "q.sp", fresh)
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded[0].weight_dtype == model[0].weight_dtype
+
+
+def test_convert_with_weight_dtypes_is_checked_and_never_slower_than_allowed_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(_linear(256, 128, (16, 16), 0.8), nn.GELU(), _linear(128, 256, (16, 16), 0.8, seed=1))
+    x = torch.randn(32, 128)
+    with torch.no_grad():
+        ref = model(x)
+    fast = sp.convert(model, x, weight_dtypes=(torch.float32, torch.bfloat16, torch.int8), time_budget=2.0)
+    s = sp.summary(fast, print_fn=None)
+    for r in s:
+        labels = set(r["candidates"])
+        assert {"dense", "bsr16x16", "bsr16x16-int8", "bsr16x16-bfloat16", "dense-bfloat16"} <= labels, labels
+        assert r["weight_dtype"] in ("float32", "bfloat16", "int8")
+        mod = fast.get_submodule(r["name"])
+        if r["format"] != "dense" or r["weight_dtype"] != "float32":
+            assert isinstance(mod, sp.SparseLinear) and mod.weight_dtype == r["weight_dtype"]
+    with torch.no_grad():
+        out = fast(x)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert "dtype" in s.table()
+    # default: nothing is quantized
+    plain = sp.convert(model, x, time_budget=0.5)
+    assert all(r["weight_dtype"] == "float32" for r in sp.summary(plain, print_fn=None))
+    with pytest.raises(TypeError, match="weight_dtype"):
+        sp.convert(model, x, weight_dtypes=(torch.float16,))
+
+
+def test_quant_tolerance_rejects_what_it_should():
+    model = nn.Sequential(_linear(64, 64, (16, 16), 0.5))
+    x = torch.randn(8, 64)
+    fast = sp.convert(model, x, weight_dtypes=(torch.int8,), quant_tolerance=1e-7, time_budget=0.5)
+    r = sp.summary(fast, print_fn=None)[0]
+    assert r["format"] == "dense" and r["weight_dtype"] == "float32"
+    assert all(str(v).startswith(("rejected", "not tried")) for k, v in r["candidates"].items() if k != "dense")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_minilm_int8_and_bf16_embeddings_match_fp32_sparse():
+    """all-MiniLM-L6-v2 (real weights), attention + FFN Linears pruned to 50% 16x16 blocks: sentence
+    embeddings of the int8-sparse / bf16-sparse model vs the fp32-sparse model (issue #14)."""
+    from test_accuracy_minilm import HELDOUT_MODULES, embed, load_minilm, sentences, tokenize
+
+    model, tok = load_minilm()
+    sp.prune_blocks(model, 0.5, (16, 16), layers=[nn.Linear], dense_first_last=False)
+    sp.remove_masks(model)
+    held = tokenize(tok, sentences(HELDOUT_MODULES, 64))
+    ref = embed(model, held)
+    for dtype, floor in ((torch.int8, 0.995), (torch.bfloat16, 0.999)):
+        q = copy.deepcopy(model)
+        for name, m in list(q.named_modules()):
+            if isinstance(m, nn.Linear) and bool((m.weight == 0).any()):
+                parent, _, leaf = name.rpartition(".")
+                setattr(q.get_submodule(parent), leaf,
+                        sp.SparseLinear.from_dense(m, format="bsr", block_size=(16, 16), weight_dtype=dtype))
+        cos = float((embed(q, held) * ref).sum(-1).mean())
+        print(f"MiniLM 50% 16x16, {dtype} vs fp32 sparse: mean cosine {cos:.5f}")
+        assert cos >= floor, (dtype, cos)
