@@ -7,6 +7,7 @@ entry of each group) and PNG plots (speedup vs sparsity per implementation, with
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import statistics
 from collections import defaultdict
@@ -95,6 +96,11 @@ def generic_table(rows, prefix):
     return "\n".join(out)
 
 
+def machine_slug(rows) -> str:
+    cpu = (rows[0].get("cpu") if rows else None) or "unknown cpu"
+    return re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:60]
+
+
 def plots(rows, outdir):
     import matplotlib
     matplotlib.use("Agg")
@@ -131,7 +137,7 @@ def plots(rows, outdir):
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    p = outdir / "spmm_speedup.png"
+    p = outdir / f"spmm_speedup-{machine_slug(rows)}.png"
     fig.savefig(p, dpi=110)
     written.append(p)
     return written
@@ -166,18 +172,34 @@ def main(argv=None):
         print(f"plot: {p}")
     if a.readme:
         readme = Path(a.readme)
-        text = readme.read_text()
-        start, end = "<!-- RESULTS -->", "<!-- /RESULTS -->"
-        if start not in text:
-            raise SystemExit(f"{readme}: no {start} marker")
-        head, rest = text.split(start, 1)
-        tail = rest.split(end, 1)[1] if end in rest else ""
         imgs = "".join(f"\n![speedup vs sparsity]({p.relative_to(readme.parent.resolve()) if p.is_absolute() else p})\n"
                        for p in pngs)
         body = (f"\n_Produced by `python bench/report.py {a.json} --readme {a.readme}` from a real run._\n\n"
                 + md + imgs)
-        readme.write_text(head + start + body + end + tail)
+        cpu = (rows[0].get("cpu") if rows else None) or data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+        readme.write_text(replace_machine_section(readme.read_text(), cpu, body))
 
+
+_SECTION = re.compile(r'<!-- RESULTS(?: cpu="(?P<cpu>[^"]*)")? -->(?P<body>.*?)<!-- /RESULTS -->', re.S)
+
+
+def replace_machine_section(text: str, cpu: str, body: str) -> str:
+    """One results section per CPU model: this machine's is replaced (or added after the others);
+    the other machines' sections stay as they were measured."""
+    cpu = cpu.replace('"', "'")
+    found = list(_SECTION.finditer(text))
+    if not found:
+        raise SystemExit('README: no <!-- RESULTS --> marker')
+    new = f'<!-- RESULTS cpu="{cpu}" -->{body}<!-- /RESULTS -->'
+    for m in found:
+        owner = m.group("cpu")
+        if owner is None:  # a section from before per-machine sections: its CPU line says whose it is
+            line = re.search(r"CPU: ([^;]*);", m.group("body"))
+            owner = line.group(1).strip() if line else ""
+        if owner == cpu:
+            return text[:m.start()] + new + text[m.end():]
+    last = found[-1]
+    return text[:last.end()] + "\n\n" + new + text[last.end():]
 
 if __name__ == "__main__":
     main()
