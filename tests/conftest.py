@@ -28,6 +28,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _private_timing_cache(tmp_path_factory, monkeypatch):
+    """convert()'s on-disk timing cache goes to a fresh folder per test: no test sees another's
+    (possibly faked) timings, and nothing is written to the user's cache dir."""
+    monkeypatch.setenv("SPARSEPRUNE_CACHE_DIR", str(tmp_path_factory.mktemp("sp-cache")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny layers on a shared 2-core machine: one thread avoids OpenMP contention (often 10x faster),

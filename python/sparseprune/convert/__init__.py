@@ -100,7 +100,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             skip: Iterable = (), num_threads: Optional[int] = None, time_budget: float = 10.0,
             margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
             inplace: bool = False, progress: Optional[bool] = None, weight_dtypes=(torch.float32,),
-            quant_tolerance: float = 0.05) -> nn.Module:
+            quant_tolerance: float = 0.05, cache: bool = True) -> nn.Module:
     """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
 
     Args:
@@ -129,6 +129,9 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             Quantized layers run inference only and need ``example_inputs`` (their error is measured).
         quant_tolerance: the relative error accepted for a quantized layer and, when any layer is
             quantized, end to end (default 0.05: catches a broken layer, accepts normal int8 error).
+        cache: reuse candidate timings measured before on this machine for the same layer problem
+            (CPU model, ISA path, threads, shapes, density, candidates), kept in
+            ``$SPARSEPRUNE_CACHE_DIR`` or ``~/.cache/sparseprune`` (safe to delete); ``False``: always time.
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` on a terminal after 1 s.
 
     A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,
@@ -152,8 +155,10 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         raise ValueError("weight_dtypes must name at least one dtype")
     if not quant_tolerance >= 0:
         raise ValueError("quant_tolerance must be non-negative")
+    from .cache import TimingCache
+    timing_cache = TimingCache(enabled=bool(cache) and example_inputs is not None)
     settings = Settings(tuple(f for f in formats if f != "dense"), num_threads, margin, tolerance,
-                        example_inputs is not None, dtypes, quant_tolerance)
+                        example_inputs is not None, dtypes, quant_tolerance, timing_cache)
     start = time.perf_counter()
     work = model if inplace else _copy_model(model)
     work.eval()
@@ -167,6 +172,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         if inplace:
             swaps.undo()
         raise
+    timing_cache.flush()
     report["convert_seconds"] = time.perf_counter() - start
     setattr(work, REPORT_ATTR, report)
     return work

@@ -87,6 +87,7 @@ class Settings:
     measured: bool
     weight_dtypes: Tuple[str, ...] = ("float32",)
     quant_tolerance: float = 0.05
+    cache: Optional[object] = None  # a cache.TimingCache
 
     def tolerance_for(self, dtype: str) -> float:
         return self.tolerance if dtype == "float32" else max(self.tolerance, self.quant_tolerance)
@@ -211,12 +212,24 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
             continue
         cands[lab] = mod
         info[lab] = (fmt, block, dt)
-    times = {k: 0.0 for k in cands}
-    for x, n in zip(inputs, counts):
-        per = time_calls({k: (lambda mod=mod, x=x: mod(x)) for k, mod in cands.items()}, budget_s / len(inputs),
-                         deadline=deadline)
-        for k, t in per.items():
-            times[k] += n * t
+    key = None
+    if settings.cache is not None:
+        key = settings.cache.key(type=row.type, shape=row.shape, inputs=[list(x.shape) for x in inputs],
+                                 counts=counts, density=round(row.density, 3), candidates=sorted(cands),
+                                 threads=settings.num_threads or torch.get_num_threads())
+    cached = settings.cache.get(key) if key is not None else None
+    if cached is not None and set(cached) == set(cands):
+        times = {k: cached[k] for k in cands}  # measured on this machine before: not timed again
+    else:
+        cached = None
+        times = {k: 0.0 for k in cands}
+        for x, n in zip(inputs, counts):
+            per = time_calls({k: (lambda mod=mod, x=x: mod(x)) for k, mod in cands.items()},
+                             budget_s / len(inputs), deadline=deadline)
+            for k, t in per.items():
+                times[k] += n * t
+        if key is not None:
+            settings.cache.put(key, times)
     for k, t in times.items():
         row.candidates[k] = t * 1e3
     dense_t = times.pop("dense")
@@ -233,7 +246,7 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
     if times[best] * (1.0 + settings.margin) <= dense_t:
         fmt, block, row.weight_dtype = info[best]
         row.format, row.block, row.speedup = fmt, list(block) if fmt == "bsr" else None, dense_t / times[best]
-        row.reason = f"fastest ({best}), {dense_t / times[best]:.2f}x dense"
+        row.reason = f"fastest ({best}), {dense_t / times[best]:.2f}x dense" + (" [cached timings]" if cached else "")
         new = cands[best]
     else:
         row.reason = f"dense: best sparse ({best}) only {dense_t / times[best]:.2f}x, margin {1 + settings.margin:.2f}x"

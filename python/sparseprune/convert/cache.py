@@ -1,0 +1,97 @@
+"""On-disk cache of convert()'s timings, keyed by this machine and the layer's real problem.
+
+A second ``convert`` of the same model on the same machine reuses the measured candidate times instead
+of timing again (packing and the output checks still run). The key is the CPU model, the kernel ISA
+path, the thread count, the layer type and weight shape, the input shapes it was timed on, the density
+(to 0.1%) and the candidate list. The file lives in ``$SPARSEPRUNE_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/sparseprune`` or ``~/.cache/sparseprune``); deleting it is always safe. Its content is
+only timings: a malformed or foreign file is ignored, never trusted for anything else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from typing import Dict, Optional
+
+__all__ = ["TimingCache", "cache_dir", "cpu_model"]
+
+_FILE = "convert-timings-v1.json"
+_MAX_ENTRIES = 4096
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> str:
+    d = os.environ.get("SPARSEPRUNE_CACHE_DIR")
+    if d:
+        return d
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sparseprune")
+
+
+class TimingCache:
+    """``get(key)`` / ``put(key, times)``; ``flush()`` writes once at the end of a convert."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(cache_dir(), _FILE)
+        self.entries: Dict[str, Dict[str, float]] = {}
+        self.dirty = False
+        if enabled:
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read(64 * 1024 * 1024))
+        except (OSError, ValueError, RecursionError):
+            return
+        if not isinstance(data, dict):
+            return
+        for k, v in data.items():
+            if (isinstance(k, str) and isinstance(v, dict) and v
+                    and all(isinstance(n, str) and isinstance(t, (int, float)) and not isinstance(t, bool)
+                            and 0 < t < 1e6 for n, t in v.items())):
+                self.entries[k] = {n: float(t) for n, t in v.items()}
+
+    @staticmethod
+    def key(**parts) -> str:
+        from .. import ops
+        parts.update(cpu=cpu_model(), isa=ops.active_isa())
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> Optional[Dict[str, float]]:
+        return self.entries.get(key) if self.enabled else None
+
+    def put(self, key: str, times: Dict[str, float]) -> None:
+        if self.enabled:
+            self.entries[key] = dict(times)
+            self.dirty = True
+
+    def flush(self) -> None:
+        if not (self.enabled and self.dirty):
+            return
+        items = list(self.entries.items())[-_MAX_ENTRIES:]
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".timings-", dir=cache_dir())
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(items), f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+        self.dirty = False

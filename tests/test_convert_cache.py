@@ -1,0 +1,52 @@
+"""convert()'s on-disk timing cache: a second convert of the same problem on the same machine reuses
+the measured times (and decides the same), a disabled or corrupt cache changes nothing."""
+import json
+import os
+
+import torch
+from torch import nn
+
+import sparseprune as sp
+from sparseprune.convert.cache import cache_dir
+from helpers import block_sparse_weight
+
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64))
+    with torch.no_grad():
+        m[0].weight.copy_(block_sparse_weight(256, 128, (16, 16), 0.9))
+        m[2].weight.copy_(block_sparse_weight(64, 256, (16, 16), 0.9))
+    return m.eval()
+
+
+def _rows(model):
+    return {r["name"]: r for r in sp.summary(model, print_fn=None)}
+
+
+def test_second_convert_reuses_timings_and_decides_the_same():
+    m, x = _model(), torch.randn(32, 128)
+    first = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    path = os.path.join(cache_dir(), os.listdir(cache_dir())[0])
+    assert json.load(open(path))  # timings were stored
+    second = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    for name, r in first.items():
+        assert second[name]["format"] == r["format"] and second[name]["block"] == r["block"]
+        assert second[name]["candidates"] == r["candidates"]  # the same measurements
+        if r["format"] != "dense":
+            assert "[cached timings]" in second[name]["reason"]
+    # another input shape is another problem: timed again
+    third = _rows(sp.convert(m, torch.randn(8, 128), time_budget=1.0, end_to_end=False))
+    assert not any("[cached" in r["reason"] for r in third.values())
+
+
+def test_cache_off_and_corrupt_cache_are_harmless():
+    m, x = _model(), torch.randn(32, 128)
+    sp.convert(m, x, time_budget=0.5, cache=False)
+    assert not os.path.exists(cache_dir()) or not os.listdir(cache_dir())
+    os.makedirs(cache_dir(), exist_ok=True)
+    for junk in (b"{not json", b"[1, 2]", json.dumps({"k": {"dense": "fast"}}).encode(), b"\x00" * 100):
+        with open(os.path.join(cache_dir(), "convert-timings-v1.json"), "wb") as f:
+            f.write(junk)
+        out = sp.convert(m, x, time_budget=0.5)
+        torch.testing.assert_close(out(x), m(x), rtol=1e-4, atol=1e-5)
