@@ -20,12 +20,13 @@ and dense embeddings of the same texts (the 1,000 queries and 1,000 documents).
 Stages (so that timing can run alone on the CPU)::
 
     python -m sparseprune.recipes.minilm distill --sparsity 0.5 --minutes 15 --run runs/minilm50
-    python -m sparseprune.recipes.minilm evaluate --run runs/minilm50 --results bench/results/recovery.md
+    python -m sparseprune.recipes.minilm evaluate --run runs/minilm50 --no-timing --results bench/results/recovery.md
+    flock -x /tmp/sp-cpu.lock python -m sparseprune.recipes.minilm time --run runs/minilm50 --results ...
 
 ``evaluate`` computes the metrics for the dense and the pruned model, converts the pruned one with
 ``sp.convert`` (per-layer measured choice of dense / CSR / BSR), checks the converted model gives the
-same metrics, times encoding the 1,000 documents (batches of 32) dense vs converted in the same
-process, and writes the row into the results table.
+same metrics and writes the row into the results table; ``time`` (or ``evaluate --timing``) times
+encoding the 1,000 documents (batches of 32) dense vs converted in the same process, alone on the CPU.
 """
 from __future__ import annotations
 
@@ -202,40 +203,77 @@ def _time_encode(model, bs, repeats: int) -> float:
     return best
 
 
-def cmd_evaluate(a):
-    import sparseprune as sp
+def _load_pruned(dense, run):
     from sparseprune.distill import load_checkpoint
+
+    pruned = copy.deepcopy(dense)
+    load_checkpoint(os.path.join(run, "pruned.safetensors"), pruned)
+    return pruned.eval()
+
+
+def cmd_evaluate(a):
+    """Metrics of each run (dense computed once); with --timing also the encode timing."""
+    import sparseprune as sp
 
     torch.set_num_threads(a.threads)
     dense, tok = load_model()
     train, held = load_split()
     qb, db = batches(tok, [x["query"] for x in held], 64), batches(tok, [x["doc"] for x in held], 32)
     m_dense, ref = metrics(dense, qb, db)
-    pruned = copy.deepcopy(dense)
-    load_checkpoint(os.path.join(a.run, "pruned.safetensors"), pruned)
-    pruned.eval()
-    sparsity = sp.prune.sparsity(pruned, only_masked=True)
-    m_pruned, _ = metrics(pruned, qb, db, ref)
-    sp.remove_masks(pruned)
-    fast = sp.convert(pruned, db[0], progress=False)
-    m_fast, _ = metrics(fast, qb, db, ref)
+    for run in a.run:
+        pruned = _load_pruned(dense, run)
+        sparsity = sp.prune.sparsity(pruned, only_masked=True)
+        m_pruned, _ = metrics(pruned, qb, db, ref)
+        sp.remove_masks(pruned)
+        fast = sp.convert(pruned, db[0], progress=False)
+        m_fast, _ = metrics(fast, qb, db, ref)
+        summ = sp.summary(fast, print_fn=None)
+        info = json.load(open(os.path.join(run, "distill.json")))
+        res = {"run": os.path.basename(os.path.normpath(run)), "sparsity": sparsity, "dense": m_dense,
+               "pruned": m_pruned, "converted": m_fast, "encode_dense_s": float("nan"),
+               "encode_converted_s": float("nan"), "encode_speedup": float("nan"),
+               "layers_speedup": summ.totals.get("speedup"), "sparse_layers": summ.totals.get("sparse_layers"),
+               "layers": summ.totals.get("layers"), "cpu": _cpu_model(), "threads": a.threads,
+               "distill": {k: v for k, v in info.items() if k != "log"}}
+        if a.timing:
+            _timing(res, dense, fast, db, a.repeats)
+        _finish(run, res, a.results)
+
+
+def _timing(res, dense, fast, db, repeats):
+    import sparseprune as sp
+
+    res["encode_dense_s"] = _time_encode(dense, db, repeats)
+    res["encode_converted_s"] = _time_encode(fast, db, repeats)
+    res["encode_speedup"] = res["encode_dense_s"] / res["encode_converted_s"]
     summ = sp.summary(fast, print_fn=None)
-    if a.timing:
-        t_dense = _time_encode(dense, db, a.repeats)
-        t_fast = _time_encode(fast, db, a.repeats)
-    else:
-        t_dense = t_fast = float("nan")
-    info = json.load(open(os.path.join(a.run, "distill.json")))
-    res = {"run": os.path.basename(os.path.normpath(a.run)), "sparsity": sparsity, "dense": m_dense,
-           "pruned": m_pruned, "converted": m_fast, "encode_dense_s": t_dense, "encode_converted_s": t_fast,
-           "encode_speedup": t_dense / t_fast, "layers_speedup": summ.totals.get("speedup"),
-           "sparse_layers": summ.totals.get("sparse_layers"), "layers": summ.totals.get("layers"),
-           "cpu": _cpu_model(), "threads": a.threads, "distill": {k: v for k, v in info.items() if k != "log"}}
-    with open(os.path.join(a.run, "results.json"), "w") as f:
+    res["summary"] = str(summ.table()) if hasattr(summ, "table") else None
+
+
+def _finish(run, res, results):
+    with open(os.path.join(run, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(json.dumps(res, indent=1))
-    if a.results:
-        write_table(a.results, res)
+    print(json.dumps({k: v for k, v in res.items() if k != "summary"}, indent=1))
+    if results:
+        write_table(results, res)
+
+
+def cmd_time(a):
+    """Encode timing of an evaluated run (run it alone on the CPU): dense vs converted, same process."""
+    import sparseprune as sp
+
+    torch.set_num_threads(a.threads)
+    dense, tok = load_model()
+    _, held = load_split()
+    db = batches(tok, [x["doc"] for x in held], 32)
+    for run in a.run:
+        res = json.load(open(os.path.join(run, "results.json")))
+        pruned = sp.remove_masks(_load_pruned(dense, run))
+        fast = sp.convert(pruned, db[0], progress=False)
+        _timing(res, dense, fast, db, a.repeats)
+        res["threads"] = a.threads
+        print(res.get("summary") or "")
+        _finish(run, res, a.results)
 
 
 HEADER = """## all-MiniLM-L6-v2 (real weights): Wikipedia description -> summary retrieval
@@ -309,18 +347,20 @@ def main(argv=None):
     d.add_argument("--checkpoint", action="store_true")
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("evaluate", help="metrics + convert + encode timing; writes the results row")
-    e.add_argument("--run", required=True)
+    e = sub.add_parser("evaluate", help="metrics + convert (+ encode timing); writes the results row")
+    e.add_argument("--run", required=True, nargs="+")
     e.add_argument("--results", default=None)
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                    help="time encoding (run alone on the CPU); --no-timing: metrics only")
+    t = sub.add_parser("time", help="encode timing of evaluated runs, dense vs converted (run alone)")
+    t.add_argument("--run", required=True, nargs="+")
+    t.add_argument("--results", default=None)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
-    if a.cmd == "distill":
-        cmd_distill(a)
-    else:
-        cmd_evaluate(a)
+    {"distill": cmd_distill, "evaluate": cmd_evaluate, "time": cmd_time}[a.cmd](a)
 
 
 if __name__ == "__main__":
