@@ -222,6 +222,12 @@ def write_table(rows, path=RESULTS):
     with open(path, "w") as f:
         f.write("# Channel pruning: sparseprune vs Torch-Pruning\n\nProduced by `bench/bench_channels_tp.py`.\n\n")
         f.write(table(rows))
+        f.write("\nMACs: conv / linear / matmul / attention multiply-accumulates of one call, counted the same way for "
+                "both (`sparseprune.prune.graph.module_macs`). Latency: median of one forward pass (no grad), the "
+                "variants of a model timed round-robin in one process. Speedup: dense latency / pruned latency. "
+                "Prune time: wall time of the pruning call (tracing, scoring, surgery, checks). Attention: "
+                "sparseprune removes whole heads by default (`prune_head_dims=True` shrinks every head instead), "
+                "Torch-Pruning shrinks every head by default; both remove half of the attention width.\n")
 
 
 # ------------------------------------------------------------------------------------------ pytest
