@@ -98,17 +98,28 @@ def variant(name, kind):
     model = copy.deepcopy(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if kind == "channels50":
+        if kind == "dense_bf16":  # the dense alternatives a user would pick instead: torch's bf16 ...
+            fast, density = model.to(torch.bfloat16), 1.0
+        elif kind == "dense_int8dyn":  # ... and torch's dynamic int8 Linear
+            fast = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            density = 1.0
+        elif kind == "channels50":
             sp.prune_channels(model, args, ratio=0.5)
         else:
-            s = float(kind.split("_")[1])
-            calib = {"importance": "wanda", "example_inputs": [args]} if name == "minilm_l6" else {}
+            parts = kind.split("_")  # bsr16_<sparsity>[_int8|_bf16]
+            s = float(parts[1])
+            dtypes = {"int8": (torch.float32, torch.int8), "bf16": (torch.float32, torch.bfloat16)}.get(
+                parts[2] if len(parts) > 2 else "", (torch.float32,))
+            calib = {"importance": "wanda", "calibration": [args]} if name == "minilm_l6" else {}
             sp.prune_blocks(model, sparsity=s, block_size=(16, 16), **calib)
-        model.eval()
-        density = _weights_density(model)
+        if not kind.startswith("dense_"):
+            model.eval()
+            density = _weights_density(model)
+            with torch.no_grad():
+                fast = sp.convert(model, args, time_budget=20.0, progress=False,
+                                  **({"weight_dtypes": dtypes} if kind.startswith("bsr") else {}))
         with torch.no_grad():
-            fast = sp.convert(model, args, time_budget=20.0, progress=False)
-            emb = _embedding(fast, args)
+            emb = _embedding(fast, args).float()
     # accuracy only means something for the model with real weights (random-init CNN activations
     # shrink towards zero and make any similarity meaningless)
     cos = float(torch.nn.functional.cosine_similarity(emb.flatten(1), ref.flatten(1)).mean()) if name == "minilm_l6" else None
@@ -116,16 +127,22 @@ def variant(name, kind):
 
 
 KINDS = ["dense", "channels50"] + [f"bsr16_{s}" for s in SPARSITIES]
+# sparse x quantized against the quantized dense alternatives, on the transformer models
+QUANT_KINDS = ["dense_bf16", "dense_int8dyn"] + [f"bsr16_{s}_int8" for s in SPARSITIES] + ["bsr16_0.9_bf16"]
+TRANSFORMERS = ("bert_base", "minilm_l6")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + QUANT_KINDS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model(benchmark, name, kind, quick):
-    if quick and (name not in ("bert_base",) or kind not in ("dense", "bsr16_0.9")):
+    if kind in QUANT_KINDS and name not in TRANSFORMERS:
+        pytest.skip("quantized variants: transformer models only")
+    if quick and (name not in ("bert_base",) or kind not in ("dense", "bsr16_0.9", "bsr16_0.9_int8")):
         pytest.skip("--quick")
     model, args, density, cos = variant(name, kind)
     with torch.no_grad():
         measure(benchmark, lambda: model(*args), group=f"model {name}", impl=kind, dense_flops=0.0,
                 density=density, quick=quick, model=name, variant=kind, format=kind.split("_")[0],
+                weight_dtype={"int8": "int8", "bf16": "bfloat16", "int8dyn": "int8"}.get(kind.split("_")[-1], "float32"),
                 block="16x16" if kind.startswith("bsr") else None,
                 **({} if cos is None else {"accuracy_cosine": cos}))
