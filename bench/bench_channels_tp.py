@@ -2,7 +2,7 @@
 ConvNeXt-tiny and Swin-tiny (transformers implementations, random init, batch 1; 224x224 images, 128
 tokens), both libraries at the same settings: 50% of the channels of every group, L1 importance, the
 classifier's outputs kept. Reported per library: parameters, MACs, latency and speedup against the
-dense model timed in the same process with the same thread count, and the time pruning took.
+dense model timed in the same process with the same thread count (round-robin in random order), and the time pruning took.
 
 Each library keeps its own default for attention: sparseprune removes whole heads, Torch-Pruning
 shrinks every head (``prune_head_dims=True``); both remove half of the attention width.
@@ -149,17 +149,25 @@ def latency(model, x, budget=2.0, min_reps=5):
     return statistics.median(times)
 
 
-def interleaved_latency(models, budget=6.0, min_rounds=5):
-    """Median seconds of one forward pass of each (model, inputs), timed round-robin."""
+def interleaved_latency(models, budget=6.0, min_rounds=5, seed=0):
+    """Median seconds of one forward pass of each (model, inputs). Rounds visit the models in a random
+    order, and each timed call follows an untimed call of the same model: no variant pays for the cache
+    state its predecessor left (the dense model would otherwise always slow down the one after it)."""
+    import random
+    rng = random.Random(seed)
     for m, x in models:
         run_once(m, x)
     times = [[] for _ in models]
+    order = list(range(len(models)))
     end = time.perf_counter() + budget
     while len(times[0]) < min_rounds or (time.perf_counter() < end and len(times[0]) < 200):
-        for (m, x), ts in zip(models, times):
+        rng.shuffle(order)
+        for i in order:
+            m, x = models[i]
+            run_once(m, x)
             t0 = time.perf_counter()
             run_once(m, x)
-            ts.append(time.perf_counter() - t0)
+            times[i].append(time.perf_counter() - t0)
     return [statistics.median(ts) for ts in times]
 
 
@@ -299,7 +307,7 @@ def main(argv=None):
                 continue
             ready.append((model, x, row))
         # time the variants of one model in alternation, so that load changes hit them alike
-        lat = interleaved_latency([(m, x) for m, x, _ in ready], budget=1.0 if a.quick else 3.0 * len(ready))
+        lat = interleaved_latency([(m, x) for m, x, _ in ready], budget=1.0 if a.quick else 5.0 * len(ready))
         for (_, _, row), t in zip(ready, lat):
             row["latency_s"] = t
             rows.append(row)
