@@ -60,7 +60,6 @@ void spmm_t(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr
   active_path().spmm_t(w, ptr<const float>(dy), n, lddy, ptr<float>(dx), lddx, num_threads);
 }
 
-// --- conv ---
 // geom: [n, c_in, h, w, c_out, ho, wo, kh, kw, sh, sw, pt, pl, dh, dw, groups, xs[4], ys[4]]
 ConvGeom make_geom(const std::vector<int64_t>& v) {
   if (v.size() != 24) throw std::invalid_argument("conv geometry must have 24 entries");
@@ -159,7 +158,7 @@ PYBIND11_MODULE(_C, m) {
       d["isa"] = p.isa;
       d["kernels"] = p.spmm_name;
       d["supported"] = p.supported();
-      d["conv_kernels"] = p.conv_name ? p.conv_name : "";  // --- conv ---
+      d["conv_kernels"] = p.conv_name ? p.conv_name : "";
       out.append(d);
     }
     return out;
@@ -170,10 +169,9 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cpu_features", &cpu_features);
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
-  // --- conv ---
   m.def("conv2d_workspace", &conv2d_workspace, "floats of workspace conv2d needs for this geometry");
   m.def("conv2d", &conv2d, "y = conv2d(x, W) + b with W packed as (r x 1)-block BSR over (Cout, Cin/g*kh*kw)");
-  // --- quantized (issue #14) ---
+  // quantized (int8 / bf16) block-sparse matmul
   m.def("qspmm", &qspmm, "Y = X W^T + b with W an int8 or bf16 block-sparse matrix (packed by quant.py)");
   m.def("qpaths", [] {
     py::list out;

@@ -87,7 +87,6 @@ std::vector<IsaPath> make_table() {
 #define SP_PATH(isa, names, spmm, spmm_t, check) t.push_back(IsaPath{#isa, names, spmm, spmm_t, check});
 #include "ukernels.inc"
 #undef SP_PATH
-  // --- conv ---
 #define SP_PATH(...)
 #define SP_CONV_PATH(isa_, names, fwd, bwd)                                                 \
   for (auto& row : t)                                                                       \

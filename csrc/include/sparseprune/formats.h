@@ -25,10 +25,4 @@ struct BsrView {
   }
 };
 
-// Dense row-major fp32 matrix argument: rows x cols with a leading dimension.
-struct DenseArg {
-  const float* data = nullptr;
-  int64_t rows = 0, ld = 0;
-};
-
 }  // namespace sparseprune

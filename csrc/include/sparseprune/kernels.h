@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "sparseprune/formats.h"
-#include "sparseprune/conv.h"  // --- conv ---
+#include "sparseprune/conv.h"
 
 namespace sparseprune {
 
@@ -23,7 +23,7 @@ struct IsaPath {
   SpmmFn spmm;
   SpmmTFn spmm_t;
   bool (*supported)();        // run-time CPU check
-  // --- conv --- (filled from the SP_CONV_PATH rows of ukernels.inc)
+  // conv entry points (filled from the SP_CONV_PATH rows of ukernels.inc)
   const char* conv_name = nullptr;
   ConvFn conv = nullptr;
   ConvBwdFn conv_bwd = nullptr;
