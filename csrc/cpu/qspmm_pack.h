@@ -50,6 +50,18 @@ inline uint32_t bf16_bits(float x) {
 inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* out) {
   float lo = 0.0f, hi = 0.0f;
   int64_t k = 0;
+#if defined(__AVX512BW__)
+  {
+    __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(x + k);
+      vlo = _mm512_min_ps(vlo, v);
+      vhi = _mm512_max_ps(vhi, v);
+    }
+    lo = _mm512_reduce_min_ps(vlo);
+    hi = _mm512_reduce_max_ps(vhi);
+  }
+#endif
 #if defined(__AVX2__)
   {
     __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
@@ -74,6 +86,19 @@ inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* o
   const QRowParams p = q_row_params(lo, hi);
   const float zpf = static_cast<float>(p.zp);
   int64_t g = 0;
+#if defined(__AVX512BW__)
+  {
+    const __m512 vinv = _mm512_set1_ps(p.inv), vzp = _mm512_set1_ps(zpf);
+    const __m512 v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.0f);
+    for (; 4 * g + 16 <= K; g += 4) {
+      __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 4 * g), vinv),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      t = _mm512_add_ps(t, vzp);
+      t = _mm512_min_ps(_mm512_max_ps(t, v0), v255);  // max(NaN, 0) = 0
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t)));
+    }
+  }
+#endif
 #if defined(__AVX2__)
   {
     const __m256 vinv = _mm256_set1_ps(p.inv), vzp = _mm256_set1_ps(zpf);
@@ -111,6 +136,16 @@ inline void bf16_row_words(const float* x, const uint16_t* xb, int64_t K, int64_
     for (; g < kg; ++g) out[g] = 2 * g < K ? xb[2 * g] : 0u;
     return;
   }
+#if defined(__AVX512BW__)
+  {
+    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    for (; 2 * g + 16 <= K; g += 8) {
+      const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x + 2 * g));
+      const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
+  }
+#endif
 #if defined(__AVX2__)
   {
     const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);

@@ -129,8 +129,11 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   float* sx = reinterpret_cast<float*>(zp + n);
   const int pm = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
-  // rows of X per pass: keep the packed X (nc x kg words) within ~256 KiB of L2
-  const int64_t nc = std::max<int64_t>(ps, ((int64_t(1) << 16) / std::max<int64_t>(kg, 1)) / ps * ps);
+  // One panel per pass, all of this thread's block rows inside it: consecutive tiles then write
+  // neighbouring 64-byte pieces of the same rows of Y. (Block rows outside, panels inside wrote
+  // columns of Y: every store a new page 4*M bytes on, L1-set and DTLB misses that cost more than
+  // the whole sparse product at 90%.) The weights stream again per panel, from L2.
+  const int64_t nc = ps;
 #pragma omp parallel num_threads(nt)
   {
     thread_local std::vector<uint32_t> rowbuf;
