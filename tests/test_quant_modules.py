@@ -43,12 +43,13 @@ def test_module_matches_the_quantizing_reference(m, k, n, dtype, block, sparsity
         assert torch.equal(y, ref)  # int32 accumulation: exact
     else:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    # and close to the float layer (quantization error only)
+    # and close to the float layer: quantization error only, bounded by the magnitude of the products
+    # (outputs may cancel to near zero, so their own size is no scale for it)
     with torch.no_grad():
         dense = lin(x)
-    scale = dense.abs().max().item() if dense.numel() else 0.0
+        scale = (x.abs() @ lin.weight.abs().T).max().item() if dense.numel() else 0.0
     if scale:
-        assert (y - dense).abs().max().item() <= 0.05 * scale + 1e-4
+        assert (y - dense).abs().max().item() <= 0.02 * scale + 1e-5
 
 
 def test_auto_format_picks_a_block_the_kernels_take():
