@@ -381,16 +381,8 @@ class SparseModule(nn.Module):
         return -1 if self.num_threads is None else int(self.num_threads)
 
     def _route(self, x: Tensor) -> str:
-        """How this call reaches the kernels: ``"eager"`` (direct call: plain tensors, no grad, not traced),
-        ``"autograd"`` (the eager autograd twin), or ``"op"`` (the registered custom op: compile,
-        export, fake / meta tensors, modes)."""
-        if (type(x) is not torch.Tensor or x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
-                or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() != 0):
-            return "op"
-        bias = self.bias
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return "autograd"
-        return "eager"
+        """``"eager"`` / ``"autograd"`` / ``"op"``: see :func:`sparseprune.ops.call_route`."""
+        return ops.call_route(x, self.bias)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dtype != torch.float32:

@@ -14,7 +14,7 @@ from torch import Tensor
 from . import _ext
 from ._ext import _C
 
-__all__ = ["spmm", "spmm_t", "spmm_eager", "SpmmFunction", "set_isa", "active_isa", "isa_paths",
+__all__ = ["spmm", "spmm_t", "spmm_eager", "SpmmFunction", "call_route", "set_isa", "active_isa", "isa_paths",
            "resolve_threads", "sparse_conv2d", "sparse_conv2d_input_grad", "conv_output_memory_format",
            "conv_output_size"]
 
@@ -56,6 +56,19 @@ def _check_placement(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor
             raise ValueError(f"{name}: {what} is on {t.device} but the sparse weight is on {dev}")
     if bias is not None and (bias.device != dev or bias.dtype != torch.float32):
         raise ValueError(f"{name}: bias must be float32 on {dev}, got {bias.dtype} on {bias.device}")
+
+
+def call_route(x: Tensor, *params: Optional[Tensor]) -> str:
+    """How a call reaches the kernels — the one place this is decided: ``"eager"`` (call the kernel
+    directly: plain tensors on cpu/cuda, no gradient needed, not traced), ``"autograd"`` (a gradient
+    is needed: the eager autograd twin), or ``"op"`` (the registered custom op: torch.compile, export,
+    fake / meta tensors, torch function or dispatch modes)."""
+    if (type(x) is not torch.Tensor or x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() != 0):
+        return "op"
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return "autograd"
+    return "eager"
 
 
 def _cuda_stream_ptr(t: Tensor) -> int:

@@ -259,15 +259,6 @@ class QuantBSRMatrix:
 
 
 # -- the op ---------------------------------------------------------------------------------------
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _can_run_eager(x: Tensor) -> bool:
-    """Plain tensors outside tracing / compilation may skip the dispatcher (a few µs instead of tens)."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
-
-
 def _check_operands(x: Tensor, values: Tensor, bias: Optional[Tensor], rows: int, cols: int, name: str) -> None:
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D input, got shape {tuple(x.shape)}")
@@ -352,7 +343,8 @@ def qspmm(x: Tensor, packed: QuantBSRMatrix, bias: Optional[Tensor] = None, num_
     m, k = packed.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"qspmm: input of shape {tuple(x.shape)} does not end in {k} features")
-    if _needs_grad(x, bias):
+    route = ops.call_route(x, bias)
+    if route == "autograd":
         raise RuntimeError("qspmm is inference-only: call it under torch.no_grad() / inference_mode, or on "
                            "inputs that do not require grad")
     if bias is not None and bias.dtype != torch.float32:
@@ -362,7 +354,7 @@ def qspmm(x: Tensor, packed: QuantBSRMatrix, bias: Optional[Tensor] = None, num_
     r, c = packed.block_size
     args = (packed.row_ptr, packed.col_idx, packed.values, packed.scales, packed.compensation, bias, m, k, r, c,
             int(num_threads))
-    if _can_run_eager(x2):
+    if route == "eager":
         _check_operands(x2, packed.values, bias, m, k, "qspmm")
         y = qspmm_eager(x2, *args)
     else:
