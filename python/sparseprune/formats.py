@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["BSRMatrix", "CSRMatrix", "index_dtype_for", "block_mask"]
+__all__ = ["BlockRows", "BSRMatrix", "CSRMatrix", "index_dtype_for", "block_mask"]
 
 _INT16_MAX = 32767
 
@@ -55,7 +55,77 @@ def block_mask(dense: torch.Tensor, block_size) -> torch.Tensor:
     return (_blocks(dense, r, c) != 0).any(dim=3).any(dim=2)
 
 
-class BSRMatrix:
+class BlockRows:
+    """What every block compressed-row container shares: ``shape``, ``block_size``, ``row_ptr``,
+    ``col_idx``, ``values`` and ``tensors()``; the sizes derived from them; the index checks."""
+
+    @property
+    def block_shape(self) -> Tuple[int, int]:
+        r, c = self.block_size
+        return math.ceil(self.shape[0] / r), math.ceil(self.shape[1] / c)
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.col_idx.numel())
+
+    @property
+    def nnz(self) -> int:
+        """Stored values (a stored block counts r*c, zeros inside it included)."""
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the matrix that is stored (and computed)."""
+        numel = self.shape[0] * self.shape[1]
+        return self.nnz / numel if numel else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def _check_index(self) -> int:
+        """Check ``row_ptr`` / ``col_idx`` against the block grid (dtypes, sizes, monotone row pointers,
+        in-range, sorted, unique columns); return the number of stored blocks."""
+        mb, kb = self.block_shape
+        rp, ci = self.row_ptr, self.col_idx
+        for name, t in (("row_ptr", rp), ("col_idx", ci)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if rp.dtype != torch.int32:
+            raise TypeError(f"row_ptr must be int32, got {rp.dtype}")
+        if ci.dtype not in (torch.int16, torch.int32):
+            raise TypeError(f"col_idx must be int16 or int32, got {ci.dtype}")
+        if ci.dtype == torch.int16 and kb > _INT16_MAX + 1:
+            raise ValueError(f"int16 column indices cannot address {kb} block columns")
+        if rp.dim() != 1 or rp.numel() != mb + 1:
+            raise ValueError(f"row_ptr must have {mb + 1} entries for {mb} block rows, got shape {tuple(rp.shape)}")
+        if ci.dim() != 1:
+            raise ValueError(f"col_idx must be 1-D, got shape {tuple(ci.shape)}")
+        nnzb = ci.numel()
+        if rp.device.type == "meta" or ci.device.type == "meta":
+            return nnzb  # no values to inspect; meta tensors never reach a kernel
+        rpl = rp.long()
+        if int(rpl[0]) != 0:
+            raise ValueError(f"row_ptr[0] must be 0, got {int(rpl[0])}")
+        if int(rpl[-1]) != nnzb:
+            raise ValueError(f"row_ptr[-1] = {int(rpl[-1])} does not match {nnzb} column indices")
+        if mb and bool((rpl[1:] < rpl[:-1]).any()):
+            raise ValueError("row_ptr must be non-decreasing")
+        if nnzb:
+            cil = ci.long()
+            if ci.dtype == torch.int16:
+                cil = cil & 0xFFFF  # the kernels read 16-bit indices as unsigned
+            if int(cil.min()) < 0 or int(cil.max()) >= kb:
+                raise ValueError(f"column indices must lie in [0, {kb}), got [{int(cil.min())}, {int(cil.max())}]")
+            # strictly increasing inside each row: a decrease is allowed only where a new row starts
+            starts = torch.zeros(nnzb, dtype=torch.bool, device=ci.device)
+            starts[rpl[:-1][rpl[:-1] < rpl[1:]]] = True
+            if bool(((cil[1:] <= cil[:-1]) & ~starts[1:]).any()):
+                raise ValueError("column indices must be sorted and unique within each row")
+        return nnzb
+
+
+class BSRMatrix(BlockRows):
     """Block-sparse row matrix of float32 values with blocks of ``block_size = (r, c)``.
 
     Attributes: ``shape`` (rows, cols), ``block_size``, ``row_ptr`` (int32, block_rows + 1),
@@ -106,31 +176,6 @@ class BSRMatrix:
         out[rows, self.col_idx.long()] = self.values.reshape(-1, c, r)
         return out.permute(0, 3, 1, 2).reshape(mb * r, kb * c)[:m, :k].contiguous()
 
-    # -- properties ---------------------------------------------------------------------------
-    @property
-    def block_shape(self) -> Tuple[int, int]:
-        r, c = self.block_size
-        return math.ceil(self.shape[0] / r), math.ceil(self.shape[1] / c)
-
-    @property
-    def nnz_blocks(self) -> int:
-        return int(self.col_idx.numel())
-
-    @property
-    def nnz(self) -> int:
-        """Stored non-zero values (a stored block counts r*c, zeros inside it included)."""
-        return int(self.values.numel())
-
-    @property
-    def density(self) -> float:
-        """Fraction of the matrix that is stored (and computed)."""
-        numel = self.shape[0] * self.shape[1]
-        return self.nnz / numel if numel else 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.row_ptr, self.col_idx, self.values))
-
     def tensors(self):
         return self.row_ptr, self.col_idx, self.values
 
@@ -141,52 +186,19 @@ class BSRMatrix:
         r, c = self.block_size
         if m < 0 or k < 0:
             raise ValueError(f"negative shape {self.shape}")
-        mb, kb = self.block_shape
-        rp, ci, v = self.row_ptr, self.col_idx, self.values
-        for name, t in (("row_ptr", rp), ("col_idx", ci), ("values", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if rp.dtype != torch.int32:
-            raise TypeError(f"row_ptr must be int32, got {rp.dtype}")
-        if ci.dtype not in (torch.int16, torch.int32):
-            raise TypeError(f"col_idx must be int16 or int32, got {ci.dtype}")
-        if ci.dtype == torch.int16 and kb > _INT16_MAX + 1:
-            raise ValueError(f"int16 column indices cannot address {kb} block columns")
+        v = self.values
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"values must be a torch.Tensor, got {type(v).__name__}")
         if v.dtype != torch.float32:
             raise TypeError(f"values must be float32, got {v.dtype}")
-        if rp.dim() != 1 or rp.numel() != mb + 1:
-            raise ValueError(f"row_ptr must have {mb + 1} entries for {mb} block rows, got shape {tuple(rp.shape)}")
-        if ci.dim() != 1:
-            raise ValueError(f"col_idx must be 1-D, got shape {tuple(ci.shape)}")
-        nnzb = ci.numel()
+        tensors = self.tensors()
+        nnzb = self._check_index()
         if v.numel() != nnzb * r * c:
             raise ValueError(f"values hold {v.numel()} elements, expected {nnzb} blocks x {r}x{c} = {nnzb * r * c}")
-        if not (rp.is_contiguous() and ci.is_contiguous() and v.is_contiguous()):
+        if not all(t.is_contiguous() for t in tensors):
             raise ValueError("row_ptr, col_idx and values must be contiguous")
-        if len({rp.device, ci.device, v.device}) != 1:
+        if len({t.device for t in tensors}) != 1:
             raise ValueError("row_ptr, col_idx and values must be on one device")
-        if v.device.type == "meta":
-            return self  # no values to inspect; meta tensors never reach a kernel
-        rpl = rp.long()
-        if int(rpl[0]) != 0:
-            raise ValueError(f"row_ptr[0] must be 0, got {int(rpl[0])}")
-        if int(rpl[-1]) != nnzb:
-            raise ValueError(f"row_ptr[-1] = {int(rpl[-1])} does not match {nnzb} column indices")
-        if mb and bool((rpl[1:] < rpl[:-1]).any()):
-            raise ValueError("row_ptr must be non-decreasing")
-        if nnzb:
-            cil = ci.long()
-            if ci.dtype == torch.int16:
-                cil = cil & 0xFFFF  # the kernels read 16-bit indices as unsigned
-            if int(cil.min()) < 0 or int(cil.max()) >= kb:
-                raise ValueError(f"column indices must lie in [0, {kb}), got [{int(cil.min())}, {int(cil.max())}]")
-            # strictly increasing inside each row: a decrease is allowed only where a new row starts
-            starts = torch.zeros(nnzb, dtype=torch.bool, device=ci.device)
-            first = rpl[:-1][rpl[:-1] < rpl[1:]]
-            starts[first] = True
-            bad = (cil[1:] <= cil[:-1]) & ~starts[1:]
-            if bool(bad.any()):
-                raise ValueError("column indices must be sorted and unique within each row")
         return self
 
     def __repr__(self) -> str:

@@ -70,7 +70,7 @@ def active_qisa(dtype) -> str:
     return _C.active_qisa(_KIND[_check_dtype(dtype)])
 
 
-class QuantBSRMatrix:
+class QuantBSRMatrix(formats.BlockRows):
     """Block-sparse weight quantized to int8 or bf16, packed for the quantized kernels.
 
     Attributes: ``shape`` (rows M, cols K), ``block_size`` (r, c), ``dtype`` (torch.int8 or torch.bfloat16),
@@ -164,28 +164,6 @@ class QuantBSRMatrix:
         """The arrays the kernels read, in the order of :attr:`tensor_names`."""
         return tuple(getattr(self, n) for n in self.tensor_names)
 
-    @property
-    def block_shape(self) -> Tuple[int, int]:
-        r, c = self.block_size
-        return math.ceil(self.shape[0] / r), math.ceil(self.shape[1] / c)
-
-    @property
-    def nnz_blocks(self) -> int:
-        return int(self.col_idx.numel())
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
-    @property
-    def density(self) -> float:
-        numel = self.shape[0] * self.shape[1]
-        return self.nnz / numel if numel else 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> "QuantBSRMatrix":
         """Check every invariant the kernels rely on; raise ValueError / TypeError naming the problem."""
@@ -197,27 +175,16 @@ class QuantBSRMatrix:
         g = _GROUP[dtype]
         if dtype == torch.int8 and k > _INT8_MAX_K:
             raise ValueError(f"int8 BSR supports at most {_INT8_MAX_K} input features, got {k}")
-        mb, kb = self.block_shape
         for name in self.tensor_names:
             t = getattr(self, name)
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if dtype == torch.bfloat16 and (self.scales is not None or self.compensation is not None):
             raise ValueError("bf16 BSR has no scales / compensation")
-        rp, ci, v = self.row_ptr, self.col_idx, self.values
-        if rp.dtype != torch.int32:
-            raise TypeError(f"row_ptr must be int32, got {rp.dtype}")
-        if ci.dtype not in (torch.int16, torch.int32):
-            raise TypeError(f"col_idx must be int16 or int32, got {ci.dtype}")
-        if ci.dtype == torch.int16 and kb > formats._INT16_MAX + 1:
-            raise ValueError(f"int16 column indices cannot address {kb} block columns")
+        v = self.values
         if v.dtype != dtype:
             raise TypeError(f"values must be {dtype}, got {v.dtype}")
-        if rp.dim() != 1 or rp.numel() != mb + 1:
-            raise ValueError(f"row_ptr must have {mb + 1} entries for {mb} block rows, got shape {tuple(rp.shape)}")
-        if ci.dim() != 1:
-            raise ValueError(f"col_idx must be 1-D, got shape {tuple(ci.shape)}")
-        nnzb = ci.numel()
+        nnzb = self._check_index()
         if tuple(v.shape) != (nnzb, c // g, r, g):
             raise ValueError(f"values must have shape {(nnzb, c // g, r, g)} for {nnzb} blocks of {r}x{c}, "
                              f"got {tuple(v.shape)}")
@@ -226,21 +193,6 @@ class QuantBSRMatrix:
             raise ValueError(f"{', '.join(self.tensor_names)} must be contiguous")
         if len({t.device for t in tensors}) != 1:
             raise ValueError(f"{', '.join(self.tensor_names)} must be on one device")
-        rpl = rp.long()
-        if int(rpl[0]) != 0:
-            raise ValueError(f"row_ptr[0] must be 0, got {int(rpl[0])}")
-        if int(rpl[-1]) != nnzb:
-            raise ValueError(f"row_ptr[-1] = {int(rpl[-1])} does not match {nnzb} column indices")
-        if mb and bool((rpl[1:] < rpl[:-1]).any()):
-            raise ValueError("row_ptr must be non-decreasing")
-        if nnzb:
-            cil = ci.long() & 0xFFFF if ci.dtype == torch.int16 else ci.long()  # kernels read int16 as unsigned
-            if int(cil.min()) < 0 or int(cil.max()) >= kb:
-                raise ValueError(f"column indices must lie in [0, {kb}), got [{int(cil.min())}, {int(cil.max())}]")
-            starts = torch.zeros(nnzb, dtype=torch.bool, device=ci.device)
-            starts[rpl[:-1][rpl[:-1] < rpl[1:]]] = True
-            if bool(((cil[1:] <= cil[:-1]) & ~starts[1:]).any()):
-                raise ValueError("column indices must be sorted and unique within each row")
         if dtype == torch.int8:
             s, cp = self.scales, self.compensation
             if s.dtype != torch.float32 or s.dim() != 1 or s.numel() != m:
