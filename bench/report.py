@@ -96,6 +96,25 @@ def generic_table(rows, prefix):
     return "\n".join(out)
 
 
+def quant_table(rows):
+    """Quantized BSR (bench_quant): each implementation's speedup over every dense alternative."""
+    groups = defaultdict(dict)
+    for r in rows:
+        if r["group"].startswith("quant "):
+            groups[r["group"]][r.get("impl")] = r["median"]
+    if not groups:
+        return ""
+    bases = [("dense", "×dense fp32"), ("dense_bf16", "×dense bf16"), ("dense_int8", "×dense int8 (torch dynamic)"),
+             ("ours_bsr_fp32", "×our fp32 BSR")]
+    out = ["| group | impl | µs | " + " | ".join(b[1] for b in bases) + " |", "|---|---|---|" + "---|" * len(bases)]
+    for g in sorted(groups):
+        meds = groups[g]
+        for impl, med in sorted(meds.items(), key=lambda kv: -kv[1]):
+            cells = [f"{meds[b] / med:.2f}" if b in meds else "" for b, _ in bases]
+            out.append(f"| {g[6:]} | {impl} | {med * 1e6:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def machine_slug(rows) -> str:
     cpu = (rows[0].get("cpu") if rows else None) or "unknown cpu"
     return re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:60]
@@ -154,12 +173,16 @@ def main(argv=None):
     data, rows = load(a.json)
     parts = [f"_{machine_line(data, rows)}_", "", "### Sparse matmul (ratio to dense `F.linear`, same process)", "",
              spmm_table(rows)]
+    qt = quant_table(rows)
+    if qt:
+        parts += ["", "### Sparse x quantized: int8 / bf16 BSR 16x16 (bench_quant)", "", qt]
     for prefix, title in [("blocks ", "Block shapes (BERT FFN up, 128 rows)"),
                           ("conv", "Convolution layers (ResNet-50 shapes, batch 1)"),
                           ("resnet50 batch", "ResNet-50, every conv but the stem at 80% 16x16 blocks (SparseConv2d)"),
                           ("model", "End-to-end models: dense vs channel-pruned vs block-sparse + convert()"),
                           ("mixed", "convert(): mixed model (2 layers 95% blocks, 90% unstructured, 10%)"),
-                          ("unpruned", "convert(): unpruned model (must not be slower)")]:
+                          ("unpruned", "convert(): unpruned model (must not be slower)"),
+                          ("channels-tp", "Channel pruning side by side with Torch-Pruning (bench_channels_tp)")]:
         t = generic_table(rows, prefix)
         if t:
             parts += ["", f"### {title}", "", t]
