@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._inputs import call_model
 
-__all__ = ["capture", "static_weight_reads", "flat_tensors", "max_error", "relative"]
+__all__ = ["capture", "static_weight_reads", "flat_tensors", "max_error", "relative", "l2_relative"]
 
 _MAX_SHAPES_SEEN = 8
 
@@ -131,6 +131,25 @@ def max_error(actual, expected) -> Tuple[float, float]:
             err = max(err, float((x[fy] - y[fy]).abs().max()))
             scale = max(scale, float(y[fy].abs().max()))
     return err, scale
+
+
+def l2_relative(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| over every floating output (finite entries): the error
+    measure for quantized layers, whose max-abs error on a few outlier activations says little."""
+    a, e = flat_tensors(actual), flat_tensors(expected)
+    if len(a) != len(e):
+        return math.inf
+    num = den = 0.0
+    for x, y in zip(a, e):
+        if x.shape != y.shape:
+            return math.inf
+        if not (x.is_floating_point() and y.is_floating_point()) or x.device.type == "meta":
+            continue
+        x, y = x.detach().double(), y.detach().double()
+        fin = torch.isfinite(y) & torch.isfinite(x)
+        num += float(((x - y)[fin] ** 2).sum())
+        den += float((y[fin] ** 2).sum())
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
 def relative(err: float, scale: float) -> float:

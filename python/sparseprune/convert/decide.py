@@ -1,6 +1,7 @@
 """Per-layer decision: candidates (dense, CSR, BSR shapes that fit the zeros), timing, choice."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from .. import nn as spnn
 from ..nn import WEIGHT_DTYPES
 from ..formats import block_mask
-from .capture import max_error, relative
+from .capture import l2_relative, max_error, relative
 from .registry import Converter, base_type, has_hooks, weight_density
 from .timing import time_calls
 
@@ -206,9 +207,12 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
             continue
         # a candidate that does not reproduce the dense layer on the real inputs is never timed
         tol = settings.tolerance_for(dt)
-        err, scale = max_error([mod(x) for x in inputs], dense_out)
-        if not relative(err, scale) <= tol:
-            row.candidates[lab] = f"rejected: relative error {relative(err, scale):.3g} > tolerance {tol:g}"
+        outs = [mod(x) for x in inputs]
+        err, scale = max_error(outs, dense_out)
+        # float candidates: max error relative to the largest output; quantized ones: relative L2 error
+        rel = relative(err, scale) if dt == "float32" else l2_relative(outs, dense_out)
+        if not (rel <= tol and (dt == "float32" or math.isfinite(err))):
+            row.candidates[lab] = f"rejected: relative error {rel:.3g} > tolerance {tol:g}"
             continue
         cands[lab] = mod
         info[lab] = (fmt, block, dt)

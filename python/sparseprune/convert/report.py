@@ -17,7 +17,7 @@ __all__ = ["Summary", "summary", "measure", "layer_report", "REPORT_ATTR", "chec
 
 REPORT_ATTR = "_sparseprune_report"
 _REPORT_KEYS = {"layers", "folded", "tolerance", "margin", "num_threads", "measured", "max_abs_error",
-                "max_rel_error", "convert_seconds", "end_to_end_ms", "end_to_end_reverted"}
+                "max_rel_error", "convert_seconds", "end_to_end_ms", "end_to_end_reverted", "l2_rel_error"}
 
 
 def layer_report(model: nn.Module) -> Optional[dict]:
@@ -38,7 +38,7 @@ def check_report(report) -> dict:
         raise ValueError("the report's layers must be a list")
     out = dict(report)
     out["layers"] = [LayerRow.from_dict(r).as_dict() for r in layers]
-    for k in ("tolerance", "margin", "max_abs_error", "max_rel_error", "convert_seconds"):
+    for k in ("tolerance", "margin", "max_abs_error", "max_rel_error", "convert_seconds", "l2_rel_error"):
         v = out.get(k)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
             raise ValueError(f"the report's {k} must be a number, got {v!r}")
@@ -110,8 +110,9 @@ class Summary(list):
         notes = []
         if t.get("max_abs_error") is not None:
             tol = "" if t.get("tolerance") is None else f", tolerance {t['tolerance']:g}"
+            l2 = "" if t.get("l2_rel_error") is None else f", relative L2 {t['l2_rel_error']:.3g} (quantized)"
             notes.append(f"checked on example_inputs: max abs error {t['max_abs_error']:.3g} "
-                         f"(relative {_num(t.get('max_rel_error'), '.3g')}{tol})")
+                         f"(relative {_num(t.get('max_rel_error'), '.3g')}{l2}{tol})")
         if t.get("measured") is False:
             notes.append("formats chosen by heuristic (no example_inputs): not measured")
         e = t.get("end_to_end_ms")
@@ -173,7 +174,7 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
               "max_abs_error": report.get("max_abs_error"), "max_rel_error": report.get("max_rel_error"),
               "tolerance": report.get("tolerance"), "measured": report.get("measured"),
               "folded": report.get("folded", []), "num_threads": report.get("num_threads"),
-              "end_to_end_ms": report.get("end_to_end_ms"),
+              "end_to_end_ms": report.get("end_to_end_ms"), "l2_rel_error": report.get("l2_rel_error"),
               "end_to_end_reverted": bool(report.get("end_to_end_reverted"))}
     s = Summary(rows, totals)
     if print_fn is not None:
