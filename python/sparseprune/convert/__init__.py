@@ -101,7 +101,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             skip: Iterable = (), num_threads: Optional[int] = None, time_budget: float = 10.0,
             margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
             inplace: bool = False, progress: Optional[bool] = None, weight_dtypes=(torch.float32,),
-            quant_tolerance: float = 0.05, cache: bool = True) -> nn.Module:
+            quant_tolerance: float = 0.25, cache: bool = True) -> nn.Module:
     """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
 
     Args:
@@ -129,8 +129,9 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             block (dense int8) included, so a layer is never slower than the best dense option allowed.
             Quantized layers run inference only and need ``example_inputs`` (their error is measured).
         quant_tolerance: the relative L2 error (``||y - y_float|| / ||y_float||``) accepted for a quantized
-            layer and, when any layer is quantized, end to end (default 0.05: catches a broken layer,
-            accepts normal int8 error).
+            layer and, when any layer is quantized, end to end. Default 0.25: catches a broken layer
+            (~1), accepts normal int8 error across a deep model (all-MiniLM-L6-v2's hidden states: 0.12
+            with our int8 BSR, 0.40 with torch's dynamic int8 Linear).
         cache: reuse candidate timings measured before on this machine for the same layer problem
             (CPU model, ISA path, threads, shapes, density, candidates), kept in
             ``$SPARSEPRUNE_CACHE_DIR`` or ``~/.cache/sparseprune`` (safe to delete); ``False``: always time.

@@ -87,7 +87,7 @@ class Settings:
     tolerance: float
     measured: bool
     weight_dtypes: Tuple[str, ...] = ("float32",)
-    quant_tolerance: float = 0.05
+    quant_tolerance: float = 0.25
     cache: Optional[object] = None  # a cache.TimingCache
 
     def tolerance_for(self, dtype: str) -> float:
