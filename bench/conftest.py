@@ -26,15 +26,7 @@ def _threads():
     yield n
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from sparseprune.convert.cache import cpu_model  # noqa: E402  (one definition, shared with convert's cache)
 
 
 _DENSE = {}  # group -> median seconds of the dense baseline in this process

@@ -39,20 +39,10 @@ __all__ = ["CRITERIA", "iter_batches", "run_batch", "ActivationStats", "collect_
 CRITERIA = ("magnitude", "l1", "l2", "wanda", "taylor", "movement", "random", "sparsegpt")
 
 
-def iter_batches(example_inputs) -> Iterable:
-    """Split ``example_inputs`` into batches (see the module docstring for the accepted forms)."""
-    if example_inputs is None:
-        raise ValueError("this criterion needs example_inputs (calibration batches)")
-    if isinstance(example_inputs, (Tensor, tuple, Mapping)):
-        return [example_inputs]
-    try:
-        batches = list(example_inputs)
-    except TypeError:
-        raise TypeError("example_inputs must be a Tensor, a tuple of positional args, a dict of kwargs, "
-                        f"or an iterable of those; got {type(example_inputs).__name__}") from None
-    if not batches:
-        raise ValueError("example_inputs is an empty iterable")
-    return batches
+def iter_batches(calibration) -> Iterable:
+    """Calibration batches as a list (one call — a Tensor, tuple or mapping — is one batch)."""
+    from .._inputs import iter_calls
+    return iter_calls(calibration)
 
 
 def run_batch(model: nn.Module, batch, forward: Optional[Callable] = None):

@@ -180,14 +180,8 @@ def cmd_distill(a):
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    from ..convert.cache import cpu_model
+    return cpu_model()
 
 
 def _time_encode(model, bs, repeats: int) -> float:
