@@ -2,7 +2,6 @@
 with the same thread count; extra_info carries what bench/report.py needs."""
 import math
 import os
-import platform
 import time
 
 import pytest
