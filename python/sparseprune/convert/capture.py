@@ -22,6 +22,7 @@ class _WeightReads(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.watch: Dict[int, str] = {}
+        self.held: List[Tensor] = []  # watched tensors stay alive: a freed one's id could be reused
         self.active: List[str] = []
         self.outside: Set[str] = set()
 
@@ -64,6 +65,7 @@ def capture(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_i
             w = _weight_of(mod)
             if isinstance(w, Tensor):
                 reads.watch[id(w)] = _name  # after masks / parametrizations computed it
+                reads.held.append(w)
 
         def post(mod, args, out, _name=name):
             if reads.active and reads.active[-1] == _name:
@@ -71,6 +73,7 @@ def capture(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], example_i
         w = _weight_of(m)
         if isinstance(w, Tensor):
             reads.watch[id(w)] = name
+            reads.held.append(w)
         hooks.append(m.register_forward_pre_hook(pre, prepend=True))
         hooks.append(m.register_forward_pre_hook(watch))
         hooks.append(m.register_forward_hook(post))
