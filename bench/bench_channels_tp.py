@@ -187,16 +187,7 @@ def prepare(name, impl):
 
 
 # ------------------------------------------------------------------------------------------ table
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
+from sparseprune.convert.cache import cpu_model  # noqa: E402  (one definition of the CPU model string)
 
 
 def table(rows, threads=None):
