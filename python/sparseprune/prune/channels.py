@@ -179,7 +179,7 @@ def _build_groups(tr):
         r = torch.where(a >= 0, table[a.clamp_min(0)], a)
         u, inv = torch.unique(r, return_inverse=True)
         roots.append(r)
-        uniq.append((u.tolist(), inv))
+        uniq.append((u.tolist(), inv, u))
         live.append(u[(u >= 0) & (u != fixed_root)])
     # connected components of slots through shared roots: every slot joins the first slot holding each of
     # its roots (distinct pairs only: a layer's channels mostly share one first slot)
@@ -205,21 +205,21 @@ def _build_groups(tr):
     n_atoms = len(uf.parent)
     size = torch.zeros(n_atoms, dtype=torch.int64)     # positions a unit spans over all slots
     emitted = torch.zeros(n_atoms, dtype=torch.bool)   # some producer ("out" slot) emits the unit
-    for i, (ul, inv) in enumerate(uniq):
+    for i, (ul, inv, u) in enumerate(uniq):
         if not live[i].numel():
             continue
         g = groups[comp.find(slot_node[i])]
         g.slots.append(i)
         g.slot_roots[i] = (ul, inv)
-        u = torch.tensor(ul, dtype=torch.int64)
         ok = (u >= 0) & (u != fixed_root)
         size.index_add_(0, u[ok], torch.bincount(inv, minlength=len(ul))[ok])
         if tr.slots[i].kind == "out":
             emitted[u[ok]] = True
     out = []
+    emitted = emitted.tolist()
     for g in groups.values():
         # a unit that no producer emits has nothing to remove (e.g. an input channel): not prunable
-        g.units = [a for a in g.units if bool(emitted[a])]
+        g.units = [a for a in g.units if emitted[a]]
         if g.units:
             g.units.sort()
             g.unit_size = int(size[torch.tensor(g.units)].max())

@@ -504,7 +504,9 @@ class _Tracer(TorchFunctionMode):
         aout = self.uf.new(O)
         ipg, opg = I // groups, O // groups
         mode = "dense" if groups == 1 else ("whole" if ipg == 1 else "within")
-        if mode == "whole":  # depthwise: an input channel and its filters go together, groups shrink
+        if mode == "whole" and opg == 1 and bool((rin >= 0).all()):
+            aout = rin.clone()  # depthwise, one filter per channel: the output channel is the input's atom
+        elif mode == "whole":  # depthwise: an input channel and its filters go together, groups shrink
             for g in range(groups):
                 self.uf.union_all(rin[g * ipg:(g + 1) * ipg].tolist() + aout[g * opg:(g + 1) * opg].tolist())
         elif mode == "within":  # grouped: groups stay, the same in-group positions go from every group

@@ -58,10 +58,10 @@ def unit_scores(group, tr, roots, importance, grads, gen, model, global_scale=Fa
         cnts = torch.bincount(inv, minlength=len(ul)).double()
         t = tr.tensors[tr.slots[i].key]
         per = t.numel() // max(t.shape[tr.slots[i].dim], 1)
-        rows = [index.get(a, -1) for a in ul]
-        sel = torch.tensor([k for k, r in enumerate(rows) if r >= 0], dtype=torch.int64)
-        if sel.numel():
-            dst = torch.tensor([r for r in rows if r >= 0], dtype=torch.int64)
+        rows = torch.tensor([index.get(a, -1) for a in ul], dtype=torch.int64)
+        sel = rows >= 0
+        if bool(sel.any()):
+            dst = rows[sel]
             out.index_add_(0, dst, sums[sel])
             size.index_add_(0, dst, cnts[sel] * per)
     size = size.clamp_min(1)
