@@ -21,6 +21,11 @@ namespace {
 template <class T>
 T* ptr(uintptr_t a) { return reinterpret_cast<T*>(a); }
 
+int32_t check_act(int act) {
+  if (act < 0 || act >= kActCount) throw std::invalid_argument("unknown fused activation code " + std::to_string(act));
+  return act;
+}
+
 BsrView make_view(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx,
                   bool idx16, uintptr_t values) {
   if (rows < 0 || cols < 0 || r < 1 || c < 1) throw std::invalid_argument("bad sparse matrix shape");
@@ -40,8 +45,9 @@ BsrView make_view(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, u
 
 void spmm(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
           uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
-          int64_t ldy, int num_threads) {
+          int64_t ldy, int num_threads, int act) {
   BsrView w = make_view(rows, cols, r, c, row_ptr, col_idx, idx16, values);
+  w.act = check_act(act);
   if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("bad dense operand shape");
   if (n == 0) return;
   if (!x || !y) throw std::invalid_argument("null dense operand");
@@ -85,9 +91,10 @@ int64_t conv2d_workspace(const std::vector<int64_t>& geom) {
 
 void conv2d(const std::vector<int64_t>& geom, int r, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
             uintptr_t values, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t ws, int64_t ws_floats,
-            int num_threads) {
+            int num_threads, int act) {
   const ConvGeom g = make_geom(geom);
   BsrView w = make_view(g.c_out, g.cin_g() * g.taps(), r, 1, row_ptr, col_idx, idx16, values);
+  w.act = check_act(act);
   if (g.groups > 1 && g.cout_g() % r) throw std::invalid_argument("conv2d: block rows straddle groups");
   if (ws_floats < conv2d_workspace(geom)) throw std::invalid_argument("conv2d: workspace too small");
   if (g.n == 0) return;
@@ -110,7 +117,7 @@ void conv2d_input_grad(const std::vector<int64_t>& geom, int r, uintptr_t row_pt
 // --- quantized (issue #14) ---
 void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx,
            bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x, bool x_bf16, int64_t n,
-           int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads) {
+           int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads, int act) {
   const bool s8 = dtype == "int8";
   if (!s8 && dtype != "bf16") throw std::invalid_argument("qspmm: dtype must be 'int8' or 'bf16'");
   const int g = s8 ? 4 : 2;
@@ -136,6 +143,7 @@ void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, u
   w.values = ptr<const uint32_t>(values);
   w.wscale = ptr<const float>(wscale);
   w.comp = ptr<const int32_t>(comp);
+  w.act = check_act(act);
   const QPath& path = active_qpath(dtype);
   py::gil_scoped_release nogil;
   path.fn(w, ptr<const void>(x), x_bf16 ? XType::bf16 : XType::f32, n, ldx, ptr<const float>(bias), ptr<float>(y),
@@ -149,7 +157,7 @@ PYBIND11_MODULE(_C, m) {
 #ifdef SPARSEPRUNE_VERSION
   m.attr("__version__") = SPARSEPRUNE_VERSION;
 #endif
-  m.def("spmm", &spmm, "Y = X W^T + b with W block-sparse (CSR is the 1x1 block case)");
+  m.def("spmm", &spmm, "Y = act(X W^T + b) with W block-sparse (CSR is the 1x1 block case)");
   m.def("spmm_t", &spmm_t, "dX = dY W with W block-sparse");
   m.def("paths", [] {
     py::list out;

@@ -175,7 +175,7 @@ void f32_conv2d_direct__scalar(const ConvGeom& g, const BsrView& w, const float*
               if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
               acc += w.values[e * rk + ii] * xn[(cbase + t.ci) * g.xs[1] + ih * g.xs[2] + iw * g.xs[3]];
             }
-            yc[oh * g.ys[2] + ow * g.ys[3]] = acc;
+            yc[oh * g.ys[2] + ow * g.ys[3]] = act_scalar(acc, w.act);
           }
       }
     }

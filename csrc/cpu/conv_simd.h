@@ -16,6 +16,7 @@
 
 #include "sparseprune/conv.h"
 #include "sparseprune/parallel.h"
+#include "epilogue_simd.h"
 
 #define SPC_INLINE inline __attribute__((always_inline))
 
@@ -52,7 +53,8 @@ inline void q_segments(int64_t q, int nv, int64_t wq, int64_t wo, int64_t ys2, Q
 template <int R, int NBV, bool MASK, int MODE, class Idx>
 SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kofs, const Idx* __restrict cols,
                        const float* __restrict vals, int rk, int64_t e0, int64_t e1, const float* bias,
-                       int rows, int tail, float* __restrict dst, int64_t ldd, const QSeg* segs, const int* nseg) {
+                       int act, int rows, int tail, float* __restrict dst, int64_t ldd, const QSeg* segs,
+                       const int* nseg) {
   using T = typename V::T;
   constexpr int W = V::W;
   T acc[R][NBV];
@@ -81,6 +83,7 @@ SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kof
     if (i >= rows) break;
 #pragma GCC unroll 8
     for (int v = 0; v < NBV; ++v) {
+      if (act) acc[i][v] = act_v(acc[i][v], act);
       if constexpr (MODE == 1) {
         for (int k = 0; k < nseg[v]; ++k) V::store_m(dst + i * ldd + segs[v * kMaxSeg + k].off, acc[i][v], segs[v * kMaxSeg + k].m);
       } else {
@@ -94,16 +97,16 @@ SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kof
 // A tile of nv (<= NBV) vectors, the last one holding `tail` lanes.
 template <int R, int NBV, int MODE, class Idx>
 SPC_INLINE void q_tile_n(int nv, int tail, const float* xq, const int32_t* kofs, const Idx* cols,
-                         const float* vals, int rk, int64_t e0, int64_t e1, const float* bias, int rows,
-                         float* dst, int64_t ldd, const QSeg* segs, const int* nseg) {
+                         const float* vals, int rk, int64_t e0, int64_t e1, const float* bias, int act,
+                         int rows, float* dst, int64_t ldd, const QSeg* segs, const int* nseg) {
   if constexpr (NBV > 1) {
     if (nv < NBV) {
-      q_tile_n<R, NBV - 1, MODE, Idx>(nv, tail, xq, kofs, cols, vals, rk, e0, e1, bias, rows, dst, ldd, segs, nseg);
+      q_tile_n<R, NBV - 1, MODE, Idx>(nv, tail, xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, dst, ldd, segs, nseg);
       return;
     }
   }
-  if (tail == V::W) q_tile<R, NBV, false, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, rows, tail, dst, ldd, segs, nseg);
-  else q_tile<R, NBV, true, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, rows, tail, dst, ldd, segs, nseg);
+  if (tail == V::W) q_tile<R, NBV, false, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, tail, dst, ldd, segs, nseg);
+  else q_tile<R, NBV, true, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, tail, dst, ldd, segs, nseg);
 }
 
 struct QCall {
@@ -156,7 +159,7 @@ void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64
     const int nv = (cnt + W - 1) / W;
     const int tail = cnt - (nv - 1) * W;
     if (c.mode == 0) {
-      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, yc + q, c.g->ys[1],
+      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, w.act, rows, yc + q, c.g->ys[1],
                                nullptr, nullptr);
     } else if (c.mode == 1) {
       q_segments(q, nv, c.q->wq, c.g->wo, c.g->ys[2], segs, nseg);
@@ -164,10 +167,10 @@ void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64
         const typename V::M keep = V::mrange(0, tail);
         for (int k = 0; k < nseg[nv - 1]; ++k) segs[(nv - 1) * kMaxSeg + k].m &= keep;
       }
-      q_tile_n<R, NBV, 1, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, yc, c.g->ys[1],
+      q_tile_n<R, NBV, 1, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, w.act, rows, yc, c.g->ys[1],
                                segs, nseg);
     } else {
-      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, rows, tmp, NB, nullptr,
+      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, w.act, rows, tmp, NB, nullptr,
                                nullptr);
       scatter_tile(c, yimg, co0 + i0, rows, q, cnt, tmp, NB);
     }

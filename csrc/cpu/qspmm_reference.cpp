@@ -54,7 +54,7 @@ void s8_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType, int64_t n, in
           const int64_t m = m0 + ii;
           float v = static_cast<float>(acc[ii] - p.zp * w.comp[m]) * (p.s * w.wscale[m]);
           if (bias) v = v + bias[m];
-          y[i * ldy + m] = v;
+          y[i * ldy + m] = act_scalar(v, w.act);
         }
       }
     }
@@ -98,7 +98,8 @@ void bf16_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType xt, int64_t 
             }
           }
         }
-        for (int ii = 0; ii < rr; ++ii) y[i * ldy + m0 + ii] = bias ? acc[ii] + bias[m0 + ii] : acc[ii];
+        for (int ii = 0; ii < rr; ++ii)
+          y[i * ldy + m0 + ii] = act_scalar(bias ? acc[ii] + bias[m0 + ii] : acc[ii], w.act);
       }
     }
   }

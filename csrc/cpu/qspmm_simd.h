@@ -15,6 +15,7 @@
 #include "sparseprune/kernels.h"
 #include "sparseprune/parallel.h"
 #include "sparseprune/qkernels.h"
+#include "epilogue_simd.h"
 
 #define SQ_INLINE inline __attribute__((always_inline))
 
@@ -27,6 +28,7 @@ struct QEpi {
   const int32_t* comp = nullptr;  // per output (int8)
   const float* ws = nullptr;      // per output (int8)
   const float* bias = nullptr;    // per output, may be null
+  int act = kActNone;             // fused activation, after the bias
 };
 
 inline uint32_t* q_scratch(size_t words) {
@@ -175,6 +177,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
               e.ws = w.wscale + m0 + i0;
             }
             e.bias = bias ? bias + m0 + i0 : nullptr;
+            e.act = w.act;
             const uint32_t* vv = w.values + i0;
             for (int64_t p0 = a; p0 < a1; p0 += ps) {
               const uint32_t* xpp = xp + (p0 / ps) * kg * ps;
@@ -213,11 +216,13 @@ struct QStore {
     F ws = full ? V::load(e.ws) : V::loadn(e.ws, n);
     F v = V::mul(I::to_f(a), V::mul(V::set1(e.sx[row]), ws));
     if (e.bias) v = V::add(v, full ? V::load(e.bias) : V::loadn(e.bias, n));
+    if (e.act) v = act_v(v, e.act);
     if (full) V::store(y, v); else V::storen(y, v, n);
   }
   static SQ_INLINE void f(float* y, typename V::T acc, int n, const QEpi& e, int) {
     const bool full = n == V::W;
     if (e.bias) acc = V::add(acc, full ? V::load(e.bias) : V::loadn(e.bias, n));
+    if (e.act) acc = act_v(acc, e.act);
     if (full) V::store(y, acc); else V::storen(y, acc, n);
   }
 };

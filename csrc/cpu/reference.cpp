@@ -27,6 +27,8 @@ void f32_bsr_spmm__scalar(const BsrView& w, const float* x, int64_t n, int64_t l
         for (int j = 0; j < cc; ++j)
           for (int ii = 0; ii < rr; ++ii) yi[m0 + ii] += vb[j * r + ii] * xi[k0 + j];
       }
+      if (w.act)
+        for (int ii = 0; ii < rr; ++ii) yi[m0 + ii] = act_scalar(yi[m0 + ii], w.act);
     }
   }
 }

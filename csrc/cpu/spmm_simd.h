@@ -22,6 +22,8 @@
 
 #define SP_INLINE inline __attribute__((always_inline))
 
+#include "epilogue_simd.h"
+
 // Transpose rows [0, nv) x cols [k0, k1) of X into xt (K x NB, row k at xt + k*NB); lanes nv..NB = 0.
 template <int NB>
 inline void transpose_panel(const float* x, int64_t ldx, int nv, int64_t k0, int64_t k1, float* xt) {
@@ -55,7 +57,7 @@ constexpr int PW = 24;
 template <class V, int MR, int RV, bool TAIL, bool PACKED, class Idx>
 SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int r, int c,
                           const float* __restrict vals, const Idx* __restrict cols, int64_t b0,
-                          int64_t b1, const float* bias, int tail, float* __restrict y, int64_t ldy) {
+                          int64_t b1, const float* bias, int act, int tail, float* __restrict y, int64_t ldy) {
   using T = typename V::T;
   constexpr int W = V::W;
   T acc[MR][RV];
@@ -89,6 +91,7 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int v = 0; v < RV; ++v) {
+      if (act) acc[m][v] = act_v(acc[m][v], act);
       if (TAIL && v == RV - 1) V::storen(y + m * ldy + v * W, acc[m][v], tail);
       else V::store(y + m * ldy + v * W, acc[m][v]);
     }
@@ -97,38 +100,38 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
 // Rows [n0, n1) of Y for one slice of one block row: full MR tiles, then 8/4/2/1-row tails.
 template <class V, int MR, int RV, bool TAIL, bool PACKED, class Idx>
 void bcast_rows(const float* x, int64_t ldx, int64_t K, int r, int c, const float* vals,
-                const Idx* cols, int64_t b0, int64_t b1, const float* bias, int tail, float* y,
+                const Idx* cols, int64_t b0, int64_t b1, const float* bias, int act, int tail, float* y,
                 int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t rs = PACKED ? 1 : ldx;  // distance between rows of X
   int64_t i = n0;
   for (; i + MR <= n1; i += MR)
-    bcast_tile<V, MR, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    bcast_tile<V, MR, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
   if constexpr (MR > 8) {
     for (; i + 8 <= n1; i += 8)
-      bcast_tile<V, 8, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+      bcast_tile<V, 8, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
   }
   const int64_t rem = n1 - i;
   if constexpr (MR > 4) if (rem & 4) {
-    bcast_tile<V, 4, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    bcast_tile<V, 4, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
     i += 4;
   }
   if (rem & 2) {
-    bcast_tile<V, 2, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    bcast_tile<V, 2, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
     i += 2;
   }
   if (rem & 1)
-    bcast_tile<V, 1, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y + i * ldy, ldy);
+    bcast_tile<V, 1, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
 }
 
 template <class V, int MR1, int MR2, bool PACKED, class Idx>
 SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int r, int c, const float* vals,
-                           const Idx* cols, int64_t b0, int64_t b1, const float* bias, int tail, float* y,
-                           int64_t ldy, int64_t n0, int64_t n1) {
+                           const Idx* cols, int64_t b0, int64_t b1, const float* bias, int act, int tail,
+                           float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (key) {
-    case 2: bcast_rows<V, MR1, 1, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y, ldy, n0, n1); break;
-    case 3: bcast_rows<V, MR1, 1, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y, ldy, n0, n1); break;
-    case 4: bcast_rows<V, MR2, 2, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y, ldy, n0, n1); break;
-    default: bcast_rows<V, MR2, 2, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, tail, y, ldy, n0, n1); break;
+    case 2: bcast_rows<V, MR1, 1, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y, ldy, n0, n1); break;
+    case 3: bcast_rows<V, MR1, 1, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y, ldy, n0, n1); break;
+    case 4: bcast_rows<V, MR2, 2, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y, ldy, n0, n1); break;
+    default: bcast_rows<V, MR2, 2, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y, ldy, n0, n1); break;
   }
 }
 
@@ -182,9 +185,9 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
             if (packed) {
               for (int64_t p0 = a; p0 < a1; p0 += PW)
                 bcast_slice<V, MR1, MR2, true>(key, xp + (p0 / PW) * K * PW, ldx, K, r, c, vv, cols, b0, b1, bb,
-                                               tail, yy + p0 * ldy, ldy, 0, std::min<int64_t>(PW, a1 - p0));
+                                               w.act, tail, yy + p0 * ldy, ldy, 0, std::min<int64_t>(PW, a1 - p0));
             } else {
-              bcast_slice<V, MR1, MR2, false>(key, x, ldx, K, r, c, vv, cols, b0, b1, bb, tail, yy, ldy, a, a1);
+              bcast_slice<V, MR1, MR2, false>(key, x, ldx, K, r, c, vv, cols, b0, b1, bb, w.act, tail, yy, ldy, a, a1);
             }
           }
         }
@@ -197,7 +200,7 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
 // xt family
 template <class V, int R, int NBV, bool C1, class Idx>
 SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float* __restrict vals,
-                       const Idx* __restrict cols, int64_t b0, int64_t b1, const float* bias,
+                       const Idx* __restrict cols, int64_t b0, int64_t b1, const float* bias, int act,
                        int rows, float* __restrict out) {
   using T = typename V::T;
   constexpr int W = V::W;
@@ -244,7 +247,7 @@ SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NBV; ++v) V::store(out + i * NB + v * W, acc[i][v]);
+    for (int v = 0; v < NBV; ++v) V::store(out + i * NB + v * W, act ? act_v(acc[i][v], act) : acc[i][v]);
 }
 
 // G consecutive block rows (8R outputs) into a panel, then one transposed store into Y with 8x8
@@ -260,7 +263,7 @@ SP_INLINE void xt_group(const BsrView& w, const Idx* cols, const float* xtt, int
   for (int g = 0; g < ng; ++g) {
     const int64_t mg = m0 + g * R;
     xt_tile<V, R, NBV, C1>(xtt, w.cols, w.c, w.values, cols, w.row_ptr[br + g], w.row_ptr[br + g + 1],
-                           bias ? bias + mg : nullptr, static_cast<int>(std::min<int64_t>(R, w.rows - mg)), tmp[g * R]);
+                           bias ? bias + mg : nullptr, w.act, static_cast<int>(std::min<int64_t>(R, w.rows - mg)), tmp[g * R]);
   }
   const int rows = static_cast<int>(std::min<int64_t>(ng * R, w.rows - m0));
   float* yy = y + m0;
@@ -346,7 +349,7 @@ void gather_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, i
         }
         float s = V::hsum(V::add(a0, a1));
         for (; p < p1; ++p) s += w.values[p] * xi[cols[p]];
-        y[i * ldy + m] = s + (bias ? bias[m] : 0.0f);
+        y[i * ldy + m] = act_scalar(s + (bias ? bias[m] : 0.0f), w.act);
       }
     }
   }

@@ -67,6 +67,9 @@ def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
         raise ValueError("fold_conv_bn: the BatchNorm must be in eval mode, track running stats and match "
                          "the conv's output channels")
     sparse = isinstance(conv, SparseConv2d)
+    if sparse and conv.activation != "none":
+        raise ValueError(f"fold_conv_bn: the conv applies a fused {conv.activation} before the BatchNorm; "
+                         "fold before fusing activations")
     dense = conv.to_dense_module() if sparse else conv
     w = dense.weight.detach()
     mask = get_mask(dense)

@@ -443,6 +443,23 @@ def _fits(fresh: nn.Module, new: nn.Module) -> bool:
             and tuple(w.shape) == tuple(new.weight_shape))
 
 
+def _fused_activations(structure: dict) -> Dict[str, str]:
+    """{activation module name: kind} for the activations convert() fused into the layer before them,
+    kept only where the file's layer really carries that activation."""
+    out = {}
+    for f in (structure.get("report") or {}).get("fused", []):
+        entry = structure["modules"].get(f["layer"])
+        if entry is not None and entry["attrs"].get("activation") == f["kind"]:
+            out[f["activation"]] = f["kind"]
+    return out
+
+
+def _fused_away(fresh: nn.Module, new: nn.Module, name: str, fused: Dict[str, str]) -> bool:
+    """An activation module the file replaced by Identity because its layer applies it."""
+    from .convert.fuse import activation_kind
+    return isinstance(new, nn.Identity) and name in fused and activation_kind(fresh) == fused[name]
+
+
 def load(path, model: nn.Module) -> nn.Module:
     """Restore a saved model into ``model``, a fresh instance of the original architecture.
 
@@ -477,6 +494,7 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
     fresh_names = module_names(model)
     module_aliases = structure.get("module_aliases", {})
     rebuilt = set()
+    fused = _fused_activations(structure)
     for name, entry in sorted(structure["modules"].items(), key=lambda kv: kv[0].count(".")):
         cls = safe.get(entry["class"])
         if cls is None:
@@ -485,7 +503,8 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         if name not in mods:
             raise ValueError(f"load: the file has module {name!r}, which this architecture lacks")
         new = _rebuild(cls, entry, name, state)
-        if not legacy and name not in reshaped and not _fits(mods[name], new):
+        if not legacy and name not in reshaped and not _fits(mods[name], new) and not _fused_away(mods[name], new, name,
+                                                                                                 fused):
             raise ValueError(f"load: {name} in the file ({new}) does not fit this architecture's "
                              f"{type(mods[name]).__name__} there: wrong architecture?")
         names = [name] + [a for a, target in module_aliases.items() if target == name]

@@ -97,10 +97,11 @@ class SparseModule(nn.Module):
 
     dense_type: type = nn.Module
     SAVED_ATTRS: Tuple[str, ...] = ()  # plain attributes a saved file holds (and load() accepts)
-    OPTIONAL_ATTRS = {"weight_dtype": "float32"}  # absent from older files: these defaults apply
+    OPTIONAL_ATTRS = {"weight_dtype": "float32", "activation": "none"}  # absent from older files: defaults
     PACKED = ("row_ptr", "col_idx", "values")
     QUANT_DTYPES: Tuple[str, ...] = ()  # weight dtypes besides float32 this module type runs
     weight_dtype = "float32"
+    activation = "none"  # fused into the kernel's store after the bias: one of ops.ACTIVATIONS
 
     # -- subclass hooks -----------------------------------------------------------------------
     @classmethod
@@ -132,11 +133,14 @@ class SparseModule(nn.Module):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, module: nn.Module, format: str = "auto", block_size=None,
-                   num_threads: Optional[int] = None, weight_dtype=torch.float32) -> "SparseModule":
+                   num_threads: Optional[int] = None, weight_dtype=torch.float32,
+                   activation: str = "none") -> "SparseModule":
         """Pack ``module``'s (masked) weight once. ``format``: auto | dense | csr | bsr.
         ``weight_dtype``: ``torch.float32`` (default), or where the module type supports it
         ``torch.int8`` (per-output-channel weight scales, activations quantized per row at run time)
-        or ``torch.bfloat16``; quantized weights run as BSR (or, bf16 only, dense)."""
+        or ``torch.bfloat16``; quantized weights run as BSR (or, bf16 only, dense).
+        ``activation``: ``"none"`` (default), ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``: the
+        layer computes ``act(module(x))``, the activation applied in the kernel's store (fused epilogue)."""
         if not isinstance(module, cls.dense_type):
             raise TypeError(f"expected an {cls.dense_type.__module__.split('.')[0]}.{cls.dense_type.__qualname__}, "
                             f"got {type(module).__name__}")
@@ -149,6 +153,7 @@ class SparseModule(nn.Module):
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         weight = weight.float().contiguous()
         geometry = cls._geometry(module)
+        ops.activation_code(activation)
         wdt = dtype_name(weight_dtype)
         if wdt != "float32" and wdt not in cls.QUANT_DTYPES:
             raise ValueError(f"{cls.__name__} has no {wdt} kernels (weight_dtype must be torch.float32"
@@ -184,6 +189,8 @@ class SparseModule(nn.Module):
         mod.format, mod.block_size, mod.num_threads = format, block_size, num_threads
         if wdt != "float32":
             mod.weight_dtype = wdt
+        if activation != "none":
+            mod.activation = activation
         b = getattr(module, "bias", None)
         mod.register_parameter("bias", nn.Parameter(b.detach().float().clone(), requires_grad=b.requires_grad)
                                if b is not None else None)
@@ -253,6 +260,8 @@ class SparseModule(nn.Module):
             raise ValueError(f"weight_dtype {wdt!r} is not one {type(self).__name__} runs")
         if wdt != "float32" and (self.format == "csr" or (wdt == "int8" and self.format == "dense")):
             raise ValueError(f"a {wdt} {type(self).__name__} cannot have format {self.format!r}")
+        if not isinstance(self.activation, str) or self.activation not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {self.activation!r}")
         if self.num_threads is not None:
             _int(self.num_threads, "num_threads", 1, MAX_THREADS)
         if self.format == "csr" and tuple(self.block_size or ()) != (1, 1):
@@ -370,6 +379,8 @@ class SparseModule(nn.Module):
         s = f", format={self.format}" + (f", weight_dtype={self.weight_dtype}" if self.weight_dtype != "float32" else "")
         if self.format == "bsr":
             s += f", block_size={self.block_size}"
+        if self.activation != "none":
+            s += f", activation={self.activation}"
         return s + (f", density={self.density:.3f}" if self._values_readable() else "")
 
     def _values_readable(self) -> bool:
@@ -377,6 +388,17 @@ class SparseModule(nn.Module):
         return t.device.type != "meta"
 
     # -- running ------------------------------------------------------------------------------
+    def _with_activation(self, layer: nn.Module) -> nn.Module:
+        """The plain layer, followed by this layer's fused activation when it has one."""
+        if self.activation == "none":
+            return layer
+        act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
+               "silu": nn.SiLU()}[self.activation]
+        return nn.Sequential(layer, act)
+
+    def _act_code(self) -> int:
+        return ops.ACTIVATIONS.index(self.activation)
+
     def _threads(self) -> int:
         return -1 if self.num_threads is None else int(self.num_threads)
 
@@ -409,7 +431,8 @@ class SparseLinear(SparseModule):
     """
 
     dense_type = nn.Linear
-    SAVED_ATTRS = ("in_features", "out_features", "format", "block_size", "num_threads", "weight_dtype")
+    SAVED_ATTRS = ("in_features", "out_features", "format", "block_size", "num_threads", "weight_dtype",
+                   "activation")
     QUANT_DTYPES = ("int8", "bfloat16")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "csr",
@@ -448,14 +471,16 @@ class SparseLinear(SparseModule):
     def weight_shape(self) -> Tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def to_dense_module(self) -> nn.Linear:
+    def to_dense_module(self) -> nn.Module:
+        """An ``nn.Linear`` computing the same thing (``nn.Sequential(linear, activation)`` when an
+        activation is fused)."""
         dev = (self.weight if self.format == "dense" else self.values).device
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dev)
         with torch.no_grad():
             lin.weight.copy_(self.to_dense())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
-        return lin
+        return self._with_activation(lin)
 
     to_linear = to_dense_module
 
@@ -468,11 +493,12 @@ class SparseLinear(SparseModule):
             raise TypeError(f"SparseLinear expects a Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        act = self.activation
         if self.format == "dense":
             if self.weight_dtype == "float32":
-                return F.linear(x, self.weight, self.bias)
+                return ops.apply_activation(F.linear(x, self.weight, self.bias), act)
             y = F.linear(x.to(self.weight.dtype), self.weight)  # bf16 weights: torch's bf16 GEMM
-            y = y.float() + self.bias if self.bias is not None else y.float()
+            y = ops.apply_activation(y.float() + self.bias if self.bias is not None else y.float(), act)
             return y.to(x.dtype) if x.is_floating_point() else y
         if self.weight_dtype != "float32":
             return self._forward_quant(x)
@@ -483,12 +509,12 @@ class SparseLinear(SparseModule):
         args = (x2, self.row_ptr, self.col_idx, self.values, self.bias, self.out_features, self.in_features, r, c,
                 self._threads())
         route = self._route(x2)
-        if route == "eager":
-            y = ops.spmm_eager(*args)  # same kernel, without the dispatcher's per-call cost
+        if route == "eager":  # same kernel, without the dispatcher's per-call cost; activation fused
+            y = ops.spmm_eager(*args, self._act_code())
         elif route == "autograd":
-            y = ops.SpmmFunction.apply(*args)
+            y = ops.apply_activation(ops.SpmmFunction.apply(*args), act)
         else:
-            y = torch.ops.sparseprune.spmm(*args)
+            y = ops.apply_activation(torch.ops.sparseprune.spmm(*args), act)
         return y.reshape(*lead, self.out_features)
 
     def _forward_quant(self, x: Tensor) -> Tensor:
@@ -508,7 +534,10 @@ class SparseLinear(SparseModule):
         if route == "autograd":
             raise RuntimeError(f"SparseLinear with {self.weight_dtype} weights is inference-only: run it under "
                                "torch.no_grad() / torch.inference_mode()")
-        y = quant.qspmm_eager(*args) if route == "eager" else torch.ops.sparseprune.qspmm(*args)
+        if route == "eager":
+            y = quant.qspmm_eager(*args, self._act_code())
+        else:
+            y = ops.apply_activation(torch.ops.sparseprune.qspmm(*args), self.activation)
         return y.reshape(*lead, self.out_features)
 
 
@@ -556,7 +585,7 @@ class SparseConv2d(SparseModule):
 
     dense_type = nn.Conv2d
     SAVED_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "padding",
-                   "padding_mode", "_pad4", "format", "block_size", "num_threads", "rk")
+                   "padding_mode", "_pad4", "format", "block_size", "num_threads", "rk", "activation")
 
     def __init__(self, *args, **kwargs):
         raise TypeError("build a SparseConv2d with SparseConv2d.from_dense(conv, ...)")
@@ -626,7 +655,9 @@ class SparseConv2d(SparseModule):
     def weight_shape(self) -> Tuple[int, int, int, int]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
-    def to_dense_module(self) -> nn.Conv2d:
+    def to_dense_module(self) -> nn.Module:
+        """An ``nn.Conv2d`` computing the same thing (``nn.Sequential(conv, activation)`` when an
+        activation is fused)."""
         dev = (self.weight if self.format == "dense" else self.values).device
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode, device=dev)
@@ -634,7 +665,7 @@ class SparseConv2d(SparseModule):
             conv.weight.copy_(self.to_dense())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return self._with_activation(conv)
 
     to_conv = to_dense_module
 
@@ -661,12 +692,13 @@ class SparseConv2d(SparseModule):
                 x, pad = F.pad(x, (pl, pr, pt, pb)), (0, 0)
             else:
                 pad = (pt, pl)
-            return F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
+            return ops.apply_activation(F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation,
+                                                 self.groups), self.activation)
         self._check_input(x)
         args = (x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels, self.out_channels,
                 list(self.kernel_size), list(self.stride), list(pad4), list(self.dilation), self.groups, self.rk,
                 self._threads())
         if self._route(x) == "eager":
-            # the same implementation without the dispatcher round trip (~35 us a call)
-            return ops.sparse_conv2d_cpu(*args)
-        return torch.ops.sparseprune.sparse_conv2d(*args)
+            # the same implementation without the dispatcher round trip (~35 us a call), activation fused
+            return ops.sparse_conv2d_eager(*args, self._act_code())
+        return ops.apply_activation(torch.ops.sparseprune.sparse_conv2d(*args), self.activation)

@@ -16,7 +16,31 @@ from ._ext import _C
 
 __all__ = ["spmm", "spmm_t", "spmm_eager", "SpmmFunction", "call_route", "set_isa", "active_isa", "isa_paths",
            "resolve_threads", "sparse_conv2d", "sparse_conv2d_input_grad", "conv_output_memory_format",
-           "conv_output_size"]
+           "conv_output_size", "ACTIVATIONS", "activation_code", "apply_activation"]
+
+# Activations a kernel can apply in its store (fused epilogue), by code: csrc/include/sparseprune/epilogue.h.
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def activation_code(name: str) -> int:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return ACTIVATIONS.index(name)
+
+
+def apply_activation(y: Tensor, name: str) -> Tensor:
+    """The activation with PyTorch's own functions (unfused paths, autograd, other devices)."""
+    if name == "none":
+        return y
+    if name == "relu":
+        return torch.relu(y)
+    if name == "gelu":
+        return torch.nn.functional.gelu(y)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    if name == "silu":
+        return torch.nn.functional.silu(y)
+    raise ValueError(f"unknown activation {name!r}")
 
 
 def set_isa(isa: str) -> None:
@@ -85,16 +109,18 @@ def spmm(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Opti
 
 
 def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
-               rows: int, cols: int, r: int, c: int, num_threads: int) -> Tensor:
+               rows: int, cols: int, r: int, c: int, num_threads: int, act: int = 0) -> Tensor:
     """The body of :func:`spmm` without the dispatcher (a few microseconds instead of tens).
 
-    For callers that have already validated operands (SparseLinear in eager inference)."""
+    For callers that have already validated operands (SparseLinear in eager inference). ``act``: an
+    activation code (:data:`ACTIVATIONS`) applied in the kernel's store, after the bias (CPU); on other
+    devices it is applied afterwards by PyTorch."""
     if x.stride(1) != 1 or x.stride(0) < max(cols, 1):
         x = x.contiguous()
     n = x.shape[0]
     if n == 0 or rows == 0 or cols == 0:  # nothing to multiply (zero-size layers are legal)
         y = torch.zeros(n, rows, dtype=torch.float32, device=x.device)
-        return y + bias if bias is not None and n else y
+        return apply_activation(y + bias if bias is not None and n else y, ACTIVATIONS[act])
     y = torch.empty(n, rows, dtype=torch.float32, device=x.device)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
@@ -102,12 +128,13 @@ def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias
             values.data_ptr(), x.data_ptr(), n, max(x.stride(0), cols), bias.data_ptr() if bias is not None else 0,
             y.data_ptr(), rows)
     if x.device.type == "cpu":
-        _C.spmm(*args, resolve_threads(num_threads))
+        _C.spmm(*args, resolve_threads(num_threads), act)
     elif x.device.type == "cuda":
         if _ext._cuda is None:
             raise RuntimeError(f"sparseprune was built without CUDA kernels: {_ext.CUDA_STATUS}")
         with torch.cuda.device(x.device):
             _ext._cuda.spmm(*args, _cuda_stream_ptr(x))
+        y = apply_activation(y, ACTIVATIONS[act])
     else:
         raise ValueError(f"spmm: no kernels for device type {x.device.type!r}")
     return y
@@ -242,6 +269,15 @@ def sparse_conv2d_cpu(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tenso
                   in_channels: int, out_channels: int, kernel_size: List[int], stride: List[int],
                   padding: List[int], dilation: List[int], groups: int, r: int, num_threads: int) -> Tensor:
     """``conv2d(x, W, bias)`` with W packed as (r x 1)-block BSR over (Cout, Cin/groups * kh * kw)."""
+    return sparse_conv2d_eager(x, row_ptr, col_idx, values, bias, in_channels, out_channels, kernel_size, stride,
+                               padding, dilation, groups, r, num_threads)
+
+
+def sparse_conv2d_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
+                        in_channels: int, out_channels: int, kernel_size: List[int], stride: List[int],
+                        padding: List[int], dilation: List[int], groups: int, r: int, num_threads: int,
+                        act: int = 0) -> Tensor:
+    """:func:`sparse_conv2d_cpu` with an optional fused activation (code of :data:`ACTIVATIONS`)."""
     _check_placement(x, row_ptr, col_idx, values, bias, "sparse_conv2d")
     n, c, h, w, ho, wo = _conv_shapes(x, in_channels, out_channels, kernel_size, stride, padding, dilation,
                                       groups, "sparse_conv2d")
@@ -259,7 +295,7 @@ def sparse_conv2d_cpu(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tenso
     ws = torch.empty(ws_floats, dtype=torch.float32) if ws_floats else None
     _C.conv2d(geom, r, row_ptr.data_ptr(), col_idx.data_ptr(), col_idx.dtype == torch.int16, values.data_ptr(),
               x.data_ptr(), bias.data_ptr() if bias is not None else 0, y.data_ptr(),
-              ws.data_ptr() if ws is not None else 0, ws_floats, resolve_threads(num_threads))
+              ws.data_ptr() if ws is not None else 0, ws_floats, resolve_threads(num_threads), act)
     return y
 
 

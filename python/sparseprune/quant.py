@@ -226,8 +226,9 @@ def _check_operands(x: Tensor, values: Tensor, bias: Optional[Tensor], rows: int
 
 def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Optional[Tensor],
                 compensation: Optional[Tensor], bias: Optional[Tensor], rows: int, cols: int, r: int, c: int,
-                num_threads: int) -> Tensor:
-    """The body of the ``sparseprune::qspmm`` op without the dispatcher, for validated operands."""
+                num_threads: int, act: int = 0) -> Tensor:
+    """The body of the ``sparseprune::qspmm`` op without the dispatcher, for validated operands.
+    ``act``: activation code (``ops.ACTIVATIONS``) fused into the kernel's store."""
     s8 = values.dtype == torch.int8
     out_dtype = x.dtype
     if s8 and x.dtype != torch.float32:
@@ -242,14 +243,14 @@ def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, sca
         y.zero_()
         if bias is not None:
             y += bias
-        return y.to(out_dtype)
+        return ops.apply_activation(y, ops.ACTIVATIONS[act]).to(out_dtype)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     _C.qspmm("int8" if s8 else "bf16", rows, cols, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
              col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
              compensation.data_ptr() if s8 else 0, x.data_ptr(), x.dtype == torch.bfloat16, n,
              max(x.stride(0), cols), bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows,
-             ops.resolve_threads(num_threads))
+             ops.resolve_threads(num_threads), act)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 

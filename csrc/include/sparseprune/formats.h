@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "sparseprune/epilogue.h"
+
 namespace sparseprune {
 
 // Block-sparse row (BSR) matrix W of logical shape rows x cols, blocks of r x c.
@@ -18,6 +20,7 @@ struct BsrView {
   const void* col_idx = nullptr;     // nnzb block-column indices (uint16 when idx16, else int32)
   bool idx16 = false;
   const float* values = nullptr;     // nnzb * r * c
+  int32_t act = kActNone;            // activation fused into the store, after the bias (epilogue.h)
 
   int64_t nnzb() const { return row_ptr ? row_ptr[block_rows] : 0; }
   int64_t block_col(int64_t b) const {

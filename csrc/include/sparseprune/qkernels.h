@@ -16,6 +16,8 @@
 #pragma once
 #include <cstdint>
 #include <string>
+
+#include "sparseprune/epilogue.h"
 #include <vector>
 
 namespace sparseprune {
@@ -31,6 +33,7 @@ struct QBsrView {
   const uint32_t* values = nullptr; // packed words, see above
   const float* wscale = nullptr;    // int8: M per-output-channel scales
   const int32_t* comp = nullptr;    // int8: M sums of the quantized weights of each output
+  int32_t act = kActNone;           // activation fused into the store, after the bias (epilogue.h)
 
   int64_t nnzb() const { return row_ptr ? row_ptr[block_rows] : 0; }
 };

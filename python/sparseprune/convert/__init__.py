@@ -101,7 +101,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             skip: Iterable = (), num_threads: Optional[int] = None, time_budget: float = 10.0,
             margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
             inplace: bool = False, progress: Optional[bool] = None, weight_dtypes=(torch.float32,),
-            quant_tolerance: float = 0.25, cache: bool = True) -> nn.Module:
+            quant_tolerance: float = 0.25, cache: bool = True, fuse: bool = True) -> nn.Module:
     """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
 
     Args:
@@ -135,6 +135,10 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         cache: reuse candidate timings measured before on this machine for the same layer problem
             (CPU model, ISA path, threads, shapes, density, candidates), kept in
             ``$SPARSEPRUNE_CACHE_DIR`` or ``~/.cache/sparseprune`` (safe to delete); ``False``: always time.
+        fuse: fuse each activation module (ReLU, GELU (erf / tanh), SiLU and Hugging Face's classes of
+            them) into the sparse layer whose output it alone consumes, so the kernel applies it in its
+            store; proven on ``example_inputs`` (not done without them). The activation module becomes
+            ``nn.Identity`` and the summary lists the pairs.
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` on a terminal after 1 s.
 
     A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,
@@ -170,7 +174,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         with torch.no_grad(), Threads(num_threads):
             reference = call_model(work, example_inputs) if example_inputs is not None else None
             report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
-                              end_to_end, progress, swaps)
+                              end_to_end, progress, swaps, fuse)
     except BaseException:
         if inplace:
             swaps.undo()
@@ -211,7 +215,7 @@ def _targets(work: nn.Module, skip) -> Tuple[list, List[LayerRow]]:
 
 
 def _convert(work, example_inputs, reference, settings: Settings, skip, start: float, time_budget: float,
-             fold_bn: bool, end_to_end: bool, progress, swaps: _Swaps) -> dict:
+             fold_bn: bool, end_to_end: bool, progress, swaps: _Swaps, fuse: bool = True) -> dict:
     deadline = start + time_budget
     folded = _fold(work, swaps) if fold_bn else []
     targets, rows = _targets(work, skip)
@@ -246,9 +250,13 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
     finally:
         bar.close()
 
+    fused = []
+    if fuse and example_inputs is not None and any(r.format != "dense" for r in rows):
+        from .fuse import fuse_activations
+        fused = fuse_activations(work, example_inputs, swaps)
     order = {n: i for i, (n, _) in enumerate(work.named_modules())}
     rows.sort(key=lambda r: order.get(r.name, len(order)))
-    report = {"layers": rows, "folded": folded, "tolerance": settings.tolerance, "margin": settings.margin,
+    report = {"layers": rows, "folded": folded, "fused": fused, "tolerance": settings.tolerance, "margin": settings.margin,
               "num_threads": settings.num_threads if settings.num_threads is not None else torch.get_num_threads(),
               "measured": settings.measured, "max_abs_error": None, "max_rel_error": None,
               "convert_seconds": None, "end_to_end_reverted": False}
@@ -290,6 +298,10 @@ def _end_to_end_guard(work, example_inputs, rows: List[LayerRow], swaps: _Swaps,
     if t["converted"] < t["dense"]:
         return
     originals = dict(swaps.done)
+    for f in report.get("fused", []):  # the activation modules come back with the dense layers
+        for alias in swaps.names.get(id(originals[f["activation"]]), [f["activation"]]):
+            set_module(work, alias, originals[f["activation"]])
+    report["fused"] = []
     for r in rows:
         if r.format != "dense" and r.name in originals:
             orig = originals[r.name]

@@ -17,7 +17,8 @@ __all__ = ["Summary", "summary", "measure", "layer_report", "REPORT_ATTR", "chec
 
 REPORT_ATTR = "_sparseprune_report"
 _REPORT_KEYS = {"layers", "folded", "tolerance", "margin", "num_threads", "measured", "max_abs_error",
-                "max_rel_error", "convert_seconds", "end_to_end_ms", "end_to_end_reverted", "l2_rel_error"}
+                "max_rel_error", "convert_seconds", "end_to_end_ms", "end_to_end_reverted", "l2_rel_error",
+                "fused"}
 
 
 def layer_report(model: nn.Module) -> Optional[dict]:
@@ -56,6 +57,12 @@ def check_report(report) -> dict:
     if not isinstance(folded, list) or not all(isinstance(f, dict) and set(f) == {"conv", "bn"}
                                                and all(isinstance(v, str) for v in f.values()) for f in folded):
         raise ValueError("the report's folded list is malformed")
+    from ..ops import ACTIVATIONS
+    fused = out.get("fused", [])
+    if not isinstance(fused, list) or not all(
+            isinstance(f, dict) and set(f) == {"layer", "activation", "kind"} and all(isinstance(v, str) for v in f.values())
+            and f["kind"] in ACTIVATIONS[1:] for f in fused):
+        raise ValueError("the report's fused list is malformed")
     return out
 
 
@@ -124,6 +131,10 @@ class Summary(list):
                              f"{e['converted']:.3f} ms against {e['dense']:.3f} ms dense, so every layer runs dense")
         if t.get("folded"):
             notes.append(f"BatchNorm folded: {', '.join(f['bn'] + ' -> ' + f['conv'] for f in t['folded'])}")
+        if t.get("fused"):
+            notes.append(f"activations fused into the layer before them ({len(t['fused'])}): "
+                         + ", ".join(f"{f['activation']} ({f['kind']}) -> {f['layer']}" for f in t["fused"][:6])
+                         + (", ..." if len(t["fused"]) > 6 else ""))
         notes.append("sparse ms in parentheses: fastest sparse candidate, slower than dense by the margin")
         if t.get("num_threads") is not None:
             notes.append(f"threads: {t['num_threads']}")
@@ -173,7 +184,7 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
               "speedup": dense_total / conv_total if timed and conv_total else None,
               "max_abs_error": report.get("max_abs_error"), "max_rel_error": report.get("max_rel_error"),
               "tolerance": report.get("tolerance"), "measured": report.get("measured"),
-              "folded": report.get("folded", []), "num_threads": report.get("num_threads"),
+              "folded": report.get("folded", []), "fused": report.get("fused", []), "num_threads": report.get("num_threads"),
               "end_to_end_ms": report.get("end_to_end_ms"), "l2_rel_error": report.get("l2_rel_error"),
               "end_to_end_reverted": bool(report.get("end_to_end_reverted"))}
     s = Summary(rows, totals)

@@ -1,0 +1,103 @@
+// Vector activations for the fused epilogues. Include inside an ISA namespace after <immintrin.h>
+// (each TU compiles its own copy with its own -m flags). act_v(v, act) overloads __m256 and, where
+// the TU has AVX-512F, __m512; act codes are those of sparseprune/epilogue.h.
+//
+// exp: Cephes expf (range reduction by ln 2 in two parts, degree-6 polynomial, 2^n through the
+// exponent bits), input clamped to [-87, 88] so 2^n stays a normal float.
+// GELU (erf): max(x, 0) - |x|/2 * erfc(|x|/sqrt 2), erfc by Abramowitz & Stegun 7.1.26 (absolute error
+// < 1.5e-7): no cancellation on either side. GELU (tanh) and SiLU: x * sigmoid(k), as x / (1 + exp(-k)).
+#pragma once
+#include "sparseprune/epilogue.h"
+
+struct EV8 {
+  using T = __m256;
+  static inline T set1(float v) { return _mm256_set1_ps(v); }
+  static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static inline T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static inline T div(T a, T b) { return _mm256_div_ps(a, b); }
+  static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline T fnma(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a*b
+  static inline T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static inline T min(T a, T b) { return _mm256_min_ps(a, b); }
+  static inline T abs(T a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static inline T round(T a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline T pow2(T n) {  // 2^n for integral n in [-126, 127]
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+};
+
+#if defined(__AVX512F__)
+struct EV16 {
+  using T = __m512;
+  static inline T set1(float v) { return _mm512_set1_ps(v); }
+  static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static inline T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static inline T div(T a, T b) { return _mm512_div_ps(a, b); }
+  static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline T fnma(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
+  static inline T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static inline T min(T a, T b) { return _mm512_min_ps(a, b); }
+  static inline T abs(T a) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)));
+  }
+  static inline T round(T a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline T pow2(T n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
+};
+#endif
+
+template <class E>
+struct ActMath {
+  using T = typename E::T;
+  static inline T exp(T x) {
+    x = E::min(E::max(x, E::set1(-87.0f)), E::set1(88.0f));
+    const T n = E::round(E::mul(x, E::set1(1.44269504088896341f)));
+    T r = E::fnma(n, E::set1(0.693359375f), x);
+    r = E::fnma(n, E::set1(-2.12194440e-4f), r);
+    T p = E::set1(1.9875691500e-4f);
+    p = E::fma(p, r, E::set1(1.3981999507e-3f));
+    p = E::fma(p, r, E::set1(8.3334519073e-3f));
+    p = E::fma(p, r, E::set1(4.1665795894e-2f));
+    p = E::fma(p, r, E::set1(1.6666665459e-1f));
+    p = E::fma(p, r, E::set1(5.0000001201e-1f));
+    p = E::fma(p, E::mul(r, r), E::add(r, E::set1(1.0f)));
+    return E::mul(p, E::pow2(n));
+  }
+  // x / (1 + exp(-k)): x * sigmoid(k)
+  static inline T x_sigmoid(T x, T k) {
+    return E::div(x, E::add(E::set1(1.0f), exp(E::mul(k, E::set1(-1.0f)))));
+  }
+  static inline T gelu(T x) {
+    const T a = E::abs(x);
+    const T z = E::mul(a, E::set1(0.70710678118654752f));
+    const T t = E::div(E::set1(1.0f), E::fma(z, E::set1(0.3275911f), E::set1(1.0f)));
+    T p = E::set1(1.061405429f);
+    p = E::fma(p, t, E::set1(-1.453152027f));
+    p = E::fma(p, t, E::set1(1.421413741f));
+    p = E::fma(p, t, E::set1(-0.284496736f));
+    p = E::fma(p, t, E::set1(0.254829592f));
+    const T erfc = E::mul(E::mul(p, t), exp(E::mul(E::mul(z, z), E::set1(-1.0f))));
+    return E::fnma(E::mul(a, E::set1(0.5f)), erfc, E::max(E::set1(0.0f), x));
+  }
+  static inline T apply(T v, int act) {
+    switch (act) {
+      case kActRelu: return E::max(E::set1(0.0f), v);
+      case kActGelu: return gelu(v);
+      case kActGeluTanh: {
+        const T x3 = E::mul(E::mul(v, v), v);
+        const T u = E::mul(E::fma(x3, E::set1(0.044715f), v), E::set1(2.0f * 0.79788456080286536f));
+        return x_sigmoid(v, u);
+      }
+      case kActSilu: return x_sigmoid(v, v);
+      default: return v;
+    }
+  }
+};
+
+static inline __m256 act_v(__m256 v, int act) { return act ? ActMath<EV8>::apply(v, act) : v; }
+#if defined(__AVX512F__)
+static inline __m512 act_v(__m512 v, int act) { return act ? ActMath<EV16>::apply(v, act) : v; }
+#endif
