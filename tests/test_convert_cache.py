@@ -50,3 +50,22 @@ def test_cache_off_and_corrupt_cache_are_harmless():
             f.write(junk)
         out = sp.convert(m, x, time_budget=0.5)
         torch.testing.assert_close(out(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_poisoned_timings_are_rechecked_and_replaced():
+    """Timings stored while the machine was busy (here: dense made 50x slower in the file) are caught by
+    the cheap re-check before use and measured again, not trusted for every later convert."""
+    m, x = _model(), torch.randn(32, 128)
+    sp.convert(m, x, time_budget=1.0, end_to_end=False)
+    path = os.path.join(cache_dir(), os.listdir(cache_dir())[0])
+    data = json.load(open(path))
+    for times in data.values():
+        times["dense"] *= 50.0
+    with open(path, "w") as f:
+        json.dump(data, f)
+    rows = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    assert rows and not any("[cached timings]" in r["reason"] for r in rows.values())
+    assert any("re-timed" in r["reason"] for r in rows.values())
+    assert all(r["speedup"] < 40 for r in rows.values())
+    healed = json.load(open(path))
+    assert all(healed[k]["dense"] < data[k]["dense"] / 5 for k in data if k in healed)

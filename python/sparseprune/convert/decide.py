@@ -146,6 +146,26 @@ def candidate_formats(pattern: Tensor, density: float, formats: Sequence[str]):
     return out
 
 
+CACHE_CHECK = 2.0  # a cached dense / best ratio further than this from a fresh one is not trusted
+
+
+def _cache_agrees(cached: Dict[str, float], cands: Dict[str, nn.Module], inputs, budget_s: float,
+                  deadline: float) -> bool:
+    """Cached timings are re-checked cheaply before use: dense and the cached best, a few calls on the
+    largest input. Timings taken while the machine was busy (or on a changed machine) are re-measured."""
+    rest = [k for k in cached if k != "dense"]
+    if not rest or "dense" not in cached:
+        return True
+    best = min(rest, key=cached.get)
+    x = max(inputs, key=lambda t: t.numel())
+    fresh = time_calls({"dense": lambda: cands["dense"](x), best: lambda: cands[best](x)},
+                       min(budget_s, 0.05), min_reps=3, max_reps=10, deadline=deadline)
+    if not (fresh["dense"] > 0 and fresh[best] > 0 and cached["dense"] > 0 and cached[best] > 0):
+        return False
+    r_cached, r_fresh = cached["dense"] / cached[best], fresh["dense"] / fresh[best]
+    return 1.0 / CACHE_CHECK <= r_fresh / r_cached <= CACHE_CHECK
+
+
 def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], settings: Settings, budget_s: float,
            deadline: float) -> Tuple[LayerRow, Optional[nn.Module]]:
     """One layer: ``(row, replacement or None)``."""
@@ -222,6 +242,11 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
                                  counts=counts, density=round(row.density, 3), candidates=sorted(cands),
                                  threads=settings.num_threads or torch.get_num_threads())
     cached = settings.cache.get(key) if key is not None else None
+    stale = False
+    if cached is not None and set(cached) == set(cands):
+        stale = not _cache_agrees(cached, cands, inputs, budget_s, deadline)
+        if stale:
+            cached = None
     if cached is not None and set(cached) == set(cands):
         times = {k: cached[k] for k in cands}  # measured on this machine before: not timed again
     else:
@@ -250,8 +275,10 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
     if times[best] * (1.0 + settings.margin) <= dense_t:
         fmt, block, row.weight_dtype = info[best]
         row.format, row.block, row.speedup = fmt, list(block) if fmt == "bsr" else None, dense_t / times[best]
-        row.reason = f"fastest ({best}), {dense_t / times[best]:.2f}x dense" + (" [cached timings]" if cached else "")
+        row.reason = f"fastest ({best}), {dense_t / times[best]:.2f}x dense" + (" [cached timings]" if cached else "") \
+            + (" [re-timed: the cached timings disagreed with a fresh check]" if stale else "")
         new = cands[best]
     else:
-        row.reason = f"dense: best sparse ({best}) only {dense_t / times[best]:.2f}x, margin {1 + settings.margin:.2f}x"
+        row.reason = f"dense: best sparse ({best}) only {dense_t / times[best]:.2f}x, margin {1 + settings.margin:.2f}x" \
+            + (" [re-timed: the cached timings disagreed with a fresh check]" if stale else "")
     return row, new
