@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import sparseprune as sp
 from sparseprune import reference
@@ -180,3 +180,20 @@ def test_bad_inputs_raise():
         sp.SparseLinear.from_dense(torch.nn.Conv2d(1, 1, 1))
     with pytest.raises(TypeError, match="float32"):
         sl.double()
+
+
+@settings(max_examples=40, deadline=None)
+@given(threads=st.integers(2, 4), n=st.integers(16, 160), k=st.integers(1, 300), m=st.integers(1, 300),
+       block=st.sampled_from([(16, 16), (8, 8), (4, 4), (16, 1), (1, 1), (32, 16)]),
+       sparsity=st.sampled_from([0.3, 0.8, 0.97]))
+def test_thread_splits_property(threads, n, k, m, block, sparsity):
+    """Rows of X split between threads (each packs its own panels) or block rows split (shared panels):
+    which one runs depends on the sizes of W and X; both must equal the reference."""
+    lin = torch.nn.Linear(k, m)
+    with torch.no_grad():
+        lin.weight.copy_(block_sparse_weight(m, k, block, sparsity))
+    fmt = "csr" if block == (1, 1) else "bsr"
+    sl = sp.SparseLinear.from_dense(lin, format=fmt, block_size=None if fmt == "csr" else block, num_threads=threads)
+    x = torch.randn(n, k)
+    with torch.no_grad():
+        assert_close(sl(x), reference.linear(x, lin.weight, lin.bias))

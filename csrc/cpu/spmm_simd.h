@@ -14,6 +14,7 @@
 //  * gather (f32_csr_spmv_gather): CSR with one or two rows of X: gather x at the column indices.
 #pragma once
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -135,6 +136,18 @@ SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int 
   }
 }
 
+// Split rows of X (each thread reads all of W) rather than block rows (each thread reads all of X)?
+// SPARSEPRUNE_SPLIT=rows|blocks overrides, for experiments.
+inline bool split_rows(const BsrView& w, int64_t n, int64_t units, int nt) {
+  static const char* force = std::getenv("SPARSEPRUNE_SPLIT");
+  if (force && force[0] == 'r') return n >= 16;
+  if (force && force[0] == 'b') return false;
+  // Measured on a 2-core Xeon (BERT / MiniLM / ResNet-1x1 shapes, 128 rows, 10-50% density): rows won or
+  // tied everywhere up to W ~12x the size of X (sharing X panels across cores costs more than re-reading W).
+  const int64_t w_floats = w.nnzb() * w.r * w.c, x_floats = n * w.cols;
+  return n >= 16 && units >= nt && w_floats <= 16 * x_floats;
+}
+
 template <class V, int MR1, int MR2, class Idx>
 void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int nt) {
@@ -147,14 +160,17 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   const int64_t units = (n + unit - 1) / unit;
   float* xp = packed ? xt_scratch(static_cast<size_t>(units * K * PW)) : nullptr;
   const int64_t kstep = 256, kblocks = (K + kstep - 1) / kstep;
-  // Split block rows by non-zeros; split rows of X as well when there are too few block rows.
-  const int pm = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
+  // Split rows of X between threads when each thread reading all of W costs less than each reading all
+  // of X (then every thread packs only its own panels: no barrier, no panel crossing cores); else split
+  // block rows by non-zeros (and rows of X as well when there are too few block rows).
+  const bool by_rows = split_rows(w, n, units, nt);
+  const int pm = by_rows ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // Rows of X per pass: keep the X panel (nc x K floats) within ~256 KiB of L2.
   const int64_t nc = std::max<int64_t>(PW, ((int64_t(1) << 16) / std::max<int64_t>(K, 1)) / PW * PW);
 #pragma omp parallel num_threads(nt)
   {
-    if (packed) {
+    if (packed && pm > 1) {  // panels shared by the threads: packed together, then a barrier
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units * kblocks; ++u) {
         const int64_t t = u / kblocks, kb = u % kblocks;
@@ -168,6 +184,10 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
       const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
       const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
       const int64_t nn0 = std::min(n, units * in / pn * unit), nn1 = std::min(n, units * (in + 1) / pn * unit);
+      if (packed && pm == 1)  // this thread's own panels
+        for (int64_t t = nn0 / PW; t * PW < nn1; ++t)
+          transpose_panel<PW>(x + t * PW * ldx, ldx, static_cast<int>(std::min<int64_t>(PW, n - t * PW)), 0, K,
+                              xp + t * K * PW);
       for (int64_t a = nn0; a < nn1; a += nc) {
         const int64_t a1 = std::min(nn1, a + nc);
         for (int64_t br = br0; br < br1; ++br) {
