@@ -318,3 +318,32 @@ def test_end_to_end_revert_puts_the_activations_back(monkeypatch):
     assert isinstance(c[1], nn.GELU) and isinstance(c[0], nn.Linear)
     with torch.no_grad():
         torch.testing.assert_close(c(x), model(x))
+
+
+class _Untraceable(_ConvBnRelu):
+    """Data-dependent control flow: fx cannot trace it, so pairs are proven by running the example."""
+
+    def forward(self, x):
+        if float(x.abs().sum()) >= 0:
+            return self.activation(self.normalization(self.convolution(x)))
+        return x
+
+
+def test_convert_folds_and_fuses_in_models_fx_cannot_trace(sparse_wins):
+    from sparseprune.fold import find_conv_bn_pairs
+    model = nn.Sequential(_Untraceable(), _Untraceable())
+    model[1].convolution = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    sp.prune_blocks(model, 0.5, block_size=(8, 8), dense_first_last=False)
+    model.eval()
+    x = torch.randn(2, 16, 12, 12)
+    assert find_conv_bn_pairs(model) == []  # no graph, not Sequential neighbours
+    assert find_conv_bn_pairs(model, x) == [("0.convolution", "0.normalization"), ("1.convolution", "1.normalization")]
+    c = sp.convert(model, x, formats=("bsr",), end_to_end=False, time_budget=2.0)
+    t = sp.summary(c).totals
+    assert len(t["folded"]) == 2 and {f["layer"] for f in t["fused"]} == {"0.convolution", "1.convolution"}
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), model(x), rtol=1e-4, atol=1e-4)

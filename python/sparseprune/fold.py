@@ -99,15 +99,24 @@ class _LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname) or mod.startswith("sparseprune.")
 
 
-def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
-    """(conv name, bn name) pairs where the BatchNorm is the only consumer of the conv's output."""
+def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> List[Tuple[str, str]]:
+    """(conv name, bn name) pairs where the BatchNorm is the only consumer of the conv's output: read
+    from the fx graph; for a model fx cannot trace, proven by running ``example_inputs`` once when given
+    (see ``convert.fuse.prove_pairs``), else from ``nn.Sequential`` neighbours."""
     mods = dict(model.named_modules())
     pairs = []
     try:
         graph = _LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - untraceable models fall back to Sequential neighbours
+    except Exception:  # noqa: BLE001 - untraceable models: a run of the example inputs, or Sequential neighbours
         graph = None
-    if graph is not None:
+    if graph is None and example_inputs is not None:
+        from .convert.fuse import prove_pairs
+        convs = {n: m for n, m in mods.items() if n and _is_conv(m)}
+        bns = {n: m for n, m in mods.items() if n and isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        proven = prove_pairs(model, example_inputs, convs, bns)
+        pairs = [(a, b) for a, b, _, _ in proven if _bn_matches(mods[a], mods[b])]
+        graph = False
+    if graph is not None and graph is not False:
         calls = {}
         for node in graph.nodes:
             if node.op == "call_module":
@@ -123,7 +132,7 @@ def find_conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
                 continue
             if _is_conv(conv) and _bn_matches(conv, bn):
                 pairs.append((src.target, node.target))
-    else:
+    elif graph is None:
         pairs = _sequential_pairs(model)
     # a module reached from two places could be used twice: fold only uniquely owned pairs
     counts = {}

@@ -185,10 +185,10 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
     return work
 
 
-def _fold(work: nn.Module, swaps: _Swaps) -> List[dict]:
+def _fold(work: nn.Module, swaps: _Swaps, example_inputs=None) -> List[dict]:
     from ..fold import find_conv_bn_pairs, fold_conv_bn
     folded = []
-    for conv_name, bn_name in find_conv_bn_pairs(work):
+    for conv_name, bn_name in find_conv_bn_pairs(work, example_inputs):
         conv, bn = work.get_submodule(conv_name), work.get_submodule(bn_name)
         swaps.replace(conv, fold_conv_bn(conv, bn), conv_name)
         swaps.replace(bn, nn.Identity(), bn_name)
@@ -217,7 +217,7 @@ def _targets(work: nn.Module, skip) -> Tuple[list, List[LayerRow]]:
 def _convert(work, example_inputs, reference, settings: Settings, skip, start: float, time_budget: float,
              fold_bn: bool, end_to_end: bool, progress, swaps: _Swaps, fuse: bool = True) -> dict:
     deadline = start + time_budget
-    folded = _fold(work, swaps) if fold_bn else []
+    folded = _fold(work, swaps, example_inputs) if fold_bn else []
     targets, rows = _targets(work, skip)
     captured: Dict[str, Dict] = {}
     read_outside = set()

@@ -74,65 +74,75 @@ def _candidates(work: nn.Module) -> Tuple[Dict[str, nn.Module], Dict[str, Tuple[
     return layers, acts
 
 
-def fuse_activations(work: nn.Module, example_inputs, swaps) -> List[dict]:
-    """Fuse every provable (sparse layer, activation) pair of ``work`` in place (through ``swaps``, so
-    that it can be undone); returns ``[{"layer", "activation", "kind"}]``."""
-    from .. import ops
+def prove_pairs(work: nn.Module, example_inputs, producers: Dict[str, nn.Module],
+                consumers: Dict[str, nn.Module]) -> List[Tuple[str, str, Tensor, Tensor]]:
+    """Run ``example_inputs`` once and return ``(producer, consumer, its output, consumer's output)`` for
+    every pair where each module ran once, the consumer's input is the producer's output tensor itself,
+    and no other torch call used that tensor (copies of both outputs are returned for checks)."""
     from .._modules import module_names
-    layers, acts = _candidates(work)
-    if not layers or not acts:
-        return []
     names = module_names(work)
-    if any(len(names.get(id(m), ())) > 1 for m in list(layers.values()) + [a for a, _ in acts.values()]):
-        # a module registered under several names: keep it simple, fuse only unambiguous ones
-        layers = {n: m for n, m in layers.items() if len(names.get(id(m), ())) == 1}
-        acts = {n: a for n, a in acts.items() if len(names.get(id(a[0]), ())) == 1}
+    producers = {n: m for n, m in producers.items() if len(names.get(id(m), ())) == 1}
+    consumers = {n: m for n, m in consumers.items() if len(names.get(id(m), ())) == 1}
+    if not producers or not consumers:
+        return []
     uses = _Uses()
     calls: Dict[str, int] = {}
-    out_of: Dict[int, str] = {}        # id(output tensor) -> layer name
-    pre_act: Dict[str, Tensor] = {}    # layer name -> a copy of its output (A may work in place)
-    fed_by: Dict[str, List[Optional[str]]] = {}  # activation -> the layer whose output it received, per call
-    act_out: Dict[str, Tensor] = {}
+    out_of: Dict[int, str] = {}        # id(output tensor) -> producer name
+    pre: Dict[str, Tensor] = {}        # producer -> a copy of its output (the consumer may work in place)
+    fed_by: Dict[str, List[Optional[str]]] = {}  # consumer -> the producer whose output it received, per call
+    post: Dict[str, Tensor] = {}
     hooks = []
-    for name, m in layers.items():
-        def post(mod, args, out, _name=name):
+    for name, m in producers.items():
+        def hook_p(mod, args, out, _name=name):
             calls[_name] = calls.get(_name, 0) + 1
             if isinstance(out, Tensor):
-                pre_act[_name] = out.detach().clone()  # before watching: the copy is not a use
+                pre[_name] = out.detach().clone()  # before watching: the copy is not a use
                 out_of[id(out)] = _name
                 uses.watch[id(out)] = _name
                 uses.held.append(out)
-        hooks.append(m.register_forward_hook(post))
-    for name, (m, _) in acts.items():
-        def pre(mod, args, _name=name):
-            x = args[0] if args else None
+        hooks.append(m.register_forward_hook(hook_p))
+    for name, m in consumers.items():
+        def hook_in(mod, args, _name=name):
+            x = args[0] if len(args) == 1 else None
             fed_by.setdefault(_name, []).append(out_of.get(id(x)) if isinstance(x, Tensor) else None)
 
-        def post_a(mod, args, out, _name=name):
+        def hook_out(mod, args, out, _name=name):
             if isinstance(out, Tensor):
-                act_out[_name] = out.detach().clone()
-        hooks.append(m.register_forward_pre_hook(pre))
-        hooks.append(m.register_forward_hook(post_a))
+                post[_name] = out.detach().clone()
+        hooks.append(m.register_forward_pre_hook(hook_in))
+        hooks.append(m.register_forward_hook(hook_out))
     try:
         with torch.no_grad(), uses:
             call_model(work, example_inputs)
     finally:
         for h in hooks:
             h.remove()
-    fused = []
-    taken = set()
-    for a_name, (a_mod, kind) in acts.items():
-        feeds = fed_by.get(a_name, [])
+    out, taken = [], set()
+    for c_name in consumers:
+        feeds = fed_by.get(c_name, [])
         if len(feeds) != 1 or feeds[0] is None:
             continue
-        l_name = feeds[0]
-        if l_name in taken or calls.get(l_name) != 1 or uses.uses.get(l_name) != 1:
-            continue  # the pre-activation is used elsewhere too (or the layer ran several times)
-        y, got = pre_act.get(l_name), act_out.get(a_name)
-        if y is None or got is None or got.shape != y.shape:
+        p_name = feeds[0]
+        if p_name in taken or calls.get(p_name) != 1 or uses.uses.get(p_name) != 1:
+            continue  # the producer's output is used elsewhere too (or it ran several times)
+        if p_name not in pre or c_name not in post:
             continue
-        want = ops.apply_activation(y, kind)
-        if not torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6):
+        taken.add(p_name)
+        out.append((p_name, c_name, pre[p_name], post[c_name]))
+    return out
+
+
+def fuse_activations(work: nn.Module, example_inputs, swaps) -> List[dict]:
+    """Fuse every provable (sparse layer, activation) pair of ``work`` in place (through ``swaps``, so
+    that it can be undone); returns ``[{"layer", "activation", "kind"}]``."""
+    from .. import ops
+    layers, acts = _candidates(work)
+    if not layers or not acts:
+        return []
+    fused = []
+    for l_name, a_name, y, got in prove_pairs(work, example_inputs, layers, {n: a for n, (a, _) in acts.items()}):
+        a_mod, kind = acts[a_name]
+        if got.shape != y.shape or not torch.allclose(got.float(), ops.apply_activation(y, kind), rtol=1e-5, atol=1e-6):
             continue  # its type says one function, it computes another: leave it alone
         layer = layers[l_name]
         layer.activation = kind
@@ -142,7 +152,6 @@ def fuse_activations(work: nn.Module, example_inputs, swaps) -> List[dict]:
             layer.activation = "none"
             continue
         swaps.replace(a_mod, nn.Identity(), a_name)
-        taken.add(l_name)
         fused.append({"layer": l_name, "activation": a_name, "kind": kind})
     return fused
 

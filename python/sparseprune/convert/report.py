@@ -130,7 +130,9 @@ class Summary(list):
                 notes.append(f"ALL sparse layers were reverted by the end-to-end check: the converted model took "
                              f"{e['converted']:.3f} ms against {e['dense']:.3f} ms dense, so every layer runs dense")
         if t.get("folded"):
-            notes.append(f"BatchNorm folded: {', '.join(f['bn'] + ' -> ' + f['conv'] for f in t['folded'])}")
+            notes.append(f"BatchNorm folded ({len(t['folded'])}): "
+                         + ", ".join(f["bn"] + " -> " + f["conv"] for f in t["folded"][:6])
+                         + (", ..." if len(t["folded"]) > 6 else ""))
         if t.get("fused"):
             notes.append(f"activations fused into the layer before them ({len(t['fused'])}): "
                          + ", ".join(f"{f['activation']} ({f['kind']}) -> {f['layer']}" for f in t["fused"][:6])
