@@ -278,3 +278,18 @@ def test_paths_listed():
     from sparseprune.info import info_lines
     text = "\n".join(info_lines())
     assert "s8_bsr_spmm" in text and "bf16_bsr_spmm" in text
+
+
+@settings(max_examples=30, deadline=None)
+@given(threads=st.integers(2, 4), n=st.integers(20, 150), k=st.integers(4, 200), m=st.integers(1, 200),
+       sparsity=st.sampled_from([0.3, 0.8, 0.97]), s8=st.booleans())
+def test_thread_splits_match_reference(threads, n, k, m, sparsity, s8):
+    """Rows of X split between threads (each quantizes and packs its own panels) or block rows split
+    (shared panels), chosen by the sizes of W and X: int8 stays bit-exact, bf16 within rounding."""
+    dtype = torch.int8 if s8 else torch.bfloat16
+    g = torch.Generator().manual_seed(n * 7 + k)
+    w = block_sparse_weight(m, k, (16, 16), sparsity, generator=g)
+    p = QuantBSRMatrix.from_dense(w, (16, 16), dtype)
+    x = torch.randn(n, k, generator=g) * 2
+    b = torch.randn(m, generator=g)
+    _check(_run(x, p, b, num_threads=threads), reference_qspmm(x, p, b), dtype)

@@ -129,7 +129,11 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   uint32_t* xp = q_scratch(static_cast<size_t>(units * kg * ps + 2 * n));
   int32_t* zp = reinterpret_cast<int32_t*>(xp + units * kg * ps);
   float* sx = reinterpret_cast<float*>(zp + n);
-  const int pm = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
+  // As for fp32 (spmm_simd.h, split_rows): split rows of X when each thread reading all of W costs less
+  // than sharing quantized X panels across cores; each thread then packs only its own rows, no barrier.
+  const int64_t w_words = w.nnzb() * r * gpb, x_words = n * kg;
+  const bool by_rows = split_rows(w_words, x_words, units, nt, n >= QPW);
+  const int pm = by_rows ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // One panel per pass, all of this thread's block rows inside it: consecutive tiles then write
   // neighbouring 64-byte pieces of the same rows of Y. (Block rows outside, panels inside wrote
@@ -140,8 +144,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   {
     thread_local std::vector<uint32_t> rowbuf;
     if (static_cast<int64_t>(rowbuf.size()) < kg) rowbuf.resize(kg);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
+    auto pack_row = [&](int64_t i) {
       uint32_t* words = rowbuf.data();
       if (Op::S8) {
         const QRowParams p = q_row_words(static_cast<const float*>(x) + i * ldx, w.cols, kg, words);
@@ -154,6 +157,10 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       }
       uint32_t* dst = xp + (i / ps) * kg * ps + (i % ps);
       for (int64_t g = 0; g < kg; ++g) dst[g * ps] = words[g];
+    };
+    if (!by_rows) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i) pack_row(i);
     }
     const int tid = omp_get_thread_num();
     if (tid < pm * pn) {
@@ -161,6 +168,8 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
       const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
       const int64_t nn0 = std::min(n, units * in / pn * ps), nn1 = std::min(n, units * (in + 1) / pn * ps);
+      if (by_rows)
+        for (int64_t i = nn0; i < nn1; ++i) pack_row(i);
       for (int64_t a = nn0; a < nn1; a += nc) {
         const int64_t a1 = std::min(nn1, a + nc);
         for (int64_t br = br0; br < br1; ++br) {

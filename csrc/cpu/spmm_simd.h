@@ -136,18 +136,6 @@ SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int 
   }
 }
 
-// Split rows of X (each thread reads all of W) rather than block rows (each thread reads all of X)?
-// SPARSEPRUNE_SPLIT=rows|blocks overrides, for experiments.
-inline bool split_rows(const BsrView& w, int64_t n, int64_t units, int nt) {
-  static const char* force = std::getenv("SPARSEPRUNE_SPLIT");
-  if (force && force[0] == 'r') return n >= 16;
-  if (force && force[0] == 'b') return false;
-  // Measured on a 2-core Xeon (BERT / MiniLM / ResNet-1x1 shapes, 128 rows, 10-50% density): rows won or
-  // tied everywhere up to W ~12x the size of X (sharing X panels across cores costs more than re-reading W).
-  const int64_t w_floats = w.nnzb() * w.r * w.c, x_floats = n * w.cols;
-  return n >= 16 && units >= nt && w_floats <= 16 * x_floats;
-}
-
 template <class V, int MR1, int MR2, class Idx>
 void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int nt) {
@@ -160,10 +148,9 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   const int64_t units = (n + unit - 1) / unit;
   float* xp = packed ? xt_scratch(static_cast<size_t>(units * K * PW)) : nullptr;
   const int64_t kstep = 256, kblocks = (K + kstep - 1) / kstep;
-  // Split rows of X between threads when each thread reading all of W costs less than each reading all
-  // of X (then every thread packs only its own panels: no barrier, no panel crossing cores); else split
+  // Split rows of X between threads (split_rows, parallel.h: each thread packs only its own panels) or
   // block rows by non-zeros (and rows of X as well when there are too few block rows).
-  const bool by_rows = split_rows(w, n, units, nt);
+  const bool by_rows = split_rows(w.nnzb() * w.r * w.c, n * K, units, nt, packed);
   const int pm = by_rows ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // Rows of X per pass: keep the X panel (nc x K floats) within ~256 KiB of L2.
