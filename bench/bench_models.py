@@ -111,7 +111,10 @@ def variant(name, kind):
             dtypes = {"int8": (torch.float32, torch.int8), "bf16": (torch.float32, torch.bfloat16)}.get(
                 parts[2] if len(parts) > 2 else "", (torch.float32,))
             calib = {"importance": "wanda", "calibration": [args]} if name == "minilm_l6" else {}
-            sp.prune_blocks(model, sparsity=s, block_size=(16, 16), **calib)
+            # every layer a 16x16 block fits (the stem conv's 3 input channels do not): these are
+            # backbones without a classifier head, so dense_first_last (meant for heads) would keep a
+            # body layer dense (BERT's last FFN, ResNet's last conv)
+            sp.prune_blocks(model, sparsity=s, block_size=(16, 16), dense_first_last=False, **calib)
         if not kind.startswith("dense_"):
             model.eval()
             density = _weights_density(model)

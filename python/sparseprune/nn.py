@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._ext import _C
 from .formats import BSRMatrix, CSRMatrix, block_mask
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConv2d", "FORMATS", "WEIGHT_DTYPES", "detect_block_size",
@@ -502,7 +503,22 @@ class SparseLinear(SparseModule):
             return y.to(x.dtype) if x.is_floating_point() else y
         if self.weight_dtype != "float32":
             return self._forward_quant(x)
-        self._check_input(x)
+        bufs = self._buffers
+        values, bias = bufs["values"], self._parameters["bias"]
+        if x.dtype is not torch.float32 or not (x.is_cpu and values.is_cpu):
+            self._check_input(x)
+        if (x.is_cpu and ops.call_route(x, bias) == "eager" and x.is_contiguous() and x.numel()
+                and self.out_features and (bias is None or bias.is_contiguous())):
+            # the common inference call, straight to the kernel: no reshapes, no dispatcher (a few us a call)
+            y = torch.empty(x.shape[:-1] + (self.out_features,))
+            r, c = self.block_size
+            ci = bufs["col_idx"]
+            nt = self.num_threads or torch.get_num_threads()
+            _C.spmm(self.out_features, self.in_features, r, c, bufs["row_ptr"].data_ptr(), ci.data_ptr(),
+                    ci.dtype == torch.int16, values.data_ptr(), x.data_ptr(), x.numel() // self.in_features,
+                    self.in_features, bias.data_ptr() if bias is not None else 0, y.data_ptr(), self.out_features,
+                    nt, ops.ACTIVATIONS.index(act))
+            return y
         lead = x.shape[:-1]
         x2 = x.reshape(math.prod(lead), self.in_features)
         r, c = self.block_size

@@ -87,7 +87,7 @@ def call_route(x: Tensor, *params: Optional[Tensor]) -> str:
     directly: plain tensors on cpu/cuda, no gradient needed, not traced), ``"autograd"`` (a gradient
     is needed: the eager autograd twin), or ``"op"`` (the registered custom op: torch.compile, export,
     fake / meta tensors, torch function or dispatch modes)."""
-    if (type(x) is not torch.Tensor or x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
+    if (type(x) is not torch.Tensor or not (x.is_cpu or x.is_cuda) or torch.compiler.is_compiling()
             or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() != 0):
         return "op"
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
