@@ -71,7 +71,7 @@ def _own_attrs(m: nn.Module, name: str) -> dict:
     """The attributes a sparse module's class set (private ones included), all JSON-able."""
     attrs = {}
     for k, v in vars(m).items():
-        if k in _MODULE_INTERNAL or k.startswith("_warned"):
+        if k in _MODULE_INTERNAL or k.startswith(("_warned", "_cache")):
             continue
         if not _jsonable(v):
             raise ValueError(f"save: attribute {k!r} of {name} ({type(m).__name__}) is a {type(v).__name__}, "

@@ -254,6 +254,7 @@ class SparseModule(nn.Module):
     def validate(self) -> "SparseModule":
         """Check every attribute and array a kernel will rely on; raise ValueError / TypeError naming
         the problem. Returns ``self``."""
+        self.__dict__.pop("_cache_conv_plan", None)  # derived from the geometry checked here
         if self.format not in ("dense", "csr", "bsr"):
             raise ValueError(f"format must be 'dense', 'csr' or 'bsr', got {self.format!r}")
         wdt = self.weight_dtype
@@ -711,6 +712,17 @@ class SparseConv2d(SparseModule):
             return ops.apply_activation(F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation,
                                                  self.groups), self.activation)
         self._check_input(x)
+        bufs, bias = self._buffers, self._parameters["bias"]
+        if x.is_cpu and bufs["values"].is_cpu and ops.call_route(x, bias) == "eager":
+            # shapes, strides and workspace size depend only on the input's shape and strides: kept
+            key = (x.shape, x.stride(), tuple(pad4))
+            plan = self.__dict__.get("_cache_conv_plan")
+            if plan is None or plan[0] != key:
+                plan = (key, ops.conv2d_plan(x, self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                             pad4, self.dilation, self.groups))
+                self.__dict__["_cache_conv_plan"] = plan
+            return ops.sparse_conv2d_planned(x, plan[1], bufs["row_ptr"], bufs["col_idx"], bufs["values"], bias,
+                                             self.rk, self._threads(), self._act_code())
         args = (x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels, self.out_channels,
                 list(self.kernel_size), list(self.stride), list(pad4), list(self.dilation), self.groups, self.rk,
                 self._threads())

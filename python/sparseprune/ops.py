@@ -279,19 +279,36 @@ def sparse_conv2d_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Ten
                         act: int = 0) -> Tensor:
     """:func:`sparse_conv2d_cpu` with an optional fused activation (code of :data:`ACTIVATIONS`)."""
     _check_placement(x, row_ptr, col_idx, values, bias, "sparse_conv2d")
-    n, c, h, w, ho, wo = _conv_shapes(x, in_channels, out_channels, kernel_size, stride, padding, dilation,
-                                      groups, "sparse_conv2d")
     if values.device.type != "cpu":
         raise NotImplementedError("sparse_conv2d has CPU kernels only for now")
-    y = torch.empty((n, out_channels, ho, wo), dtype=torch.float32, device=x.device,
-                    memory_format=conv_output_memory_format(x))
-    if n == 0:
-        return y
-    if bias is not None:
-        bias = bias.contiguous()
+    plan = conv2d_plan(x, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+    return sparse_conv2d_planned(x, plan, row_ptr, col_idx, values, bias, r, num_threads, act)
+
+
+def conv2d_plan(x: Tensor, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
+                groups: int) -> tuple:
+    """What a sparse conv call derives from its input's shape and strides alone: ``(output shape, output
+    memory format, kernel geometry, workspace floats)``. Valid for every input of the same shape and
+    strides (SparseConv2d keeps the last one)."""
+    n, c, h, w, ho, wo = _conv_shapes(x, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                      groups, "sparse_conv2d")
+    fmt = conv_output_memory_format(x)
+    y_strides = torch.empty((n, out_channels, ho, wo), device="meta", memory_format=fmt).stride()
     geom = _conv_geom(x.shape, x.stride(), out_channels, ho, wo, kernel_size, stride, padding, dilation, groups,
-                      y.stride())
-    ws_floats = _C.conv2d_workspace(geom)
+                      y_strides)
+    return (n, out_channels, ho, wo), fmt, geom, _C.conv2d_workspace(geom)
+
+
+def sparse_conv2d_planned(x: Tensor, plan: tuple, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
+                          bias: Optional[Tensor], r: int, num_threads: int, act: int = 0) -> Tensor:
+    """The kernel call of :func:`sparse_conv2d_eager` for validated CPU operands and ``plan`` =
+    :func:`conv2d_plan` of an input shaped and strided like ``x``."""
+    shape, fmt, geom, ws_floats = plan
+    y = torch.empty(shape, dtype=torch.float32, memory_format=fmt)
+    if shape[0] == 0:
+        return y
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     ws = torch.empty(ws_floats, dtype=torch.float32) if ws_floats else None
     _C.conv2d(geom, r, row_ptr.data_ptr(), col_idx.data_ptr(), col_idx.dtype == torch.int16, values.data_ptr(),
               x.data_ptr(), bias.data_ptr() if bias is not None else 0, y.data_ptr(),
