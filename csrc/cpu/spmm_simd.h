@@ -302,6 +302,27 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
   const int64_t kstep = 256;
   const int64_t kblocks = (K + kstep - 1) / kstep;
   float* xt = xt_scratch(static_cast<size_t>(full * K * NB + K * NBR));
+  // split_rows (parallel.h): each thread transposes its own tiles of X and runs every block row on them
+  const bool by_rows = split_rows(w.nnzb() * R * w.c, n * K, units, nt, true);
+  if (by_rows) {
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      const int64_t u0 = units * tid / nth, u1 = units * (tid + 1) / nth;
+      for (int64_t t = u0; t < u1; ++t) xt_transpose_unit<NB, NBR>(x, ldx, n, K, full, t, 0, K, xt);
+      for (int64_t t = u0; t < u1; ++t) {
+        if (t < full) {
+          for (int64_t br = 0; br < w.block_rows; br += XT_G)
+            xt_group<V, R, NBV, C1>(w, cols, xt + t * K * NB, br, w.block_rows, bias, y + t * NB * ldy, ldy, NB);
+        } else {
+          for (int64_t br = 0; br < w.block_rows; br += XT_G)
+            xt_group<V, R, NBVR, C1>(w, cols, xt + full * K * NB, br, w.block_rows, bias, y + full * NB * ldy, ldy,
+                                     static_cast<int>(n - full * NB));
+        }
+      }
+    }
+    return;
+  }
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
