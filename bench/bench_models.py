@@ -44,7 +44,7 @@ def _mobilenet_v2():
 
 def _bert_base():
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(attn_implementation="eager")
+    cfg = transformers.BertConfig()  # transformers' default attention (sdpa), as users get it
     ids = torch.randint(0, cfg.vocab_size, (1, 128))
     return transformers.BertModel(cfg, add_pooling_layer=False).eval(), (ids,)
 

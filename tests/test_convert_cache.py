@@ -60,7 +60,8 @@ def test_poisoned_timings_are_rechecked_and_replaced():
     path = os.path.join(cache_dir(), os.listdir(cache_dir())[0])
     data = json.load(open(path))
     for times in data.values():
-        times["dense"] *= 50.0
+        if "dense" in times:  # (kernel-variant entries have no dense time)
+            times["dense"] *= 50.0
     with open(path, "w") as f:
         json.dump(data, f)
     rows = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
@@ -68,4 +69,4 @@ def test_poisoned_timings_are_rechecked_and_replaced():
     assert any("re-timed" in r["reason"] for r in rows.values())
     assert all(r["speedup"] < 40 for r in rows.values())
     healed = json.load(open(path))
-    assert all(healed[k]["dense"] < data[k]["dense"] / 5 for k in data if k in healed)
+    assert all(healed[k]["dense"] < data[k]["dense"] / 5 for k in data if k in healed and "dense" in data[k])

@@ -169,7 +169,7 @@ def test_bad_activations_are_refused(tmp_path):
         layer.validate()
     with pytest.raises(ValueError, match="fused activation code"):
         _C.spmm(8, 8, 1, 1, layer.row_ptr.data_ptr(), layer.col_idx.data_ptr(), False, layer.values.data_ptr(),
-                torch.zeros(1, 8).data_ptr(), 1, 8, 0, torch.zeros(1, 8).data_ptr(), 8, 1, 9)
+                torch.zeros(1, 8).data_ptr(), 1, 8, 0, torch.zeros(1, 8).data_ptr(), 8, 1, 9, 0, 0)
     # a saved file whose layer names an unknown activation does not load
     model = nn.Sequential(sp.SparseLinear.from_dense(lin, format="csr", activation="relu"))
     model[0].activation = "bogus"

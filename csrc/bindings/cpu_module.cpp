@@ -45,9 +45,12 @@ BsrView make_view(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, u
 
 void spmm(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
           uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
-          int64_t ldy, int num_threads, int act) {
+          int64_t ldy, int num_threads, int act, int split, int pack) {
   BsrView w = make_view(rows, cols, r, c, row_ptr, col_idx, idx16, values);
   w.act = check_act(act);
+  if (split < 0 || split > 2 || pack < 0 || pack > 2) throw std::invalid_argument("bad kernel variant");
+  w.split = split;
+  w.pack = pack;
   if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("bad dense operand shape");
   if (n == 0) return;
   if (!x || !y) throw std::invalid_argument("null dense operand");

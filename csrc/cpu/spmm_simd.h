@@ -136,6 +136,24 @@ SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int 
   }
 }
 
+// Packing X into panels costs a pass over X per call (a third of a 90%-sparse 128x768x768 call). It pays
+// when the rows of a register tile, ldx floats apart, crowd into few L1 sets (with K = 3072 all 24 fall
+// into one 12-way set and evict each other); with other strides a tile's rows spread over enough sets
+// and are read in place. SPARSEPRUNE_PACK=always|never overrides, for experiments.
+inline bool panel_pays(int64_t ldx) {
+  static const char* force = std::getenv("SPARSEPRUNE_PACK");
+  if (force && force[0] == 'a') return true;
+  if (force && force[0] == 'n') return false;
+  constexpr int64_t kSets = 64, kLine = 64;  // 48 KiB 12-way / 32 KiB 8-way L1D: 64 sets of 64-byte lines
+  int64_t hits[kSets] = {0};
+  int64_t worst = 0;
+  for (int64_t i = 0; i < PW; ++i) {
+    const int64_t set = ((i * ldx * static_cast<int64_t>(sizeof(float))) / kLine) % kSets;
+    worst = std::max(worst, ++hits[set]);
+  }
+  return worst > 6;  // more tile rows in one set than leaves room for W, Y and the next block
+}
+
 template <class V, int MR1, int MR2, class Idx>
 void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int nt) {
@@ -143,14 +161,15 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   constexpr int W = V::W;
   const int r = w.r, c = w.c;
   const int64_t K = w.cols;
-  const bool packed = n >= 16;
+  const bool packed = n >= 16 && (w.pack == 1 || (w.pack == 0 && panel_pays(ldx)));
   const int64_t unit = packed ? PW : 1;  // rows are split between threads in whole panels
   const int64_t units = (n + unit - 1) / unit;
   float* xp = packed ? xt_scratch(static_cast<size_t>(units * K * PW)) : nullptr;
   const int64_t kstep = 256, kblocks = (K + kstep - 1) / kstep;
   // Split rows of X between threads (split_rows, parallel.h: each thread packs only its own panels) or
   // block rows by non-zeros (and rows of X as well when there are too few block rows).
-  const bool by_rows = split_rows(w.nnzb() * w.r * w.c, n * K, units, nt, packed);
+  const bool by_rows = w.split ? (w.split == 1 && n >= 16)
+                               : split_rows(w.nnzb() * w.r * w.c, n * K, (n + PW - 1) / PW, nt, n >= 16);
   const int pm = by_rows ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // Rows of X per pass: keep the X panel (nc x K floats) within ~256 KiB of L2.
@@ -303,7 +322,7 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
   const int64_t kblocks = (K + kstep - 1) / kstep;
   float* xt = xt_scratch(static_cast<size_t>(full * K * NB + K * NBR));
   // split_rows (parallel.h): each thread transposes its own tiles of X and runs every block row on them
-  const bool by_rows = split_rows(w.nnzb() * R * w.c, n * K, units, nt, true);
+  const bool by_rows = w.split ? w.split == 1 : split_rows(w.nnzb() * R * w.c, n * K, units, nt, true);
   if (by_rows) {
 #pragma omp parallel num_threads(nt)
     {

@@ -98,11 +98,14 @@ class SparseModule(nn.Module):
 
     dense_type: type = nn.Module
     SAVED_ATTRS: Tuple[str, ...] = ()  # plain attributes a saved file holds (and load() accepts)
-    OPTIONAL_ATTRS = {"weight_dtype": "float32", "activation": "none"}  # absent from older files: defaults
+    OPTIONAL_ATTRS = {"weight_dtype": "float32", "activation": "none", "kernel": "auto",
+                      "kernel_cpu": ""}  # absent from older files: these defaults apply
     PACKED = ("row_ptr", "col_idx", "values")
     QUANT_DTYPES: Tuple[str, ...] = ()  # weight dtypes besides float32 this module type runs
     weight_dtype = "float32"
     activation = "none"  # fused into the kernel's store after the bias: one of ops.ACTIVATIONS
+    kernel = "auto"  # fp32 spmm variant pinned by convert()'s timing (ops.KERNELS); "auto": heuristics
+    kernel_cpu = ""  # the CPU model that timing ran on (a hint from another CPU is dropped on load)
 
     # -- subclass hooks -----------------------------------------------------------------------
     @classmethod
@@ -262,6 +265,10 @@ class SparseModule(nn.Module):
             raise ValueError(f"weight_dtype {wdt!r} is not one {type(self).__name__} runs")
         if wdt != "float32" and (self.format == "csr" or (wdt == "int8" and self.format == "dense")):
             raise ValueError(f"a {wdt} {type(self).__name__} cannot have format {self.format!r}")
+        if not isinstance(self.kernel, str) or self.kernel not in ops.KERNELS:
+            raise ValueError(f"kernel must be one of {tuple(ops.KERNELS)}, got {self.kernel!r}")
+        if not isinstance(self.kernel_cpu, str) or len(self.kernel_cpu) > 256:
+            raise ValueError("kernel_cpu must be a short string")
         if not isinstance(self.activation, str) or self.activation not in ops.ACTIVATIONS:
             raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {self.activation!r}")
         if self.num_threads is not None:
@@ -434,7 +441,7 @@ class SparseLinear(SparseModule):
 
     dense_type = nn.Linear
     SAVED_ATTRS = ("in_features", "out_features", "format", "block_size", "num_threads", "weight_dtype",
-                   "activation")
+                   "activation", "kernel", "kernel_cpu")
     QUANT_DTYPES = ("int8", "bfloat16")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "csr",
@@ -518,7 +525,7 @@ class SparseLinear(SparseModule):
             _C.spmm(self.out_features, self.in_features, r, c, bufs["row_ptr"].data_ptr(), ci.data_ptr(),
                     ci.dtype == torch.int16, values.data_ptr(), x.data_ptr(), x.numel() // self.in_features,
                     self.in_features, bias.data_ptr() if bias is not None else 0, y.data_ptr(), self.out_features,
-                    nt, ops.ACTIVATIONS.index(act))
+                    nt, ops.ACTIVATIONS.index(act), *ops.KERNELS[self.kernel])
             return y
         lead = x.shape[:-1]
         x2 = x.reshape(math.prod(lead), self.in_features)
@@ -527,7 +534,7 @@ class SparseLinear(SparseModule):
                 self._threads())
         route = self._route(x2)
         if route == "eager":  # same kernel, without the dispatcher's per-call cost; activation fused
-            y = ops.spmm_eager(*args, self._act_code())
+            y = ops.spmm_eager(*args, self._act_code(), self.kernel)
         elif route == "autograd":
             y = ops.apply_activation(ops.SpmmFunction.apply(*args), act)
         else:

@@ -18,6 +18,11 @@ __all__ = ["spmm", "spmm_t", "spmm_eager", "SpmmFunction", "call_route", "set_is
            "resolve_threads", "sparse_conv2d", "sparse_conv2d_input_grad", "conv_output_memory_format",
            "conv_output_size", "ACTIVATIONS", "activation_code", "apply_activation"]
 
+# fp32 spmm kernel variants a layer may pin (convert() times them per layer): name -> (split, pack) of
+# BsrView: split 1 = rows of X between threads, 2 = block rows; pack 1 = X panels, 2 = X read in place.
+KERNELS = {"auto": (0, 0), "rows/panels": (1, 1), "rows/direct": (1, 2), "blocks/panels": (2, 1),
+           "blocks/direct": (2, 2)}
+
 # Activations a kernel can apply in its store (fused epilogue), by code: csrc/include/sparseprune/epilogue.h.
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
@@ -109,7 +114,8 @@ def spmm(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Opti
 
 
 def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
-               rows: int, cols: int, r: int, c: int, num_threads: int, act: int = 0) -> Tensor:
+               rows: int, cols: int, r: int, c: int, num_threads: int, act: int = 0,
+               kernel: str = "auto") -> Tensor:
     """The body of :func:`spmm` without the dispatcher (a few microseconds instead of tens).
 
     For callers that have already validated operands (SparseLinear in eager inference). ``act``: an
@@ -128,7 +134,7 @@ def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias
             values.data_ptr(), x.data_ptr(), n, max(x.stride(0), cols), bias.data_ptr() if bias is not None else 0,
             y.data_ptr(), rows)
     if x.device.type == "cpu":
-        _C.spmm(*args, resolve_threads(num_threads), act)
+        _C.spmm(*args, resolve_threads(num_threads), act, *KERNELS[kernel])
     elif x.device.type == "cuda":
         if _ext._cuda is None:
             raise RuntimeError(f"sparseprune was built without CUDA kernels: {_ext.CUDA_STATUS}")

@@ -21,6 +21,8 @@ struct BsrView {
   bool idx16 = false;
   const float* values = nullptr;     // nnzb * r * c
   int32_t act = kActNone;            // activation fused into the store, after the bias (epilogue.h)
+  int32_t split = 0;                 // threads split 0: by heuristic, 1: rows of X, 2: block rows
+  int32_t pack = 0;                  // X panels 0: by heuristic, 1: always, 2: never (broadcast family)
 
   int64_t nnzb() const { return row_ptr ? row_ptr[block_rows] : 0; }
   int64_t block_col(int64_t b) const {

@@ -10,6 +10,7 @@ only timings: a malformed or foreign file is ignored, never trusted for anything
 from __future__ import annotations
 
 import hashlib
+import functools
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ _MAX_ENTRIES = 4096
 
 
 @lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

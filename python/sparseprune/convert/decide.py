@@ -42,6 +42,7 @@ class LayerRow:
     reason: str = ""
     changed: bool = False
     weight_dtype: str = "float32"
+    kernel: str = "auto"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +59,7 @@ class LayerRow:
         row = cls(**{k: v for k, v in d.items()})
         num = (int, float)
         checks = [("name", str, False), ("type", str, False), ("format", str, False), ("reason", str, False),
-                  ("weight_dtype", str, False),
+                  ("weight_dtype", str, False), ("kernel", str, False),
                   ("density", num, True), ("dense_ms", num, True), ("sparse_ms", num, True), ("speedup", num, True),
                   ("shape", list, True), ("block", list, True), ("candidates", dict, False), ("changed", bool, False)]
         for k, t, opt in checks:
@@ -144,6 +145,41 @@ def candidate_formats(pattern: Tensor, density: float, formats: Sequence[str]):
     if "csr" in formats:
         out.append(("csr", None))
     return out
+
+
+def _tune_kernel(mod, row: LayerRow, inputs, counts, budget_s: float, deadline: float, settings, key) -> None:
+    """Time the fp32 kernel variants (thread split, X panels: ``ops.KERNELS``) of the chosen layer on its
+    real inputs and pin the fastest when it beats the heuristics' choice by more than the noise."""
+    from ..ops import KERNELS
+    if not isinstance(mod, spnn.SparseLinear) or mod.format == "dense" or mod.weight_dtype != "float32":
+        return
+    if max((x.numel() // max(x.shape[-1], 1) for x in inputs), default=0) < 16:
+        return  # too few rows of X for the variants to differ
+    names = list(KERNELS) if mod.block_size[0] >= 8 else ["auto", "rows/panels", "blocks/panels"]
+    kkey = key + ":kernel" if key is not None else None
+    cached = settings.cache.get(kkey) if kkey is not None else None
+    if cached is not None and set(cached) == set(names):
+        times = dict(cached)
+    else:
+        times = {k: 0.0 for k in names}
+        for x, n in zip(inputs, counts):
+            def run(v, x=x):
+                mod.kernel = v
+                return mod(x)
+            per = time_calls({v: (lambda v=v: run(v)) for v in names}, min(budget_s, 0.2) / len(inputs),
+                             deadline=deadline)
+            for k, t in per.items():
+                times[k] += n * t
+        if kkey is not None:
+            settings.cache.put(kkey, times)
+    best = min(times, key=times.get)
+    if best != "auto" and times["auto"] <= NOISE * times[best]:
+        best = "auto"
+    from .cache import cpu_model
+    mod.kernel, mod.kernel_cpu = best, (cpu_model() if best != "auto" else "")
+    row.kernel = best
+    if best != "auto":
+        row.reason += f"; kernel {best} {times['auto'] / times[best]:.2f}x the heuristic's"
 
 
 CACHE_CHECK = 2.0  # a cached dense / best ratio further than this from a fresh one is not trusted
@@ -278,6 +314,8 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
         row.reason = f"fastest ({best}), {dense_t / times[best]:.2f}x dense" + (" [cached timings]" if cached else "") \
             + (" [re-timed: the cached timings disagreed with a fresh check]" if stale else "")
         new = cands[best]
+        if time.perf_counter() < deadline:
+            _tune_kernel(new, row, inputs, counts, budget_s, deadline, settings, key)
     else:
         row.reason = f"dense: best sparse ({best}) only {dense_t / times[best]:.2f}x, margin {1 + settings.margin:.2f}x" \
             + (" [re-timed: the cached timings disagreed with a fresh check]" if stale else "")

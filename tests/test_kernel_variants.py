@@ -1,0 +1,88 @@
+"""Per-layer kernel variants (issue #15): the thread split and the X-panel choice can be pinned per layer,
+every variant equals the reference, convert() times them on the layer's inputs and pins the fastest, and the
+choice travels in saved files as a hint that is dropped on another CPU."""
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import sparseprune as sp
+from sparseprune import ops, reference
+
+from helpers import assert_close, block_sparse_weight
+
+cv = importlib.import_module("sparseprune.convert")
+cv_decide = importlib.import_module("sparseprune.convert.decide")
+cv_cache = importlib.import_module("sparseprune.convert.cache")
+
+
+@settings(max_examples=40, deadline=None)
+@given(kernel=st.sampled_from(list(ops.KERNELS)), threads=st.integers(1, 3), n=st.integers(1, 120),
+       k=st.sampled_from([7, 64, 256, 384, 512, 768]), m=st.integers(1, 100),
+       block=st.sampled_from([(16, 16), (8, 8), (4, 4), (1, 1), (16, 1)]), sparsity=st.sampled_from([0.0, 0.6, 0.95]),
+       act=st.sampled_from(["none", "relu", "gelu"]))
+def test_every_variant_matches_the_reference(kernel, threads, n, k, m, block, sparsity, act):
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        lin.weight.copy_(block_sparse_weight(m, k, block, sparsity))
+    fmt = "csr" if block == (1, 1) else "bsr"
+    layer = sp.SparseLinear.from_dense(lin, format=fmt, block_size=None if fmt == "csr" else block,
+                                       num_threads=threads, activation=act)
+    layer.kernel = kernel
+    layer.validate()
+    x = torch.randn(n, k)
+    with torch.no_grad():
+        assert_close(layer(x), ops.apply_activation(reference.linear(x, lin.weight, lin.bias), act))
+
+
+def test_bad_kernel_names_are_refused():
+    layer = sp.SparseLinear.from_dense(nn.Linear(8, 8), format="csr")
+    layer.kernel = "fastest"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        layer.validate()
+
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+    with torch.no_grad():
+        m[0].weight.copy_(block_sparse_weight(256, 256, (16, 16), 0.9))
+        m[2].weight.copy_(block_sparse_weight(64, 256, (16, 16), 0.9))
+    return m.eval()
+
+
+def test_convert_pins_the_fastest_variant_and_saves_it_as_a_hint(monkeypatch, tmp_path):
+    def fake(fns, *a, **k):  # sparse wins; among kernel variants "rows/direct" is the fastest
+        if "auto" in fns:
+            return {v: (0.5 if v == "rows/direct" else 1.0) for v in fns}
+        return {n: (1.0 if n == "dense" else 0.1) for n in fns}
+    monkeypatch.setattr(cv_decide, "time_calls", fake)
+    monkeypatch.setattr(cv, "time_calls", fake)
+    m, x = _model(), torch.randn(32, 256)
+    c = sp.convert(m, x, formats=("bsr",), end_to_end=False, time_budget=2.0)
+    assert c[0].kernel == "rows/direct" and c[0].kernel_cpu == cv_cache.cpu_model()
+    rows = {r["name"]: r for r in sp.summary(c, print_fn=None)}
+    assert rows["0"]["kernel"] == "rows/direct" and "kernel rows/direct" in rows["0"]["reason"]
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), rtol=1e-4, atol=1e-5)
+    path = tmp_path / "m.sp"
+    sp.save(c, path)
+    assert sp.load(path, _model())[0].kernel == "rows/direct"  # same CPU: kept
+    monkeypatch.setattr(cv_cache, "cpu_model", lambda: "Some Other CPU")
+    other = sp.load(path, _model())
+    assert other[0].kernel == "auto" and other[0].kernel_cpu == ""  # another CPU: back to the heuristics
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), c(x))
+
+
+def test_variants_within_noise_keep_the_heuristics(monkeypatch):
+    def fake(fns, *a, **k):
+        if "auto" in fns:
+            return {v: (1.0 if v == "auto" else 0.97) for v in fns}
+        return {n: (1.0 if n == "dense" else 0.1) for n in fns}
+    monkeypatch.setattr(cv_decide, "time_calls", fake)
+    monkeypatch.setattr(cv, "time_calls", fake)
+    c = sp.convert(_model(), torch.randn(32, 256), formats=("bsr",), end_to_end=False, time_budget=2.0)
+    assert c[0].kernel == "auto" and c[0].kernel_cpu == ""
