@@ -136,24 +136,6 @@ SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int 
   }
 }
 
-// Packing X into panels costs a pass over X per call (a third of a 90%-sparse 128x768x768 call). It pays
-// when the rows of a register tile, ldx floats apart, crowd into few L1 sets (with K = 3072 all 24 fall
-// into one 12-way set and evict each other); with other strides a tile's rows spread over enough sets
-// and are read in place. SPARSEPRUNE_PACK=always|never overrides, for experiments.
-inline bool panel_pays(int64_t ldx) {
-  static const char* force = std::getenv("SPARSEPRUNE_PACK");
-  if (force && force[0] == 'a') return true;
-  if (force && force[0] == 'n') return false;
-  constexpr int64_t kSets = 64, kLine = 64;  // 48 KiB 12-way / 32 KiB 8-way L1D: 64 sets of 64-byte lines
-  int64_t hits[kSets] = {0};
-  int64_t worst = 0;
-  for (int64_t i = 0; i < PW; ++i) {
-    const int64_t set = ((i * ldx * static_cast<int64_t>(sizeof(float))) / kLine) % kSets;
-    worst = std::max(worst, ++hits[set]);
-  }
-  return worst > 6;  // more tile rows in one set than leaves room for W, Y and the next block
-}
-
 template <class V, int MR1, int MR2, class Idx>
 void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int nt) {
@@ -161,7 +143,9 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   constexpr int W = V::W;
   const int r = w.r, c = w.c;
   const int64_t K = w.cols;
-  const bool packed = n >= 16 && (w.pack == 1 || (w.pack == 0 && panel_pays(ldx)));
+  // X packed into panels by default: reading rows in place was slower on every BERT shape measured (K = 768
+  // and 3072, 50-90%), but it is a variant convert() times per layer (w.pack == 2)
+  const bool packed = n >= 16 && w.pack != 2;
   const int64_t unit = packed ? PW : 1;  // rows are split between threads in whole panels
   const int64_t units = (n + unit - 1) / unit;
   float* xp = packed ? xt_scratch(static_cast<size_t>(units * K * PW)) : nullptr;
