@@ -10,6 +10,7 @@ shrinks every head (``prune_head_dims=True``); both remove half of the attention
     pytest bench/bench_channels_tp.py                 # pytest-benchmark; writes bench/results/channels_tp.md
     pytest bench/bench_channels_tp.py --quick         # smoke run: MobileNetV2 only, nothing written
     python bench/bench_channels_tp.py [--quick] [--out FILE] [--models resnet50,vit-base]   # table only
+    python bench/bench_channels_tp.py --compile --models resnet50   # torch.compile(fullgraph) first-call time
 
 Torch-Pruning is the optional extra ``torch-pruning``; its rows are skipped when it is absent.
 """
@@ -263,12 +264,57 @@ if pytest is not None:
             pytest.skip(f"Torch-Pruning fails on {name}: {type(e).__name__}")
         with torch.no_grad():
             med = measure(benchmark, lambda: call_model(model, x), group=f"channels-tp {name}", impl=impl,
-                          dense_flops=2 * row["macs"], quick=quick, model=name, params=row["params"],
+                          dense_flops=2 * row["macs"], quick=quick, budget=4.0, model=name, params=row["params"],
                           macs=row["macs"], prune_s=row["prune_s"])
         row["latency_s"] = med
         _ROWS.append(row)
         if impl != "dense":
             assert row["params"] < count_params(build(name)[0])
+
+
+# ------------------------------------------------------------------------------------------ compile time
+def _compile_child(name, impl, threads):
+    """In a fresh process with an empty inductor cache: prune, then time the first call of
+    ``torch.compile(model, fullgraph=True)`` (tracing + code generation + the run) and a second call."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, x, row = prepare(name, impl)
+    fn = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        call_model(fn, x)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        call_model(fn, x)
+        second = time.perf_counter() - t0
+    print("RESULT", {"model": name, "impl": impl, "first_call_s": first, "second_call_s": second,
+                     "params": row["params"], "macs": row["macs"]}, flush=True)
+
+
+def compile_times(names, impls, threads=None):
+    """torch.compile(fullgraph=True) first-call time of each pruned model, each in its own process with
+    its own empty ``TORCHINDUCTOR_CACHE_DIR`` (a warm cache from an earlier model of the same
+    architecture would otherwise make the second one look several times faster)."""
+    import ast
+    import subprocess
+    import sys
+    import tempfile
+    out = []
+    for name in names:
+        for impl in impls:
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=cache)
+                code = (f"import sys; sys.path.insert(0, {HERE!r}); import bench_channels_tp as b; "
+                        f"b._compile_child({name!r}, {impl!r}, {threads!r})")
+                p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode or not lines:
+                tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+                out.append({"model": name, "impl": impl, "error": tail})
+            else:
+                out.append(ast.literal_eval(lines[-1][len("RESULT "):]))
+            print(out[-1], flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ script
@@ -279,11 +325,20 @@ def main(argv=None):
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(NAMES))
     ap.add_argument("--out", default=None, help=f"markdown file to write (default {RESULTS} for a full run)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("SPARSEPRUNE_BENCH_THREADS", "0")) or None)
+    ap.add_argument("--compile", action="store_true",
+                    help="time torch.compile(fullgraph=True) first calls (fresh inductor cache per model) instead")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     names = a.models.split(",") if a.models else (QUICK_NAMES if a.quick else NAMES)
     impls = IMPLS if have_torch_pruning() else IMPLS[:2]
+    if a.compile:
+        rows = compile_times(names, impls[1:], a.threads)
+        print("| model | library | first call (s) | second call (ms) |\n|---|---|---:|---:|")
+        for r in rows:
+            print(f"| {r['model']} | {r['impl']} | " + (f"{r['first_call_s']:.1f} | {r['second_call_s'] * 1e3:.1f} |"
+                                                       if "error" not in r else f"fails: {r['error']} | |"))
+        return
     rows = []
     for name in names:
         ready = []

@@ -33,11 +33,12 @@ LAYERS = [
     ("1x1 1024->256 @14", 1024, 256, 1, 1, 14),
     ("3x3 512->512 @7", 512, 512, 3, 1, 7),
 ]
-# format, block, sparsity
-CONFIGS = [("dense", None, 0.0), ("bsr", (16, 16), 0.8), ("bsr", (16, 16), 0.9), ("csr", None, 0.9)]
+# format, block, sparsity[, weight dtype]: int8 / bf16 run as im2col + the quantized BSR kernel
+CONFIGS = [("dense", None, 0.0), ("bsr", (16, 16), 0.8), ("bsr", (16, 16), 0.9), ("csr", None, 0.9),
+           ("bsr", (16, 16), 0.8, "int8"), ("bsr", (16, 16), 0.9, "int8"), ("bsr", (16, 16), 0.9, "bfloat16")]
 
 
-def build(layer, fmt, block, sparsity, threads=THREADS, seed=0):
+def build(layer, fmt, block, sparsity, threads=THREADS, seed=0, weight_dtype="float32"):
     name, cin, cout, k, s, hw = layer
     g = torch.Generator().manual_seed(seed)
     conv = torch.nn.Conv2d(cin, cout, k, s, k // 2, bias=False)
@@ -50,7 +51,8 @@ def build(layer, fmt, block, sparsity, threads=THREADS, seed=0):
             keep = torch.zeros(w.numel(), dtype=torch.bool)
             keep[w.abs().flatten().topk(round(w.numel() * (1 - sparsity))).indices] = True
             w.mul_(keep.reshape(w.shape))
-    mod = SparseConv2d.from_dense(conv, format=fmt, block_size=block, num_threads=threads)
+    mod = SparseConv2d.from_dense(conv, format=fmt, block_size=block, num_threads=threads,
+                                  weight_dtype=getattr(torch, weight_dtype))
     x = torch.randn(1, cin, hw, hw, generator=g)
     return conv, mod, x
 
@@ -81,7 +83,8 @@ def interleaved_min(fns, rounds=40, warmup=3, inner=3):
 
 def _id(v):
     return v[0] if isinstance(v, tuple) and isinstance(v[0], str) and "@" in v[0] else \
-        (f"{v[0]}{'' if v[1] is None else f'{v[1][0]}x{v[1][1]}'}@{v[2]}" if isinstance(v, tuple) else str(v))
+        (f"{v[0]}{'' if v[1] is None else f'{v[1][0]}x{v[1][1]}'}@{v[2]}{''.join('-' + d for d in v[3:])}"
+         if isinstance(v, tuple) else str(v))
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=_id)
@@ -90,18 +93,23 @@ def test_conv_layer(benchmark, layer, cfg, quick):
     if quick and (layer is not LAYERS[0] or cfg[2] == 0.8 or cfg[0] == "csr"):
         pytest.skip("--quick")
     torch.set_num_threads(THREADS)
-    fmt, block, sparsity = cfg
-    conv, mod, x = build(layer, fmt, block, sparsity)
+    fmt, block, sparsity, *wdt = cfg
+    wdt = wdt[0] if wdt else "float32"
+    conv, mod, x = build(layer, fmt, block, sparsity, weight_dtype=wdt)
     benchmark.group = f"conv {layer[0]} (threads={THREADS})"
     t_dense, t_mod = interleaved_min([lambda: conv(x), lambda: mod(x)], rounds=20)
     density = mod.density
     benchmark.extra_info.update(
-        sparsity=sparsity, format=fmt, block=block, threads=THREADS, density=round(density, 4),
+        sparsity=sparsity, format=fmt, block=block, threads=THREADS, density=round(density, 4), weight_dtype=wdt,
         gflops_effective=round(dense_flops(layer) / t_mod / 1e9, 1),
         speedup_vs_dense=round(t_dense / t_mod, 3), eta=round(t_dense / t_mod * density, 3))
     with torch.no_grad():
         out = benchmark.pedantic(mod if fmt != "dense" else conv, args=(x,), rounds=20, warmup_rounds=2)
-        torch.testing.assert_close(out, conv(x), rtol=1e-4, atol=1e-4)
+        ref = conv(x)
+        if wdt == "float32":
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        else:  # quantization error only: relative L2 error of a few percent at most
+            assert float((out - ref).norm() / ref.norm()) < 0.05
 
 
 def resnet50_pair(sparsity=0.8, block=(16, 16), threads=THREADS):
@@ -149,7 +157,7 @@ def main():
         print("| layer | dense ms (GFLOP/s) | format | sparsity | density | sparse ms | speedup | eta |")
         print("|---|---|---|---|---|---|---|---|")
     for layer in [] if args.e2e_only else LAYERS:
-        built = [build(layer, f, b, s, args.threads) for f, b, s in CONFIGS[1:]]
+        built = [build(layer, f, b, s, args.threads, weight_dtype=(d or ["float32"])[0]) for f, b, s, *d in CONFIGS[1:]]
         conv = built[0][0]
         x = built[0][2]
         if args.layout == "channels_last":
@@ -161,8 +169,8 @@ def main():
         fns = [lambda: dense_conv(x)] + [(lambda m=m: m(x)) for _, m, _ in built]
         times = interleaved_min(fns, rounds=args.rounds)
         td = times[0]
-        for (fmt, block, s), (_, m, _), t in zip(CONFIGS[1:], built, times[1:]):
-            name = "bsr 16x16" if fmt == "bsr" else fmt
+        for (fmt, block, s, *d), (_, m, _), t in zip(CONFIGS[1:], built, times[1:]):
+            name = ("bsr 16x16" if fmt == "bsr" else fmt) + "".join(f" {v}" for v in d)
             print(f"| {layer[0]} | {td * 1e3:.3f} ({dense_flops(layer) / td / 1e9:.0f}) | {name} | {s:.0%} | "
                   f"{m.density:.3f} | {t * 1e3:.3f} | {td / t:.2f}x | {td / t * m.density:.2f} |", flush=True)
     if args.e2e or args.e2e_only:

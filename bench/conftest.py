@@ -31,14 +31,15 @@ from sparseprune.convert.cache import cpu_model  # noqa: E402  (one definition, 
 _DENSE = {}  # group -> median seconds of the dense baseline in this process
 
 
-def measure(benchmark, fn, *, group, impl, dense_flops, density=1.0, quick=False, **info):
-    """Time fn with pytest-benchmark (rounds sized to ~0.4 s), record extra_info, return median seconds."""
+def measure(benchmark, fn, *, group, impl, dense_flops, density=1.0, quick=False, budget=0.4, **info):
+    """Time fn with pytest-benchmark (rounds sized to ~``budget`` seconds, at most 200), record
+    extra_info, return median seconds."""
     fn()
     t0 = time.perf_counter()
     fn()
     one = max(time.perf_counter() - t0, 1e-7)
     iterations = max(1, int(2e-3 / one))
-    budget = 0.05 if quick else 0.4
+    budget = 0.05 if quick else budget
     rounds = max(3, min(200, int(budget / (one * iterations))))
     benchmark.group = group
     benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)

@@ -73,9 +73,122 @@ def test_bad_combinations_are_refused(kw, err, msg):
         sp.SparseLinear.from_dense(_linear(32, 32), **kw)
 
 
-def test_conv_has_no_quantized_kernels_yet():
-    with pytest.raises(ValueError, match="no int8 kernels"):
-        sp.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3), format="bsr", block_size=(4, 4), weight_dtype=torch.int8)
+def _conv(cin, cout, k, block, sparsity, seed, bias=True, **kw):
+    """A conv whose weight is zero in (block[0] out x block[1] in channels x every tap) slabs."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, bias=bias, **kw)
+    with torch.no_grad():
+        pattern = block_sparse_weight(cout, cin, block, sparsity, generator=g) != 0
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * pattern[:, :, None, None])
+        if bias:
+            conv.bias.copy_(torch.randn(cout, generator=g))
+    return conv
+
+
+def _im2col_reference(conv, x, mod):
+    """Independent twin: torch's unfold (padding applied by F.pad, so every mode goes through the same
+    route) and the quantizing matmul reference on the module's packed matrix."""
+    import torch.nn.functional as F
+    pt, pb, pl, pr = mod._pad4
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x, (pl, pr, pt, pb), mode=mode)
+    cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    n, kk, L = cols.shape
+    y = quant.reference_qspmm(cols.transpose(1, 2).reshape(n * L, kk), mod.packed(), mod.bias)
+    ho = (xp.shape[2] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+    return y.reshape(n, ho, L // ho, -1).permute(0, 3, 1, 2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(cin=st.sampled_from([4, 8, 16, 20]), cout=st.integers(1, 40), k=st.sampled_from([1, 2, 3]),
+       stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1, "same"]), dil=st.sampled_from([1, 2]),
+       hw=st.tuples(st.integers(3, 9), st.integers(3, 9)), n=st.integers(1, 2), dtype=st.sampled_from(DTYPES),
+       sparsity=st.sampled_from([0.0, 0.5, 0.9]), bias=st.booleans(), mode=st.sampled_from(["zeros", "reflect"]),
+       cl=st.booleans(), seed=st.integers(0, 999))
+def test_quantized_conv_matches_im2col_reference(cin, cout, k, stride, pad, dil, hw, n, dtype, sparsity, bias, mode,
+                                                 cl, seed):
+    if pad == "same" and stride != 1:
+        stride = 1
+    conv = _conv(cin, cout, k, (4, 4), sparsity, seed, bias, stride=stride, padding=pad, dilation=dil,
+                 padding_mode=mode)
+    x = torch.randn(n, cin, *hw, generator=torch.Generator().manual_seed(seed + 1))
+    if mode == "reflect" and min(hw) <= max(conv._reversed_padding_repeated_twice):
+        mode = conv.padding_mode = "zeros"
+    eff = [(s + 2 * (p if isinstance(p, int) else dil * (k - 1)) - dil * (k - 1) - 1)
+           for s, p in zip(hw, (pad, pad))]
+    if min(eff) < 0:
+        return  # input smaller than the kernel: PyTorch refuses it too
+    mod = sp.SparseConv2d.from_dense(conv, format="bsr", weight_dtype=dtype)
+    assert mod.block_size[1] % (4 if dtype == torch.int8 else 2) == 0
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, dense = mod(x), conv(x)
+    ref = _im2col_reference(conv, x, mod)
+    assert y.shape == dense.shape and y.dtype == torch.float32
+    if dtype == torch.int8:
+        assert torch.equal(y, ref)  # int32 accumulation: exact
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        scale = float(F_conv_abs(conv, x).max()) if dense.numel() else 0.0
+    if scale:
+        assert (y - dense).abs().max().item() <= 0.02 * scale + 1e-5
+
+
+def F_conv_abs(conv, x):
+    """|x| * |W|: the size of the products each output sums (the scale of quantization error)."""
+    import torch.nn.functional as F
+    w = conv.weight.abs()
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return F.conv2d(x.abs(), w, None, conv.stride, 0, conv.dilation)
+    return F.conv2d(x.abs(), w, None, conv.stride, conv.padding, conv.dilation)
+
+
+def test_quantized_conv_blocks_follow_channel_blocks():
+    # 16x16 channel blocks x 3x3 taps are exactly 16x16 blocks of the (Cout, Cin*9) im2col matrix
+    conv = _conv(64, 64, 3, (16, 16), 0.75, seed=3, padding=1)
+    for dtype in DTYPES:
+        mod = sp.SparseConv2d.from_dense(conv, weight_dtype=dtype)
+        assert mod.format == "bsr" and mod.block_size == (16, 16)
+        assert mod.density == pytest.approx(float((conv.weight != 0).float().mean()))  # no partial blocks
+        torch.testing.assert_close(mod.to_dense(), conv.weight.detach(), atol=0.02 * conv.weight.abs().max().item(),
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantized_conv_save_load_and_fused_relu(tmp_path, dtype):
+    model = nn.Sequential(_conv(16, 32, 3, (8, 8), 0.5, seed=1, padding=1), nn.ReLU(), _conv(32, 8, 1, (8, 8), 0.5, 2))
+    model[0] = sp.SparseConv2d.from_dense(model[0], weight_dtype=dtype, activation="relu")
+    model[1] = nn.Identity()
+    model[2] = sp.SparseConv2d.from_dense(model[2], format="bsr", block_size=(8, 8), weight_dtype=dtype)
+    x = torch.randn(2, 16, 7, 7)
+    with torch.no_grad():
+        y = model(x)
+        assert (model[0](x) >= 0).all()
+    sp.save(model, tmp_path / "qc.sp")
+    fresh = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Identity(), nn.Conv2d(32, 8, 1))
+    loaded = sp.load(tmp_path / "qc.sp", fresh)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+    assert loaded[0].weight_dtype == model[0].weight_dtype and loaded[0].activation == "relu"
+
+
+def test_quantized_conv_bad_input_is_refused():
+    with pytest.raises(ValueError, match="groups=1"):
+        sp.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, groups=2), format="bsr", block_size=(4, 4),
+                                   weight_dtype=torch.int8)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        sp.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3), format="bsr", block_size=(4, 3), weight_dtype=torch.int8)
+    mod = sp.SparseConv2d.from_dense(_conv(8, 8, 3, (4, 4), 0.5, 0), format="bsr", weight_dtype=torch.int8)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="float32 or bfloat16"):
+            mod(torch.randn(1, 8, 5, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="smaller than"):
+            mod(torch.randn(1, 8, 2, 2))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        mod(torch.randn(1, 8, 5, 5, requires_grad=True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

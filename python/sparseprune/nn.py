@@ -177,6 +177,8 @@ class SparseModule(nn.Module):
                 raise ValueError("format='csr' has no block_size (use format='bsr')")
             block_size = (1, 1)
         elif format == "bsr":
+            if block_size is None and wdt != "float32" and weight.device.type != "meta":
+                block_size = cls._quant_block(weight, wdt, None)
             if block_size is None:
                 block_size = detect_block_size(cls._pattern(weight)) if weight.device.type != "meta" else None
                 block_size = block_size or (16, 16)
@@ -211,7 +213,7 @@ class SparseModule(nn.Module):
         g = 4 if wdt == "int8" else 2
         if preferred is not None and preferred[1] % g == 0:
             return tuple(preferred)
-        pattern = cls._pattern(weight)
+        pattern = weight.reshape(weight.shape[0], -1)  # the matrix the quantized kernel reads
         for bs in BLOCK_CANDIDATES:
             if bs[1] % g == 0 and pattern.shape[0] >= bs[0] and pattern.shape[1] >= bs[1]:
                 stored = float(block_mask(pattern, bs).sum()) * bs[0] * bs[1] / max(pattern.numel(), 1)
@@ -421,6 +423,30 @@ class SparseModule(nn.Module):
         if x.device != self.values.device:
             raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
 
+    # -- quantized weights (int8 / bf16): one matmul path for every module type ----------------
+    def _check_quant_input(self, x: Tensor) -> None:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"{type(self).__name__} ({self.weight_dtype} weights) takes float32 or bfloat16 inputs, "
+                            f"got {x.dtype}")
+        if x.device != self.values.device:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+
+    def _qmatmul(self, x2: Tensor) -> Tensor:
+        """``act(x2 @ W^T + b)`` for a 2-D input through the int8 / bf16 BSR kernel (W: the packed
+        ``(out, prod(weight_shape[1:]))`` matrix)."""
+        from . import quant
+        out, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        r, c = self.block_size
+        args = (x2, self.row_ptr, self.col_idx, self.values, self._buffers.get("scales"),
+                self._buffers.get("compensation"), self.bias, out, k, r, c, self._threads())
+        route = self._route(x2)
+        if route == "autograd":
+            raise RuntimeError(f"{type(self).__name__} with {self.weight_dtype} weights is inference-only: run it "
+                               "under torch.no_grad() / torch.inference_mode()")
+        if route == "eager":
+            return quant.qspmm_eager(*args, self._act_code())
+        return ops.apply_activation(torch.ops.sparseprune.qspmm(*args), self.activation)
+
     def _apply(self, fn, recurse=True):
         # Packed indices must stay integers and values in their dtype: refuse dtype casts clearly.
         held = WEIGHT_DTYPES[self.weight_dtype] if self.weight_dtype != "int8" else torch.float32
@@ -542,27 +568,9 @@ class SparseLinear(SparseModule):
         return y.reshape(*lead, self.out_features)
 
     def _forward_quant(self, x: Tensor) -> Tensor:
-        from . import quant
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"SparseLinear ({self.weight_dtype} weights) takes float32 or bfloat16 inputs, "
-                            f"got {x.dtype}")
-        if x.device != self.values.device:
-            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+        self._check_quant_input(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(math.prod(lead), self.in_features)
-        r, c = self.block_size
-        args = (x2, self.row_ptr, self.col_idx, self.values, self._buffers.get("scales"),
-                self._buffers.get("compensation"), self.bias, self.out_features, self.in_features, r, c,
-                self._threads())
-        route = self._route(x2)
-        if route == "autograd":
-            raise RuntimeError(f"SparseLinear with {self.weight_dtype} weights is inference-only: run it under "
-                               "torch.no_grad() / torch.inference_mode()")
-        if route == "eager":
-            y = quant.qspmm_eager(*args, self._act_code())
-        else:
-            y = ops.apply_activation(torch.ops.sparseprune.qspmm(*args), self.activation)
-        return y.reshape(*lead, self.out_features)
+        return self._qmatmul(x.reshape(math.prod(lead), self.in_features)).reshape(*lead, self.out_features)
 
 
 def _pair(v, name):
@@ -605,11 +613,19 @@ class SparseConv2d(SparseModule):
     Depthwise convolutions run (correctly but slowly) through the same kernel; ``format="auto"``
     keeps them dense. ``format="dense"`` keeps a dense weight and calls ``F.conv2d``.
     Inputs may be NCHW or channels_last; the output has the memory format dense PyTorch gives.
+
+    ``weight_dtype=torch.int8`` / ``torch.bfloat16`` (``groups=1``): the weight is packed as the
+    ``(Cout, Cin * kh * kw)`` matrix of an im2col convolution, in ``(r, c)`` blocks of that matrix
+    (``c`` a multiple of 4 for int8, of 2 for bf16; a conv pruned in 16x16 channel blocks is exactly
+    16x16 blocks there), and runs as im2col (``F.unfold``) + the quantized BSR kernel, with the numerics
+    of the quantized SparseLinear (int8: activations quantized per output pixel's patch).
     """
 
     dense_type = nn.Conv2d
     SAVED_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "padding",
-                   "padding_mode", "_pad4", "format", "block_size", "num_threads", "rk", "activation")
+                   "padding_mode", "_pad4", "format", "block_size", "num_threads", "rk", "activation",
+                   "weight_dtype")
+    QUANT_DTYPES = ("int8", "bfloat16")
 
     def __init__(self, *args, **kwargs):
         raise TypeError("build a SparseConv2d with SparseConv2d.from_dense(conv, ...)")
@@ -641,7 +657,7 @@ class SparseConv2d(SparseModule):
         return ("csr", None) if d <= 0.3 else ("dense", None)
 
     def _expected_rk(self) -> int:
-        if self.format == "dense":
+        if self.format == "dense" or self.weight_dtype != "float32":
             return 0
         rk = 1 if self.format == "csr" else int(self.block_size[0])
         if self.groups > 1:
@@ -652,6 +668,8 @@ class SparseConv2d(SparseModule):
         self.rk = self._expected_rk()
 
     def _kernel_block(self) -> Tuple[int, int]:
+        if self.weight_dtype != "float32":
+            return tuple(self.block_size)  # blocks of the im2col matrix
         return (self.rk, 1)
 
     def _check_geometry(self) -> None:
@@ -659,6 +677,9 @@ class SparseConv2d(SparseModule):
         groups = _int(self.groups, "groups", 1)
         if cin % groups or cout % groups:
             raise ValueError(f"in_channels ({cin}) and out_channels ({cout}) must be divisible by groups ({groups})")
+        if self.weight_dtype != "float32" and groups != 1:
+            raise ValueError(f"a {self.weight_dtype} SparseConv2d runs groups=1 convolutions only (got groups={groups}); "
+                             "keep grouped / depthwise convolutions float32")
         self.kernel_size = _pair_of(self.kernel_size, "kernel_size")
         self.stride = _pair_of(self.stride, "stride")
         self.dilation = _pair_of(self.dilation, "dilation")
@@ -693,6 +714,34 @@ class SparseConv2d(SparseModule):
 
     to_conv = to_dense_module
 
+    @staticmethod
+    def _sym_pad(x: Tensor, pad4):
+        """``(x, (ph, pw))``: asymmetric padding ('same' with an even extent) applied to ``x``."""
+        pt, pb, pl, pr = pad4
+        if pt != pb or pl != pr:
+            return F.pad(x, (pl, pr, pt, pb)), (0, 0)
+        return x, (pt, pl)
+
+    def _forward_quant(self, x: Tensor, pad4) -> Tensor:
+        """im2col + the int8 / bf16 BSR kernel: rows = output pixels, columns = (Cin, kh, kw)."""
+        self._check_quant_input(x)
+        x, pad = self._sym_pad(x, pad4)
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ho = (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"input {tuple(x.shape)} is smaller than the (dilated, padded) kernel")
+        if (kh, kw) == (1, 1) and pad == (0, 0):  # a 1x1 convolution reads pixels directly: no im2col
+            x2 = x[:, :, ::sh, ::sw].permute(0, 2, 3, 1).reshape(n * ho * wo, c)
+        else:
+            cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=pad, stride=(sh, sw))  # (n, c*kh*kw, L)
+            x2 = cols.transpose(1, 2).reshape(n * ho * wo, c * kh * kw)
+        y = self._qmatmul(x2.contiguous())  # (n * ho * wo, cout): the layout of an NHWC tensor
+        y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return y if cl else y.contiguous()
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
@@ -711,13 +760,16 @@ class SparseConv2d(SparseModule):
             x = F.pad(x, (pad4[2], pad4[3], pad4[0], pad4[1]), mode=self.padding_mode)
             pad4 = (0, 0, 0, 0)
         if self.format == "dense":
-            pt, pb, pl, pr = pad4
-            if pt != pb or pl != pr:  # asymmetric ('same' with an even extent)
-                x, pad = F.pad(x, (pl, pr, pt, pb)), (0, 0)
-            else:
-                pad = (pt, pl)
-            return ops.apply_activation(F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation,
-                                                 self.groups), self.activation)
+            x, pad = self._sym_pad(x, pad4)
+            if self.weight_dtype == "float32":
+                return ops.apply_activation(F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation,
+                                                     self.groups), self.activation)
+            # bf16 weights: torch's bf16 convolution, bias and activation in fp32, output in x's dtype
+            y = F.conv2d(x.to(self.weight.dtype), self.weight, None, self.stride, pad, self.dilation, self.groups)
+            y = y.float() + self.bias.view(1, -1, 1, 1) if self.bias is not None else y.float()
+            return ops.apply_activation(y, self.activation).to(x.dtype)
+        if self.weight_dtype != "float32":
+            return self._forward_quant(x, pad4)
         self._check_input(x)
         bufs, bias = self._buffers, self._parameters["bias"]
         if x.is_cpu and bufs["values"].is_cpu and ops.call_route(x, bias) == "eager":

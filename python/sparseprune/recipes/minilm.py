@@ -105,6 +105,33 @@ def training_batches(tok, train: List[dict], seed: int = 0, doc_batch: int = 32,
     return bs
 
 
+def pair_batches(tok, train: List[dict], pairs: int, seed: int = 0) -> List[dict]:
+    """Batches of ``pairs`` (query, document) pairs: the queries, then their documents, in one padded
+    batch (grouped by document length), for the in-batch contrastive task loss."""
+    order = sorted(range(len(train)), key=lambda i: len(train[i]["doc"]))
+    out = []
+    for i in range(0, len(order) - pairs + 1, pairs):
+        chunk = [train[j] for j in order[i:i + pairs]]
+        texts = [a["query"] for a in chunk] + [a["doc"] for a in chunk]
+        out.append(dict(tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")))
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def contrastive_loss(scale: float = 20.0):
+    """Task loss for pair batches: symmetric in-batch InfoNCE (multiple-negatives ranking) between the
+    mean-pooled, normalised embeddings of the queries (first half) and their documents (second half)."""
+    def loss(out, batch):
+        h = out.last_hidden_state.float()
+        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+        e = F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+        q, d = e.chunk(2)
+        logits = scale * q @ d.t()
+        target = torch.arange(len(q))
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    return loss
+
+
 # -- metrics ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def embed(model, bs: List[dict]) -> torch.Tensor:
@@ -141,7 +168,7 @@ def cmd_distill(a):
     torch.manual_seed(0)
     model, tok = load_model()
     train, held = load_split()
-    data = training_batches(tok, train, seed=a.seed)
+    data = pair_batches(tok, train, a.pairs, seed=a.seed) if a.task_weight > 0 else training_batches(tok, train, seed=a.seed)
     calib = batches(tok, [x["doc"] for x in train[:a.calib]], 32)
     layers = encoder_linears
     evals = None
@@ -158,6 +185,7 @@ def cmd_distill(a):
             time_budget=a.minutes * 60, lr=a.lr, init=a.init, init_sparsity=a.init_sparsity,
             calibration=calib, importance=a.importance, prune_end=a.prune_end, hidden_states=a.hidden_weight > 0,
             hidden_weight=a.hidden_weight, pooled_weight=a.pooled_weight,
+            task_loss=contrastive_loss() if a.task_weight > 0 else None, task_weight=a.task_weight,
             cache_teacher="auto", cache_dtype=torch.bfloat16, cache_limit_mb=a.cache_mb, bf16=a.bf16,
             layers=layers, dense_first_last=False, eval_fn=evals, eval_every=a.eval_every, log=log,
             checkpoint=os.path.join(a.run, "checkpoint.safetensors") if a.checkpoint else None, clock=clock)
@@ -169,7 +197,7 @@ def cmd_distill(a):
     info = {"sparsity": a.sparsity, "block": a.block, "minutes": minutes, "cpu_minutes": cpu_minutes,
             "budget_minutes": a.minutes, "clock": a.clock, "threads": a.threads, "lr": a.lr,
             "freeze_embeddings": a.freeze_embeddings, "pooled_weight": a.pooled_weight,
-            "hidden_weight": a.hidden_weight,
+            "hidden_weight": a.hidden_weight, "task_weight": a.task_weight, "pairs": a.pairs,
             "init": a.init, "init_sparsity": a.init_sparsity, "importance": a.importance, "bf16": a.bf16,
             "prune_end": a.prune_end, "steps": stats.get("steps"), "events": stats.get("events"),
             "final_loss": stats.get("loss"), "masked_sparsity": sp.prune.sparsity(model, only_masked=True),
@@ -334,6 +362,10 @@ def main(argv=None):
     d.add_argument("--pooled-weight", type=float, default=1.0,
                    help="weight of 1 - cos of the mean-pooled embedding (what retrieval uses)")
     d.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the intermediate hidden states")
+    d.add_argument("--task-weight", type=float, default=0.0,
+                   help="weight of an in-batch contrastive (query -> document) task loss on training pairs; "
+                        "loss = (1 - w) * distillation + w * task")
+    d.add_argument("--pairs", type=int, default=16, help="(query, document) pairs per batch with --task-weight")
     d.add_argument("--calib", type=int, default=256, help="training documents for the one-shot initial mask")
     d.add_argument("--cache-mb", type=float, default=3072)
     d.add_argument("--bf16", action="store_true")
