@@ -96,9 +96,14 @@ def variant(name, kind):
     if kind == "dense":
         return base, args, 1.0, (1.0 if name == "minilm_l6" else None)
     model = copy.deepcopy(base)
+    if kind.endswith("_cl"):  # CNNs in channels_last (model and input): the layout int8 convs read directly
+        model = model.to(memory_format=torch.channels_last)
+        args = tuple(a.contiguous(memory_format=torch.channels_last) for a in args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if kind == "dense_bf16":  # the dense alternatives a user would pick instead: torch's bf16 ...
+        if kind == "dense_cl":
+            fast, density = model, 1.0
+        elif kind == "dense_bf16":  # the dense alternatives a user would pick instead: torch's bf16 ...
             fast, density = model.to(torch.bfloat16), 1.0
         elif kind == "dense_int8dyn":  # ... and torch's dynamic int8 Linear
             fast = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -106,7 +111,7 @@ def variant(name, kind):
         elif kind == "channels50":
             sp.prune_channels(model, args, ratio=0.5)
         else:
-            parts = kind.split("_")  # bsr16_<sparsity>[_int8|_bf16]
+            parts = kind.split("_")  # bsr16_<sparsity>[_int8|_bf16][_cl]
             s = float(parts[1])
             dtypes = {"int8": (torch.float32, torch.int8), "bf16": (torch.float32, torch.bfloat16)}.get(
                 parts[2] if len(parts) > 2 else "", (torch.float32,))
@@ -133,19 +138,25 @@ KINDS = ["dense", "channels50"] + [f"bsr16_{s}" for s in SPARSITIES]
 # sparse x quantized against the quantized dense alternatives, on the transformer models
 QUANT_KINDS = ["dense_bf16", "dense_int8dyn"] + [f"bsr16_{s}_int8" for s in SPARSITIES] + ["bsr16_0.9_bf16"]
 TRANSFORMERS = ("bert_base", "minilm_l6")
+# CNNs: channels_last, dense and 80% blocks with int8 convs allowed (im2col + int8 BSR where convert times it faster)
+CNN_KINDS = ["dense_cl", "bsr16_0.8_cl", "bsr16_0.8_int8_cl"]
+CNNS = ("resnet50",)
 
 
-@pytest.mark.parametrize("kind", KINDS + QUANT_KINDS)
+@pytest.mark.parametrize("kind", KINDS + QUANT_KINDS + CNN_KINDS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model(benchmark, name, kind, quick):
     if kind in QUANT_KINDS and name not in TRANSFORMERS:
         pytest.skip("quantized variants: transformer models only")
+    if kind in CNN_KINDS and name not in CNNS:
+        pytest.skip("channels_last variants: ResNet-50 only")
     if quick and (name not in ("bert_base",) or kind not in ("dense", "bsr16_0.9", "bsr16_0.9_int8")):
         pytest.skip("--quick")
     model, args, density, cos = variant(name, kind)
     with torch.no_grad():
         measure(benchmark, lambda: model(*args), group=f"model {name}", impl=kind, dense_flops=0.0,
                 density=density, quick=quick, model=name, variant=kind, format=kind.split("_")[0],
-                weight_dtype={"int8": "int8", "bf16": "bfloat16", "int8dyn": "int8"}.get(kind.split("_")[-1], "float32"),
+                weight_dtype=next((v for k, v in (("int8", "int8"), ("bf16", "bfloat16")) if k in kind.split("_")
+                                   or k + "dyn" in kind.split("_")), "float32"),
                 block="16x16" if kind.startswith("bsr") else None,
                 **({} if cos is None else {"accuracy_cosine": cos}))

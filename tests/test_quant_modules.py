@@ -94,7 +94,9 @@ def _im2col_reference(conv, x, mod):
     xp = F.pad(x, (pl, pr, pt, pb), mode=mode)
     cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
     n, kk, L = cols.shape
-    y = quant.reference_qspmm(cols.transpose(1, 2).reshape(n * L, kk), mod.packed(), mod.bias)
+    c = x.shape[1]
+    cols = cols.reshape(n, c, kk // c, L).permute(0, 3, 2, 1).reshape(n * L, kk)  # columns (kh, kw, Cin)
+    y = quant.reference_qspmm(cols, mod.packed(), mod.bias)
     ho = (xp.shape[2] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
     return y.reshape(n, ho, L // ho, -1).permute(0, 3, 1, 2)
 
@@ -147,7 +149,7 @@ def F_conv_abs(conv, x):
 
 
 def test_quantized_conv_blocks_follow_channel_blocks():
-    # 16x16 channel blocks x 3x3 taps are exactly 16x16 blocks of the (Cout, Cin*9) im2col matrix
+    # 16x16 channel blocks x 3x3 taps are exactly 16x16 blocks of the (Cout, 9*Cin) im2col matrix
     conv = _conv(64, 64, 3, (16, 16), 0.75, seed=3, padding=1)
     for dtype in DTYPES:
         mod = sp.SparseConv2d.from_dense(conv, weight_dtype=dtype)

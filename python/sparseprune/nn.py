@@ -204,7 +204,8 @@ class SparseModule(nn.Module):
         if format == "dense":
             mod.register_buffer("weight", weight.to(WEIGHT_DTYPES[wdt]).clone())
         else:
-            mod._adopt(mod._pack(weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))))
+            mod._adopt(mod._pack(weight.reshape(weight.shape[0], math.prod(weight.shape[1:])) if wdt == "float32"
+                                 else cls._quant_matrix_of(weight)))
         return mod.validate()
 
     @classmethod
@@ -213,13 +214,18 @@ class SparseModule(nn.Module):
         g = 4 if wdt == "int8" else 2
         if preferred is not None and preferred[1] % g == 0:
             return tuple(preferred)
-        pattern = weight.reshape(weight.shape[0], -1)  # the matrix the quantized kernel reads
+        pattern = cls._quant_matrix_of(weight)  # the matrix the quantized kernel reads
         for bs in BLOCK_CANDIDATES:
             if bs[1] % g == 0 and pattern.shape[0] >= bs[0] and pattern.shape[1] >= bs[1]:
                 stored = float(block_mask(pattern, bs).sum()) * bs[0] * bs[1] / max(pattern.numel(), 1)
                 if stored <= _density(pattern) * 1.02 + 1e-12:
                     return bs
         return (1, g)
+
+    @classmethod
+    def _quant_matrix_of(cls, weight: Tensor) -> Tensor:
+        """The 2-D ``(out, k)`` matrix an int8 / bf16 layer packs (columns in the order of its inputs)."""
+        return weight.reshape(weight.shape[0], -1)
 
     def _packed_names(self) -> Tuple[str, ...]:
         if self.weight_dtype == "int8":
@@ -615,10 +621,12 @@ class SparseConv2d(SparseModule):
     Inputs may be NCHW or channels_last; the output has the memory format dense PyTorch gives.
 
     ``weight_dtype=torch.int8`` / ``torch.bfloat16`` (``groups=1``): the weight is packed as the
-    ``(Cout, Cin * kh * kw)`` matrix of an im2col convolution, in ``(r, c)`` blocks of that matrix
-    (``c`` a multiple of 4 for int8, of 2 for bf16; a conv pruned in 16x16 channel blocks is exactly
-    16x16 blocks there), and runs as im2col (``F.unfold``) + the quantized BSR kernel, with the numerics
-    of the quantized SparseLinear (int8: activations quantized per output pixel's patch).
+    ``(Cout, kh * kw * Cin)`` matrix of an im2col convolution (columns in (kh, kw, Cin) order), in
+    ``(r, c)`` blocks of that matrix (``c`` a multiple of 4 for int8, of 2 for bf16; a conv pruned in
+    16x16 channel blocks with Cin a multiple of 16 is exactly 16x16 blocks there), and runs as
+    im2col from an NHWC view + the quantized BSR kernel, with the numerics of the quantized
+    SparseLinear (int8: activations quantized per output pixel's patch). The kernel writes NHWC:
+    channels_last inputs get a channels_last output without a copy, NCHW inputs pay one transpose.
     """
 
     dense_type = nn.Conv2d
@@ -638,6 +646,17 @@ class SparseConv2d(SparseModule):
                 "stride": stride, "dilation": dilation, "groups": conv.groups, "padding": conv.padding,
                 "padding_mode": conv.padding_mode,
                 "_pad4": _conv_padding(conv.padding, kernel_size, stride, dilation)}
+
+    @classmethod
+    def _quant_matrix_of(cls, weight: Tensor) -> Tensor:
+        # im2col columns in (kh, kw, Cin) order: a patch of an NHWC input is read with C innermost
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+    def to_dense(self) -> Tensor:
+        if self.format == "dense" or self.weight_dtype == "float32":
+            return super().to_dense()
+        o, ci, kh, kw = self.weight_shape
+        return self.packed().to_dense().reshape(o, kh, kw, ci).permute(0, 3, 1, 2).contiguous()
 
     @classmethod
     def _pattern(cls, weight: Tensor) -> Tensor:
@@ -723,20 +742,26 @@ class SparseConv2d(SparseModule):
         return x, (pt, pl)
 
     def _forward_quant(self, x: Tensor, pad4) -> Tensor:
-        """im2col + the int8 / bf16 BSR kernel: rows = output pixels, columns = (Cin, kh, kw)."""
+        """im2col + the int8 / bf16 BSR kernel: rows = output pixels, columns = (kh, kw, Cin) patches
+        read from an NHWC copy of the input (a view when the input is channels_last)."""
         self._check_quant_input(x)
-        x, pad = self._sym_pad(x, pad4)
+        pt, pb, pl, pr = pad4
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        ho = (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
+        ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
         if ho <= 0 or wo <= 0:
             raise ValueError(f"input {tuple(x.shape)} is smaller than the (dilated, padded) kernel")
-        if (kh, kw) == (1, 1) and pad == (0, 0):  # a 1x1 convolution reads pixels directly: no im2col
-            x2 = x[:, :, ::sh, ::sw].permute(0, 2, 3, 1).reshape(n * ho * wo, c)
+        if any(pad4):
+            x = F.pad(x, (pl, pr, pt, pb))
+        xh = x.permute(0, 2, 3, 1)
+        if (kh, kw) == (1, 1):  # a 1x1 convolution reads pixels directly
+            x2 = xh[:, ::sh, ::sw].reshape(n * ho * wo, c)
         else:
-            cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=pad, stride=(sh, sw))  # (n, c*kh*kw, L)
-            x2 = cols.transpose(1, 2).reshape(n * ho * wo, c * kh * kw)
+            xh = xh.contiguous()
+            s0, s1, s2, s3 = xh.stride()
+            patches = xh.as_strided((n, ho, wo, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3))
+            x2 = patches.reshape(n * ho * wo, kh * kw * c)
         y = self._qmatmul(x2.contiguous())  # (n * ho * wo, cout): the layout of an NHWC tensor
         y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
