@@ -1,0 +1,47 @@
+"""End-to-end models timed interleaved: dense and each converted variant take turns, best single call of
+many rounds (the most stable estimate on a shared or drifting machine; pytest-benchmark times each
+variant on its own). Variants are built exactly as in ``bench_models.py``.
+
+    python bench/e2e_interleaved.py [--rounds 15] [--models bert_base,resnet50,minilm_l6]
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_models as bm  # noqa: E402
+from bench_conv import interleaved_min  # noqa: E402
+from sparseprune.convert.cache import cpu_model  # noqa: E402
+
+VARIANTS = {
+    "bert_base": ["bsr16_0.9", "bsr16_0.8", "bsr16_0.9_int8", "dense_int8dyn"],
+    "minilm_l6": ["bsr16_0.8", "bsr16_0.9", "bsr16_0.8_int8"],
+    "resnet50": ["bsr16_0.8", "dense_cl", "bsr16_0.8_int8_cl", "channels50"],
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default=",".join(VARIANTS))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    warnings.simplefilter("ignore")
+    print(f"{cpu_model()}, {a.threads} threads, torch {torch.__version__}; best of {a.rounds} interleaved rounds\n")
+    print("| model | variant | ms | ×dense |\n|---|---|---:|---:|")
+    for name in a.models.split(","):
+        kinds = ["dense"] + VARIANTS[name]
+        built = [bm.variant(name, k) for k in kinds]
+        fns = [(lambda m=m, args=args: m(*args)) for m, args, _, _ in built]
+        with torch.no_grad():
+            ts = interleaved_min(fns, rounds=a.rounds, warmup=2, inner=1)
+        for k, t in zip(kinds, ts):
+            print(f"| {name} | {k} | {t * 1e3:.1f} | {ts[0] / t:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
