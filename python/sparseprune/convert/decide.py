@@ -185,7 +185,9 @@ def _tune_kernel(mod, row: LayerRow, inputs, counts, budget_s: float, deadline: 
 CACHE_CHECK = 2.0  # a cached dense / best ratio further than this from a fresh one is not trusted
 
 
-CLOSE_CALL = 1.3  # a runner-up cached within this factor of the best is re-timed with it
+CLOSE_CALL = 1.3  # a runner-up cached within this factor of the best is re-timed with it ...
+FLIPPED = 1.25  # ... and the entry is re-measured when the runner-up now beats the best by this factor
+RUNNER_MIN_S = 1e-4  # ... for layers slow enough to time that well in a few calls (and to matter)
 
 
 def _cache_agrees(cached: Dict[str, float], cands: Dict[str, nn.Module], inputs, budget_s: float,
@@ -193,12 +195,13 @@ def _cache_agrees(cached: Dict[str, float], cands: Dict[str, nn.Module], inputs,
     """Cached timings are re-checked cheaply before use: dense, the cached best and (when it was a close
     call) the runner-up, a few calls on the largest input. Timings taken while the machine was busy (or
     on a changed machine) are re-measured: the dense / best ratio must agree within CACHE_CHECK, and a
-    runner-up that now beats the best by more than the noise margin means the order was noise."""
+    runner-up that now beats the best by FLIPPED means the cached order was noise."""
     rest = sorted((k for k in cached if k != "dense"), key=cached.get)
     if not rest or "dense" not in cached:
         return True
     best = rest[0]
-    runner = rest[1] if len(rest) > 1 and cached[rest[1]] <= CLOSE_CALL * cached[best] else None
+    runner = rest[1] if (len(rest) > 1 and cached[rest[1]] <= CLOSE_CALL * cached[best]
+                         and cached[best] >= RUNNER_MIN_S) else None
     x = max(inputs, key=lambda t: t.numel())
     fns = {"dense": lambda: cands["dense"](x), best: lambda: cands[best](x)}
     if runner is not None:
@@ -209,7 +212,7 @@ def _cache_agrees(cached: Dict[str, float], cands: Dict[str, nn.Module], inputs,
     r_cached, r_fresh = cached["dense"] / cached[best], fresh["dense"] / fresh[best]
     if not 1.0 / CACHE_CHECK <= r_fresh / r_cached <= CACHE_CHECK:
         return False
-    return runner is None or fresh[runner] * NOISE >= fresh[best]
+    return runner is None or fresh[runner] * FLIPPED >= fresh[best]
 
 
 def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], settings: Settings, budget_s: float,
