@@ -59,10 +59,13 @@ def test_fused_linear_matches_pytorch_activation(isa, act, fmt, n, k, m, sparsit
 
 @pytest.mark.parametrize("act", ACTS)
 def test_vector_activations_accurate_over_a_wide_range(isa, act):
-    """Identity weights: the output is act(x) itself, over [-30, 30] (exp saturates, erfc underflows)."""
+    """Identity weights: the output is act(x) itself, over [-30, 30] (exp saturates, erfc underflows),
+    and at far-tail values up to +-3e38."""
     n = 64
     x = torch.linspace(-30, 30, n * 16).reshape(n, 16)
     x[0, :6] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6])
+    # far tails: erfc / exp(-k) would leave the normal range there (GELU caps its erfc argument)
+    x[1, :10] = torch.tensor([12.0, -12.0, 13.0, -13.0, 100.0, -100.0, 1e4, -1e4, 3e38, -3e38])
     lin = nn.Linear(16, 16, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.eye(16))

@@ -5,7 +5,7 @@
 // exp: Cephes expf (range reduction by ln 2 in two parts, degree-6 polynomial, 2^n through the
 // exponent bits), input clamped to [-87, 88] so 2^n stays a normal float.
 // GELU (erf): max(x, 0) - |x|/2 * erfc(|x|/sqrt 2), erfc by Abramowitz & Stegun 7.1.26 (absolute error
-// < 1.5e-7): no cancellation on either side. GELU (tanh) and SiLU: x * sigmoid(k), as x / (1 + exp(-k)).
+// < 1.5e-7): no cancellation on either side. Reciprocals by estimate + Newton step, no vdivps. GELU (tanh) and SiLU: x * sigmoid(k), as x / (1 + exp(-k)).
 #pragma once
 #include "sparseprune/epilogue.h"
 
@@ -14,7 +14,8 @@ struct EV8 {
   static inline T set1(float v) { return _mm256_set1_ps(v); }
   static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
   static inline T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static inline T div(T a, T b) { return _mm256_div_ps(a, b); }
+  static inline T rcp0(T a) { return _mm256_rcp_ps(a); }  // ~12 bits
+  static inline T zero_gt(T v, T a, T b) { return _mm256_andnot_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ), v); }  // a > b ? 0 : v
   static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static inline T fnma(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a*b
   static inline T max(T a, T b) { return _mm256_max_ps(a, b); }
@@ -33,7 +34,8 @@ struct EV16 {
   static inline T set1(float v) { return _mm512_set1_ps(v); }
   static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
   static inline T mul(T a, T b) { return _mm512_mul_ps(a, b); }
-  static inline T div(T a, T b) { return _mm512_div_ps(a, b); }
+  static inline T rcp0(T a) { return _mm512_rcp14_ps(a); }  // ~14 bits
+  static inline T zero_gt(T v, T a, T b) { return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), _mm512_setzero_ps()); }
   static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static inline T fnma(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
   static inline T max(T a, T b) { return _mm512_max_ps(a, b); }
@@ -66,20 +68,33 @@ struct ActMath {
     p = E::fma(p, E::mul(r, r), E::add(r, E::set1(1.0f)));
     return E::mul(p, E::pow2(n));
   }
-  // x / (1 + exp(-k)): x * sigmoid(k)
+  // 1 / d for d >= 1 (no division: vdivps is a 10-16 cycle, one-port instruction that made a fused
+  // GELU cost more than the whole 90%-sparse product): the estimate plus one Newton step, within
+  // ~2 ulp; 0 where 1 / d is below the normal range (rcp flushes it; a denormal would be slow).
+  static inline T rcp(T d) {
+    const T r = E::rcp0(d);
+    return E::fma(r, E::fnma(d, r, E::set1(1.0f)), r);
+  }
+  // x / (1 + exp(-k)): x * sigmoid(k); 0 where -k > 87 (exp saturates there, and x * e^k is below
+  // anything x can resolve; dividing by the saturated value gave -1.8 for silu(-3e38))
   static inline T x_sigmoid(T x, T k) {
-    return E::div(x, E::add(E::set1(1.0f), exp(E::mul(k, E::set1(-1.0f)))));
+    const T nk = E::mul(k, E::set1(-1.0f));
+    return E::zero_gt(E::mul(x, rcp(E::add(E::set1(1.0f), exp(nk)))), nk, E::set1(87.0f));
   }
   static inline T gelu(T x) {
     const T a = E::abs(x);
-    const T z = E::mul(a, E::set1(0.70710678118654752f));
-    const T t = E::div(E::set1(1.0f), E::fma(z, E::set1(0.3275911f), E::set1(1.0f)));
+    // erfc computed for z capped at 9, then taken as 0 beyond it (erfc(9) < 5e-37: |x|/2 * erfc is
+    // then below what max(x, 0) can resolve): keeps exp(-z^2) * p * t out of the denormal range, where
+    // larger |x| made microcode assists (~100x slower)
+    const T z0 = E::mul(a, E::set1(0.70710678118654752f));
+    const T z = E::min(z0, E::set1(9.0f));
+    const T t = rcp(E::fma(z, E::set1(0.3275911f), E::set1(1.0f)));
     T p = E::set1(1.061405429f);
     p = E::fma(p, t, E::set1(-1.453152027f));
     p = E::fma(p, t, E::set1(1.421413741f));
     p = E::fma(p, t, E::set1(-0.284496736f));
     p = E::fma(p, t, E::set1(0.254829592f));
-    const T erfc = E::mul(E::mul(p, t), exp(E::mul(E::mul(z, z), E::set1(-1.0f))));
+    const T erfc = E::zero_gt(E::mul(E::mul(p, t), exp(E::mul(E::mul(z, z), E::set1(-1.0f)))), z0, E::set1(9.0f));
     return E::fnma(E::mul(a, E::set1(0.5f)), erfc, E::max(E::set1(0.0f), x));
   }
   static inline T apply(T v, int act) {

@@ -114,6 +114,35 @@ void q_rows(const uint32_t* xp, int64_t ps, int nv, int r, int gpb, const uint32
   if (rem & 1) q_tile_a<Op, 1, TAIL>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
 }
 
+// words[j * kg + g] (8 rows j) -> dst[g * ps + j], for g in [0, 8 * (kg / 8)); returns that bound.
+SQ_INLINE int64_t transpose8_words(const uint32_t* words, int64_t kg, uint32_t* dst, int64_t ps) {
+  int64_t g = 0;
+#if defined(__AVX2__)
+  for (; g + 8 <= kg; g += 8) {
+    __m256i r[8], t[8];
+    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + j * kg + g));
+    for (int j = 0; j < 8; j += 2) {
+      t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+      t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+      r[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+      r[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+      r[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+      r[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+    }
+    // r[0..3]: rows 0-3, words {0,4} {1,5} {2,6} {3,7}; r[4..7]: rows 4-7 likewise
+    for (int q = 0; q < 4; ++q) {
+      const __m256i lo = _mm256_permute2x128_si256(r[q], r[q + 4], 0x20);  // word q, rows 0-7
+      const __m256i hi = _mm256_permute2x128_si256(r[q], r[q + 4], 0x31);  // word q + 4
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (g + q) * ps), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (g + q + 4) * ps), hi);
+    }
+  }
+#endif
+  return g;
+}
+
 template <class Op, class Idx>
 void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int num_threads) {
@@ -142,10 +171,12 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   const int64_t nc = ps;
 #pragma omp parallel num_threads(nt)
   {
+    // Rows are prepared 8 at a time (a chunk of 8 aligned rows never crosses a panel: ps is 24, or n
+    // with one panel) and moved into the panel by 8x8 word transposes: one 32-byte store per 8 words,
+    // where storing word by word (stride ps) cost as much as the whole product at 90%.
     thread_local std::vector<uint32_t> rowbuf;
-    if (static_cast<int64_t>(rowbuf.size()) < kg) rowbuf.resize(kg);
-    auto pack_row = [&](int64_t i) {
-      uint32_t* words = rowbuf.data();
+    if (static_cast<int64_t>(rowbuf.size()) < 8 * kg + 8) rowbuf.resize(8 * kg + 8);
+    auto prep_row = [&](int64_t i, uint32_t* words) {
       if (Op::S8) {
         const QRowParams p = q_row_words(static_cast<const float*>(x) + i * ldx, w.cols, kg, words);
         zp[i] = p.zp;
@@ -155,12 +186,21 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       } else {
         bf16_row_words(static_cast<const float*>(x) + i * ldx, nullptr, w.cols, kg, words);
       }
-      uint32_t* dst = xp + (i / ps) * kg * ps + (i % ps);
-      for (int64_t g = 0; g < kg; ++g) dst[g * ps] = words[g];
     };
+    auto pack_chunk = [&](int64_t c) {  // rows [8c, min(8c + 8, n))
+      const int64_t i0 = 8 * c, cnt = std::min<int64_t>(8, n - i0);
+      uint32_t* words = rowbuf.data();
+      for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
+      uint32_t* dst = xp + (i0 / ps) * kg * ps + (i0 % ps);
+      int64_t g = 0;
+      if (cnt == 8) g = transpose8_words(words, kg, dst, ps);
+      for (int64_t j = 0; j < cnt; ++j)
+        for (int64_t gg = g; gg < kg; ++gg) dst[gg * ps + j] = words[j * kg + gg];
+    };
+    const int64_t chunks = (n + 7) / 8;
     if (!by_rows) {
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < n; ++i) pack_row(i);
+      for (int64_t c = 0; c < chunks; ++c) pack_chunk(c);
     }
     const int tid = omp_get_thread_num();
     if (tid < pm * pn) {
@@ -168,8 +208,8 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
       const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
       const int64_t nn0 = std::min(n, units * in / pn * ps), nn1 = std::min(n, units * (in + 1) / pn * ps);
-      if (by_rows)
-        for (int64_t i = nn0; i < nn1; ++i) pack_row(i);
+      if (by_rows)  // nn0, nn1: multiples of ps (24) or n, so whole chunks
+        for (int64_t c = nn0 / 8; c < (nn1 + 7) / 8; ++c) pack_chunk(c);
       for (int64_t a = nn0; a < nn1; a += nc) {
         const int64_t a1 = std::min(nn1, a + nc);
         for (int64_t br = br0; br < br1; ++br) {
