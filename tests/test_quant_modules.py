@@ -43,6 +43,11 @@ def test_module_matches_the_quantizing_reference(m, k, n, dtype, block, sparsity
         assert torch.equal(y, ref)  # int32 accumulation: exact
     else:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # the direct kernel call (contiguous float32) and the general route (strided, batched) agree
+    with torch.no_grad():
+        y_strided = mod(x.T.contiguous().T)
+        y_batched = mod(x.unsqueeze(0).expand(2, n, k))
+    assert torch.equal(y_strided, y) and torch.equal(y_batched, y.expand(2, n, m))
     # and close to the float layer: quantization error only, bounded by the magnitude of the products
     # (outputs may cancel to near zero, so their own size is no scale for it)
     with torch.no_grad():
