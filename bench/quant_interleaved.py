@@ -3,7 +3,7 @@ fp32 ``F.linear``, torch's dynamic int8 Linear, dense bf16 ``F.linear``, and our
 int8, bf16 BSR 16x16 on the same weight, built as a user would: ``SparseLinear.from_dense``) take turns;
 best single call of many rounds (``bench_quant.py`` times each on its own, which a drifting machine skews).
 
-    python bench/quant_interleaved.py [--rounds 60] [--threads 2]
+    python bench/quant_interleaved.py [--rounds 60] [--threads 2] [--out bench/results/quant_interleaved.md]
 """
 import argparse
 import os
@@ -29,15 +29,23 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.5,0.8,0.9")
+    ap.add_argument("--out", help="also write the table (with its header) to this markdown file")
     a = ap.parse_args(argv)
+    lines = []
+
+    def emit(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
-    print(f"{cpu_model()}, {a.threads} threads, torch {torch.__version__}, int8 path "
+    emit(f"{cpu_model()}, {a.threads} threads, torch {torch.__version__}, int8 path "
           f"{quant.active_qisa(torch.int8)}, bf16 path {quant.active_qisa(torch.bfloat16)}; "
-          f"best of {a.rounds} interleaved rounds, BSR 16x16\n")
-    print("| shape | sparsity | dense fp32 us | dyn int8 ×fp32 | bf16 ×fp32 | ours fp32 ×fp32 | ours int8 ×fp32 "
+          f"best of {a.rounds} interleaved rounds, BSR 16x16 (every layer with a bias)")
+    emit()
+    emit("| shape | sparsity | dense fp32 us | dyn int8 ×fp32 | bf16 ×fp32 | ours fp32 ×fp32 | ours int8 ×fp32 "
           "| ours int8 ×dyn int8 | ours bf16 ×dense bf16 | ours int8 ×ours fp32 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    emit("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
     for name, n, k, m in SHAPES:
         for s in (float(v) for v in a.sparsities.split(",")):
@@ -53,9 +61,13 @@ def main(argv=None):
             fns = [lambda: F.linear(x, lin.weight, lin.bias), lambda: dyn(x), lambda: F.linear(xb, wb, lin.bias.bfloat16())]
             fns += [lambda mod=mod: mod(x) for mod in mods]
             t = interleaved_min(fns, rounds=a.rounds, warmup=3, inner=1)
-            print(f"| {name} {n}x{k}->{m} | {s:g} | {t[0] * 1e6:.0f} | {t[0] / t[1]:.2f} | {t[0] / t[2]:.2f} | "
-                  f"{t[0] / t[3]:.2f} | {t[0] / t[4]:.2f} | {t[1] / t[4]:.2f} | {t[2] / t[5]:.2f} | {t[3] / t[4]:.2f} |",
-                  flush=True)
+            emit(f"| {name} {n}x{k}->{m} | {s:g} | {t[0] * 1e6:.0f} | {t[0] / t[1]:.2f} | {t[0] / t[2]:.2f} | "
+                 f"{t[0] / t[3]:.2f} | {t[0] / t[4]:.2f} | {t[1] / t[4]:.2f} | {t[2] / t[5]:.2f} | {t[3] / t[4]:.2f} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("# Quantized BSR kernels, interleaved timing\n\nWritten by `python bench/quant_interleaved.py --out "
+                    f"{a.out}` (ratios: dense time / ours, same process, the implementations taking turns).\n\n")
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
