@@ -95,6 +95,34 @@ def test_all_zero_and_dense_blocks(qpath):
     _check(_run(x, p), reference_qspmm(x, p), dtype)
 
 
+def test_rows_with_nan_or_inf_give_nan_rows(qpath):
+    """int8: a NaN or infinity anywhere in a row of X (first, inside, and last lane of every min / max
+    chain, and the scalar tail) makes that output row NaN, as a dense float matmul would, not a finite
+    number from the rest of the row. bf16: NaN / inf reach the outputs their column touches, as in the
+    float reference. Other rows are untouched."""
+    dtype = qpath
+    g = torch.Generator().manual_seed(3)
+    k = 16 * 4 * 3 + 8 + 3  # full 64-wide chains, an 8-wide step and a scalar tail
+    w = block_sparse_weight(40, k, (16, 4), 0.5, generator=g)
+    p = QuantBSRMatrix.from_dense(w, (16, 4), dtype)
+    x = torch.randn(12, k, generator=g)
+    bad = {1: (0, float("nan")), 3: (15, float("nan")), 4: (63, float("inf")), 6: (127, float("-inf")),
+           7: (k - 1, float("nan")), 9: (k - 4, float("inf")), 10: (16 * 4 * 3 + 2, float("nan"))}
+    for row, (col, v) in bad.items():
+        x[row, col] = v
+    y = _run(x, p)
+    ref = reference_qspmm(x, p)
+    rows = torch.tensor(sorted(bad))
+    if dtype == torch.int8:
+        assert torch.isnan(y[rows]).all() and torch.isnan(ref[rows]).all()
+    else:  # every output whose weight on the bad column is nonzero is NaN / inf
+        for row, (col, _) in bad.items():
+            assert not torch.isfinite(y[row, w[:, col] != 0]).any()
+    keep = torch.tensor([i for i in range(12) if i not in bad])
+    assert torch.isfinite(y[keep]).all()
+    _check(y[keep], ref[keep], dtype)
+
+
 @settings(max_examples=12, deadline=None)
 @given(m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(0, 30), s=st.sampled_from([0.0, 0.5, 0.9]),
        kind=st.sampled_from(["int8", "bf16"]), bi=st.integers(0, 3), seed=st.integers(0, 2**16))

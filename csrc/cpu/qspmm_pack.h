@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -49,27 +50,63 @@ inline uint32_t bf16_bits(float x) {
 // int8: quantize x[0, K) into kg words (k >= K are 0). Returns this row's parameters.
 inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* out) {
   float lo = 0.0f, hi = 0.0f;
+  bool bad = false;
   int64_t k = 0;
 #if defined(__AVX512BW__)
   {
-    __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
+    // four independent min / max chains (one chain is bound by the 4-cycle latency, not the loads);
+    // x as the first operand: minps / maxps return the second (the accumulator) when x is NaN, so NaN is skipped
+    // as in the scalar loop below
+    // nz: sum of x * 0, NaN once any x is NaN or infinite
+    __m512 vlo[4], vhi[4], nz[4];
+    const __m512 zero = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) vlo[j] = vhi[j] = nz[j] = zero;
+    for (; k + 64 <= K; k += 64)
+      for (int j = 0; j < 4; ++j) {
+        const __m512 v = _mm512_loadu_ps(x + k + 16 * j);
+        vlo[j] = _mm512_min_ps(v, vlo[j]);
+        vhi[j] = _mm512_max_ps(v, vhi[j]);
+        nz[j] = _mm512_fmadd_ps(v, zero, nz[j]);
+      }
     for (; k + 16 <= K; k += 16) {
       const __m512 v = _mm512_loadu_ps(x + k);
-      vlo = _mm512_min_ps(vlo, v);
-      vhi = _mm512_max_ps(vhi, v);
+      vlo[0] = _mm512_min_ps(v, vlo[0]);
+      vhi[0] = _mm512_max_ps(v, vhi[0]);
+      nz[0] = _mm512_fmadd_ps(v, zero, nz[0]);
     }
-    lo = _mm512_reduce_min_ps(vlo);
-    hi = _mm512_reduce_max_ps(vhi);
+    bad = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(nz[0], nz[1]), _mm512_add_ps(nz[2], nz[3]))) != 0.0f;
+    lo = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(vlo[0], vlo[1]), _mm512_min_ps(vlo[2], vlo[3])));
+    hi = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vhi[0], vhi[1]), _mm512_max_ps(vhi[2], vhi[3])));
   }
 #endif
 #if defined(__AVX2__)
   {
     __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 nz = zero;
+    {
+      __m256 l[4], h[4], z[4];
+      for (int j = 0; j < 4; ++j) l[j] = h[j] = z[j] = zero;
+      for (; k + 32 <= K; k += 32)
+        for (int j = 0; j < 4; ++j) {
+          const __m256 v = _mm256_loadu_ps(x + k + 8 * j);
+          l[j] = _mm256_min_ps(v, l[j]);
+          h[j] = _mm256_max_ps(v, h[j]);
+          z[j] = _mm256_fmadd_ps(v, zero, z[j]);
+        }
+      vlo = _mm256_min_ps(_mm256_min_ps(l[0], l[1]), _mm256_min_ps(l[2], l[3]));
+      vhi = _mm256_max_ps(_mm256_max_ps(h[0], h[1]), _mm256_max_ps(h[2], h[3]));
+      nz = _mm256_add_ps(_mm256_add_ps(z[0], z[1]), _mm256_add_ps(z[2], z[3]));
+    }
     for (; k + 8 <= K; k += 8) {
       const __m256 v = _mm256_loadu_ps(x + k);
-      vlo = _mm256_min_ps(vlo, v);
-      vhi = _mm256_max_ps(vhi, v);
+      vlo = _mm256_min_ps(v, vlo);
+      vhi = _mm256_max_ps(v, vhi);
+      nz = _mm256_fmadd_ps(v, zero, nz);
     }
+    alignas(32) float zs[8];
+    _mm256_store_ps(zs, nz);
+    for (int i = 0; i < 8; ++i) bad |= zs[i] != 0.0f;
     alignas(32) float a[8], b[8];
     _mm256_store_ps(a, vlo);
     _mm256_store_ps(b, vhi);
@@ -82,8 +119,12 @@ inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* o
   for (; k < K; ++k) {
     lo = x[k] < lo ? x[k] : lo;
     hi = x[k] > hi ? x[k] : hi;
+    bad |= x[k] * 0.0f != 0.0f;
   }
-  const QRowParams p = q_row_params(lo, hi);
+  QRowParams p = q_row_params(lo, hi);
+  // a NaN or infinity in the row: its scale is NaN, so the whole output row is NaN (as a float matmul's
+  // would be) instead of a finite number computed from the rest of the row
+  if (bad) p.s = std::numeric_limits<float>::quiet_NaN();
   const float zpf = static_cast<float>(p.zp);
   int64_t g = 0;
 #if defined(__AVX512BW__)

@@ -324,13 +324,17 @@ def quantize_rows(x: Tensor):
     n = x.shape[0]
     if x.shape[1] == 0:
         lo = hi = torch.zeros(n)
-    else:
-        lo, hi = x.amin(dim=1).clamp(max=0.0), x.amax(dim=1).clamp(min=0.0)
+    else:  # the range skips NaN; a row holding NaN or an infinity gets a NaN scale (its output row is NaN)
+        nan = torch.isnan(x)
+        lo = torch.where(nan, torch.inf, x).amin(dim=1).clamp(max=0.0)
+        hi = torch.where(nan, -torch.inf, x).amax(dim=1).clamp(min=0.0)
     s = (hi - lo) / 255.0
     s = torch.where((s >= 1e-30) & torch.isfinite(s), s, torch.ones_like(s))
     inv = torch.div(torch.ones_like(s), s)
     zp = torch.round(torch.div(-lo, s)).clamp(0.0, 255.0)
-    q = (torch.round(x * inv[:, None]) + zp[:, None]).clamp(0.0, 255.0)
+    q = torch.nan_to_num(torch.round(x * inv[:, None]) + zp[:, None], nan=0.0).clamp(0.0, 255.0)
+    if x.shape[1]:
+        s = torch.where(torch.isfinite(x).all(dim=1), s, torch.nan)
     return q, s, zp
 
 
