@@ -137,6 +137,7 @@ def test_quantized_conv_matches_im2col_reference(cin, cout, k, stride, pad, dil,
         y, dense = mod(x), conv(x)
     ref = _im2col_reference(conv, x, mod)
     assert y.shape == dense.shape and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     if dtype == torch.int8:
         assert torch.equal(y, ref)  # int32 accumulation: exact
     else:
@@ -145,6 +146,34 @@ def test_quantized_conv_matches_im2col_reference(cin, cout, k, stride, pad, dil,
         scale = float(F_conv_abs(conv, x).max()) if dense.numel() else 0.0
     if scale:
         assert (y - dense).abs().max().item() <= 0.02 * scale + 1e-5
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), rows=st.integers(1, 75), cols=st.integers(1, 75), pad=st.integers(0, 3),
+       isa=st.sampled_from(["scalar", "best"]), seed=st.integers(0, 999))
+def test_layout_transpose_matches_torch(batch, rows, cols, pad, isa, seed):
+    """The C++ transpose behind NCHW <-> NHWC in quantized convolutions: odd sizes (8x8 blocks and their
+    edges), padded source rows, batches, the scalar twin and the vector path."""
+    from sparseprune import _C, ops
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(batch, rows, cols + pad, generator=g)
+    dst = torch.full((batch, cols, rows), float("nan"))
+    ops.set_isa(isa)
+    try:
+        _C.transpose(src.data_ptr(), batch, rows, cols, cols + pad, rows * (cols + pad), dst.data_ptr(), rows,
+                     cols * rows, 2)
+    finally:
+        ops.set_isa("best")
+    assert torch.equal(dst, src[:, :, :cols].transpose(1, 2))
+
+
+def test_layout_transpose_refuses_bad_strides():
+    from sparseprune import _C
+    a = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="overlap"):
+        _C.transpose(a.data_ptr(), 1, 4, 4, 3, 16, a.data_ptr(), 4, 16, 1)
+    with pytest.raises(ValueError, match="null"):
+        _C.transpose(0, 1, 4, 4, 4, 16, a.data_ptr(), 4, 16, 1)
 
 
 def F_conv_abs(conv, x):

@@ -43,6 +43,23 @@ BsrView make_view(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, u
   return w;
 }
 
+void transpose(uintptr_t src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss, uintptr_t dst,
+               int64_t ldd, int64_t bsd, int num_threads) {
+  if (batch < 0 || rows < 0 || cols < 0) throw std::invalid_argument("transpose: negative extent");
+  if (batch == 0 || rows == 0 || cols == 0) return;
+  if (!src || !dst) throw std::invalid_argument("transpose: null operand");
+  if (lds < cols || ldd < rows || (batch > 1 && (bss < rows * lds || bsd < cols * ldd)))
+    throw std::invalid_argument("transpose: strides overlap");
+  py::gil_scoped_release nogil;
+#if defined(SPARSEPRUNE_X86)
+  if (std::string(active_path().isa) != "scalar") {
+    f32_transpose__avx2(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
+    return;
+  }
+#endif
+  f32_transpose__scalar(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
+}
+
 void spmm(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
           uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
           int64_t ldy, int num_threads, int act, int split, int pack) {
@@ -160,6 +177,7 @@ PYBIND11_MODULE(_C, m) {
 #ifdef SPARSEPRUNE_VERSION
   m.attr("__version__") = SPARSEPRUNE_VERSION;
 #endif
+  m.def("transpose", &transpose, "dst[b][c][r] = src[b][r][c] (float32; NCHW <-> NHWC layout changes)");
   m.def("spmm", &spmm, "Y = act(X W^T + b) with W block-sparse (CSR is the 1x1 block case)");
   m.def("spmm_t", &spmm_t, "dX = dY W with W block-sparse");
   m.def("paths", [] {

@@ -603,6 +603,21 @@ class SparseLinear(SparseModule):
         return self._qmatmul(x.reshape(math.prod(lead), self.in_features)).reshape(*lead, self.out_features)
 
 
+def _to_nhwc(x: Tensor) -> Tensor:
+    """A contiguous NCHW float32 CPU tensor as a contiguous (N, H, W, C) copy (the C++ blocked transpose)."""
+    n, c, h, w = x.shape
+    out = torch.empty(n, h, w, c)
+    _C.transpose(x.data_ptr(), n, c, h * w, h * w, c * h * w, out.data_ptr(), c, h * w * c, torch.get_num_threads())
+    return out
+
+
+def _to_nchw(y: Tensor, n: int, h: int, w: int, c: int) -> Tensor:
+    """Rows of pixels (N*H*W, C), float32 contiguous, as a contiguous NCHW tensor."""
+    out = torch.empty(n, c, h, w)
+    _C.transpose(y.data_ptr(), n, h * w, c, c, h * w * c, out.data_ptr(), h * w, c * h * w, torch.get_num_threads())
+    return out
+
+
 def _pair(v, name):
     if isinstance(v, int):
         return (v, v)
@@ -776,9 +791,14 @@ class SparseConv2d(SparseModule):
         wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
         if ho <= 0 or wo <= 0:
             raise ValueError(f"input {tuple(x.shape)} is smaller than the (dilated, padded) kernel")
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if any(pad4):
             x = F.pad(x, (pl, pr, pt, pb))
-        xh = x.permute(0, 2, 3, 1)
+        # NCHW float32 in eager mode: our blocked transpose (torch's permute copy of a 56x56x256 map took
+        # ~1.6 ms, longer than the int8 convolution itself)
+        fast = (not cl and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous()
+                and ops.call_route(x, self._parameters["bias"]) == "eager")
+        xh = _to_nhwc(x) if fast else x.permute(0, 2, 3, 1)
         if (kh, kw) == (1, 1):  # a 1x1 convolution reads pixels directly
             x2 = xh[:, ::sh, ::sw].reshape(n * ho * wo, c)
         else:
@@ -787,8 +807,9 @@ class SparseConv2d(SparseModule):
             patches = xh.as_strided((n, ho, wo, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3))
             x2 = patches.reshape(n * ho * wo, kh * kw * c)
         y = self._qmatmul(x2.contiguous())  # (n * ho * wo, cout): the layout of an NHWC tensor
+        if fast and y.dtype is torch.float32:
+            return _to_nchw(y, n, ho, wo, self.out_channels)
         y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
-        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         return y if cl else y.contiguous()
 
     def extra_repr(self) -> str:

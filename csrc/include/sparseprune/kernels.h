@@ -32,9 +32,15 @@ struct IsaPath {
 // Reference (scalar, obviously-correct) kernels: always built.
 void f32_bsr_spmm__scalar(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
 void f32_bsr_spmm_t__scalar(const BsrView&, const float*, int64_t, int64_t, float*, int64_t, int);
+// dst[b * bsd + c * ldd + r] = src[b * bss + r * lds + c] for b < batch, r < rows, c < cols (a layout change:
+// NCHW <-> NHWC is rows = channels or pixels). The fast path is picked by the caller from the active ISA.
+void f32_transpose__scalar(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,
+                           float* dst, int64_t ldd, int64_t bsd, int num_threads);
 
 #if defined(SPARSEPRUNE_X86)
 void f32_bsr_spmm__avx2(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
+void f32_transpose__avx2(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,
+                         float* dst, int64_t ldd, int64_t bsd, int num_threads);
 void f32_bsr_spmm__avx512(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
 #endif
 
