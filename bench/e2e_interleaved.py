@@ -19,7 +19,7 @@ from sparseprune.convert.cache import cpu_model  # noqa: E402
 VARIANTS = {
     "bert_base": ["bsr16_0.9", "bsr16_0.8", "bsr16_0.9_int8", "dense_int8dyn"],
     "minilm_l6": ["bsr16_0.8", "bsr16_0.9", "bsr16_0.8_int8"],
-    "resnet50": ["bsr16_0.8", "dense_cl", "bsr16_0.8_int8_cl", "channels50"],
+    "resnet50": ["bsr16_0.8", "bsr16_0.8_int8", "dense_cl", "bsr16_0.8_int8_cl", "channels50"],
 }
 
 
