@@ -665,7 +665,8 @@ class SparseConv2d(SparseModule):
     16x16 channel blocks with Cin a multiple of 16 is exactly 16x16 blocks there), and runs as
     im2col from an NHWC view + the quantized BSR kernel, with the numerics of the quantized
     SparseLinear (int8: activations quantized per output pixel's patch). The kernel writes NHWC:
-    channels_last inputs get a channels_last output without a copy, NCHW inputs pay one transpose.
+    channels_last inputs get a channels_last output without a copy; NCHW inputs pay two blocked
+    transposes (input to NHWC, output back), ~0.2 ms for a 56x56x256 map on 2 threads.
     """
 
     dense_type = nn.Conv2d
