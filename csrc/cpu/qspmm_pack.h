@@ -104,15 +104,14 @@ inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* o
       vhi = _mm256_max_ps(v, vhi);
       nz = _mm256_fmadd_ps(v, zero, nz);
     }
-    alignas(32) float zs[8];
-    _mm256_store_ps(zs, nz);
-    for (int i = 0; i < 8; ++i) bad |= zs[i] != 0.0f;
-    alignas(32) float a[8], b[8];
+    alignas(32) float a[8], b[8], z[8];
     _mm256_store_ps(a, vlo);
     _mm256_store_ps(b, vhi);
+    _mm256_store_ps(z, nz);
     for (int i = 0; i < 8; ++i) {
       lo = a[i] < lo ? a[i] : lo;
       hi = b[i] > hi ? b[i] : hi;
+      bad |= z[i] != 0.0f;
     }
   }
 #endif

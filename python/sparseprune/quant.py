@@ -333,8 +333,7 @@ def quantize_rows(x: Tensor):
     inv = torch.div(torch.ones_like(s), s)
     zp = torch.round(torch.div(-lo, s)).clamp(0.0, 255.0)
     q = torch.nan_to_num(torch.round(x * inv[:, None]) + zp[:, None], nan=0.0).clamp(0.0, 255.0)
-    if x.shape[1]:
-        s = torch.where(torch.isfinite(x).all(dim=1), s, torch.nan)
+    s = torch.where(torch.isfinite(x).all(dim=1), s, torch.nan)  # all() of an empty row: True
     return q, s, zp
 
 
