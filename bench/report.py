@@ -49,11 +49,21 @@ def _label(r):
     return name.replace("test_", "")
 
 
+def machine_cpu(data, rows) -> str:
+    """The CPU a run was measured on, as ``cpu_model()`` names it (brand, family, model). Runs recorded
+    before the family / model were part of the name get them from pytest-benchmark's machine_info."""
+    ci = data.get("machine_info", {}).get("cpu", {})
+    cpu = (rows[0].get("cpu") if rows else None) or ci.get("brand_raw", "?")
+    if "(family" not in cpu and ci.get("family") is not None and ci.get("model") is not None:
+        cpu = f"{cpu} (family {ci['family']} model {ci['model']})"
+    return cpu
+
+
 def machine_line(data, rows):
     mi = data.get("machine_info", {})
-    cpu = rows[0].get("cpu") if rows else None
+    cpu = machine_cpu(data, rows)
     threads = sorted({r.get("threads") for r in rows if r.get("threads")})
-    return (f"CPU: {cpu or mi.get('cpu', {}).get('brand_raw', '?')}; threads: {', '.join(map(str, threads))}; "
+    return (f"CPU: {cpu}; threads: {', '.join(map(str, threads))}; "
             f"python {mi.get('python_version', '?')}; {data.get('datetime', '')[:19]}")
 
 
@@ -199,8 +209,7 @@ def main(argv=None):
                        for p in pngs)
         body = (f"\n_Produced by `python bench/report.py {a.json} --readme {a.readme}` from a real run._\n\n"
                 + md + imgs)
-        cpu = (rows[0].get("cpu") if rows else None) or data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
-        readme.write_text(replace_machine_section(readme.read_text(), cpu, body))
+        readme.write_text(replace_machine_section(readme.read_text(), machine_cpu(data, rows), body))
 
 
 _SECTION = re.compile(r'<!-- RESULTS(?: cpu="(?P<cpu>[^"]*)")? -->(?P<body>.*?)<!-- /RESULTS -->', re.S)

@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import tempfile
-from functools import lru_cache
 from typing import Dict, Optional
 
 __all__ = ["TimingCache", "cache_dir", "cpu_model"]
@@ -23,18 +22,33 @@ _FILE = "convert-timings-v1.json"
 _MAX_ENTRIES = 4096
 
 
-@lru_cache(maxsize=1)
 @functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
+    """The CPU's brand string plus its family / model numbers.
+
+    Virtual machines often show only a generic brand ("AMD EPYC" for both Zen 3 and Zen 4, "Intel(R)
+    Xeon(R) Processor" for several generations), and timings or kernel choices from one must not be
+    taken for the other: the family / model pair tells them apart."""
+    name, family, model = "", "", ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and not name:
+                    name = value
+                elif key == "cpu family" and not family:
+                    family = value
+                elif key == "model" and not model:
+                    model = value
+                elif not line.strip() and name:
+                    break  # end of the first processor's block
     except OSError:
         pass
-    import platform
-    return platform.processor() or platform.machine()
+    if not name:
+        import platform
+        name = platform.processor() or platform.machine()
+    return f"{name} (family {family} model {model})" if family and model else name
 
 
 def cache_dir() -> str:
