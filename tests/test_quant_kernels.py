@@ -91,7 +91,7 @@ def test_all_zero_and_dense_blocks(qpath):
     x = torch.randn(9, 48)
     x[3] = 0  # an all-zero row of X: scale 1, zero point 0
     x[4] = 5.0  # a constant row: zero point 0
-    x[5] = -2.0  # a negative constant row: zero point 255
+    x[5] = -2.0  # a negative constant row: zero point 127
     _check(_run(x, p), reference_qspmm(x, p), dtype)
 
 

@@ -1,4 +1,4 @@
-// Quantized BSR path: AVX2 + FMA: int8 through vpmaddwd, bf16 widened to fp32 (ymm).
+// Quantized BSR path: AVX2 + FMA: int8 through vpmaddubsw + vpmaddwd, bf16 widened to fp32 (ymm).
 // This file alone carries its -m flags (CMakeLists.txt); dispatch.cpp calls it only where CPUID allows.
 #include <immintrin.h>
 
@@ -21,7 +21,7 @@ namespace q_avx2 {
 #define QARGS const QBsrView& w, const void* x, XType xt, int64_t n, int64_t ldx, const float* bias, float* y, \
               int64_t ldy, int num_threads
 #define QCALL w, x, xt, n, ldx, bias, y, ldy, num_threads
-void s8_bsr_spmm__avx2(QARGS) { q_avx2::q_spmm<q_avx2::S8Madd8>(QCALL); }
+void s8_bsr_spmm__avx2(QARGS) { q_avx2::q_spmm<q_avx2::S8Maddubs8>(QCALL); }
 void bf16_bsr_spmm__avx2(QARGS) { q_avx2::q_spmm<q_avx2::BF16Widen8>(QCALL); }
 
 }  // namespace sparseprune

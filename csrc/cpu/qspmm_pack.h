@@ -12,24 +12,29 @@
 #include <immintrin.h>
 #endif
 
+// Activations are quantized to [0, kQMax]: 7 bits, as torch's dynamic quantization does on x86
+// (fbgemm's reduce_range). Then u8 x s8 pair sums fit 16 bits (2 * 127 * 128 < 2^15), so vpmaddubsw
+// is exact and the AVX2 / AVX-512BW kernels need one multiply per 4 k, not two.
+constexpr float kQMax = 127.0f;
+
 struct QRowParams {
   float s = 1.0f;    // scale
   float inv = 1.0f;  // 1 / s
-  int32_t zp = 0;    // zero point, in [0, 255]
+  int32_t zp = 0;    // zero point, in [0, kQMax]
 };
 
 inline QRowParams q_row_params(float lo, float hi) {
   lo = lo < 0.0f ? lo : 0.0f;
   hi = hi > 0.0f ? hi : 0.0f;
   QRowParams p;
-  float s = (hi - lo) / 255.0f;
+  float s = (hi - lo) / kQMax;
   // all-zero rows, and ranges so small that 1 / s would overflow, use s = 1 (q == zp == 0 for them)
   if (!(s >= 1e-30f) || !std::isfinite(s)) s = 1.0f;
   p.s = s;
   p.inv = 1.0f / s;
   float z = std::nearbyint(-lo / s);
   z = z > 0.0f ? z : 0.0f;
-  z = z < 255.0f ? z : 255.0f;
+  z = z < kQMax ? z : kQMax;
   p.zp = static_cast<int32_t>(z);
   return p;
 }
@@ -37,7 +42,7 @@ inline QRowParams q_row_params(float lo, float hi) {
 inline uint32_t q_u8(float x, float inv, float zp) {
   float t = std::nearbyint(x * inv) + zp;
   t = t > 0.0f ? t : 0.0f;  // NaN -> 0
-  t = t < 255.0f ? t : 255.0f;
+  t = t < kQMax ? t : kQMax;
   return static_cast<uint32_t>(t);
 }
 
@@ -129,12 +134,12 @@ inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* o
 #if defined(__AVX512BW__)
   {
     const __m512 vinv = _mm512_set1_ps(p.inv), vzp = _mm512_set1_ps(zpf);
-    const __m512 v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.0f);
+    const __m512 v0 = _mm512_setzero_ps(), vmax = _mm512_set1_ps(kQMax);
     for (; 4 * g + 16 <= K; g += 4) {
       __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 4 * g), vinv),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       t = _mm512_add_ps(t, vzp);
-      t = _mm512_min_ps(_mm512_max_ps(t, v0), v255);  // max(NaN, 0) = 0
+      t = _mm512_min_ps(_mm512_max_ps(t, v0), vmax);  // max(NaN, 0) = 0
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t)));
     }
   }
@@ -142,13 +147,13 @@ inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* o
 #if defined(__AVX2__)
   {
     const __m256 vinv = _mm256_set1_ps(p.inv), vzp = _mm256_set1_ps(zpf);
-    const __m256 v0 = _mm256_setzero_ps(), v255 = _mm256_set1_ps(255.0f);
+    const __m256 v0 = _mm256_setzero_ps(), vmax = _mm256_set1_ps(kQMax);
     const __m128i pick = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     for (; 4 * g + 8 <= K; g += 2) {
       __m256 t = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 4 * g), vinv),
                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       t = _mm256_add_ps(t, vzp);
-      t = _mm256_min_ps(_mm256_max_ps(t, v0), v255);  // max(NaN, 0) = 0
+      t = _mm256_min_ps(_mm256_max_ps(t, v0), vmax);  // max(NaN, 0) = 0
       const __m256i q = _mm256_cvttps_epi32(t);
       out[g] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_shuffle_epi8(_mm256_castsi256_si128(q), pick)));
       out[g + 1] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_shuffle_epi8(_mm256_extracti128_si256(q, 1), pick)));

@@ -10,7 +10,6 @@
 #pragma once
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "sparseprune/kernels.h"
@@ -22,12 +21,6 @@
 
 constexpr int QPW = 24;  // rows of X per panel; every MR divides it
 
-// Words of packed X per k-group: 1 (the 4 bytes / 2 bf16 as they are), or 2 for an Op that multiplies
-// 16-bit halves (Op::XW = 2: a word of the even bytes and one of the odd bytes, each byte zero-extended
-// to 16 bits; in the panel, k-group g holds rows 2g and 2g + 1), split once when X is packed instead of
-// per row of every tile.
-template <class Op, class = void> struct QXWords { static constexpr int value = 1; };
-template <class Op> struct QXWords<Op, std::void_t<decltype(Op::XW)>> { static constexpr int value = Op::XW; };
 
 // Epilogue operands for one chunk of W outputs (pointers already offset to the chunk / panel).
 struct QEpi {
@@ -46,12 +39,6 @@ inline uint32_t* q_scratch(size_t words) {
   return reinterpret_cast<uint32_t*>((p + 63) & ~uintptr_t(63));
 }
 
-template <class Op, class WP>
-SQ_INLINE typename Op::T qdot(typename Op::T acc, const uint32_t* xg, int64_t ps, int m, const WP& wv) {
-  if constexpr (QXWords<Op>::value == 2) return Op::dot2(acc, xg[m], xg[ps + m], wv);
-  else return Op::dot(acc, xg[m], wv);
-}
-
 // PS, GPB: the panel height and k-groups per block when known at compile time (0: run time). With both
 // known (full 24-row panels, 16-wide blocks) every X word of a block sits at a constant offset from one
 // pointer; with run-time strides GCC kept a pointer per row and spilled accumulators.
@@ -60,7 +47,6 @@ SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps_rt, int r, int g
                       const uint32_t* __restrict vals, const Idx* __restrict cols, int64_t b0, int64_t b1, int tail,
                       const QEpi& e, int row, float* __restrict y, int64_t ldy) {
   using T = typename Op::T;
-  constexpr int XW = QXWords<Op>::value;
   const int64_t ps = PS ? PS : ps_rt;
   const int gpb = GPB ? GPB : gpb_rt;
   T acc[A][MR];
@@ -70,23 +56,23 @@ SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps_rt, int r, int g
     for (int m = 0; m < MR; ++m) acc[a][m] = Op::zero();
   const int64_t bw = static_cast<int64_t>(gpb) * r;  // words per block
   for (int64_t b = b0; b < b1; ++b) {
-    const uint32_t* xb = xp + static_cast<int64_t>(cols[b]) * gpb * XW * ps;
+    const uint32_t* xb = xp + static_cast<int64_t>(cols[b]) * gpb * ps;
     const uint32_t* wb = vals + b * bw;
     int g = 0;
     for (; g + A <= gpb; g += A) {
 #pragma GCC unroll 4
       for (int a = 0; a < A; ++a) {
         const auto wv = TAIL ? Op::loadw_n(wb + (g + a) * r, tail) : Op::loadw(wb + (g + a) * r);
-        const uint32_t* xg = xb + (g + a) * XW * ps;
+        const uint32_t* xg = xb + (g + a) * ps;
 #pragma GCC unroll 24
-        for (int m = 0; m < MR; ++m) acc[a][m] = qdot<Op>(acc[a][m], xg, ps, m, wv);
+        for (int m = 0; m < MR; ++m) acc[a][m] = Op::dot(acc[a][m], xg[m], wv);
       }
     }
     for (; g < gpb; ++g) {
       const auto wv = TAIL ? Op::loadw_n(wb + g * r, tail) : Op::loadw(wb + g * r);
-      const uint32_t* xg = xb + g * XW * ps;
+      const uint32_t* xg = xb + g * ps;
 #pragma GCC unroll 24
-      for (int m = 0; m < MR; ++m) acc[0][m] = qdot<Op>(acc[0][m], xg, ps, m, wv);
+      for (int m = 0; m < MR; ++m) acc[0][m] = Op::dot(acc[0][m], xg[m], wv);
     }
   }
 #pragma GCC unroll 24
@@ -163,48 +149,21 @@ SQ_INLINE int64_t transpose8_words(const uint32_t* words, int64_t kg, uint32_t* 
   return g;
 }
 
-// In place: word g -> words 2g (its even bytes) and 2g + 1 (its odd bytes), each byte in a 16-bit lane.
-// Backwards, so that no word is overwritten before it is read (2g >= g).
-SQ_INLINE void split_words(uint32_t* words, int64_t kg) {
-  int64_t g = kg;
-  for (; g % 8; --g) {
-    const uint32_t v = words[g - 1];
-    words[2 * g - 1] = (v >> 8) & 0x00FF00FFu;
-    words[2 * g - 2] = v & 0x00FF00FFu;
-  }
-#if defined(__AVX2__)
-  const __m256i mask = _mm256_set1_epi32(0x00FF00FF);
-  for (; g > 0; g -= 8) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + g - 8));
-    const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi32(v, 8), mask);
-    const __m256i a = _mm256_unpacklo_epi32(lo, hi), b = _mm256_unpackhi_epi32(lo, hi);  // (0 1 | 4 5), (2 3 | 6 7)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 2 * (g - 8)), _mm256_permute2x128_si256(a, b, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 2 * (g - 8) + 8), _mm256_permute2x128_si256(a, b, 0x31));
-  }
-#endif
-  for (; g > 0; --g) {
-    const uint32_t v = words[g - 1];
-    words[2 * g - 1] = (v >> 8) & 0x00FF00FFu;
-    words[2 * g - 2] = v & 0x00FF00FFu;
-  }
-}
-
 template <class Op, class Idx>
 void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int num_threads) {
-  constexpr int W = Op::W, G = Op::G, XW = QXWords<Op>::value;
+  constexpr int W = Op::W, G = Op::G;
   if (n <= 0 || w.rows <= 0) return;
   const int r = w.r, gpb = w.c / G;
   const int64_t kg = w.block_cols * gpb;  // k-groups of the zero-padded K
-  const int64_t kgw = kg * XW;            // words per row of packed X
   const int64_t ps = n >= QPW ? QPW : n;  // rows per panel
   const int64_t units = (n + ps - 1) / ps;
   // int8 runs ~4 MACs per fp32 MAC's time: size the thread count by that work
   const int64_t work = n * (w.nnzb() * r * w.c / (Op::S8 ? 4 : 2) + w.rows + w.cols);
   const int nt = threads_for(work, num_threads);
   const bool fixed = ps == QPW && gpb * G == 16;  // the compile-time tiles: 24-row panels, 16-wide blocks
-  uint32_t* xp = q_scratch(static_cast<size_t>(units * kgw * ps + 2 * n));
-  int32_t* zp = reinterpret_cast<int32_t*>(xp + units * kgw * ps);
+  uint32_t* xp = q_scratch(static_cast<size_t>(units * kg * ps + 2 * n));
+  int32_t* zp = reinterpret_cast<int32_t*>(xp + units * kg * ps);
   float* sx = reinterpret_cast<float*>(zp + n);
   // As for fp32 (spmm_simd.h, split_rows): split rows of X when each thread reading all of W costs less
   // than sharing quantized X panels across cores; each thread then packs only its own rows, no barrier.
@@ -223,13 +182,12 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
     // with one panel) and moved into the panel by 8x8 word transposes: one 32-byte store per 8 words,
     // where storing word by word (stride ps) cost as much as the whole product at 90%.
     thread_local std::vector<uint32_t> rowbuf;
-    if (static_cast<int64_t>(rowbuf.size()) < 8 * kgw + 8) rowbuf.resize(8 * kgw + 8);
+    if (static_cast<int64_t>(rowbuf.size()) < 8 * kg + 8) rowbuf.resize(8 * kg + 8);
     auto prep_row = [&](int64_t i, uint32_t* words) {
       if (Op::S8) {
         const QRowParams p = q_row_words(static_cast<const float*>(x) + i * ldx, w.cols, kg, words);
         zp[i] = p.zp;
         sx[i] = p.s;
-        if constexpr (XW == 2) split_words(words, kg);
       } else if (xt == XType::bf16) {
         bf16_row_words(nullptr, static_cast<const uint16_t*>(x) + i * ldx, w.cols, kg, words);
       } else {
@@ -239,12 +197,12 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
     auto pack_chunk = [&](int64_t c) {  // rows [8c, min(8c + 8, n))
       const int64_t i0 = 8 * c, cnt = std::min<int64_t>(8, n - i0);
       uint32_t* words = rowbuf.data();
-      for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kgw);
-      uint32_t* dst = xp + (i0 / ps) * kgw * ps + (i0 % ps);
+      for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
+      uint32_t* dst = xp + (i0 / ps) * kg * ps + (i0 % ps);
       int64_t g = 0;
-      if (cnt == 8) g = transpose8_words(words, kgw, dst, ps);
+      if (cnt == 8) g = transpose8_words(words, kg, dst, ps);
       for (int64_t j = 0; j < cnt; ++j)
-        for (int64_t gg = g; gg < kgw; ++gg) dst[gg * ps + j] = words[j * kgw + gg];
+        for (int64_t gg = g; gg < kg; ++gg) dst[gg * ps + j] = words[j * kg + gg];
     };
     const int64_t chunks = (n + 7) / 8;
     if (!by_rows) {
@@ -278,7 +236,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
             e.act = w.act;
             const uint32_t* vv = w.values + i0;
             for (int64_t p0 = a; p0 < a1; p0 += ps) {
-              const uint32_t* xpp = xp + (p0 / ps) * kgw * ps;
+              const uint32_t* xpp = xp + (p0 / ps) * kg * ps;
               const int nv = static_cast<int>(std::min<int64_t>(ps, a1 - p0));
               float* yy = y + p0 * ldy + m0 + i0;
               const int row = static_cast<int>(p0);
@@ -357,29 +315,28 @@ struct QI8 {
   static SQ_INLINE __m256 to_f(T a) { return _mm256_cvtepi32_ps(a); }
 };
 
-// int8 on AVX2: u8 x s8 through vpmaddwd on 16-bit halves (exact: vpmaddubsw would saturate). X comes
-// pre-split (XW = 2): a word of its even bytes and one of its odd bytes, each byte in a 16-bit lane, so
-// a dot is two broadcasts, two vpmaddwd and two adds (splitting per dot took two more ALU ops and a
-// mask register, and GCC then spilled accumulators).
-struct S8Madd8 {
+// int8 on AVX2: vpmaddubsw (u8 x s8 pairs -> s16) and vpmaddwd by ones (pairs of those -> s32). Exact:
+// activations are 7-bit (kQMax, qspmm_pack.h), so a pair sum is at most 2 * 127 * 128 < 2^15 and never
+// saturates. One broadcast and three ALU ops per 8 outputs x 4 k (splitting bytes into 16-bit halves for
+// two vpmaddwd took six).
+struct S8Maddubs8 {
   using T = __m256i;
-  struct WP { __m256i lo, hi; };
-  static constexpr int W = 8, MR = 8, G = 4, XW = 2;
+  using WP = __m256i;
+  static constexpr int W = 8, MR = 8, G = 4;
   static constexpr bool S8 = true;
   static SQ_INLINE T zero() { return _mm256_setzero_si256(); }
   static SQ_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
-  static SQ_INLINE WP prep(__m256i v) { return {_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), _mm256_srai_epi16(v, 8)}; }
-  static SQ_INLINE WP loadw(const uint32_t* p) { return prep(QI8::load(p)); }
-  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return prep(QI8::loadn(p, n)); }
-  static SQ_INLINE T dot2(T acc, uint32_t even, uint32_t odd, const WP& w) {
-    const __m256i xl = _mm256_set1_epi32(static_cast<int>(even)), xh = _mm256_set1_epi32(static_cast<int>(odd));
-    acc = _mm256_add_epi32(_mm256_add_epi32(acc, _mm256_madd_epi16(xl, w.lo)), _mm256_madd_epi16(xh, w.hi));
+  static SQ_INLINE WP loadw(const uint32_t* p) { return QI8::load(p); }
+  static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI8::loadn(p, n); }
+  static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_set1_epi32(static_cast<int>(word)), w);
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
     // integer adds reassociate: without this GCC turned the unrolled chains into trees of products
     // and spilled them (the accumulator must stay one register per row)
     __asm__("" : "+x"(acc));
     return acc;
   }
-  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, S8Madd8>::s8(y, acc, n, e, row); }
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, S8Maddubs8>::s8(y, acc, n, e, row); }
 };
 
 // bf16 on AVX2 / FMA: widen both operands to fp32 (odd k first, the order of vdpbf16ps).

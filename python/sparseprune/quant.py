@@ -12,9 +12,10 @@ Two pieces, for the modules to build on:
 Numerics (identical in every kernel path and in :func:`reference_qspmm`):
 
 * int8 — weights symmetric per output channel (``scale[m] = max|W[m]| / 127``, values in
-  [-127, 127]); activations asymmetric uint8 per row of ``x`` (per token), computed at run time:
-  ``lo = min(0, min x)``, ``hi = max(0, max x)``, ``s = (hi - lo) / 255``, ``zp = round(-lo / s)``,
-  ``q = clamp(round(x * (1 / s)) + zp, 0, 255)`` (round half to even). int32 accumulation;
+  [-127, 127]); activations asymmetric per row of ``x`` (per token), computed at run time, on 7 bits
+  as torch's dynamic quantization does on x86 (fbgemm's ``reduce_range``):
+  ``lo = min(0, min x)``, ``hi = max(0, max x)``, ``s = (hi - lo) / 127``, ``zp = round(-lo / s)``,
+  ``q = clamp(round(x * (1 / s)) + zp, 0, 127)`` (round half to even). int32 accumulation;
   ``y = float(Σ q·w - zp · comp[m]) * (s * scale[m]) + bias[m]`` with ``comp[m] = Σ_k w[m, k]``
   precomputed at pack time. The integer part is exact, so every path agrees bit for bit.
 * bf16 — weights bf16; ``x`` rounded to bf16 (nearest even) unless it already is; exact products,
@@ -42,7 +43,8 @@ __all__ = ["QuantBSRMatrix", "qspmm", "qspmm_eager", "reference_qspmm", "quantiz
 QUANT_DTYPES = (torch.int8, torch.bfloat16)
 _GROUP = {torch.int8: 4, torch.bfloat16: 2}
 _KIND = {torch.int8: "int8", torch.bfloat16: "bf16"}
-_INT8_MAX_K = 65536  # int32 accumulation: 255 * 127 * K must stay below 2**31
+_INT8_MAX_K = 65536  # int32 accumulation: 127 * 127 * K (and 255 * 127 * K) stay below 2**31
+_ACT_QMAX = 127.0  # activations on 7 bits (torch / fbgemm reduce_range): u8 x s8 pair sums fit in int16
 
 
 def _check_dtype(dtype) -> torch.dtype:
@@ -319,7 +321,7 @@ def qspmm(x: Tensor, packed: QuantBSRMatrix, bias: Optional[Tensor] = None, num_
 def quantize_rows(x: Tensor):
     """Per-row asymmetric uint8 quantization of a float32 (N, K) x, exactly as the kernels do it.
 
-    Returns (q as float32 integers in [0, 255], scale (N,), zero_point (N,) as float32 integers)."""
+    Returns (q as float32 integers in [0, 127], scale (N,), zero_point (N,) as float32 integers)."""
     x = x.float()
     n = x.shape[0]
     if x.shape[1] == 0:
@@ -328,11 +330,11 @@ def quantize_rows(x: Tensor):
         nan = torch.isnan(x)
         lo = torch.where(nan, torch.inf, x).amin(dim=1).clamp(max=0.0)
         hi = torch.where(nan, -torch.inf, x).amax(dim=1).clamp(min=0.0)
-    s = (hi - lo) / 255.0
+    s = (hi - lo) / _ACT_QMAX
     s = torch.where((s >= 1e-30) & torch.isfinite(s), s, torch.ones_like(s))
     inv = torch.div(torch.ones_like(s), s)
-    zp = torch.round(torch.div(-lo, s)).clamp(0.0, 255.0)
-    q = torch.nan_to_num(torch.round(x * inv[:, None]) + zp[:, None], nan=0.0).clamp(0.0, 255.0)
+    zp = torch.round(torch.div(-lo, s)).clamp(0.0, _ACT_QMAX)
+    q = torch.nan_to_num(torch.round(x * inv[:, None]) + zp[:, None], nan=0.0).clamp(0.0, _ACT_QMAX)
     s = torch.where(torch.isfinite(x).all(dim=1), s, torch.nan)  # all() of an empty row: True
     return q, s, zp
 
