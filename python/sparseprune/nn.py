@@ -581,20 +581,31 @@ class SparseLinear(SparseModule):
         differentiate) straight to the kernel call of quant.qspmm_eager, as the float32 path does: the
         general route's checks, module attribute lookups and reshapes cost ~20 us a call, a third of a
         90%-sparse 768x768 int8 product. The arrays were checked by validate()."""
-        from . import quant
         bufs = self._buffers
         if not bufs["values"].is_cpu:
             self._check_quant_input(x)  # raises: weights elsewhere
         r, c = self.block_size
-        y = quant.qspmm_eager(x.reshape(-1, self.in_features), bufs["row_ptr"], bufs["col_idx"], bufs["values"],
-                              bufs.get("scales"), bufs.get("compensation"), self._parameters["bias"],
-                              self.out_features, self.in_features, r, c, self._threads(), ops.ACTIVATIONS.index(act))
-        return y.reshape(x.shape[:-1] + (self.out_features,))
+        return _quant().qspmm_eager(x, bufs["row_ptr"], bufs["col_idx"], bufs["values"], bufs.get("scales"),
+                                    bufs.get("compensation"), self._parameters["bias"], self.out_features,
+                                    self.in_features, r, c, self._threads(), ops.ACTIVATIONS.index(act),
+                                    x.shape[:-1] + (self.out_features,))
 
     def _forward_quant(self, x: Tensor) -> Tensor:
         self._check_quant_input(x)
         lead = x.shape[:-1]
         return self._qmatmul(x.reshape(math.prod(lead), self.in_features)).reshape(*lead, self.out_features)
+
+
+def _quant():
+    """sparseprune.quant (imported on first use: it imports this module's neighbours)."""
+    global _QUANT
+    if _QUANT is None:
+        from . import quant
+        _QUANT = quant
+    return _QUANT
+
+
+_QUANT = None
 
 
 def _to_nhwc(x: Tensor) -> Tensor:
