@@ -146,6 +146,22 @@ inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* o
 #endif
 #if defined(__AVX2__)
   {
+    // 32 at a time: vcvtps2dq rounds to nearest even like nearbyint (|x * inv| <= 127 for a finite row;
+    // NaN gives INT_MIN, clamped to 0 as below), the zero point added as an integer (exact), then packs
+    // with saturation to bytes and one 32-byte store
+    const __m256 vinv = _mm256_set1_ps(p.inv);
+    const __m256i vzpi = _mm256_set1_epi32(p.zp), vqmax = _mm256_set1_epi8(static_cast<char>(kQMax));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; 4 * g + 32 <= K; g += 8) {
+      __m256i q[4];
+      for (int j = 0; j < 4; ++j)
+        q[j] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 4 * g + 8 * j), vinv)), vzpi);
+      __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      b = _mm256_permutevar8x32_epi32(_mm256_min_epu8(b, vqmax), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g), b);
+    }
+  }
+  {
     const __m256 vinv = _mm256_set1_ps(p.inv), vzp = _mm256_set1_ps(zpf);
     const __m256 v0 = _mm256_setzero_ps(), vmax = _mm256_set1_ps(kQMax);
     const __m128i pick = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
