@@ -143,9 +143,14 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   constexpr int W = V::W;
   const int r = w.r, c = w.c;
   const int64_t K = w.cols;
-  // X packed into panels by default: reading rows in place was slower on every BERT shape measured (K = 768
-  // and 3072, 50-90%), but it is a variant convert() times per layer (w.pack == 2)
-  const bool packed = n >= 16 && w.pack != 2;
+  // Default (w.pack == 0): with AVX-512 (Zen 4, Sapphire Rapids) X is packed into panels, reading rows in
+  // place was slower on every BERT shape measured there (K = 768 and 3072, 50-90%). With AVX2 and blocks
+  // taller than one vector (the 6-row tile: six rows of X at a 4K-aliasing stride still fit an 8-way L1)
+  // reading in place was faster on every shape measured on Zen 3 (BERT, MiniLM, ResNet 1x1, decode;
+  // 50-90%; e.g. FFN down 90% eta 0.87 -> 1.02), so that is the AVX2 default there. convert() times
+  // both per layer (w.pack 1 / 2) whatever the default.
+  const bool pack_default = W >= 16 || r <= W;
+  const bool packed = n >= 16 && (w.pack == 1 || (w.pack == 0 && pack_default));
   const int64_t unit = packed ? PW : 1;  // rows are split between threads in whole panels
   const int64_t units = (n + unit - 1) / unit;
   float* xp = packed ? xt_scratch(static_cast<size_t>(units * K * PW)) : nullptr;
