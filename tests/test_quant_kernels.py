@@ -95,6 +95,27 @@ def test_all_zero_and_dense_blocks(qpath):
     _check(_run(x, p), reference_qspmm(x, p), dtype)
 
 
+def test_extreme_products_do_not_saturate(qpath):
+    """The largest int8 pair sums the kernels meet: activations at the top of their 7-bit range (127) and
+    at the zero point's far end, weights at +-127 in every lane, 24-row panels of 16x16 blocks (the
+    compile-time tile) and odd shapes. vpmaddubsw (AVX2) saturates pair sums at +-32767: with 7-bit
+    activations the largest is 2 * 127 * 127, so every path must still agree bit for bit."""
+    if qpath != torch.int8:
+        pytest.skip("int8 only")
+    for m, k, n in ((32, 64, 48), (48, 80, 25), (16, 20, 3)):
+        w = torch.full((m, k), 1.0)
+        w[1::2] = -1.0  # every row quantizes to +127 or -127 everywhere
+        w[:, 16:32] = 0.0  # and one empty block column
+        p = QuantBSRMatrix.from_dense(w, (16, 16), torch.int8)
+        x = torch.full((n, k), 3.0)  # positive rows: q = 127 everywhere (zero point 0)
+        x[1::3] = -3.0  # negative rows: zero point 127, q = 0
+        x[2::3, ::2] = -3.0  # mixed rows: q alternates 0 and 127
+        y = _run(x, p)
+        _check(y, reference_qspmm(x, p), torch.int8)
+        one_sign = torch.arange(n) % 3 != 2  # rows of one sign are on the quantization grid: exact
+        assert torch.allclose(y[one_sign], (x @ w.T)[one_sign], rtol=1e-5, atol=1e-3)
+
+
 def test_rows_with_nan_or_inf_give_nan_rows(qpath):
     """int8: a NaN or infinity anywhere in a row of X (first, inside, and last lane of every min / max
     chain, and the scalar tail) makes that output row NaN, as a dense float matmul would, not a finite
