@@ -59,8 +59,12 @@ def test_mixed_model_choices_visible_and_consistent():
         mod = getattr(out, name)
         times = {k: v for k, v in r["candidates"].items() if isinstance(v, float)}
         assert r["dense_ms"] == times["dense"]
-        best = min((k for k in times if k != "dense"), key=times.get)
-        # the decision rule, applied to the recorded measurements
+        sparse = [k for k in times if k != "dense"]  # recorded in candidate order, most structured first
+        best = min(sparse, key=times.get)
+        # the decision rule, applied to the recorded measurements: a tie within NOISE keeps the most
+        # structured candidate (BSR 16x16 and CSR within a few percent of each other on Zen 3)
+        if times[sparse[0]] <= cv_decide.NOISE * times[best]:
+            best = sparse[0]
         if times[best] * 1.1 <= times["dense"]:
             assert r["format"] != "dense" and cv_decide.label(r["format"], r["block"]) == best
             assert isinstance(mod, sp.SparseLinear) and mod.format == r["format"]

@@ -13,8 +13,8 @@
 #endif
 
 // Activations are quantized to [0, kQMax]: 7 bits, as torch's dynamic quantization does on x86
-// (fbgemm's reduce_range). Then u8 x s8 pair sums fit 16 bits (2 * 127 * 128 < 2^15), so vpmaddubsw
-// is exact and the AVX2 / AVX-512BW kernels need one multiply per 4 k, not two.
+// (fbgemm's reduce_range). Then u8 x s8 pair sums fit 16 bits (2 * 127 * 128 < 2^15), so the AVX2
+// kernel's vpmaddubsw is exact (one multiply per 4 k where 16-bit halves took two).
 constexpr float kQMax = 127.0f;
 
 struct QRowParams {

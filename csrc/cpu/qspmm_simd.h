@@ -21,7 +21,6 @@
 
 constexpr int QPW = 24;  // rows of X per panel; every MR divides it
 
-
 // Epilogue operands for one chunk of W outputs (pointers already offset to the chunk / panel).
 struct QEpi {
   const int32_t* zp = nullptr;    // per row of X (int8)
@@ -404,7 +403,8 @@ struct QI16 {
   static SQ_INLINE __m512 to_f(T a) { return _mm512_cvtepi32_ps(a); }
 };
 
-// int8 on AVX-512BW without VNNI: vpmaddwd on 16-bit halves.
+// int8 on AVX-512BW without VNNI: vpmaddwd on 16-bit halves (vpmaddubsw, as on AVX2, would also be exact
+// with 7-bit activations; not switched: no CPU here to run this path).
 struct S8Madd16 {
   using T = __m512i;
   struct WP { __m512i lo, hi; };

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, quant
 from ._ext import _C
 from .formats import BSRMatrix, CSRMatrix, block_mask
 
@@ -440,7 +440,6 @@ class SparseModule(nn.Module):
     def _qmatmul(self, x2: Tensor) -> Tensor:
         """``act(x2 @ W^T + b)`` for a 2-D input through the int8 / bf16 BSR kernel (W: the packed
         ``(out, prod(weight_shape[1:]))`` matrix)."""
-        from . import quant
         out, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
         r, c = self.block_size
         args = (x2, self.row_ptr, self.col_idx, self.values, self._buffers.get("scales"),
@@ -585,27 +584,15 @@ class SparseLinear(SparseModule):
         if not bufs["values"].is_cpu:
             self._check_quant_input(x)  # raises: weights elsewhere
         r, c = self.block_size
-        return _quant().qspmm_eager(x, bufs["row_ptr"], bufs["col_idx"], bufs["values"], bufs.get("scales"),
-                                    bufs.get("compensation"), self._parameters["bias"], self.out_features,
-                                    self.in_features, r, c, self._threads(), ops.ACTIVATIONS.index(act),
-                                    x.shape[:-1] + (self.out_features,))
+        return quant.qspmm_eager(x, bufs["row_ptr"], bufs["col_idx"], bufs["values"], bufs.get("scales"),
+                                 bufs.get("compensation"), self._parameters["bias"], self.out_features,
+                                 self.in_features, r, c, self._threads(), ops.ACTIVATIONS.index(act),
+                                 x.shape[:-1] + (self.out_features,))
 
     def _forward_quant(self, x: Tensor) -> Tensor:
         self._check_quant_input(x)
         lead = x.shape[:-1]
         return self._qmatmul(x.reshape(math.prod(lead), self.in_features)).reshape(*lead, self.out_features)
-
-
-def _quant():
-    """sparseprune.quant (imported on first use: it imports this module's neighbours)."""
-    global _QUANT
-    if _QUANT is None:
-        from . import quant
-        _QUANT = quant
-    return _QUANT
-
-
-_QUANT = None
 
 
 def _to_nhwc(x: Tensor) -> Tensor:

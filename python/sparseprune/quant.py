@@ -238,8 +238,6 @@ def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, sca
     if out_shape is not None:
         n, ldx = x.numel() // cols, cols
         y = torch.empty(out_shape)
-        if n == 0 or rows == 0:
-            return y
     else:
         if s8 and x.dtype != torch.float32:
             x = x.float()
