@@ -485,3 +485,59 @@ def test_minilm_recipe_split_is_fixed_and_disjoint():
     assert not {a["title"] for a in train} & {a["title"] for a in held}
     assert held[0]["title"] == "Erbium"  # first by sha256(title): the split does not depend on file order
     assert first_sentences("A b. C d! E f. G h.") == "A b. C d!"
+
+
+class Blocks(nn.Module):
+    """Three same-size 'transformer blocks' named like HF encoders (encoder.layer.<i>.)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for blk in self.encoder.layer:
+            x = x + blk(x)
+        return self.head(x)
+
+
+def test_depth_ramp_factors():
+    import sparseprune as sp
+
+    f = sp.depth_ramp(Blocks(), 0.3)
+    assert f == pytest.approx({"encoder.layer.0.0": 1.3, "encoder.layer.1.0": 1.0, "encoder.layer.2.0": 0.7})
+    assert sum(f.values()) / len(f) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="ramp"):
+        sp.depth_ramp(Blocks(), 1.0)
+    with pytest.raises(ValueError, match="matches"):
+        sp.depth_ramp(mlp(), 0.2)
+
+
+@pytest.mark.parametrize("init_sparsity", [0.5, 0.25], ids=["one-shot", "scheduled"])
+def test_layer_scale_sets_each_layers_sparsity_at_every_event(init_sparsity):
+    import sparseprune as sp
+
+    model = Blocks()
+    scale = sp.depth_ramp(model, 0.5)  # 0.75, 0.5, 0.25 at a 50% target
+    distill(model, tensors(d=16), sparsity=0.5, block_size=(4, 4), steps=12, lr=1e-2, init="magnitude",
+            init_sparsity=init_sparsity, prune_end=0.5, layer_scale=scale, layers=lambda n, m: n.startswith("encoder"),
+            progress=False)
+    got = {name: 1 - masks.get_mask(mod).float().mean().item() for name, mod in masks.masked_modules(model)}
+    assert got == pytest.approx({"encoder.layer.0.0": 0.75, "encoder.layer.1.0": 0.5, "encoder.layer.2.0": 0.25},
+                                abs=1e-6)
+    assert masked_sparsity(model) == pytest.approx(0.5, abs=1e-6)
+    for _, mod in masks.masked_modules(model):
+        assert bool((mod.weight[~masks.get_mask(mod)] == 0).all())
+
+
+def test_layer_scale_bad_arguments():
+    with pytest.raises(TypeError, match="layer_scale"):
+        distill(mlp(), tensors(), sparsity=0.5, steps=2, layer_scale=[1.0])
+    with pytest.raises(ValueError, match="layer_scale"):
+        distill(mlp(), tensors(), sparsity=0.5, steps=2, layer_scale={"0": -1.0})
+    with pytest.raises(ValueError, match="layer_scale"):
+        distill(mlp(), tensors(), sparsity=0.5, steps=2, layer_scale={"0": float("nan")})
+    with pytest.raises(ValueError, match="nm"):
+        distill(mlp(), tensors(), sparsity=0.5, pattern="nm", steps=2, layer_scale={"0": 1.0})

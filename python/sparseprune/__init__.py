@@ -9,7 +9,7 @@ from .prune import prune_blocks, prune_channels, prune_nm, prune_unstructured, r
 from . import prune  # noqa: F401
 from .convert import ConversionError, Converter, convert, densify, measure, register_converter, summary
 from .io import load, save
-from .distill import DistillCallback, distill, set_transformer
+from .distill import DistillCallback, depth_ramp, distill, set_transformer
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,5 @@ __all__ = [
     "BSRMatrix", "CSRMatrix", "SparseLinear", "SparseConv2d",
     "prune_unstructured", "prune_blocks", "prune_nm", "prune_channels", "remove_masks", "prune",
     "convert", "summary", "measure", "densify", "ConversionError", "Converter", "register_converter", "save", "load", "ops", "__version__",
-    "distill", "DistillCallback", "set_transformer",
+    "distill", "DistillCallback", "set_transformer", "depth_ramp",
 ]
