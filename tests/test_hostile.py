@@ -9,6 +9,7 @@ import collections.abc
 import os
 import re
 import stat
+import random
 import sys
 import time
 
@@ -1002,8 +1003,30 @@ def test_time_budget_bounds_wall_time_with_costly_calls():
                            f"{forward * 1e3:.0f} ms); allowed {allowed:.1f} s"
 
 
-def test_pure_16x16_pattern_stays_bsr16():
-    """Defect 15: a pure 16x16 block pattern flipped to CSR / 8x8 on timing noise."""
+@pytest.mark.parametrize("csr_gain, expect", [(1.06, ("bsr", (16, 16))), (1.25, ("csr", ()))],
+                         ids=["csr-within-noise", "csr-clearly-faster"])
+def test_pure_16x16_pattern_stays_bsr16(monkeypatch, csr_gain, expect):
+    """Defect 15: a pure 16x16 block pattern flipped to CSR / 8x8 on timing noise. Timings are planted
+    (a real race between BSR 16x16 and CSR is a property of the machine: after the CSR kernel got two
+    accumulator sets, CSR won it on a Zen 3 VM in some runs and lost in others): CSR measures
+    ``csr_gain`` faster than every BSR candidate, with 1% jitter, in five converts. Within convert's
+    noise band 16x16 is kept every time; clearly faster, the faster format is taken."""
+    conv_mod = sys.modules["sparseprune.convert"]
+    decide_mod = sys.modules["sparseprune.convert.decide"]
+    gen = random.Random(0)
+
+    def fake(cands, *args, **kwargs):
+        if "converted" in cands:  # the whole-model check
+            return {"dense": 1e-3, "converted": 2e-4}
+        out = {}
+        for k in cands:
+            jitter = 1.0 + 0.01 * gen.random()
+            # dense; CSR faster by csr_gain; BSR of any block and the kernel variants of the chosen
+            # layer ("auto", "rows/panels", ...) all alike
+            out[k] = (1e-3 if k == "dense" else 2e-4 / csr_gain if k == "csr" else 2e-4) * jitter
+        return out
+    monkeypatch.setattr(conv_mod, "time_calls", fake)
+    monkeypatch.setattr(decide_mod, "time_calls", fake)
     torch.manual_seed(1)
     lin = nn.Linear(1024, 1024)
     model = nn.Sequential(lin).eval()
@@ -1011,11 +1034,14 @@ def test_pure_16x16_pattern_stays_bsr16():
     sp.remove_masks(model)
     assert 0.05 < float((lin.weight != 0).float().mean()) < 0.15
     x = torch.randn(64, 1024)
-    chosen = []
+    chosen, cands = [], None
     for _ in range(5):
-        row = next(r for r in sp.summary(sp.convert(model, x, time_budget=0.5), print_fn=None) if r["name"] == "0")
+        row = next(r for r in sp.summary(sp.convert(model, x, time_budget=0.5, cache=False), print_fn=None)
+                   if r["name"] == "0")
         chosen.append((row["format"], tuple(row["block"] or ())))
-    assert all(c == ("bsr", (16, 16)) for c in chosen), chosen
+        cands = [k for k in row["candidates"] if k != "dense"]
+    assert cands[0] == "bsr16x16" and "csr" in cands, cands  # 16x16 is the most structured candidate
+    assert all(c == expect for c in chosen), chosen
 
 
 # -- 12. peak memory of save and load ----------------------------------------------------------------
