@@ -264,11 +264,16 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
     allowed = [(f, b, "float32") for f, b in floats] if "float32" in settings.weight_dtypes else []
     if quantize:
         allowed += quant_candidates(pattern, floats, settings.weight_dtypes, settings.sparse_formats + ("dense",))
-    for i, (fmt, block, dt) in enumerate(allowed):
+    tried_dtypes = set()
+    for fmt, block, dt in allowed:
         lab = label(fmt, block, dt)
-        if i and time.perf_counter() >= deadline:
+        # past the budget, each allowed weight dtype still gets its first (most structured) candidate:
+        # building and checking one is cheap, and a user who allowed int8 should not get float32 only
+        # because the budget ran out before the layer's int8 candidates came up
+        if dt in tried_dtypes and time.perf_counter() >= deadline:
             row.candidates[lab] = "not tried: time_budget spent"
             continue
+        tried_dtypes.add(dt)
         try:
             mod = cv.build(m, fmt, block, settings.num_threads, *(() if dt == "float32" else (WEIGHT_DTYPES[dt],)))
         except (ValueError, TypeError, NotImplementedError) as e:
