@@ -487,6 +487,14 @@ def test_minilm_recipe_split_is_fixed_and_disjoint():
     assert first_sentences("A b. C d! E f. G h.") == "A b. C d!"
 
 
+def test_minilm_tradeoff_pareto_front():
+    from sparseprune.recipes.minilm import _pareto
+    rows = [{"name": n, "recall@1": r, "seconds": t} for n, r, t in
+            [("dense", 0.75, 10.0), ("a", 0.70, 5.0), ("b", 0.69, 6.0), ("c", 0.60, 3.0), ("d", 0.70, 5.0), ("e", 0.5, 3.0)]]
+    # b is beaten by a (better and faster), e by c (better, same time); a and d tie: neither dominates
+    assert [r["name"] for r in _pareto(rows)] == ["c", "a", "d", "dense"]
+
+
 class Blocks(nn.Module):
     """Three same-size 'transformer blocks' named like HF encoders (encoder.layer.<i>.)."""
 

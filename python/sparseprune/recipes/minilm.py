@@ -23,10 +23,15 @@ Stages (so that timing can run alone on the CPU)::
     python -m sparseprune.recipes.minilm evaluate --run runs/minilm50 --no-timing --results bench/results/recovery.md
     flock -x /tmp/sp-cpu.lock python -m sparseprune.recipes.minilm time --run runs/minilm50 --results ...
 
+    flock -x /tmp/sp-cpu.lock python -m sparseprune.recipes.minilm tradeoff --run runs/a runs/b \
+        --results bench/results/recovery.md --plot bench/results/minilm_tradeoff.png
+
 ``evaluate`` computes the metrics for the dense and the pruned model, converts the pruned one with
 ``sp.convert`` (per-layer measured choice of dense / CSR / BSR), checks the converted model gives the
 same metrics and writes the row into the results table; ``time`` (or ``evaluate --timing``) times
-encoding the 1,000 documents (batches of 32) dense vs converted in the same process, alone on the CPU.
+encoding the 1,000 documents (batches of 32) dense vs converted in the same process, alone on the CPU;
+``tradeoff`` converts each run with float32 weights and with int8 allowed, measures accuracy and encode time of
+every variant and dense in one process (round-robin) and writes the table and a Pareto plot of that run.
 """
 from __future__ import annotations
 
@@ -299,6 +304,99 @@ def cmd_time(a):
         _finish(run, res, a.results)
 
 
+def _pareto(rows):
+    """Rows no other row beats on both recall@1 and encode time (ties: not dominated)."""
+    out = []
+    for r in rows:
+        if not any(o is not r and o["recall@1"] >= r["recall@1"] and o["seconds"] <= r["seconds"]
+                   and (o["recall@1"] > r["recall@1"] or o["seconds"] < r["seconds"]) for o in rows):
+            out.append(r)
+    return sorted(out, key=lambda r: r["seconds"])
+
+
+def cmd_tradeoff(a):
+    """Accuracy vs encode speed of distilled runs, each converted with float32 weights only and with int8
+    allowed (``sp.convert(..., weight_dtypes=...)``), dense included; timed round-robin in one process
+    (best pass of ``--repeats`` over the 1,000 documents). Writes a table and a Pareto plot from this run."""
+    import sparseprune as sp
+
+    torch.set_num_threads(a.threads)
+    dense, tok = load_model()
+    _, held = load_split()
+    qb, db = batches(tok, [x["query"] for x in held], 64), batches(tok, [x["doc"] for x in held], 32)
+    m_dense, ref = metrics(dense, qb, db)
+    rows = [{"name": "dense", "model": dense, "sparsity": 0.0, "dtypes": "float32", **m_dense, "cosine": 1.0}]
+    dtype_sets = {"float32": (torch.float32,), "int8": (torch.float32, torch.int8)}
+    for run in a.run:
+        pruned = sp.remove_masks(_load_pruned(dense, run))
+        sparsity = sp.prune.sparsity(pruned, only_masked=False)
+        info = json.load(open(os.path.join(run, "distill.json")))
+        for tag in a.dtypes.split(","):
+            fast = sp.convert(pruned, db[0], weight_dtypes=dtype_sets[tag], time_budget=a.budget, progress=False)
+            m, _ = metrics(fast, qb, db, ref)
+            summ = sp.summary(fast, print_fn=None)
+            n_int8 = sum(r["weight_dtype"] == "int8" for r in summ)
+            rows.append({"name": f"{os.path.basename(os.path.normpath(run))} {tag}", "model": fast,
+                         "sparsity": info["sparsity"], "block": info["block"], "dtypes": tag, "int8_layers": n_int8,
+                         "sparse_layers": summ.totals.get("sparse_layers"), **m})
+    best = {r["name"]: float("inf") for r in rows}
+    with torch.no_grad():
+        for r in rows:  # warm-up
+            for b in db[:2]:
+                r["model"](**b)
+        for _ in range(a.repeats):  # round-robin: every model once per round
+            for r in rows:
+                t = time.perf_counter()
+                for b in db:
+                    r["model"](**b)
+                best[r["name"]] = min(best[r["name"]], time.perf_counter() - t)
+    for r in rows:
+        r["seconds"] = best[r["name"]]
+        r["speedup"] = best["dense"] / r["seconds"]
+    front = {r["name"] for r in _pareto(rows)}
+    cpu = _cpu_model()
+    lines = [f"| model | encoder sparsity, block | weights | recall@1 | recall@10 | cosine to dense | encode s | x dense | Pareto |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        blk = f"{r['sparsity']:.0%}, {r['block']}x{r['block']}" if r["name"] != "dense" else "-"
+        w = "float32" if r["dtypes"] == "float32" else f"int8 allowed ({r['int8_layers']} of {r['sparse_layers']} sparse layers int8)"
+        lines.append(f"| {r['name']} | {blk} | {w} | {r['recall@1']:.3f} | {r['recall@10']:.3f} | {r['cosine']:.3f} | "
+                     f"{r['seconds']:.2f} | {r['speedup']:.2f}x | {'*' if r['name'] in front else ''} |")
+    table = "\n".join(lines)
+    plot = None
+    if a.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for r in rows:
+            ax.scatter(r["speedup"], r["recall@1"], c="tab:blue" if r["name"] == "dense" else
+                       ("tab:orange" if r["dtypes"] == "int8" else "tab:green"), zorder=3)
+            ax.annotate(r["name"], (r["speedup"], r["recall@1"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        fr = _pareto(rows)
+        ax.plot([r["speedup"] for r in fr], [r["recall@1"] for r in fr], "-", c="tab:red", label="Pareto front", zorder=2)
+        ax.set_xlabel("encode speed vs dense PyTorch (x, same process)")
+        ax.set_ylabel("recall@1 (1,000 held-out Wikipedia articles)")
+        ax.set_title(f"all-MiniLM-L6-v2: before (dense) vs after pruning\n{cpu}, {a.threads} threads", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=110)
+        plt.close(fig)
+        plot = a.plot
+    text = ("## all-MiniLM-L6-v2: accuracy vs encode speed, float32 and int8\n\n"
+            "Produced by `python -m sparseprune.recipes.minilm tradeoff --run ...` (one process: every model's "
+            "metrics, then encode of the 1,000 held-out documents in batches of 32, all models taking turns, best of "
+            f"{a.repeats} passes). Converted with `sp.convert(model, batch, weight_dtypes=...)`: `float32` = float32 "
+            "kernels only; `int8 allowed` = float32 and int8 candidates timed per layer. "
+            f"CPU: {cpu}, {a.threads} threads, torch {torch.__version__}.\n\n" + table
+            + (f"\n\n![accuracy vs speed]({os.path.relpath(plot, os.path.dirname(os.path.abspath(a.results)))})" if plot and a.results else ""))
+    print(text)
+    if a.results:
+        from . import write_section
+        write_section(a.results, "minilm-tradeoff", text)
+
+
 HEADER = """## all-MiniLM-L6-v2 (real weights): Wikipedia description -> summary retrieval
 
 Produced by `python -m sparseprune.recipes.minilm distill ...` then `... evaluate --results
@@ -389,8 +487,16 @@ def main(argv=None):
     t.add_argument("--results", default=None)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--repeats", type=int, default=3)
+    o = sub.add_parser("tradeoff", help="accuracy vs encode speed, float32 and int8 conversions (run alone)")
+    o.add_argument("--run", required=True, nargs="+")
+    o.add_argument("--dtypes", default="float32,int8", help="comma list of: float32, int8 (float32 + int8 candidates)")
+    o.add_argument("--results", default=None)
+    o.add_argument("--plot", default=None, help="PNG path for the accuracy-vs-speed plot")
+    o.add_argument("--budget", type=float, default=30.0, help="sp.convert time_budget per conversion (s)")
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
-    {"distill": cmd_distill, "evaluate": cmd_evaluate, "time": cmd_time}[a.cmd](a)
+    {"distill": cmd_distill, "evaluate": cmd_evaluate, "time": cmd_time, "tradeoff": cmd_tradeoff}[a.cmd](a)
 
 
 if __name__ == "__main__":
