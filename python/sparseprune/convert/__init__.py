@@ -115,7 +115,8 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             types to leave untouched.
         num_threads: threads for the sparse kernels and, while timing, for dense torch too.
         time_budget: wall-clock seconds for the whole conversion (timing, packing, checks), kept to
-            within the cost of one forward pass and one candidate per layer when it is very small.
+            within the cost of one forward pass and one candidate per layer and allowed weight dtype
+            (its most structured one) when it is very small or spent.
         margin: a sparse format must be at least ``1 + margin`` times faster than dense to be chosen.
         tolerance: largest accepted output difference, relative to the largest reference output
             magnitude, checked per layer and end to end; a larger error raises :class:`ConversionError`.
