@@ -7,9 +7,9 @@ conventions 11 and 12). Every case that could crash the interpreter runs in a se
 """
 import collections.abc
 import os
+import random
 import re
 import stat
-import random
 import sys
 import time
 

@@ -329,7 +329,6 @@ def cmd_tradeoff(a):
     dtype_sets = {"float32": (torch.float32,), "int8": (torch.float32, torch.int8)}
     for run in a.run:
         pruned = sp.remove_masks(_load_pruned(dense, run))
-        sparsity = sp.prune.sparsity(pruned, only_masked=False)
         info = json.load(open(os.path.join(run, "distill.json")))
         for tag in a.dtypes.split(","):
             fast = sp.convert(pruned, db[0], weight_dtypes=dtype_sets[tag], time_budget=a.budget, progress=False)
@@ -353,7 +352,8 @@ def cmd_tradeoff(a):
     for r in rows:
         r["seconds"] = best[r["name"]]
         r["speedup"] = best["dense"] / r["seconds"]
-    front = {r["name"] for r in _pareto(rows)}
+    fr = _pareto(rows)
+    front = {r["name"] for r in fr}
     cpu = _cpu_model()
     lines = [f"| model | encoder sparsity, block | weights | recall@1 | recall@10 | cosine to dense | encode s | x dense | Pareto |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -374,7 +374,6 @@ def cmd_tradeoff(a):
             ax.scatter(r["speedup"], r["recall@1"], c="tab:blue" if r["name"] == "dense" else
                        ("tab:orange" if r["dtypes"] == "int8" else "tab:green"), zorder=3)
             ax.annotate(r["name"], (r["speedup"], r["recall@1"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        fr = _pareto(rows)
         ax.plot([r["speedup"] for r in fr], [r["recall@1"] for r in fr], "-", c="tab:red", label="Pareto front", zorder=2)
         ax.set_xlabel("encode speed vs dense PyTorch (x, same process)")
         ax.set_ylabel("recall@1 (1,000 held-out Wikipedia articles)")
