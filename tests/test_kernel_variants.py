@@ -86,3 +86,22 @@ def test_variants_within_noise_keep_the_heuristics(monkeypatch):
     monkeypatch.setattr(cv, "time_calls", fake)
     c = sp.convert(_model(), torch.randn(32, 256), formats=("bsr",), end_to_end=False, time_budget=2.0)
     assert c[0].kernel == "auto" and c[0].kernel_cpu == ""
+
+
+@pytest.mark.parametrize("n", [128, 136, 49, 200])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("block", [(16, 16), (8, 8)])
+def test_thread_splits_of_odd_row_counts_match_the_reference(n, threads, block):
+    """Rows of X split between 2-3 threads (in whole 24-row panels when packed), block rows split, or
+    both: every kernel variant, with row counts that leave a partial panel."""
+    torch.manual_seed(n + threads)
+    lin = nn.Linear(256, 96)
+    with torch.no_grad():
+        lin.weight.copy_(block_sparse_weight(96, 256, block, 0.7))
+    x = torch.randn(n, 256)
+    ref = reference.linear(x, lin.weight, lin.bias)
+    layer = sp.SparseLinear.from_dense(lin, format="bsr", block_size=block, num_threads=threads)
+    for kernel in ops.KERNELS:
+        layer.kernel = kernel
+        with torch.no_grad():
+            assert_close(layer(x), ref)

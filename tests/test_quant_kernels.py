@@ -342,3 +342,17 @@ def test_thread_splits_match_reference(threads, n, k, m, sparsity, s8):
     x = torch.randn(n, k, generator=g) * 2
     b = torch.randn(m, generator=g)
     _check(_run(x, p, b, num_threads=threads), reference_qspmm(x, p, b), dtype)
+
+
+@pytest.mark.parametrize("n", [128, 136, 49, 200])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_row_splits_in_chunks_of_8_are_exact(qpath, n, threads):
+    """Rows of X split between threads in chunks of 8 (128 rows: 64 / 64, not 72 / 56 in whole 24-row
+    panels), each thread quantizing into panels of its own that start at its first row."""
+    dtype = qpath
+    g = torch.Generator().manual_seed(n * 3 + threads)
+    w = block_sparse_weight(64, 160, (16, 16), 0.7, generator=g)  # W small next to X: split by rows
+    p = QuantBSRMatrix.from_dense(w, (16, 16), dtype)
+    x = torch.randn(n, 160, generator=g) * 2
+    b = torch.randn(64, generator=g)
+    _check(_run(x, p, b, num_threads=threads), reference_qspmm(x, p, b), dtype)

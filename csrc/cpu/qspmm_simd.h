@@ -161,15 +161,20 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   const int64_t work = n * (w.nnzb() * r * w.c / (Op::S8 ? 4 : 2) + w.rows + w.cols);
   const int nt = threads_for(work, num_threads);
   const bool fixed = ps == QPW && gpb * G == 16;  // the compile-time tiles: 24-row panels, 16-wide blocks
-  uint32_t* xp = q_scratch(static_cast<size_t>(units * kg * ps + 2 * n));
-  int32_t* zp = reinterpret_cast<int32_t*>(xp + units * kg * ps);
-  float* sx = reinterpret_cast<float*>(zp + n);
   // As for fp32 (spmm_simd.h, split_rows): split rows of X when each thread reading all of W costs less
   // than sharing quantized X panels across cores; each thread then packs only its own rows, no barrier.
   const int64_t w_words = w.nnzb() * r * gpb, x_words = n * kg;
   const bool by_rows = split_rows(w_words, x_words, units, nt, n >= QPW);
   const int pm = by_rows ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, w.block_rows)));
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
+  // Split by rows, the threads take equal shares in whole chunks of 8 rows, not whole panels: 128 rows in
+  // 24-row panels split 72 / 56 (the slower thread does 9/8 of the average). Each thread's panels then
+  // start at its first row, in a region of its own: panel index nn0 / ps + thread (panels_rows below).
+  const int64_t chunks8 = (n + 7) / 8;
+  const int64_t panels = by_rows ? units + pn : units;
+  uint32_t* xp = q_scratch(static_cast<size_t>(panels * kg * ps + 2 * n));
+  int32_t* zp = reinterpret_cast<int32_t*>(xp + panels * kg * ps);
+  float* sx = reinterpret_cast<float*>(zp + n);
   // One panel per pass, all of this thread's block rows inside it: consecutive tiles then write
   // neighbouring 64-byte pieces of the same rows of Y. (Block rows outside, panels inside wrote
   // columns of Y: every store a new page 4*M bytes on, L1-set and DTLB misses that cost more than
@@ -193,11 +198,12 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
         bf16_row_words(static_cast<const float*>(x) + i * ldx, nullptr, w.cols, kg, words);
       }
     };
-    auto pack_chunk = [&](int64_t c) {  // rows [8c, min(8c + 8, n))
+    // rows [8c, min(8c + 8, n)) into the panels whose first row is row0, the first of them panel p0
+    auto pack_chunk = [&](int64_t c, int64_t row0, int64_t p0) {
       const int64_t i0 = 8 * c, cnt = std::min<int64_t>(8, n - i0);
       uint32_t* words = rowbuf.data();
       for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
-      uint32_t* dst = xp + (i0 / ps) * kg * ps + (i0 % ps);
+      uint32_t* dst = xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps;
       int64_t g = 0;
       if (cnt == 8) g = transpose8_words(words, kg, dst, ps);
       for (int64_t j = 0; j < cnt; ++j)
@@ -206,16 +212,21 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
     const int64_t chunks = (n + 7) / 8;
     if (!by_rows) {
 #pragma omp for schedule(static)
-      for (int64_t c = 0; c < chunks; ++c) pack_chunk(c);
+      for (int64_t c = 0; c < chunks; ++c) pack_chunk(c, 0, 0);
     }
     const int tid = omp_get_thread_num();
     if (tid < pm * pn) {
       const int im = tid % pm, in = tid / pm;
       const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
       const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
-      const int64_t nn0 = std::min(n, units * in / pn * ps), nn1 = std::min(n, units * (in + 1) / pn * ps);
-      if (by_rows)  // nn0, nn1: multiples of ps (24) or n, so whole chunks
-        for (int64_t c = nn0 / 8; c < (nn1 + 7) / 8; ++c) pack_chunk(c);
+      // rows [nn0, nn1): whole panels (shared panels), or whole chunks of 8 (by rows)
+      const int64_t nn0 = by_rows ? std::min(n, chunks8 * in / pn * 8) : std::min(n, units * in / pn * ps);
+      const int64_t nn1 = by_rows ? std::min(n, chunks8 * (in + 1) / pn * 8) : std::min(n, units * (in + 1) / pn * ps);
+      // this thread's first panel: its own region by rows (a panel from nn0 may straddle the absolute
+      // panel boundaries, never more than one more than before), the absolute panel otherwise
+      const int64_t pbase = nn0 / ps + (by_rows ? in : 0);
+      if (by_rows)
+        for (int64_t c = nn0 / 8; c < (nn1 + 7) / 8; ++c) pack_chunk(c, nn0, pbase);
       for (int64_t a = nn0; a < nn1; a += nc) {
         const int64_t a1 = std::min(nn1, a + nc);
         for (int64_t br = br0; br < br1; ++br) {
@@ -235,7 +246,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
             e.act = w.act;
             const uint32_t* vv = w.values + i0;
             for (int64_t p0 = a; p0 < a1; p0 += ps) {
-              const uint32_t* xpp = xp + (p0 / ps) * kg * ps;
+              const uint32_t* xpp = xp + (pbase + (p0 - nn0) / ps) * kg * ps;
               const int nv = static_cast<int>(std::min<int64_t>(ps, a1 - p0));
               float* yy = y + p0 * ldy + m0 + i0;
               const int row = static_cast<int>(p0);
