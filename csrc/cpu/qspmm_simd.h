@@ -169,8 +169,9 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // Split by rows, the threads take equal shares in whole chunks of 8 rows, not whole panels: 128 rows in
   // 24-row panels split 72 / 56 (the slower thread does 9/8 of the average). Each thread's panels then
-  // start at its first row, in a region of its own: panel index nn0 / ps + thread (panels_rows below).
-  const int64_t chunks8 = (n + 7) / 8;
+  // start at its first row, in a region of its own from panel nn0 / ps + thread (pbase below): at most
+  // one panel more per thread than the absolute layout.
+  const int64_t chunks = (n + 7) / 8;  // rows are quantized and packed 8 at a time
   const int64_t panels = by_rows ? units + pn : units;
   uint32_t* xp = q_scratch(static_cast<size_t>(panels * kg * ps + 2 * n));
   int32_t* zp = reinterpret_cast<int32_t*>(xp + panels * kg * ps);
@@ -209,7 +210,6 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       for (int64_t j = 0; j < cnt; ++j)
         for (int64_t gg = g; gg < kg; ++gg) dst[gg * ps + j] = words[j * kg + gg];
     };
-    const int64_t chunks = (n + 7) / 8;
     if (!by_rows) {
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) pack_chunk(c, 0, 0);
@@ -220,10 +220,9 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
       const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
       // rows [nn0, nn1): whole panels (shared panels), or whole chunks of 8 (by rows)
-      const int64_t nn0 = by_rows ? std::min(n, chunks8 * in / pn * 8) : std::min(n, units * in / pn * ps);
-      const int64_t nn1 = by_rows ? std::min(n, chunks8 * (in + 1) / pn * 8) : std::min(n, units * (in + 1) / pn * ps);
-      // this thread's first panel: its own region by rows (a panel from nn0 may straddle the absolute
-      // panel boundaries, never more than one more than before), the absolute panel otherwise
+      const int64_t nn0 = by_rows ? std::min(n, chunks * in / pn * 8) : std::min(n, units * in / pn * ps);
+      const int64_t nn1 = by_rows ? std::min(n, chunks * (in + 1) / pn * 8) : std::min(n, units * (in + 1) / pn * ps);
+      // this thread's first panel: in its own region by rows, the absolute panel of row nn0 otherwise
       const int64_t pbase = nn0 / ps + (by_rows ? in : 0);
       if (by_rows)
         for (int64_t c = nn0 / 8; c < (nn1 + 7) / 8; ++c) pack_chunk(c, nn0, pbase);
