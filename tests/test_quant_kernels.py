@@ -351,8 +351,9 @@ def test_row_splits_in_chunks_of_8_are_exact(qpath, n, threads):
     panels), each thread quantizing into panels of its own that start at its first row."""
     dtype = qpath
     g = torch.Generator().manual_seed(n * 3 + threads)
-    w = block_sparse_weight(64, 160, (16, 16), 0.7, generator=g)  # W small next to X: split by rows
+    # W small next to X (split by rows), and enough work that even n = 49 gets every thread (threads_for)
+    w = block_sparse_weight(128, 320, (16, 16), 0.7, generator=g)
     p = QuantBSRMatrix.from_dense(w, (16, 16), dtype)
-    x = torch.randn(n, 160, generator=g) * 2
-    b = torch.randn(64, generator=g)
+    x = torch.randn(n, 320, generator=g) * 2
+    b = torch.randn(128, generator=g)
     _check(_run(x, p, b, num_threads=threads), reference_qspmm(x, p, b), dtype)

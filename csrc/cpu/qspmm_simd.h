@@ -219,9 +219,9 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       const int im = tid % pm, in = tid / pm;
       const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, pm, im);
       const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, pm, im + 1);
-      // rows [nn0, nn1): whole panels (shared panels), or whole chunks of 8 (by rows)
-      const int64_t nn0 = by_rows ? std::min(n, chunks * in / pn * 8) : std::min(n, units * in / pn * ps);
-      const int64_t nn1 = by_rows ? std::min(n, chunks * (in + 1) / pn * 8) : std::min(n, units * (in + 1) / pn * ps);
+      // rows [nn0, nn1): whole chunks of 8 (by rows), or whole panels (shared panels)
+      const int64_t step = by_rows ? 8 : ps, steps = by_rows ? chunks : units;
+      const int64_t nn0 = std::min(n, steps * in / pn * step), nn1 = std::min(n, steps * (in + 1) / pn * step);
       // this thread's first panel: in its own region by rows, the absolute panel of row nn0 otherwise
       const int64_t pbase = nn0 / ps + (by_rows ? in : 0);
       if (by_rows)
