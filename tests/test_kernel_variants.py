@@ -105,3 +105,68 @@ def test_thread_splits_of_odd_row_counts_match_the_reference(n, threads, block):
         layer.kernel = kernel
         with torch.no_grad():
             assert_close(layer(x), ref)
+
+
+# K-chunked X^T family (spmm_simd.h, xt_rows_chunked): used by default when a tile of X^T passes 160 KiB and
+# M <= K / 2 (CSR at K = 2,700 and NB = 32 is 338 KiB; 4x4 blocks on AVX2 run NB = 16, 169 KiB); each block
+# row then runs once per K chunk with its partial sums kept between chunks.
+@pytest.mark.parametrize("block", [(1, 1), (1, 4), (2, 4), (4, 4), (3, 1)])
+@pytest.mark.parametrize("n", [45, 128])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+def test_k_chunked_products_match_the_reference(isa, block, n, sparsity):
+    torch.manual_seed(n + int(10 * sparsity) + 3 * block[0] + block[1])
+    k, m = 2700, 203  # K not a multiple of c = 4 or of a chunk; M not of r
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        w = block_sparse_weight(m, k, block, sparsity)
+        w[:7] = 0.0  # empty block rows
+        lin.weight.copy_(w)
+    x = torch.randn(n, k)
+    fmt = "csr" if block == (1, 1) else "bsr"
+    for act in ("none", "gelu") if sparsity == 0.6 else ("none",):
+        ref = ops.apply_activation(reference.linear(x, lin.weight, lin.bias), act)
+        for threads in (1, 2):
+            layer = sp.SparseLinear.from_dense(lin, format=fmt, block_size=None if fmt == "csr" else block,
+                                               num_threads=threads, activation=act)
+            for kernel in ops.KERNELS:
+                layer.kernel = kernel
+                with torch.no_grad():
+                    assert_close(layer(x), ref, rtol=1e-4, atol=2e-4)
+
+
+_CHUNK_CHILD = r"""
+import torch, sparseprune as sp
+from torch import nn
+from sparseprune import ops, reference
+torch.manual_seed(0)
+for (n, k, m, block) in [(40, 300, 50, (1, 1)), (33, 517, 20, (2, 4)), (64, 129, 129, (4, 4)), (9, 64, 30, (1, 4))]:
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        w = lin.weight * (torch.rand(m, k) < 0.4)
+        w[3] = 0.0
+        lin.weight.copy_(w)
+    x = torch.randn(n, k)
+    fmt = "csr" if block == (1, 1) else "bsr"
+    for act in ("none", "relu"):
+        layer = sp.SparseLinear.from_dense(lin, format=fmt, block_size=None if fmt == "csr" else block,
+                                           num_threads=2, activation=act)
+        for kernel in ops.KERNELS:
+            layer.kernel = kernel
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), ops.apply_activation(reference.linear(x, lin.weight, lin.bias), act),
+                                           rtol=1e-4, atol=2e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("chunk", ["1", "7", "100"])
+def test_forced_k_chunks_of_any_width_match_the_reference(chunk):
+    """SPARSEPRUNE_XT_CHUNK forces chunks of that many columns of K on every xt-family product (read once
+    per process, hence a child process): chunks of one block column, chunks that end inside a block, and
+    the last chunk shorter than the rest."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SPARSEPRUNE_XT_CHUNK=chunk)
+    out = subprocess.run([sys.executable, "-c", _CHUNK_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

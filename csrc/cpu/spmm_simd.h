@@ -214,19 +214,28 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
 
 // ---------------------------------------------------------------------------------------------
 // xt family
-template <class V, int R, int NBV, bool C1, class Idx>
-SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float* __restrict vals,
-                       const Idx* __restrict cols, int64_t b0, int64_t b1, const float* bias, int act,
-                       int rows, float* __restrict out) {
+// One block row (R outputs) times an X^T tile into out (R x NB). CH (K-chunked, xt_rows_chunked): start
+// from out unless `init`, and stop at the first block column >= kend; returns where it stopped.
+template <class V, int R, int NBV, bool C1, bool CH = false, class Idx>
+SP_INLINE int64_t xt_tile(const float* __restrict xt, int64_t K, int c, const float* __restrict vals,
+                          const Idx* __restrict cols, int64_t b0, int64_t b1, const float* bias, int act,
+                          int rows, float* __restrict out, bool init = true, int64_t kend = 0) {
   using T = typename V::T;
   constexpr int W = V::W;
   constexpr int NB = NBV * W;
   T acc[R][NBV];
+  if (!CH || init) {
 #pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    const T bv = V::set1(bias && i < rows ? bias[i] : 0.0f);
+    for (int i = 0; i < R; ++i) {
+      const T bv = V::set1(bias && i < rows ? bias[i] : 0.0f);
 #pragma GCC unroll 4
-    for (int v = 0; v < NBV; ++v) acc[i][v] = bv;
+      for (int v = 0; v < NBV; ++v) acc[i][v] = bv;
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NBV; ++v) acc[i][v] = V::load(out + i * NB + v * W);
   }
   int64_t b = b0;
   if constexpr (C1 && R == 1) {
@@ -236,7 +245,7 @@ SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float
     T acc2[NBV];
 #pragma GCC unroll 4
     for (int v = 0; v < NBV; ++v) acc2[v] = V::zero();
-    for (; b + 2 <= b1; b += 2) {
+    for (; b + 2 <= b1 && (!CH || cols[b + 1] < kend); b += 2) {  // sorted columns: cols[b] < kend too
       const float* xr0 = xt + static_cast<int64_t>(cols[b]) * NB;
       const float* xr1 = xt + static_cast<int64_t>(cols[b + 1]) * NB;
       const T w0 = V::set1(vals[b]), w1 = V::set1(vals[b + 1]);
@@ -249,7 +258,7 @@ SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float
 #pragma GCC unroll 4
     for (int v = 0; v < NBV; ++v) acc[0][v] = V::add(acc[0][v], acc2[v]);
   }
-  for (; b < b1; ++b) {
+  for (; b < b1 && (!CH || cols[b] < kend); ++b) {
     if constexpr (C1) {
       const float* xr = xt + static_cast<int64_t>(cols[b]) * NB;
       const float* wb = vals + b * R;
@@ -284,11 +293,25 @@ SP_INLINE void xt_tile(const float* __restrict xt, int64_t K, int c, const float
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NBV; ++v) V::store(out + i * NB + v * W, act ? act_v(acc[i][v], act) : acc[i][v]);
+  return b;
 }
 
 // G consecutive block rows (8R outputs) into a panel, then one transposed store into Y with 8x8
 // transposes: Y rows are written 8R contiguous floats at a time instead of one float per row.
 constexpr int XT_G = 8;
+
+// rows x NB results (row i at tmp + i * NB; `full` rows make a whole group) into Y: columns [0, nvalid)
+// of rows are the first nvalid rows of X's tile.
+template <int NB>
+SP_INLINE void xt_store(const float* tmp, int rows, int full, int nvalid, float* yy, int64_t ldy) {
+  if (rows == full && nvalid == NB) {
+    for (int i = 0; i < full; i += 8)
+      for (int q = 0; q < NB; q += 8) transpose8x8(tmp + i * NB + q, NB, yy + q * ldy + i, ldy);
+  } else {
+    for (int q = 0; q < nvalid; ++q)
+      for (int i = 0; i < rows; ++i) yy[q * ldy + i] = tmp[i * NB + q];
+  }
+}
 template <class V, int R, int NBV, bool C1, class Idx>
 SP_INLINE void xt_group(const BsrView& w, const Idx* cols, const float* xtt, int64_t br, int64_t br_end,
                         const float* bias, float* y, int64_t ldy, int nvalid) {
@@ -301,15 +324,69 @@ SP_INLINE void xt_group(const BsrView& w, const Idx* cols, const float* xtt, int
     xt_tile<V, R, NBV, C1>(xtt, w.cols, w.c, w.values, cols, w.row_ptr[br + g], w.row_ptr[br + g + 1],
                            bias ? bias + mg : nullptr, w.act, static_cast<int>(std::min<int64_t>(R, w.rows - mg)), tmp[g * R]);
   }
-  const int rows = static_cast<int>(std::min<int64_t>(ng * R, w.rows - m0));
-  float* yy = y + m0;
-  if (rows == XT_G * R && nvalid == NB) {
-    for (int i = 0; i < XT_G * R; i += 8)
-      for (int q = 0; q < NB; q += 8) transpose8x8(&tmp[i][q], NB, yy + q * ldy + i, ldy);
-  } else {
-    for (int q = 0; q < nvalid; ++q)
-      for (int i = 0; i < rows; ++i) yy[q * ldy + i] = tmp[i][q];
+  xt_store<NB>(tmp[0], static_cast<int>(std::min<int64_t>(ng * R, w.rows - m0)), XT_G * R, nvalid, y + m0, ldy);
+}
+
+// K-chunked xt: a tile of X^T (K x NB floats) that outgrows L2 beside the streaming weights (BERT FFN
+// down, K = 3072: 384 KiB at NB = 32, a 512 KiB L2) is read chunk by chunk of kcb block columns. Block
+// rows [br0, br1) each run once per chunk, their partial sums kept in part ((br1 - br0) R x NB floats) and
+// their place in the block row in cur; the last chunk applies the activation, then groups of XT_G block
+// rows go to Y as in xt_group. Every block is visited exactly once: the last chunk has no column limit.
+template <class V, int R, int NBV, bool C1, class Idx>
+void xt_rows_chunked(const BsrView& w, const Idx* cols, const float* xtt, int64_t br0, int64_t br1, int64_t kcb,
+                     const float* bias, float* y, int64_t ldy, int nvalid, float* part, int64_t* cur) {
+  constexpr int NB = NBV * V::W;
+  for (int64_t br = br0; br < br1; ++br) cur[br - br0] = w.row_ptr[br];
+  const int64_t block_cols = (w.cols + w.c - 1) / w.c;
+  for (int64_t k0 = 0; k0 < block_cols; k0 += kcb) {
+    const bool first = k0 == 0, last = k0 + kcb >= block_cols;
+    const int64_t kend = last ? INT64_MAX : k0 + kcb;
+    const int act = last ? w.act : 0;
+    for (int64_t br = br0; br < br1; ++br) {
+      const int64_t mg = br * R;
+      cur[br - br0] = xt_tile<V, R, NBV, C1, true>(
+          xtt, w.cols, w.c, w.values, cols, cur[br - br0], w.row_ptr[br + 1], bias ? bias + mg : nullptr, act,
+          static_cast<int>(std::min<int64_t>(R, w.rows - mg)), part + (br - br0) * R * NB, first, kend);
+    }
   }
+  for (int64_t br = br0; br < br1; br += XT_G) {
+    const int64_t ng = std::min<int64_t>(XT_G, br1 - br);
+    xt_store<NB>(part + (br - br0) * R * NB, static_cast<int>(std::min<int64_t>(ng * R, w.rows - br * R)), XT_G * R,
+                 nvalid, y + br * R, ldy);
+  }
+}
+
+// Block columns per K chunk of the xt family, 0 for none. Chunks pay when a whole tile of X^T passes
+// 160 KiB and the partial sums of all M outputs are at most half its size (M <= K / 2: FFN down
+// projections; not decode 16x4096->4096, where chunks only add the partial sums' traffic). A chunk holds
+// ~64 KiB of X^T at >= 20% density, more below (density / 0.2 fewer non-zeros a row in each chunk, and
+// each block row pays a fixed cost per chunk). Zen 3, CSR, 128 rows, against no chunks: FFN down
+// 128x3072->768 1.15-1.20x at 80%, MiniLM down 128x1536->384 1.10-1.24x; ~1.05-1.19x at 90%.
+// SPARSEPRUNE_XT_CHUNK=<columns of K> overrides (0: never chunk), for experiments.
+inline int64_t xt_chunk_blocks(const BsrView& w, int NB) {
+  const int64_t K = w.cols;
+  static const char* force = std::getenv("SPARSEPRUNE_XT_CHUNK");
+  int64_t kcols;
+  if (force) {
+    kcols = std::atoll(force);
+  } else {
+    if (K * NB * 4 <= (int64_t(160) << 10) || 2 * w.rows > K) return 0;
+    const double density = static_cast<double>(w.nnzb()) * w.r * w.c / (static_cast<double>(w.rows) * K);
+    kcols = static_cast<int64_t>((int64_t(64) << 10) / (NB * 4) * std::max(1.0, 0.2 / std::max(density, 1e-6)));
+  }
+  if (kcols <= 0 || kcols >= K) return 0;
+  return std::max<int64_t>(1, kcols / std::max(w.c, 1));
+}
+
+// Per-thread buffers of xt_rows_chunked: partial sums (floats, 64-byte aligned) and positions.
+inline float* xt_chunk_scratch(size_t floats, size_t positions, int64_t** cur) {
+  thread_local std::vector<float> part;
+  thread_local std::vector<int64_t> pos;
+  if (part.size() < floats + 16) part.resize(floats + 16);
+  if (pos.size() < positions) pos.resize(positions);
+  *cur = pos.data();
+  auto p = reinterpret_cast<uintptr_t>(part.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
 }
 
 // Transpose units of X into the scratch: full tiles of NB rows, then one remainder tile of NBR rows
@@ -331,6 +408,26 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
   const int64_t kstep = 256;
   const int64_t kblocks = (K + kstep - 1) / kstep;
   float* xt = xt_scratch(static_cast<size_t>(full * K * NB + K * NBR));
+  // K chunks (xt_rows_chunked) where a whole tile of X^T would not stay in L2; the remainder tile is narrower
+  const int64_t kcb = xt_chunk_blocks(w, NB), kcbr = xt_chunk_blocks(w, NBR);
+  // block rows [br0, br1) times tile t of X^T into Y
+  auto run_tile = [&](int64_t t, int64_t br0, int64_t br1) {
+    const bool whole = t < full;
+    const float* xtt = xt + t * K * NB;
+    float* yt = y + t * NB * ldy;
+    const int nv = whole ? NB : static_cast<int>(n - full * NB);
+    if (whole ? kcb : kcbr) {
+      int64_t* cur;
+      float* part = xt_chunk_scratch(static_cast<size_t>((br1 - br0) * R * (whole ? NB : NBR)),
+                                     static_cast<size_t>(br1 - br0), &cur);
+      if (whole) xt_rows_chunked<V, R, NBV, C1>(w, cols, xtt, br0, br1, kcb, bias, yt, ldy, nv, part, cur);
+      else xt_rows_chunked<V, R, NBVR, C1>(w, cols, xtt, br0, br1, kcbr, bias, yt, ldy, nv, part, cur);
+    } else if (whole) {
+      for (int64_t br = br0; br < br1; br += XT_G) xt_group<V, R, NBV, C1>(w, cols, xtt, br, br1, bias, yt, ldy, nv);
+    } else {
+      for (int64_t br = br0; br < br1; br += XT_G) xt_group<V, R, NBVR, C1>(w, cols, xtt, br, br1, bias, yt, ldy, nv);
+    }
+  };
   // split_rows (parallel.h): each thread transposes its own tiles of X and runs every block row on them
   const bool by_rows = w.split ? w.split == 1 : split_rows(w.nnzb() * R * w.c, n * K, units, nt, true);
   if (by_rows) {
@@ -339,16 +436,7 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
       const int64_t u0 = units * tid / nth, u1 = units * (tid + 1) / nth;
       for (int64_t t = u0; t < u1; ++t) xt_transpose_unit<NB, NBR>(x, ldx, n, K, full, t, 0, K, xt);
-      for (int64_t t = u0; t < u1; ++t) {
-        if (t < full) {
-          for (int64_t br = 0; br < w.block_rows; br += XT_G)
-            xt_group<V, R, NBV, C1>(w, cols, xt + t * K * NB, br, w.block_rows, bias, y + t * NB * ldy, ldy, NB);
-        } else {
-          for (int64_t br = 0; br < w.block_rows; br += XT_G)
-            xt_group<V, R, NBVR, C1>(w, cols, xt + full * K * NB, br, w.block_rows, bias, y + full * NB * ldy, ldy,
-                                     static_cast<int>(n - full * NB));
-        }
-      }
+      for (int64_t t = u0; t < u1; ++t) run_tile(t, 0, w.block_rows);
     }
     return;
   }
@@ -362,13 +450,7 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
     const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
-    for (int64_t t = 0; t < full; ++t)
-      for (int64_t br = br0; br < br1; br += XT_G)
-        xt_group<V, R, NBV, C1>(w, cols, xt + t * K * NB, br, br1, bias, y + t * NB * ldy, ldy, NB);
-    if (units > full)
-      for (int64_t br = br0; br < br1; br += XT_G)
-        xt_group<V, R, NBVR, C1>(w, cols, xt + full * K * NB, br, br1, bias, y + full * NB * ldy, ldy,
-                                 static_cast<int>(n - full * NB));
+    for (int64_t t = 0; t < units; ++t) run_tile(t, br0, br1);
   }
 }
 
