@@ -1,5 +1,6 @@
 """convert()'s on-disk timing cache: a second convert of the same problem on the same machine reuses
 the measured times (and decides the same), a disabled or corrupt cache changes nothing."""
+import importlib
 import json
 import os
 
@@ -24,12 +25,19 @@ def _rows(model):
     return {r["name"]: r for r in sp.summary(model, print_fn=None)}
 
 
-def test_second_convert_reuses_timings_and_decides_the_same():
+def test_second_convert_reuses_timings_and_decides_the_same(monkeypatch):
+    """The cheap re-check of cached timings is stubbed to agree here (a quiet machine): on a busy 2-core
+    VM a fresh check of these microsecond layers can disagree with the stored one and re-time the layer,
+    which is right for convert() but made this test flaky. The re-check itself has the tests below."""
     m, x = _model(), torch.randn(32, 128)
     first = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
     path = os.path.join(cache_dir(), os.listdir(cache_dir())[0])
     assert json.load(open(path))  # timings were stored
+    checked = []
+    decide = importlib.import_module("sparseprune.convert.decide")
+    monkeypatch.setattr(decide, "_cache_agrees", lambda cached, *a, **k: checked.append(dict(cached)) or True)
     second = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    assert checked, "cached timings were used without the re-check"
     for name, r in first.items():
         assert second[name]["format"] == r["format"] and second[name]["block"] == r["block"]
         assert second[name]["candidates"] == r["candidates"]  # the same measurements
