@@ -357,11 +357,12 @@ void xt_rows_chunked(const BsrView& w, const Idx* cols, const float* xtt, int64_
 }
 
 // Block columns per K chunk of the xt family, 0 for none. Chunks pay when a whole tile of X^T passes
-// 160 KiB and the partial sums of all M outputs are at most half its size (M <= K / 2: FFN down
-// projections; not decode 16x4096->4096, where chunks only add the partial sums' traffic). A chunk holds
-// ~64 KiB of X^T at >= 20% density, more below (density / 0.2 fewer non-zeros a row in each chunk, and
-// each block row pays a fixed cost per chunk). Zen 3, CSR, 128 rows, against no chunks: FFN down
-// 128x3072->768 1.15-1.20x at 80%, MiniLM down 128x1536->384 1.10-1.24x; ~1.05-1.19x at 90%.
+// 5/16 of L2 (160 KiB of Zen 3's 512 KiB), next to the weights streaming through, and the partial sums of
+// all M outputs are at most half its size (M <= K / 2: FFN down projections; not decode 16x4096->4096,
+// where chunks only add the partial sums' traffic). A chunk holds L2 / 8 of X^T (64 KiB) at >= 20% density,
+// more below (density / 0.2 fewer non-zeros a row in each chunk, and each block row pays a fixed cost per
+// chunk). Zen 3, CSR, 128 rows, against no chunks: FFN down 128x3072->768 1.13-1.20x at 80%, MiniLM down
+// 128x1536->384 1.12-1.24x; ~1.05-1.19x at 90%. Scaled by L2 size on other CPUs, not measured there.
 // SPARSEPRUNE_XT_CHUNK=<columns of K> overrides (0: never chunk), for experiments.
 inline int64_t xt_chunk_blocks(const BsrView& w, int NB) {
   const int64_t K = w.cols;
@@ -370,9 +371,10 @@ inline int64_t xt_chunk_blocks(const BsrView& w, int NB) {
   if (force) {
     kcols = std::atoll(force);
   } else {
-    if (K * NB * 4 <= (int64_t(160) << 10) || 2 * w.rows > K) return 0;
+    const int64_t tile = K * NB * static_cast<int64_t>(sizeof(float));
+    if (16 * tile <= 5 * l2_bytes() || 2 * w.rows > K) return 0;
     const double density = static_cast<double>(w.nnzb()) * w.r * w.c / (static_cast<double>(w.rows) * K);
-    kcols = static_cast<int64_t>((int64_t(64) << 10) / (NB * 4) * std::max(1.0, 0.2 / std::max(density, 1e-6)));
+    kcols = static_cast<int64_t>(l2_bytes() / 8 / (NB * 4) * std::max(1.0, 0.2 / std::max(density, 1e-6)));
   }
   if (kcols <= 0 || kcols >= K) return 0;
   return std::max<int64_t>(1, kcols / std::max(w.c, 1));

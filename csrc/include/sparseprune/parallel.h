@@ -4,8 +4,22 @@
 #include <cstdint>
 #include <cstdlib>
 #include <omp.h>
+#include <unistd.h>
 
 namespace sparseprune {
+
+// This core's L2 in bytes (sysconf; 512 KiB when unknown, as on the Zen 3 the xt K-chunk rule was measured on).
+inline int64_t l2_bytes() {
+  static const int64_t v = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long b = 0;
+#endif
+    return b >= (int64_t(64) << 10) && b <= (int64_t(64) << 20) ? static_cast<int64_t>(b) : int64_t(512) << 10;
+  }();
+  return v;
+}
 
 // Below this much work (multiply-adds) a thread start costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
