@@ -1,0 +1,113 @@
+"""Two builds of the float32 kernels in one process, taking turns with dense ``F.linear``: the way to see a
+5-20% kernel change on a noisy machine, where separate runs drift by more than that. The installed
+``sparseprune._C`` is "new"; ``--old`` is the ``_C`` shared object of another build, e.g.
+
+    git worktree add /tmp/oldsrc <commit>
+    pip install --no-build-isolation --no-deps --target /tmp/oldpkg /tmp/oldsrc -Cbuild-dir=/tmp/oldbuild
+    python bench/ab_builds.py --old /tmp/oldpkg/sparseprune/_C.*.so [--rounds 41] [--out table.md]
+
+Both builds get the same packed arrays (the packing is Python, shared) and pointers; each result is checked
+against dense PyTorch before timing. ``new/old`` is the median over rounds of old time / new time; η is
+speedup over dense x density, from the best call of each.
+"""
+import argparse
+import glob
+import importlib.machinery
+import importlib.util
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparseprune as sp
+from sparseprune import _C as new_c
+from sparseprune.convert.cache import cpu_model
+
+SHAPES = {"bert_ffn_down": (128, 3072, 768), "minilm_down": (128, 1536, 384), "bert_ffn_up": (128, 768, 3072),
+          "bert_attn": (128, 768, 768), "resnet50_1x1": (196, 256, 1024), "llm_decode_n16": (16, 4096, 4096)}
+
+
+def load_old(path: str):
+    paths = glob.glob(path)
+    if len(paths) != 1:
+        raise SystemExit(f"--old must name one shared object, got {paths or path}")
+    loader = importlib.machinery.ExtensionFileLoader("sparseprune_old._C", paths[0])
+    spec = importlib.util.spec_from_loader("sparseprune_old._C", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def layer(k: int, m: int, sparsity: float, block):
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        r, c = block
+        keep = torch.rand((m + r - 1) // r, (k + c - 1) // c) >= sparsity
+        lin.weight.mul_(keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:m, :k].float())
+    fmt = "csr" if block == (1, 1) else "bsr"
+    return lin, sp.SparseLinear.from_dense(lin, format=fmt, block_size=None if fmt == "csr" else block)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--old", required=True, help="path (or glob) of the other build's _C shared object")
+    ap.add_argument("--rounds", type=int, default=41)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--blocks", default="1x1,4x4", help="comma list of RxC (1x1 = CSR)")
+    ap.add_argument("--sparsities", default="0.8,0.9")
+    ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    a = ap.parse_args(argv)
+    old_c = load_old(a.old)
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    lines = [f"CPU: {cpu_model()}, {a.threads} threads, torch {torch.__version__}; best of {a.rounds} interleaved "
+             "rounds (dense, old, new taking turns, order alternating)", "",
+             "| shape | N×K→M | block | sparsity | dense ms | old ms | new ms | new/old speed | η old | η new |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for name in a.shapes.split(","):
+        n, k, m = SHAPES[name]
+        for blk in a.blocks.split(","):
+            block = tuple(int(v) for v in blk.split("x"))
+            for s in (float(v) for v in a.sparsities.split(",")):
+                lin, L = layer(k, m, s, block)
+                b = L._buffers
+                ci = b["col_idx"]
+                r, c = L.block_size
+                x, y = torch.randn(n, k), torch.empty(n, m)
+                args = (m, k, r, c, b["row_ptr"].data_ptr(), ci.data_ptr(), ci.dtype == torch.int16,
+                        b["values"].data_ptr(), x.data_ptr(), n, k, L.bias.data_ptr(), y.data_ptr(), m, a.threads,
+                        0, 0, 0)
+                ref = F.linear(x, lin.weight, lin.bias)
+                for mod in (new_c, old_c):
+                    mod.spmm(*args)
+                    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+                fns = {"dense": lambda: F.linear(x, lin.weight, lin.bias), "old": lambda: old_c.spmm(*args),
+                       "new": lambda: new_c.spmm(*args)}
+                ts = {key: [] for key in fns}
+                with torch.inference_mode():
+                    for f in fns.values():
+                        for _ in range(5):
+                            f()
+                    for i in range(a.rounds):
+                        for key in (list(fns) if i % 2 == 0 else list(reversed(list(fns)))):
+                            t = time.perf_counter()
+                            fns[key]()
+                            ts[key].append(time.perf_counter() - t)
+                d = 1.0 - s
+                gain = statistics.median(o / nw for o, nw in zip(ts["old"], ts["new"]))
+                dm, om, nm = (min(ts[key]) * 1e3 for key in ("dense", "old", "new"))
+                row = (f"| {name} | {n}×{k}→{m} | {'CSR' if block == (1, 1) else blk} | {s:.2f} | {dm:.3f} | {om:.3f} | "
+                       f"{nm:.3f} | {gain:.2f}× | {dm / om * d:.2f} | {dm / nm * d:.2f} |")
+                lines.append(row)
+                print(row, flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
