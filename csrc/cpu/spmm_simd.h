@@ -42,11 +42,16 @@ inline void transpose_panel(const float* x, int64_t ldx, int nv, int64_t k0, int
 }
 
 // One thread-local scratch per calling thread: concurrent Python threads never share it.
-inline float* xt_scratch(size_t floats) {
-  thread_local std::vector<float> buf;
+// `floats` 64-byte aligned floats from buf, grown as needed.
+inline float* aligned_floats(std::vector<float>& buf, size_t floats) {
   if (buf.size() < floats + 16) buf.resize(floats + 16);
   auto p = reinterpret_cast<uintptr_t>(buf.data());
   return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+}
+
+inline float* xt_scratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  return aligned_floats(buf, floats);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,7 +379,7 @@ inline int64_t xt_chunk_blocks(const BsrView& w, int NB) {
     const int64_t tile = K * NB * static_cast<int64_t>(sizeof(float));
     if (16 * tile <= 5 * l2_bytes() || 2 * w.rows > K) return 0;
     const double density = static_cast<double>(w.nnzb()) * w.r * w.c / (static_cast<double>(w.rows) * K);
-    kcols = static_cast<int64_t>(l2_bytes() / 8 / (NB * 4) * std::max(1.0, 0.2 / std::max(density, 1e-6)));
+    kcols = static_cast<int64_t>(l2_bytes() / 8 / (NB * static_cast<int64_t>(sizeof(float))) * std::max(1.0, 0.2 / std::max(density, 1e-6)));
   }
   if (kcols <= 0 || kcols >= K) return 0;
   return std::max<int64_t>(1, kcols / std::max(w.c, 1));
@@ -384,11 +389,9 @@ inline int64_t xt_chunk_blocks(const BsrView& w, int NB) {
 inline float* xt_chunk_scratch(size_t floats, size_t positions, int64_t** cur) {
   thread_local std::vector<float> part;
   thread_local std::vector<int64_t> pos;
-  if (part.size() < floats + 16) part.resize(floats + 16);
   if (pos.size() < positions) pos.resize(positions);
   *cur = pos.data();
-  auto p = reinterpret_cast<uintptr_t>(part.data());
-  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+  return aligned_floats(part, floats);
 }
 
 // Transpose units of X into the scratch: full tiles of NB rows, then one remainder tile of NBR rows
