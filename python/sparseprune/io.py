@@ -71,7 +71,7 @@ def _own_attrs(m: nn.Module, name: str) -> dict:
     """The attributes a sparse module's class set (private ones included), all JSON-able."""
     attrs = {}
     for k, v in vars(m).items():
-        if k in _MODULE_INTERNAL or k.startswith(("_warned", "_cache")):
+        if k in _MODULE_INTERNAL or k.startswith(("_warned", "_cache", "_shared_input")):
             continue
         if not _jsonable(v):
             raise ValueError(f"save: attribute {k!r} of {name} ({type(m).__name__}) is a {type(v).__name__}, "
@@ -572,4 +572,6 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         m.training = name in training
     if structure.get("report") is not None:
         setattr(model, REPORT_ATTR, structure["report"])
+        from .shared import regroup
+        regroup(model, structure["report"])  # layers convert() ran as one call on a shared input
     return model

@@ -529,6 +529,11 @@ class SparseLinear(SparseModule):
                 + self._repr_tail())
 
     def forward(self, x: Tensor) -> Tensor:
+        shared = self.__dict__.get("_shared_input")  # sparseprune.shared: one call for the layers on this input
+        if shared is not None:
+            y = shared[0].take(shared[1], x)
+            if y is not None:
+                return y
         if not isinstance(x, Tensor):
             raise TypeError(f"SparseLinear expects a Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -551,16 +556,7 @@ class SparseLinear(SparseModule):
             self._check_input(x)
         if (x.is_cpu and ops.call_route(x, bias) == "eager" and x.is_contiguous() and x.numel()
                 and self.out_features and (bias is None or bias.is_contiguous())):
-            # the common inference call, straight to the kernel: no reshapes, no dispatcher (a few us a call)
-            y = torch.empty(x.shape[:-1] + (self.out_features,))
-            r, c = self.block_size
-            ci = bufs["col_idx"]
-            nt = self.num_threads or torch.get_num_threads()
-            _C.spmm(self.out_features, self.in_features, r, c, bufs["row_ptr"].data_ptr(), ci.data_ptr(),
-                    ci.dtype == torch.int16, values.data_ptr(), x.data_ptr(), x.numel() // self.in_features,
-                    self.in_features, bias.data_ptr() if bias is not None else 0, y.data_ptr(), self.out_features,
-                    nt, ops.ACTIVATIONS.index(act), *ops.KERNELS[self.kernel])
-            return y
+            return self._spmm_fast(x, act)
         lead = x.shape[:-1]
         x2 = x.reshape(math.prod(lead), self.in_features)
         r, c = self.block_size
@@ -574,6 +570,29 @@ class SparseLinear(SparseModule):
         else:
             y = ops.apply_activation(torch.ops.sparseprune.spmm(*args), act)
         return y.reshape(*lead, self.out_features)
+
+    def _spmm_fast(self, x: Tensor, act: str) -> Tensor:
+        """The common float32 inference call, straight to the kernel: no reshapes, no dispatcher (a few us
+        a call). For callers that checked: x a contiguous non-empty float32 CPU tensor of this layer's
+        input size, route "eager", packed weights on the CPU, bias (if any) contiguous."""
+        bufs = self._buffers
+        bias = self._parameters["bias"]
+        y = torch.empty(x.shape[:-1] + (self.out_features,))
+        r, c = self.block_size
+        ci = bufs["col_idx"]
+        nt = self.num_threads or torch.get_num_threads()
+        _C.spmm(self.out_features, self.in_features, r, c, bufs["row_ptr"].data_ptr(), ci.data_ptr(),
+                ci.dtype == torch.int16, bufs["values"].data_ptr(), x.data_ptr(), x.numel() // self.in_features,
+                self.in_features, bias.data_ptr() if bias is not None else 0, y.data_ptr(), self.out_features,
+                nt, ops.ACTIVATIONS.index(act), *ops.KERNELS[self.kernel])
+        return y
+
+    def _fast(self, x: Tensor) -> Tensor:
+        """The plain eager inference call of a packed layer (float32 or quantized weights), for callers
+        that checked what :meth:`_spmm_fast` needs."""
+        if self.weight_dtype == "float32":
+            return self._spmm_fast(x, self.activation)
+        return self._qlinear_fast(x, self.activation)
 
     def _qlinear_fast(self, x: Tensor, act: str) -> Tensor:
         """The common int8 / bf16 inference call (float32, contiguous, CPU, nothing to trace or

@@ -101,7 +101,8 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             skip: Iterable = (), num_threads: Optional[int] = None, time_budget: float = 10.0,
             margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
             inplace: bool = False, progress: Optional[bool] = None, weight_dtypes=(torch.float32,),
-            quant_tolerance: float = 0.25, cache: bool = True, fuse: bool = True) -> nn.Module:
+            quant_tolerance: float = 0.25, cache: bool = True, fuse: bool = True,
+            shared_inputs: bool = True) -> nn.Module:
     """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
 
     Args:
@@ -140,6 +141,11 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             them) into the sparse layer whose output it alone consumes, so the kernel applies it in its
             store; proven on ``example_inputs`` (not done without them). The activation module becomes
             ``nn.Identity`` and the summary lists the pairs.
+        shared_inputs: sparse Linear layers called on one input tensor (an attention block's query, key and
+            value projections) run as one kernel call, their weights packed side by side
+            (:mod:`sparseprune.shared`): each gets a column slice of the one output, computed as it would
+            compute it alone. Found on ``example_inputs`` and kept per set only where timed faster than
+            the separate calls; the summary lists the sets.
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` on a terminal after 1 s.
 
     A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,
@@ -175,7 +181,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         with torch.no_grad(), Threads(num_threads):
             reference = call_model(work, example_inputs) if example_inputs is not None else None
             report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
-                              end_to_end, progress, swaps, fuse)
+                              end_to_end, progress, swaps, fuse, shared_inputs)
     except BaseException:
         if inplace:
             swaps.undo()
@@ -216,7 +222,8 @@ def _targets(work: nn.Module, skip) -> Tuple[list, List[LayerRow]]:
 
 
 def _convert(work, example_inputs, reference, settings: Settings, skip, start: float, time_budget: float,
-             fold_bn: bool, end_to_end: bool, progress, swaps: _Swaps, fuse: bool = True) -> dict:
+             fold_bn: bool, end_to_end: bool, progress, swaps: _Swaps, fuse: bool = True,
+             shared_inputs: bool = True) -> dict:
     deadline = start + time_budget
     folded = _fold(work, swaps, example_inputs) if fold_bn else []
     targets, rows = _targets(work, skip)
@@ -255,9 +262,16 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
     if fuse and example_inputs is not None and any(r.format != "dense" for r in rows):
         from .fuse import fuse_activations
         fused = fuse_activations(work, example_inputs, swaps)
+    shared = []
+    if shared_inputs and example_inputs is not None and any(r.format != "dense" for r in rows):
+        from ..shared import group_shared_inputs
+        left = max(0.0, deadline - reserve - time.perf_counter())
+        shared = group_shared_inputs(work, example_inputs, budget_s=min(left, 0.1 * time_budget),
+                                     tolerance=settings.tolerance)
     order = {n: i for i, (n, _) in enumerate(work.named_modules())}
     rows.sort(key=lambda r: order.get(r.name, len(order)))
-    report = {"layers": rows, "folded": folded, "fused": fused, "tolerance": settings.tolerance, "margin": settings.margin,
+    report = {"layers": rows, "folded": folded, "fused": fused, "shared_inputs": shared,
+              "tolerance": settings.tolerance, "margin": settings.margin,
               "num_threads": settings.num_threads if settings.num_threads is not None else torch.get_num_threads(),
               "measured": settings.measured, "max_abs_error": None, "max_rel_error": None,
               "convert_seconds": None, "end_to_end_reverted": False}
@@ -303,6 +317,9 @@ def _end_to_end_guard(work, example_inputs, rows: List[LayerRow], swaps: _Swaps,
         for alias in swaps.names.get(id(originals[f["activation"]]), [f["activation"]]):
             set_module(work, alias, originals[f["activation"]])
     report["fused"] = []
+    from ..shared import ungroup
+    ungroup(work)
+    report["shared_inputs"] = []
     for r in rows:
         if r.format != "dense" and r.name in originals:
             orig = originals[r.name]

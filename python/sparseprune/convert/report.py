@@ -18,7 +18,7 @@ __all__ = ["Summary", "summary", "measure", "layer_report", "REPORT_ATTR", "chec
 REPORT_ATTR = "_sparseprune_report"
 _REPORT_KEYS = {"layers", "folded", "tolerance", "margin", "num_threads", "measured", "max_abs_error",
                 "max_rel_error", "convert_seconds", "end_to_end_ms", "end_to_end_reverted", "l2_rel_error",
-                "fused"}
+                "fused", "shared_inputs"}
 
 
 def layer_report(model: nn.Module) -> Optional[dict]:
@@ -63,6 +63,14 @@ def check_report(report) -> dict:
             isinstance(f, dict) and set(f) == {"layer", "activation", "kind"} and all(isinstance(v, str) for v in f.values())
             and f["kind"] in ACTIVATIONS[1:] for f in fused):
         raise ValueError("the report's fused list is malformed")
+    shared = out.get("shared_inputs", [])
+    if not isinstance(shared, list) or not all(
+            isinstance(g, dict) and set(g) == {"layers", "kept", "separate_ms", "fused_ms", "reason"}
+            and isinstance(g["layers"], list) and all(isinstance(n, str) for n in g["layers"])
+            and type(g["kept"]) is bool and isinstance(g["reason"], str)
+            and all(g[k] is None or (isinstance(g[k], (int, float)) and not isinstance(g[k], bool))
+                    for k in ("separate_ms", "fused_ms")) for g in shared):
+        raise ValueError("the report's shared_inputs list is malformed")
     return out
 
 
@@ -133,6 +141,12 @@ class Summary(list):
             notes.append(f"BatchNorm folded ({len(t['folded'])}): "
                          + ", ".join(f["bn"] + " -> " + f["conv"] for f in t["folded"][:6])
                          + (", ..." if len(t["folded"]) > 6 else ""))
+        kept = [g for g in t.get("shared_inputs") or [] if g["kept"]]
+        if kept:
+            notes.append(f"layers reading one input run as one kernel call ({len(kept)}): "
+                         + ", ".join(" + ".join(n.rpartition(".")[2] for n in g["layers"]) + " in "
+                                     + (g["layers"][0].rpartition(".")[0] or "(top)") for g in kept[:3])
+                         + (", ..." if len(kept) > 3 else ""))
         if t.get("fused"):
             notes.append(f"activations fused into the layer before them ({len(t['fused'])}): "
                          + ", ".join(f"{f['activation']} ({f['kind']}) -> {f['layer']}" for f in t["fused"][:6])
@@ -169,7 +183,7 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
     a list of dicts (``name, type, shape, format, block, density, dense_ms, sparse_ms, speedup,
     candidates, reason``) with ``.totals`` (``layers, sparse_layers, dense_ms, converted_ms, speedup``
     over the measured layers, ``max_abs_error``, ``max_rel_error``, ``tolerance``, ``end_to_end_ms``,
-    ``end_to_end_reverted``).
+    ``end_to_end_reverted``, ``folded``, ``fused``, ``shared_inputs``).
     """
     report = layer_report(model)
     if report is not None:
@@ -187,6 +201,7 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
               "max_abs_error": report.get("max_abs_error"), "max_rel_error": report.get("max_rel_error"),
               "tolerance": report.get("tolerance"), "measured": report.get("measured"),
               "folded": report.get("folded", []), "fused": report.get("fused", []), "num_threads": report.get("num_threads"),
+              "shared_inputs": report.get("shared_inputs", []),
               "end_to_end_ms": report.get("end_to_end_ms"), "l2_rel_error": report.get("l2_rel_error"),
               "end_to_end_reverted": bool(report.get("end_to_end_reverted"))}
     s = Summary(rows, totals)
