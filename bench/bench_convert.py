@@ -97,3 +97,35 @@ def test_unpruned_converted(benchmark, unpruned):
     with torch.no_grad():
         benchmark(conv, x)
     _record(benchmark, src, conv, x)
+
+
+@pytest.mark.benchmark(group="convert-cost")
+def test_convert_cost_bert_base(benchmark, quick, tmp_path, monkeypatch):
+    """Wall time of sp.convert itself on BERT-base (random init, 1x128 tokens, every Linear at 90% 16x16
+    blocks, default time_budget): the first convert times every layer, the second finds the timings in
+    the on-disk cache (a fresh cache folder for this test). Recorded, not asserted."""
+    if quick:
+        pytest.skip("BERT-base convert cost: full benchmark runs only")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_models as bm
+    monkeypatch.setenv("SPARSEPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    model, args = bm._bert_base()
+    sp.prune_blocks(model, sparsity=0.9, block_size=(16, 16), dense_first_last=False)
+    model.eval()
+    seconds = []
+
+    def once():
+        t = time.perf_counter()
+        with torch.no_grad():
+            fast = sp.convert(model, args, progress=False)
+        seconds.append(time.perf_counter() - t)
+        return fast
+
+    once()  # first convert: every layer timed
+    fast = benchmark.pedantic(once, rounds=1, iterations=1)  # second convert: cached timings
+    s = sp.summary(fast, print_fn=None).totals
+    benchmark.extra_info.update(first_convert_s=seconds[0], second_convert_s=seconds[1],
+                                sparse_layers=s["sparse_layers"], layers=s["layers"],
+                                end_to_end_ms=s["end_to_end_ms"], threads=torch.get_num_threads())
+    print(f"\nconvert BERT-base: first {seconds[0]:.1f} s, second (cache) {seconds[1]:.1f} s; "
+          f"{s['sparse_layers']}/{s['layers']} sparse; end to end {s['end_to_end_ms']}")

@@ -323,6 +323,35 @@ def test_end_to_end_revert_puts_the_activations_back(monkeypatch):
         torch.testing.assert_close(c(x), model(x))
 
 
+def test_end_to_end_check_times_the_dense_twin_in_place_and_puts_the_model_back(monkeypatch):
+    """The end-to-end check's dense model is the converted one with the dense layers (and the fused
+    activation modules) swapped in for its calls: it computes the source model, and the converted
+    modules are back afterwards, also when a call fails."""
+    seen = {}
+
+    def fake(fns, *a, **k):
+        if set(fns) == {"dense", "converted"}:
+            seen.update({n: fn() for n, fn in fns.items()})
+            return {"dense": 1.0, "converted": 0.5}
+        return {n: (1.0 if n == "dense" else 0.1) for n in fns}
+    monkeypatch.setattr(cv_decide, "time_calls", fake)
+    monkeypatch.setattr(cv, "time_calls", fake)
+    model = _prune(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval())
+    x = torch.randn(9, 64)
+    c = sp.convert(model, x, formats=("bsr",), time_budget=2.0)
+    assert not sp.summary(c, print_fn=None).totals["end_to_end_reverted"]
+    assert isinstance(c[0], sp.SparseLinear) and c[0].activation == "gelu" and isinstance(c[1], nn.Identity)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(seen["dense"], ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(seen["converted"], ref, rtol=1e-4, atol=1e-5)
+    pairs = [("0", nn.Linear(64, 128)), ("1", nn.ReLU()), ("2", nn.Linear(3, 3))]  # the last one fails
+    before = [c[i] for i in range(3)]
+    with pytest.raises(RuntimeError):
+        cv._call_swapped(c, pairs, x)
+    assert [c[i] for i in range(3)] == before
+
+
 class _Untraceable(_ConvBnRelu):
     """Data-dependent control flow: fx cannot trace it, so pairs are proven by running the example."""
 

@@ -404,6 +404,17 @@ class SparseModule(nn.Module):
         t = self.weight if self.format == "dense" else self.values
         return t.device.type != "meta"
 
+    def _fill_dense(self, layer: nn.Module, device) -> nn.Module:
+        """``layer`` (built on the meta device: no random initialisation of a weight about to be replaced,
+        nor a second copy of it) given this layer's dense weight and bias as its parameters."""
+        w = self.to_dense().to(device).reshape(self.weight_shape).contiguous()
+        if self.format == "dense":  # to_dense() is this layer's own buffer then: the twin gets a copy
+            w = w.clone()
+        layer.weight = nn.Parameter(w)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach().to(device).clone())
+        return layer
+
     # -- running ------------------------------------------------------------------------------
     def _with_activation(self, layer: nn.Module) -> nn.Module:
         """The plain layer, followed by this layer's fused activation when it has one."""
@@ -515,12 +526,8 @@ class SparseLinear(SparseModule):
         """An ``nn.Linear`` computing the same thing (``nn.Sequential(linear, activation)`` when an
         activation is fused)."""
         dev = (self.weight if self.format == "dense" else self.values).device
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dev)
-        with torch.no_grad():
-            lin.weight.copy_(self.to_dense())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return self._with_activation(lin)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        return self._with_activation(self._fill_dense(lin, dev))
 
     to_linear = to_dense_module
 
@@ -775,12 +782,8 @@ class SparseConv2d(SparseModule):
         activation is fused)."""
         dev = (self.weight if self.format == "dense" else self.values).device
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, self.bias is not None, self.padding_mode, device=dev)
-        with torch.no_grad():
-            conv.weight.copy_(self.to_dense())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return self._with_activation(conv)
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta")
+        return self._with_activation(self._fill_dense(conv, dev))
 
     to_conv = to_dense_module
 

@@ -142,12 +142,12 @@ class QuantBSRMatrix(formats.BlockRows):
         m, k = self.shape
         r, c = self.block_size
         mb, kb = self.block_shape
-        out = torch.zeros(mb, kb, c, r, dtype=self.dtype, device=self.values.device)
+        out = torch.zeros(mb, r, kb, c, dtype=self.dtype, device=self.values.device)  # row-major, as BSRMatrix
         rows = torch.repeat_interleave(torch.arange(mb, device=self.row_ptr.device),
                                        self.row_ptr[1:].long() - self.row_ptr[:-1].long())
         cols = self.col_idx.long() & 0xFFFF if self.col_idx.dtype == torch.int16 else self.col_idx.long()
-        out[rows, cols] = self._column_major_blocks()
-        return out.permute(0, 3, 1, 2).reshape(mb * r, kb * c)[:m, :k].contiguous()
+        out[rows, :, cols, :] = self._column_major_blocks().transpose(1, 2)
+        return out.reshape(mb * r, kb * c)[:m, :k].contiguous()
 
     def to_dense(self) -> Tensor:
         """The dequantized weight, float32 M x K."""
