@@ -177,6 +177,40 @@ def test_only_plain_eager_inference_is_grouped():
             members[0](torch.randn(3, 31))
 
 
+def test_inference_mode_runs_each_layer_on_its_own():
+    """Inference tensors carry no version counter: under torch.inference_mode() nothing is handed over
+    (an in-place change of the input between two calls could not be seen), and nothing fails."""
+    members = _members(32, [16, 16], 0.5, "bsr", (16, 16), "float32")
+    ref = [copy.deepcopy(m) for m in members]
+    g = SharedInputGroup(members).attach()
+    with torch.inference_mode():
+        x = torch.randn(3, 32)
+        y0 = members[0](x)
+        x.add_(1.0)  # in place, untracked
+        torch.testing.assert_close(members[1](x), ref[1](x))
+        torch.testing.assert_close(y0, ref[0](x - 1.0), rtol=1e-5, atol=1e-5)
+        assert getattr(g._local, "pending", None) is None
+        model = nn.ModuleList(members)
+        rep = group_shared_inputs(_Pair(model), torch.randn(3, 32), min_gain=-1.0)
+    assert len(rep) == 1 and not rep[0]["kept"] and "inference" in rep[0]["reason"]
+    x = torch.randn(3, 32)
+    with torch.inference_mode():  # a normal tensor under inference mode is grouped; the arrays stay normal
+        SharedInputGroup(members).attach()
+        torch.testing.assert_close(members[0](x), ref[0](x))
+        assert getattr(members[0]._shared_input[0]._local, "pending", None) is not None
+        torch.testing.assert_close(members[1](x), ref[1](x))
+    assert not any(t.is_inference() for m in members for t in m._buffers.values())
+
+
+class _Pair(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x):
+        return sum(m(x) for m in self.layers)
+
+
 def test_threads_never_see_each_others_outputs():
     members = _members(64, [32, 32, 32], 0.5, "bsr", (16, 16), "int8")
     ref = [copy.deepcopy(m) for m in members]

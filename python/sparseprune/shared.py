@@ -12,7 +12,9 @@ others, called next on that same tensor, take theirs instead of computing it:
   (``is``, with the same version counter: an in-place change of the input, or any change of a member's
   weights since, makes the member compute on its own), and only once;
 - only the plain eager inference call is grouped (float32 CPU input, contiguous, no gradient, not being
-  traced or compiled); anything else runs each member as it is;
+  traced or compiled, not an inference tensor: ``torch.inference_mode()`` tensors carry no version counter,
+  so an in-place change of the input between two members' calls could not be seen); anything else runs
+  each member as it is;
 - per thread: two threads running the model at once never see each other's outputs;
 - the weights are held once: each member's packed arrays become views of its part of the fused ones.
 
@@ -36,13 +38,18 @@ __all__ = ["SharedInputGroup", "group_shared_inputs", "ungroup", "regroup"]
 _ATTR = "_shared_input"  # on each member: (group, position)
 
 
+def _version_of(t: Tensor) -> int:
+    """``t._version``; -1 for an inference tensor (made under ``torch.inference_mode()``), which has none."""
+    return -1 if t.is_inference() else t._version
+
+
 def _state(m) -> tuple:
     """What a member computes with: its arrays (the tensors themselves, held, so that a replaced array is
     never mistaken for a new one at the same address) with their version counters (values first, bias
     last), its fused activation and threads."""
     b = m._buffers
     ts = (b["values"],) + tuple(t for n, t in b.items() if n != "values") + (m._parameters.get("bias"),)
-    return ts, tuple(t._version for t in ts if t is not None), m.activation, m.num_threads
+    return ts, tuple(_version_of(t) for t in ts if t is not None), m.activation, m.num_threads
 
 
 def _unchanged(m, st: tuple) -> bool:
@@ -52,8 +59,8 @@ def _unchanged(m, st: tuple) -> bool:
     values too); only editing the index arrays or int8 scales in place by hand would go unseen."""
     v, b = m._buffers["values"], m._parameters["bias"]
     ts, vs = st[0], st[1]
-    return (v is ts[0] and v._version == vs[0] and m.activation == st[2] and m.num_threads == st[3]
-            and (b is None if ts[-1] is None else b is ts[-1] and b._version == vs[-1]))
+    return (v is ts[0] and _version_of(v) == vs[0] and m.activation == st[2] and m.num_threads == st[3]
+            and (b is None if ts[-1] is None else b is ts[-1] and _version_of(b) == vs[-1]))
 
 
 def compatible(members: Sequence[nn.Module]) -> Optional[str]:
@@ -184,8 +191,9 @@ class SharedInputGroup:
     def _current(self) -> Tuple[nn.Module, list]:
         cache = self._cache  # (fused layer, member states it was built from): one attribute, swapped whole
         if cache is None or not all(_unchanged(m, st) for m, st in zip(self.members, cache[1])):
-            fused = fused_layer(self.members)
-            _share_arrays(fused, self.members)
+            with torch.inference_mode(False):  # the members' arrays become views of these: normal tensors
+                fused = fused_layer(self.members)
+                _share_arrays(fused, self.members)
             cache = self._cache = (fused, [_state(m) for m in self.members])
         return cache
 
@@ -203,7 +211,10 @@ class SharedInputGroup:
                     self._local.pending = None  # all handed out: hold neither the input nor the outputs
                 if _unchanged(self.members[i], p[2][i]):  # still the weights it was computed with
                     return y
-        if not (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous() and x.dim() >= 1
+        # an inference tensor (torch.inference_mode()) has no version counter: an in-place change of it between
+        # two members' calls could not be seen, so under inference mode each member computes its own output
+        if not (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and not x.is_inference()
+                and x.is_contiguous() and x.dim() >= 1
                 and x.numel() and x.shape[-1] == self.members[i].in_features
                 and ops.call_route(x, *[m._parameters.get("bias") for m in self.members]) == "eager"):
             return None
@@ -305,6 +316,9 @@ def group_shared_inputs(model: nn.Module, example_inputs, *, budget_s: float = 1
         report.append(entry)
         if not (x.dtype is torch.float32 and x.is_cpu and x.is_contiguous() and x.numel()):
             entry["reason"] = "input is not a contiguous float32 CPU tensor"
+            continue
+        if x.is_inference():
+            entry["reason"] = "input is an inference tensor (torch.inference_mode()): it has no version counter"
             continue
         group = SharedInputGroup(mods, names)
         with torch.no_grad():
