@@ -150,10 +150,13 @@ def test_weight_changes_between_calls_are_never_served_stale():
         members[0](x)
         members[1].bias.add_(1.0)  # an in-place edit of the bias
         torch.testing.assert_close(members[1](x), new(x) + 1.0)
-        # and the next fused call packs the new weights
+        # and the next fused call packs the new weights (into its own copy: a member's arrays are only
+        # replaced by views when a group is attached, never inside a call)
         before = members[1](x)
+        vals = members[1].values
         members[0](x)
         torch.testing.assert_close(members[1](x), before)
+        assert members[1].values is vals
 
 
 def test_only_plain_eager_inference_is_grouped():

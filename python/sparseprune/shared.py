@@ -16,7 +16,9 @@ others, called next on that same tensor, take theirs instead of computing it:
   so an in-place change of the input between two members' calls could not be seen); anything else runs
   each member as it is;
 - per thread: two threads running the model at once never see each other's outputs;
-- the weights are held once: each member's packed arrays become views of its part of the fused ones.
+- the weights are held once: when a group is attached, each member's packed arrays become views of its
+  part of the fused ones (a rebuild after the weights change, or in a copy of the model, holds its own
+  concatenated copy: replacing a member's arrays during calls could free memory another thread reads).
 
 :func:`group_shared_inputs` (used by :func:`sparseprune.convert`) finds the groups on example inputs
 and keeps only those that are faster than their members called one by one.
@@ -180,6 +182,14 @@ class SharedInputGroup:
             if old is not None and old[0] is not self:
                 raise ValueError(f"layer {self.names[i]} already belongs to another shared-input group")
             m.__dict__[_ATTR] = (self, i)
+        # The members' arrays become views of the fused ones here, in the attaching thread, not in a lazy
+        # rebuild inside some call: replacing a member's array while another thread's kernel reads it
+        # (an ungrouped call of that member) would free memory in use. Rebuilds after a change of the
+        # weights, or in a copy of the model, hold their own concatenated copy instead.
+        with torch.inference_mode(False):
+            fused = self._current()[0]
+            _share_arrays(fused, self.members)
+        self._cache = (fused, [_state(m) for m in self.members])
         return self
 
     def detach(self) -> None:
@@ -191,9 +201,8 @@ class SharedInputGroup:
     def _current(self) -> Tuple[nn.Module, list]:
         cache = self._cache  # (fused layer, member states it was built from): one attribute, swapped whole
         if cache is None or not all(_unchanged(m, st) for m, st in zip(self.members, cache[1])):
-            with torch.inference_mode(False):  # the members' arrays become views of these: normal tensors
+            with torch.inference_mode(False):  # normal tensors even when first called under inference mode
                 fused = fused_layer(self.members)
-                _share_arrays(fused, self.members)
             cache = self._cache = (fused, [_state(m) for m in self.members])
         return cache
 
