@@ -114,3 +114,65 @@ def test_close_call_in_the_cache_is_rechecked_with_the_runner_up(monkeypatch):
     assert rechecks, "the re-check did not time the runner-up"
     assert not any("[cached timings]" in r["reason"] for r in rows.values())
     assert any("re-timed" in r["reason"] for r in rows.values())
+
+
+def _count_builds(monkeypatch):
+    """Record the candidates convert packs (format, block) through SparseLinear.from_dense."""
+    from sparseprune.nn import SparseLinear
+    built, orig = [], SparseLinear.from_dense.__func__
+
+    def from_dense(cls, module, format="auto", block_size=None, *a, **k):
+        built.append((format, tuple(block_size) if block_size else None))
+        return orig(cls, module, format, block_size, *a, **k)
+    monkeypatch.setattr(SparseLinear, "from_dense", classmethod(from_dense))
+    return built
+
+
+def test_cached_convert_builds_only_the_candidates_the_choice_can_need(monkeypatch):
+    """With every allowed candidate's time in the cache, a second convert packs and checks only the
+    cached best (plus a close runner-up / the most structured one within noise), and decides the same."""
+    decide = importlib.import_module("sparseprune.convert.decide")
+    monkeypatch.setattr(decide, "_cache_agrees", lambda *a, **k: True)
+    m, x = _model(), torch.randn(32, 128)
+    built = _count_builds(monkeypatch)
+    first = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    timed = {name: [k for k, v in r["candidates"].items() if k != "dense" and isinstance(v, float)]
+             for name, r in first.items()}
+    assert len(built) == sum(map(len, timed.values())) and all(len(t) >= 2 for t in timed.values())
+    built.clear()
+    second = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    need = {name: decide._choice_candidates({k: v / 1e3 for k, v in first[name]["candidates"].items()}, timed[name])
+            for name in first}
+    assert len(built) == sum(map(len, need.values())) < sum(map(len, timed.values()))
+    for name, r in first.items():
+        assert second[name]["format"] == r["format"] and second[name]["block"] == r["block"]
+        assert second[name]["candidates"] == r["candidates"]  # every candidate's time, as measured
+        if r["format"] != "dense":
+            assert "[cached timings]" in second[name]["reason"]
+
+
+def test_cached_choice_that_fails_its_check_falls_back_to_every_candidate(monkeypatch):
+    """The cached best no longer reproduces the dense layer (as in another model with the same shapes
+    and density): the layer builds and checks every candidate and is timed afresh; the failing one is
+    never chosen."""
+    decide = importlib.import_module("sparseprune.convert.decide")
+    monkeypatch.setattr(decide, "_cache_agrees", lambda *a, **k: True)
+    m, x = _model(), torch.randn(32, 128)
+    sp.convert(m, x, time_budget=1.0, end_to_end=False)
+    built = _count_builds(monkeypatch)
+    real, bad = decide.max_error, []
+
+    def failing(outs, ref):  # the first candidate checked (layer 0's cached best) fails, every time
+        if not bad:
+            bad.append(built[-1])
+        err, scale = real(outs, ref)
+        return (float("inf"), scale) if built[-1] == bad[0] else (err, scale)
+    monkeypatch.setattr(decide, "max_error", failing)
+    c = sp.convert(m, x, time_budget=1.0, end_to_end=False)
+    layer = _rows(c)["0"]
+    rejected = [k for k, v in layer["candidates"].items() if isinstance(v, str) and v.startswith("rejected")]
+    timed = [k for k, v in layer["candidates"].items() if k != "dense" and isinstance(v, float)]
+    assert len(rejected) == 1 and timed  # the others were all built, checked and timed afresh
+    assert "[cached timings]" not in layer["reason"] and (layer["format"], layer["block"] and tuple(layer["block"])) != bad[0]
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), rtol=1e-4, atol=1e-5)

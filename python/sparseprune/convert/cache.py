@@ -1,7 +1,8 @@
 """On-disk cache of convert()'s timings, keyed by this machine and the layer's real problem.
 
 A second ``convert`` of the same model on the same machine reuses the measured candidate times instead
-of timing again (packing and the output checks still run). The key is the CPU model, the kernel ISA
+of timing again; it packs and checks against the dense layer only the candidates the choice can land on
+(the cached best, a close runner-up, the most structured one within noise), all of them if one fails. The key is the CPU model, the kernel ISA
 path, the thread count, the layer type and weight shape, the input shapes it was timed on, the density
 (to 0.1%) and the candidate list. The file lives in ``$SPARSEPRUNE_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/sparseprune`` or ``~/.cache/sparseprune``); deleting it is always safe. Its content is
