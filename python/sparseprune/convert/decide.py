@@ -220,10 +220,11 @@ def _choice_candidates(cached: Dict[str, float], labels: List[str]) -> List[str]
     """The candidates a decision from ``cached`` times can need built, in preference order: the best,
     the runner-up when _cache_agrees re-times it (a close call), and the most structured one when it is
     within NOISE of the best (the choice then falls on it)."""
-    best = min(labels, key=cached.get)
+    best = min(labels, key=cached.get)  # as the choice breaks ties: the first in preference order
     need = {best}
-    rest = sorted(labels, key=cached.get)
-    if len(rest) > 1 and cached[rest[1]] <= CLOSE_CALL * cached[best] and cached[best] >= RUNNER_MIN_S:
+    rest = sorted((k for k in cached if k != "dense"), key=cached.get)  # as _cache_agrees ranks them
+    need.add(rest[0])
+    if len(rest) > 1 and cached[rest[1]] <= CLOSE_CALL * cached[rest[0]] and cached[rest[0]] >= RUNNER_MIN_S:
         need.add(rest[1])
     if cached[labels[0]] <= NOISE * cached[best]:
         need.add(labels[0])
