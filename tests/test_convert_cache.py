@@ -176,3 +176,13 @@ def test_cached_choice_that_fails_its_check_falls_back_to_every_candidate(monkey
     assert "[cached timings]" not in layer["reason"] and (layer["format"], layer["block"] and tuple(layer["block"])) != bad[0]
     with torch.no_grad():
         torch.testing.assert_close(c(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_choice_candidates_cover_the_choice_and_the_recheck():
+    decide = importlib.import_module("sparseprune.convert.decide")
+    pick = decide._choice_candidates
+    assert pick({"dense": 1.0, "a": 0.2, "b": 0.9, "c": 0.95}, ["a", "b", "c"]) == ["a"]
+    assert pick({"dense": 1.0, "a": 0.5, "b": 0.52, "c": 0.9}, ["c", "a", "b"]) == ["a", "b"]  # close runner-up
+    assert pick({"dense": 1.0, "a": 0.53, "b": 0.5, "c": 0.9}, ["a", "b", "c"]) == ["a", "b"]  # a: within noise
+    # a tie, with the file's order differing from the preference order: both orders' best are built
+    assert pick({"dense": 1.0, "b": 0.5, "a": 0.5, "c": 0.9}, ["a", "b", "c"]) == ["a", "b"]
