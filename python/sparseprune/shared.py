@@ -65,6 +65,17 @@ def _unchanged(m, st: tuple) -> bool:
             and (b is None if ts[-1] is None else b is ts[-1] and _version_of(b) == vs[-1]))
 
 
+def _call_key(m) -> tuple:
+    """What layers sharing one kernel call must have in common."""
+    return m.format, m.weight_dtype, tuple(m.block_size), m.activation, m.num_threads, m.in_features
+
+
+def _groups(model: nn.Module) -> List["SharedInputGroup"]:
+    """The shared-input groups attached to ``model``'s layers, each once."""
+    return list({id(g): g for m in model.modules() for g in [m.__dict__.get(_ATTR, (None,))[0]]
+                 if g is not None}.values())
+
+
 def compatible(members: Sequence[nn.Module]) -> Optional[str]:
     """None when ``members`` can share one kernel call, else why not."""
     from .nn import SparseLinear
@@ -78,9 +89,7 @@ def compatible(members: Sequence[nn.Module]) -> Optional[str]:
             return f"{type(m).__name__} is not a SparseLinear"
         if m.format not in ("csr", "bsr"):
             return "a dense-format layer"
-        key = (m.format, m.weight_dtype, tuple(m.block_size), m.activation, m.num_threads, m.in_features)
-        if key != (first.format, first.weight_dtype, tuple(first.block_size), first.activation, first.num_threads,
-                   first.in_features):
+        if _call_key(m) != _call_key(first):
             return "layers differ in format, weight dtype, block size, activation, threads or input size"
         if m.values.device.type != "cpu":
             return "weights not on the CPU"
@@ -236,8 +245,8 @@ class SharedInputGroup:
 
 def ungroup(model: nn.Module) -> int:
     """Detach every shared-input group from ``model``'s layers; returns how many were attached."""
-    groups = {id(g): g for m in model.modules() for g in [m.__dict__.get(_ATTR, (None,))[0]] if g is not None}
-    for g in groups.values():
+    groups = _groups(model)
+    for g in groups:
         g.detach()
     return len(groups)
 
@@ -293,8 +302,7 @@ def _split_compatible(members: List[Tuple[str, nn.Module]]) -> List[List[Tuple[s
     block height goes last, so the others stay aligned to block rows)."""
     buckets: Dict[tuple, List[Tuple[str, nn.Module]]] = {}
     for n, m in members:
-        key = (m.format, m.weight_dtype, tuple(m.block_size), m.activation, m.num_threads, m.in_features)
-        buckets.setdefault(key, []).append((n, m))
+        buckets.setdefault(_call_key(m), []).append((n, m))
     out = []
     for ms in buckets.values():
         r = ms[0][1].block_size[0]
@@ -375,8 +383,7 @@ def _check_model(model: nn.Module, example_inputs, report: List[dict], tolerance
     layer's output as a column slice (e.g. ``.view(-1)`` of it) or differs runs without groups."""
     from ._inputs import call_model
     from .convert.capture import max_error, relative
-    groups = list({id(g): g for m in model.modules() for g in [m.__dict__.get(_ATTR, (None,))[0]]
-                   if g is not None}.values())
+    groups = _groups(model)
     with torch.no_grad():
         for g in groups:
             g.enabled = False

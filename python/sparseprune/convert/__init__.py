@@ -359,8 +359,9 @@ def _end_to_end_guard(work, example_inputs, rows: List[LayerRow], swaps: _Swaps,
     from ..shared import ungroup
     ungroup(work)
     report["shared_inputs"] = []
+    swapped = {name for name, _ in swaps.done}
     for r in rows:
-        if r.format != "dense" and r.name in dict(swaps.done):
+        if r.format != "dense" and r.name in swapped:
             r.format, r.block, r.speedup, r.weight_dtype = "dense", None, 1.0, "float32"
             r.reason = (f"reverted by the end-to-end check: whole model was not faster converted "
                         f"({t['dense'] * 1e3:.3f} ms dense, {t['converted'] * 1e3:.3f} ms converted)")

@@ -71,17 +71,17 @@ def _sparse_builder(sparse_type):
 
 def _plain(m: nn.Module) -> nn.Module:
     """A hook-free copy of a Linear / Conv2d holding its effective (masked) weight."""
+    # built on the meta device, then given copies of the effective weight and bias: no random
+    # initialisation of parameters that are replaced next (as SparseModule._fill_dense)
     if isinstance(m, nn.Linear):
-        new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
-                        dtype=m.weight.dtype)
+        new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
     else:
         new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
                         dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-                        device=m.weight.device, dtype=m.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(m.weight)
-        if m.bias is not None:
-            new.bias.copy_(m.bias)
+                        device="meta")
+    new.weight = nn.Parameter(m.weight.detach().clone())
+    if m.bias is not None:
+        new.bias = nn.Parameter(m.bias.detach().clone())
     return new
 
 
