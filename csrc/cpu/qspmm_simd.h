@@ -41,18 +41,24 @@ inline uint32_t* q_scratch(size_t words) {
 // PS, GPB: the panel height and k-groups per block when known at compile time (0: run time). With both
 // known (full 24-row panels, 16-wide blocks) every X word of a block sits at a constant offset from one
 // pointer; with run-time strides GCC kept a pointer per row and spilled accumulators.
-template <class Op, int MR, bool TAIL, int A, int PS, int GPB, class Idx>
+// RV: weight vectors per row of the tile (RV * W outputs, RV > 1 only without TAIL). Two 8-wide vectors
+// write a whole 64-byte line of Y per row: half lines at a stride of 4 * M bytes, the other half written
+// a block row later, cost 2-5x a plain fill of Y (L1 set conflicts when 4 * M is a multiple of 4 KB).
+template <class Op, int MR, bool TAIL, int A, int PS, int GPB, int RV, class Idx>
 SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps_rt, int r, int gpb_rt,
                       const uint32_t* __restrict vals, const Idx* __restrict cols, int64_t b0, int64_t b1, int tail,
                       const QEpi& e, int row, float* __restrict y, int64_t ldy) {
   using T = typename Op::T;
+  static_assert(RV == 1 || !TAIL, "a tail chunk has one vector per row");
   const int64_t ps = PS ? PS : ps_rt;
   const int gpb = GPB ? GPB : gpb_rt;
-  T acc[A][MR];
+  T acc[A][MR][RV];
 #pragma GCC unroll 4
   for (int a = 0; a < A; ++a)
 #pragma GCC unroll 24
-    for (int m = 0; m < MR; ++m) acc[a][m] = Op::zero();
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int v = 0; v < RV; ++v) acc[a][m][v] = Op::zero();
   const int64_t bw = static_cast<int64_t>(gpb) * r;  // words per block
   for (int64_t b = b0; b < b1; ++b) {
     const uint32_t* xb = xp + static_cast<int64_t>(cols[b]) * gpb * ps;
@@ -61,62 +67,87 @@ SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps_rt, int r, int g
     for (; g + A <= gpb; g += A) {
 #pragma GCC unroll 4
       for (int a = 0; a < A; ++a) {
-        const auto wv = TAIL ? Op::loadw_n(wb + (g + a) * r, tail) : Op::loadw(wb + (g + a) * r);
+        typename Op::WP wv[RV];
+#pragma GCC unroll 2
+        for (int v = 0; v < RV; ++v)
+          wv[v] = TAIL ? Op::loadw_n(wb + (g + a) * r, tail) : Op::loadw(wb + (g + a) * r + v * Op::W);
         const uint32_t* xg = xb + (g + a) * ps;
 #pragma GCC unroll 24
-        for (int m = 0; m < MR; ++m) acc[a][m] = Op::dot(acc[a][m], xg[m], wv);
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+          for (int v = 0; v < RV; ++v) acc[a][m][v] = Op::dot(acc[a][m][v], xg[m], wv[v]);
       }
     }
     for (; g < gpb; ++g) {
-      const auto wv = TAIL ? Op::loadw_n(wb + g * r, tail) : Op::loadw(wb + g * r);
+      typename Op::WP wv[RV];
+#pragma GCC unroll 2
+      for (int v = 0; v < RV; ++v)
+        wv[v] = TAIL ? Op::loadw_n(wb + g * r, tail) : Op::loadw(wb + g * r + v * Op::W);
       const uint32_t* xg = xb + g * ps;
 #pragma GCC unroll 24
-      for (int m = 0; m < MR; ++m) acc[0][m] = Op::dot(acc[0][m], xg[m], wv);
+      for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+        for (int v = 0; v < RV; ++v) acc[0][m][v] = Op::dot(acc[0][m][v], xg[m], wv[v]);
+    }
+  }
+  QEpi ev[RV];
+#pragma GCC unroll 2
+  for (int v = 0; v < RV; ++v) {
+    ev[v] = e;
+    if (v) {
+      if (e.comp) ev[v].comp += v * Op::W;
+      if (e.ws) ev[v].ws += v * Op::W;
+      if (e.bias) ev[v].bias += v * Op::W;
     }
   }
 #pragma GCC unroll 24
   for (int m = 0; m < MR; ++m) {
-    T s = acc[0][m];
+#pragma GCC unroll 2
+    for (int v = 0; v < RV; ++v) {
+      T s = acc[0][m][v];
 #pragma GCC unroll 4
-    for (int a = 1; a < A; ++a) s = Op::add(s, acc[a][m]);
-    Op::store(y + m * ldy, s, TAIL ? tail : Op::W, e, row + m);
+      for (int a = 1; a < A; ++a) s = Op::add(s, acc[a][m][v]);
+      Op::store(y + m * ldy + v * Op::W, s, TAIL ? tail : Op::W, ev[v], row + m);
+    }
   }
 }
 
-template <class Op, int MR, bool TAIL, int PS, int GPB, class Idx>
+template <class Op, int MR, bool TAIL, int PS, int GPB, int RV, class Idx>
 SQ_INLINE void q_tile_a(const uint32_t* xp, int64_t ps, int r, int gpb, const uint32_t* vals, const Idx* cols,
                         int64_t b0, int64_t b1, int tail, const QEpi& e, int row, float* y, int64_t ldy) {
   // one or two rows of X (decode): independent accumulator chains hide the dot latency
+  // (the same chains for any RV: a result does not depend on the tile width)
   constexpr int A = MR == 1 ? 4 : MR == 2 ? 2 : 1;
-  q_tile<Op, MR, TAIL, A, PS, GPB>(xp, ps, r, gpb, vals, cols, b0, b1, tail, e, row, y, ldy);
+  q_tile<Op, MR, TAIL, A, PS, GPB, RV>(xp, ps, r, gpb, vals, cols, b0, b1, tail, e, row, y, ldy);
 }
 
-// Rows [0, nv) of one panel for one W-output chunk of one block row.
-template <class Op, bool TAIL, int PS, int GPB, class Idx>
+// Rows [0, nv) of one panel for one chunk of RV * W outputs of one block row.
+template <class Op, bool TAIL, int PS, int GPB, int RV, class Idx>
 void q_rows(const uint32_t* xp, int64_t ps, int nv, int r, int gpb, const uint32_t* vals, const Idx* cols,
             int64_t b0, int64_t b1, int tail, const QEpi& e, int row0, float* y, int64_t ldy) {
-  constexpr int MR = Op::MR;
+  // two vectors per row: half the rows (the same accumulator count)
+  constexpr int MR = RV == 1 ? Op::MR : Op::MR / RV;
   int i = 0;
   for (; i + MR <= nv; i += MR)
-    q_tile_a<Op, MR, TAIL, PS, GPB>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+    q_tile_a<Op, MR, TAIL, PS, GPB, RV>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
   if constexpr (MR > 16) {  // 16 rows (decode batches) in one pass over the weights, not two
     for (; i + 16 <= nv; i += 16)
-      q_tile_a<Op, 16, TAIL, PS, GPB>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+      q_tile_a<Op, 16, TAIL, PS, GPB, RV>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
   }
   if constexpr (MR > 8) {
     for (; i + 8 <= nv; i += 8)
-      q_tile_a<Op, 8, TAIL, PS, GPB>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+      q_tile_a<Op, 8, TAIL, PS, GPB, RV>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+  }
+  if constexpr (MR > 4) {
+    for (; i + 4 <= nv; i += 4)
+      q_tile_a<Op, 4, TAIL, PS, GPB, RV>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
   }
   const int rem = nv - i;
-  if constexpr (MR > 4) if (rem & 4) {
-    q_tile_a<Op, 4, TAIL, PS, GPB>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
-    i += 4;
-  }
   if (rem & 2) {
-    q_tile_a<Op, 2, TAIL, PS, GPB>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+    q_tile_a<Op, 2, TAIL, PS, GPB, RV>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
     i += 2;
   }
-  if (rem & 1) q_tile_a<Op, 1, TAIL, PS, GPB>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
+  if (rem & 1) q_tile_a<Op, 1, TAIL, PS, GPB, RV>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
 }
 
 // words[j * kg + g] (8 rows j) -> dst[g * ps + j], for g in [0, 8 * (kg / 8)); returns that bound.
@@ -232,7 +263,9 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
           const int64_t m0 = br * r;
           const int rows = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
           const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
-          for (int i0 = 0; i0 < rows; i0 += W) {
+          for (int i0 = 0; i0 < rows;) {
+            // W = 8: 16 outputs a tile where the block row has them (whole 64-byte lines of Y per row)
+            const int rv = W == 8 && rows - i0 >= 2 * W ? 2 : 1;
             const int len = std::min(W, rows - i0);
             QEpi e;
             e.zp = zp;
@@ -249,15 +282,23 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
               const int nv = static_cast<int>(std::min<int64_t>(ps, a1 - p0));
               float* yy = y + p0 * ldy + m0 + i0;
               const int row = static_cast<int>(p0);
-              if (len == W) {
+              if (rv == 2) {
+                if constexpr (W == 8) {
+                  if (fixed)
+                    q_rows<Op, false, QPW, 16 / G, 2>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
+                  else
+                    q_rows<Op, false, 0, 0, 2>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
+                }
+              } else if (len == W) {
                 if (fixed)
-                  q_rows<Op, false, QPW, 16 / G>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
+                  q_rows<Op, false, QPW, 16 / G, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
                 else
-                  q_rows<Op, false, 0, 0>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
+                  q_rows<Op, false, 0, 0, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
               } else {
-                q_rows<Op, true, 0, 0>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
+                q_rows<Op, true, 0, 0, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
               }
             }
+            i0 += rv * W;
           }
         }
       }
