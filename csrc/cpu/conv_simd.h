@@ -24,6 +24,7 @@
 struct QSeg {
   typename V::M m;
   int64_t off;
+  bool full;  // all W lanes, in order: a plain store (AVX2's masked store costs several times more)
 };
 constexpr int kMaxSeg = V::W + 1;
 
@@ -36,7 +37,7 @@ inline void q_segments(int64_t q, int nv, int64_t wq, int64_t wo, int64_t ys2, Q
     while (l < W) {
       const int run = static_cast<int>(std::min<int64_t>(W - l, wq - ow));
       const int valid = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(run, wo - ow)));
-      if (valid > 0) segs[v * kMaxSeg + n++] = QSeg{V::mrange(l, l + valid), oh * ys2 + ow - l};
+      if (valid > 0) segs[v * kMaxSeg + n++] = QSeg{V::mrange(l, l + valid), oh * ys2 + ow - l, valid == W};
       l += run;
       ow += run;
       if (ow == wq) {
@@ -85,7 +86,11 @@ SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kof
     for (int v = 0; v < NBV; ++v) {
       if (act) acc[i][v] = act_v(acc[i][v], act);
       if constexpr (MODE == 1) {
-        for (int k = 0; k < nseg[v]; ++k) V::store_m(dst + i * ldd + segs[v * kMaxSeg + k].off, acc[i][v], segs[v * kMaxSeg + k].m);
+        for (int k = 0; k < nseg[v]; ++k) {
+          const QSeg& sg = segs[v * kMaxSeg + k];
+          if (sg.full) V::store(dst + i * ldd + sg.off, acc[i][v]);
+          else V::store_m(dst + i * ldd + sg.off, acc[i][v], sg.m);
+        }
       } else {
         if (MASK && v == NBV - 1) V::storen(dst + i * ldd + v * W, acc[i][v], tail);
         else V::store(dst + i * ldd + v * W, acc[i][v]);
@@ -165,7 +170,10 @@ void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64
       q_segments(q, nv, c.q->wq, c.g->wo, c.g->ys[2], segs, nseg);
       if (tail != W) {  // lanes past qb belong to the next thread's range (or past the end)
         const typename V::M keep = V::mrange(0, tail);
-        for (int k = 0; k < nseg[nv - 1]; ++k) segs[(nv - 1) * kMaxSeg + k].m &= keep;
+        for (int k = 0; k < nseg[nv - 1]; ++k) {
+          segs[(nv - 1) * kMaxSeg + k].m &= keep;
+          segs[(nv - 1) * kMaxSeg + k].full = false;  // lanes dropped: the masked store
+        }
       }
       q_tile_n<R, NBV, 1, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, w.act, rows, yc, c.g->ys[1],
                                segs, nseg);
