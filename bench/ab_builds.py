@@ -29,7 +29,8 @@ from sparseprune.convert.cache import cpu_model
 
 SHAPES = {"bert_ffn_down": (128, 3072, 768), "minilm_down": (128, 1536, 384), "bert_ffn_up": (128, 768, 3072),
           "bert_attn": (128, 768, 768), "resnet50_1x1": (196, 256, 1024), "llm_decode_n16": (16, 4096, 4096),
-          "llm_decode_n1": (1, 4096, 4096), "bert_ffn_up_13rows": (13, 768, 3072)}
+          "llm_decode_n1": (1, 4096, 4096), "bert_ffn_up_13rows": (13, 768, 3072),
+          "minilm_up_2k": (2048, 384, 1536), "minilm_down_2k": (2048, 1536, 384)}
 DEFAULT_SHAPES = "bert_ffn_down,minilm_down,bert_ffn_up,bert_attn,resnet50_1x1,llm_decode_n16"
 
 
