@@ -313,7 +313,8 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
     # Cached timings for every allowed candidate (the usual case: each one passed when it was timed):
     # build and check only those the choice can land on (the cached best, a close runner-up, the most
     # structured one within noise of the best); the others' packing and output checks cost a cached
-    # BERT-base convert a third of its time. Any of these failing its check: the full path below.
+    # BERT-base convert a third of its time. Any of these failing its check: the full path below, which
+    # keeps what was built and checked here.
     key = cached = None
     partial = False
     if settings.cache is not None and labels:
@@ -323,14 +324,13 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
             need = _choice_candidates(hit, labels)
             if all(build_checked(*by_label[lab], lab) for lab in need):
                 key, cached, partial = probe, hit, True
-            else:
-                cands = {"dense": dense_mod}
-                info = {}
-                row.candidates.clear()
     if not partial:
         tried_dtypes = set()
         for fmt, block, dt in allowed:
             lab = label(fmt, block, dt)
+            if lab in cands or lab in row.candidates:  # built and checked (or rejected) above
+                tried_dtypes.add(dt)
+                continue
             # past the budget, each allowed weight dtype still gets its first (most structured) candidate:
             # building and checking one is cheap, and a user who allowed int8 should not get float32 only
             # because the budget ran out before the layer's int8 candidates came up
