@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sparseprune import ops, quant
 from sparseprune.quant import QuantBSRMatrix, qspmm, reference_qspmm
@@ -357,3 +357,64 @@ def test_row_splits_in_chunks_of_8_are_exact(qpath, n, threads):
     x = torch.randn(n, 320, generator=g) * 2
     b = torch.randn(128, generator=g)
     _check(_run(x, p, b, num_threads=threads), reference_qspmm(x, p, b), dtype)
+
+
+def _unfold_rows(xh, ks, stride, dil, pad4):
+    """Independent im2col: torch's unfold on the zero-padded NCHW image, columns in (kh, kw, C) order."""
+    import torch.nn.functional as F
+    pt, pb, pl, pr = pad4
+    x = F.pad(xh.permute(0, 3, 1, 2), (pl, pr, pt, pb))
+    cols = F.unfold(x, ks, dilation=dil, stride=stride)
+    n, kk, L = cols.shape
+    c = xh.shape[3]
+    return cols.reshape(n, c, kk // c, L).permute(0, 3, 2, 1).reshape(n * L, kk)
+
+
+# the fixture forces one ISA for the whole test: every example runs under it
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=st.sampled_from([4, 8, 12, 20]), m=st.integers(1, 40), ks=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       stride=st.tuples(st.integers(1, 2), st.integers(1, 2)), dil=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       pad4=st.tuples(*[st.integers(0, 2)] * 4), hw=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+       n=st.integers(1, 2), sparsity=st.sampled_from([0.0, 0.6, 1.0]), seed=st.integers(0, 999))
+def test_implicit_im2col_matches_unfold(qpath, c, m, ks, stride, dil, pad4, hw, n, sparsity, seed):
+    """qconv_im2col_eager (rows of patches gathered inside the kernel, zero padding implied, any side)
+    against torch's unfold + the quantizing reference, on every quantized path."""
+    dtype = qpath
+    (kh, kw), (pt, pb, pl, pr) = ks, pad4
+    ho = (hw[0] + pt + pb - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (hw[1] + pl + pr - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        return
+    g = torch.Generator().manual_seed(seed)
+    w = block_sparse_weight(m, kh * kw * c, (4, 4), sparsity, generator=g)
+    p = QuantBSRMatrix.from_dense(w, (4, 4), dtype)
+    xh = torch.randn(n, hw[0], hw[1], c, generator=g) * 3
+    b = torch.randn(m, generator=g)
+    y = quant.qconv_im2col_eager(xh, ks, stride, dil, pad4, p.row_ptr, p.col_idx, p.values,
+                                 getattr(p, "scales", None), getattr(p, "compensation", None), b, m, 4, 4, 2)
+    _check(y, reference_qspmm(_unfold_rows(xh, ks, stride, dil, pad4), p, b), dtype)
+
+
+def test_implicit_im2col_refuses_bad_geometry():
+    from sparseprune import _C
+    p = QuantBSRMatrix.from_dense(torch.randn(8, 36), (4, 4), torch.int8)
+    xh = torch.randn(1, 5, 5, 4)
+    y = torch.empty(25, 8)
+
+    def call(h=5, w=5, ch=4, kh=3, kw=3, pads=(1, 1, 1, 1), cols=36):
+        _C.qspmm_im2col("int8", 8, cols, 4, 4, p.row_ptr.data_ptr(), p.col_idx.data_ptr(),
+                        p.col_idx.dtype == torch.int16, p.values.data_ptr(), p.scales.data_ptr(),
+                        p.compensation.data_ptr(), xh.data_ptr(), 1, h, w, ch, kh, kw, 1, 1, 1, 1, *pads, 0,
+                        y.data_ptr(), 8, 1, 0)
+    call()  # the valid call works
+    with pytest.raises(ValueError, match="kh \\* kw \\* channels"):
+        call(cols=32)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        call(h=1, pads=(0, 0, 1, 1))
+    with pytest.raises(ValueError, match="geometry"):
+        call(pads=(-1, 1, 1, 1))
+    with pytest.raises(ValueError, match="geometry"):
+        call(ch=0, cols=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        quant.qconv_im2col_eager(xh.transpose(1, 2), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), p.row_ptr, p.col_idx,
+                                 p.values, p.scales, p.compensation, None, 8, 4, 4, 1)

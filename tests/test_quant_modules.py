@@ -357,3 +357,22 @@ def test_minilm_int8_and_bf16_embeddings_match_fp32_sparse():
         cos = float((embed(q, held) * ref).sum(-1).mean())
         print(f"MiniLM 50% 16x16, {dtype} vs fp32 sparse: mean cosine {cos:.5f}")
         assert cos >= floor, (dtype, cos)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cl", [False, True])
+def test_quantized_conv_gathered_and_materialised_im2col_agree(monkeypatch, dtype, cl):
+    """float32 inputs gather their patches inside the kernel (padding implied); bf16 inputs and the
+    dispatcher route materialise the im2col matrix. Both quantize the same rows: identical outputs."""
+    from sparseprune import nn as spnn
+    conv = _conv(16, 24, 3, (8, 4), 0.5, seed=5, stride=2, padding=(1, 2), dilation=(1, 2))
+    mod = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(8, 4), weight_dtype=dtype)
+    x = torch.randn(2, 16, 11, 10)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused = mod(x)
+        monkeypatch.setattr(spnn, "_FUSED_IM2COL", False)
+        materialised = mod(x)
+    assert torch.equal(fused, materialised)
+    assert fused.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)

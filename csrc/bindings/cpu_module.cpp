@@ -135,9 +135,10 @@ void conv2d_input_grad(const std::vector<int64_t>& geom, int r, uintptr_t row_pt
 }
 
 // --- quantized (issue #14) ---
-void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx,
-           bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x, bool x_bf16, int64_t n,
-           int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads, int act) {
+// The packed weight of a qspmm call, checked. x_bf16: X given in bf16 (bf16 kernels only).
+QBsrView q_view(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+                uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, bool x_bf16,
+                int act) {
   const bool s8 = dtype == "int8";
   if (!s8 && dtype != "bf16") throw std::invalid_argument("qspmm: dtype must be 'int8' or 'bf16'");
   const int g = s8 ? 4 : 2;
@@ -147,9 +148,6 @@ void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, u
   if (!row_ptr) throw std::invalid_argument("qspmm: row_ptr is null");
   if (s8 && (!wscale || !comp)) throw std::invalid_argument("qspmm: int8 needs scales and compensation");
   if (s8 && x_bf16) throw std::invalid_argument("qspmm: int8 takes float32 input");
-  if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("qspmm: bad dense operand shape");
-  if (n == 0 || rows == 0) return;
-  if (!x || !y) throw std::invalid_argument("qspmm: null dense operand");
   QBsrView w;
   w.rows = rows;
   w.cols = cols;
@@ -164,10 +162,62 @@ void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, u
   w.wscale = ptr<const float>(wscale);
   w.comp = ptr<const int32_t>(comp);
   w.act = check_act(act);
+  return w;
+}
+
+void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx,
+           bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x, bool x_bf16, int64_t n,
+           int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads, int act) {
+  const QBsrView w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x_bf16, act);
+  if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("qspmm: bad dense operand shape");
+  if (n == 0 || rows == 0) return;
+  if (!x || !y) throw std::invalid_argument("qspmm: null dense operand");
   const QPath& path = active_qpath(dtype);
   py::gil_scoped_release nogil;
   path.fn(w, ptr<const void>(x), x_bf16 ? XType::bf16 : XType::f32, n, ldx, ptr<const float>(bias), ptr<float>(y),
           ldy, num_threads);
+}
+
+// A convolution as the quantized kernel over its implicit im2col matrix: x is a contiguous NHWC float32
+// image (n_img, h, w, ch), zero padding pt / pb / pl / pr implied; y gets n_img * ho * wo rows of `rows`
+// outputs (ldy).
+void qspmm_im2col(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+                  uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
+                  int64_t n_img, int64_t h, int64_t wd, int64_t ch, int kh, int kw, int sh, int sw, int dh, int dw,
+                  int pt, int pb, int pl, int pr, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads,
+                  int act) {
+  const QBsrView view = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, false, act);
+  if (n_img < 0 || h < 1 || wd < 1 || ch < 1 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || pt < 0 ||
+      pb < 0 || pl < 0 || pr < 0)
+    throw std::invalid_argument("qspmm_im2col: bad convolution geometry");
+  if (cols != static_cast<int64_t>(kh) * kw * ch)
+    throw std::invalid_argument("qspmm_im2col: cols must be kh * kw * channels");
+  QIm2col g;
+  g.h = h;
+  g.w = wd;
+  g.ch = ch;
+  g.kh = kh;
+  g.kw = kw;
+  g.sh = sh;
+  g.sw = sw;
+  g.dh = dh;
+  g.dw = dw;
+  g.pt = pt;
+  g.pl = pl;
+  const int64_t eh = static_cast<int64_t>(dh) * (kh - 1) + 1, ew = static_cast<int64_t>(dw) * (kw - 1) + 1;
+  if (eh > h + pt + pb || ew > wd + pl + pr)
+    throw std::invalid_argument("qspmm_im2col: the padded image is smaller than the dilated kernel");
+  g.ho = (h + pt + pb - eh) / sh + 1;
+  g.wo = (wd + pl + pr - ew) / sw + 1;
+  if (ldy < rows) throw std::invalid_argument("qspmm_im2col: bad output stride");
+  const int64_t n = n_img * g.ho * g.wo;
+  if (n == 0 || rows == 0) return;
+  if (!x || !y) throw std::invalid_argument("qspmm_im2col: null dense operand");
+  QBsrView w = view;
+  w.im2col = &g;
+  const QPath& path = active_qpath(dtype);
+  py::gil_scoped_release nogil;
+  path.fn(w, ptr<const void>(x), XType::f32, n, cols, ptr<const float>(bias), ptr<float>(y), ldy, num_threads);
 }
 
 }  // namespace
@@ -202,6 +252,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d", &conv2d, "y = conv2d(x, W) + b with W packed as (r x 1)-block BSR over (Cout, Cin/g*kh*kw)");
   // quantized (int8 / bf16) block-sparse matmul
   m.def("qspmm", &qspmm, "Y = X W^T + b with W an int8 or bf16 block-sparse matrix (packed by quant.py)");
+  m.def("qspmm_im2col", &qspmm_im2col,
+        "a convolution as qspmm over the implicit im2col matrix of a padded NHWC float32 image");
   m.def("qpaths", [] {
     py::list out;
     for (const auto& p : all_qpaths()) {

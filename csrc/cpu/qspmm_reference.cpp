@@ -30,9 +30,11 @@ void s8_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType, int64_t n, in
   {
     std::vector<uint32_t> words(static_cast<size_t>(kg));
     std::vector<int32_t> acc(static_cast<size_t>(r));
+    std::vector<float> gbuf(w.im2col ? static_cast<size_t>(w.cols) : 0);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-      const q_scalar::QRowParams p = q_scalar::q_row_words(x + i * ldx, w.cols, kg, words.data());
+      const float* xi = w.im2col ? im2col_row(*w.im2col, x, i, gbuf.data()) : x + i * ldx;
+      const q_scalar::QRowParams p = q_scalar::q_row_words(xi, w.cols, kg, words.data());
       for (int64_t br = 0; br < w.block_rows; ++br) {
         const int64_t m0 = br * r;
         const int rr = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
@@ -76,10 +78,14 @@ void bf16_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType xt, int64_t 
   {
     std::vector<uint32_t> words(static_cast<size_t>(kg));
     std::vector<float> acc(static_cast<size_t>(r));
+    std::vector<float> gbuf(w.im2col ? static_cast<size_t>(w.cols) : 0);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       if (xt == XType::bf16)
         q_scalar::bf16_row_words(nullptr, static_cast<const uint16_t*>(xv) + i * ldx, w.cols, kg, words.data());
+      else if (w.im2col)
+        q_scalar::bf16_row_words(im2col_row(*w.im2col, static_cast<const float*>(xv), i, gbuf.data()), nullptr,
+                                 w.cols, kg, words.data());
       else
         q_scalar::bf16_row_words(static_cast<const float*>(xv) + i * ldx, nullptr, w.cols, kg, words.data());
       for (int64_t br = 0; br < w.block_rows; ++br) {

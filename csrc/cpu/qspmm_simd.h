@@ -219,15 +219,23 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
     // where storing word by word (stride ps) cost as much as the whole product at 90%.
     thread_local std::vector<uint32_t> rowbuf;
     if (static_cast<int64_t>(rowbuf.size()) < 8 * kg + 8) rowbuf.resize(8 * kg + 8);
+    // an implicit im2col (convolution) gathers each row into gbuf first: an L1-resident copy, where the
+    // materialised im2col matrix (9x the image for 3x3) was written and read back through memory
+    thread_local std::vector<float> gbuf;
+    if (w.im2col && static_cast<int64_t>(gbuf.size()) < w.cols) gbuf.resize(w.cols);
+    auto f32_row = [&](int64_t i) {
+      return w.im2col ? im2col_row(*w.im2col, static_cast<const float*>(x), i, gbuf.data())
+                      : static_cast<const float*>(x) + i * ldx;
+    };
     auto prep_row = [&](int64_t i, uint32_t* words) {
       if (Op::S8) {
-        const QRowParams p = q_row_words(static_cast<const float*>(x) + i * ldx, w.cols, kg, words);
+        const QRowParams p = q_row_words(f32_row(i), w.cols, kg, words);
         zp[i] = p.zp;
         sx[i] = p.s;
       } else if (xt == XType::bf16) {
         bf16_row_words(nullptr, static_cast<const uint16_t*>(x) + i * ldx, w.cols, kg, words);
       } else {
-        bf16_row_words(static_cast<const float*>(x) + i * ldx, nullptr, w.cols, kg, words);
+        bf16_row_words(f32_row(i), nullptr, w.cols, kg, words);
       }
     };
     // rows [8c, min(8c + 8, n)) into the panels whose first row is row0, the first of them panel p0

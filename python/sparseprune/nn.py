@@ -33,6 +33,9 @@ BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8), (4, 4), (1, 16), (16, 1), (1, 8)
 MAX_THREADS = 1024
 _MAX_DIM = 2 ** 31 - 1
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# int8 / bf16 convolutions gather their im2col rows inside the kernel (False: materialise the matrix, as
+# before; kept for the tests that compare both)
+_FUSED_IM2COL = True
 # weight dtypes a sparse module may hold, by the name saved files use
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _DTYPE_NAMES = {v: k for k, v in WEIGHT_DTYPES.items()}
@@ -807,21 +810,32 @@ class SparseConv2d(SparseModule):
         if ho <= 0 or wo <= 0:
             raise ValueError(f"input {tuple(x.shape)} is smaller than the (dilated, padded) kernel")
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        if any(pad4):
-            x = F.pad(x, (pl, pr, pt, pb))
-        # NCHW float32 in eager mode: our blocked transpose (torch's permute copy of a 56x56x256 map took
-        # ~1.6 ms, longer than the int8 convolution itself)
-        fast = (not cl and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous()
-                and ops.call_route(x, self._parameters["bias"]) == "eager")
-        xh = _to_nhwc(x) if fast else x.permute(0, 2, 3, 1)
-        if (kh, kw) == (1, 1):  # a 1x1 convolution reads pixels directly
-            x2 = xh[:, ::sh, ::sw].reshape(n * ho * wo, c)
+        eager = x.is_cpu and ops.call_route(x, self._parameters["bias"]) == "eager"
+        if (x.dtype is torch.float32 and eager and _FUSED_IM2COL and (kh, kw, sh, sw) != (1, 1, 1, 1)
+                and x.numel() > 0):
+            # the kernel gathers each row of patches itself, padding included (quant.qconv_im2col_eager)
+            xh = x.permute(0, 2, 3, 1)
+            xh = xh if xh.is_contiguous() else _to_nhwc(x.contiguous())
+            r, cb = self.block_size
+            y = quant.qconv_im2col_eager(xh, (kh, kw), (sh, sw), (dh, dw), pad4, self.row_ptr, self.col_idx,
+                                         self.values, self._buffers.get("scales"), self._buffers.get("compensation"),
+                                         self.bias, self.out_channels, r, cb, self._threads(), self._act_code())
+            fast = not cl
         else:
-            xh = xh.contiguous()
-            s0, s1, s2, s3 = xh.stride()
-            patches = xh.as_strided((n, ho, wo, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3))
-            x2 = patches.reshape(n * ho * wo, kh * kw * c)
-        y = self._qmatmul(x2.contiguous())  # (n * ho * wo, cout): the layout of an NHWC tensor
+            if any(pad4):
+                x = F.pad(x, (pl, pr, pt, pb))
+            # NCHW float32 in eager mode: our blocked transpose (torch's permute copy of a 56x56x256 map took
+            # ~1.6 ms, longer than the int8 convolution itself)
+            fast = not cl and x.dtype is torch.float32 and x.is_contiguous() and eager
+            xh = _to_nhwc(x) if fast else x.permute(0, 2, 3, 1)
+            if (kh, kw) == (1, 1):  # a 1x1 convolution reads pixels directly
+                y = self._qmatmul(xh[:, ::sh, ::sw].reshape(n * ho * wo, c).contiguous())
+            else:
+                xh = xh.contiguous()
+                s0, s1, s2, s3 = xh.stride()
+                patches = xh.as_strided((n, ho, wo, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3))
+                y = self._qmatmul(patches.reshape(n * ho * wo, kh * kw * c).contiguous())
+        # y: (n * ho * wo, cout), the layout of an NHWC tensor
         if fast and y.dtype is torch.float32:
             return _to_nchw(y, n, ho, wo, self.out_channels)
         y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)

@@ -15,12 +15,41 @@
 //   y[n, m] = float(sum_k q * w - zp * comp[m]) * (s * wscale[m]) + bias[m],  comp[m] = sum_k w[m, k]
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "sparseprune/epilogue.h"
 #include <vector>
 
 namespace sparseprune {
+
+// The rows of X gathered from an image instead of read from a matrix: the im2col matrix of a
+// convolution, never materialised. x is a contiguous NHWC image of n_img x h x w x ch floats, zero
+// padding implied (pt rows on top, pl columns on the left, as many as ho / wo need on the other
+// sides); row i is output pixel (img, oh, ow) = (i / (ho * wo), i / wo % ho, i % wo) and its
+// cols = kh * kw * ch columns, in (kh, kw, ch) order, are pixel (oh * sh - pt + a * dh, ow * sw - pl + b * dw).
+struct QIm2col {
+  int64_t h = 0, w = 0, ch = 0;                 // the image, unpadded
+  int32_t kh = 1, kw = 1, sh = 1, sw = 1, dh = 1, dw = 1, pt = 0, pl = 0;
+  int64_t ho = 0, wo = 0;                       // output size
+};
+
+// Row i of an implicit im2col matrix, copied into buf (cols floats; padding taps are zeros).
+inline const float* im2col_row(const QIm2col& g, const float* x, int64_t i, float* buf) {
+  const int64_t img = i / (g.ho * g.wo), oh = i / g.wo % g.ho, ow = i % g.wo;
+  const size_t bytes = static_cast<size_t>(g.ch) * sizeof(float);
+  const float* im = x + img * g.h * g.w * g.ch;
+  float* d = buf;
+  for (int a = 0; a < g.kh; ++a) {
+    const int64_t ih = oh * g.sh - g.pt + static_cast<int64_t>(a) * g.dh;
+    for (int b = 0; b < g.kw; ++b, d += g.ch) {
+      const int64_t iw = ow * g.sw - g.pl + static_cast<int64_t>(b) * g.dw;
+      if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) std::memset(d, 0, bytes);
+      else std::memcpy(d, im + (ih * g.w + iw) * g.ch, bytes);
+    }
+  }
+  return buf;
+}
 
 struct QBsrView {
   int64_t rows = 0, cols = 0;       // M, K
@@ -34,6 +63,7 @@ struct QBsrView {
   const float* wscale = nullptr;    // int8: M per-output-channel scales
   const int32_t* comp = nullptr;    // int8: M sums of the quantized weights of each output
   int32_t act = kActNone;           // activation fused into the store, after the bias (epilogue.h)
+  const QIm2col* im2col = nullptr;  // set: X (fp32) is the NHWC image of an implicit im2col (ldx unused)
 
   int64_t nnzb() const { return row_ptr ? row_ptr[block_rows] : 0; }
 };
