@@ -186,3 +186,23 @@ def test_choice_candidates_cover_the_choice_and_the_recheck():
     assert pick({"dense": 1.0, "a": 0.53, "b": 0.5, "c": 0.9}, ["a", "b", "c"]) == ["a", "b"]  # a: within noise
     # a tie, with the file's order differing from the preference order: both orders' best are built
     assert pick({"dense": 1.0, "b": 0.5, "a": 0.5, "c": 0.9}, ["a", "b", "c"]) == ["a", "b"]
+
+
+def test_input_layout_is_part_of_the_cached_problem(monkeypatch):
+    """NCHW and channels_last inputs of one shape are different problems (an int8 convolution pays two
+    layout transposes on NCHW only): timings measured on one are never reused for the other."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1)).eval()
+    with torch.no_grad():
+        for conv in (m[0], m[2]):
+            conv.weight.mul_((block_sparse_weight(32, 32, (16, 16), 0.5) != 0)[:, :, None, None])
+    decide = importlib.import_module("sparseprune.convert.decide")
+    monkeypatch.setattr(decide, "_cache_agrees", lambda *a, **k: True)
+    x = torch.randn(1, 32, 10, 10)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    sp.convert(m, xcl, time_budget=1.0, end_to_end=False)
+    again = _rows(sp.convert(m, xcl, time_budget=1.0, end_to_end=False))
+    assert all("[cached" in r["reason"] for r in again.values() if r["format"] != "dense")
+    nchw = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    assert not any("[cached" in r["reason"] for r in nchw.values())
+    assert decide._layout(x) != decide._layout(xcl) != decide._layout(x[:, :, ::2])

@@ -216,6 +216,17 @@ def _cache_agrees(cached: Dict[str, float], cands: Dict[str, nn.Module], inputs,
     return runner is None or fresh[runner] * FLIPPED >= fresh[best]
 
 
+def _layout(x: Tensor) -> str:
+    """The memory layout and dtype of a captured input, for the timing cache's key."""
+    if x.is_contiguous():
+        lay = "contiguous"
+    elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        lay = "channels_last"
+    else:
+        lay = "strides" + str(list(x.stride()))
+    return f"{lay}:{x.dtype}"
+
+
 def _choice_candidates(cached: Dict[str, float], labels: List[str]) -> List[str]:
     """The candidates a decision from ``cached`` times can need built, in preference order: the best,
     the runner-up when _cache_agrees re-times it (a close call), and the most structured one when it is
@@ -304,7 +315,11 @@ def decide(name: str, m: nn.Module, cv: Converter, seen: Optional[Dict], setting
         return True
 
     def cache_key(names):
+        # the layout is part of the problem: a convolution's candidates rank differently on NCHW and
+        # channels_last inputs of one shape (the int8 ones pay two layout transposes on NCHW); without it an
+        # NCHW ResNet-50 reused channels_last timings and got int8 layers 2-3x slower than its float32 ones
         return settings.cache.key(type=row.type, shape=row.shape, inputs=[list(x.shape) for x in inputs],
+                                  layouts=[_layout(x) for x in inputs],
                                   counts=counts, density=round(row.density, 3), candidates=sorted(names),
                                   threads=settings.num_threads or torch.get_num_threads())
 
