@@ -390,9 +390,11 @@ def test_implicit_im2col_matches_unfold(qpath, c, m, ks, stride, dil, pad4, hw, 
     p = QuantBSRMatrix.from_dense(w, (4, 4), dtype)
     xh = torch.randn(n, hw[0], hw[1], c, generator=g) * 3
     b = torch.randn(m, generator=g)
-    y = quant.qconv_im2col_eager(xh, ks, stride, dil, pad4, p.row_ptr, p.col_idx, p.values,
-                                 getattr(p, "scales", None), getattr(p, "compensation", None), b, m, 4, 4, 2)
-    _check(y, reference_qspmm(_unfold_rows(xh, ks, stride, dil, pad4), p, b), dtype)
+    for xd in [torch.float32] + ([torch.bfloat16] if dtype == torch.bfloat16 else []):  # bf16 images too
+        x = xh.to(xd)
+        y = quant.qconv_im2col_eager(x, ks, stride, dil, pad4, p.row_ptr, p.col_idx, p.values,
+                                     getattr(p, "scales", None), getattr(p, "compensation", None), b, m, 4, 4, 2)
+        _check(y, reference_qspmm(_unfold_rows(x, ks, stride, dil, pad4), p, b), dtype)
 
 
 def test_implicit_im2col_refuses_bad_geometry():
@@ -404,7 +406,7 @@ def test_implicit_im2col_refuses_bad_geometry():
     def call(h=5, w=5, ch=4, kh=3, kw=3, pads=(1, 1, 1, 1), cols=36):
         _C.qspmm_im2col("int8", 8, cols, 4, 4, p.row_ptr.data_ptr(), p.col_idx.data_ptr(),
                         p.col_idx.dtype == torch.int16, p.values.data_ptr(), p.scales.data_ptr(),
-                        p.compensation.data_ptr(), xh.data_ptr(), 1, h, w, ch, kh, kw, 1, 1, 1, 1, *pads, 0,
+                        p.compensation.data_ptr(), xh.data_ptr(), False, 1, h, w, ch, kh, kw, 1, 1, 1, 1, *pads, 0,
                         y.data_ptr(), 8, 1, 0)
     call()  # the valid call works
     with pytest.raises(ValueError, match="kh \\* kw \\* channels"):
@@ -415,6 +417,14 @@ def test_implicit_im2col_refuses_bad_geometry():
         call(pads=(-1, 1, 1, 1))
     with pytest.raises(ValueError, match="geometry"):
         call(ch=0, cols=0)
+    with pytest.raises(ValueError, match="float32"):  # int8 quantizes float32 images only
+        quant.qconv_im2col_eager(xh.bfloat16(), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), p.row_ptr, p.col_idx,
+                                 p.values, p.scales, p.compensation, None, 8, 4, 4, 1)
+    with pytest.raises(ValueError, match="int8 takes float32"):
+        _C.qspmm_im2col("int8", 8, 36, 4, 4, p.row_ptr.data_ptr(), p.col_idx.data_ptr(),
+                        p.col_idx.dtype == torch.int16, p.values.data_ptr(), p.scales.data_ptr(),
+                        p.compensation.data_ptr(), xh.data_ptr(), True, 1, 5, 5, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 0,
+                        y.data_ptr(), 8, 1, 0)
     with pytest.raises(ValueError, match="contiguous"):
         quant.qconv_im2col_eager(xh.transpose(1, 2), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), p.row_ptr, p.col_idx,
                                  p.values, p.scales, p.compensation, None, 8, 4, 4, 1)

@@ -361,13 +361,15 @@ def test_minilm_int8_and_bf16_embeddings_match_fp32_sparse():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cl", [False, True])
-def test_quantized_conv_gathered_and_materialised_im2col_agree(monkeypatch, dtype, cl):
-    """float32 inputs gather their patches inside the kernel (padding implied); bf16 inputs and the
-    dispatcher route materialise the im2col matrix. Both quantize the same rows: identical outputs."""
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_quantized_conv_gathered_and_materialised_im2col_agree(monkeypatch, dtype, cl, xdtype):
+    """The kernel gathers the patches itself (padding implied; bf16 images for bf16 weights, int8 widens
+    them to float32 first) or, with the switch off (and on the dispatcher route), the im2col matrix is
+    materialised. Both quantize the same rows: identical outputs, in the input's dtype."""
     from sparseprune import nn as spnn
     conv = _conv(16, 24, 3, (8, 4), 0.5, seed=5, stride=2, padding=(1, 2), dilation=(1, 2))
     mod = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(8, 4), weight_dtype=dtype)
-    x = torch.randn(2, 16, 11, 10)
+    x = torch.randn(2, 16, 11, 10).to(xdtype)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     x[1, 3, 4, 4] = float("nan")  # the patches holding it give NaN rows, the others stay finite
@@ -376,5 +378,6 @@ def test_quantized_conv_gathered_and_materialised_im2col_agree(monkeypatch, dtyp
         monkeypatch.setattr(spnn, "_FUSED_IM2COL", False)
         materialised = mod(x)
     torch.testing.assert_close(fused, materialised, rtol=0, atol=0, equal_nan=True)
+    assert fused.dtype == xdtype
     assert fused[0].isfinite().all() and fused[1].isnan().any() and fused[1].isfinite().any()
     assert fused.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)

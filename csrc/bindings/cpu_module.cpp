@@ -178,15 +178,15 @@ void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, u
           ldy, num_threads);
 }
 
-// A convolution as the quantized kernel over its implicit im2col matrix: x is a contiguous NHWC float32
-// image (n_img, h, w, ch), zero padding pt / pb / pl / pr implied; y gets n_img * ho * wo rows of `rows`
+// A convolution as the quantized kernel over its implicit im2col matrix: x is a contiguous NHWC float32 (or,
+// for bf16 weights, bf16) image (n_img, h, w, ch), zero padding pt / pb / pl / pr implied; y gets n_img * ho * wo rows of `rows`
 // outputs (ldy).
 void qspmm_im2col(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
                   uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
-                  int64_t n_img, int64_t h, int64_t wd, int64_t ch, int kh, int kw, int sh, int sw, int dh, int dw,
+                  bool x_bf16, int64_t n_img, int64_t h, int64_t wd, int64_t ch, int kh, int kw, int sh, int sw, int dh, int dw,
                   int pt, int pb, int pl, int pr, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads,
                   int act) {
-  const QBsrView view = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, false, act);
+  const QBsrView view = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x_bf16, act);
   if (n_img < 0 || h < 1 || wd < 1 || ch < 1 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || pt < 0 ||
       pb < 0 || pl < 0 || pr < 0)
     throw std::invalid_argument("qspmm_im2col: bad convolution geometry");
@@ -217,7 +217,8 @@ void qspmm_im2col(const std::string& dtype, int64_t rows, int64_t cols, int r, i
   w.im2col = &g;
   const QPath& path = active_qpath(dtype);
   py::gil_scoped_release nogil;
-  path.fn(w, ptr<const void>(x), XType::f32, n, cols, ptr<const float>(bias), ptr<float>(y), ldy, num_threads);
+  path.fn(w, ptr<const void>(x), x_bf16 ? XType::bf16 : XType::f32, n, cols, ptr<const float>(bias), ptr<float>(y),
+          ldy, num_threads);
 }
 
 }  // namespace
@@ -253,7 +254,7 @@ PYBIND11_MODULE(_C, m) {
   // quantized (int8 / bf16) block-sparse matmul
   m.def("qspmm", &qspmm, "Y = X W^T + b with W an int8 or bf16 block-sparse matrix (packed by quant.py)");
   m.def("qspmm_im2col", &qspmm_im2col,
-        "a convolution as qspmm over the implicit im2col matrix of a padded NHWC float32 image");
+        "a convolution as qspmm over the implicit im2col matrix of an NHWC image (zero padding implied)");
   m.def("qpaths", [] {
     py::list out;
     for (const auto& p : all_qpaths()) {

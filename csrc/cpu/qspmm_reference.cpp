@@ -79,9 +79,13 @@ void bf16_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType xt, int64_t 
     std::vector<uint32_t> words(static_cast<size_t>(kg));
     std::vector<float> acc(static_cast<size_t>(r));
     std::vector<float> gbuf(w.im2col ? static_cast<size_t>(w.cols) : 0);
+    std::vector<uint16_t> gbuf16(w.im2col ? static_cast<size_t>(w.cols) : 0);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-      if (xt == XType::bf16)
+      if (xt == XType::bf16 && w.im2col)
+        q_scalar::bf16_row_words(nullptr, im2col_row(*w.im2col, static_cast<const uint16_t*>(xv), i, gbuf16.data()),
+                                 w.cols, kg, words.data());
+      else if (xt == XType::bf16)
         q_scalar::bf16_row_words(nullptr, static_cast<const uint16_t*>(xv) + i * ldx, w.cols, kg, words.data());
       else if (w.im2col)
         q_scalar::bf16_row_words(im2col_row(*w.im2col, static_cast<const float*>(xv), i, gbuf.data()), nullptr,

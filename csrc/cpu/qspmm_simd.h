@@ -222,10 +222,16 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
     // an implicit im2col (convolution) gathers each row into gbuf first: an L1-resident copy, where the
     // materialised im2col matrix (9x the image for 3x3) was written and read back through memory
     thread_local std::vector<float> gbuf;
-    if (w.im2col && static_cast<int64_t>(gbuf.size()) < w.cols) gbuf.resize(w.cols);
+    thread_local std::vector<uint16_t> gbuf16;
+    if (w.im2col && xt == XType::f32 && static_cast<int64_t>(gbuf.size()) < w.cols) gbuf.resize(w.cols);
+    if (w.im2col && xt == XType::bf16 && static_cast<int64_t>(gbuf16.size()) < w.cols) gbuf16.resize(w.cols);
     auto f32_row = [&](int64_t i) {
       return w.im2col ? im2col_row(*w.im2col, static_cast<const float*>(x), i, gbuf.data())
                       : static_cast<const float*>(x) + i * ldx;
+    };
+    auto bf16_row = [&](int64_t i) {
+      return w.im2col ? im2col_row(*w.im2col, static_cast<const uint16_t*>(x), i, gbuf16.data())
+                      : static_cast<const uint16_t*>(x) + i * ldx;
     };
     auto prep_row = [&](int64_t i, uint32_t* words) {
       if (Op::S8) {
@@ -233,7 +239,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
         zp[i] = p.zp;
         sx[i] = p.s;
       } else if (xt == XType::bf16) {
-        bf16_row_words(nullptr, static_cast<const uint16_t*>(x) + i * ldx, w.cols, kg, words);
+        bf16_row_words(nullptr, bf16_row(i), w.cols, kg, words);
       } else {
         bf16_row_words(f32_row(i), nullptr, w.cols, kg, words);
       }

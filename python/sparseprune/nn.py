@@ -811,16 +811,24 @@ class SparseConv2d(SparseModule):
             raise ValueError(f"input {tuple(x.shape)} is smaller than the (dilated, padded) kernel")
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         eager = x.is_cpu and ops.call_route(x, self._parameters["bias"]) == "eager"
-        if (x.dtype is torch.float32 and eager and _FUSED_IM2COL and (kh, kw, sh, sw) != (1, 1, 1, 1)
-                and x.numel() > 0):
-            # the kernel gathers each row of patches itself, padding included (quant.qconv_im2col_eager)
+        out_dtype = x.dtype
+        if eager and _FUSED_IM2COL and (kh, kw, sh, sw) != (1, 1, 1, 1) and x.numel() > 0:
+            # the kernel gathers each row of patches itself, padding included (quant.qconv_im2col_eager);
+            # int8 quantizes float32 (a bf16 input is widened first, as the matrix path does), bf16 weights
+            # read float32 or bf16
+            if self.weight_dtype == "int8" and x.dtype is not torch.float32:
+                x = x.float()
             xh = x.permute(0, 2, 3, 1)
-            xh = xh if xh.is_contiguous() else _to_nhwc(x.contiguous())
+            if not xh.is_contiguous():
+                xh = _to_nhwc(x.contiguous()) if x.dtype is torch.float32 else xh.contiguous()
             r, cb = self.block_size
             y = quant.qconv_im2col_eager(xh, (kh, kw), (sh, sw), (dh, dw), pad4, self.row_ptr, self.col_idx,
                                          self.values, self._buffers.get("scales"), self._buffers.get("compensation"),
                                          self.bias, self.out_channels, r, cb, self._threads(), self._act_code())
-            fast = not cl
+            if not cl:
+                y = _to_nchw(y, n, ho, wo, self.out_channels)
+                return y if out_dtype is torch.float32 else y.to(out_dtype)
+            return y.to(out_dtype).reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         else:
             if any(pad4):
                 x = F.pad(x, (pl, pr, pt, pb))

@@ -266,13 +266,16 @@ def qconv_im2col_eager(xh: Tensor, kernel_size, stride, dilation, pad4, row_ptr:
                        values: Tensor, scales: Optional[Tensor], compensation: Optional[Tensor],
                        bias: Optional[Tensor], rows: int, r: int, c: int, num_threads: int, act: int = 0) -> Tensor:
     """A convolution through the int8 / bf16 BSR kernel over its implicit im2col matrix: ``xh`` is the
-    input as a contiguous NHWC float32 CPU tensor ``(N, H, W, C)``, zero padding ``pad4`` = (top, bottom,
-    left, right) implied; each row of patches (columns in ``(kh, kw, C)`` order) is gathered inside the
-    kernel instead of materialised (a 3x3 im2col matrix is 9x the image, and the padded copy goes too).
-    Returns ``(N * Ho * Wo, rows)`` float32: the rows of an NHWC output."""
-    if xh.dtype != torch.float32 or xh.dim() != 4 or not xh.is_contiguous() or not xh.is_cpu:
-        raise ValueError("qconv_im2col_eager needs a contiguous (N, H, W, C) float32 CPU tensor")
+    input as a contiguous NHWC CPU tensor ``(N, H, W, C)`` (float32; bfloat16 too for bfloat16 weights),
+    zero padding ``pad4`` = (top, bottom, left, right) implied; each row of patches (columns in
+    ``(kh, kw, C)`` order) is gathered inside the kernel instead of materialised (a 3x3 im2col matrix is
+    9x the image, and the padded copy goes too). Returns ``(N * Ho * Wo, rows)`` float32: the rows of an
+    NHWC output."""
     s8 = values.dtype == torch.int8
+    if (xh.dtype not in ((torch.float32,) if s8 else (torch.float32, torch.bfloat16)) or xh.dim() != 4
+            or not xh.is_contiguous() or not xh.is_cpu):
+        raise ValueError("qconv_im2col_eager needs a contiguous (N, H, W, C) CPU tensor, float32 (or bfloat16 with "
+                         "bfloat16 weights)")
     n, h, w, ch = xh.shape
     (kh, kw), (sh, sw), (dh, dw), (pt, pb, pl, pr) = kernel_size, stride, dilation, pad4
     ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
@@ -284,7 +287,7 @@ def qconv_im2col_eager(xh: Tensor, kernel_size, stride, dilation, pad4, row_ptr:
         bias = bias.contiguous()
     _C.qspmm_im2col("int8" if s8 else "bf16", rows, kh * kw * ch, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
                     col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
-                    compensation.data_ptr() if s8 else 0, xh.data_ptr(), n, h, w, ch, kh, kw, sh, sw, dh, dw,
+                    compensation.data_ptr() if s8 else 0, xh.data_ptr(), xh.dtype == torch.bfloat16, n, h, w, ch, kh, kw, sh, sw, dh, dw,
                     pt, pb, pl, pr, bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows, ops.resolve_threads(num_threads),
                     act)
     return y

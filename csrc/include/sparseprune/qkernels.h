@@ -34,12 +34,14 @@ struct QIm2col {
   int64_t ho = 0, wo = 0;                       // output size
 };
 
-// Row i of an implicit im2col matrix, copied into buf (cols floats; padding taps are zeros).
-inline const float* im2col_row(const QIm2col& g, const float* x, int64_t i, float* buf) {
+// Row i of an implicit im2col matrix, copied into buf (cols elements; padding taps are zeros). T: float, or
+// uint16_t for bf16 images.
+template <class T>
+inline const T* im2col_row(const QIm2col& g, const T* x, int64_t i, T* buf) {
   const int64_t img = i / (g.ho * g.wo), oh = i / g.wo % g.ho, ow = i % g.wo;
-  const size_t bytes = static_cast<size_t>(g.ch) * sizeof(float);
-  const float* im = x + img * g.h * g.w * g.ch;
-  float* d = buf;
+  const size_t bytes = static_cast<size_t>(g.ch) * sizeof(T);
+  const T* im = x + img * g.h * g.w * g.ch;
+  T* d = buf;
   for (int a = 0; a < g.kh; ++a) {
     const int64_t ih = oh * g.sh - g.pt + static_cast<int64_t>(a) * g.dh;
     for (int b = 0; b < g.kw; ++b, d += g.ch) {
@@ -63,7 +65,7 @@ struct QBsrView {
   const float* wscale = nullptr;    // int8: M per-output-channel scales
   const int32_t* comp = nullptr;    // int8: M sums of the quantized weights of each output
   int32_t act = kActNone;           // activation fused into the store, after the bias (epilogue.h)
-  const QIm2col* im2col = nullptr;  // set: X (fp32) is the NHWC image of an implicit im2col (ldx unused)
+  const QIm2col* im2col = nullptr;  // set: X is the NHWC image of an implicit im2col (ldx unused)
 
   int64_t nnzb() const { return row_ptr ? row_ptr[block_rows] : 0; }
 };
