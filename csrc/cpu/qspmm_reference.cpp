@@ -82,16 +82,16 @@ void bf16_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType xt, int64_t 
     std::vector<uint16_t> gbuf16(w.im2col ? static_cast<size_t>(w.cols) : 0);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-      if (xt == XType::bf16 && w.im2col)
-        q_scalar::bf16_row_words(nullptr, im2col_row(*w.im2col, static_cast<const uint16_t*>(xv), i, gbuf16.data()),
-                                 w.cols, kg, words.data());
-      else if (xt == XType::bf16)
-        q_scalar::bf16_row_words(nullptr, static_cast<const uint16_t*>(xv) + i * ldx, w.cols, kg, words.data());
-      else if (w.im2col)
-        q_scalar::bf16_row_words(im2col_row(*w.im2col, static_cast<const float*>(xv), i, gbuf.data()), nullptr,
-                                 w.cols, kg, words.data());
-      else
-        q_scalar::bf16_row_words(static_cast<const float*>(xv) + i * ldx, nullptr, w.cols, kg, words.data());
+      const float* xf = nullptr;
+      const uint16_t* xb = nullptr;
+      if (xt == XType::bf16) {
+        xb = static_cast<const uint16_t*>(xv);
+        xb = w.im2col ? im2col_row(*w.im2col, xb, i, gbuf16.data()) : xb + i * ldx;
+      } else {
+        xf = static_cast<const float*>(xv);
+        xf = w.im2col ? im2col_row(*w.im2col, xf, i, gbuf.data()) : xf + i * ldx;
+      }
+      q_scalar::bf16_row_words(xf, xb, w.cols, kg, words.data());
       for (int64_t br = 0; br < w.block_rows; ++br) {
         const int64_t m0 = br * r;
         const int rr = static_cast<int>(std::min<int64_t>(r, w.rows - m0));

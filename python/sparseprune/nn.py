@@ -800,7 +800,8 @@ class SparseConv2d(SparseModule):
 
     def _forward_quant(self, x: Tensor, pad4) -> Tensor:
         """im2col + the int8 / bf16 BSR kernel: rows = output pixels, columns = (kh, kw, Cin) patches
-        read from an NHWC copy of the input (a view when the input is channels_last)."""
+        of an NHWC view or copy of the input; in eager inference the kernel gathers the patches itself
+        (padding implied), otherwise the patch matrix is materialised."""
         self._check_quant_input(x)
         pt, pb, pl, pr = pad4
         n, c, h, w = x.shape
@@ -829,20 +830,19 @@ class SparseConv2d(SparseModule):
                 y = _to_nchw(y, n, ho, wo, self.out_channels)
                 return y if out_dtype is torch.float32 else y.to(out_dtype)
             return y.to(out_dtype).reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        if any(pad4):
+            x = F.pad(x, (pl, pr, pt, pb))
+        # NCHW float32 in eager mode: our blocked transpose (torch's permute copy of a 56x56x256 map took
+        # ~1.6 ms, longer than the int8 convolution itself)
+        fast = not cl and x.dtype is torch.float32 and x.is_contiguous() and eager
+        xh = _to_nhwc(x) if fast else x.permute(0, 2, 3, 1)
+        if (kh, kw) == (1, 1):  # a 1x1 convolution reads pixels directly
+            y = self._qmatmul(xh[:, ::sh, ::sw].reshape(n * ho * wo, c).contiguous())
         else:
-            if any(pad4):
-                x = F.pad(x, (pl, pr, pt, pb))
-            # NCHW float32 in eager mode: our blocked transpose (torch's permute copy of a 56x56x256 map took
-            # ~1.6 ms, longer than the int8 convolution itself)
-            fast = not cl and x.dtype is torch.float32 and x.is_contiguous() and eager
-            xh = _to_nhwc(x) if fast else x.permute(0, 2, 3, 1)
-            if (kh, kw) == (1, 1):  # a 1x1 convolution reads pixels directly
-                y = self._qmatmul(xh[:, ::sh, ::sw].reshape(n * ho * wo, c).contiguous())
-            else:
-                xh = xh.contiguous()
-                s0, s1, s2, s3 = xh.stride()
-                patches = xh.as_strided((n, ho, wo, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3))
-                y = self._qmatmul(patches.reshape(n * ho * wo, kh * kw * c).contiguous())
+            xh = xh.contiguous()
+            s0, s1, s2, s3 = xh.stride()
+            patches = xh.as_strided((n, ho, wo, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3))
+            y = self._qmatmul(patches.reshape(n * ho * wo, kh * kw * c).contiguous())
         # y: (n * ho * wo, cout), the layout of an NHWC tensor
         if fast and y.dtype is torch.float32:
             return _to_nchw(y, n, ho, wo, self.out_channels)

@@ -287,9 +287,10 @@ def qconv_im2col_eager(xh: Tensor, kernel_size, stride, dilation, pad4, row_ptr:
         bias = bias.contiguous()
     _C.qspmm_im2col("int8" if s8 else "bf16", rows, kh * kw * ch, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
                     col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
-                    compensation.data_ptr() if s8 else 0, xh.data_ptr(), xh.dtype == torch.bfloat16, n, h, w, ch, kh, kw, sh, sw, dh, dw,
-                    pt, pb, pl, pr, bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows, ops.resolve_threads(num_threads),
-                    act)
+                    compensation.data_ptr() if s8 else 0, xh.data_ptr(), xh.dtype == torch.bfloat16,
+                    n, h, w, ch, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
+                    bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows,
+                    ops.resolve_threads(num_threads), act)
     return y
 
 
