@@ -60,6 +60,21 @@ void transpose(uintptr_t src, int64_t batch, int64_t rows, int64_t cols, int64_t
   f32_transpose__scalar(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
 }
 
+void maxpool2d(uintptr_t x, uintptr_t y, int64_t planes, int64_t h, int64_t w, int64_t ho, int64_t wo, int kh, int kw,
+               int sh, int sw, int ph, int pw, int dh, int dw, int num_threads) {
+  if (planes < 0 || h < 0 || w < 0 || ho < 0 || wo < 0) throw std::invalid_argument("maxpool2d: negative extent");
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0)
+    throw std::invalid_argument("maxpool2d: kernel, stride and dilation must be >= 1, padding >= 0");
+  if (h > (int64_t(1) << 31) || w > (int64_t(1) << 31) || ho > (int64_t(1) << 31) || wo > (int64_t(1) << 31))
+    throw std::invalid_argument("maxpool2d: plane too large");
+  if (planes == 0 || ho == 0 || wo == 0) return;
+  if (h == 0 || w == 0) throw std::invalid_argument("maxpool2d: empty input plane");
+  if (!x || !y) throw std::invalid_argument("maxpool2d: null operand");
+  const MaxPoolGeom g{planes, h, w, ho, wo, kh, kw, sh, sw, ph, pw, dh, dw};
+  py::gil_scoped_release nogil;
+  f32_maxpool2d_nchw(g, ptr<const float>(x), ptr<float>(y), num_threads);
+}
+
 void spmm(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
           uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
           int64_t ldy, int num_threads, int act, int split, int pack) {
@@ -229,6 +244,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = SPARSEPRUNE_VERSION;
 #endif
   m.def("transpose", &transpose, "dst[b][c][r] = src[b][r][c] (float32; NCHW <-> NHWC layout changes)");
+  m.def("maxpool2d", &maxpool2d, "max pooling of contiguous NCHW float32 planes (torch's semantics)");
   m.def("spmm", &spmm, "Y = act(X W^T + b) with W block-sparse (CSR is the 1x1 block case)");
   m.def("spmm_t", &spmm_t, "dX = dY W with W block-sparse");
   m.def("paths", [] {

@@ -574,4 +574,23 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         setattr(model, REPORT_ATTR, structure["report"])
         from .shared import regroup
         regroup(model, structure["report"])  # layers convert() ran as one call on a shared input
+        _repool(model, structure["report"])
     return model
+
+
+def _repool(model: nn.Module, report: dict) -> None:
+    """The max pools convert() put on sparseprune's kernel, rebuilt from this architecture's own pools (only
+    the names come from the file, and only a plain ``nn.MaxPool2d`` there is replaced)."""
+    from .nn import MaxPool2d
+    names = module_names(model)
+    for p in report.get("pools", []):
+        if not p["kept"]:
+            continue
+        try:
+            m = model.get_submodule(p["name"])
+        except AttributeError:
+            continue
+        if type(m) is nn.MaxPool2d:
+            new = MaxPool2d.from_module(m)
+            for alias in names.get(id(m), [p["name"]]):
+                set_module(model, alias, new)

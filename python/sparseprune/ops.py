@@ -6,7 +6,7 @@ the dense input. Python allocates outputs; C++ fills them.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -379,3 +379,42 @@ def _conv_backward(ctx, grad):
 
 
 torch.library.register_autograd("sparseprune::sparse_conv2d", _conv_backward, setup_context=_conv_setup)
+
+
+# -- max pooling (NCHW float32, CPU) ---------------------------------------------------------------
+def _pool_pair(v) -> Tuple[int, int]:
+    """An int or a 1- / 2-sequence of ints, as PyTorch's pooling takes them."""
+    if isinstance(v, int):
+        return v, v
+    v = tuple(int(e) for e in v)
+    return (v[0], v[0]) if len(v) == 1 else v if len(v) == 2 else (-1, -1)
+
+
+def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling output size (a window must start inside the input or its left padding)."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def maxpool2d_eager(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool,
+                    num_threads: Optional[int] = None) -> Optional[Tensor]:
+    """``F.max_pool2d(x, ...)`` for a contiguous float32 CPU tensor (N, C, H, W) or (C, H, W) by our kernel,
+    the same values; ``None`` where the call is not one it takes (geometry PyTorch refuses, so that the
+    caller's fallback raises PyTorch's own error)."""
+    (kh, kw), (ph, pw), (dh, dw) = _pool_pair(kernel_size), _pool_pair(padding), _pool_pair(dilation)
+    sh, sw = _pool_pair(stride if stride is not None and stride != () and stride != [] else kernel_size)
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0 or ph > kh // 2 or pw > kw // 2:
+        return None
+    if x.dim() not in (3, 4) or x.numel() == 0 or not x.is_contiguous() or x.dtype != torch.float32 or not x.is_cpu:
+        return None
+    h, w = x.shape[-2:]
+    ho, wo = pool_output_size(h, kh, sh, ph, dh, ceil_mode), pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    if ho < 1 or wo < 1:
+        return None
+    y = torch.empty(*x.shape[:-2], ho, wo, dtype=torch.float32)
+    planes = x.numel() // (h * w)
+    _C.maxpool2d(x.data_ptr(), y.data_ptr(), planes, h, w, ho, wo, kh, kw, sh, sw, ph, pw, dh, dw,
+                 resolve_threads(num_threads))
+    return y

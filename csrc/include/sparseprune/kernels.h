@@ -37,6 +37,14 @@ void f32_bsr_spmm_t__scalar(const BsrView&, const float*, int64_t, int64_t, floa
 void f32_transpose__scalar(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,
                            float* dst, int64_t ldd, int64_t bsd, int num_threads);
 
+// Max pooling of `planes` contiguous h x w float32 planes (NCHW) into ho x wo planes; torch's semantics
+// (NaN propagates, -inf for a window with no input element). The caller checks the geometry.
+struct MaxPoolGeom {
+  int64_t planes, h, w, ho, wo;
+  int kh, kw, sh, sw, ph, pw, dh, dw;
+};
+void f32_maxpool2d_nchw(const MaxPoolGeom& g, const float* x, float* y, int num_threads);
+
 #if defined(SPARSEPRUNE_X86)
 void f32_bsr_spmm__avx2(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
 void f32_transpose__avx2(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,

@@ -103,7 +103,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
             inplace: bool = False, progress: Optional[bool] = None, weight_dtypes=(torch.float32,),
             quant_tolerance: float = 0.25, cache: bool = True, fuse: bool = True,
-            shared_inputs: bool = True) -> nn.Module:
+            shared_inputs: bool = True, pools: bool = True) -> nn.Module:
     """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
 
     Args:
@@ -147,6 +147,9 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             (:mod:`sparseprune.shared`): each gets a column slice of the one output, computed as it would
             compute it alone. Found on ``example_inputs`` and kept per set only where timed faster than
             the separate calls; the summary lists the sets.
+        pools: run each ``nn.MaxPool2d`` that receives a contiguous (NCHW) float32 CPU input on
+            :class:`sparseprune.nn.MaxPool2d` (sparseprune's pooling kernel: the same values) where timed
+            faster on ``example_inputs`` (not done without them); the summary lists them.
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` on a terminal after 1 s.
 
     A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,
@@ -182,7 +185,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         with torch.no_grad(), Threads(num_threads):
             reference = call_model(work, example_inputs) if example_inputs is not None else None
             report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
-                              end_to_end, progress, swaps, fuse, shared_inputs)
+                              end_to_end, progress, swaps, fuse, shared_inputs, pools)
     except BaseException:
         if inplace:
             swaps.undo()
@@ -224,7 +227,7 @@ def _targets(work: nn.Module, skip) -> Tuple[list, List[LayerRow]]:
 
 def _convert(work, example_inputs, reference, settings: Settings, skip, start: float, time_budget: float,
              fold_bn: bool, end_to_end: bool, progress, swaps: _Swaps, fuse: bool = True,
-             shared_inputs: bool = True) -> dict:
+             shared_inputs: bool = True, pools: bool = True) -> dict:
     deadline = start + time_budget
     folded = _fold(work, swaps, example_inputs) if fold_bn else []
     targets, rows = _targets(work, skip)
@@ -270,9 +273,15 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
         left = max(0.0, deadline - reserve - time.perf_counter())
         shared = group_shared_inputs(work, example_inputs, budget_s=min(left, 0.05 * time_budget),
                                      tolerance=settings.tolerance)
+    pooled = []
+    if pools and example_inputs is not None:
+        from .pools import fast_pools
+        left = max(0.0, deadline - reserve - time.perf_counter())
+        pooled = fast_pools(work, example_inputs, swaps.replace, lambda n, m: _skipped(n, m, skip),
+                            min(left, 0.05 * time_budget), settings.margin, settings.num_threads)
     order = {n: i for i, (n, _) in enumerate(work.named_modules())}
     rows.sort(key=lambda r: order.get(r.name, len(order)))
-    report = {"layers": rows, "folded": folded, "fused": fused, "shared_inputs": shared,
+    report = {"layers": rows, "folded": folded, "fused": fused, "shared_inputs": shared, "pools": pooled,
               "tolerance": settings.tolerance, "margin": settings.margin,
               "num_threads": settings.num_threads if settings.num_threads is not None else torch.get_num_threads(),
               "measured": settings.measured, "max_abs_error": None, "max_rel_error": None,
