@@ -126,10 +126,15 @@ int64_t conv2d_workspace(const std::vector<int64_t>& geom) {
 
 void conv2d(const std::vector<int64_t>& geom, int r, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
             uintptr_t values, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t ws, int64_t ws_floats,
-            int num_threads, int act) {
+            int num_threads, int act, uintptr_t res) {
   const ConvGeom g = make_geom(geom);
   BsrView w = make_view(g.c_out, g.cin_g() * g.taps(), r, 1, row_ptr, col_idx, idx16, values);
   w.act = check_act(act);
+  if (res) {  // an addend with y's strides (ops.py checks its shape and strides)
+    if (res % alignof(float) || y % alignof(float)) throw std::invalid_argument("conv2d: misaligned residual");
+    w.has_res = true;
+    w.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
+  }
   if (g.groups > 1 && g.cout_g() % r) throw std::invalid_argument("conv2d: block rows straddle groups");
   if (ws_floats < conv2d_workspace(geom)) throw std::invalid_argument("conv2d: workspace too small");
   if (g.n == 0) return;

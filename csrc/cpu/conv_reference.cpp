@@ -175,7 +175,10 @@ void f32_conv2d_direct__scalar(const ConvGeom& g, const BsrView& w, const float*
               if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
               acc += w.values[e * rk + ii] * xn[(cbase + t.ci) * g.xs[1] + ih * g.xs[2] + iw * g.xs[3]];
             }
-            yc[oh * g.ys[2] + ow * g.ys[3]] = act_scalar(acc, w.act);
+            float* yp = yc + oh * g.ys[2] + ow * g.ys[3];
+            if (w.has_res)  // the residual element at the same place relative to its own base
+              acc += *reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(yp) + w.res_bytes);
+            *yp = act_scalar(acc, w.act);
           }
       }
     }

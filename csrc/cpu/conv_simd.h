@@ -55,7 +55,7 @@ template <int R, int NBV, bool MASK, int MODE, class Idx>
 SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kofs, const Idx* __restrict cols,
                        const float* __restrict vals, int rk, int64_t e0, int64_t e1, const float* bias,
                        int act, int rows, int tail, float* __restrict dst, int64_t ldd, const QSeg* segs,
-                       const int* nseg) {
+                       const int* nseg, const float* __restrict rdst) {
   using T = typename V::T;
   constexpr int W = V::W;
   T acc[R][NBV];
@@ -84,6 +84,18 @@ SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kof
     if (i >= rows) break;
 #pragma GCC unroll 8
     for (int v = 0; v < NBV; ++v) {
+      if (rdst) {  // the residual, laid out as dst: the same lanes and offsets
+        if constexpr (MODE == 1) {
+          for (int k = 0; k < nseg[v]; ++k) {
+            const QSeg& sg = segs[v * kMaxSeg + k];
+            const float* rp = rdst + i * ldd + sg.off;
+            acc[i][v] = V::add(acc[i][v], sg.full ? V::load(rp) : V::load_m(rp, sg.m));
+          }
+        } else {
+          const float* rp = rdst + i * ldd + v * W;
+          acc[i][v] = V::add(acc[i][v], (MASK && v == NBV - 1) ? V::loadn(rp, tail) : V::load(rp));
+        }
+      }
       if (act) acc[i][v] = act_v(acc[i][v], act);
       if constexpr (MODE == 1) {
         for (int k = 0; k < nseg[v]; ++k) {
@@ -103,15 +115,24 @@ SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kof
 template <int R, int NBV, int MODE, class Idx>
 SPC_INLINE void q_tile_n(int nv, int tail, const float* xq, const int32_t* kofs, const Idx* cols,
                          const float* vals, int rk, int64_t e0, int64_t e1, const float* bias, int act,
-                         int rows, float* dst, int64_t ldd, const QSeg* segs, const int* nseg) {
+                         int rows, float* dst, int64_t ldd, const QSeg* segs, const int* nseg,
+                         const float* rdst) {
   if constexpr (NBV > 1) {
     if (nv < NBV) {
-      q_tile_n<R, NBV - 1, MODE, Idx>(nv, tail, xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, dst, ldd, segs, nseg);
+      q_tile_n<R, NBV - 1, MODE, Idx>(nv, tail, xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, dst, ldd, segs, nseg,
+                                      rdst);
       return;
     }
   }
-  if (tail == V::W) q_tile<R, NBV, false, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, tail, dst, ldd, segs, nseg);
-  else q_tile<R, NBV, true, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, tail, dst, ldd, segs, nseg);
+  if (tail == V::W)
+    q_tile<R, NBV, false, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, tail, dst, ldd, segs, nseg, rdst);
+  else
+    q_tile<R, NBV, true, MODE, Idx>(xq, kofs, cols, vals, rk, e0, e1, bias, act, rows, tail, dst, ldd, segs, nseg, rdst);
+}
+
+// The residual element that goes with output element p (BsrView::res_bytes), or null without one.
+inline const float* res_of(const BsrView& w, const float* p) {
+  return w.has_res ? reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(p) + w.res_bytes) : nullptr;
 }
 
 struct QCall {
@@ -127,16 +148,23 @@ struct QCall {
 };
 
 // Mode 2 (output not NCHW, e.g. channels_last): copy tile rows [0, rows) x q positions [q, q + cnt)
-// from tmp (row stride NB) to y pixel by pixel, dropping the columns ow >= wo.
+// from tmp (row stride NB) to y pixel by pixel, dropping the columns ow >= wo; with a residual, tmp holds
+// the sums before the activation, and the residual and the activation are applied here.
 inline void scatter_tile(const QCall& c, float* yimg, int64_t co0, int rows, int64_t q, int cnt,
                          const float* tmp, int nb) {
+  const BsrView& w = *c.w;
   const ConvGeom& g = *c.g;
   const int64_t wq = c.q->wq;
   int64_t oh = q / wq, ow = q % wq;
   for (int p = 0; p < cnt; ++p) {
     if (ow < g.wo) {
       float* yp = yimg + co0 * g.ys[1] + oh * g.ys[2] + ow * g.ys[3];
-      for (int i = 0; i < rows; ++i) yp[i * g.ys[1]] = tmp[i * nb + p];
+      if (w.has_res) {
+        const float* rp = res_of(w, yp);
+        for (int i = 0; i < rows; ++i) yp[i * g.ys[1]] = act_scalar(tmp[i * nb + p] + rp[i * g.ys[1]], w.act);
+      } else {
+        for (int i = 0; i < rows; ++i) yp[i * g.ys[1]] = tmp[i * nb + p];
+      }
     }
     if (++ow == wq) {
       ow = 0;
@@ -165,7 +193,7 @@ void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64
     const int tail = cnt - (nv - 1) * W;
     if (c.mode == 0) {
       q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, w.act, rows, yc + q, c.g->ys[1],
-                               nullptr, nullptr);
+                               nullptr, nullptr, res_of(w, yc + q));
     } else if (c.mode == 1) {
       q_segments(q, nv, c.q->wq, c.g->wo, c.g->ys[2], segs, nseg);
       if (tail != W) {  // lanes past qb belong to the next thread's range (or past the end)
@@ -176,10 +204,10 @@ void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64
         }
       }
       q_tile_n<R, NBV, 1, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, w.act, rows, yc, c.g->ys[1],
-                               segs, nseg);
-    } else {
-      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, w.act, rows, tmp, NB, nullptr,
-                               nullptr);
+                               segs, nseg, res_of(w, yc));
+    } else {  // the residual and activation, if any, in scatter_tile
+      q_tile_n<R, NBV, 0, Idx>(nv, tail, xg + q, c.kofs, cols, vals, w.r, e0, e1, bias, w.has_res ? 0 : w.act, rows,
+                               tmp, NB, nullptr, nullptr, nullptr);
       scatter_tile(c, yimg, co0 + i0, rows, q, cnt, tmp, NB);
     }
   }

@@ -27,6 +27,7 @@ struct V8 {
     return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), l), _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), l));
   }
   static inline void store_m(float* p, T v, M m) { _mm256_maskstore_ps(p, m, v); }
+  static inline T load_m(const float* p, M m) { return _mm256_maskload_ps(p, m); }
   static inline float hsum(T v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -60,6 +61,7 @@ struct V16 {
   using M = __mmask16;
   static inline M mrange(int lo, int hi) { return static_cast<M>(((1u << hi) - 1u) & ~((1u << lo) - 1u)); }
   static inline void store_m(float* p, T v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  static inline T load_m(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
   static inline float hsum(T v) { return _mm512_reduce_add_ps(v); }
   static inline __m512i idx(const uint16_t* p) {
     return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

@@ -575,6 +575,8 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         from .shared import regroup
         regroup(model, structure["report"])  # layers convert() ran as one call on a shared input
         _repool(model, structure["report"])
+        from .convert.residual import refuse
+        refuse(model, structure["report"].get("residual", []), set_module)
     return model
 
 

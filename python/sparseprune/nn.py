@@ -849,6 +849,34 @@ class SparseConv2d(SparseModule):
         y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         return y if cl else y.contiguous()
 
+    def _eager_cpu(self, x: Tensor, pad4, act: int, residual: Optional[Tensor] = None) -> Tensor:
+        """The float32 sparse kernel on a checked CPU input in eager inference."""
+        bufs = self._buffers
+        # shapes, strides and workspace size depend only on the input's shape and strides: kept
+        key = (x.shape, x.stride(), tuple(pad4))
+        plan = self.__dict__.get("_cache_conv_plan")
+        if plan is None or plan[0] != key:
+            plan = (key, ops.conv2d_plan(x, self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                         pad4, self.dilation, self.groups))
+            self.__dict__["_cache_conv_plan"] = plan
+        return ops.sparse_conv2d_planned(x, plan[1], bufs["row_ptr"], bufs["col_idx"], bufs["values"],
+                                         self._parameters["bias"], self.rk, self._threads(), act, residual)
+
+    def forward_residual(self, x: Tensor, residual: Tensor, activation: str = "none") -> Tensor:
+        """``activation(self(x) + residual)``: a residual connection and the activation after it (a ResNet
+        block's end), applied in the kernel's store where it can be — float32 sparse weights, eager CPU
+        inference, no activation of the layer's own, a 4-D input, the residual shaped and laid out as the
+        output — and by PyTorch after the layer otherwise; the same values either way."""
+        code = ops.activation_code(activation)
+        bias = self._parameters["bias"]
+        if (self.format != "dense" and self.weight_dtype == "float32" and self.activation == "none"
+                and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels
+                and self.padding_mode == "zeros" and x.is_cpu and self._buffers["values"].is_cpu
+                and type(residual) is Tensor and ops.call_route(x, bias, residual) == "eager"):
+            self._check_input(x)
+            return self._eager_cpu(x, self._pad4, code, residual)
+        return ops.apply_activation(self(x) + residual, activation)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
@@ -880,15 +908,7 @@ class SparseConv2d(SparseModule):
         self._check_input(x)
         bufs, bias = self._buffers, self._parameters["bias"]
         if x.is_cpu and bufs["values"].is_cpu and ops.call_route(x, bias) == "eager":
-            # shapes, strides and workspace size depend only on the input's shape and strides: kept
-            key = (x.shape, x.stride(), tuple(pad4))
-            plan = self.__dict__.get("_cache_conv_plan")
-            if plan is None or plan[0] != key:
-                plan = (key, ops.conv2d_plan(x, self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                                             pad4, self.dilation, self.groups))
-                self.__dict__["_cache_conv_plan"] = plan
-            return ops.sparse_conv2d_planned(x, plan[1], bufs["row_ptr"], bufs["col_idx"], bufs["values"], bias,
-                                             self.rk, self._threads(), self._act_code())
+            return self._eager_cpu(x, pad4, self._act_code())
         args = (x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels, self.out_channels,
                 list(self.kernel_size), list(self.stride), list(pad4), list(self.dilation), self.groups, self.rk,
                 self._threads())

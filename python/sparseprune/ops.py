@@ -306,11 +306,22 @@ def conv2d_plan(x: Tensor, in_channels: int, out_channels: int, kernel_size, str
 
 
 def sparse_conv2d_planned(x: Tensor, plan: tuple, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
-                          bias: Optional[Tensor], r: int, num_threads: int, act: int = 0) -> Tensor:
+                          bias: Optional[Tensor], r: int, num_threads: int, act: int = 0,
+                          residual: Optional[Tensor] = None) -> Tensor:
     """The kernel call of :func:`sparse_conv2d_eager` for validated CPU operands and ``plan`` =
-    :func:`conv2d_plan` of an input shaped and strided like ``x``."""
+    :func:`conv2d_plan` of an input shaped and strided like ``x``. ``residual``: ``act(conv + bias +
+    residual)``, the residual added in the kernel's store when it has the output's shape and strides
+    (float32, CPU), by PyTorch after the kernel otherwise."""
     shape, fmt, geom, ws_floats = plan
     y = torch.empty(shape, dtype=torch.float32, memory_format=fmt)
+    res = 0
+    if residual is not None:
+        if (type(residual) is Tensor and residual.dtype is torch.float32 and residual.is_cpu
+                and tuple(residual.shape) == tuple(shape) and (residual.stride() == y.stride() or y.numel() <= 1)):
+            res = residual.data_ptr()
+        else:
+            out = sparse_conv2d_planned(x, plan, row_ptr, col_idx, values, bias, r, num_threads)
+            return apply_activation(out + residual, ACTIVATIONS[act])
     if shape[0] == 0:
         return y
     if bias is not None and not bias.is_contiguous():
@@ -318,7 +329,7 @@ def sparse_conv2d_planned(x: Tensor, plan: tuple, row_ptr: Tensor, col_idx: Tens
     ws = torch.empty(ws_floats, dtype=torch.float32) if ws_floats else None
     _C.conv2d(geom, r, row_ptr.data_ptr(), col_idx.data_ptr(), col_idx.dtype == torch.int16, values.data_ptr(),
               x.data_ptr(), bias.data_ptr() if bias is not None else 0, y.data_ptr(),
-              ws.data_ptr() if ws is not None else 0, ws_floats, resolve_threads(num_threads), act)
+              ws.data_ptr() if ws is not None else 0, ws_floats, resolve_threads(num_threads), act, res)
     return y
 
 

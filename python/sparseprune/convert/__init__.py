@@ -103,7 +103,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             margin: float = 0.1, tolerance: float = 1e-4, fold_bn: bool = True, end_to_end: bool = True,
             inplace: bool = False, progress: Optional[bool] = None, weight_dtypes=(torch.float32,),
             quant_tolerance: float = 0.25, cache: bool = True, fuse: bool = True,
-            shared_inputs: bool = True, pools: bool = True) -> nn.Module:
+            shared_inputs: bool = True, pools: bool = True, residual: bool = True) -> nn.Module:
     """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
 
     Args:
@@ -150,6 +150,9 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         pools: run each ``nn.MaxPool2d`` that receives a contiguous (NCHW) float32 CPU input on
             :class:`sparseprune.nn.MaxPool2d` (sparseprune's pooling kernel: the same values) where timed
             faster on ``example_inputs`` (not done without them); the summary lists them.
+        residual: run the end of each Hugging Face ResNet block (last conv, + shortcut, activation) as one
+            call of a float32 sparse conv with the sum and the activation in its store, where checked equal
+            and timed faster on ``example_inputs`` (:mod:`sparseprune.convert.residual`); the summary lists them.
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` on a terminal after 1 s.
 
     A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,
@@ -185,7 +188,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         with torch.no_grad(), Threads(num_threads):
             reference = call_model(work, example_inputs) if example_inputs is not None else None
             report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
-                              end_to_end, progress, swaps, fuse, shared_inputs, pools)
+                              end_to_end, progress, swaps, fuse, shared_inputs, pools, residual)
     except BaseException:
         if inplace:
             swaps.undo()
@@ -227,7 +230,7 @@ def _targets(work: nn.Module, skip) -> Tuple[list, List[LayerRow]]:
 
 def _convert(work, example_inputs, reference, settings: Settings, skip, start: float, time_budget: float,
              fold_bn: bool, end_to_end: bool, progress, swaps: _Swaps, fuse: bool = True,
-             shared_inputs: bool = True, pools: bool = True) -> dict:
+             shared_inputs: bool = True, pools: bool = True, residual: bool = True) -> dict:
     deadline = start + time_budget
     folded = _fold(work, swaps, example_inputs) if fold_bn else []
     targets, rows = _targets(work, skip)
@@ -279,9 +282,15 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
         left = max(0.0, deadline - reserve - time.perf_counter())
         pooled = fast_pools(work, example_inputs, swaps.replace, lambda n, m: _skipped(n, m, skip),
                             min(left, 0.05 * time_budget), settings.margin, settings.num_threads)
+    residuals = []
+    if residual and example_inputs is not None and any(r.format != "dense" for r in rows):
+        from .residual import fuse_residuals
+        left = max(0.0, deadline - reserve - time.perf_counter())
+        residuals = fuse_residuals(work, example_inputs, swaps.replace, min(left, 0.1 * time_budget), settings.tolerance)
     order = {n: i for i, (n, _) in enumerate(work.named_modules())}
     rows.sort(key=lambda r: order.get(r.name, len(order)))
     report = {"layers": rows, "folded": folded, "fused": fused, "shared_inputs": shared, "pools": pooled,
+              "residual": residuals,
               "tolerance": settings.tolerance, "margin": settings.margin,
               "num_threads": settings.num_threads if settings.num_threads is not None else torch.get_num_threads(),
               "measured": settings.measured, "max_abs_error": None, "max_rel_error": None,

@@ -161,3 +161,23 @@ def l2_relative(actual, expected) -> float:
 
 def relative(err: float, scale: float) -> float:
     return err / scale if scale > 0 else err
+
+
+def first_inputs(model: nn.Module, modules: Sequence[Tuple[str, nn.Module]], example_inputs) -> Dict[str, Tensor]:
+    """The tensor each module received as its first positional argument the first time it ran in one call
+    of ``model`` on ``example_inputs`` (modules that did not run, or got something else, are absent)."""
+    seen: Dict[str, Tensor] = {}
+
+    def hook(name):
+        def fn(mod, args):
+            if args and type(args[0]) is Tensor and name not in seen:
+                seen[name] = args[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules]
+    try:
+        call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

@@ -18,7 +18,7 @@ __all__ = ["Summary", "summary", "measure", "layer_report", "REPORT_ATTR", "chec
 REPORT_ATTR = "_sparseprune_report"
 _REPORT_KEYS = {"layers", "folded", "tolerance", "margin", "num_threads", "measured", "max_abs_error",
                 "max_rel_error", "convert_seconds", "end_to_end_ms", "end_to_end_reverted", "l2_rel_error",
-                "fused", "shared_inputs", "pools"}
+                "fused", "shared_inputs", "pools", "residual"}
 
 
 def layer_report(model: nn.Module) -> Optional[dict]:
@@ -71,13 +71,14 @@ def check_report(report) -> dict:
             and all(g[k] is None or (isinstance(g[k], (int, float)) and not isinstance(g[k], bool))
                     for k in ("separate_ms", "fused_ms")) for g in shared):
         raise ValueError("the report's shared_inputs list is malformed")
-    pools = out.get("pools", [])
-    if not isinstance(pools, list) or not all(
-            isinstance(p, dict) and set(p) == {"name", "kept", "torch_ms", "ms"} and isinstance(p["name"], str)
-            and type(p["kept"]) is bool
-            and all(p[k] is None or (isinstance(p[k], (int, float)) and not isinstance(p[k], bool))
-                    for k in ("torch_ms", "ms")) for p in pools):
-        raise ValueError("the report's pools list is malformed")
+    for key, name, times in (("pools", "name", ("torch_ms", "ms")), ("residual", "block", ("separate_ms", "fused_ms"))):
+        rows = out.get(key, [])
+        if not isinstance(rows, list) or not all(
+                isinstance(p, dict) and set(p) == {name, "kept", *times} and isinstance(p[name], str)
+                and type(p["kept"]) is bool
+                and all(p[k] is None or (isinstance(p[k], (int, float)) and not isinstance(p[k], bool)) for k in times)
+                for p in rows):
+            raise ValueError(f"the report's {key} list is malformed")
     return out
 
 
@@ -163,6 +164,11 @@ class Summary(list):
             notes.append(f"max pools on sparseprune's kernel ({len(kept)}): "
                          + ", ".join(f"{p['name']} ({p['torch_ms']:.3f} -> {p['ms']:.3f} ms)" for p in kept[:4])
                          + (", ..." if len(kept) > 4 else ""))
+        kept = [p for p in t.get("residual") or [] if p["kept"]]
+        if kept:
+            notes.append(f"residual blocks ending in one conv call (+ shortcut, activation in its store) ({len(kept)}): "
+                         + ", ".join(f"{p['block']} ({p['separate_ms']:.3f} -> {p['fused_ms']:.3f} ms)" for p in kept[:3])
+                         + (", ..." if len(kept) > 3 else ""))
         notes.append("sparse ms in parentheses: fastest sparse candidate, slower than dense by the margin")
         if t.get("num_threads") is not None:
             notes.append(f"threads: {t['num_threads']}")
@@ -195,7 +201,7 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
     a list of dicts (``name, type, shape, format, block, density, dense_ms, sparse_ms, speedup,
     candidates, reason``) with ``.totals`` (``layers, sparse_layers, dense_ms, converted_ms, speedup``
     over the measured layers, ``max_abs_error``, ``max_rel_error``, ``tolerance``, ``end_to_end_ms``,
-    ``end_to_end_reverted``, ``folded``, ``fused``, ``shared_inputs``, ``pools``).
+    ``end_to_end_reverted``, ``folded``, ``fused``, ``shared_inputs``, ``pools``, ``residual``).
     """
     report = layer_report(model)
     if report is not None:
@@ -214,6 +220,7 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
               "tolerance": report.get("tolerance"), "measured": report.get("measured"),
               "folded": report.get("folded", []), "fused": report.get("fused", []), "num_threads": report.get("num_threads"),
               "shared_inputs": report.get("shared_inputs", []), "pools": report.get("pools", []),
+              "residual": report.get("residual", []),
               "end_to_end_ms": report.get("end_to_end_ms"), "l2_rel_error": report.get("l2_rel_error"),
               "end_to_end_reverted": bool(report.get("end_to_end_reverted"))}
     s = Summary(rows, totals)

@@ -1,0 +1,201 @@
+"""A ResNet block's end as one call: SparseConv2d.forward_residual (the residual and the activation in the
+conv kernel's store) and convert(residual=True) on Hugging Face ResNet blocks.
+
+Reference: PyTorch's conv2d on the masked weight, plus the residual, then the activation."""
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import sparseprune as sp
+from sparseprune import ops
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+residual_mod = importlib.import_module("sparseprune.convert.residual")
+
+
+def _conv(cin, cout, k, s, p, d, block, sparsity, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, s, p, d, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        r, c = block
+        keep = (torch.rand((cout + r - 1) // r, (cin + c - 1) // c, 1, 1, generator=g) > sparsity).float()
+        conv.weight.mul_(keep.repeat_interleave(r, 0)[:cout].repeat_interleave(c, 1)[:, :cin])
+    return conv
+
+
+def _no_torch_epilogue(monkeypatch):
+    """The kernel path applies the residual and activation itself: PyTorch's activation must not be called."""
+    def boom(*a, **k):
+        raise AssertionError("the residual went to PyTorch's fallback")
+    monkeypatch.setattr(ops, "apply_activation", boom)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cin=st.integers(1, 20), cout=st.integers(1, 20), k=st.sampled_from([1, 3]), s=st.integers(1, 2),
+       d=st.integers(1, 2), h=st.integers(3, 12), w=st.integers(3, 12), n=st.integers(1, 2),
+       act=st.sampled_from(["none", "relu", "gelu", "silu"]), cl=st.booleans(), bias=st.booleans(),
+       sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 2 ** 16))
+def test_forward_residual_matches_torch(isa, cin, cout, k, s, d, h, w, n, act, cl, bias, sparsity, seed):
+    p = k // 2
+    if h + 2 * p < d * (k - 1) + 1 or w + 2 * p < d * (k - 1) + 1:
+        return
+    conv = _conv(cin, cout, k, s, p, d, (4, 1), sparsity, seed, bias)
+    sc = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(4, 1))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, cin, h, w, generator=g)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = conv(x)
+        r = torch.randn(y.shape, generator=g).contiguous(memory_format=torch.channels_last if cl else
+                                                         torch.contiguous_format)
+        if r.stride() != y.stride():  # the kernel takes a residual laid out as its output
+            r = torch.empty_like(y).copy_(r)
+        ref = ops.apply_activation(y.double() + r.double(), act)
+        mp = pytest.MonkeyPatch()
+        try:
+            _no_torch_epilogue(mp)
+            got = sc.forward_residual(x, r, act)
+        finally:
+            mp.undo()
+    assert got.shape == ref.shape and got.stride() == y.stride()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["dense_format", "own_activation", "strided_residual", "broadcast", "grad", "int8"])
+def test_forward_residual_fallbacks_compute_the_same(case):
+    conv = _conv(16, 16, 3, 1, 1, 1, (8, 8), 0.6, 0)
+    kw = {"format": "bsr", "block_size": (8, 8)}
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        y = conv(x)
+    r = torch.randn_like(y)
+    act, grad = "relu", False
+    if case == "dense_format":
+        kw["format"] = "dense"
+    elif case == "own_activation":
+        kw["activation"] = "relu"
+        y = torch.relu(y)
+    elif case == "strided_residual":
+        r = torch.randn(2, 16, 9, 18)[..., ::2]
+    elif case == "broadcast":
+        r = torch.randn(1, 16, 1, 1)
+    elif case == "grad":
+        grad = True
+    elif case == "int8":
+        kw["weight_dtype"] = torch.int8
+    sc = sp.SparseConv2d.from_dense(conv, **kw)
+    with torch.set_grad_enabled(grad):
+        xx = x.clone().requires_grad_(grad)
+        got = sc.forward_residual(xx, r, act)
+    if grad:
+        got.sum().backward()
+        assert xx.grad is not None
+    tol = 0.05 if case == "int8" else 1e-5
+    torch.testing.assert_close(got.detach(), torch.relu(y + r), rtol=tol, atol=tol * 10)
+
+
+def _resnet(layer_type):
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.ResNetModel(T.ResNetConfig(embedding_size=16, hidden_sizes=[32, 32], depths=[2, 1],
+                                         layer_type=layer_type)).eval()
+    sp.prune_blocks(model, sparsity=0.7, block_size=(8, 8), dense_first_last=False)
+    return model, torch.randn(2, 3, 32, 32)
+
+
+def _faster(monkeypatch, fused_faster: bool):
+    def fake(calls, *a, **k):
+        for fn in calls.values():
+            fn()
+        return {"separate": 2.0, "fused": 1.0} if fused_faster else {"separate": 1.0, "fused": 1.0}
+    monkeypatch.setattr(residual_mod, "time_calls", fake)
+
+
+@pytest.mark.parametrize("layer_type", ["bottleneck", "basic"])
+@pytest.mark.parametrize("faster", [True, False])
+def test_convert_fuses_hf_resnet_blocks_where_faster(monkeypatch, layer_type, faster):
+    _faster(monkeypatch, faster)
+    model, x = _resnet(layer_type)
+    fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
+    rows = sp.summary(fast, print_fn=None).totals["residual"]
+    sparse_ends = [n for n, m in fast.named_modules() if residual_mod.fusable(m) is not None]
+    assert [r["block"] for r in rows] == sparse_ends and sparse_ends  # every candidate checked, none missed
+    fused = [n for n, m in fast.named_modules() if residual_mod.KIND_ATTR in m.__dict__]
+    assert fused == (sparse_ends if faster else [])
+    assert not any(residual_mod.KIND_ATTR in m.__dict__ for m in model.modules())  # source untouched
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-4)
+    if faster:  # the fused forward really takes the one-call path
+        mp = pytest.MonkeyPatch()
+        calls = []
+        orig = sp.SparseConv2d.forward_residual
+        mp.setattr(sp.SparseConv2d, "forward_residual", lambda self, *a: calls.append(1) or orig(self, *a))
+        try:
+            with torch.no_grad():
+                fast(x)
+        finally:
+            mp.undo()
+        assert len(calls) == len(fused)
+
+
+def test_residual_false_and_dense_layers_leave_blocks_alone(monkeypatch):
+    _faster(monkeypatch, True)
+    model, x = _resnet("bottleneck")
+    fast = sp.convert(model, x, time_budget=1.0, end_to_end=False, residual=False)
+    assert not any(residual_mod.KIND_ATTR in m.__dict__ for m in fast.modules())
+    dense = sp.convert(model, x, time_budget=1.0, end_to_end=False, formats=("dense",))
+    assert not sp.summary(dense, print_fn=None).totals["residual"]
+
+
+def test_fused_block_falls_back_when_its_conv_is_made_dense_again(monkeypatch):
+    """The end-to-end check swaps dense twins in for the sparse layers: the fused block must still compute."""
+    _faster(monkeypatch, True)
+    model, x = _resnet("bottleneck")
+    fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
+    name = next(n for n, m in fast.named_modules() if residual_mod.KIND_ATTR in m.__dict__)
+    last = fast.get_submodule(name).layer[-1]
+    last.convolution = last.convolution.to_dense_module()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_save_load_fuses_the_fresh_blocks_again(tmp_path, monkeypatch):
+    _faster(monkeypatch, True)
+    model, x = _resnet("bottleneck")
+    fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
+    fused = [n for n, m in fast.named_modules() if residual_mod.KIND_ATTR in m.__dict__]
+    assert fused
+    sp.save(fast, tmp_path / "m.sp")
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    fresh = T.ResNetModel(T.ResNetConfig(embedding_size=16, hidden_sizes=[32, 32], depths=[2, 1],
+                                         layer_type="bottleneck"))
+    loaded = sp.load(tmp_path / "m.sp", fresh)
+    assert [n for n, m in loaded.named_modules() if residual_mod.KIND_ATTR in m.__dict__] == fused
+    with torch.no_grad():
+        assert torch.equal(loaded(x).last_hidden_state, fast(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("rows", [
+    [{"block": "b", "kept": 1, "separate_ms": 1.0, "fused_ms": 0.5}],
+    [{"block": "b", "kept": True, "separate_ms": 1.0}],
+    [{"block": ["b"], "kept": True, "separate_ms": 1.0, "fused_ms": 0.5}],
+    "b",
+])
+def test_a_malformed_residual_report_is_refused(rows):
+    from sparseprune.convert import check_report
+    with pytest.raises(ValueError, match="residual"):
+        check_report({"layers": [], "residual": rows})
+
+
+def test_a_report_naming_other_modules_fuses_nothing():
+    """Only names come from a file; a name that is not a fusable block is ignored."""
+    model, _ = _resnet("bottleneck")
+    residual_mod.refuse(model, [{"block": "embedder", "kept": True, "separate_ms": 1.0, "fused_ms": 0.5},
+                                {"block": "no.such", "kept": True, "separate_ms": 1.0, "fused_ms": 0.5}],
+                        lambda *a: pytest.fail("nothing may be replaced"))
