@@ -199,3 +199,18 @@ def test_a_report_naming_other_modules_fuses_nothing():
     residual_mod.refuse(model, [{"block": "embedder", "kept": True, "separate_ms": 1.0, "fused_ms": 0.5},
                                 {"block": "no.such", "kept": True, "separate_ms": 1.0, "fused_ms": 0.5}],
                         lambda *a: pytest.fail("nothing may be replaced"))
+
+
+def test_torch_save_of_a_converted_resnet_after_a_forward(tmp_path, monkeypatch):
+    """torch.save pickles with protocol 2: per-input caches are dropped, and a fused block comes back with its
+    class's own forward (the unfused computation, the same values)."""
+    _faster(monkeypatch, True)
+    model, x = _resnet("bottleneck")
+    fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
+    with torch.no_grad():
+        want = fast(x).last_hidden_state  # fills the conv plans' caches
+    assert any("_cache_conv_plan" in m.__dict__ for m in fast.modules())
+    torch.save(fast, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x).last_hidden_state, want)

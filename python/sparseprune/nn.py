@@ -361,6 +361,11 @@ class SparseModule(nn.Module):
                           "access; the sparse kernels are not used by the code that reads it", stacklevel=2)
         return self.to_dense()
 
+    def __getstate__(self):
+        # torch.save / pickle / deepcopy: per-input caches (conv plans hold torch.memory_format, which pickle
+        # protocol 2 — torch.save's — cannot store) are rebuilt on the next call
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_cache")}
+
     def packed(self):
         """The packed weight matrix exactly as the kernels read it (not validated: see validate()):
         a BSRMatrix / CSRMatrix, or for int8 / bf16 weights a ``quant.QuantBSRMatrix``."""

@@ -61,6 +61,11 @@ def _fused_forward(self, hidden_state: Tensor) -> Tensor:
     return self.activation(layers[-1](h) + residual)  # a layer made dense again (end-to-end check)
 
 
+# pickle stores a bound method as getattr(obj, name): under this name a pickled block (torch.save) comes
+# back with its class's own forward, the unfused computation
+_fused_forward.__name__ = "forward"
+
+
 def fused_copy(block: nn.Module, kind: str) -> nn.Module:
     """A copy of ``block`` sharing its children (the same state_dict), whose forward is the one-call form."""
     new = type(block).__new__(type(block))
