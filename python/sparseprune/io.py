@@ -574,25 +574,35 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         setattr(model, REPORT_ATTR, structure["report"])
         from .shared import regroup
         regroup(model, structure["report"])  # layers convert() ran as one call on a shared input
-        _repool(model, structure["report"])
-        from .convert.residual import refuse
-        refuse(model, structure["report"].get("residual", []), set_module)
+        _reinstall(model, structure["report"])  # max pools and residual block ends convert() replaced
     return model
 
 
-def _repool(model: nn.Module, report: dict) -> None:
-    """The max pools convert() put on sparseprune's kernel, rebuilt from this architecture's own pools (only
-    the names come from the file, and only a plain ``nn.MaxPool2d`` there is replaced)."""
+def _reinstall(model: nn.Module, report: dict) -> None:
+    """The max pools and fused residual block ends convert() recorded as kept, installed again on this
+    architecture's own modules: only the names come from the file, and only a module of the kind the
+    rewrite takes there (a plain ``nn.MaxPool2d``; a block :func:`~sparseprune.convert.residual.fusable`
+    accepts) is replaced, under every name it has."""
+    from .convert.residual import KIND_ATTR, fusable, fused_copy
     from .nn import MaxPool2d
+
+    def pool(m):
+        return MaxPool2d.from_module(m) if type(m) is nn.MaxPool2d else None
+
+    def block(m):
+        kind = fusable(m)
+        return fused_copy(m, kind) if kind is not None and KIND_ATTR not in m.__dict__ else None
+
     names = module_names(model)
-    for p in report.get("pools", []):
-        if not p["kept"]:
-            continue
-        try:
-            m = model.get_submodule(p["name"])
-        except AttributeError:
-            continue
-        if type(m) is nn.MaxPool2d:
-            new = MaxPool2d.from_module(m)
-            for alias in names.get(id(m), [p["name"]]):
-                set_module(model, alias, new)
+    for key, field, rebuild in (("pools", "name", pool), ("residual", "block", block)):
+        for row in report.get(key, []):
+            if not row["kept"]:
+                continue
+            try:
+                m = model.get_submodule(row[field])
+            except AttributeError:
+                continue
+            new = rebuild(m)
+            if new is not None:
+                for alias in names.get(id(m), [row[field]]):
+                    set_module(model, alias, new)

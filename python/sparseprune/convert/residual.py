@@ -112,17 +112,3 @@ def fuse_residuals(work: nn.Module, example_inputs, replace: Callable[[nn.Module
         rows.append({"block": name, "kept": keep, "separate_ms": t["separate"] * 1e3, "fused_ms": t["fused"] * 1e3})
     return rows
 
-
-def refuse(model: nn.Module, rows: List[dict], set_module: Callable[[nn.Module, str, nn.Module], None]) -> None:
-    """Install the fused form again on a freshly loaded model for the blocks a file lists as kept (only the
-    names come from the file; each block must still be one that :func:`fusable` accepts)."""
-    for r in rows:
-        if not r["kept"]:
-            continue
-        try:
-            block = model.get_submodule(r["block"])
-        except AttributeError:
-            continue
-        kind = fusable(block)
-        if kind is not None and KIND_ATTR not in block.__dict__:
-            set_module(model, r["block"], fused_copy(block, kind))
