@@ -3,6 +3,11 @@ many rounds (the most stable estimate on a shared or drifting machine; pytest-be
 variant on its own). Variants are built exactly as in ``bench_models.py``.
 
     python bench/e2e_interleaved.py [--rounds 15] [--models bert_base,resnet50,minilm_l6]
+    python bench/e2e_interleaved.py --models bert_base --variants bsr16_0.9_int8 --unfuse residual
+
+``--unfuse residual`` adds, after each converted variant, the same converted model (a deep copy) with the
+blocks and layers ``convert(residual=True)`` fused put back to their class's own forward: an A/B of that
+rewrite in one process.
 """
 import argparse
 import os
@@ -28,19 +33,42 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="comma-separated variants (default: each model's list)")
+    ap.add_argument("--unfuse", choices=["residual"], default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
     print(f"{cpu_model()}, {a.threads} threads, torch {torch.__version__}; best of {a.rounds} interleaved rounds\n")
     print("| model | variant | ms | ×dense |\n|---|---|---:|---:|")
     for name in a.models.split(","):
-        kinds = ["dense"] + VARIANTS[name]
+        kinds = ["dense"] + (a.variants.split(",") if a.variants else VARIANTS[name])
         built = [bm.variant(name, k) for k in kinds]
+        if a.unfuse:
+            kinds, built = _with_unfused(kinds, built)
         fns = [(lambda m=m, args=args: m(*args)) for m, args, _, _ in built]
         with torch.no_grad():
             ts = interleaved_min(fns, rounds=a.rounds, warmup=2, inner=1)
         for k, t in zip(kinds, ts):
             print(f"| {name} | {k} | {t * 1e3:.1f} | {ts[0] / t:.2f}x |", flush=True)
+
+
+def _with_unfused(kinds, built):
+    """Each converted variant followed by a deep copy whose fused residual blocks run their class's forward."""
+    import copy
+    from sparseprune.convert.residual import KIND_ATTR
+    out_k, out_b = [], []
+    for k, b in zip(kinds, built):
+        out_k.append(k)
+        out_b.append(b)
+        m = b[0]
+        if any(KIND_ATTR in s.__dict__ for s in m.modules()):
+            twin = copy.deepcopy(m)
+            for s in twin.modules():
+                if KIND_ATTR in s.__dict__:
+                    s.__dict__.pop("forward", None)
+            out_k.append(k + " unfused")
+            out_b.append((twin,) + tuple(b[1:]))
+    return out_k, out_b
 
 
 if __name__ == "__main__":

@@ -43,3 +43,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fake_timing(monkeypatch):
+    """``fake_timing(module, times)``: ``module.time_calls`` runs each call once (so that the calls still
+    execute) and returns ``times`` ({label: seconds}): a convert pass's keep-if-faster decision, fixed."""
+    def install(module, times):
+        def fake(calls, *a, **k):
+            for fn in calls.values():
+                fn()
+            return dict(times)
+        monkeypatch.setattr(module, "time_calls", fake)
+    return install

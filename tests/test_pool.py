@@ -150,17 +150,15 @@ class Stem(nn.Module):
         return self.head(self.body(x).mean((2, 3)))
 
 
-def _faster(monkeypatch, ours_faster: bool):
-    def fake(calls, *a, **k):
-        for fn in calls.values():
-            fn()
-        return {"torch": 2.0, "ours": 1.0} if ours_faster else {"torch": 1.0, "ours": 1.0}
-    monkeypatch.setattr(pools_mod, "time_calls", fake)
+@pytest.fixture
+def timed_faster(fake_timing):
+    """``timed_faster(True)``: convert times our pool faster than PyTorch's; ``timed_faster(False)``: as fast."""
+    return lambda ours_faster: fake_timing(pools_mod, {"torch": 2.0 if ours_faster else 1.0, "ours": 1.0})
 
 
 @pytest.mark.parametrize("faster", [True, False])
-def test_convert_installs_the_pool_only_where_timed_faster(monkeypatch, faster):
-    _faster(monkeypatch, faster)
+def test_convert_installs_the_pool_only_where_timed_faster(timed_faster, monkeypatch, faster):
+    timed_faster(faster)
     model, x = Stem().eval(), torch.randn(2, 3, 32, 32)
     fast = sp.convert(model, x, time_budget=1.0, end_to_end=False)
     assert type(model.pool) is nn.MaxPool2d  # the source model is untouched
@@ -172,8 +170,8 @@ def test_convert_installs_the_pool_only_where_timed_faster(monkeypatch, faster):
         assert torch.allclose(fast(x), model(x), atol=1e-5)
 
 
-def test_convert_pools_false_and_channels_last_leave_torch_pools(monkeypatch):
-    _faster(monkeypatch, True)
+def test_convert_pools_false_and_channels_last_leave_torch_pools(timed_faster, monkeypatch):
+    timed_faster(True)
     model, x = Stem().eval(), torch.randn(2, 3, 32, 32)
     assert type(sp.convert(model, x, time_budget=0.5, pools=False, end_to_end=False).pool) is nn.MaxPool2d
     assert type(sp.convert(model, x, time_budget=0.5, skip=["pool"], end_to_end=False).pool) is nn.MaxPool2d
@@ -182,8 +180,8 @@ def test_convert_pools_false_and_channels_last_leave_torch_pools(monkeypatch):
     assert type(fast.pool) is nn.MaxPool2d and not sp.summary(fast, print_fn=None).totals["pools"]
 
 
-def test_save_load_restores_the_pool_from_the_fresh_architecture(tmp_path, monkeypatch):
-    _faster(monkeypatch, True)
+def test_save_load_restores_the_pool_from_the_fresh_architecture(timed_faster, tmp_path, monkeypatch):
+    timed_faster(True)
     model, x = Stem().eval(), torch.randn(2, 3, 32, 32)
     fast = sp.convert(model, x, time_budget=1.0, end_to_end=False)
     assert type(fast.pool) is MaxPool2d
@@ -207,9 +205,9 @@ def test_a_malformed_pools_report_is_refused(rows):
         check_report({"layers": [], "pools": rows})
 
 
-def test_a_report_naming_a_non_pool_replaces_nothing(tmp_path, monkeypatch):
+def test_a_report_naming_a_non_pool_replaces_nothing(timed_faster, tmp_path, monkeypatch):
     """Only the names come from the file, and only a plain nn.MaxPool2d there is replaced."""
-    _faster(monkeypatch, True)
+    timed_faster(True)
     model, x = Stem().eval(), torch.randn(2, 3, 32, 32)
     fast = sp.convert(model, x, time_budget=1.0, end_to_end=False)
     from sparseprune.convert import REPORT_ATTR

@@ -108,18 +108,16 @@ def _resnet(layer_type):
     return model, torch.randn(2, 3, 32, 32)
 
 
-def _faster(monkeypatch, fused_faster: bool):
-    def fake(calls, *a, **k):
-        for fn in calls.values():
-            fn()
-        return {"separate": 2.0, "fused": 1.0} if fused_faster else {"separate": 1.0, "fused": 1.0}
-    monkeypatch.setattr(residual_mod, "time_calls", fake)
+@pytest.fixture
+def timed_faster(fake_timing):
+    """``timed_faster(True)``: convert times the fused form faster; ``timed_faster(False)``: as fast."""
+    return lambda fused_faster: fake_timing(residual_mod, {"separate": 2.0 if fused_faster else 1.0, "fused": 1.0})
 
 
 @pytest.mark.parametrize("layer_type", ["bottleneck", "basic"])
 @pytest.mark.parametrize("faster", [True, False])
-def test_convert_fuses_hf_resnet_blocks_where_faster(monkeypatch, layer_type, faster):
-    _faster(monkeypatch, faster)
+def test_convert_fuses_hf_resnet_blocks_where_faster(timed_faster, monkeypatch, layer_type, faster):
+    timed_faster(faster)
     model, x = _resnet(layer_type)
     fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
     rows = sp.summary(fast, print_fn=None).totals["residual"]
@@ -143,8 +141,8 @@ def test_convert_fuses_hf_resnet_blocks_where_faster(monkeypatch, layer_type, fa
         assert len(calls) == len(fused)
 
 
-def test_residual_false_and_dense_layers_leave_blocks_alone(monkeypatch):
-    _faster(monkeypatch, True)
+def test_residual_false_and_dense_layers_leave_blocks_alone(timed_faster, monkeypatch):
+    timed_faster(True)
     model, x = _resnet("bottleneck")
     fast = sp.convert(model, x, time_budget=1.0, end_to_end=False, residual=False)
     assert not any(residual_mod.KIND_ATTR in m.__dict__ for m in fast.modules())
@@ -152,9 +150,9 @@ def test_residual_false_and_dense_layers_leave_blocks_alone(monkeypatch):
     assert not sp.summary(dense, print_fn=None).totals["residual"]
 
 
-def test_fused_block_falls_back_when_its_conv_is_made_dense_again(monkeypatch):
+def test_fused_block_falls_back_when_its_conv_is_made_dense_again(timed_faster, monkeypatch):
     """The end-to-end check swaps dense twins in for the sparse layers: the fused block must still compute."""
-    _faster(monkeypatch, True)
+    timed_faster(True)
     model, x = _resnet("bottleneck")
     fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
     name = next(n for n, m in fast.named_modules() if residual_mod.KIND_ATTR in m.__dict__)
@@ -164,8 +162,8 @@ def test_fused_block_falls_back_when_its_conv_is_made_dense_again(monkeypatch):
         torch.testing.assert_close(fast(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-4)
 
 
-def test_save_load_fuses_the_fresh_blocks_again(tmp_path, monkeypatch):
-    _faster(monkeypatch, True)
+def test_save_load_fuses_the_fresh_blocks_again(timed_faster, tmp_path, monkeypatch):
+    timed_faster(True)
     model, x = _resnet("bottleneck")
     fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
     fused = [n for n, m in fast.named_modules() if residual_mod.KIND_ATTR in m.__dict__]
@@ -204,10 +202,10 @@ def test_a_report_naming_other_modules_fuses_nothing():
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
 
-def test_torch_save_of_a_converted_resnet_after_a_forward(tmp_path, monkeypatch):
+def test_torch_save_of_a_converted_resnet_after_a_forward(timed_faster, tmp_path, monkeypatch):
     """torch.save pickles with protocol 2: per-input caches are dropped, and a fused block comes back with its
     class's own forward (the unfused computation, the same values)."""
-    _faster(monkeypatch, True)
+    timed_faster(True)
     model, x = _resnet("bottleneck")
     fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
     with torch.no_grad():

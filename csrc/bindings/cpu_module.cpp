@@ -75,6 +75,25 @@ void maxpool2d(uintptr_t x, uintptr_t y, int64_t planes, int64_t h, int64_t w, i
   f32_maxpool2d_nchw(g, ptr<const float>(x), ptr<float>(y), num_threads);
 }
 
+void add_layernorm(uintptr_t a, uintptr_t b, uintptr_t gamma, uintptr_t beta, uintptr_t y, int64_t rows, int64_t cols,
+                   double eps, int num_threads) {
+  if (rows < 0 || cols < 0) throw std::invalid_argument("add_layernorm: negative extent");
+  if (rows == 0) return;
+  if (cols == 0) throw std::invalid_argument("add_layernorm: rows of zero columns");
+  if (!a || !y) throw std::invalid_argument("add_layernorm: null operand");
+  if (!(eps >= 0.0)) throw std::invalid_argument("add_layernorm: eps must be >= 0");
+  py::gil_scoped_release nogil;
+#if defined(SPARSEPRUNE_X86)
+  if (std::string(active_path().isa) != "scalar") {
+    f32_add_layernorm__avx2(ptr<const float>(a), ptr<const float>(b), ptr<const float>(gamma), ptr<const float>(beta),
+                            ptr<float>(y), rows, cols, static_cast<float>(eps), num_threads);
+    return;
+  }
+#endif
+  f32_add_layernorm(ptr<const float>(a), ptr<const float>(b), ptr<const float>(gamma), ptr<const float>(beta),
+                    ptr<float>(y), rows, cols, static_cast<float>(eps), num_threads);
+}
+
 void spmm(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
           uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
           int64_t ldy, int num_threads, int act, int split, int pack) {
@@ -250,6 +269,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("transpose", &transpose, "dst[b][c][r] = src[b][r][c] (float32; NCHW <-> NHWC layout changes)");
   m.def("maxpool2d", &maxpool2d, "max pooling of contiguous NCHW float32 planes (torch's semantics)");
+  m.def("add_layernorm", &add_layernorm,
+        "y = LayerNorm(a + b) * gamma + beta over the last of `cols` columns (float32 rows; b, gamma, beta may be 0)");
   m.def("spmm", &spmm, "Y = act(X W^T + b) with W block-sparse (CSR is the 1x1 block case)");
   m.def("spmm_t", &spmm_t, "dX = dY W with W block-sparse");
   m.def("paths", [] {

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _ext
 from ._ext import _C
@@ -429,3 +429,26 @@ def maxpool2d_eager(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode
     _C.maxpool2d(x.data_ptr(), y.data_ptr(), planes, h, w, ho, wo, kh, kw, sh, sw, ph, pw, dh, dw,
                  resolve_threads(num_threads))
     return y
+
+
+def add_layer_norm(x: Tensor, residual: Optional[Tensor], norm: nn.LayerNorm,
+                   num_threads: Optional[int] = None) -> Tensor:
+    """``norm(x + residual)`` (``norm(x)`` when ``residual`` is None) — a transformer block's end — as one pass of
+    our kernel for contiguous float32 CPU tensors of one shape in eager inference with a plain
+    ``nn.LayerNorm`` over the last dimension; PyTorch's own ops otherwise. The same values up to the order
+    of additions in the mean and variance."""
+    cols = x.shape[-1] if x.dim() else 0
+    if (type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (cols,) and cols > 0
+            and type(x) is Tensor and x.dtype is torch.float32 and x.is_contiguous()
+            and (residual is None or (type(residual) is Tensor and residual.dtype is torch.float32
+                                      and residual.shape == x.shape and residual.is_contiguous() and residual.is_cpu))
+            and all(p is None or (p.dtype is torch.float32 and p.is_contiguous() and p.device == x.device)
+                    for p in (norm.weight, norm.bias))
+            and x.is_cpu and call_route(x, residual, norm.weight, norm.bias) == "eager"):
+        y = torch.empty_like(x)
+        w, b = norm.weight, norm.bias
+        _C.add_layernorm(x.data_ptr(), 0 if residual is None else residual.data_ptr(), 0 if w is None else w.data_ptr(),
+                         0 if b is None else b.data_ptr(), y.data_ptr(), x.numel() // cols, cols, float(norm.eps),
+                         resolve_threads(num_threads))
+        return y
+    return norm(x if residual is None else x + residual)

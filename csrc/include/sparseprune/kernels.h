@@ -45,11 +45,18 @@ struct MaxPoolGeom {
 };
 void f32_maxpool2d_nchw(const MaxPoolGeom& g, const float* x, float* y, int num_threads);
 
+// y[i, :] = LayerNorm(a[i, :] + b[i, :]) * gamma + beta over `cols` columns, row-major, rows contiguous (b, gamma,
+// beta may be null: no residual, no scale, no shift). y may alias a or b. The caller checks the extents.
+void f32_add_layernorm(const float* a, const float* b, const float* gamma, const float* beta, float* y, int64_t rows,
+                       int64_t cols, float eps, int num_threads);
+
 #if defined(SPARSEPRUNE_X86)
 void f32_bsr_spmm__avx2(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
 void f32_transpose__avx2(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,
                          float* dst, int64_t ldd, int64_t bsd, int num_threads);
 void f32_bsr_spmm__avx512(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
+void f32_add_layernorm__avx2(const float* a, const float* b, const float* gamma, const float* beta, float* y,
+                             int64_t rows, int64_t cols, float eps, int num_threads);
 #endif
 
 // Dispatch: the path chosen for this CPU, overridable with SPARSEPRUNE_ISA or set_isa().

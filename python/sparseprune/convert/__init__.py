@@ -151,8 +151,10 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             :class:`sparseprune.nn.MaxPool2d` (sparseprune's pooling kernel: the same values) where timed
             faster on ``example_inputs`` (not done without them); the summary lists them.
         residual: run the end of each Hugging Face ResNet block (last conv, + shortcut, activation) as one
-            call of a float32 sparse conv with the sum and the activation in its store, where checked equal
-            and timed faster on ``example_inputs`` (:mod:`sparseprune.convert.residual`); the summary lists them.
+            call of a float32 sparse conv with the sum and the activation in its store, and each Hugging Face
+            ``BertLayer`` (BERT, MiniLM) as one flat forward with residual + LayerNorm in one pass, where checked
+            equal and timed faster on ``example_inputs`` (:mod:`sparseprune.convert.residual`); the summary
+            lists them.
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` on a terminal after 1 s.
 
     A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,

@@ -163,21 +163,28 @@ def relative(err: float, scale: float) -> float:
     return err / scale if scale > 0 else err
 
 
-def first_inputs(model: nn.Module, modules: Sequence[Tuple[str, nn.Module]], example_inputs) -> Dict[str, Tensor]:
-    """The tensor each module received as its first positional argument the first time it ran in one call
-    of ``model`` on ``example_inputs`` (modules that did not run, or got something else, are absent)."""
-    seen: Dict[str, Tensor] = {}
+def first_calls(model: nn.Module, modules: Sequence[Tuple[str, nn.Module]], example_inputs) -> Dict[str, tuple]:
+    """``(args, kwargs)`` of each module's first call in one call of ``model`` on ``example_inputs`` (modules
+    that did not run are absent)."""
+    seen: Dict[str, tuple] = {}
 
     def hook(name):
-        def fn(mod, args):
-            if args and type(args[0]) is Tensor and name not in seen:
-                seen[name] = args[0]
+        def fn(mod, args, kwargs):
+            if name not in seen:
+                seen[name] = (tuple(args), dict(kwargs))
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules]
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules]
     try:
         call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
     return seen
+
+
+def first_inputs(model: nn.Module, modules: Sequence[Tuple[str, nn.Module]], example_inputs) -> Dict[str, Tensor]:
+    """The tensor each module received as its first positional argument the first time it ran in one call
+    of ``model`` on ``example_inputs`` (modules that did not run, or got something else, are absent)."""
+    return {n: args[0] for n, (args, _) in first_calls(model, modules, example_inputs).items()
+            if args and type(args[0]) is Tensor}

@@ -166,7 +166,8 @@ class Summary(list):
                          + (", ..." if len(kept) > 4 else ""))
         kept = [p for p in t.get("residual") or [] if p["kept"]]
         if kept:
-            notes.append(f"residual blocks ending in one conv call (+ shortcut, activation in its store) ({len(kept)}): "
+            notes.append(f"residual blocks ending in one call (ResNet: + shortcut, activation in the conv's store; "
+                         f"transformer layers: flat forward, + residual and LayerNorm in one pass) ({len(kept)}): "
                          + ", ".join(f"{p['block']} ({p['separate_ms']:.3f} -> {p['fused_ms']:.3f} ms)" for p in kept[:3])
                          + (", ..." if len(kept) > 3 else ""))
         notes.append("sparse ms in parentheses: fastest sparse candidate, slower than dense by the margin")

