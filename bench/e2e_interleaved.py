@@ -7,7 +7,8 @@ variant on its own). Variants are built exactly as in ``bench_models.py``.
 
 ``--unfuse residual`` adds, after each converted variant, the same converted model (a deep copy) with the
 blocks and layers ``convert(residual=True)`` fused put back to their class's own forward: an A/B of that
-rewrite in one process.
+rewrite in one process. ``--unfuse attention`` keeps the flat transformer layers but has them call the
+model's own attention function instead of sparseprune's kernel.
 """
 import argparse
 import os
@@ -34,7 +35,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(VARIANTS))
     ap.add_argument("--variants", default=None, help="comma-separated variants (default: each model's list)")
-    ap.add_argument("--unfuse", choices=["residual"], default=None)
+    ap.add_argument("--unfuse", choices=["residual", "attention"], default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
@@ -44,7 +45,7 @@ def main(argv=None):
         kinds = ["dense"] + (a.variants.split(",") if a.variants else VARIANTS[name])
         built = [bm.variant(name, k) for k in kinds]
         if a.unfuse:
-            kinds, built = _with_unfused(kinds, built)
+            kinds, built = _with_unfused(kinds, built, a.unfuse)
         fns = [(lambda m=m, args=args: m(*args)) for m, args, _, _ in built]
         with torch.no_grad():
             ts = interleaved_min(fns, rounds=a.rounds, warmup=2, inner=1)
@@ -52,10 +53,11 @@ def main(argv=None):
             print(f"| {name} | {k} | {t * 1e3:.1f} | {ts[0] / t:.2f}x |", flush=True)
 
 
-def _with_unfused(kinds, built):
-    """Each converted variant followed by a deep copy whose fused residual blocks run their class's forward."""
+def _with_unfused(kinds, built, what):
+    """Each converted variant followed by a deep copy whose fused residual blocks run their class's forward
+    (``what="residual"``) or whose flat transformer layers call the model's attention (``"attention"``)."""
     import copy
-    from sparseprune.convert.residual import KIND_ATTR
+    from sparseprune.convert.residual import _ATTN, KIND_ATTR
     out_k, out_b = [], []
     for k, b in zip(kinds, built):
         out_k.append(k)
@@ -65,8 +67,11 @@ def _with_unfused(kinds, built):
             twin = copy.deepcopy(m)
             for s in twin.modules():
                 if KIND_ATTR in s.__dict__:
-                    s.__dict__.pop("forward", None)
-            out_k.append(k + " unfused")
+                    if what == "residual":
+                        s.__dict__.pop("forward", None)
+                    elif _ATTN in s.__dict__:
+                        s.__dict__[_ATTN] = False
+            out_k.append(f"{k} without {what}")
             out_b.append((twin,) + tuple(b[1:]))
     return out_k, out_b
 

@@ -156,6 +156,9 @@ def test_convert_flattens_bert_layers_with_the_same_outputs(timed_faster, monkey
     tol = 1e-4 if dtypes == (torch.float32,) else 0.1
     g = torch.Generator().manual_seed(3)
     calls = _count_flat(monkeypatch)
+    ran = []
+    attend = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: (lambda r: ran.append(r is not None) or r)(attend(*a, **k)))
     with torch.no_grad():
         for b, n in [(2, 16), (1, 5), (3, 30)]:  # other shapes than the example, padded and not
             x = torch.randint(0, 100, (b, n), generator=g)
@@ -166,6 +169,7 @@ def test_convert_flattens_bert_layers_with_the_same_outputs(timed_faster, monkey
                 got = fast(x, **kw).last_hidden_state
                 torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert len(calls) == 2 * 2 * 3 * 2  # two ends per layer, every call took the flat path
+    assert ran == [True] * (2 * 3 * 2)  # ... and sparseprune's attention kernel, masks of both kinds included
 
 
 @pytest.mark.parametrize("case", ["output_attentions", "output_hidden_states", "train", "hook", "grad"])
@@ -269,3 +273,122 @@ def test_flattened_layer_matches_on_minilm_real_weights(monkeypatch):
         for m in (None, keep, ext):
             torch.testing.assert_close(new(h, m), layer(h, m), rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(new(h, ext).abs().sum()))
+
+
+# -- attention --------------------------------------------------------------------------------------
+def _sdpa(q, k, v, mask, scale):
+    """The reference: torch's scaled_dot_product_attention on (B, H, L, D), back to (B, Lq, H * D)."""
+    b, lq, h, d = q.shape
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(b, lq, h * d)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(b=st.integers(1, 3), h=st.integers(1, 5), lq=st.integers(1, 40), lk=st.integers(1, 40), d=st.integers(1, 40),
+       mask=st.sampled_from([None, "bool", "float", "bool_keys", "float_rows"]), packed=st.booleans(),
+       scale=st.sampled_from([None, 0.3, 1.0]), seed=st.integers(0, 2**16))
+def test_attention_matches_sdpa(isa, b, h, lq, lk, d, mask, packed, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    if packed:  # q, k, v as column slices of one projection output (B, L, 3 * H * D), the shared-input layout
+        qkv = torch.randn(b, max(lq, lk), 3 * h * d, generator=g)
+        q = qkv[:, :lq, : h * d].view(b, lq, h, d) if lq == lk else torch.randn(b, lq, h, d, generator=g)
+        k = qkv[:, :lk, h * d: 2 * h * d].unflatten(-1, (h, d))
+        v = qkv[:, :lk, 2 * h * d:].unflatten(-1, (h, d))
+    else:
+        q, k, v = (torch.randn(b, n, h, d, generator=g) for n in (lq, lk, lk))
+    m = None
+    if mask is not None:
+        shape = {"bool": (b, 1, lq, lk), "float": (b, h, lq, lk), "bool_keys": (b, 1, 1, lk),
+                 "float_rows": (1, 1, lq, lk)}[mask]
+        keep = torch.rand(shape, generator=g) > 0.3
+        m = keep if mask.startswith("bool") else torch.where(keep, torch.randn(shape, generator=g), -1e30)
+    with torch.no_grad():
+        got = ops.attention(q, k, v, m, scale)
+        want = _sdpa(q, k, v, m, scale)
+    assert got is not None and got.shape == (b, lq, h * d) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_fully_masked_rows_and_extremes():
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)
+    keep = torch.ones(1, 1, 4, 6, dtype=torch.bool)
+    keep[0, 0, 1] = False  # a query with no key: zeros, as torch's SDPA gives
+    with torch.no_grad():
+        got = ops.attention(q, k, v, keep)
+        torch.testing.assert_close(got, _sdpa(q, k, v, keep, None))
+        assert torch.equal(got[0, 1], torch.zeros(16))
+        big = q * 1e3  # large scores: the row max keeps exp in range
+        torch.testing.assert_close(ops.attention(big, k, v), _sdpa(big, k, v, None, None), rtol=1e-4, atol=1e-4)
+        qn = q.clone()
+        qn[0, 2, 1, 0] = float("nan")
+        torch.testing.assert_close(ops.attention(qn, k, v), _sdpa(qn, k, v, None, None), equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["float64", "grad", "last_dim_strided", "mask_int", "mask_3d", "mask_short",
+                                  "shape_mismatch", "no_keys"])
+def test_attention_declines_calls_it_does_not_take(case):
+    """None: the caller runs its own attention (never a wrong answer)."""
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)
+    m = None
+    if case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
+    elif case == "grad":
+        q.requires_grad_(True)
+    elif case == "last_dim_strided":
+        k = torch.randn(1, 6, 8, 2).transpose(2, 3)
+    elif case == "mask_int":
+        m = torch.ones(1, 1, 4, 6, dtype=torch.int64)
+    elif case == "mask_3d":
+        m = torch.ones(1, 4, 6, dtype=torch.bool)
+    elif case == "mask_short":
+        m = torch.ones(1, 1, 4, 5, dtype=torch.bool)
+    elif case == "shape_mismatch":
+        v = torch.randn(1, 5, 2, 8)
+    elif case == "no_keys":
+        k, v = torch.randn(1, 0, 2, 8), torch.randn(1, 0, 2, 8)
+    assert ops.attention(q, k, v, m) is None
+
+
+@pytest.mark.parametrize("args, match", [
+    ((1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 4, [0] * 15, 1.0, 1), "keys, dim"),
+    ((1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 4, [0] * 14, 1.0, 1), "15 strides"),
+    ((1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 4, [-1] + [0] * 14, 1.0, 1), "negative stride"),
+    ((1, 1, 1, 1, 0, 3, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "mask kind"),
+    ((1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "null mask"),
+    ((1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 4, [0] * 15, float("inf"), 1), "scale"),
+    ((0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "null operand"),
+])
+def test_attention_binding_refuses_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        _C.attention(*args)
+
+
+def test_flat_layer_keeps_the_model_attention_where_that_times_faster(fake_timing, monkeypatch, tmp_path):
+    fake_timing(residual_mod, {"separate": 3.0, "fused": 2.0, "fused_model_attention": 1.0})
+    model, (ids, mask) = _bert()
+    fast = sp.convert(model, (ids, mask), time_budget=3.0, end_to_end=False, margin=0.0)
+    rows = sp.summary(fast, print_fn=None).totals["residual"]
+    assert [r["attention"] for r in rows] == ["model", "model"] and all(r["kept"] for r in rows)
+    assert all(r["fused_ms"] == 1000.0 for r in rows)
+    sp.save(fast, tmp_path / "m.sp")
+    loaded = sp.load(tmp_path / "m.sp", _bert(sparsity=0.0)[0])
+    ran = []
+    attend = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: ran.append(1) or attend(*a, **k))
+    calls = _count_flat(monkeypatch)
+    with torch.no_grad():
+        for m in (fast, loaded):
+            torch.testing.assert_close(m(ids, attention_mask=mask).last_hidden_state,
+                                       model(ids, attention_mask=mask).last_hidden_state, rtol=1e-4, atol=1e-4)
+    assert not ran and len(calls) == 2 * 2 * 2  # flat layers, the model's attention function
+
+
+@pytest.mark.parametrize("value", ["torch", 1, None])
+def test_a_residual_row_with_a_bad_attention_field_is_refused(value):
+    from sparseprune.convert import check_report
+    with pytest.raises(ValueError, match="residual"):
+        check_report({"layers": [], "residual": [{"block": "b", "kept": True, "separate_ms": 1.0, "fused_ms": 0.5,
+                                                  "attention": value}]})
+    check_report({"layers": [], "residual": [{"block": "b", "kept": True, "separate_ms": 1.0, "fused_ms": 0.5,
+                                              "attention": "model"}]})

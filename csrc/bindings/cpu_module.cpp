@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <cstdint>
 #include <string>
@@ -73,6 +74,45 @@ void maxpool2d(uintptr_t x, uintptr_t y, int64_t planes, int64_t h, int64_t w, i
   const MaxPoolGeom g{planes, h, w, ho, wo, kh, kw, sh, sw, ph, pw, dh, dw};
   py::gil_scoped_release nogil;
   f32_maxpool2d_nchw(g, ptr<const float>(x), ptr<float>(y), num_threads);
+}
+
+void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t mask, int mask_kind, int64_t batch,
+               int64_t heads, int64_t queries, int64_t keys, int64_t dim, const std::vector<int64_t>& strides,
+               double scale, int num_threads) {
+  if (batch < 0 || heads < 0 || queries < 0 || keys < 1 || dim < 1)
+    throw std::invalid_argument("attention: extents must be >= 0 (keys, dim >= 1)");
+  if (strides.size() != 15) throw std::invalid_argument("attention: 15 strides expected (q, k, v, o, mask)");
+  for (int64_t st : strides)
+    if (st < 0) throw std::invalid_argument("attention: negative stride");
+  if (mask_kind < 0 || mask_kind > 2) throw std::invalid_argument("attention: mask kind must be 0, 1 or 2");
+  if (mask_kind != 0 && !mask) throw std::invalid_argument("attention: null mask");
+  if (!std::isfinite(scale)) throw std::invalid_argument("attention: scale must be finite");
+  if (batch == 0 || heads == 0 || queries == 0) return;
+  if (!q || !k || !v || !o) throw std::invalid_argument("attention: null operand");
+  AttnArgs a{};
+  a.q = ptr<const float>(q);
+  a.k = ptr<const float>(k);
+  a.v = ptr<const float>(v);
+  a.o = ptr<float>(o);
+  a.mask_add = mask_kind == 1 ? ptr<const float>(mask) : nullptr;
+  a.mask_keep = mask_kind == 2 ? ptr<const uint8_t>(mask) : nullptr;
+  a.batch = batch;
+  a.heads = heads;
+  a.queries = queries;
+  a.keys = keys;
+  a.dim = dim;
+  int64_t* dst[15] = {&a.q_sb, &a.q_sh, &a.q_sr, &a.k_sb, &a.k_sh, &a.k_sr, &a.v_sb, &a.v_sh, &a.v_sr,
+                      &a.o_sb, &a.o_sh, &a.o_sr, &a.m_sb, &a.m_sh, &a.m_sr};
+  for (int i = 0; i < 15; ++i) *dst[i] = strides[i];
+  a.scale = static_cast<float>(scale);
+  py::gil_scoped_release nogil;
+#if defined(SPARSEPRUNE_X86)
+  if (std::string(active_path().isa) != "scalar") {
+    f32_attention__avx2(a, num_threads);
+    return;
+  }
+#endif
+  f32_attention(a, num_threads);
 }
 
 void add_layernorm(uintptr_t a, uintptr_t b, uintptr_t gamma, uintptr_t beta, uintptr_t y, int64_t rows, int64_t cols,
@@ -269,6 +309,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("transpose", &transpose, "dst[b][c][r] = src[b][r][c] (float32; NCHW <-> NHWC layout changes)");
   m.def("maxpool2d", &maxpool2d, "max pooling of contiguous NCHW float32 planes (torch's semantics)");
+  m.def("attention", &attention,
+        "o = softmax(scale * q k^T + mask) v per (batch, head), float32 through strides (inference)");
   m.def("add_layernorm", &add_layernorm,
         "y = LayerNorm(a + b) * gamma + beta over the last of `cols` columns (float32 rows; b, gamma, beta may be 0)");
   m.def("spmm", &spmm, "Y = act(X W^T + b) with W block-sparse (CSR is the 1x1 block case)");

@@ -583,15 +583,20 @@ def _reinstall(model: nn.Module, report: dict) -> None:
     architecture's own modules: only the names come from the file, and only a module of the kind the
     rewrite takes there (a plain ``nn.MaxPool2d``; a block :func:`~sparseprune.convert.residual.fusable`
     accepts) is replaced, under every name it has."""
-    from .convert.residual import KIND_ATTR, fusable, fused_copy
+    from .convert.residual import _ATTN, KIND_ATTR, fusable, fused_copy
     from .nn import MaxPool2d
 
-    def pool(m):
+    def pool(m, row):
         return MaxPool2d.from_module(m) if type(m) is nn.MaxPool2d else None
 
-    def block(m):
+    def block(m, row):
         kind = fusable(m)
-        return fused_copy(m, kind) if kind is not None and KIND_ATTR not in m.__dict__ else None
+        if kind is None or KIND_ATTR in m.__dict__:
+            return None
+        new = fused_copy(m, kind)
+        if row.get("attention") == "model":
+            new.__dict__[_ATTN] = False
+        return new
 
     names = module_names(model)
     for key, field, rebuild in (("pools", "name", pool), ("residual", "block", block)):
@@ -602,7 +607,7 @@ def _reinstall(model: nn.Module, report: dict) -> None:
                 m = model.get_submodule(row[field])
             except AttributeError:
                 continue
-            new = rebuild(m)
+            new = rebuild(m, row)
             if new is not None:
                 for alias in names.get(id(m), [row[field]]):
                     set_module(model, alias, new)

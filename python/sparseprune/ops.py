@@ -431,6 +431,44 @@ def maxpool2d_eager(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode
     return y
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: Optional[float] = None,
+              num_threads: Optional[int] = None) -> Optional[Tensor]:
+    """``softmax(scale * q k^T + mask) v`` per batch and head by our kernel, for inference: ``q`` (B, Lq, H, D),
+    ``k`` and ``v`` (B, Lk, H, D) — a transformer's projections viewed per head, read in place — float32 CPU
+    tensors whose last dimension is contiguous; the result is (B, Lq, H * D), contiguous: the layout the
+    output projection reads. ``mask`` is None, bool (True = attend) or float32 (added to the scores),
+    (B or 1, H or 1, Lq or 1, Lk) with a contiguous last dimension; ``scale`` defaults to D ** -0.5. A query row
+    with every key masked gives zeros, as ``F.scaled_dot_product_attention`` does. Returns None where the
+    call is not one the kernel takes (other dtypes, devices, layouts, a gradient needed, tracing): the
+    caller then runs its own attention."""
+    if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and q.dim() == 4 and k.dim() == 4
+            and v.dim() == 4):
+        return None
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    if (k.shape != (b, lk, h, d) or v.shape != k.shape or d < 1 or lk < 1
+            or not all(t.dtype is torch.float32 and t.is_cpu and t.stride(-1) == 1 for t in (q, k, v))
+            or call_route(q, k, v) != "eager"):
+        return None
+    mkind, mstr = 0, (0, 0, 0)
+    if mask is not None:
+        if (type(mask) is not Tensor or mask.dim() != 4 or mask.dtype not in (torch.bool, torch.float32)
+                or not mask.is_cpu or mask.shape[-1] != lk or (mask.stride(-1) != 1 and lk > 1)
+                or any(m not in (1, t) for m, t in zip(mask.shape[:3], (b, h, lq))) or mask.requires_grad):
+            return None
+        mkind = 2 if mask.dtype is torch.bool else 1
+        mstr = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
+    out = torch.empty(b, lq, h * d)
+    if out.numel() == 0:
+        return out
+    strides = [q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+               v.stride(0), v.stride(2), v.stride(1), lq * h * d, d, h * d, *mstr]
+    _C.attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), 0 if mask is None else mask.data_ptr(),
+                 mkind, b, h, lq, lk, d, strides, float(d ** -0.5 if scale is None else scale),
+                 resolve_threads(num_threads))
+    return out
+
+
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], norm: nn.LayerNorm,
                    num_threads: Optional[int] = None) -> Tensor:
     """``norm(x + residual)`` (``norm(x)`` when ``residual`` is None) — a transformer block's end — as one pass of

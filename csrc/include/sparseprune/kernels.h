@@ -47,6 +47,21 @@ void f32_maxpool2d_nchw(const MaxPoolGeom& g, const float* x, float* y, int num_
 
 // y[i, :] = LayerNorm(a[i, :] + b[i, :]) * gamma + beta over `cols` columns, row-major, rows contiguous (b, gamma,
 // beta may be null: no residual, no scale, no shift). y may alias a or b. The caller checks the extents.
+// Attention for inference: o = softmax(scale * q k^T + mask) v for each (batch b, head h); element (b, h, row i,
+// column d) of q lives at q[b * q_sb + h * q_sh + i * q_sr + d] (likewise k, v, o; the last dimension
+// contiguous). mask_add (float, added) or mask_keep (bool, 0 = masked) or neither, element (b, h, i, j) at
+// b * m_sb + h * m_sh + i * m_sr + j (zero strides broadcast). Rows with every key masked give zeros.
+struct AttnArgs {
+  const float *q, *k, *v;
+  float* o;
+  const float* mask_add;
+  const uint8_t* mask_keep;
+  int64_t batch, heads, queries, keys, dim;
+  int64_t q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr, o_sb, o_sh, o_sr, m_sb, m_sh, m_sr;
+  float scale;
+};
+void f32_attention(const AttnArgs& a, int num_threads);
+
 void f32_add_layernorm(const float* a, const float* b, const float* gamma, const float* beta, float* y, int64_t rows,
                        int64_t cols, float eps, int num_threads);
 
@@ -55,6 +70,7 @@ void f32_bsr_spmm__avx2(const BsrView&, const float*, int64_t, int64_t, const fl
 void f32_transpose__avx2(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,
                          float* dst, int64_t ldd, int64_t bsd, int num_threads);
 void f32_bsr_spmm__avx512(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
+void f32_attention__avx2(const AttnArgs& a, int num_threads);
 void f32_add_layernorm__avx2(const float* a, const float* b, const float* gamma, const float* beta, float* y,
                              int64_t rows, int64_t cols, float eps, int num_threads);
 #endif

@@ -74,7 +74,8 @@ def check_report(report) -> dict:
     for key, name, times in (("pools", "name", ("torch_ms", "ms")), ("residual", "block", ("separate_ms", "fused_ms"))):
         rows = out.get(key, [])
         if not isinstance(rows, list) or not all(
-                isinstance(p, dict) and set(p) == {name, "kept", *times} and isinstance(p[name], str)
+                isinstance(p, dict) and set(p) - {"attention"} == {name, "kept", *times} and isinstance(p[name], str)
+                and ("attention" not in p or (key == "residual" and p["attention"] in ("sparseprune", "model")))
                 and type(p["kept"]) is bool
                 and all(p[k] is None or (isinstance(p[k], (int, float)) and not isinstance(p[k], bool)) for k in times)
                 for p in rows):

@@ -22,6 +22,7 @@ makes the one call, where that is faster.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 import types
@@ -39,6 +40,7 @@ _LAYERS = {("transformers.models.bert.modeling_bert", "BertLayer")}
 KIND_ATTR = "_sparseprune_residual"  # the activation kind (ResNet) or LAYERNORM (transformer layer), on a fused block
 LAYERNORM = "layernorm"
 _BYPASSED = "_sparseprune_bypassed"  # the modules a fused transformer layer's forward does not call
+_ATTN = "_sparseprune_attention"  # True: the fused transformer layer runs sparseprune's attention kernel
 
 
 def _end(mod: nn.Module) -> bool:
@@ -114,14 +116,19 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
     sa = self.attention.self
     b, n, _ = hidden_states.shape
     heads, size = sa.num_attention_heads, sa.attention_head_size
-    q = sa.query(hidden_states).view(b, n, heads, size).transpose(1, 2)
-    k = sa.key(hidden_states).view(b, n, heads, size).transpose(1, 2)
-    v = sa.value(hidden_states).view(b, n, heads, size).transpose(1, 2)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation,
-                                                   sys.modules[type(sa).__module__].eager_attention_forward)
-    ctx, _ = attend(sa, q, k, v, mask, dropout=0.0, scaling=sa.scaling)
-    ctx = ctx.reshape(b, n, -1).contiguous()
+    q = sa.query(hidden_states).view(b, n, heads, size)
+    k = sa.key(hidden_states).view(b, n, heads, size)
+    v = sa.value(hidden_states).view(b, n, heads, size)
+    impl = sa.config._attn_implementation
+    # "sdpa" and "eager" are the same function (eager's mask is additive, sdpa's boolean): our kernel where
+    # it takes the call, the config's own function otherwise
+    ctx = ops.attention(q, k, v, mask, sa.scaling) if impl in ("sdpa", "eager") and self.__dict__[_ATTN] else None
+    if ctx is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(impl, sys.modules[type(sa).__module__].eager_attention_forward)
+        ctx, _ = attend(sa, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout=0.0,
+                        scaling=sa.scaling)
+        ctx = ctx.reshape(b, n, -1).contiguous()
     end = self.attention.output
     h = ops.add_layer_norm(end.dense(ctx), hidden_states, end.LayerNorm)
     end = self.output
@@ -145,6 +152,7 @@ def fused_copy(block: nn.Module, kind: str) -> nn.Module:
         att, out = block.attention, block.output
         new.__dict__[_BYPASSED] = (att, att.self, att.self._modules.get("dropout") or att, att.output,
                                    att.output.LayerNorm, att.output.dropout, out, out.LayerNorm, out.dropout)
+        new.__dict__[_ATTN] = True
         new.forward = types.MethodType(_layer_forward, new)
     else:
         new.forward = types.MethodType(_fused_forward, new)
@@ -155,7 +163,9 @@ def fuse_residuals(work: nn.Module, example_inputs, replace: Callable[[nn.Module
                    budget_s: float, tolerance: float) -> List[dict]:
     """Replace the known residual blocks and transformer layers whose fused form matches their output and
     whose end (ResNet: last conv, sum, activation) or whole forward (transformer layer) times faster fused;
-    one row per candidate: ``{"block", "kept", "separate_ms", "fused_ms"}`` (the times of that part)."""
+    one row per candidate: ``{"block", "kept", "separate_ms", "fused_ms"}`` (the times of that part), and for
+    a transformer layer ``"attention"``: ``"sparseprune"`` (our kernel) or ``"model"`` (the config's own
+    attention function), whichever timed faster inside the flat forward."""
     blocks = [(n, m, k) for n, m in work.named_modules() if n for k in [fusable(m)] if k is not None]
     if not blocks or example_inputs is None:
         return []
@@ -173,8 +183,13 @@ def fuse_residuals(work: nn.Module, example_inputs, replace: Callable[[nn.Module
             rows.append({"block": name, "kept": False, "separate_ms": None, "fused_ms": None})
             continue
         left = max(0.0, deadline - time.perf_counter()) / (len(blocks) - i)
+        alt = None
         if kind == LAYERNORM:
-            calls = {"separate": lambda: block(*args, **kwargs), "fused": lambda: new(*args, **kwargs)}
+            # the flat forward with sparseprune's attention kernel and with the model's own attention function
+            alt = fused_copy(block, kind)
+            alt.__dict__[_ATTN] = False
+            calls = {"separate": lambda: block(*args, **kwargs), "fused": lambda: new(*args, **kwargs),
+                     "fused_model_attention": lambda: alt(*args, **kwargs)}
         else:
             x = args[0]
             layers = list(block.layer)
@@ -186,8 +201,13 @@ def fuse_residuals(work: nn.Module, example_inputs, replace: Callable[[nn.Module
             # the part that differs; the fused form does strictly less work, the timing guards against surprises
             calls = {"separate": lambda: act(last(h).add_(r)), "fused": lambda: conv.forward_residual(h, r, kind)}
         t = time_calls(calls, left, min_reps=5, max_reps=40)
+        row = {"block": name}
+        if alt is not None:
+            if t.get("fused_model_attention", math.inf) < t["fused"]:
+                new, t["fused"] = alt, t["fused_model_attention"]
+            row["attention"] = "sparseprune" if new.__dict__[_ATTN] else "model"
         keep = t["fused"] < t["separate"]
         if keep:
             replace(block, new, name)
-        rows.append({"block": name, "kept": keep, "separate_ms": t["separate"] * 1e3, "fused_ms": t["fused"] * 1e3})
+        rows.append({**row, "kept": keep, "separate_ms": t["separate"] * 1e3, "fused_ms": t["fused"] * 1e3})
     return rows
