@@ -381,3 +381,36 @@ def test_quantized_conv_gathered_and_materialised_im2col_agree(monkeypatch, dtyp
     assert fused.dtype == xdtype
     assert fused[0].isfinite().all() and fused[1].isnan().any() and fused[1].isfinite().any()
     assert fused.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_kept_kernel_arguments_follow_every_change(dtype):
+    """The quantized layer keeps its kernel arguments between calls: new weights (copied in place or
+    replaced), a new activation, bias or thread count must all show in the next output."""
+    a, b = _linear(40, 48, sparsity=0.6, seed=1), _linear(40, 48, sparsity=0.6, seed=1)
+    with torch.no_grad():
+        b.weight.mul_(-2.0)
+        b.bias.add_(1.0)
+    qa = sp.SparseLinear.from_dense(a, format="bsr", block_size=(16, 16), weight_dtype=dtype)
+    qb = sp.SparseLinear.from_dense(b, format="bsr", block_size=(16, 16), weight_dtype=dtype)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        ya, yb = qa(x), qb(x)
+        assert not torch.equal(ya, yb)
+        q = copy.deepcopy(qa)
+        assert torch.equal(q(x), ya)
+        q.load_state_dict(qb.state_dict())  # in place: same addresses, new contents
+        assert torch.equal(q(x), yb)
+        q = copy.deepcopy(qa)
+        q(x)
+        for name, t in qb.named_buffers():  # replaced: new addresses
+            q._buffers[name] = t.clone()
+        q._parameters["bias"] = nn.Parameter(qb.bias.detach().clone(), requires_grad=False)
+        q.validate()
+        assert torch.equal(q(x), yb)
+        q.activation = "relu"
+        assert torch.equal(q(x), torch.relu(yb))
+        q.num_threads = 1
+        assert torch.equal(q(x), torch.relu(yb))
+        q._parameters["bias"] = None
+        torch.testing.assert_close(q(x), torch.relu(yb - qb.bias), rtol=1e-5, atol=1e-5)

@@ -158,6 +158,18 @@ inline float softmax_row(float* s, int64_t keys, float scale, const float* madd,
   return 1.f / sum;
 }
 
+// dst (rows x dim, contiguous) = rows of src `stride` floats apart, each row's lines prefetched 8 rows ahead
+inline void gather_rows(float* dst, const float* src, int64_t rows, int64_t dim, int64_t stride) {
+  constexpr int64_t ahead = 8;
+  for (int64_t j = 0; j < std::min(rows, ahead); ++j)
+    for (int64_t c = 0; c < dim; c += 16) __builtin_prefetch(src + j * stride + c);
+  for (int64_t j = 0; j < rows; ++j) {
+    if (j + ahead < rows)
+      for (int64_t c = 0; c < dim; c += 16) __builtin_prefetch(src + (j + ahead) * stride + c);
+    std::memcpy(dst + j * dim, src + j * stride, sizeof(float) * static_cast<size_t>(dim));
+  }
+}
+
 }  // namespace
 
 void SP_ATTN_NAME(const AttnArgs& a, int num_threads) {
@@ -167,7 +179,8 @@ void SP_ATTN_NAME(const AttnArgs& a, int num_threads) {
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> kt(static_cast<size_t>(a.dim * cols)), sbuf(static_cast<size_t>(kR * cols)),
-        vbuf(static_cast<size_t>(a.keys * a.dim));
+        vbuf(static_cast<size_t>(a.keys * a.dim)), kbuf(static_cast<size_t>(a.keys * a.dim)),
+        qbuf(static_cast<size_t>(a.queries * a.dim));
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t b = u / a.heads, h = u % a.heads;
@@ -175,24 +188,26 @@ void SP_ATTN_NAME(const AttnArgs& a, int num_threads) {
       const float* k = a.k + b * a.k_sb + h * a.k_sh;
       const float* v = a.v + b * a.v_sb + h * a.v_sh;
       float* o = a.o + b * a.o_sb + h * a.o_sh;
+      // this head's rows of K, V and Q, contiguous: in place each is a 256-byte slice of a token's 3 KiB row,
+      // usually in L3 after the projections; the copies prefetch ahead (the rows are independent) and every
+      // later pass reads L1 / L2
+      gather_rows(kbuf.data(), k, a.keys, a.dim, a.k_sr);
+      gather_rows(vbuf.data(), v, a.keys, a.dim, a.v_sr);
+      gather_rows(qbuf.data(), q, a.queries, a.dim, a.q_sr);
       // K^T, zero-padded to `cols`
-      SP_ATTN_TRANSPOSE(k, 1, a.keys, a.dim, a.k_sr, 0, kt.data(), cols, 0, 1);
+      SP_ATTN_TRANSPOSE(kbuf.data(), 1, a.keys, a.dim, a.dim, 0, kt.data(), cols, 0, 1);
       for (int64_t d = 0; d < a.dim; ++d) std::fill(kt.data() + d * cols + a.keys, kt.data() + (d + 1) * cols, 0.f);
-      // V's rows of this head, contiguous: P V then streams through them (in place they are a head's slice of
-      // each token's row, one cache line pair per 3 KiB)
-      for (int64_t j = 0; j < a.keys; ++j)
-        std::memcpy(vbuf.data() + j * a.dim, v + j * a.v_sr, sizeof(float) * static_cast<size_t>(a.dim));
       for (int64_t i = 0; i < a.queries; i += kR) {
         const int rows = static_cast<int>(std::min<int64_t>(kR, a.queries - i));
         float* s = sbuf.data();
-        const float* qi = q + i * a.q_sr;
+        const float* qi = qbuf.data() + i * a.dim;
         switch (rows) {
-          case 6: qk_tile<6>(qi, a.q_sr, kt.data(), cols, a.dim, cols, s, cols); break;
-          case 5: qk_tile<5>(qi, a.q_sr, kt.data(), cols, a.dim, cols, s, cols); break;
-          case 4: qk_tile<4>(qi, a.q_sr, kt.data(), cols, a.dim, cols, s, cols); break;
-          case 3: qk_tile<3>(qi, a.q_sr, kt.data(), cols, a.dim, cols, s, cols); break;
-          case 2: qk_tile<2>(qi, a.q_sr, kt.data(), cols, a.dim, cols, s, cols); break;
-          default: qk_tile<1>(qi, a.q_sr, kt.data(), cols, a.dim, cols, s, cols); break;
+          case 6: qk_tile<6>(qi, a.dim, kt.data(), cols, a.dim, cols, s, cols); break;
+          case 5: qk_tile<5>(qi, a.dim, kt.data(), cols, a.dim, cols, s, cols); break;
+          case 4: qk_tile<4>(qi, a.dim, kt.data(), cols, a.dim, cols, s, cols); break;
+          case 3: qk_tile<3>(qi, a.dim, kt.data(), cols, a.dim, cols, s, cols); break;
+          case 2: qk_tile<2>(qi, a.dim, kt.data(), cols, a.dim, cols, s, cols); break;
+          default: qk_tile<1>(qi, a.dim, kt.data(), cols, a.dim, cols, s, cols); break;
         }
         float inv[kR];
         for (int r = 0; r < rows; ++r) {
