@@ -112,12 +112,13 @@ def test_add_layernorm_binding_zero_rows_is_a_no_op():
 
 
 # -- BertLayer ------------------------------------------------------------------------------------
-def _bert(attn="sdpa", layers=2, sparsity=0.7):
+def _bert(attn="sdpa", layers=2, sparsity=0.7, family="Bert"):
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                       intermediate_size=128, max_position_embeddings=64, attn_implementation=attn)
-    model = T.BertModel(cfg, add_pooling_layer=False).eval()
+    cfg = getattr(T, family + "Config")(vocab_size=100, hidden_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                        attn_implementation=attn)
+    model = getattr(T, family + "Model")(cfg, **({"add_pooling_layer": False} if family != "Electra" else {})).eval()
     sp.prune_blocks(model, sparsity=sparsity, block_size=(8, 8), dense_first_last=False)
     ids = torch.randint(0, 100, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.long)
@@ -142,11 +143,13 @@ def _count_flat(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.int8)])
-def test_convert_flattens_bert_layers_with_the_same_outputs(timed_faster, monkeypatch, attn, dtypes):
+@pytest.mark.parametrize("attn, dtypes, family", [
+    ("sdpa", (torch.float32,), "Bert"), ("eager", (torch.float32,), "Bert"), ("sdpa", (torch.float32, torch.int8), "Bert"),
+    ("eager", (torch.float32, torch.int8), "Bert"), ("sdpa", (torch.float32,), "Roberta"),
+    ("eager", (torch.float32,), "XLMRoberta"), ("sdpa", (torch.float32,), "Electra"), ("sdpa", (torch.float32,), "Camembert")])
+def test_convert_flattens_bert_layers_with_the_same_outputs(timed_faster, monkeypatch, attn, dtypes, family):
     timed_faster(True)
-    model, (ids, mask) = _bert(attn)
+    model, (ids, mask) = _bert(attn, family=family)
     fast = sp.convert(model, (ids, mask), time_budget=3.0, end_to_end=False, margin=0.0, weight_dtypes=dtypes)
     names = [f"encoder.layer.{i}" for i in range(2)]
     assert _fused(fast) == names
@@ -202,6 +205,12 @@ def test_flat_bert_layer_hands_other_calls_to_the_class_forward(timed_faster, mo
         assert len(got.attentions) == 2 and not calls
         for a, b in zip(got.attentions, want.attentions):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        # transformers' recording hooks stay installed, idle: a plain call takes the flat path again
+        assert any(m._forward_hooks for m in fast.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(fast(ids, attention_mask=mask).last_hidden_state, want.last_hidden_state,
+                                       rtol=1e-4, atol=1e-4)
+        assert len(calls) == 4
     elif case == "output_hidden_states":
         assert len(got.hidden_states) == 3
         for a, b in zip(got.hidden_states, want.hidden_states):

@@ -4,13 +4,15 @@ ResNet blocks: the last convolution, the shortcut added to that output, the acti
 one kernel call, the sum and the activation in the convolution's store
 (:meth:`sparseprune.nn.SparseConv2d.forward_residual`).
 
-Transformer layers (Hugging Face ``BertLayer``: BERT, MiniLM and the sentence-transformers built on them):
+Transformer layers (Hugging Face ``BertLayer`` — BERT, MiniLM and the sentence-transformers built on them — and
+its copies ``RobertaLayer``, ``XLMRobertaLayer``, ``ElectraLayer``, ``CamembertLayer``):
 both sublayer ends — output projection, + residual, LayerNorm — with the sum and the LayerNorm as one pass
 (:func:`sparseprune.ops.add_layer_norm`), and the layer's forward as one flat function: the same
 projections, attention function (the config's own) and MLP, without the four nested modules' Python
 around them (about 0.2 ms a layer, as much as a 90%-sparse int8 projection at 128 tokens). It runs
-in eval mode for self-attention without cache or hooks on the modules it steps over (an
-``output_attentions`` request installs such hooks), and hands every other call to the class's forward.
+in eval mode for self-attention without cache or hooks on the modules it steps over (transformers' own
+output-recording hooks count only while an ``output_attentions`` request runs), and hands every other call to
+the class's forward.
 
 A block's forward is Python we do not own, so only known classes are taken: Hugging Face's
 ``ResNetBottleNeckLayer`` and ``ResNetBasicLayer`` (``layer``: a Sequential of conv layers, ``shortcut``,
@@ -36,7 +38,12 @@ from .timing import time_calls
 
 _BLOCKS = {("transformers.models.resnet.modeling_resnet", "ResNetBottleNeckLayer"),
            ("transformers.models.resnet.modeling_resnet", "ResNetBasicLayer")}
-_LAYERS = {("transformers.models.bert.modeling_bert", "BertLayer")}
+# Hugging Face encoder layers with BertLayer's code (transformers 5's modular copies: the same source but for
+# the class names): module -> class name prefix
+_LAYERS = {"transformers.models.bert.modeling_bert": "Bert", "transformers.models.roberta.modeling_roberta": "Roberta",
+           "transformers.models.xlm_roberta.modeling_xlm_roberta": "XLMRoberta",
+           "transformers.models.electra.modeling_electra": "Electra",
+           "transformers.models.camembert.modeling_camembert": "Camembert"}
 KIND_ATTR = "_sparseprune_residual"  # the activation kind (ResNet) or LAYERNORM (transformer layer), on a fused block
 LAYERNORM = "layernorm"
 _BYPASSED = "_sparseprune_bypassed"  # the modules a fused transformer layer's forward does not call
@@ -49,12 +56,12 @@ def _end(mod: nn.Module) -> bool:
             and type(mod._modules["LayerNorm"]) is nn.LayerNorm and type(mod._modules["dropout"]) is nn.Dropout)
 
 
-def _layer_fusable(layer: nn.Module) -> bool:
+def _layer_fusable(layer: nn.Module, prefix: str) -> bool:
     att, inter, out = (layer._modules.get(k) for k in ("attention", "intermediate", "output"))
     sa = att._modules.get("self") if att is not None else None
     return (sa is not None and inter is not None and _end(out) and _end(att._modules.get("output"))
             and not getattr(layer, "add_cross_attention", True) and getattr(layer, "chunk_size_feed_forward", 1) == 0
-            and type(sa).__name__ == "BertSelfAttention" and not getattr(sa, "is_cross_attention", False)
+            and type(sa).__name__ == prefix + "SelfAttention" and not getattr(sa, "is_cross_attention", False)
             and getattr(sa, "is_causal", True) is False
             and all(isinstance(getattr(sa, k, None), nn.Module) for k in ("query", "key", "value"))
             and all(type(getattr(sa, k, None)) is int for k in ("num_attention_heads", "attention_head_size"))
@@ -67,8 +74,9 @@ def fusable(block: nn.Module) -> Optional[str]:
     can run as one call, :data:`LAYERNORM` for a known transformer layer, else None."""
     from ..nn import SparseConv2d
     cls = type(block)
-    if (cls.__module__, cls.__name__) in _LAYERS:
-        return LAYERNORM if _layer_fusable(block) else None
+    prefix = _LAYERS.get(cls.__module__)
+    if prefix is not None and cls.__name__ == prefix + "Layer":
+        return LAYERNORM if _layer_fusable(block, prefix) else None
     if (cls.__module__, cls.__name__) not in _BLOCKS:
         return None
     seq, act = block._modules.get("layer"), block._modules.get("activation")
@@ -98,14 +106,36 @@ def _fused_forward(self, hidden_state: Tensor) -> Tensor:
     return self.activation(layers[-1](h) + residual)  # a layer made dense again (end-to-end check)
 
 
+def _idle_recorder(hook) -> bool:
+    """A transformers output-recording hook (installed for good on the first ``output_attentions`` /
+    ``output_hidden_states`` request) while no such request is running: it would record nothing."""
+    if getattr(hook, "__name__", "") != "output_capturing_hook" or \
+            getattr(hook, "__module__", "") != "transformers.utils.output_capturing":
+        return False
+    collector = getattr(sys.modules.get("transformers.utils.output_capturing"), "_active_collector", None)
+    if collector is None:
+        return False
+    active = collector.get()  # None outside a model call; inside, the outputs being recorded (often none)
+    if active is None:
+        return True
+    try:  # the output this hook records: its closure's `key` ("attentions", ...)
+        key = hook.__closure__[hook.__code__.co_freevars.index("key")].cell_contents
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return False
+    return isinstance(key, str) and key not in active
+
+
 def _hooked(mods) -> bool:
+    """Whether calling around ``mods`` would skip a hook that does something."""
     from torch.nn.modules import module as _m
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in mods))
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks:
+        return True
+    return any(m._forward_pre_hooks or m._backward_hooks
+               or any(not _idle_recorder(h) for h in m._forward_hooks.values()) for m in mods)
 
 
 def _layer_forward(self, hidden_states, *args, **kwargs):
-    """A Hugging Face ``BertLayer``'s forward for self-attention in inference, flat: the same modules and
+    """A Hugging Face ``BertLayer``'s (or copy's) forward for self-attention in inference, flat: the same modules and
     attention function, both sublayer ends as ``ops.add_layer_norm``; the class's forward otherwise."""
     from .. import ops
     mask = args[0] if args else kwargs.get("attention_mask")
