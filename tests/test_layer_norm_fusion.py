@@ -175,7 +175,7 @@ def test_convert_flattens_bert_layers_with_the_same_outputs(timed_faster, monkey
     assert ran == [True] * (2 * 3 * 2)  # ... and sparseprune's attention kernel, masks of both kinds included
 
 
-@pytest.mark.parametrize("case", ["output_attentions", "output_hidden_states", "train", "hook", "grad"])
+@pytest.mark.parametrize("case", ["output_attentions", "output_hidden_states", "train", "hook", "grad", "replaced"])
 def test_flat_bert_layer_hands_other_calls_to_the_class_forward(timed_faster, monkeypatch, case):
     timed_faster(True)
     model, (ids, mask) = _bert("eager" if case == "output_attentions" else "sdpa")  # sdpa returns no weights
@@ -186,6 +186,16 @@ def test_flat_bert_layer_hands_other_calls_to_the_class_forward(timed_faster, mo
     if case in ("output_attentions", "output_hidden_states"):
         kw[case] = True
     hooked = []
+    if case == "replaced":  # a stepped-over module replaced after convert: that layer runs its modules
+        class Doubled(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, h, inp):
+                return self.inner(h, inp) * 2
+        for m in (model, fast):
+            m.encoder.layer[1].output = Doubled(m.encoder.layer[1].output)
     if case == "hook":
         fast.encoder.layer[0].attention.output.LayerNorm.register_forward_hook(lambda *a: hooked.append(1))
     if case == "train":
@@ -217,6 +227,8 @@ def test_flat_bert_layer_hands_other_calls_to_the_class_forward(timed_faster, mo
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     elif case == "hook":
         assert hooked == [1] and len(calls) == 2  # layer 0 ran its modules, layer 1 the flat path
+    elif case == "replaced":
+        assert len(calls) == 2  # layer 0 flat, layer 1 its own modules
     elif case == "grad":
         got.last_hidden_state.sum().backward()  # the flat path's PyTorch fallbacks carry the gradient
         assert fast.embeddings.word_embeddings.weight.grad is not None

@@ -130,8 +130,27 @@ def _hooked(mods) -> bool:
     from torch.nn.modules import module as _m
     if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks:
         return True
-    return any(m._forward_pre_hooks or m._backward_hooks
-               or any(not _idle_recorder(h) for h in m._forward_hooks.values()) for m in mods)
+    return any(m is not None and (m._forward_pre_hooks or m._backward_hooks
+                                  or any(not _idle_recorder(h) for h in m._forward_hooks.values())) for m in mods)
+
+
+def _bypassed(layer: nn.Module) -> Optional[tuple]:
+    """The modules a flat transformer layer's forward steps over (their own forward is not called), as the
+    layer has them now; None if its structure is no longer the one flattened."""
+    try:
+        att, out = layer._modules["attention"], layer._modules["output"]
+        sa, end = att._modules["self"], att._modules["output"]
+        return (att, sa, sa._modules.get("dropout"), end, end._modules["LayerNorm"], end._modules["dropout"], out,
+                out._modules["LayerNorm"], out._modules["dropout"])
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _still_flat(layer: nn.Module) -> bool:
+    """The stepped-over modules are the ones the layer was flattened with (none replaced since) and none has
+    a hook that would do something."""
+    now, then = _bypassed(layer), layer.__dict__[_BYPASSED]
+    return now is not None and all(a is b for a, b in zip(now, then)) and not _hooked(now)
 
 
 def _layer_forward(self, hidden_states, *args, **kwargs):
@@ -141,7 +160,7 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
     mask = args[0] if args else kwargs.get("attention_mask")
     rest = list(args[1:]) + [v for k, v in kwargs.items() if k != "attention_mask"]
     if (self.training or any(v is not None and v is not False for v in rest) or type(hidden_states) is not Tensor
-            or hidden_states.dim() != 3 or _hooked(self.__dict__[_BYPASSED])):
+            or hidden_states.dim() != 3 or not _still_flat(self)):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     sa = self.attention.self
     b, n, _ = hidden_states.shape
@@ -179,9 +198,7 @@ def fused_copy(block: nn.Module, kind: str) -> nn.Module:
         new.__dict__[k] = dict(block.__dict__[k])
     new.__dict__[KIND_ATTR] = kind
     if kind == LAYERNORM:
-        att, out = block.attention, block.output
-        new.__dict__[_BYPASSED] = (att, att.self, att.self._modules.get("dropout") or att, att.output,
-                                   att.output.LayerNorm, att.output.dropout, out, out.LayerNorm, out.dropout)
+        new.__dict__[_BYPASSED] = _bypassed(block)
         new.__dict__[_ATTN] = True
         new.forward = types.MethodType(_layer_forward, new)
     else:
