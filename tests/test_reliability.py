@@ -176,3 +176,31 @@ def test_fuzz_random_shapes_blocks_strides(data):
     layer = sp.SparseLinear.from_dense(lin, format="bsr", block_size=(r, c))
     x = torch.randn(n, k * stride)[:, ::stride]
     assert_close(layer(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
+def test_a_float64_default_dtype_does_not_change_float32_results():
+    """Outputs are allocated as float32 explicitly: under torch.set_default_dtype(torch.float64) a kernel
+    writing float32 into a float64 buffer would give garbage."""
+    from sparseprune import ops
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(48, 40)
+    with torch.no_grad():
+        lin.weight.copy_(block_sparse_weight(40, 48, (16, 16), 0.5))
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    mods = [sp.SparseLinear.from_dense(lin, format="bsr", block_size=(16, 16)),
+            sp.SparseLinear.from_dense(lin, format="bsr", block_size=(16, 16), weight_dtype=torch.int8),
+            sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16)),
+            sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), weight_dtype=torch.int8)]
+    xs = [torch.randn(3, 48), torch.randn(3, 48), torch.randn(1, 16, 6, 6), torch.randn(1, 16, 6, 6)]
+    q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 7, 2, 8), torch.randn(1, 7, 2, 8)
+    with torch.no_grad():
+        want = [m(x) for m, x in zip(mods, xs)] + [ops.attention(q, k, v)]
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            got = [m(x) for m, x in zip(mods, xs)] + [ops.attention(q, k, v)]
+        finally:
+            torch.set_default_dtype(old)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert torch.equal(g, w)

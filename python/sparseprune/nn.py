@@ -593,7 +593,7 @@ class SparseLinear(SparseModule):
         input size, route "eager", packed weights on the CPU, bias (if any) contiguous."""
         bufs = self._buffers
         bias = self._parameters["bias"]
-        y = torch.empty(x.shape[:-1] + (self.out_features,))
+        y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
         r, c = self.block_size
         ci = bufs["col_idx"]
         nt = self.num_threads or torch.get_num_threads()
@@ -640,7 +640,7 @@ class SparseLinear(SparseModule):
                     ops.ACTIVATIONS.index(act))
             self.__dict__["_cache_qcall"] = plan
         rows, cols = plan[3], plan[4]
-        y = torch.empty(x.shape[:-1] + (rows,))
+        y = torch.empty(x.shape[:-1] + (rows,), dtype=torch.float32)
         _C.qspmm(*plan[5], x.data_ptr(), False, x.numel() // cols, cols, ptrs[5], y.data_ptr(), rows,
                  ops.resolve_threads(self.num_threads), plan[6])
         return y
@@ -654,14 +654,14 @@ class SparseLinear(SparseModule):
 def _to_nhwc(x: Tensor) -> Tensor:
     """A contiguous NCHW float32 CPU tensor as a contiguous (N, H, W, C) copy (the C++ blocked transpose)."""
     n, c, h, w = x.shape
-    out = torch.empty(n, h, w, c)
+    out = torch.empty(n, h, w, c, dtype=torch.float32)
     _C.transpose(x.data_ptr(), n, c, h * w, h * w, c * h * w, out.data_ptr(), c, h * w * c, torch.get_num_threads())
     return out
 
 
 def _to_nchw(y: Tensor, n: int, h: int, w: int, c: int) -> Tensor:
     """Rows of pixels (N*H*W, C), float32 contiguous, as a contiguous NCHW tensor."""
-    out = torch.empty(n, c, h, w)
+    out = torch.empty(n, c, h, w, dtype=torch.float32)
     _C.transpose(y.data_ptr(), n, h * w, c, c, h * w * c, out.data_ptr(), h * w, c * h * w, torch.get_num_threads())
     return out
 

@@ -458,7 +458,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, sc
             return None
         mkind = 2 if mask.dtype is torch.bool else 1
         mstr = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
-    out = torch.empty(b, lq, h * d)
+    out = torch.empty(b, lq, h * d, dtype=torch.float32)
     if out.numel() == 0:
         return out
     strides = [q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),

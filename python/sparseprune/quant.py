@@ -237,7 +237,7 @@ def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, sca
     out_dtype = x.dtype
     if out_shape is not None:
         n, ldx = x.numel() // cols, cols
-        y = torch.empty(out_shape)
+        y = torch.empty(out_shape, dtype=torch.float32)
     else:
         if s8 and x.dtype != torch.float32:
             x = x.float()
@@ -280,7 +280,7 @@ def qconv_im2col_eager(xh: Tensor, kernel_size, stride, dilation, pad4, row_ptr:
     (kh, kw), (sh, sw), (dh, dw), (pt, pb, pl, pr) = kernel_size, stride, dilation, pad4
     ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    y = torch.empty(n * ho * wo, rows)
+    y = torch.empty(n * ho * wo, rows, dtype=torch.float32)
     if y.numel() == 0:
         return y
     if bias is not None and not bias.is_contiguous():
