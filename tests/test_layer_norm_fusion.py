@@ -293,7 +293,7 @@ def test_flattened_layer_matches_on_minilm_real_weights(monkeypatch):
         ext = (~keep).float() * torch.finfo(torch.float32).min
         for m in (None, keep, ext):
             torch.testing.assert_close(new(h, m), layer(h, m), rtol=1e-5, atol=1e-5)
-    assert math.isfinite(float(new(h, ext).abs().sum()))
+        assert math.isfinite(float(new(h, ext).abs().sum()))
 
 
 # -- attention --------------------------------------------------------------------------------------
