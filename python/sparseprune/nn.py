@@ -627,12 +627,11 @@ class SparseLinear(SparseModule):
         if plan is None or plan[0] != ptrs or plan[1] != act or plan[2] != self.num_threads:
             if not vals.is_cpu:
                 self._check_quant_input(x)  # raises: weights elsewhere
+            r, c = self.block_size
             if bias is not None and not bias.is_contiguous():  # the general path makes a contiguous copy
-                r, c = self.block_size
                 return quant.qspmm_eager(x, rp, ci, vals, sc, co, bias, self.out_features, self.in_features, r, c,
                                          self._threads(), ops.ACTIVATIONS.index(act),
                                          x.shape[:-1] + (self.out_features,))
-            r, c = self.block_size
             s8 = vals.dtype == torch.int8
             plan = (ptrs, act, self.num_threads, self.out_features, self.in_features,
                     ("int8" if s8 else "bf16", self.out_features, self.in_features, r, c, ptrs[1], ptrs[2],
