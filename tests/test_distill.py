@@ -89,7 +89,7 @@ class _Stop(Exception):
 def test_resume_continues_identically(tmp_path):
     data = tensors()
     kw = dict(sparsity=0.75, block_size=(4, 4), steps=16, lr=1e-2, init="wanda", init_sparsity=0.25,
-              progress=False, seed=3)
+              progress=False, seed=3, dropout=None)  # the model's dropout on: its RNG state must resume too
     straight = mlp(dropout=0.1)
     original = copy.deepcopy(straight)
     distill(straight, data, **kw)
@@ -549,3 +549,54 @@ def test_layer_scale_bad_arguments():
         distill(mlp(), tensors(), sparsity=0.5, steps=2, layer_scale={"0": float("nan")})
     with pytest.raises(ValueError, match="nm"):
         distill(mlp(), tensors(), sparsity=0.5, pattern="nm", steps=2, layer_scale={"0": 1.0})
+
+
+@pytest.mark.parametrize("dropout", ["default", None, 0.0, 0.25])
+def test_dropout_override_during_the_run_and_restored(dropout):
+    model = mlp(dropout=0.5)
+    model.eval()
+    seen = []  # (p while running, whether the layer changed its input) per student forward in training mode
+
+    def hook(mod, inp, out):
+        if mod.training:
+            seen.append((mod.p, not torch.equal(inp[0], out)))
+    model[2].register_forward_hook(hook)
+    kw = {} if dropout == "default" else {"dropout": dropout}  # default: off, as the teacher runs
+    distill(model, tensors(), sparsity=0.5, block_size=(4, 4), steps=5, progress=False, **kw)
+    want = 0.5 if dropout is None else 0.0 if dropout == "default" else dropout
+    assert len(seen) == 5 and all(p == want for p, _ in seen)
+    assert all(changed == (want > 0) for _, changed in seen)
+    assert model[2].p == 0.5 and not model.training  # the model's own p and mode are back
+
+
+def test_dropout_restored_when_the_run_fails():
+    model = mlp(dropout=0.5)
+
+    def boom(m):
+        raise _Stop
+    with pytest.raises(_Stop):
+        distill(model, tensors(), sparsity=0.5, block_size=(4, 4), steps=5, progress=False, dropout=0.0,
+                eval_fn=boom, eval_every=2)
+    assert model[2].p == 0.5
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, True, "0", float("nan")])
+def test_dropout_bad_values(bad):
+    with pytest.raises(ValueError, match="dropout"):
+        distill(mlp(), tensors(), sparsity=0.5, steps=2, dropout=bad)
+
+
+@pytest.mark.parametrize("dropout", ["default", None, 0.3])
+def test_trainer_callback_dropout_set_during_the_run_and_restored(dropout):
+    model = KwModel("logits")
+    model.drop = nn.Dropout(0.5)  # a dropout module anywhere in the model
+    kw = {} if dropout == "default" else {"dropout": dropout}
+    cb = DistillCallback(sparsity=0.5, pattern="unstructured", init="magnitude", dense_first_last=False, **kw)
+    state = types.SimpleNamespace(global_step=0, max_steps=4)
+    cb.on_train_begin(None, state, None, model=model)
+    assert model.drop.p == (0.5 if dropout is None else 0.0 if dropout == "default" else 0.3)
+    assert cb.teacher.drop.p == 0.5  # the teacher is the model as it was (and runs in eval mode)
+    cb.on_train_end(None, state, None)
+    assert model.drop.p == 0.5
+    with pytest.raises(ValueError, match="dropout"):
+        DistillCallback(sparsity=0.5, dropout=1.0)

@@ -194,6 +194,7 @@ def cmd_distill(a):
             cache_teacher="auto", cache_dtype=torch.bfloat16, cache_limit_mb=a.cache_mb, bf16=a.bf16,
             layers=layers, dense_first_last=False, eval_fn=evals,
             layer_scale=depth_ramp(model, a.depth_ramp) if a.depth_ramp else None, eval_every=a.eval_every, log=log,
+            dropout=a.dropout,
             checkpoint=os.path.join(a.run, "checkpoint.safetensors") if a.checkpoint else None, clock=clock)
     minutes = (time.perf_counter() - t0) / 60
     cpu_minutes = (time.process_time() - c0) / 60
@@ -205,7 +206,7 @@ def cmd_distill(a):
             "freeze_embeddings": a.freeze_embeddings, "pooled_weight": a.pooled_weight,
             "hidden_weight": a.hidden_weight, "task_weight": a.task_weight, "pairs": a.pairs,
             "init": a.init, "init_sparsity": a.init_sparsity, "importance": a.importance, "bf16": a.bf16,
-            "prune_end": a.prune_end, "depth_ramp": a.depth_ramp, "steps": stats.get("steps"), "events": stats.get("events"),
+            "prune_end": a.prune_end, "depth_ramp": a.depth_ramp, "dropout": a.dropout, "steps": stats.get("steps"), "events": stats.get("events"),
             "final_loss": stats.get("loss"), "masked_sparsity": sp.prune.sparsity(model, only_masked=True),
             "log": log}
     with open(os.path.join(a.run, "distill.json"), "w") as f:
@@ -467,6 +468,9 @@ def main(argv=None):
     d.add_argument("--depth-ramp", type=float, default=0.0,
                    help="per-layer sparsity factors 1 + r ... 1 - r from the first to the last encoder layer "
                         "(sparseprune.depth_ramp; overall sparsity unchanged)")
+    d.add_argument("--dropout", type=lambda v: None if v == "model" else float(v), default=0.0,
+                   help="dropout probability of the student during distillation (default 0: off; 'model': the "
+                        "model's own 0.1, as runs a-k and minilm80_* were made)")
     d.add_argument("--calib", type=int, default=256, help="training documents for the one-shot initial mask")
     d.add_argument("--cache-mb", type=float, default=3072)
     d.add_argument("--bf16", action="store_true")
