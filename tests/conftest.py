@@ -56,3 +56,17 @@ def fake_timing(monkeypatch):
             return dict(times)
         monkeypatch.setattr(module, "time_calls", fake)
     return install
+
+
+@pytest.fixture
+def sparse_layers_win(monkeypatch):
+    """Every layer's sparse candidates time faster than dense in ``convert``'s per-layer choice. Tests of a later
+    pass (fused residual blocks, flat transformer layers) need sparse layers to exist; tiny layers may really time
+    slower sparse than dense (under the sanitizer build, or with a fast AVX-512 dense convolution)."""
+    import importlib
+
+    def sparse_wins(calls, *a, **k):
+        for fn in calls.values():
+            fn()
+        return {name: 2.0 if name.startswith("dense") else 1.0 for name in calls}
+    monkeypatch.setattr(importlib.import_module("sparseprune.convert.decide"), "time_calls", sparse_wins)

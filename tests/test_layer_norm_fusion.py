@@ -127,15 +127,9 @@ def _bert(attn="sdpa", layers=2, sparsity=0.7, family="Bert"):
 
 
 @pytest.fixture
-def timed_faster(fake_timing, monkeypatch):
+def timed_faster(fake_timing, sparse_layers_win):
     """``timed_faster(True)``: convert times the fused form faster; ``timed_faster(False)``: as fast. Every layer's
-    sparse candidates time faster than dense too: the flat-layer pass runs only when some layer is sparse,
-    and these 64-wide layers may really time slower sparse (under the sanitizer build they do)."""
-    def sparse_wins(calls, *a, **k):
-        for fn in calls.values():
-            fn()
-        return {name: 2.0 if name.startswith("dense") else 1.0 for name in calls}
-    monkeypatch.setattr(importlib.import_module("sparseprune.convert.decide"), "time_calls", sparse_wins)
+    sparse candidates time faster than dense too: the flat-layer pass runs only when some layer is sparse."""
     return lambda fused_faster: fake_timing(residual_mod, {"separate": 2.0 if fused_faster else 1.0, "fused": 1.0})
 
 
