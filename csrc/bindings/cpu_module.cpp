@@ -107,7 +107,12 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t mas
   a.scale = static_cast<float>(scale);
   py::gil_scoped_release nogil;
 #if defined(SPARSEPRUNE_X86)
-  if (std::string(active_path().isa) != "scalar") {
+  const std::string isa = active_path().isa;
+  if (isa == "avx512") {
+    f32_attention__avx512(a, num_threads);
+    return;
+  }
+  if (isa != "scalar") {
     f32_attention__avx2(a, num_threads);
     return;
   }

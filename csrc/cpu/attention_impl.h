@@ -28,7 +28,9 @@ inline vec loadv(const float* p) {
 }
 inline void storev(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 inline vec splat(float x) {  // one broadcast (`vec{} + x` adds 0.0 first; a per-lane loop inserts lane by lane)
-#if SP_ATTN_BYTES == 32
+#if SP_ATTN_BYTES == 64
+  return vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#elif SP_ATTN_BYTES == 32
   return vec{x, x, x, x, x, x, x, x};
 #else
   return vec{x, x, x, x};
