@@ -51,7 +51,16 @@ def test_add_layer_norm_matches_torch(isa, monkeypatch, lead, cols, res, affine,
             _no_torch_norm(mp)
             got = ops.add_layer_norm(x, r, ln)
     assert got.shape == want.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * (1 + offset / 100))
+    # reference: float64 LayerNorm of the float32 sum. A row whose spread is tiny next to its mean is
+    # ill-conditioned (one float32 ulp of the values moves the output a lot; torch's own float32 result is off
+    # by as much), so the bound grows with ulp(max |value|) / std of the row.
+    sm = (x + r if res else x).double()
+    exact = nn.functional.layer_norm(sm, (cols,), ln.weight.double() if affine else None,
+                                     ln.bias.double() if affine and bias else None, ln.eps)
+    gain = ln.weight.double().abs().max() if affine and cols else 1.0
+    cond = sm.abs().amax(-1, keepdim=True) * 2.0 ** -23 / ((sm - sm.mean(-1, keepdim=True)).square().mean(-1, keepdim=True) + ln.eps).sqrt()
+    bound = 1e-4 * (1 + exact.abs()) + 16 * gain * cond
+    assert bool(((got.double() - exact).abs() <= bound).all()), float((got.double() - exact).abs().max())
     assert not got.numel() or got.data_ptr() not in (x.data_ptr(), r.data_ptr() if res else 0)  # a new tensor
 
 

@@ -217,3 +217,20 @@ def test_torch_save_of_a_converted_resnet_after_a_forward(timed_faster, tmp_path
     back = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(back(x).last_hidden_state, want)
+
+
+def test_fused_block_output_check_uses_the_quantized_criterion_only_for_quantized_blocks():
+    """A block holding int8 layers may differ by one int8 rounding step after a last-bit change upstream:
+    the check is then the relative L2 error against the quantized tolerance; float blocks keep the strict one."""
+    fp = nn.Sequential(nn.Linear(8, 8))
+    q = nn.Sequential(nn.Linear(8, 8))
+    q[0].weight_dtype = "int8"  # what a quantized sparse layer reports
+    ref = torch.randn(4, 16, 8)
+    flip = ref.clone()
+    flip[0, 0, 0] += 4e-3 * ref.abs().max()  # one rounding step of an int8 activation, far above 1e-4
+    garbage = torch.randn_like(ref)
+    assert not residual_mod._matches(flip, ref, fp, 1e-4, 0.25)
+    assert residual_mod._matches(flip, ref, q, 1e-4, 0.25)
+    assert not residual_mod._matches(garbage, ref, q, 1e-4, 0.25)
+    assert not residual_mod._matches(flip, ref, q, 1e-4, None)  # no quantized tolerance given: the strict check
+    assert residual_mod._matches(ref.clone(), ref, fp, 1e-4, 0.25)

@@ -288,7 +288,8 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
     if residual and example_inputs is not None and any(r.format != "dense" for r in rows):
         from .residual import fuse_residuals
         left = max(0.0, deadline - reserve - time.perf_counter())
-        residuals = fuse_residuals(work, example_inputs, swaps.replace, min(left, 0.1 * time_budget), settings.tolerance)
+        residuals = fuse_residuals(work, example_inputs, swaps.replace, min(left, 0.1 * time_budget), settings.tolerance,
+                                   settings.tolerance_for("int8"))
     order = {n: i for i, (n, _) in enumerate(work.named_modules())}
     rows.sort(key=lambda r: order.get(r.name, len(order)))
     report = {"layers": rows, "folded": folded, "fused": fused, "shared_inputs": shared, "pools": pooled,
