@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -63,8 +64,6 @@ def sparse_layers_win(monkeypatch):
     """Every layer's sparse candidates time faster than dense in ``convert``'s per-layer choice. Tests of a later
     pass (fused residual blocks, flat transformer layers) need sparse layers to exist; tiny layers may really time
     slower sparse than dense (under the sanitizer build, or with a fast AVX-512 dense convolution)."""
-    import importlib
-
     def sparse_wins(calls, *a, **k):
         for fn in calls.values():
             fn()

@@ -57,8 +57,9 @@ def test_add_layer_norm_matches_torch(isa, monkeypatch, lead, cols, res, affine,
     sm = (x + r if res else x).double()
     exact = nn.functional.layer_norm(sm, (cols,), ln.weight.double() if affine else None,
                                      ln.bias.double() if affine and bias else None, ln.eps)
-    gain = ln.weight.double().abs().max() if affine and cols else 1.0
-    cond = sm.abs().amax(-1, keepdim=True) * 2.0 ** -23 / ((sm - sm.mean(-1, keepdim=True)).square().mean(-1, keepdim=True) + ln.eps).sqrt()
+    gain = ln.weight.double().abs().max() if affine else 1.0
+    std = ((sm - sm.mean(-1, keepdim=True)).square().mean(-1, keepdim=True) + ln.eps).sqrt()
+    cond = sm.abs().amax(-1, keepdim=True) * 2.0 ** -23 / std
     bound = 1e-4 * (1 + exact.abs()) + 16 * gain * cond
     assert bool(((got.double() - exact).abs() <= bound).all()), float((got.double() - exact).abs().max())
     assert not got.numel() or got.data_ptr() not in (x.data_ptr(), r.data_ptr() if res else 0)  # a new tensor

@@ -206,16 +206,12 @@ def fused_copy(block: nn.Module, kind: str) -> nn.Module:
     return new
 
 
-def _quantized(block: nn.Module) -> bool:
-    return any(getattr(m, "weight_dtype", "float32") != "float32"
-               or type(m).__module__.startswith("torch.ao.nn.quantized") for m in block.modules())
-
-
 def _matches(got: Tensor, ref: Tensor, block: nn.Module, tolerance: float, quant_tolerance: Optional[float]) -> bool:
     """The fused form's output against the block's own. With quantized layers inside, a last-bit difference in
     an activation can move its int8 rounding by one step, so the check is then the relative L2 error against
     the quantized tolerance, as convert's end-to-end check does for quantized models."""
-    if quant_tolerance is not None and _quantized(block):
+    quantized = any(getattr(m, "weight_dtype", "float32") != "float32" for m in block.modules())
+    if quant_tolerance is not None and quantized:
         return l2_relative(got, ref) <= quant_tolerance
     return relative(*max_error(got, ref)) <= tolerance
 
