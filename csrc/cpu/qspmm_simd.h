@@ -60,7 +60,20 @@ SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps_rt, int r, int g
 #pragma GCC unroll 2
       for (int v = 0; v < RV; ++v) acc[a][m][v] = Op::zero();
   const int64_t bw = static_cast<int64_t>(gpb) * r;  // words per block
-  for (int64_t b = b0; b < b1; ++b) {
+  bool done = false;  // the block loop ran in assembly
+#if defined(__AVX512F__)
+  if constexpr (Op::kAsm24 && MR == 24 && A == 1 && RV == 1 && !TAIL && PS == QPW && GPB * Op::G == 16) {
+    // The fixed 24 x 16 tile of 16 x 16 blocks: GCC 12 kept the 24 row offsets in stack slots and copied
+    // and spilled the accumulators every k-group (0.6 dot instructions a cycle where the core sustains 2);
+    // the block body is written out in assembly with the accumulators pinned in registers.
+    if (r == Op::W) {
+      for (int64_t b = b0; b < b1; ++b)
+        Op::block24(acc[0], xp + static_cast<int64_t>(cols[b]) * GPB * PS, vals + b * bw);
+      done = true;
+    }
+  }
+#endif
+  for (int64_t b = done ? b1 : b0; b < b1; ++b) {
     const uint32_t* xb = xp + static_cast<int64_t>(cols[b]) * gpb * ps;
     const uint32_t* wb = vals + b * bw;
     int g = 0;
@@ -388,6 +401,7 @@ struct S8Maddubs8 {
   using WP = __m256i;
   static constexpr int W = 8, MR = 8, G = 4;
   static constexpr bool S8 = true;
+  static constexpr bool kAsm24 = false;
   static SQ_INLINE T zero() { return _mm256_setzero_si256(); }
   static SQ_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
   static SQ_INLINE WP loadw(const uint32_t* p) { return QI8::load(p); }
@@ -409,6 +423,7 @@ struct BF16Widen8 {
   struct WP { __m256 lo, hi; };
   static constexpr int W = 8, MR = 8, G = 2;
   static constexpr bool S8 = false;
+  static constexpr bool kAsm24 = false;
   static SQ_INLINE T zero() { return _mm256_setzero_ps(); }
   static SQ_INLINE T add(T a, T b) { return _mm256_add_ps(a, b); }
   static SQ_INLINE WP prep(__m256i v) {
@@ -434,6 +449,7 @@ struct S8Vnni8 {
   using WP = __m256i;
   static constexpr int W = 8, MR = 12, G = 4;
   static constexpr bool S8 = true;
+  static constexpr bool kAsm24 = false;
   static SQ_INLINE T zero() { return _mm256_setzero_si256(); }
   static SQ_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
   static SQ_INLINE WP loadw(const uint32_t* p) { return QI8::load(p); }
@@ -475,6 +491,7 @@ struct S8Madd16 {
   struct WP { __m512i lo, hi; };
   static constexpr int W = 16, MR = 12, G = 4;
   static constexpr bool S8 = true;
+  static constexpr bool kAsm24 = false;
   static SQ_INLINE T zero() { return _mm512_setzero_si512(); }
   static SQ_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
   static SQ_INLINE WP prep(__m512i v) { return {_mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), _mm512_srai_epi16(v, 8)}; }
@@ -494,6 +511,7 @@ struct BF16Widen16 {
   struct WP { __m512 lo, hi; };
   static constexpr int W = 16, MR = 12, G = 2;
   static constexpr bool S8 = false;
+  static constexpr bool kAsm24 = false;
   static SQ_INLINE T zero() { return _mm512_setzero_ps(); }
   static SQ_INLINE T add(T a, T b) { return _mm512_add_ps(a, b); }
   static SQ_INLINE WP prep(__m512i v) {
@@ -512,6 +530,31 @@ struct BF16Widen16 {
 };
 #endif
 
+
+#if defined(__AVX512F__)
+// One 16-wide block for the 24-row tile, in two statements of 12 rows (an asm takes at most 30 operands;
+// "+v" counts twice): per k-group (GPB of them, words of G k) one weight vector (zmm31, 64 bytes on) and
+// 12 broadcasts of the panel's words (24 words, 96 bytes, per k-group) into zmm30, each feeding one INS
+// into an accumulator pinned to a register by its "+v" operand.
+#define SQ_A_DOT(INS, g, h, m) \
+  "vpbroadcastd " #g "*96+" #h "*48+" #m "*4(%[x]), %%zmm30\n\t" INS " %%zmm31, %%zmm30, %" #m "\n\t"
+#define SQ_A_KG(INS, g, h)                                                                                 \
+  "vmovdqu64 " #g "*64(%[w]), %%zmm31\n\t" SQ_A_DOT(INS, g, h, 0) SQ_A_DOT(INS, g, h, 1) SQ_A_DOT(INS, g, h, 2) \
+  SQ_A_DOT(INS, g, h, 3) SQ_A_DOT(INS, g, h, 4) SQ_A_DOT(INS, g, h, 5) SQ_A_DOT(INS, g, h, 6)                \
+  SQ_A_DOT(INS, g, h, 7) SQ_A_DOT(INS, g, h, 8) SQ_A_DOT(INS, g, h, 9) SQ_A_DOT(INS, g, h, 10)               \
+  SQ_A_DOT(INS, g, h, 11)
+#define SQ_A_ACCS(a, o)                                                                                   \
+  "+v"(a[o + 0][0]), "+v"(a[o + 1][0]), "+v"(a[o + 2][0]), "+v"(a[o + 3][0]), "+v"(a[o + 4][0]),          \
+      "+v"(a[o + 5][0]), "+v"(a[o + 6][0]), "+v"(a[o + 7][0]), "+v"(a[o + 8][0]), "+v"(a[o + 9][0]),      \
+      "+v"(a[o + 10][0]), "+v"(a[o + 11][0])
+#define SQ_A_G4(INS, h) SQ_A_KG(INS, 0, h) SQ_A_KG(INS, 1, h) SQ_A_KG(INS, 2, h) SQ_A_KG(INS, 3, h)
+#define SQ_A_G8(INS, h) SQ_A_G4(INS, h) SQ_A_KG(INS, 4, h) SQ_A_KG(INS, 5, h) SQ_A_KG(INS, 6, h) SQ_A_KG(INS, 7, h)
+#define SQ_A_BLOCK(BODY0, BODY1, a, x, w)                                                            \
+  do {                                                                                               \
+    __asm__(BODY0 : SQ_A_ACCS(a, 0) : [x] "r"(x), [w] "r"(w) : "xmm30", "xmm31", "memory");         \
+    __asm__(BODY1 : SQ_A_ACCS(a, 12) : [x] "r"(x), [w] "r"(w) : "xmm30", "xmm31", "memory");        \
+  } while (0)
+#endif
 #if defined(__AVX512VNNI__)
 // int8 with AVX512-VNNI: one vpdpbusd = 16 outputs x 4 k.
 struct S8Vnni16 {
@@ -519,12 +562,17 @@ struct S8Vnni16 {
   using WP = __m512i;
   static constexpr int W = 16, MR = 24, G = 4;
   static constexpr bool S8 = true;
+  static constexpr bool kAsm24 = true;
   static SQ_INLINE T zero() { return _mm512_setzero_si512(); }
   static SQ_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
   static SQ_INLINE WP loadw(const uint32_t* p) { return QI16::load(p); }
   static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI16::loadn(p, n); }
   static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
     return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(static_cast<int>(word)), w);
+  }
+  // vpdpbusd: the broadcast X words are the unsigned operand, the weights the signed one
+  static SQ_INLINE void block24(T (&a)[24][1], const uint32_t* x, const uint32_t* w) {
+    SQ_A_BLOCK(SQ_A_G4("vpdpbusd", 0), SQ_A_G4("vpdpbusd", 1), a, x, w);
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, S8Vnni16>::s8(y, acc, n, e, row); }
 };
@@ -537,12 +585,16 @@ struct BF16Dp16 {
   using WP = __m512i;
   static constexpr int W = 16, MR = 24, G = 2;
   static constexpr bool S8 = false;
+  static constexpr bool kAsm24 = true;
   static SQ_INLINE T zero() { return _mm512_setzero_ps(); }
   static SQ_INLINE T add(T a, T b) { return _mm512_add_ps(a, b); }
   static SQ_INLINE WP loadw(const uint32_t* p) { return QI16::load(p); }
   static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI16::loadn(p, n); }
   static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(word)), (__m512bh)w);
+  }
+  static SQ_INLINE void block24(T (&a)[24][1], const uint32_t* x, const uint32_t* w) {
+    SQ_A_BLOCK(SQ_A_G8("vdpbf16ps", 0), SQ_A_G8("vdpbf16ps", 1), a, x, w);
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, BF16Dp16>::f(y, acc, n, e, row); }
 };
