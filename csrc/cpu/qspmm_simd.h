@@ -113,14 +113,23 @@ SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps_rt, int r, int g
       if (e.bias) ev[v].bias += v * Op::W;
     }
   }
+  T s[MR][RV];
 #pragma GCC unroll 24
   for (int m = 0; m < MR; ++m) {
 #pragma GCC unroll 2
     for (int v = 0; v < RV; ++v) {
-      T s = acc[0][m][v];
+      s[m][v] = acc[0][m][v];
 #pragma GCC unroll 4
-      for (int a = 1; a < A; ++a) s = Op::add(s, acc[a][m][v]);
-      Op::store(y + m * ldy + v * Op::W, s, TAIL ? tail : Op::W, ev[v], row + m);
+      for (int a = 1; a < A; ++a) s[m][v] = Op::add(s[m][v], acc[a][m][v]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int v = 0; v < RV; ++v) {
+    if constexpr (TAIL) {
+#pragma GCC unroll 24
+      for (int m = 0; m < MR; ++m) Op::store(y + m * ldy, s[m][v], tail, ev[v], row + m);
+    } else {
+      Op::template store_rows<MR, RV>(y + v * Op::W, ldy, s, v, ev[v], row);
     }
   }
 }
@@ -357,6 +366,69 @@ struct QStore {
     if (e.act) v = act_v(v, e.act);
     if (full) V::store(y, v); else V::storen(y, v, n);
   }
+  // Full-width rows [row, row + MR) of one tile (vector v of each): the per-output operands loaded once
+  // and the bias / activation tests taken once, not per row; the same operations in the same order as
+  // s8() / f() per row, so the results are bit-identical.
+  template <bool BIAS, bool ACT, int MR, int RV, class T>
+  static SQ_INLINE void s8_rows_(float* y, int64_t ldy, const T (&s)[MR][RV], int v, const QEpi& e, int row) {
+    using F = typename V::T;
+    const typename I::T comp = I::load(e.comp);
+    const F ws = V::load(e.ws);
+    F bias;
+    if constexpr (BIAS) bias = V::load(e.bias);
+    // one pointer each, constant offsets from it; the empty asm makes each of the four variants' pointers
+    // its own value (GCC 12 hoisted the 48 addresses they share above the branch and kept them on the stack)
+    const int32_t* zp = e.zp + row;
+    const float* sx = e.sx + row;
+    __asm__("" : "+r"(zp), "+r"(sx), "+r"(y));
+#pragma GCC unroll 24
+    for (int m = 0; m < MR; ++m) {
+      const typename I::T a = I::sub(s[m][v], I::mullo(comp, I::set1(zp[m])));
+      F r = V::mul(I::to_f(a), V::mul(V::set1(sx[m]), ws));
+      if constexpr (BIAS) r = V::add(r, bias);
+      if constexpr (ACT) r = act_v(r, e.act);
+      V::store(y, r);
+      y += ldy;
+    }
+  }
+  template <bool BIAS, bool ACT, int MR, int RV, class T>
+  static SQ_INLINE void f_rows_(float* y, int64_t ldy, const T (&s)[MR][RV], int v, const QEpi& e) {
+    typename V::T bias;
+    if constexpr (BIAS) bias = V::load(e.bias);
+    __asm__("" : "+r"(y));
+#pragma GCC unroll 24
+    for (int m = 0; m < MR; ++m) {
+      typename V::T r = s[m][v];
+      if constexpr (BIAS) r = V::add(r, bias);
+      if constexpr (ACT) r = act_v(r, e.act);
+      V::store(y, r);
+      y += ldy;
+    }
+  }
+  // With an activation: out of line (its constants would push the accumulators of the plain stores out
+  // of registers); the tile's sums then pass through memory, small next to the activation itself.
+  template <int MR, int RV, class T>
+  static __attribute__((noinline)) void rows_act(float* y, int64_t ldy, const T (&s)[MR][RV], int v, const QEpi& e,
+                                                 int row) {
+    if constexpr (Op::S8) {
+      if (e.bias) s8_rows_<true, true>(y, ldy, s, v, e, row); else s8_rows_<false, true>(y, ldy, s, v, e, row);
+    } else {
+      if (e.bias) f_rows_<true, true>(y, ldy, s, v, e); else f_rows_<false, true>(y, ldy, s, v, e);
+    }
+  }
+  template <int MR, int RV, class T>
+  static SQ_INLINE void rows(float* y, int64_t ldy, const T (&s)[MR][RV], int v, const QEpi& e, int row) {
+    if (e.act) {
+      T c[MR][RV];  // a copy on this path only: s itself then never has its address taken
+#pragma GCC unroll 24
+      for (int m = 0; m < MR; ++m) c[m][v] = s[m][v];
+      rows_act(y, ldy, c, v, e, row);
+    } else if constexpr (Op::S8) {
+      if (e.bias) s8_rows_<true, false>(y, ldy, s, v, e, row); else s8_rows_<false, false>(y, ldy, s, v, e, row);
+    } else {
+      if (e.bias) f_rows_<true, false>(y, ldy, s, v, e); else f_rows_<false, false>(y, ldy, s, v, e);
+    }
+  }
   static SQ_INLINE void f(float* y, typename V::T acc, int n, const QEpi& e, int) {
     const bool full = n == V::W;
     if (e.bias) acc = V::add(acc, full ? V::load(e.bias) : V::loadn(e.bias, n));
@@ -415,6 +487,10 @@ struct S8Maddubs8 {
     return acc;
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, S8Maddubs8>::s8(y, acc, n, e, row); }
+  template <int MR_, int RV_>
+  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
+    QStore<QF8, QI8, S8Maddubs8>::rows(y, ldy, s, v, e, row);
+  }
 };
 
 // bf16 on AVX2 / FMA: widen both operands to fp32 (odd k first, the order of vdpbf16ps).
@@ -439,6 +515,10 @@ struct BF16Widen8 {
     return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, BF16Widen8>::f(y, acc, n, e, row); }
+  template <int MR_, int RV_>
+  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
+    QStore<QF8, QI8, BF16Widen8>::rows(y, ldy, s, v, e, row);
+  }
 };
 #endif
 
@@ -458,6 +538,10 @@ struct S8Vnni8 {
     return _mm256_dpbusd_avx_epi32(acc, _mm256_set1_epi32(static_cast<int>(word)), w);
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, S8Vnni8>::s8(y, acc, n, e, row); }
+  template <int MR_, int RV_>
+  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
+    QStore<QF8, QI8, S8Vnni8>::rows(y, ldy, s, v, e, row);
+  }
 };
 #endif
 
@@ -503,6 +587,10 @@ struct S8Madd16 {
     return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(xl, w.lo), _mm512_madd_epi16(xh, w.hi)));
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, S8Madd16>::s8(y, acc, n, e, row); }
+  template <int MR_, int RV_>
+  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
+    QStore<QF16, QI16, S8Madd16>::rows(y, ldy, s, v, e, row);
+  }
 };
 
 // bf16 on AVX-512F without BF16: widen to fp32 (odd k first, the order of vdpbf16ps).
@@ -527,6 +615,10 @@ struct BF16Widen16 {
     return _mm512_fmadd_ps(xe, w.lo, _mm512_fmadd_ps(xo, w.hi, acc));
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, BF16Widen16>::f(y, acc, n, e, row); }
+  template <int MR_, int RV_>
+  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
+    QStore<QF16, QI16, BF16Widen16>::rows(y, ldy, s, v, e, row);
+  }
 };
 #endif
 
@@ -575,6 +667,10 @@ struct S8Vnni16 {
     SQ_A_BLOCK(SQ_A_G4("vpdpbusd", 0), SQ_A_G4("vpdpbusd", 1), a, x, w);
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, S8Vnni16>::s8(y, acc, n, e, row); }
+  template <int MR_, int RV_>
+  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
+    QStore<QF16, QI16, S8Vnni16>::rows(y, ldy, s, v, e, row);
+  }
 };
 #endif
 
@@ -597,5 +693,9 @@ struct BF16Dp16 {
     SQ_A_BLOCK(SQ_A_G8("vdpbf16ps", 0), SQ_A_G8("vdpbf16ps", 1), a, x, w);
   }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, BF16Dp16>::f(y, acc, n, e, row); }
+  template <int MR_, int RV_>
+  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
+    QStore<QF16, QI16, BF16Dp16>::rows(y, ldy, s, v, e, row);
+  }
 };
 #endif
