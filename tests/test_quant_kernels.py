@@ -80,7 +80,11 @@ def test_large_tiles_and_panels(qpath):
         _check(_run(x, p, b, num_threads=nt), ref, dtype)
     p32 = QuantBSRMatrix(p.shape, p.block_size, dtype, p.row_ptr, p.col_idx.int(), p.values, p.scales, p.compensation)
     _check(_run(x, p32, b), ref, dtype)
-    # blocks taller than the 16-wide register tile (the 24-row assembly tile takes 16 x 16 blocks only)
+    # every row count that selects a tile written in assembly (qspmm_simd.h, q_asm_tile): a 16-row panel
+    # (n = 16: 16- and 8-row tiles there), and 24-row panels ending in 16 or 8 rows
+    for n in (16, 32, 40, 48):
+        _check(_run(x[:n], p, b), reference_qspmm(x[:n], p, b), dtype)
+    # blocks taller than the 16-wide register tile (the assembly tiles take 16 x 16 blocks only)
     for block in [(32, 16), (16, 16)] if dtype == torch.int8 else [(16, 16)]:
         p = QuantBSRMatrix.from_dense(block_sparse_weight(64, 96, block, 0.5, generator=g), block, dtype)
         _check(_run(x[:, :96].contiguous(), p, b[:64]), reference_qspmm(x[:, :96], p, b[:64]), dtype)

@@ -20,6 +20,11 @@
 #define SQ_INLINE inline __attribute__((always_inline))
 
 constexpr int QPW = 24;  // rows of X per panel; every MR divides it
+// The tiles whose block body is written in assembly (Op::kAsm): 24 / 16 / 8 rows of 24-row panels and
+// 16 / 8 rows of 16-row panels (decode batches of 16), 16-wide blocks; every other tile is the intrinsics loop.
+constexpr bool q_asm_tile(int mr, int ps) {
+  return (ps == 24 && (mr == 24 || mr == 16 || mr == 8)) || (ps == 16 && (mr == 16 || mr == 8));
+}
 
 // Epilogue operands for one chunk of W outputs (pointers already offset to the chunk / panel).
 struct QEpi {
@@ -62,13 +67,13 @@ SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps_rt, int r, int g
   const int64_t bw = static_cast<int64_t>(gpb) * r;  // words per block
   bool done = false;  // the block loop ran in assembly
 #if defined(__AVX512F__)
-  if constexpr (Op::kAsm24 && MR == 24 && A == 1 && RV == 1 && !TAIL && PS == QPW && GPB * Op::G == 16) {
-    // The fixed 24 x 16 tile of 16 x 16 blocks: GCC 12 kept the 24 row offsets in stack slots and copied
-    // and spilled the accumulators every k-group (0.6 dot instructions a cycle where the core sustains 2);
-    // the block body is written out in assembly with the accumulators pinned in registers.
+  if constexpr (Op::kAsm && q_asm_tile(MR, PS) && A == 1 && RV == 1 && !TAIL && GPB * Op::G == 16) {
+    // Fixed panels (24 or 16 rows) of 16 x 16 blocks: GCC 12 kept the 24 row offsets in stack slots and
+    // copied and spilled the accumulators every k-group (0.6 dot instructions a cycle where the core
+    // sustains 2); the block body is written out in assembly with the accumulators pinned in registers.
     if (r == Op::W) {
       for (int64_t b = b0; b < b1; ++b)
-        Op::block24(acc[0], xp + static_cast<int64_t>(cols[b]) * GPB * PS, vals + b * bw);
+        Op::template block_asm<MR, PS>(acc[0], xp + static_cast<int64_t>(cols[b]) * GPB * PS, vals + b * bw);
       done = true;
     }
   }
@@ -214,6 +219,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   const int64_t work = n * (w.nnzb() * r * w.c / (Op::S8 ? 4 : 2) + w.rows + w.cols);
   const int nt = threads_for(work, num_threads);
   const bool fixed = ps == QPW && gpb * G == 16;  // the compile-time tiles: 24-row panels, 16-wide blocks
+  const bool fixed16 = Op::kAsm && ps == 16 && gpb * G == 16;  // and 16-row panels (n = 16) in assembly
   // As for fp32 (spmm_simd.h, split_rows): split rows of X when each thread reading all of W costs less
   // than sharing quantized X panels across cores; each thread then packs only its own rows, no barrier.
   const int64_t w_words = w.nnzb() * r * gpb, x_words = n * kg;
@@ -328,6 +334,11 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
               } else if (len == W) {
                 if (fixed)
                   q_rows<Op, false, QPW, 16 / G, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
+                else if constexpr (Op::kAsm)
+                  if (fixed16)
+                    q_rows<Op, false, 16, 16 / G, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
+                  else
+                    q_rows<Op, false, 0, 0, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
                 else
                   q_rows<Op, false, 0, 0, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
               } else {
@@ -473,7 +484,7 @@ struct S8Maddubs8 {
   using WP = __m256i;
   static constexpr int W = 8, MR = 8, G = 4;
   static constexpr bool S8 = true;
-  static constexpr bool kAsm24 = false;
+  static constexpr bool kAsm = false;
   static SQ_INLINE T zero() { return _mm256_setzero_si256(); }
   static SQ_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
   static SQ_INLINE WP loadw(const uint32_t* p) { return QI8::load(p); }
@@ -499,7 +510,7 @@ struct BF16Widen8 {
   struct WP { __m256 lo, hi; };
   static constexpr int W = 8, MR = 8, G = 2;
   static constexpr bool S8 = false;
-  static constexpr bool kAsm24 = false;
+  static constexpr bool kAsm = false;
   static SQ_INLINE T zero() { return _mm256_setzero_ps(); }
   static SQ_INLINE T add(T a, T b) { return _mm256_add_ps(a, b); }
   static SQ_INLINE WP prep(__m256i v) {
@@ -529,7 +540,7 @@ struct S8Vnni8 {
   using WP = __m256i;
   static constexpr int W = 8, MR = 12, G = 4;
   static constexpr bool S8 = true;
-  static constexpr bool kAsm24 = false;
+  static constexpr bool kAsm = false;
   static SQ_INLINE T zero() { return _mm256_setzero_si256(); }
   static SQ_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
   static SQ_INLINE WP loadw(const uint32_t* p) { return QI8::load(p); }
@@ -575,7 +586,7 @@ struct S8Madd16 {
   struct WP { __m512i lo, hi; };
   static constexpr int W = 16, MR = 12, G = 4;
   static constexpr bool S8 = true;
-  static constexpr bool kAsm24 = false;
+  static constexpr bool kAsm = false;
   static SQ_INLINE T zero() { return _mm512_setzero_si512(); }
   static SQ_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
   static SQ_INLINE WP prep(__m512i v) { return {_mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), _mm512_srai_epi16(v, 8)}; }
@@ -599,7 +610,7 @@ struct BF16Widen16 {
   struct WP { __m512 lo, hi; };
   static constexpr int W = 16, MR = 12, G = 2;
   static constexpr bool S8 = false;
-  static constexpr bool kAsm24 = false;
+  static constexpr bool kAsm = false;
   static SQ_INLINE T zero() { return _mm512_setzero_ps(); }
   static SQ_INLINE T add(T a, T b) { return _mm512_add_ps(a, b); }
   static SQ_INLINE WP prep(__m512i v) {
@@ -624,28 +635,46 @@ struct BF16Widen16 {
 
 
 #if defined(__AVX512F__)
-// One 16-wide block for the 24-row tile, in two statements of 12 rows (an asm takes at most 30 operands;
-// "+v" counts twice): per k-group (GPB of them, words of G k) one weight vector (zmm31, 64 bytes on) and
-// 12 broadcasts of the panel's words (24 words, 96 bytes, per k-group) into zmm30, each feeding one INS
-// into an accumulator pinned to a register by its "+v" operand.
-#define SQ_A_DOT(INS, g, h, m) \
-  "vpbroadcastd " #g "*96+" #h "*48+" #m "*4(%[x]), %%zmm30\n\t" INS " %%zmm31, %%zmm30, %" #m "\n\t"
-#define SQ_A_KG(INS, g, h)                                                                                 \
-  "vmovdqu64 " #g "*64(%[w]), %%zmm31\n\t" SQ_A_DOT(INS, g, h, 0) SQ_A_DOT(INS, g, h, 1) SQ_A_DOT(INS, g, h, 2) \
-  SQ_A_DOT(INS, g, h, 3) SQ_A_DOT(INS, g, h, 4) SQ_A_DOT(INS, g, h, 5) SQ_A_DOT(INS, g, h, 6)                \
-  SQ_A_DOT(INS, g, h, 7) SQ_A_DOT(INS, g, h, 8) SQ_A_DOT(INS, g, h, 9) SQ_A_DOT(INS, g, h, 10)               \
-  SQ_A_DOT(INS, g, h, 11)
-#define SQ_A_ACCS(a, o)                                                                                   \
+// The register tile's block body in assembly (24, 16 or 8 rows of X x one 16-wide block), in statements
+// of 12 or 8 rows (an asm takes at most 30 operands; "+v" counts twice): per k-group (words of G k) one
+// weight vector (zmm31, 64 bytes on) and one broadcast of the panel's word per row (PSB bytes of words per
+// k-group: the panel height x 4) into zmm30, feeding one INS into that row's accumulator, pinned to a
+// register by its "+v" operand.
+#define SQ_A_DOT(INS, PSB, g, base, i) \
+  "vpbroadcastd " #g "*" #PSB "+" #base "*4+" #i "*4(%[x]), %%zmm30\n\t" INS " %%zmm31, %%zmm30, %" #i "\n\t"
+#define SQ_A_W(g) "vmovdqu64 " #g "*64(%[w]), %%zmm31\n\t"
+#define SQ_A_KG8(INS, PSB, g, base)                                                                     \
+  SQ_A_W(g) SQ_A_DOT(INS, PSB, g, base, 0) SQ_A_DOT(INS, PSB, g, base, 1) SQ_A_DOT(INS, PSB, g, base, 2) \
+  SQ_A_DOT(INS, PSB, g, base, 3) SQ_A_DOT(INS, PSB, g, base, 4) SQ_A_DOT(INS, PSB, g, base, 5)            \
+  SQ_A_DOT(INS, PSB, g, base, 6) SQ_A_DOT(INS, PSB, g, base, 7)
+#define SQ_A_KG12(INS, PSB, g, base)                                                                       \
+  SQ_A_KG8(INS, PSB, g, base) SQ_A_DOT(INS, PSB, g, base, 8) SQ_A_DOT(INS, PSB, g, base, 9)                 \
+  SQ_A_DOT(INS, PSB, g, base, 10) SQ_A_DOT(INS, PSB, g, base, 11)
+// all k-groups of a 16-wide block: 4 (int8, 4 k a word) or 8 (bf16, 2 k a word)
+#define SQ_A_G4(KG, INS, PSB, base) KG(INS, PSB, 0, base) KG(INS, PSB, 1, base) KG(INS, PSB, 2, base) KG(INS, PSB, 3, base)
+#define SQ_A_G8(KG, INS, PSB, base) \
+  SQ_A_G4(KG, INS, PSB, base) KG(INS, PSB, 4, base) KG(INS, PSB, 5, base) KG(INS, PSB, 6, base) KG(INS, PSB, 7, base)
+#define SQ_A_ACCS8(a, o)                                                                                   \
   "+v"(a[o + 0][0]), "+v"(a[o + 1][0]), "+v"(a[o + 2][0]), "+v"(a[o + 3][0]), "+v"(a[o + 4][0]),          \
-      "+v"(a[o + 5][0]), "+v"(a[o + 6][0]), "+v"(a[o + 7][0]), "+v"(a[o + 8][0]), "+v"(a[o + 9][0]),      \
-      "+v"(a[o + 10][0]), "+v"(a[o + 11][0])
-#define SQ_A_G4(INS, h) SQ_A_KG(INS, 0, h) SQ_A_KG(INS, 1, h) SQ_A_KG(INS, 2, h) SQ_A_KG(INS, 3, h)
-#define SQ_A_G8(INS, h) SQ_A_G4(INS, h) SQ_A_KG(INS, 4, h) SQ_A_KG(INS, 5, h) SQ_A_KG(INS, 6, h) SQ_A_KG(INS, 7, h)
-#define SQ_A_BLOCK(BODY0, BODY1, a, x, w)                                                            \
-  do {                                                                                               \
-    __asm__(BODY0 : SQ_A_ACCS(a, 0) : [x] "r"(x), [w] "r"(w) : "xmm30", "xmm31", "memory");         \
-    __asm__(BODY1 : SQ_A_ACCS(a, 12) : [x] "r"(x), [w] "r"(w) : "xmm30", "xmm31", "memory");        \
-  } while (0)
+      "+v"(a[o + 5][0]), "+v"(a[o + 6][0]), "+v"(a[o + 7][0])
+#define SQ_A_ACCS12(a, o) SQ_A_ACCS8(a, o), "+v"(a[o + 8][0]), "+v"(a[o + 9][0]), "+v"(a[o + 10][0]), "+v"(a[o + 11][0])
+#define SQ_A_STMT(BODY, ACCS) __asm__(BODY : ACCS : [x] "r"(x), [w] "r"(w) : "xmm30", "xmm31", "memory")
+// The body of block_asm<MR, PS> for one instruction and k-group count (GN: SQ_A_G4 or SQ_A_G8).
+#define SQ_A_BLOCK(GN, INS)                                                                       \
+  if constexpr (MR == 24 && PS == 24) {                                                           \
+    SQ_A_STMT(GN(SQ_A_KG12, INS, 96, 0), SQ_A_ACCS12(a, 0));                                      \
+    SQ_A_STMT(GN(SQ_A_KG12, INS, 96, 12), SQ_A_ACCS12(a, 12));                                    \
+  } else if constexpr (MR == 16 && PS == 24) {                                                    \
+    SQ_A_STMT(GN(SQ_A_KG8, INS, 96, 0), SQ_A_ACCS8(a, 0));                                        \
+    SQ_A_STMT(GN(SQ_A_KG8, INS, 96, 8), SQ_A_ACCS8(a, 8));                                        \
+  } else if constexpr (MR == 8 && PS == 24) {                                                     \
+    SQ_A_STMT(GN(SQ_A_KG8, INS, 96, 0), SQ_A_ACCS8(a, 0));                                        \
+  } else if constexpr (MR == 16 && PS == 16) {                                                    \
+    SQ_A_STMT(GN(SQ_A_KG8, INS, 64, 0), SQ_A_ACCS8(a, 0));                                        \
+    SQ_A_STMT(GN(SQ_A_KG8, INS, 64, 8), SQ_A_ACCS8(a, 8));                                        \
+  } else if constexpr (MR == 8 && PS == 16) {                                                     \
+    SQ_A_STMT(GN(SQ_A_KG8, INS, 64, 0), SQ_A_ACCS8(a, 0));                                        \
+  }
 #endif
 #if defined(__AVX512VNNI__)
 // int8 with AVX512-VNNI: one vpdpbusd = 16 outputs x 4 k.
@@ -654,7 +683,7 @@ struct S8Vnni16 {
   using WP = __m512i;
   static constexpr int W = 16, MR = 24, G = 4;
   static constexpr bool S8 = true;
-  static constexpr bool kAsm24 = true;
+  static constexpr bool kAsm = true;
   static SQ_INLINE T zero() { return _mm512_setzero_si512(); }
   static SQ_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
   static SQ_INLINE WP loadw(const uint32_t* p) { return QI16::load(p); }
@@ -663,9 +692,8 @@ struct S8Vnni16 {
     return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(static_cast<int>(word)), w);
   }
   // vpdpbusd: the broadcast X words are the unsigned operand, the weights the signed one
-  static SQ_INLINE void block24(T (&a)[24][1], const uint32_t* x, const uint32_t* w) {
-    SQ_A_BLOCK(SQ_A_G4("vpdpbusd", 0), SQ_A_G4("vpdpbusd", 1), a, x, w);
-  }
+  template <int MR, int PS>
+  static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G4, "vpdpbusd") }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, S8Vnni16>::s8(y, acc, n, e, row); }
   template <int MR_, int RV_>
   static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
@@ -681,7 +709,7 @@ struct BF16Dp16 {
   using WP = __m512i;
   static constexpr int W = 16, MR = 24, G = 2;
   static constexpr bool S8 = false;
-  static constexpr bool kAsm24 = true;
+  static constexpr bool kAsm = true;
   static SQ_INLINE T zero() { return _mm512_setzero_ps(); }
   static SQ_INLINE T add(T a, T b) { return _mm512_add_ps(a, b); }
   static SQ_INLINE WP loadw(const uint32_t* p) { return QI16::load(p); }
@@ -689,9 +717,8 @@ struct BF16Dp16 {
   static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(word)), (__m512bh)w);
   }
-  static SQ_INLINE void block24(T (&a)[24][1], const uint32_t* x, const uint32_t* w) {
-    SQ_A_BLOCK(SQ_A_G8("vdpbf16ps", 0), SQ_A_G8("vdpbf16ps", 1), a, x, w);
-  }
+  template <int MR, int PS>
+  static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G8, "vdpbf16ps") }
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, BF16Dp16>::f(y, acc, n, e, row); }
   template <int MR_, int RV_>
   static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
