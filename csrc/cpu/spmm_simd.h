@@ -81,6 +81,12 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
     const int cc = static_cast<int>(std::min<int64_t>(c, K - k0));
     const float* wb = vals + b * rc;
     const float* xb = PACKED ? x + k0 * PW : x + k0;
+    if constexpr (PACKED && MR >= 8) {
+      // the weights of the block after next: at 50% an FFN's fp32 weights (4.7 MB) stream from L3, and
+      // the first panel's loads of each line stalled the FMAs (the sequential prefetchers lag behind)
+      const char* pf = reinterpret_cast<const char*>(wb + 2 * rc);
+      for (int64_t l = 0; l < rc * 4; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+    }
     for (int j = 0; j < cc; ++j) {
       T wv[RV];
 #pragma GCC unroll 4
