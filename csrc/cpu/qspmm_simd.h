@@ -134,7 +134,7 @@ SQ_INLINE void q_tile(const uint32_t* __restrict xp, int64_t ps_rt, int r, int g
 #pragma GCC unroll 24
       for (int m = 0; m < MR; ++m) Op::store(y + m * ldy, s[m][v], tail, ev[v], row + m);
     } else {
-      Op::template store_rows<MR, RV>(y + v * Op::W, ldy, s, v, ev[v], row);
+      Op::Store::rows(y + v * Op::W, ldy, s, v, ev[v], row);
     }
   }
 }
@@ -334,12 +334,10 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
               } else if (len == W) {
                 if (fixed)
                   q_rows<Op, false, QPW, 16 / G, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
-                else if constexpr (Op::kAsm)
-                  if (fixed16)
+                else if (fixed16) {  // (false without kAsm: no 16-row instantiation for those)
+                  if constexpr (Op::kAsm)
                     q_rows<Op, false, 16, 16 / G, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
-                  else
-                    q_rows<Op, false, 0, 0, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
-                else
+                } else
                   q_rows<Op, false, 0, 0, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
               } else {
                 q_rows<Op, true, 0, 0, 1>(xpp, ps, nv, r, gpb, vv, cols, b0, b1, len, e, row, yy, ldy);
@@ -497,11 +495,8 @@ struct S8Maddubs8 {
     __asm__("" : "+x"(acc));
     return acc;
   }
-  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, S8Maddubs8>::s8(y, acc, n, e, row); }
-  template <int MR_, int RV_>
-  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
-    QStore<QF8, QI8, S8Maddubs8>::rows(y, ldy, s, v, e, row);
-  }
+  using Store = QStore<QF8, QI8, S8Maddubs8>;  // the tile epilogues (per row, or rows of a full-width tile)
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
 
 // bf16 on AVX2 / FMA: widen both operands to fp32 (odd k first, the order of vdpbf16ps).
@@ -525,11 +520,8 @@ struct BF16Widen8 {
     const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(xb, _mm256_set1_epi32(int(0xFFFF0000u))));
     return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
   }
-  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, BF16Widen8>::f(y, acc, n, e, row); }
-  template <int MR_, int RV_>
-  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
-    QStore<QF8, QI8, BF16Widen8>::rows(y, ldy, s, v, e, row);
-  }
+  using Store = QStore<QF8, QI8, BF16Widen8>;  // the tile epilogues (per row, or rows of a full-width tile)
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
 };
 #endif
 
@@ -548,11 +540,8 @@ struct S8Vnni8 {
   static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
     return _mm256_dpbusd_avx_epi32(acc, _mm256_set1_epi32(static_cast<int>(word)), w);
   }
-  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF8, QI8, S8Vnni8>::s8(y, acc, n, e, row); }
-  template <int MR_, int RV_>
-  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
-    QStore<QF8, QI8, S8Vnni8>::rows(y, ldy, s, v, e, row);
-  }
+  using Store = QStore<QF8, QI8, S8Vnni8>;  // the tile epilogues (per row, or rows of a full-width tile)
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
 #endif
 
@@ -597,11 +586,8 @@ struct S8Madd16 {
     const __m512i xl = _mm512_and_si512(xb, _mm512_set1_epi32(0x00FF00FF)), xh = _mm512_srli_epi16(xb, 8);
     return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(xl, w.lo), _mm512_madd_epi16(xh, w.hi)));
   }
-  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, S8Madd16>::s8(y, acc, n, e, row); }
-  template <int MR_, int RV_>
-  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
-    QStore<QF16, QI16, S8Madd16>::rows(y, ldy, s, v, e, row);
-  }
+  using Store = QStore<QF16, QI16, S8Madd16>;  // the tile epilogues (per row, or rows of a full-width tile)
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
 
 // bf16 on AVX-512F without BF16: widen to fp32 (odd k first, the order of vdpbf16ps).
@@ -625,11 +611,8 @@ struct BF16Widen16 {
     const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xb, _mm512_set1_epi32(int(0xFFFF0000u))));
     return _mm512_fmadd_ps(xe, w.lo, _mm512_fmadd_ps(xo, w.hi, acc));
   }
-  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, BF16Widen16>::f(y, acc, n, e, row); }
-  template <int MR_, int RV_>
-  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
-    QStore<QF16, QI16, BF16Widen16>::rows(y, ldy, s, v, e, row);
-  }
+  using Store = QStore<QF16, QI16, BF16Widen16>;  // the tile epilogues (per row, or rows of a full-width tile)
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
 };
 #endif
 
@@ -694,11 +677,8 @@ struct S8Vnni16 {
   // vpdpbusd: the broadcast X words are the unsigned operand, the weights the signed one
   template <int MR, int PS>
   static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G4, "vpdpbusd") }
-  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, S8Vnni16>::s8(y, acc, n, e, row); }
-  template <int MR_, int RV_>
-  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
-    QStore<QF16, QI16, S8Vnni16>::rows(y, ldy, s, v, e, row);
-  }
+  using Store = QStore<QF16, QI16, S8Vnni16>;  // the tile epilogues (per row, or rows of a full-width tile)
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
 #endif
 
@@ -719,10 +699,7 @@ struct BF16Dp16 {
   }
   template <int MR, int PS>
   static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G8, "vdpbf16ps") }
-  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { QStore<QF16, QI16, BF16Dp16>::f(y, acc, n, e, row); }
-  template <int MR_, int RV_>
-  static SQ_INLINE void store_rows(float* y, int64_t ldy, const T (&s)[MR_][RV_], int v, const QEpi& e, int row) {
-    QStore<QF16, QI16, BF16Dp16>::rows(y, ldy, s, v, e, row);
-  }
+  using Store = QStore<QF16, QI16, BF16Dp16>;  // the tile epilogues (per row, or rows of a full-width tile)
+  static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
 };
 #endif
