@@ -367,6 +367,35 @@ def test_row_splits_in_chunks_of_8_are_exact(qpath, n, threads):
     _check(_run(x, p, b, num_threads=threads), reference_qspmm(x, p, b), dtype)
 
 
+@pytest.mark.parametrize("n", [1, 5, 8, 16, 17, 24])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_decode_batches_split_k_groups_between_threads(qpath, n, threads):
+    """At most 24 rows (one shared panel, decode batches): the threads split the panel's k-groups in whole
+    64-byte lines, each finding the range of every row itself; K not a multiple of the block (a partial
+    last word), a row with an infinity (NaN output row), bf16 input used as is."""
+    dtype = qpath
+    g = torch.Generator().manual_seed(n * 5 + threads)
+    # enough blocks that one row of X gets every thread (threads_for)
+    w = block_sparse_weight(1024, 1030, (16, 16), 0.3, generator=g)
+    p = QuantBSRMatrix.from_dense(w, (16, 16), dtype)
+    x = torch.randn(n, 1030, generator=g) * 2
+    if n >= 5:
+        x[3, 700] = float("inf")
+    b = torch.randn(1024, generator=g)
+    y = _run(x, p, b, num_threads=threads)
+    ref = reference_qspmm(x, p, b)
+    if n >= 5:
+        if dtype == torch.int8:  # the row's scale is NaN (bf16 multiplies the infinity through: inf or NaN)
+            assert y[3].isnan().all() and ref[3].isnan().all()
+        keep = torch.arange(n) != 3
+        y, ref = y[keep], ref[keep]
+    _check(y, ref, dtype)
+    if dtype == torch.bfloat16:
+        xb = torch.randn(n, 1030, generator=g).bfloat16()
+        torch.testing.assert_close(_run(xb, p, b, num_threads=threads).float(),
+                                   reference_qspmm(xb.float(), p, b), rtol=1e-2, atol=1e-2)
+
+
 def _unfold_rows(xh, ks, stride, dil, pad4):
     """Independent im2col: torch's unfold on the zero-padded NCHW image, columns in (kh, kw, C) order."""
     import torch.nn.functional as F

@@ -262,6 +262,33 @@ void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, u
           ldy, num_threads);
 }
 
+// A quantized Linear's fixed kernel arguments, checked once: SparseLinear keeps one per packed layer and
+// each call passes only X (contiguous, float32), its row count, Y and the thread count. Building and
+// converting qspmm's twenty arguments cost ~0.4 us a call.
+struct QCall {
+  QBsrView w;
+  bool s8 = true;
+  const float* bias = nullptr;
+  void run(uintptr_t x, int64_t n, uintptr_t y, int num_threads) const {
+    if (n < 0) throw std::invalid_argument("qspmm: bad dense operand shape");
+    if (n == 0 || w.rows == 0) return;
+    if (!x || !y) throw std::invalid_argument("qspmm: null dense operand");
+    const QPath& path = active_qpath(s8);
+    py::gil_scoped_release nogil;
+    path.fn(w, ptr<const void>(x), XType::f32, n, w.cols, bias, ptr<float>(y), w.rows, num_threads);
+  }
+};
+
+QCall make_qcall(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+                 uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t bias,
+                 int act) {
+  QCall q;
+  q.w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, false, act);
+  q.s8 = dtype == "int8";
+  q.bias = ptr<const float>(bias);
+  return q;
+}
+
 // A convolution as the quantized kernel over its implicit im2col matrix: x is a contiguous NHWC float32 (or,
 // for bf16 weights, bf16) image (n_img, h, w, ch), zero padding pt / pb / pl / pr implied; y gets n_img * ho * wo rows of `rows`
 // outputs (ldy).
@@ -342,6 +369,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d", &conv2d, "y = conv2d(x, W) + b with W packed as (r x 1)-block BSR over (Cout, Cin/g*kh*kw)");
   // quantized (int8 / bf16) block-sparse matmul
   m.def("qspmm", &qspmm, "Y = X W^T + b with W an int8 or bf16 block-sparse matrix (packed by quant.py)");
+  py::class_<QCall>(m, "QCall", "qspmm's fixed arguments for one layer; call(x, n, y, num_threads)")
+      .def(py::init(&make_qcall))
+      .def("__call__", &QCall::run);
   m.def("qspmm_im2col", &qspmm_im2col,
         "a convolution as qspmm over the implicit im2col matrix of an NHWC image (zero padding implied)");
   m.def("qpaths", [] {

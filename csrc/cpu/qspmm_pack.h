@@ -52,8 +52,13 @@ inline uint32_t bf16_bits(float x) {
   return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 
-// int8: quantize x[0, K) into kg words (k >= K are 0). Returns this row's parameters.
-inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* out) {
+// int8, first pass: the range of x[0, K) (with 0 inside it) and whether a NaN or infinity occurs.
+struct QRowRange {
+  float lo = 0.0f, hi = 0.0f;
+  bool bad = false;
+};
+
+inline QRowRange q_row_range(const float* x, int64_t K) {
   float lo = 0.0f, hi = 0.0f;
   bool bad = false;
   int64_t k = 0;
@@ -125,13 +130,41 @@ inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* o
     hi = x[k] > hi ? x[k] : hi;
     bad |= x[k] * 0.0f != 0.0f;
   }
-  QRowParams p = q_row_params(lo, hi);
+  QRowRange r;
+  r.lo = lo;
+  r.hi = hi;
+  r.bad = bad;
+  return r;
+}
+
+inline QRowParams q_row_params(const QRowRange& r) {
+  QRowParams p = q_row_params(r.lo, r.hi);
   // a NaN or infinity in the row: its scale is NaN, so the whole output row is NaN (as a float matmul's
   // would be) instead of a finite number computed from the rest of the row
-  if (bad) p.s = std::numeric_limits<float>::quiet_NaN();
+  if (r.bad) p.s = std::numeric_limits<float>::quiet_NaN();
+  return p;
+}
+
+// int8, second pass: x[0, K) quantized with p into kg words (k >= K are 0).
+inline void q_row_quantize(const float* x, int64_t K, int64_t kg, const QRowParams& p, uint32_t* out) {
   const float zpf = static_cast<float>(p.zp);
   int64_t g = 0;
 #if defined(__AVX512BW__)
+  {
+    // 64 at a time, as the AVX2 loop below (vcvtps2dq rounds to nearest even; packs with saturation, NaN -> 0);
+    // the packs work within 128-bit lanes: dword 4 * l + j of b holds x[16 j + 4 l ..], put back in order
+    const __m512 vinv = _mm512_set1_ps(p.inv);
+    const __m512i vzpi = _mm512_set1_epi32(p.zp), vqmax = _mm512_set1_epi8(static_cast<char>(kQMax));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (; 4 * g + 64 <= K; g += 16) {
+      __m512i q[4];
+      for (int j = 0; j < 4; ++j)
+        q[j] = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 4 * g + 16 * j), vinv)), vzpi);
+      __m512i b = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+      b = _mm512_permutexvar_epi32(order, _mm512_min_epu8(b, vqmax));
+      _mm512_storeu_si512(reinterpret_cast<void*>(out + g), b);
+    }
+  }
   {
     const __m512 vinv = _mm512_set1_ps(p.inv), vzp = _mm512_set1_ps(zpf);
     const __m512 v0 = _mm512_setzero_ps(), vmax = _mm512_set1_ps(kQMax);
@@ -184,6 +217,12 @@ inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* o
     }
     out[g] = wd;
   }
+}
+
+// int8: quantize x[0, K) into kg words (k >= K are 0). Returns this row's parameters.
+inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* out) {
+  const QRowParams p = q_row_params(q_row_range(x, K));
+  q_row_quantize(x, K, kg, p, out);
   return p;
 }
 

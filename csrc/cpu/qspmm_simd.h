@@ -177,13 +177,13 @@ void q_rows(const uint32_t* xp, int64_t ps, int nv, int r, int gpb, const uint32
   if (rem & 1) q_tile_a<Op, 1, TAIL, PS, GPB, RV>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
 }
 
-// words[j * kg + g] (8 rows j) -> dst[g * ps + j], for g in [0, 8 * (kg / 8)); returns that bound.
-SQ_INLINE int64_t transpose8_words(const uint32_t* words, int64_t kg, uint32_t* dst, int64_t ps) {
+// words[j * ld + g] (8 rows j) -> dst[g * ps + j], for g in [0, 8 * (kg / 8)); returns that bound.
+SQ_INLINE int64_t transpose8_words(const uint32_t* words, int64_t ld, int64_t kg, uint32_t* dst, int64_t ps) {
   int64_t g = 0;
 #if defined(__AVX2__)
   for (; g + 8 <= kg; g += 8) {
     __m256i r[8], t[8];
-    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + j * kg + g));
+    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + j * ld + g));
     for (int j = 0; j < 8; j += 2) {
       t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
       t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
@@ -240,8 +240,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   // columns of Y: every store a new page 4*M bytes on, L1-set and DTLB misses that cost more than
   // the whole sparse product at 90%.) The weights stream again per panel, from L2.
   const int64_t nc = ps;
-#pragma omp parallel num_threads(nt)
-  {
+  parallel_team(nt, [&] {
     // Rows are prepared 8 at a time (a chunk of 8 aligned rows never crosses a panel: ps is 24, or n
     // with one panel) and moved into the panel by 8x8 word transposes: one 32-byte store per 8 words,
     // where storing word by word (stride ps) cost as much as the whole product at 90%.
@@ -276,14 +275,64 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
     auto pack_chunk = [&](int64_t c, int64_t row0, int64_t p0) {
       const int64_t i0 = 8 * c, cnt = std::min<int64_t>(8, n - i0);
       uint32_t* words = rowbuf.data();
-      for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
+      if (Op::S8 && !w.im2col) {
+        // the ranges of all rows first: each row's reductions and divisions (~100 cycles of latency) then
+        // overlap the next row's loads instead of stalling between its two passes
+        QRowRange rr[8];
+        for (int64_t j = 0; j < cnt; ++j) rr[j] = q_row_range(f32_row(i0 + j), w.cols);
+        for (int64_t j = 0; j < cnt; ++j) {
+          const QRowParams p = q_row_params(rr[j]);
+          zp[i0 + j] = p.zp;
+          sx[i0 + j] = p.s;
+          q_row_quantize(f32_row(i0 + j), w.cols, kg, p, words + j * kg);
+        }
+      } else {
+        for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
+      }
       uint32_t* dst = xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps;
       int64_t g = 0;
-      if (cnt == 8) g = transpose8_words(words, kg, dst, ps);
+      if (cnt == 8) g = transpose8_words(words, kg, kg, dst, ps);
       for (int64_t j = 0; j < cnt; ++j)
         for (int64_t gg = g; gg < kg; ++gg) dst[gg * ps + j] = words[j * kg + gg];
     };
-    if (!by_rows) {
+    // One shared panel (n <= 24, decode batches): the threads split its k-groups, not its rows. Split by
+    // rows, two threads wrote halves of the same 64-byte lines of the panel (16 rows x 4 bytes a k-group):
+    // 16x4096 int8 packing took 50 us on two cores, 5.6 us on one. Each thread finds the range of every
+    // row (the cheap pass, repeated) and quantizes / transposes its own k-groups, in whole lines.
+    auto pack_cols = [&](int t, int nthr) {
+      const int64_t per = (kg + 16 * nthr - 1) / (16 * nthr) * 16;
+      const int64_t g0 = std::min<int64_t>(kg, t * per), g1 = std::min<int64_t>(kg, g0 + per), len = g1 - g0;
+      if (len <= 0) return;
+      const int64_t k0 = g0 * (Op::S8 ? 4 : 2), kn = std::max<int64_t>(0, std::min<int64_t>(w.cols - k0, len * (Op::S8 ? 4 : 2)));
+      for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        const int64_t cnt = std::min<int64_t>(8, n - i0);
+        uint32_t* words = rowbuf.data();
+        for (int64_t j = 0; j < cnt; ++j) {
+          const int64_t i = i0 + j;
+          if (Op::S8) {
+            const QRowParams p = q_row_params(q_row_range(f32_row(i), w.cols));
+            if (t == 0) {
+              zp[i] = p.zp;
+              sx[i] = p.s;
+            }
+            q_row_quantize(f32_row(i) + k0, kn, len, p, words + j * len);
+          } else if (xt == XType::bf16) {
+            bf16_row_words(nullptr, bf16_row(i) + k0, kn, len, words + j * len);
+          } else {
+            bf16_row_words(f32_row(i) + k0, nullptr, kn, len, words + j * len);
+          }
+        }
+        uint32_t* dst = xp + g0 * ps + i0;
+        int64_t g = 0;
+        if (cnt == 8) g = transpose8_words(words, len, len, dst, ps);
+        for (int64_t j = 0; j < cnt; ++j)
+          for (int64_t gg = g; gg < len; ++gg) dst[gg * ps + j] = words[j * len + gg];
+      }
+    };
+    if (!by_rows && units == 1 && nt > 1 && !w.im2col) {
+      pack_cols(omp_get_thread_num(), nt);
+#pragma omp barrier
+    } else if (!by_rows) {
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) pack_chunk(c, 0, 0);
     }
@@ -348,7 +397,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
         }
       }
     }
-  }
+  });
 }
 
 template <class Op>

@@ -593,7 +593,7 @@ class SparseLinear(SparseModule):
         input size, route "eager", packed weights on the CPU, bias (if any) contiguous."""
         bufs = self._buffers
         bias = self._parameters["bias"]
-        y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
+        y = ops.empty_rows(x, self.out_features)
         r, c = self.block_size
         ci = bufs["col_idx"]
         nt = self.num_threads or torch.get_num_threads()
@@ -633,15 +633,14 @@ class SparseLinear(SparseModule):
                                          self._threads(), ops.ACTIVATIONS.index(act),
                                          x.shape[:-1] + (self.out_features,))
             s8 = vals.dtype == torch.int8
-            plan = (ptrs, act, self.num_threads, self.out_features, self.in_features,
-                    ("int8" if s8 else "bf16", self.out_features, self.in_features, r, c, ptrs[1], ptrs[2],
-                     ci.dtype == torch.int16, ptrs[0], ptrs[3] if s8 else 0, ptrs[4] if s8 else 0),
-                    ops.ACTIVATIONS.index(act))
+            call = _C.QCall("int8" if s8 else "bf16", self.out_features, self.in_features, r, c, ptrs[1], ptrs[2],
+                            ci.dtype == torch.int16, ptrs[0], ptrs[3] if s8 else 0, ptrs[4] if s8 else 0, ptrs[5],
+                            ops.ACTIVATIONS.index(act))
+            plan = (ptrs, act, self.num_threads, self.out_features, self.in_features, call)
             self.__dict__["_cache_qcall"] = plan
-        rows, cols = plan[3], plan[4]
-        y = torch.empty(x.shape[:-1] + (rows,), dtype=torch.float32)
-        _C.qspmm(*plan[5], x.data_ptr(), False, x.numel() // cols, cols, ptrs[5], y.data_ptr(), rows,
-                 ops.resolve_threads(self.num_threads), plan[6])
+        y = ops.empty_rows(x, plan[3])
+        nt = self.num_threads
+        plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), nt if nt and nt > 0 else torch.get_num_threads())
         return y
 
     def _forward_quant(self, x: Tensor) -> Tensor:

@@ -30,6 +30,19 @@ inline int threads_for(int64_t work, int num_threads) {
   return static_cast<int>(std::min<int64_t>(num_threads, by_work));
 }
 
+// Runs f() on a team of nt threads (OpenMP constructs inside f bind to it), or directly on this thread
+// when nt == 1: a one-thread parallel region still costs ~0.3 us, libgomp's closing barrier making a
+// futex syscall every time.
+template <class F>
+void parallel_team(int nt, F&& f) {
+  if (nt <= 1) {
+    f();
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  f();
+}
+
 // Split block rows [0, nrows) into `parts` ranges holding about equal numbers of non-zeros
 // (row_ptr is the prefix sum we need). Returns the start of part `p`.
 inline int64_t balanced_split(const int32_t* row_ptr, int64_t nrows, int parts, int p) {

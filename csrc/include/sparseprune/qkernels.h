@@ -100,5 +100,6 @@ void bf16_bsr_spmm__avx512bf16(const QBsrView&, const void*, XType, int64_t, int
 const std::vector<QPath>& all_qpaths();
 // The active path for "int8" / "bf16" under the current ISA level (SPARSEPRUNE_ISA / set_isa).
 const QPath& active_qpath(const std::string& dtype);
+const QPath& active_qpath(bool s8);  // int8 (true) or bf16
 
 }  // namespace sparseprune
