@@ -301,8 +301,7 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
     std::vector<int32_t> kofs_t(kofs.size());
     conv_column_offsets(g, qt, kofs_t.data());
     const int64_t bands = (g.ho + th - 1) / th;
-#pragma omp parallel num_threads(nt)
-    {
+    parallel_team(nt, [&] {
       float* buf = ws + omp_get_thread_num() * g.c_in * qt.plane;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < g.n * bands; ++it) {
@@ -317,12 +316,11 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
         ct.y = y + oh0 * g.ys[2];
         q_range<Idx>(ct, cols, n, n + 1, 0, w.block_rows, 0, (rows - 1) * q.wq + g.wo);
       }
-    }
+    });
     return;
   }
   const int64_t items = pi * pn * pm;
-#pragma omp parallel num_threads(nt)
-  {
+  parallel_team(nt, [&] {
   conv_pack_input(g, q, x, ws);  // one fork/join for packing and compute
 #pragma omp for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
@@ -332,7 +330,7 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
     const int64_t qa = std::min(q.lq, qtiles * in / pn * NBQ), qb = std::min(q.lq, qtiles * (in + 1) / pn * NBQ);
     if (br0 < br1 && qa < qb) q_range<Idx>(c, cols, ii, ii + 1, br0, br1, qa, qb);
   }
-  }
+  });
 }
 
 inline void conv_entry(const ConvGeom& g, const BsrView& w, const float* x, const float* bias, float* y,

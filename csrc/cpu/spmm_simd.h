@@ -175,8 +175,7 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // Rows of X per pass: keep the X panel (nc x K floats) within ~256 KiB of L2.
   const int64_t nc = std::max<int64_t>(PW, ((int64_t(1) << 16) / std::max<int64_t>(K, 1)) / PW * PW);
-#pragma omp parallel num_threads(nt)
-  {
+  parallel_team(nt, [&] {
     if (packed && pm > 1) {  // panels shared by the threads: packed together, then a barrier
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units * kblocks; ++u) {
@@ -220,7 +219,7 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
         }
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,17 +441,15 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
   // split_rows (parallel.h): each thread transposes its own tiles of X and runs every block row on them
   const bool by_rows = w.split ? w.split == 1 : split_rows(w.nnzb() * R * w.c, n * K, units, nt, true);
   if (by_rows) {
-#pragma omp parallel num_threads(nt)
-    {
+    parallel_team(nt, [&] {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
       const int64_t u0 = units * tid / nth, u1 = units * (tid + 1) / nth;
       for (int64_t t = u0; t < u1; ++t) xt_transpose_unit<NB, NBR>(x, ldx, n, K, full, t, 0, K, xt);
       for (int64_t t = u0; t < u1; ++t) run_tile(t, 0, w.block_rows);
-    }
+    });
     return;
   }
-#pragma omp parallel num_threads(nt)
-  {
+  parallel_team(nt, [&] {
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units * kblocks; ++u) {
       const int64_t t = u / kblocks, kb = u % kblocks;
@@ -462,7 +459,7 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
     const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
     const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
     for (int64_t t = 0; t < units; ++t) run_tile(t, br0, br1);
-  }
+  });
 }
 
 template <class V, int R, int NBV, bool C1, class Idx>
@@ -482,8 +479,7 @@ void gather_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, i
                  const float* bias, float* y, int64_t ldy, int nt) {
   using T = typename V::T;
   constexpr int W = V::W;
-#pragma omp parallel num_threads(nt)
-  {
+  parallel_team(nt, [&] {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t m0 = balanced_split(w.row_ptr, w.rows, nth, tid);
     const int64_t m1 = balanced_split(w.row_ptr, w.rows, nth, tid + 1);
@@ -502,7 +498,7 @@ void gather_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, i
         y[i * ldy + m] = act_scalar(s + (bias ? bias[m] : 0.0f), w.act);
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
