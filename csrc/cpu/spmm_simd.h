@@ -509,7 +509,15 @@ void xt_pick_nb(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   constexpr int W = V::W;
   // accumulators R * NBV <= XT_MAX_ACC; fewer lanes when N is small
   constexpr int NBV_MAX = std::max(1, std::min(4, XT_MAX_ACC / R));
-  const int64_t want = (n + W - 1) / W;
+  int64_t want = (n + W - 1) / W;
+  // CSR with 16-lane vectors: 32-column tiles of X^T (not 64) up to K = 1024. Zen 5, one thread, eta at 80 / 90%:
+  // ResNet 1x1 196x256->1024 0.51 / 0.39 -> 0.88 / 0.63, 196x512->2048 0.68 / 0.54 -> 0.78 / 0.74, MiniLM up
+  // 128x384->1536 0.84 / 0.67 -> 0.86 / 0.84, BERT K = 768 equal or better; K = 1536 worse (0.75 / 0.63 -> 0.56 /
+  // 0.49), K = 3072 equal. SPARSEPRUNE_XT_NBV=1|2|4 caps the vectors per row, for experiments.
+  if constexpr (C1 && R == 1 && W == 16)
+    if (w.cols <= 1024) want = std::min<int64_t>(want, 2);
+  static const char* force = std::getenv("SPARSEPRUNE_XT_NBV");
+  if (force) want = std::min<int64_t>(want, std::atoi(force));
   if (NBV_MAX >= 4 && want >= 4) xt_spmm<V, R, (NBV_MAX >= 4 ? 4 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
   else if (NBV_MAX >= 2 && want >= 2) xt_spmm<V, R, (NBV_MAX >= 2 ? 2 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
   else xt_spmm<V, R, 1, C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
