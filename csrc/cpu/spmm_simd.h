@@ -512,8 +512,8 @@ void xt_pick_nb(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   int64_t want = (n + W - 1) / W;
   // CSR with 16-lane vectors: 32-column tiles of X^T (not 64) up to K = 1024. Zen 5, one thread, eta at 80 / 90%:
   // ResNet 1x1 196x256->1024 0.51 / 0.39 -> 0.88 / 0.63, 196x512->2048 0.68 / 0.54 -> 0.78 / 0.74, MiniLM up
-  // 128x384->1536 0.84 / 0.67 -> 0.86 / 0.84, BERT K = 768 equal or better; K = 1536 worse (0.75 / 0.63 -> 0.56 /
-  // 0.49), K = 3072 equal. SPARSEPRUNE_XT_NBV=1|2|4 caps the vectors per row, for experiments.
+  // 128x384->1536 0.84 / 0.67 -> 0.86 / 0.84, BERT FFN up 0.74 / 0.64 -> 0.86 / 0.73, attention 0.75 / 0.73 ->
+  // 0.69 / 0.74; K = 1536 worse (0.75 / 0.63 -> 0.56 / 0.49), K = 3072 equal. SPARSEPRUNE_XT_NBV=1|2|4 caps the vectors per row, for experiments.
   if constexpr (C1 && R == 1 && W == 16)
     if (w.cols <= 1024) want = std::min<int64_t>(want, 2);
   static const char* force = std::getenv("SPARSEPRUNE_XT_NBV");
