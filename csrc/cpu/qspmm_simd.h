@@ -271,6 +271,13 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
         bf16_row_words(f32_row(i), nullptr, w.cols, kg, words);
       }
     };
+    // cnt rows of len words (row j at words + j * ld) into a panel at dst (word g of row j at dst[g * ps + j])
+    auto to_panel = [&](const uint32_t* words, int64_t ld, int64_t len, int64_t cnt, uint32_t* dst) {
+      int64_t g = 0;
+      if (cnt == 8) g = transpose8_words(words, ld, len, dst, ps);
+      for (int64_t j = 0; j < cnt; ++j)
+        for (int64_t gg = g; gg < len; ++gg) dst[gg * ps + j] = words[j * ld + gg];
+    };
     // rows [8c, min(8c + 8, n)) into the panels whose first row is row0, the first of them panel p0
     auto pack_chunk = [&](int64_t c, int64_t row0, int64_t p0) {
       const int64_t i0 = 8 * c, cnt = std::min<int64_t>(8, n - i0);
@@ -289,11 +296,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       } else {
         for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
       }
-      uint32_t* dst = xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps;
-      int64_t g = 0;
-      if (cnt == 8) g = transpose8_words(words, kg, kg, dst, ps);
-      for (int64_t j = 0; j < cnt; ++j)
-        for (int64_t gg = g; gg < kg; ++gg) dst[gg * ps + j] = words[j * kg + gg];
+      to_panel(words, kg, kg, cnt, xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps);
     };
     // One shared panel (n <= 24, decode batches): the threads split its k-groups, not its rows. Split by
     // rows, two threads wrote halves of the same 64-byte lines of the panel (16 rows x 4 bytes a k-group):
@@ -322,11 +325,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
             bf16_row_words(f32_row(i) + k0, nullptr, kn, len, words + j * len);
           }
         }
-        uint32_t* dst = xp + g0 * ps + i0;
-        int64_t g = 0;
-        if (cnt == 8) g = transpose8_words(words, len, len, dst, ps);
-        for (int64_t j = 0; j < cnt; ++j)
-          for (int64_t gg = g; gg < len; ++gg) dst[gg * ps + j] = words[j * len + gg];
+        to_panel(words, len, len, cnt, xp + g0 * ps + i0);
       }
     };
     if (!by_rows && units == 1 && nt > 1 && !w.im2col) {

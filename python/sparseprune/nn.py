@@ -639,8 +639,7 @@ class SparseLinear(SparseModule):
             plan = (ptrs, act, self.num_threads, self.out_features, self.in_features, call)
             self.__dict__["_cache_qcall"] = plan
         y = ops.empty_rows(x, plan[3])
-        nt = self.num_threads
-        plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), nt if nt and nt > 0 else torch.get_num_threads())
+        plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), ops.resolve_threads(self.num_threads))
         return y
 
     def _forward_quant(self, x: Tensor) -> Tensor:
