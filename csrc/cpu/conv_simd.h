@@ -49,6 +49,47 @@ inline void q_segments(int64_t q, int nv, int64_t wq, int64_t wo, int64_t ys2, Q
   }
 }
 
+// The store of a q tile, out of line: the accumulators come through `acc` (R x NBV vectors, row i's
+// vector v at acc + (i * NBV + v) * W). Inlined into the tile, the activation's calls and constants
+// made GCC keep a third of the 24 accumulators of the 8 x 48 AVX-512 tile on the stack for the whole
+// entry loop (a load, fma and store per entry for each).
+template <int R, int NBV, bool MASK, int MODE>
+__attribute__((noinline)) void q_tile_store(const float* __restrict acc, int act, int rows, int tail,
+                                            float* __restrict dst, int64_t ldd, const QSeg* segs, const int* nseg,
+                                            const float* __restrict rdst) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  for (int i = 0; i < R; ++i) {
+    if (i >= rows) break;
+    for (int v = 0; v < NBV; ++v) {
+      T a = V::load(acc + (i * NBV + v) * W);
+      if (rdst) {  // the residual, laid out as dst: the same lanes and offsets
+        if constexpr (MODE == 1) {
+          for (int k = 0; k < nseg[v]; ++k) {
+            const QSeg& sg = segs[v * kMaxSeg + k];
+            const float* rp = rdst + i * ldd + sg.off;
+            a = V::add(a, sg.full ? V::load(rp) : V::load_m(rp, sg.m));
+          }
+        } else {
+          const float* rp = rdst + i * ldd + v * W;
+          a = V::add(a, (MASK && v == NBV - 1) ? V::loadn(rp, tail) : V::load(rp));
+        }
+      }
+      if (act) a = act_v(a, act);
+      if constexpr (MODE == 1) {
+        for (int k = 0; k < nseg[v]; ++k) {
+          const QSeg& sg = segs[v * kMaxSeg + k];
+          if (sg.full) V::store(dst + i * ldd + sg.off, a);
+          else V::store_m(dst + i * ldd + sg.off, a, sg.m);
+        }
+      } else {
+        if (MASK && v == NBV - 1) V::storen(dst + i * ldd + v * W, a, tail);
+        else V::store(dst + i * ldd + v * W, a);
+      }
+    }
+  }
+}
+
 // MODE 0: row i of the tile is stored at dst + i*ldd (contiguous q == output positions, or a scratch
 // tile). MODE 1: NCHW rows through the segments (dst = first output channel's plane, ldd = ys1).
 template <int R, int NBV, bool MASK, int MODE, class Idx>
@@ -79,36 +120,12 @@ SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kof
       for (int v = 0; v < NBV; ++v) acc[i][v] = V::fma(wv, xv[v], acc[i][v]);
     }
   }
+  alignas(64) float out[R * NBV * W];
 #pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    if (i >= rows) break;
+  for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < NBV; ++v) {
-      if (rdst) {  // the residual, laid out as dst: the same lanes and offsets
-        if constexpr (MODE == 1) {
-          for (int k = 0; k < nseg[v]; ++k) {
-            const QSeg& sg = segs[v * kMaxSeg + k];
-            const float* rp = rdst + i * ldd + sg.off;
-            acc[i][v] = V::add(acc[i][v], sg.full ? V::load(rp) : V::load_m(rp, sg.m));
-          }
-        } else {
-          const float* rp = rdst + i * ldd + v * W;
-          acc[i][v] = V::add(acc[i][v], (MASK && v == NBV - 1) ? V::loadn(rp, tail) : V::load(rp));
-        }
-      }
-      if (act) acc[i][v] = act_v(acc[i][v], act);
-      if constexpr (MODE == 1) {
-        for (int k = 0; k < nseg[v]; ++k) {
-          const QSeg& sg = segs[v * kMaxSeg + k];
-          if (sg.full) V::store(dst + i * ldd + sg.off, acc[i][v]);
-          else V::store_m(dst + i * ldd + sg.off, acc[i][v], sg.m);
-        }
-      } else {
-        if (MASK && v == NBV - 1) V::storen(dst + i * ldd + v * W, acc[i][v], tail);
-        else V::store(dst + i * ldd + v * W, acc[i][v]);
-      }
-    }
-  }
+    for (int v = 0; v < NBV; ++v) V::store(out + (i * NBV + v) * W, acc[i][v]);
+  q_tile_store<R, NBV, MASK, MODE>(out, act, rows, tail, dst, ldd, segs, nseg, rdst);
 }
 
 // A tile of nv (<= NBV) vectors, the last one holding `tail` lanes.
