@@ -311,3 +311,20 @@ def test_bad_inputs_raise():
 def test_listed_in_kernel_table():
     for p in sp.ops.isa_paths():
         assert p["conv_kernels"].startswith("f32_conv2d_") and p["conv_kernels"].endswith(p["isa"])
+
+
+@pytest.mark.parametrize("case", [(48, 32, 3, 2, 1, 1, 1, 41, 57),    # 3x3 stride 2, odd width: de-interleaved rows
+                                  (40, 32, 1, 2, 0, 1, 1, 37, 35),    # 1x1 stride 2: one phase of four packed
+                                  (32, 32, 3, 1, 1, 1, 1, 45, 39),    # stride 1 with padding: copied rows
+                                  (32, 16, 5, 2, 3, 2, 1, 43, 47),    # dilation 2, padding 3, stride 2
+                                  (24, 16, (3, 5), (1, 2), (2, 1), 1, 1, 40, 61)])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_band_packing_at_the_end_of_memory(isa, case, threads):
+    # more than one thread and a tall output: the input is packed band by band right before its rows are
+    # computed (two columns of X per output column with stride 2); the rows of the last channel end where the
+    # tensor's memory ends, so a vector load past a row would read past the allocation
+    conv, _ = make_conv(case, "bsr", (16, 16), 0.5)
+    sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), num_threads=threads)
+    cin, H, W = case[0], case[7], case[8]
+    big = torch.randn(cin * H * W + 5)
+    check(conv, sc, big[-cin * H * W:].view(1, cin, H, W))
