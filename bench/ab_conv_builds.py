@@ -1,0 +1,104 @@
+"""Two builds of the sparse conv kernels in one process, taking turns with dense ``nn.Conv2d`` on the ResNet-50
+layer shapes (batch 1, NCHW, 16x16 blocks): the conv counterpart of ``ab_builds.py``. The installed
+``sparseprune._C`` is "new"; ``--old`` is the ``_C`` shared object of another build, e.g.
+
+    git worktree add /tmp/oldsrc <commit>
+    cmake -S /tmp/oldsrc -B /tmp/oldbuild -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEPRUNE_CUDA=OFF \
+        -Dpybind11_DIR=$(python -m pybind11 --cmakedir) -DPython_EXECUTABLE=$(which python)
+    cmake --build /tmp/oldbuild -j2
+    python bench/ab_conv_builds.py --old /tmp/oldbuild/_C.*.so [--rounds 41] [--isa avx2]
+
+Both builds run the same SparseConv2d (one deep copy each, so that each keeps the plan its own ``_C`` made);
+each output is checked against the dense conv first. ``new/old`` is the median over rounds of old time / new
+time (the order within a round is fixed: dense, old, new); η = speedup over dense x density, best call of each.
+"""
+import argparse
+import copy
+import glob
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from sparseprune import ops
+from sparseprune.convert.cache import cpu_model
+from sparseprune.nn import SparseConv2d
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from resnet_helpers import conv_block_mask  # noqa: E402
+
+# name, in, out, kernel, stride, input size
+SHAPES = [("3x3 64->64 @56", 64, 64, 3, 1, 56), ("1x1 64->256 @56", 64, 256, 1, 1, 56),
+          ("3x3/2 128->128 @56", 128, 128, 3, 2, 56), ("3x3 256->256 @14", 256, 256, 3, 1, 14),
+          ("1x1 1024->256 @14", 1024, 256, 1, 1, 14), ("1x1 256->1024 @14", 256, 1024, 1, 1, 14),
+          ("3x3 512->512 @7", 512, 512, 3, 1, 7)]
+
+
+def load_old(pattern: str):
+    paths = glob.glob(pattern)
+    if len(paths) != 1:
+        raise SystemExit(f"--old must name one shared object, got {paths or pattern}")
+    spec = importlib.util.spec_from_file_location("_C", paths[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--old", required=True)
+    ap.add_argument("--rounds", type=int, default=31)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sparsities", default="0.8,0.9")
+    ap.add_argument("--isa", default=None, help="force this ISA path in both builds (e.g. avx2)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    old, new = load_old(a.old), ops._C
+    if a.isa:
+        old.set_isa(a.isa)
+        new.set_isa(a.isa)
+    print(f"{cpu_model()}, {a.threads} threads, isa {new.active_isa()}; {a.rounds} rounds\n")
+    print("| layer | sparsity | dense µs | old µs | new µs | new/old (median) | η old | η new |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    try:
+        for name, cin, cout, k, s, hw in SHAPES:
+            for sparsity in (float(v) for v in a.sparsities.split(",")):
+                conv = torch.nn.Conv2d(cin, cout, k, s, k // 2)
+                with torch.no_grad():
+                    conv.weight.mul_(conv_block_mask(conv.weight, sparsity))
+                density = float((conv.weight != 0).float().mean())
+                m_new = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16)).eval()
+                m_old = copy.deepcopy(m_new)
+                x = torch.randn(1, cin, hw, hw)
+                with torch.no_grad():
+                    ref = conv(x)
+                    for mod, c in ((m_new, new), (m_old, old)):
+                        ops._C = c
+                        torch.testing.assert_close(mod(x), ref, atol=1e-3, rtol=1e-3)
+                    td, to, tn, ratio = [], [], [], []
+                    for _ in range(a.rounds):
+                        t = time.perf_counter()
+                        conv(x)
+                        td.append(time.perf_counter() - t)
+                        ops._C = old
+                        t = time.perf_counter()
+                        m_old(x)
+                        to.append(time.perf_counter() - t)
+                        ops._C = new
+                        t = time.perf_counter()
+                        m_new(x)
+                        tn.append(time.perf_counter() - t)
+                        ratio.append(to[-1] / tn[-1])
+                d, o, n = min(td), min(to), min(tn)
+                print(f"| {name} | {sparsity:.0%} | {d * 1e6:.0f} | {o * 1e6:.0f} | {n * 1e6:.0f} | "
+                      f"{statistics.median(ratio):.2f} | {d / o * density:.2f} | {d / n * density:.2f} |", flush=True)
+    finally:
+        ops._C = new
+
+
+if __name__ == "__main__":
+    main()
