@@ -876,6 +876,19 @@ class SparseConv2d(SparseModule):
     def _eager_cpu(self, x: Tensor, pad4, act: int, residual: Optional[Tensor] = None) -> Tensor:
         """The float32 sparse kernel on a checked CPU input in eager inference."""
         bufs = self._buffers
+        if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
+                and not any(pad4) and residual is None and x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            # a 1x1 conv on a channels_last input is a Linear layer over its pixels, (N*H*W, Cin) row-major: the
+            # packed (rk x 1)-block weight is a BSR matrix the Linear kernels read as it is. The conv kernel
+            # would pack the input into channel planes and scatter its output pixel by pixel (ResNet-50 80%
+            # in channels_last ran at 2.45x dense against 4.05x in NCHW). A residual stays with the conv kernel,
+            # which adds it in its store.
+            n, _, h, w = x.shape
+            y = ops.spmm_eager(x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels), bufs["row_ptr"],
+                               bufs["col_idx"], bufs["values"], self._parameters["bias"], self.out_channels,
+                               self.in_channels, self.rk, 1, self._threads(), act)
+            return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # channels_last strides, as torch's
         # shapes, strides and workspace size depend only on the input's shape and strides: kept
         key = (x.shape, x.stride(), tuple(pad4))
         plan = self.__dict__.get("_cache_conv_plan")
