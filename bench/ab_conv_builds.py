@@ -14,8 +14,6 @@ time (the order within a round is fixed: dense, old, new); η = speedup over den
 """
 import argparse
 import copy
-import glob
-import importlib.util
 import os
 import statistics
 import sys
@@ -28,6 +26,7 @@ from sparseprune.convert.cache import cpu_model
 from sparseprune.nn import SparseConv2d
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ab_builds import load_old  # noqa: E402
 from resnet_helpers import conv_block_mask  # noqa: E402
 
 # name, in, out, kernel, stride, input size
@@ -35,16 +34,6 @@ SHAPES = [("3x3 64->64 @56", 64, 64, 3, 1, 56), ("1x1 64->256 @56", 64, 256, 1, 
           ("3x3/2 128->128 @56", 128, 128, 3, 2, 56), ("3x3 256->256 @14", 256, 256, 3, 1, 14),
           ("1x1 1024->256 @14", 1024, 256, 1, 1, 14), ("1x1 256->1024 @14", 256, 1024, 1, 1, 14),
           ("3x3 512->512 @7", 512, 512, 3, 1, 7)]
-
-
-def load_old(pattern: str):
-    paths = glob.glob(pattern)
-    if len(paths) != 1:
-        raise SystemExit(f"--old must name one shared object, got {paths or pattern}")
-    spec = importlib.util.spec_from_file_location("_C", paths[0])
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv=None):

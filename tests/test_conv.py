@@ -321,8 +321,8 @@ def test_listed_in_kernel_table():
 @pytest.mark.parametrize("threads", [2, 3])
 def test_band_packing_at_the_end_of_memory(isa, case, threads):
     # more than one thread and a tall output: the input is packed band by band right before its rows are
-    # computed (two columns of X per output column with stride 2); the rows of the last channel end where the
-    # tensor's memory ends, so a vector load past a row would read past the allocation
+    # computed (with stride 2, every other column into each phase); the rows of the last channel end where the
+    # tensor's memory ends, so a packer that read past a row would read past the allocation
     conv, _ = make_conv(case, "bsr", (16, 16), 0.5)
     sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), num_threads=threads)
     cin, H, W = case[0], case[7], case[8]
