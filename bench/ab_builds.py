@@ -9,7 +9,7 @@
 
 Both builds get the same packed arrays (the packing is Python, shared) and pointers; each result is checked
 against dense PyTorch before timing (int8 / bf16: the two builds must agree bit for bit, and both within
-quantization error of dense PyTorch on the dequantized weight). ``new/old`` is the median over rounds of old time / new time; η is
+quantization error of dense PyTorch on the dequantized weight). ``new/old`` is the median over rounds of old time / new time (each call right after a dense one); η is
 speedup over dense x density, from the best call of each.
 """
 import argparse
@@ -80,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma list of: {', '.join(SHAPES)}")
     ap.add_argument("--blocks", default="1x1,4x4", help="comma list of RxC (1x1 = CSR)")
     ap.add_argument("--sparsities", default="0.8,0.9")
+    ap.add_argument("--between", choices=("dense", "none"), default="dense",
+                    help="dense: a dense call before each build's call (caches as in a model); none: the builds "
+                         "back to back (warm caches: the kernel's own speed)")
     ap.add_argument("--dtype", choices=("float32", "int8", "bfloat16"), default="float32", help="weight dtype")
     ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
     a = ap.parse_args(argv)
@@ -88,7 +91,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     lines = [f"CPU: {cpu_model()}, {a.threads} threads, torch {torch.__version__}, {a.dtype} weights; best of {a.rounds} interleaved "
-             "rounds (dense, old, new taking turns, order alternating)", "",
+             "rounds (dense before each build's call, the builds' order alternating)", "",
              "| shape | N×K→M | block | sparsity | dense ms | old ms | new ms | new/old speed | η old | η new |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -125,10 +128,19 @@ def main(argv=None):
                         for _ in range(5):
                             f()
                     for i in range(a.rounds):
-                        for key in (list(fns) if i % 2 == 0 else list(reversed(list(fns)))):
+                        # dense before each build's call, the builds' order alternating: each then starts from
+                        # the same caches (a call right after the other build's ran on warm X, Y and W: comparing
+                        # one build with itself, the old order read 1.06-1.32x)
+                        order = ("old", "new") if i % 2 == 0 else ("new", "old")
+                        # back to back: o n | n o | o n ... each build follows itself and the other equally often
+                        for key in ("dense", order[0], "dense", order[1]) if a.between == "dense" else order:
                             t = time.perf_counter()
                             fns[key]()
                             ts[key].append(time.perf_counter() - t)
+                    for _ in range(a.rounds if a.between == "none" else 0):  # dense on its own, for η
+                        t = time.perf_counter()
+                        fns["dense"]()
+                        ts["dense"].append(time.perf_counter() - t)
                 d = 1.0 - s
                 gain = statistics.median(o / nw for o, nw in zip(ts["old"], ts["new"]))
                 dm, om, nm = (min(ts[key]) * 1e3 for key in ("dense", "old", "new"))

@@ -10,7 +10,7 @@ layer shapes (batch 1, NCHW, 16x16 blocks): the conv counterpart of ``ab_builds.
 
 Both builds run the same SparseConv2d (one deep copy each, so that each keeps the plan its own ``_C`` made);
 each output is checked against the dense conv first. ``new/old`` is the median over rounds of old time / new
-time (the order within a round is fixed: dense, old, new); η = speedup over dense x density, best call of each.
+time (dense runs before each build's call, the builds' order alternating); η = speedup over dense x density, best call of each.
 """
 import argparse
 import copy
@@ -69,18 +69,18 @@ def main(argv=None):
                         ops._C = c
                         torch.testing.assert_close(mod(x), ref, atol=1e-3, rtol=1e-3)
                     td, to, tn, ratio = [], [], [], []
-                    for _ in range(a.rounds):
-                        t = time.perf_counter()
-                        conv(x)
-                        td.append(time.perf_counter() - t)
-                        ops._C = old
-                        t = time.perf_counter()
-                        m_old(x)
-                        to.append(time.perf_counter() - t)
-                        ops._C = new
-                        t = time.perf_counter()
-                        m_new(x)
-                        tn.append(time.perf_counter() - t)
+                    for i in range(a.rounds):
+                        # dense before each build's call, the builds' order alternating (a fixed dense, old,
+                        # new order ran new on the input and output memory old had just warmed)
+                        for mod, c, ts in ((m_old, old, to), (m_new, new, tn)) if i % 2 == 0 else \
+                                ((m_new, new, tn), (m_old, old, to)):
+                            t = time.perf_counter()
+                            conv(x)
+                            td.append(time.perf_counter() - t)
+                            ops._C = c
+                            t = time.perf_counter()
+                            mod(x)
+                            ts.append(time.perf_counter() - t)
                         ratio.append(to[-1] / tn[-1])
                 d, o, n = min(td), min(to), min(tn)
                 print(f"| {name} | {sparsity:.0%} | {d * 1e6:.0f} | {o * 1e6:.0f} | {n * 1e6:.0f} | "

@@ -414,3 +414,34 @@ def test_kept_kernel_arguments_follow_every_change(dtype):
         assert torch.equal(q(x), torch.relu(yb))
         q._parameters["bias"] = None
         torch.testing.assert_close(q(x), torch.relu(yb - qb.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_repeat_call_shortcut_steps_aside(dtype):
+    """forward's one-test shortcut for repeat calls (a kept plan, a plain contiguous float32 input) must
+    see what the plan cannot: a bias moved through ``.data``, another input size, a gradient, a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func.namespace == "sparseprune"
+            return func(*args, **(kwargs or {}))
+
+    q = sp.SparseLinear.from_dense(_linear(40, 48, sparsity=0.6, seed=2), format="bsr", block_size=(16, 16),
+                                   weight_dtype=dtype)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        y = q(x)
+        assert "_cache_qcall" in q.__dict__ and torch.equal(q(x), y)
+        q.bias.data = q.bias.data + 1.0  # the same Parameter, new memory
+        torch.testing.assert_close(q(x), y + 1.0, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="48"):
+            q(torch.randn(5, 47))
+        assert q(torch.randn(0, 48)).shape == (0, 40)
+        with Count():
+            torch.testing.assert_close(q(x), y + 1.0, rtol=1e-5, atol=1e-5)
+        assert Count.calls == 1  # the mode saw the layer: it went through the registered op
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q(x.clone().requires_grad_())

@@ -145,23 +145,33 @@ inline QRowParams q_row_params(const QRowRange& r) {
   return p;
 }
 
+#if defined(__AVX512BW__)
+// int8: 64 floats of a row quantized into 16 words, in the order the packs leave them (they work within
+// 128-bit lanes): dword 4 * l + j holds word 4 * j + l, i.e. x[16 j + 4 l ..]. As the AVX2 loop below:
+// vcvtps2dq rounds to nearest even, the packs saturate (NaN -> INT_MIN -> 0).
+inline __m512i q_quant64(const float* x, __m512 vinv, __m512i vzpi, __m512i vqmax) {
+  __m512i q[4];
+  for (int j = 0; j < 4; ++j)
+    q[j] = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), vinv)), vzpi);
+  const __m512i b = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+  return _mm512_min_epu8(b, vqmax);
+}
+// The word held by dword d of q_quant64's result.
+constexpr int q_quant64_word(int d) { return 4 * (d % 4) + d / 4; }
+#endif
+
 // int8, second pass: x[0, K) quantized with p into kg words (k >= K are 0).
 inline void q_row_quantize(const float* x, int64_t K, int64_t kg, const QRowParams& p, uint32_t* out) {
   const float zpf = static_cast<float>(p.zp);
   int64_t g = 0;
 #if defined(__AVX512BW__)
   {
-    // 64 at a time, as the AVX2 loop below (vcvtps2dq rounds to nearest even; packs with saturation, NaN -> 0);
-    // the packs work within 128-bit lanes: dword 4 * l + j of b holds x[16 j + 4 l ..], put back in order
+    // 64 at a time, put back in order
     const __m512 vinv = _mm512_set1_ps(p.inv);
     const __m512i vzpi = _mm512_set1_epi32(p.zp), vqmax = _mm512_set1_epi8(static_cast<char>(kQMax));
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (; 4 * g + 64 <= K; g += 16) {
-      __m512i q[4];
-      for (int j = 0; j < 4; ++j)
-        q[j] = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 4 * g + 16 * j), vinv)), vzpi);
-      __m512i b = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
-      b = _mm512_permutexvar_epi32(order, _mm512_min_epu8(b, vqmax));
+      const __m512i b = _mm512_permutexvar_epi32(order, q_quant64(x + 4 * g, vinv, vzpi, vqmax));
       _mm512_storeu_si512(reinterpret_cast<void*>(out + g), b);
     }
   }
@@ -219,12 +229,95 @@ inline void q_row_quantize(const float* x, int64_t K, int64_t kg, const QRowPara
   }
 }
 
+#if defined(__AVX512BW__)
+// Eight rows' 16 words each (q[j]: row j, dword d holding word WORD(d)) into a panel: word g of row j to
+// dst[g * ps + j]. Transposed in registers (two unpack steps within lanes, one two-source qword permute
+// across them), one 32-byte store per word: where the words went through a row buffer and 8x8 transposes
+// of 32-byte loads, that round trip cost about as much as the quantization itself.
+template <int (*WORD)(int)>
+inline void panel_store8x16(const __m512i (&q)[8], uint32_t* dst, int64_t ps) {
+  __m512i t[8], u[8];
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm512_unpacklo_epi32(q[j], q[j + 1]);      // lane l: dwords 4l, 4l+1 of rows j, j+1
+    t[j + 1] = _mm512_unpackhi_epi32(q[j], q[j + 1]);  // dwords 4l+2, 4l+3
+  }
+  for (int b = 0; b < 8; b += 4) {  // u[b/4*4 + i], lane l: dword 4l+i of rows b..b+3
+    u[b + 0] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+    u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+    u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+    u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+  }
+  const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int i = 0; i < 4; ++i) {
+    const __m512i a = _mm512_permutex2var_epi64(u[i], lo, u[i + 4]);  // dword i of rows 0-7, then dword 4+i
+    const __m512i b = _mm512_permutex2var_epi64(u[i], hi, u[i + 4]);  // dwords 8+i, 12+i
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + WORD(i) * ps), _mm512_castsi512_si256(a));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + WORD(4 + i) * ps), _mm512_extracti64x4_epi64(a, 1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + WORD(8 + i) * ps), _mm512_castsi512_si256(b));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + WORD(12 + i) * ps), _mm512_extracti64x4_epi64(b, 1));
+  }
+}
+
+// int8: rows x[j] (j < 8), K floats each, quantized with p[j] straight into a panel (word g of row j at
+// dst[g * ps + j]) for the words of whole 64-float groups; returns how many words that was (the rest, with
+// the zero padding, goes through q_row_quantize). Bit-identical to q_row_quantize.
+inline int64_t q_rows8_to_panel(const float* const (&x)[8], int64_t K, const QRowParams (&p)[8], uint32_t* dst,
+                                int64_t ps) {
+  __m512 vinv[8];
+  __m512i vzp[8];
+  for (int j = 0; j < 8; ++j) {
+    vinv[j] = _mm512_set1_ps(p[j].inv);
+    vzp[j] = _mm512_set1_epi32(p[j].zp);
+  }
+  const __m512i vqmax = _mm512_set1_epi8(static_cast<char>(kQMax));
+  int64_t g = 0;
+  for (; 4 * g + 64 <= K; g += 16) {
+    __m512i q[8];
+    for (int j = 0; j < 8; ++j) q[j] = q_quant64(x[j] + 4 * g, vinv[j], vzp[j], vqmax);
+    panel_store8x16<q_quant64_word>(q, dst + g * ps, ps);
+  }
+  return g;
+}
+#endif
+
 // int8: quantize x[0, K) into kg words (k >= K are 0). Returns this row's parameters.
 inline QRowParams q_row_words(const float* x, int64_t K, int64_t kg, uint32_t* out) {
   const QRowParams p = q_row_params(q_row_range(x, K));
   q_row_quantize(x, K, kg, p, out);
   return p;
 }
+
+#if defined(__AVX512BW__)
+// bf16: rows x[j] (float32) or xb[j] (already bf16; x null), j < 8, K values each, straight into a panel as
+// q_rows8_to_panel does for int8, for the words of whole 32-value groups; returns how many words that was.
+// Bit-identical to bf16_row_words (the same integer rounding).
+constexpr int bf16_packus_word(int d) { return (d % 4 < 2 ? 2 * (d / 4) : 8 + 2 * (d / 4) - 2) + d % 4; }
+constexpr int bf16_same_word(int d) { return d; }
+inline int64_t bf16_rows8_to_panel(const float* const (&x)[8], const uint16_t* const (&xb)[8], int64_t K,
+                                   uint32_t* dst, int64_t ps) {
+  int64_t g = 0;
+  if (x[0]) {
+    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    auto round16 = [&](const float* p) {  // 16 values -> their bf16 bits in the low halves of 16 dwords
+      const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(p));
+      return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+    };
+    for (; 2 * g + 32 <= K; g += 16) {
+      __m512i q[8];
+      // packus within 128-bit lanes: dword 4l + {0, 1} holds words 2l + {0, 1}, dword 4l + {2, 3} words 8 + 2l + {0, 1}
+      for (int j = 0; j < 8; ++j) q[j] = _mm512_packus_epi32(round16(x[j] + 2 * g), round16(x[j] + 2 * g + 16));
+      panel_store8x16<bf16_packus_word>(q, dst + g * ps, ps);
+    }
+  } else {
+    for (; 2 * g + 32 <= K; g += 16) {
+      __m512i q[8];
+      for (int j = 0; j < 8; ++j) q[j] = _mm512_loadu_si512(xb[j] + 2 * g);
+      panel_store8x16<bf16_same_word>(q, dst + g * ps, ps);
+    }
+  }
+  return g;
+}
+#endif
 
 // bf16: round x[0, K) to bf16 pairs, kg words (k >= K are 0). xb: X already in bf16 (or null).
 inline void bf16_row_words(const float* x, const uint16_t* xb, int64_t K, int64_t kg, uint32_t* out) {

@@ -287,16 +287,51 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
         // overlap the next row's loads instead of stalling between its two passes
         QRowRange rr[8];
         for (int64_t j = 0; j < cnt; ++j) rr[j] = q_row_range(f32_row(i0 + j), w.cols);
+        QRowParams pr[8];
         for (int64_t j = 0; j < cnt; ++j) {
-          const QRowParams p = q_row_params(rr[j]);
-          zp[i0 + j] = p.zp;
-          sx[i0 + j] = p.s;
-          q_row_quantize(f32_row(i0 + j), w.cols, kg, p, words + j * kg);
+          pr[j] = q_row_params(rr[j]);
+          zp[i0 + j] = pr[j].zp;
+          sx[i0 + j] = pr[j].s;
         }
-      } else {
-        for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
+        uint32_t* dst = xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps;
+        int64_t g0 = 0;  // words already in the panel
+#if defined(__AVX512BW__)
+        if (cnt == 8) {
+          const float* rows[8];
+          for (int j = 0; j < 8; ++j) rows[j] = f32_row(i0 + j);
+          g0 = q_rows8_to_panel(rows, w.cols, pr, dst, ps);
+        }
+#endif
+        if (g0 < kg) {
+          for (int64_t j = 0; j < cnt; ++j)
+            q_row_quantize(f32_row(i0 + j) + 4 * g0, w.cols - 4 * g0, kg - g0, pr[j], words + j * (kg - g0));
+          to_panel(words, kg - g0, kg - g0, cnt, dst + g0 * ps);
+        }
+        return;
       }
-      to_panel(words, kg, kg, cnt, xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps);
+      uint32_t* dst = xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps;
+#if defined(__AVX512BW__)
+      if (!Op::S8 && !w.im2col && cnt == 8) {
+        const float* rows[8] = {};
+        const uint16_t* rows16[8] = {};
+        for (int j = 0; j < 8; ++j) {
+          if (xt == XType::bf16)
+            rows16[j] = bf16_row(i0 + j);
+          else
+            rows[j] = f32_row(i0 + j);
+        }
+        const int64_t g0 = bf16_rows8_to_panel(rows, rows16, w.cols, dst, ps);
+        if (g0 < kg) {
+          for (int j = 0; j < 8; ++j)
+            bf16_row_words(rows[j] ? rows[j] + 2 * g0 : nullptr, rows16[j] ? rows16[j] + 2 * g0 : nullptr,
+                           w.cols - 2 * g0, kg - g0, words + j * (kg - g0));
+          to_panel(words, kg - g0, kg - g0, cnt, dst + g0 * ps);
+        }
+        return;
+      }
+#endif
+      for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
+      to_panel(words, kg, kg, cnt, dst);
     };
     // One shared panel (n <= 24, decode batches): the threads split its k-groups, not its rows. Split by
     // rows, two threads wrote halves of the same 64-byte lines of the panel (16 rows x 4 bytes a k-group):

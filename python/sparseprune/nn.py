@@ -22,6 +22,13 @@ from torch import Tensor, nn
 
 from . import ops, quant
 from ._ext import _C
+
+_F32 = torch.float32
+_grad_enabled = torch.is_grad_enabled
+_get_num_threads = torch.get_num_threads
+_compiling = torch.compiler.is_compiling
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_depth = torch._C._len_torch_dispatch_stack
 from .formats import BSRMatrix, CSRMatrix, block_mask
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConv2d", "MaxPool2d", "FORMATS", "WEIGHT_DTYPES", "detect_block_size",
@@ -545,7 +552,27 @@ class SparseLinear(SparseModule):
                 + self._repr_tail())
 
     def forward(self, x: Tensor) -> Tensor:
-        shared = self.__dict__.get("_shared_input")  # sparseprune.shared: one call for the layers on this input
+        d = self.__dict__
+        plan = d.get("_cache_qcall")
+        # The repeat inference call of an int8 / bf16 layer, in one test: a plain contiguous non-empty float32 CPU
+        # tensor of this size, nothing to differentiate, trace or intercept, the plan of the last call still valid
+        # (same arrays at the same addresses, activation, thread setting). Everything else takes the path below,
+        # which builds the plan. ~2 us less a call than that path: a tenth of a 90%-sparse 768x768 int8 product.
+        if (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and not _grad_enabled()
+                and x.is_contiguous() and d.get("_shared_input") is None and x.dim() and x.shape[-1] == plan[4]
+                and self.in_features == plan[4] and self.activation == plan[1] and self.num_threads == plan[2]
+                and x.numel() and not _compiling() and not _function_mode() and not _dispatch_depth()):
+            bufs, bias = self._buffers, self._parameters["bias"]
+            sc, co = bufs.get("scales"), bufs.get("compensation")
+            if (bufs["values"].data_ptr(), bufs["row_ptr"].data_ptr(), bufs["col_idx"].data_ptr(),
+                    0 if sc is None else sc.data_ptr(), 0 if co is None else co.data_ptr(),
+                    0 if bias is None else bias.data_ptr()) == plan[0]:
+                sh = x.shape
+                y = torch.empty(sh[0], plan[3], dtype=_F32) if len(sh) == 2 else torch.empty(*sh[:-1], plan[3], dtype=_F32)
+                nt = plan[2]
+                plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), nt if nt and nt > 0 else _get_num_threads())
+                return y
+        shared = d.get("_shared_input")  # sparseprune.shared: one call for the layers on this input
         if shared is not None:
             y = shared[0].take(shared[1], x)
             if y is not None:
