@@ -43,13 +43,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.8,0.9")
     ap.add_argument("--isa", default=None, help="force this ISA path in both builds (e.g. avx2)")
+    ap.add_argument("--channels-last", action="store_true", help="input and dense conv in channels_last")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     old, new = load_old(a.old), ops._C
     if a.isa:
         old.set_isa(a.isa)
         new.set_isa(a.isa)
-    print(f"{cpu_model()}, {a.threads} threads, isa {new.active_isa()}; {a.rounds} rounds\n")
+    print(f"{cpu_model()}, {a.threads} threads, isa {new.active_isa()}; {a.rounds} rounds"
+          f"{'; channels_last' if a.channels_last else ''}\n")
     print("| layer | sparsity | dense µs | old µs | new µs | new/old (median) | η old | η new |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
@@ -63,6 +65,9 @@ def main(argv=None):
                 m_new = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16)).eval()
                 m_old = copy.deepcopy(m_new)
                 x = torch.randn(1, cin, hw, hw)
+                if a.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    conv = conv.to(memory_format=torch.channels_last)
                 with torch.no_grad():
                     ref = conv(x)
                     for mod, c in ((m_new, new), (m_old, old)):

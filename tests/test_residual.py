@@ -234,3 +234,25 @@ def test_fused_block_output_check_uses_the_quantized_criterion_only_for_quantize
     assert not residual_mod._matches(garbage, ref, q, 1e-4, 0.25)
     assert not residual_mod._matches(flip, ref, q, 1e-4, None)  # no quantized tolerance given: the strict check
     assert residual_mod._matches(ref.clone(), ref, fp, 1e-4, 0.25)
+
+
+@pytest.mark.parametrize("block", [(8, 8), (16, 16)])
+@pytest.mark.parametrize("cout", [20, 40])
+@pytest.mark.parametrize("k,s,h,w", [(1, 1, 9, 13), (3, 1, 10, 21), (3, 2, 17, 19)])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_channels_last_output_through_the_transposing_store(isa, block, cout, k, s, h, w, act):
+    """channels_last outputs of 8-channel tiles go out eight pixels at a time through a transpose (runs of 8
+    valid columns of one output row; the rest pixel by pixel), with the residual and activation applied
+    there: widths that leave partial runs, row wrap-around, stride 2, partial block rows (cout 20)."""
+    conv = _conv(24, cout, k, s, k // 2, 1, block, 0.4, cout + k + s, True)
+    sc = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=block)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 24, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = conv(x)
+        r = torch.randn(y.shape, generator=g).contiguous(memory_format=torch.channels_last)
+        ref = ops.apply_activation(y.double() + r.double(), act)
+        torch.testing.assert_close(sc(x).double(), y.double(), rtol=1e-4, atol=1e-4)
+        got = sc.forward_residual(x, r, act)
+    assert got.stride() == y.stride()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)

@@ -183,7 +183,30 @@ inline void scatter_tile(const QCall& c, float* yimg, int64_t co0, int rows, int
   const ConvGeom& g = *c.g;
   const int64_t wq = c.q->wq;
   int64_t oh = q / wq, ow = q % wq;
+  // channels_last (a pixel's channels contiguous): 8 q positions x 8 channels by one transpose where the 8
+  // are valid columns of one output row, one 32-byte store per pixel instead of 8 scalar ones
+  const bool t8 = g.ys[1] == 1 && rows == 8;
   for (int p = 0; p < cnt; ++p) {
+    if (t8 && p + 8 <= cnt && ow + 8 <= g.wo) {
+      float* yp = yimg + co0 + oh * g.ys[2] + ow * g.ys[3];
+      if (!w.has_res) {
+        transpose8x8(tmp + p, nb, yp, g.ys[3]);
+      } else {
+        alignas(32) float b[64];
+        transpose8x8(tmp + p, nb, b, 8);
+        for (int k = 0; k < 8; ++k) {
+          float* yk = yp + k * g.ys[3];
+          _mm256_storeu_ps(yk, act_v(_mm256_add_ps(_mm256_load_ps(b + 8 * k), _mm256_loadu_ps(res_of(w, yk))), w.act));
+        }
+      }
+      p += 7;  // and the loop's ++p
+      ow += 8;
+      if (ow == wq) {
+        ow = 0;
+        ++oh;
+      }
+      continue;
+    }
     if (ow < g.wo) {
       float* yp = yimg + co0 * g.ys[1] + oh * g.ys[2] + ow * g.ys[3];
       if (w.has_res) {
@@ -282,6 +305,9 @@ void q_range(const QCall& c, const Idx* cols, int64_t n0, int64_t n1, int64_t br
   }
 }
 
+// conv_pack_input's transpose for channels_last inputs (vec_x86.h's, out of line: it is called through a pointer)
+inline void conv_transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) { transpose8x8(src, lds, dst, ldd); }
+
 template <class Idx>
 void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x, const float* bias, float* y,
             float* ws, int num_threads) {
@@ -348,7 +374,7 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
   }
   const int64_t items = pi * pn * pm;
   parallel_team(nt, [&] {
-  conv_pack_input(g, q, x, ws);  // one fork/join for packing and compute
+  conv_pack_input(g, q, x, ws, conv_transpose8x8);  // one fork/join for packing and compute
 #pragma omp for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t ii = it / (pn * pm), in = (it / pm) % pn, im = it % pm;

@@ -42,7 +42,10 @@ ConvQLayout conv_q_layout(const ConvGeom& g);
 // Pack x (any strides) into the phase-split, zero-padded q-domain buffer. Its loops are orphaned
 // `omp for`s: called inside a parallel region they share the work (and end with a barrier), called
 // outside one they run on the calling thread.
-void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws);
+// t8 (optional): the ISA path's 8x8 float transpose, src rows (stride lds) -> dst columns (stride ldd),
+// which moves a channels_last input's pixels into channel planes eight by eight.
+using Transpose8x8Fn = void (*)(const float* src, int64_t lds, float* dst, int64_t ldd);
+void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, Transpose8x8Fn t8 = nullptr);
 // Serial: phase rows [r0, r0 + qt.hq) of every channel of one image into dst (c_in * qt.plane floats),
 // for a layout `qt` that covers a band of output rows (see conv_simd.h).
 void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0);
