@@ -129,17 +129,16 @@ void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, fl
             if (s < hi[px] && hi[px] - lo[px] >= 8) {  // the last 8 pixels again, overlapping (same values)
               block(hi[px] - 8);
               s = hi[px];
-            } else if (s < hi[px]) {  // fewer than 8 pixels in the row (7x7 maps): through an 8x8 buffer
+            } else if (s < hi[px] && s + 8 <= q.wq) {
+              // fewer than 8 pixels in the row (7x7 maps): the pixels through an 8x8 buffer whose other rows
+              // are zero, transposed into the plane as 8 columns: the ones past hi are padding, zero anyway
               const int k = static_cast<int>(hi[px] - s);
               const float* src = x + n * g.xs[0] + ih * g.xs[2] + (s * g.sw + px - g.pl) * g.xs[3];
               float* d = drow + s;
-              alignas(32) float a[64], b[64];
+              alignas(32) float a[64] = {};
               for (int64_t c = 0; c < c8; c += 8) {
-                for (int i = 0; i < 8; ++i)
-                  if (i < k) std::memcpy(a + 8 * i, src + i * lds + c, 32);
-                  else std::memset(a + 8 * i, 0, 32);
-                t8(a, 8, b, 8);
-                for (int j = 0; j < 8; ++j) std::memcpy(d + (c + j) * q.plane, b + 8 * j, static_cast<size_t>(k) * 4);
+                for (int i = 0; i < k; ++i) std::memcpy(a + 8 * i, src + i * lds + c, 32);
+                t8(a, 8, d + c * q.plane, q.plane);
               }
               for (int64_t c = c8; c < g.c_in; ++c)
                 for (int i = 0; i < k; ++i) d[c * q.plane + i] = src[i * lds + c];

@@ -185,17 +185,36 @@ inline void scatter_tile(const QCall& c, float* yimg, int64_t co0, int rows, int
   int64_t oh = q / wq, ow = q % wq;
   // channels_last (a pixel's channels contiguous): 8 q positions x 8 channels by one transpose where the 8
   // are valid columns of one output row, one 32-byte store per pixel instead of 8 scalar ones
-  const bool t8 = g.ys[1] == 1 && rows == 8;
+  // (and 4 channels, the AVX2 tile's height: 16-byte stores)
+  const bool t8 = g.ys[1] == 1 && (rows == 8 || rows == 4);
   for (int p = 0; p < cnt; ++p) {
     if (t8 && p + 8 <= cnt && ow + 8 <= g.wo) {
       float* yp = yimg + co0 + oh * g.ys[2] + ow * g.ys[3];
-      if (!w.has_res) {
-        transpose8x8(tmp + p, nb, yp, g.ys[3]);
+      const int64_t ps = g.ys[3];
+      if (rows == 4) {
+        // 4 x 8 -> 8 pixels x 4 channels: u[j] holds pixel j (low half) and pixel 4 + j (high half)
+        const __m256 r0 = _mm256_loadu_ps(tmp + p), r1 = _mm256_loadu_ps(tmp + nb + p);
+        const __m256 r2 = _mm256_loadu_ps(tmp + 2 * nb + p), r3 = _mm256_loadu_ps(tmp + 3 * nb + p);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+        for (int j = 0; j < 4; ++j) {
+          float* lo = yp + j * ps;
+          float* hi = yp + (4 + j) * ps;
+          __m256 v = u[j];
+          if (w.has_res)
+            v = act_v(_mm256_add_ps(v, _mm256_set_m128(_mm_loadu_ps(res_of(w, hi)), _mm_loadu_ps(res_of(w, lo)))), w.act);
+          _mm_storeu_ps(lo, _mm256_castps256_ps128(v));
+          _mm_storeu_ps(hi, _mm256_extractf128_ps(v, 1));
+        }
+      } else if (!w.has_res) {
+        transpose8x8(tmp + p, nb, yp, ps);
       } else {
         alignas(32) float b[64];
         transpose8x8(tmp + p, nb, b, 8);
         for (int k = 0; k < 8; ++k) {
-          float* yk = yp + k * g.ys[3];
+          float* yk = yp + k * ps;
           _mm256_storeu_ps(yk, act_v(_mm256_add_ps(_mm256_load_ps(b + 8 * k), _mm256_loadu_ps(res_of(w, yk))), w.act));
         }
       }
