@@ -317,17 +317,22 @@ def test_listed_in_kernel_table():
                                   (40, 32, 1, 2, 0, 1, 1, 37, 35),    # 1x1 stride 2: one phase of four packed
                                   (32, 32, 3, 1, 1, 1, 1, 45, 39),    # stride 1 with padding: copied rows
                                   (32, 16, 5, 2, 3, 2, 1, 43, 47),    # dilation 2, padding 3, stride 2
-                                  (24, 16, (3, 5), (1, 2), (2, 1), 1, 1, 40, 61)])
+                                  (24, 16, (3, 5), (1, 2), (2, 1), 1, 1, 40, 61),
+                                  (20, 16, 3, 1, 1, 1, 1, 41, 13)])   # channels not a multiple of 8
 @pytest.mark.parametrize("threads", [2, 3])
-def test_band_packing_at_the_end_of_memory(isa, case, threads):
+@pytest.mark.parametrize("cl", [False, True])
+def test_band_packing_at_the_end_of_memory(isa, case, threads, cl):
     # more than one thread and a tall output: the input is packed band by band right before its rows are
-    # computed (with stride 2, every other column into each phase); the rows of the last channel end where the
-    # tensor's memory ends, so a packer that read past a row would read past the allocation
+    # computed (with stride 2, every other column into each phase; channels_last inputs by 8x8 transposes);
+    # the input's last row ends where the tensor's memory ends, so a packer that read past a row would read
+    # past the allocation
     conv, _ = make_conv(case, "bsr", (16, 16), 0.5)
     sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), num_threads=threads)
     cin, H, W = case[0], case[7], case[8]
     big = torch.randn(cin * H * W + 5)
-    check(conv, sc, big[-cin * H * W:].view(1, cin, H, W))
+    x = big[-cin * H * W:]
+    x = x.view(1, H, W, cin).permute(0, 3, 1, 2) if cl else x.view(1, cin, H, W)
+    check(conv, sc, x)
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])

@@ -82,10 +82,68 @@ static void pack_channel(const ConvGeom& g, const ConvQLayout& q, const float* x
     }
 }
 
-void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0) {
+// channels_last input: one input row's pixels of stride phase px, columns [lo, hi) of the phase row, into the
+// phase row drow of channel 0 (channel c at drow + c * q.plane): the channels of a pixel are contiguous, so
+// 8 pixels x 8 channels go through one 8x8 transpose t8 (whole 32-byte pieces of 8 channel rows written per
+// transpose, where one float per channel row per pixel took ~10x the NCHW packing, 3x3 256@14); without t8,
+// or for what is left, one pixel at a time.
+static void pack_row_cl(const ConvGeom& g, const ConvQLayout& q, const float* xrow, float* drow, int px, int64_t lo,
+                        int64_t hi, Transpose8x8Fn t8) {
+  const int64_t lds = g.sw * g.xs[3];  // from one pixel of this phase row to the next
+  auto pixel = [&](int64_t s) { return xrow + (s * g.sw + px - g.pl) * g.xs[3]; };
+  int64_t s = lo;
+  if (t8) {
+    const int64_t c8 = g.c_in / 8 * 8;
+    auto block = [&](int64_t s0) {
+      const float* src = pixel(s0);
+      float* d = drow + s0;
+      for (int64_t c = 0; c < c8; c += 8) t8(src + c, lds, d + c * q.plane, q.plane);
+      for (int64_t c = c8; c < g.c_in; ++c)
+        for (int k = 0; k < 8; ++k) d[c * q.plane + k] = src[k * lds + c];
+    };
+    for (; s + 8 <= hi; s += 8) block(s);
+    if (s < hi && hi - lo >= 8) {  // the last 8 pixels again, overlapping (same values)
+      block(hi - 8);
+      s = hi;
+    } else if (s < hi && s + 8 <= q.wq) {
+      // fewer than 8 pixels in the row (7x7 maps): the pixels through an 8x8 buffer whose other rows
+      // are zero, transposed into the plane as 8 columns: the ones past hi are padding, zero anyway
+      const int k = static_cast<int>(hi - s);
+      const float* src = pixel(s);
+      float* d = drow + s;
+      alignas(32) float a[64] = {};
+      for (int64_t c = 0; c < c8; c += 8) {
+        for (int i = 0; i < k; ++i) std::memcpy(a + 8 * i, src + i * lds + c, 32);
+        t8(a, 8, d + c * q.plane, q.plane);
+      }
+      for (int64_t c = c8; c < g.c_in; ++c)
+        for (int i = 0; i < k; ++i) d[c * q.plane + i] = src[i * lds + c];
+      s = hi;
+    }
+  }
+  for (; s < hi; ++s) {
+    const float* src = pixel(s);
+    float* d = drow + s;
+    for (int64_t c = 0; c < g.c_in; ++c) d[c * q.plane] = src[c];
+  }
+}
+
+void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0,
+                    Transpose8x8Fn t8) {
   int64_t lo[8], hi[8];
   for (int px = 0; px < g.sw && px < 8; ++px) phase_cols(g, qt, px, &lo[px], &hi[px]);
-  for (int64_t c = 0; c < g.c_in; ++c) pack_channel(g, qt, x_img + c * g.xs[1], dst + c * qt.plane, r0, lo, hi, true);
+  const bool cl = t8 && g.xs[1] == 1 && g.c_in > 1 && g.sw <= 8;
+  // channels_last: the zero padding per channel first, then the pixels row by row through transposes
+  for (int64_t c = 0; c < g.c_in; ++c) pack_channel(g, qt, x_img + c * g.xs[1], dst + c * qt.plane, r0, lo, hi, !cl);
+  if (!cl) return;
+  const int64_t phase_sz = qt.hq * qt.wq;
+  for (int py = 0; py < g.sh; ++py)
+    for (int64_t r = 0; r < qt.hq; ++r) {
+      const int64_t ih = (r0 + r) * g.sh + py - g.pt;
+      if (ih < 0 || ih >= g.h) continue;
+      for (int px = 0; px < g.sw; ++px)
+        pack_row_cl(g, qt, x_img + ih * g.xs[2], dst + (py * g.sw + px) * phase_sz + r * qt.wq, px, lo[px], hi[px], t8);
+    }
 }
 
 void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, Transpose8x8Fn t8) {
@@ -110,47 +168,10 @@ void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, fl
         const int64_t n = u / (g.sh * q.hq), py = (u / q.hq) % g.sh, r = u % q.hq;
         const int64_t ih = r * g.sh + py - g.pt;
         if (ih < 0 || ih >= g.h) continue;
-        for (int px = 0; px < g.sw; ++px) {
-          float* drow = ws + n * g.c_in * q.plane + (py * g.sw + px) * phase_sz + r * q.wq;
-          const int64_t lds = g.sw * g.xs[3];  // from one pixel of this phase row to the next
-          int64_t s = lo[px];
-          if (t8) {
-            // 8 pixels x 8 channels at a time: whole 32-byte pieces of 8 channel rows written per transpose,
-            // where one float per channel row per pixel took ~10x the NCHW packing (3x3 256@14)
-            const int64_t c8 = g.c_in / 8 * 8;
-            auto block = [&](int64_t s0) {
-              const float* src = x + n * g.xs[0] + ih * g.xs[2] + (s0 * g.sw + px - g.pl) * g.xs[3];
-              float* d = drow + s0;
-              for (int64_t c = 0; c < c8; c += 8) t8(src + c, lds, d + c * q.plane, q.plane);
-              for (int64_t c = c8; c < g.c_in; ++c)
-                for (int k = 0; k < 8; ++k) d[c * q.plane + k] = src[k * lds + c];
-            };
-            for (; s + 8 <= hi[px]; s += 8) block(s);
-            if (s < hi[px] && hi[px] - lo[px] >= 8) {  // the last 8 pixels again, overlapping (same values)
-              block(hi[px] - 8);
-              s = hi[px];
-            } else if (s < hi[px] && s + 8 <= q.wq) {
-              // fewer than 8 pixels in the row (7x7 maps): the pixels through an 8x8 buffer whose other rows
-              // are zero, transposed into the plane as 8 columns: the ones past hi are padding, zero anyway
-              const int k = static_cast<int>(hi[px] - s);
-              const float* src = x + n * g.xs[0] + ih * g.xs[2] + (s * g.sw + px - g.pl) * g.xs[3];
-              float* d = drow + s;
-              alignas(32) float a[64] = {};
-              for (int64_t c = 0; c < c8; c += 8) {
-                for (int i = 0; i < k; ++i) std::memcpy(a + 8 * i, src + i * lds + c, 32);
-                t8(a, 8, d + c * q.plane, q.plane);
-              }
-              for (int64_t c = c8; c < g.c_in; ++c)
-                for (int i = 0; i < k; ++i) d[c * q.plane + i] = src[i * lds + c];
-              s = hi[px];
-            }
-          }
-          for (; s < hi[px]; ++s) {
-            const float* src = x + n * g.xs[0] + ih * g.xs[2] + (s * g.sw + px - g.pl) * g.xs[3];
-            float* d = drow + s;
-            for (int64_t c = 0; c < g.c_in; ++c) d[c * q.plane] = src[c];
-          }
-        }
+        const float* xrow = x + n * g.xs[0] + ih * g.xs[2];
+        float* drow0 = ws + n * g.c_in * q.plane + r * q.wq;
+        for (int px = 0; px < g.sw; ++px)
+          pack_row_cl(g, q, xrow, drow0 + (py * g.sw + px) * phase_sz, px, lo[px], hi[px], t8);
       }
     }
   }

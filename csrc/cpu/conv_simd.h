@@ -367,7 +367,8 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
   ConvQLayout qt = q;
   qt.hq = th + ext;
   qt.plane = static_cast<int64_t>(g.sh) * g.sw * qt.hq * q.wq;
-  const bool band = !q.direct && !(g.xs[1] == 1 && g.c_in > 1) && pm == 1 && th < g.ho &&
+  // (channels_last inputs too: their rows go in by 8x8 transposes, conv_pack_rows)
+  const bool band = !q.direct && (!(g.xs[1] == 1 && g.c_in > 1) || g.sw <= 8) && pm == 1 && th < g.ho &&
                     nt * g.c_in * qt.plane <= q.ws_floats;
   if (band) {
     std::vector<int32_t> kofs_t(kofs.size());
@@ -379,7 +380,7 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
       for (int64_t it = 0; it < g.n * bands; ++it) {
         const int64_t n = it / bands, oh0 = (it % bands) * th;
         const int64_t rows = std::min(th, g.ho - oh0);
-        conv_pack_rows(g, qt, x + n * g.xs[0], buf, oh0);
+        conv_pack_rows(g, qt, x + n * g.xs[0], buf, oh0, conv_transpose8x8);
         QCall ct = c;
         ct.q = &qt;
         ct.kofs = kofs_t.data();

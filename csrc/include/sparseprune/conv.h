@@ -48,7 +48,8 @@ using Transpose8x8Fn = void (*)(const float* src, int64_t lds, float* dst, int64
 void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, Transpose8x8Fn t8 = nullptr);
 // Serial: phase rows [r0, r0 + qt.hq) of every channel of one image into dst (c_in * qt.plane floats),
 // for a layout `qt` that covers a band of output rows (see conv_simd.h).
-void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0);
+void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0,
+                    Transpose8x8Fn t8 = nullptr);
 // Input offset (q-domain, relative to the group's first channel) of every packed column k = ci*T+t.
 void conv_column_offsets(const ConvGeom& g, const ConvQLayout& q, int32_t* kofs);
 
