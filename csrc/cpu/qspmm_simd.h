@@ -282,6 +282,14 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
     auto pack_chunk = [&](int64_t c, int64_t row0, int64_t p0) {
       const int64_t i0 = 8 * c, cnt = std::min<int64_t>(8, n - i0);
       uint32_t* words = rowbuf.data();
+      uint32_t* dst = xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps;
+      // words [g0, kg) of every row (the zero padding included) through the row buffer: row_words(j, g0, out)
+      // writes row j's, the 8-row paths below having put words [0, g0) straight into the panel
+      auto rest = [&](int64_t g0, auto&& row_words) {
+        if (g0 >= kg) return;
+        for (int64_t j = 0; j < cnt; ++j) row_words(j, g0, words + j * (kg - g0));
+        to_panel(words, kg - g0, kg - g0, cnt, dst + g0 * ps);
+      };
       if (Op::S8 && !w.im2col) {
         // the ranges of all rows first: each row's reductions and divisions (~100 cycles of latency) then
         // overlap the next row's loads instead of stalling between its two passes
@@ -293,8 +301,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
           zp[i0 + j] = pr[j].zp;
           sx[i0 + j] = pr[j].s;
         }
-        uint32_t* dst = xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps;
-        int64_t g0 = 0;  // words already in the panel
+        int64_t g0 = 0;
 #if defined(__AVX512BW__)
         if (cnt == 8) {
           const float* rows[8];
@@ -302,14 +309,11 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
           g0 = q_rows8_to_panel(rows, w.cols, pr, dst, ps);
         }
 #endif
-        if (g0 < kg) {
-          for (int64_t j = 0; j < cnt; ++j)
-            q_row_quantize(f32_row(i0 + j) + 4 * g0, w.cols - 4 * g0, kg - g0, pr[j], words + j * (kg - g0));
-          to_panel(words, kg - g0, kg - g0, cnt, dst + g0 * ps);
-        }
+        rest(g0, [&](int64_t j, int64_t g, uint32_t* out) {
+          q_row_quantize(f32_row(i0 + j) + 4 * g, w.cols - 4 * g, kg - g, pr[j], out);
+        });
         return;
       }
-      uint32_t* dst = xp + (p0 + (i0 - row0) / ps) * kg * ps + (i0 - row0) % ps;
 #if defined(__AVX512BW__)
       if (!Op::S8 && !w.im2col && cnt == 8) {
         const float* rows[8] = {};
@@ -320,18 +324,14 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
           else
             rows[j] = f32_row(i0 + j);
         }
-        const int64_t g0 = bf16_rows8_to_panel(rows, rows16, w.cols, dst, ps);
-        if (g0 < kg) {
-          for (int j = 0; j < 8; ++j)
-            bf16_row_words(rows[j] ? rows[j] + 2 * g0 : nullptr, rows16[j] ? rows16[j] + 2 * g0 : nullptr,
-                           w.cols - 2 * g0, kg - g0, words + j * (kg - g0));
-          to_panel(words, kg - g0, kg - g0, cnt, dst + g0 * ps);
-        }
+        rest(bf16_rows8_to_panel(rows, rows16, w.cols, dst, ps), [&](int64_t j, int64_t g, uint32_t* out) {
+          bf16_row_words(rows[j] ? rows[j] + 2 * g : nullptr, rows16[j] ? rows16[j] + 2 * g : nullptr,
+                         w.cols - 2 * g, kg - g, out);
+        });
         return;
       }
 #endif
-      for (int64_t j = 0; j < cnt; ++j) prep_row(i0 + j, words + j * kg);
-      to_panel(words, kg, kg, cnt, dst);
+      rest(0, [&](int64_t j, int64_t, uint32_t* out) { prep_row(i0 + j, out); });
     };
     // One shared panel (n <= 24, decode batches): the threads split its k-groups, not its rows. Split by
     // rows, two threads wrote halves of the same 64-byte lines of the panel (16 rows x 4 bytes a k-group):

@@ -22,17 +22,26 @@ from torch import Tensor, nn
 
 from . import ops, quant
 from ._ext import _C
-
-_F32 = torch.float32
-_grad_enabled = torch.is_grad_enabled
-_get_num_threads = torch.get_num_threads
-_compiling = torch.compiler.is_compiling
-_function_mode = torch._C._is_torch_function_mode_enabled
-_dispatch_depth = torch._C._len_torch_dispatch_stack
 from .formats import BSRMatrix, CSRMatrix, block_mask
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConv2d", "MaxPool2d", "FORMATS", "WEIGHT_DTYPES", "detect_block_size",
            "choose_format", "dtype_name"]
+
+# looked up once: SparseLinear.forward's repeat-call test runs them on every call
+_F32 = torch.float32
+_grad_enabled = torch.is_grad_enabled
+_compiling = torch.compiler.is_compiling
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+
+
+def _qarray_ptrs(bufs, bias) -> tuple:
+    """The addresses a quantized layer's kept kernel plan (``_cache_qcall``) was built on, read afresh."""
+    sc, co = bufs.get("scales"), bufs.get("compensation")
+    return (bufs["values"].data_ptr(), bufs["row_ptr"].data_ptr(), bufs["col_idx"].data_ptr(),
+            0 if sc is None else sc.data_ptr(), 0 if co is None else co.data_ptr(),
+            0 if bias is None else bias.data_ptr())
+
 
 FORMATS = ("auto", "dense", "csr", "bsr")
 # Candidate block shapes for detection, largest first (a 16x16 pattern is also an 8x8 pattern).
@@ -562,15 +571,9 @@ class SparseLinear(SparseModule):
                 and x.is_contiguous() and d.get("_shared_input") is None and x.dim() and x.shape[-1] == plan[4]
                 and self.in_features == plan[4] and self.activation == plan[1] and self.num_threads == plan[2]
                 and x.numel() and not _compiling() and not _function_mode() and not _dispatch_depth()):
-            bufs, bias = self._buffers, self._parameters["bias"]
-            sc, co = bufs.get("scales"), bufs.get("compensation")
-            if (bufs["values"].data_ptr(), bufs["row_ptr"].data_ptr(), bufs["col_idx"].data_ptr(),
-                    0 if sc is None else sc.data_ptr(), 0 if co is None else co.data_ptr(),
-                    0 if bias is None else bias.data_ptr()) == plan[0]:
-                sh = x.shape
-                y = torch.empty(sh[0], plan[3], dtype=_F32) if len(sh) == 2 else torch.empty(*sh[:-1], plan[3], dtype=_F32)
-                nt = plan[2]
-                plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), nt if nt and nt > 0 else _get_num_threads())
+            if _qarray_ptrs(self._buffers, self._parameters["bias"]) == plan[0]:
+                y = ops.empty_rows(x, plan[3])
+                plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), ops.resolve_threads(plan[2]))
                 return y
         shared = d.get("_shared_input")  # sparseprune.shared: one call for the layers on this input
         if shared is not None:
@@ -648,8 +651,7 @@ class SparseLinear(SparseModule):
         # the kernel's arguments apart from X and Y, kept between calls (~5 us of attribute lookups and
         # argument building a call, 5% of a 90%-sparse 768x768 int8 product at 128 tokens); the addresses
         # are read on every call and must match, so a replaced or reallocated array rebuilds the plan
-        ptrs = (vals.data_ptr(), rp.data_ptr(), ci.data_ptr(), 0 if sc is None else sc.data_ptr(),
-                0 if co is None else co.data_ptr(), 0 if bias is None else bias.data_ptr())
+        ptrs = _qarray_ptrs(bufs, bias)
         plan = self.__dict__.get("_cache_qcall")
         if plan is None or plan[0] != ptrs or plan[1] != act or plan[2] != self.num_threads:
             if not vals.is_cpu:
