@@ -29,6 +29,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.5,0.8,0.9")
+    ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES), help="comma list of shape names")
     ap.add_argument("--out", help="also write the table (with its header) to this markdown file")
     a = ap.parse_args(argv)
     lines = []
@@ -47,7 +48,7 @@ def main(argv=None):
           "| ours int8 ×dyn int8 | ours bf16 ×dense bf16 | ours int8 ×ours fp32 |")
     emit("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
-    for name, n, k, m in SHAPES:
+    for name, n, k, m in (s for s in SHAPES if s[0] in a.shapes.split(",")):
         for s in (float(v) for v in a.sparsities.split(",")):
             w = block_sparse(m, k, (16, 16), s)
             x = torch.randn(n, k)

@@ -348,3 +348,49 @@ def test_channels_last_1x1_as_linear(isa, act, fmt, block):
         out = sc(x)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert_close(out, sp.ops.apply_activation(expected(conv, x), act))
+
+
+@pytest.mark.parametrize("kernel", list(sp.ops.KERNELS))
+@pytest.mark.parametrize("block,cin,want", [((16, 16), 64, 16), ((8, 8), 48, 8), ((4, 4), 20, 4), ((16, 16), 40, 8),
+                                            ((16, 4), 36, 4), ((3, 5), 40, 1), ((16, 2), 32, 1)])
+def test_channels_last_1x1_column_groups(isa, kernel, block, cin, want):
+    # the Linear route reads a 1x1 weight kept in aligned runs of 16 / 8 / 4 input channels as (rk x c) blocks
+    # of the same arrays (values untouched); other patterns stay one-column blocks. Same values either way,
+    # every kernel variant convert() may pin; an in-place change of the pattern (load_state_dict) is followed.
+    from sparseprune.nn import _column_groups
+    g = torch.Generator().manual_seed(cin + block[1])
+    conv, sc = make_conv((cin, 24, 1, 1, 0, 1, 1, 6, 5), "bsr", block, 0.5, g=g)
+    sc.kernel = kernel
+    rp, ci, c = _column_groups(sc.row_ptr, sc.col_idx, cin)
+    assert c == want
+    if c > 1:  # the grouped arrays expand back to the stored ones
+        assert torch.equal((ci.long()[:, None] * c + torch.arange(c)).flatten(), sc.col_idx.long())
+        assert torch.equal(rp.long() * c, sc.row_ptr.long())
+        assert ci.dtype == sc.col_idx.dtype and rp.dtype == sc.row_ptr.dtype
+    x = torch.randn(2, cin, 6, 5).contiguous(memory_format=torch.channels_last)
+    check(conv, sc, x)
+    conv2, sc2 = make_conv((cin, 24, 1, 1, 0, 1, 1, 6, 5), "bsr", block, 0.5, g=g)  # same block count
+    if sc2.col_idx.shape == sc.col_idx.shape and not torch.equal(sc2.col_idx, sc.col_idx):
+        names = ("row_ptr", "col_idx", "values", "bias")
+        saved = {n: getattr(sc, n).detach().clone() for n in names}
+        with torch.no_grad():
+            sc.load_state_dict(sc2.state_dict())  # new arrays
+        check(conv2, sc, x)
+        with torch.no_grad():  # the first pattern back, in place (the same addresses)
+            for n in names:
+                getattr(sc, n).copy_(saved[n])
+        check(conv, sc, x)
+
+
+def test_column_groups_refuses_partial_runs():
+    from sparseprune.nn import _column_groups
+    rp = torch.tensor([0, 16, 24], dtype=torch.int32)
+    ci = torch.cat([torch.arange(16), torch.arange(16, 24)]).to(torch.int32)  # row 1: a run of 8 only
+    assert _column_groups(rp, ci, 32)[2] == 8
+    ci[-1] = 30  # a gap: no aligned run of 4 in row 1
+    assert _column_groups(rp, ci, 32)[2] == 1
+    ci = torch.arange(4, 28).to(torch.int32)  # runs of 16 not aligned to 16 (but to 4)
+    assert _column_groups(torch.tensor([0, 24], dtype=torch.int32), ci, 32)[2] == 4
+    assert _column_groups(rp, torch.cat([torch.arange(16), torch.arange(16, 24)]).to(torch.int32), 36)[2] == 4
+    empty = _column_groups(torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), 32)
+    assert empty[2] == 16 and empty[1].numel() == 0

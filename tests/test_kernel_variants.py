@@ -170,3 +170,38 @@ def test_forced_k_chunks_of_any_width_match_the_reference(chunk):
     env = dict(os.environ, SPARSEPRUNE_XT_CHUNK=chunk)
     out = subprocess.run([sys.executable, "-c", _CHUNK_CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 32, 3, padding=1))
+    with torch.no_grad():
+        for conv in (m[0], m[2]):
+            mask = block_sparse_weight(conv.out_channels, conv.in_channels, (16, 16), 0.75) != 0
+            conv.weight.mul_(mask[:, :, None, None].float())
+    return m.eval()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_convert_pins_a_variant_for_channels_last_1x1_convs(monkeypatch, tmp_path, channels_last):
+    # a 1x1 conv on channels_last inputs runs the Linear kernels: its variants are timed and pinned like a
+    # Linear layer's (saved as a hint, dropped on another CPU); NCHW inputs and 3x3 convs keep "auto"
+    def fake(fns, *a, **k):
+        if "auto" in fns:
+            return {v: (0.5 if v == "blocks/direct" else 1.0) for v in fns}
+        return {n: (1.0 if n == "dense" else 0.1) for n in fns}
+    monkeypatch.setattr(cv_decide, "time_calls", fake)
+    monkeypatch.setattr(cv, "time_calls", fake)
+    m, x = _conv_model(), torch.randn(2, 64, 10, 9)
+    if channels_last:
+        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    c = sp.convert(m, x, formats=("bsr",), end_to_end=False, time_budget=2.0)
+    assert isinstance(c[0], sp.SparseConv2d) and isinstance(c[2], sp.SparseConv2d)
+    assert c[0].kernel == ("blocks/direct" if channels_last else "auto") and c[2].kernel == "auto"
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), rtol=1e-4, atol=1e-4)
+    path = tmp_path / "m.sp"
+    sp.save(c, path)
+    assert sp.load(path, _conv_model())[0].kernel == c[0].kernel
+    monkeypatch.setattr(cv_cache, "cpu_model", lambda: "Some Other CPU")
+    assert sp.load(path, _conv_model())[0].kernel == "auto"

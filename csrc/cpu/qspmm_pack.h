@@ -66,25 +66,29 @@ inline QRowRange q_row_range(const float* x, int64_t K) {
   {
     // four independent min / max chains (one chain is bound by the 4-cycle latency, not the loads);
     // x as the first operand: minps / maxps return the second (the accumulator) when x is NaN, so NaN is skipped
-    // as in the scalar loop below
-    // nz: sum of x * 0, NaN once any x is NaN or infinite
-    __m512 vlo[4], vhi[4], nz[4];
+    // as in the scalar loop below. A NaN is caught by unordered compares (one per two vectors, into a mask: no
+    // dependency chain through a vector register), an infinity by lo / hi at the end.
+    __m512 vlo[4], vhi[4];
     const __m512 zero = _mm512_setzero_ps();
-    for (int j = 0; j < 4; ++j) vlo[j] = vhi[j] = nz[j] = zero;
-    for (; k + 64 <= K; k += 64)
+    for (int j = 0; j < 4; ++j) vlo[j] = vhi[j] = zero;
+    __mmask16 nan = 0;
+    for (; k + 64 <= K; k += 64) {
+      __m512 v[4];
       for (int j = 0; j < 4; ++j) {
-        const __m512 v = _mm512_loadu_ps(x + k + 16 * j);
-        vlo[j] = _mm512_min_ps(v, vlo[j]);
-        vhi[j] = _mm512_max_ps(v, vhi[j]);
-        nz[j] = _mm512_fmadd_ps(v, zero, nz[j]);
+        v[j] = _mm512_loadu_ps(x + k + 16 * j);
+        vlo[j] = _mm512_min_ps(v[j], vlo[j]);
+        vhi[j] = _mm512_max_ps(v[j], vhi[j]);
       }
+      nan |= static_cast<__mmask16>(_mm512_cmp_ps_mask(v[0], v[1], _CMP_UNORD_Q) |
+                                    _mm512_cmp_ps_mask(v[2], v[3], _CMP_UNORD_Q));
+    }
     for (; k + 16 <= K; k += 16) {
       const __m512 v = _mm512_loadu_ps(x + k);
       vlo[0] = _mm512_min_ps(v, vlo[0]);
       vhi[0] = _mm512_max_ps(v, vhi[0]);
-      nz[0] = _mm512_fmadd_ps(v, zero, nz[0]);
+      nan |= static_cast<__mmask16>(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
     }
-    bad = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(nz[0], nz[1]), _mm512_add_ps(nz[2], nz[3]))) != 0.0f;
+    bad = nan != 0;
     lo = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(vlo[0], vlo[1]), _mm512_min_ps(vlo[2], vlo[3])));
     hi = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vhi[0], vhi[1]), _mm512_max_ps(vhi[2], vhi[3])));
   }
@@ -130,6 +134,8 @@ inline QRowRange q_row_range(const float* x, int64_t K) {
     hi = x[k] > hi ? x[k] : hi;
     bad |= x[k] * 0.0f != 0.0f;
   }
+  // an infinity anywhere in the row is lo or hi (what the AVX-512 loop relies on; the others saw it already)
+  bad |= std::isinf(lo) || std::isinf(hi);
   QRowRange r;
   r.lo = lo;
   r.hi = hi;
@@ -149,11 +155,13 @@ inline QRowParams q_row_params(const QRowRange& r) {
 // int8: 64 floats of a row quantized into 16 words, in the order the packs leave them (they work within
 // 128-bit lanes): dword 4 * l + j holds word 4 * j + l, i.e. x[16 j + 4 l ..]. As the AVX2 loop below:
 // vcvtps2dq rounds to nearest even, the packs saturate (NaN -> INT_MIN -> 0).
-inline __m512i q_quant64(const float* x, __m512 vinv, __m512i vzpi, __m512i vqmax) {
+// The zero point (vzp16: in every 16-bit lane) is added after the first pack, with saturation: the same bytes
+// as adding it to the 32-bit values (in range the sums are exact; out of range both saturate the same way).
+inline __m512i q_quant64(const float* x, __m512 vinv, __m512i vzp16, __m512i vqmax) {
   __m512i q[4];
-  for (int j = 0; j < 4; ++j)
-    q[j] = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), vinv)), vzpi);
-  const __m512i b = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+  for (int j = 0; j < 4; ++j) q[j] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), vinv));
+  const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), vzp16),
+                                        _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), vzp16));
   return _mm512_min_epu8(b, vqmax);
 }
 // The word held by dword d of q_quant64's result.
@@ -168,10 +176,10 @@ inline void q_row_quantize(const float* x, int64_t K, int64_t kg, const QRowPara
   {
     // 64 at a time, put back in order
     const __m512 vinv = _mm512_set1_ps(p.inv);
-    const __m512i vzpi = _mm512_set1_epi32(p.zp), vqmax = _mm512_set1_epi8(static_cast<char>(kQMax));
+    const __m512i vzp16 = _mm512_set1_epi16(static_cast<int16_t>(p.zp)), vqmax = _mm512_set1_epi8(static_cast<char>(kQMax));
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (; 4 * g + 64 <= K; g += 16) {
-      const __m512i b = _mm512_permutexvar_epi32(order, q_quant64(x + 4 * g, vinv, vzpi, vqmax));
+      const __m512i b = _mm512_permutexvar_epi32(order, q_quant64(x + 4 * g, vinv, vzp16, vqmax));
       _mm512_storeu_si512(reinterpret_cast<void*>(out + g), b);
     }
   }
@@ -267,7 +275,7 @@ inline int64_t q_rows8_to_panel(const float* const (&x)[8], int64_t K, const QRo
   __m512i vzp[8];
   for (int j = 0; j < 8; ++j) {
     vinv[j] = _mm512_set1_ps(p[j].inv);
-    vzp[j] = _mm512_set1_epi32(p[j].zp);
+    vzp[j] = _mm512_set1_epi16(static_cast<int16_t>(p[j].zp));
   }
   const __m512i vqmax = _mm512_set1_epi8(static_cast<char>(kQMax));
   int64_t g = 0;

@@ -151,9 +151,19 @@ def _tune_kernel(mod, row: LayerRow, inputs, counts, budget_s: float, deadline: 
     """Time the fp32 kernel variants (thread split, X panels: ``ops.KERNELS``) of the chosen layer on its
     real inputs and pin the fastest when it beats the heuristics' choice by more than the noise."""
     from ..ops import KERNELS
-    if not isinstance(mod, spnn.SparseLinear) or mod.format == "dense" or mod.weight_dtype != "float32":
+    if not isinstance(mod, (spnn.SparseLinear, spnn.SparseConv2d)) or mod.format == "dense" or mod.weight_dtype != "float32":
         return
-    if max((x.numel() // max(x.shape[-1], 1) for x in inputs), default=0) < 16:
+    if isinstance(mod, spnn.SparseConv2d):
+        # the variants apply to the Linear route of a 1x1 convolution on channels_last inputs only
+        if not (mod.kernel_size == (1, 1) and mod.stride == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1
+                and not any(mod._pad4)
+                and all(x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                        for x in inputs)):
+            return
+        rows = max((x.numel() // max(x.shape[1], 1) for x in inputs), default=0)
+    else:
+        rows = max((x.numel() // max(x.shape[-1], 1) for x in inputs), default=0)
+    if rows < 16:
         return  # too few rows of X for the variants to differ
     names = list(KERNELS) if mod.block_size[0] >= 8 else ["auto", "rows/panels", "blocks/panels"]
     kkey = key + ":kernel" if key is not None else None
