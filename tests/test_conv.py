@@ -335,17 +335,22 @@ def test_band_packing_at_the_end_of_memory(isa, case, threads, cl):
     check(conv, sc, x)
 
 
+@pytest.mark.parametrize("stride", [1, 2, (2, 1), (1, 3), 4])
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
 @pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (16, 16)), ("bsr", (3, 5))])
-def test_channels_last_1x1_as_linear(isa, act, fmt, block):
-    # a 1x1 stride-1 conv on a channels_last input runs the Linear kernels over the pixels: the same values,
-    # the activation fused, the output channels_last like PyTorch's (an output channel count that leaves a
-    # partial block row, two images, odd sizes)
-    conv, _ = make_conv((40, 19, 1, 1, 0, 1, 1, 9, 7), fmt, block, 0.6)
+def test_channels_last_1x1_as_linear(isa, act, fmt, block, stride, monkeypatch):
+    # a 1x1 conv on a channels_last input runs the Linear kernels over the pixels (with a stride: over the
+    # pixels it keeps, copied out): the same values, the activation fused, the output channels_last like
+    # PyTorch's (an output channel count that leaves a partial block row, two images, odd sizes)
+    conv, _ = make_conv((40, 19, 1, stride, 0, 1, 1, 9, 7), fmt, block, 0.6)
     sc = SparseConv2d.from_dense(conv, format=fmt, block_size=block, activation=act)
     x = torch.randn(2, 40, 9, 7).contiguous(memory_format=torch.channels_last)
+    calls = []
+    linear = sp.ops.spmm_eager
+    monkeypatch.setattr(sp.ops, "spmm_eager", lambda *a, **k: calls.append(a[0].shape) or linear(*a, **k))
     with torch.no_grad():
         out = sc(x)
+    assert calls == [(out.shape[0] * out.shape[2] * out.shape[3], 40)]  # the Linear route, over the kept pixels
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert_close(out, sp.ops.apply_activation(expected(conv, x), act))
 

@@ -205,3 +205,32 @@ def test_convert_pins_a_variant_for_channels_last_1x1_convs(monkeypatch, tmp_pat
     assert sp.load(path, _conv_model())[0].kernel == c[0].kernel
     monkeypatch.setattr(cv_cache, "cpu_model", lambda: "Some Other CPU")
     assert sp.load(path, _conv_model())[0].kernel == "auto"
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "silu"])
+@pytest.mark.parametrize("kernel", list(ops.KERNELS))
+@pytest.mark.parametrize("n,block,k,m", [(1, (1, 1), 37, 29), (2, (1, 1), 64, 40), (50, (1, 1), 64, 40),
+                                         (30, (4, 4), 48, 36), (7, (2, 2), 20, 18), (60, (16, 16), 64, 56),
+                                         (25, (8, 8), 40, 27), (130, (16, 1), 33, 48)])
+def test_spmm_residual_every_family(isa, kernel, act, n, block, k, m):
+    # spmm_eager's residual: added in the broadcast family's store, in a pass after the others (gather for
+    # one or two rows of a CSR matrix, X^T tiles for short blocks); a strided residual is copied first
+    torch.manual_seed(n + k)
+    w = block_sparse_weight(m, k, block, 0.6)
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    fmt = "csr" if block == (1, 1) else "bsr"
+    layer = sp.SparseLinear.from_dense(lin, format=fmt, block_size=None if fmt == "csr" else block)
+    x = torch.randn(n, k)
+    for res in (torch.randn(n, m), torch.randn(m, n).t()):
+        b = layer._buffers
+        r, c = layer.block_size
+        with torch.no_grad():
+            got = ops.spmm_eager(x, b["row_ptr"], b["col_idx"], b["values"], lin.bias, m, k, r, c, 1,
+                                 ops.ACTIVATIONS.index(act), kernel, res)
+            want = ops.apply_activation(reference.linear(x, lin.weight, lin.bias) + res, act)
+        assert_close(got, want)
+    with pytest.raises(ValueError, match="residual must be"):
+        ops.spmm_eager(x, b["row_ptr"], b["col_idx"], b["values"], lin.bias, m, k, r, c, 1, 0, kernel,
+                       torch.randn(n, m + 1))

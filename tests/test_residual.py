@@ -256,3 +256,42 @@ def test_channels_last_output_through_the_transposing_store(isa, block, cout, k,
         got = sc.forward_residual(x, r, act)
     assert got.stride() == y.stride()
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("block,cin,cout", [((16, 16), 48, 40), ((8, 8), 24, 20), ((4, 4), 12, 10), ((16, 16), 40, 19)])
+@pytest.mark.parametrize("kernel", list(ops.KERNELS))
+def test_channels_last_1x1_residual_in_the_linear_store(isa, kernel, block, cin, cout, stride, act, monkeypatch):
+    # a 1x1 conv on channels_last input and residual runs the Linear kernels with the residual added in their
+    # store (the broadcast family) or in one pass after them (the others): every kernel variant, stride 2,
+    # block rows of 16 / 8 / 4 and a partial one, no PyTorch epilogue
+    conv = _conv(cin, cout, 1, stride, 0, 1, block, 0.5, cin + cout)
+    sc = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=block)
+    sc.kernel = kernel
+    g = torch.Generator().manual_seed(cout)
+    x = torch.randn(2, cin, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = conv(x)
+        r = torch.empty_like(y).copy_(torch.randn(y.shape, generator=g))
+        ref = ops.apply_activation(y.double() + r.double(), act)
+        calls = []
+        linear = ops.spmm_eager
+        monkeypatch.setattr(ops, "spmm_eager", lambda *a, **k: calls.append(a[-1] is not None) or linear(*a, **k))
+        _no_torch_epilogue(monkeypatch)
+        got = sc.forward_residual(x, r, act)
+    assert calls == [True]  # the Linear route, residual in the kernel
+    assert got.shape == ref.shape and got.stride() == y.stride()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_1x1_with_an_nchw_residual_takes_the_conv_kernel(monkeypatch):
+    conv = _conv(32, 32, 1, 1, 0, 1, (16, 16), 0.5, 1)
+    sc = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16))
+    x = torch.randn(1, 32, 6, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = conv(x)
+        r = torch.randn(y.shape)  # NCHW: not the output's layout
+        monkeypatch.setattr(ops, "spmm_eager", lambda *a, **k: pytest.fail("took the Linear route"))
+        got = sc.forward_residual(x, r, "relu")
+    torch.testing.assert_close(got, torch.relu(y + r), rtol=1e-5, atol=1e-5)

@@ -139,19 +139,32 @@ void add_layernorm(uintptr_t a, uintptr_t b, uintptr_t gamma, uintptr_t beta, ui
                     ptr<float>(y), rows, cols, static_cast<float>(eps), num_threads);
 }
 
-void spmm(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
-          uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
-          int64_t ldy, int num_threads, int act, int split, int pack) {
+// res: 0, or an addend with y's shape and row stride (ldy), added before the activation
+void spmm_res(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
+              uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
+              int64_t ldy, int num_threads, int act, int split, int pack, uintptr_t res) {
   BsrView w = make_view(rows, cols, r, c, row_ptr, col_idx, idx16, values);
   w.act = check_act(act);
   if (split < 0 || split > 2 || pack < 0 || pack > 2) throw std::invalid_argument("bad kernel variant");
   w.split = split;
   w.pack = pack;
+  if (res) {
+    if (res % alignof(float) || y % alignof(float)) throw std::invalid_argument("spmm: misaligned residual");
+    w.has_res = true;
+    w.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
+  }
   if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("bad dense operand shape");
   if (n == 0) return;
   if (!x || !y) throw std::invalid_argument("null dense operand");
   py::gil_scoped_release nogil;
   active_path().spmm(w, ptr<const float>(x), n, ldx, ptr<const float>(bias), ptr<float>(y), ldy, num_threads);
+}
+
+void spmm(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
+          uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
+          int64_t ldy, int num_threads, int act, int split, int pack) {
+  spmm_res(rows, cols, r, c, row_ptr, col_idx, idx16, values, x, n, ldx, bias, y, ldy, num_threads, act, split, pack,
+           0);
 }
 
 void spmm_t(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
@@ -346,6 +359,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("add_layernorm", &add_layernorm,
         "y = LayerNorm(a + b) * gamma + beta over the last of `cols` columns (float32 rows; b, gamma, beta may be 0)");
   m.def("spmm", &spmm, "Y = act(X W^T + b) with W block-sparse (CSR is the 1x1 block case)");
+  m.def("spmm_res", &spmm_res, "Y = act(X W^T + b + R), R with Y's shape and row stride");
   m.def("spmm_t", &spmm_t, "dX = dY W with W block-sparse");
   m.def("paths", [] {
     py::list out;

@@ -60,11 +60,14 @@ inline float* xt_scratch(size_t floats) {
 // broadcasts then read consecutive floats whatever X's row stride (with K = 3072, 24 rows of X
 // 12 KiB apart all fall into one L1 set and evict each other).
 constexpr int PW = 24;
+// bcast_tile's residual offset (BsrView::res_bytes) when there is none: not a float's offset (odd)
+constexpr int64_t kNoRes = INT64_MIN + 1;
 
 template <class V, int MR, int RV, bool TAIL, bool PACKED, class Idx>
 SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int r, int c,
                           const float* __restrict vals, const Idx* __restrict cols, int64_t b0,
-                          int64_t b1, const float* bias, int act, int tail, float* __restrict y, int64_t ldy) {
+                          int64_t b1, const float* bias, int act, int64_t rb, int tail, float* __restrict y,
+                          int64_t ldy) {
   using T = typename V::T;
   constexpr int W = V::W;
   T acc[MR][RV];
@@ -104,6 +107,10 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int v = 0; v < RV; ++v) {
+      if (rb != kNoRes) {  // a residual (SparseConv2d's channels_last 1x1 route): rb bytes on from y
+        const float* rp = reinterpret_cast<const float*>(reinterpret_cast<const char*>(y + m * ldy + v * W) + rb);
+        acc[m][v] = V::add(acc[m][v], (TAIL && v == RV - 1) ? V::loadn(rp, tail) : V::load(rp));
+      }
       if (act) acc[m][v] = act_v(acc[m][v], act);
       if (TAIL && v == RV - 1) V::storen(y + m * ldy + v * W, acc[m][v], tail);
       else V::store(y + m * ldy + v * W, acc[m][v]);
@@ -113,38 +120,38 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
 // Rows [n0, n1) of Y for one slice of one block row: full MR tiles, then 8/4/2/1-row tails.
 template <class V, int MR, int RV, bool TAIL, bool PACKED, class Idx>
 void bcast_rows(const float* x, int64_t ldx, int64_t K, int r, int c, const float* vals,
-                const Idx* cols, int64_t b0, int64_t b1, const float* bias, int act, int tail, float* y,
+                const Idx* cols, int64_t b0, int64_t b1, const float* bias, int act, int64_t rb, int tail, float* y,
                 int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t rs = PACKED ? 1 : ldx;  // distance between rows of X
   int64_t i = n0;
   for (; i + MR <= n1; i += MR)
-    bcast_tile<V, MR, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
+    bcast_tile<V, MR, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
   if constexpr (MR > 8) {
     for (; i + 8 <= n1; i += 8)
-      bcast_tile<V, 8, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
+      bcast_tile<V, 8, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
   }
   const int64_t rem = n1 - i;
   if constexpr (MR > 4) if (rem & 4) {
-    bcast_tile<V, 4, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
+    bcast_tile<V, 4, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
     i += 4;
   }
   if (rem & 2) {
-    bcast_tile<V, 2, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
+    bcast_tile<V, 2, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
     i += 2;
   }
   if (rem & 1)
-    bcast_tile<V, 1, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y + i * ldy, ldy);
+    bcast_tile<V, 1, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
 }
 
 template <class V, int MR1, int MR2, bool PACKED, class Idx>
 SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int r, int c, const float* vals,
-                           const Idx* cols, int64_t b0, int64_t b1, const float* bias, int act, int tail,
-                           float* y, int64_t ldy, int64_t n0, int64_t n1) {
+                           const Idx* cols, int64_t b0, int64_t b1, const float* bias, int act, int64_t rb,
+                           int tail, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (key) {
-    case 2: bcast_rows<V, MR1, 1, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y, ldy, n0, n1); break;
-    case 3: bcast_rows<V, MR1, 1, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y, ldy, n0, n1); break;
-    case 4: bcast_rows<V, MR2, 2, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y, ldy, n0, n1); break;
-    default: bcast_rows<V, MR2, 2, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, tail, y, ldy, n0, n1); break;
+    case 2: bcast_rows<V, MR1, 1, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1); break;
+    case 3: bcast_rows<V, MR1, 1, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1); break;
+    case 4: bcast_rows<V, MR2, 2, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1); break;
+    default: bcast_rows<V, MR2, 2, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1); break;
   }
 }
 
@@ -167,6 +174,7 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   const int64_t units = (n + unit - 1) / unit;
   float* xp = packed ? xt_scratch(static_cast<size_t>(units * K * PW)) : nullptr;
   const int64_t kstep = 256, kblocks = (K + kstep - 1) / kstep;
+  const int64_t rb = w.has_res ? w.res_bytes : kNoRes;
   // Split rows of X between threads (split_rows, parallel.h: each thread packs only its own panels) or
   // block rows by non-zeros (and rows of X as well when there are too few block rows).
   const bool by_rows = w.split ? (w.split == 1 && n >= 16)
@@ -211,9 +219,10 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
             if (packed) {
               for (int64_t p0 = a; p0 < a1; p0 += PW)
                 bcast_slice<V, MR1, MR2, true>(key, xp + (p0 / PW) * K * PW, ldx, K, r, c, vv, cols, b0, b1, bb,
-                                               w.act, tail, yy + p0 * ldy, ldy, 0, std::min<int64_t>(PW, a1 - p0));
+                                               w.act, rb, tail, yy + p0 * ldy, ldy, 0, std::min<int64_t>(PW, a1 - p0));
             } else {
-              bcast_slice<V, MR1, MR2, false>(key, x, ldx, K, r, c, vv, cols, b0, b1, bb, w.act, tail, yy, ldy, a, a1);
+              bcast_slice<V, MR1, MR2, false>(key, x, ldx, K, r, c, vv, cols, b0, b1, bb, w.act, rb, tail, yy, ldy, a,
+                                              a1);
             }
           }
         }
@@ -540,6 +549,25 @@ void xt_pick_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
   }
 }
 
+// y = act(y + residual) over n rows of m outputs (the residual res_bytes on from each element of y).
+template <class V>
+void add_residual_act(float* y, int64_t ldy, int64_t n, int64_t m, int64_t res_bytes, int act, int nt) {
+  constexpr int W = V::W;
+  parallel_team(nt, [&] {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      float* yi = y + i * ldy;
+      const float* ri = reinterpret_cast<const float*>(reinterpret_cast<const char*>(yi) + res_bytes);
+      for (int64_t j = 0; j < m; j += W) {
+        const int len = static_cast<int>(std::min<int64_t>(W, m - j));
+        typename V::T v = V::add(V::loadn(yi + j, len), V::loadn(ri + j, len));
+        if (act) v = act_v(v, act);
+        V::storen(yi + j, v, len);
+      }
+    }
+  });
+}
+
 // Fraction of vector lanes doing useful work: lanes(n, W) for N rows in W-lane vectors.
 inline double lane_use(int64_t used, int width) {
   return static_cast<double>(used) / static_cast<double>(((used + width - 1) / width) * width);
@@ -550,12 +578,23 @@ void spmm_entry(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
                 const float* bias, float* y, int64_t ldy, int num_threads) {
   if (n <= 0 || w.rows <= 0) return;
   const int nt = threads_for(n * (w.nnzb() * w.r * w.c + w.rows), num_threads);
+  const double use_xt = lane_use(std::min<int64_t>(n, 4 * VX::W), VX::W);
+  const double use_narrow = lane_use(w.r, VN::W);
+  const bool bcast = !(w.r == 1 && w.c == 1 && n <= 2) && !(w.r < 8 && use_xt > use_narrow);
+  if (w.has_res && !bcast) {
+    // only the broadcast family adds a residual in its store: the others write X W^T + b, then one pass adds
+    // the residual and applies the activation
+    BsrView plain = w;
+    plain.has_res = false;
+    plain.act = kActNone;
+    spmm_entry(plain, cols, x, n, ldx, bias, y, ldy, num_threads);
+    add_residual_act<VX>(y, ldy, n, w.rows, w.res_bytes, w.act, nt);
+    return;
+  }
   if (w.r == 1 && w.c == 1 && n <= 2) {
     gather_spmm<VX>(w, cols, x, n, ldx, bias, y, ldy, nt);
     return;
   }
-  const double use_xt = lane_use(std::min<int64_t>(n, 4 * VX::W), VX::W);
-  const double use_narrow = lane_use(w.r, VN::W);
   if (w.r < 8 && use_xt > use_narrow) {
     xt_pick_r(w, cols, x, n, ldx, bias, y, ldy, nt);
   } else if (lane_use(w.r, VB::W) >= use_narrow) {

@@ -920,17 +920,23 @@ class SparseConv2d(SparseModule):
     def _eager_cpu(self, x: Tensor, pad4, act: int, residual: Optional[Tensor] = None) -> Tensor:
         """The float32 sparse kernel on a checked CPU input in eager inference."""
         bufs = self._buffers
-        if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-                and not any(pad4) and residual is None and x.dim() == 4 and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)):
+        if (self.kernel_size == (1, 1) and self.dilation == (1, 1) and self.groups == 1
+                and not any(pad4) and x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and (residual is None or self._cl_residual_ok(x, residual))):
             # a 1x1 conv on a channels_last input is a Linear layer over its pixels, (N*H*W, Cin) row-major: the
             # packed (rk x 1)-block weight is a BSR matrix the Linear kernels read as it is. The conv kernel
             # would pack the input into channel planes and scatter its output pixel by pixel (ResNet-50 80%
-            # in channels_last ran at 2.45x dense against 4.05x in NCHW). A residual stays with the conv kernel,
-            # which adds it in its store.
+            # in channels_last ran at 2.45x dense against 4.05x in NCHW). A channels_last residual is added in
+            # the Linear kernel's store (before it went through the conv kernel: ~2x the NCHW time).
             # Where the weight keeps whole aligned runs of 16 (8, 4) input channels, the same arrays are read as
             # (rk x 16)-blocks (_column_groups): the Linear kernel's 16-wide block loop, 1.2-1.4x the
             # one-column blocks on ResNet-50's 1x1 shapes at 80%.
+            # With a stride, the pixels it keeps are copied out first (a quarter of the input at stride 2):
+            # ResNet-50's stride-2 shortcuts 1.3-2x faster than through the conv kernel's transposes.
+            sh, sw = self.stride
+            if (sh, sw) != (1, 1):
+                x = x[:, :, ::sh, ::sw]
             n, _, h, w = x.shape
             rp, ci = bufs["row_ptr"], bufs["col_idx"]
             key = (rp.data_ptr(), rp._version, ci.data_ptr(), ci._version, self.in_channels)
@@ -938,9 +944,10 @@ class SparseConv2d(SparseModule):
             if groups is None or groups[0] != key:
                 groups = (key, *_column_groups(rp, ci, self.in_channels))
                 self.__dict__["_cache_col_groups"] = groups
+            res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(n * h * w, self.out_channels)
             y = ops.spmm_eager(x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels), groups[1], groups[2],
                                bufs["values"], self._parameters["bias"], self.out_channels, self.in_channels,
-                               self.rk, groups[3], self._threads(), act, self.kernel)
+                               self.rk, groups[3], self._threads(), act, self.kernel, res)
             return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # channels_last strides, as torch's
         # shapes, strides and workspace size depend only on the input's shape and strides: kept
         key = (x.shape, x.stride(), tuple(pad4))
@@ -951,6 +958,17 @@ class SparseConv2d(SparseModule):
             self.__dict__["_cache_conv_plan"] = plan
         return ops.sparse_conv2d_planned(x, plan[1], bufs["row_ptr"], bufs["col_idx"], bufs["values"],
                                          self._parameters["bias"], self.rk, self._threads(), act, residual)
+
+    def _cl_residual_ok(self, x: Tensor, residual: Tensor) -> bool:
+        """Whether the channels_last 1x1 route can add ``residual`` in its store: a float32 CPU tensor of the
+        output's shape laid out channels_last (a view of (N*Ho*Wo, Cout) rows). Anything else goes to the conv
+        kernel's path, which checks it and raises for what it cannot add."""
+        n, _, h, w = x.shape
+        sh, sw = self.stride
+        shape = (n, self.out_channels, (h - 1) // sh + 1, (w - 1) // sw + 1)
+        return (type(residual) is Tensor and residual.dtype is torch.float32 and residual.is_cpu
+                and tuple(residual.shape) == shape and residual.is_contiguous(memory_format=torch.channels_last)
+                and not residual.is_contiguous())
 
     def forward_residual(self, x: Tensor, residual: Tensor, activation: str = "none") -> Tensor:
         """``activation(self(x) + residual)``: a residual connection and the activation after it (a ResNet

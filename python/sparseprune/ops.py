@@ -124,15 +124,25 @@ def spmm(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Opti
 
 def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
                rows: int, cols: int, r: int, c: int, num_threads: int, act: int = 0,
-               kernel: str = "auto") -> Tensor:
+               kernel: str = "auto", residual: Optional[Tensor] = None) -> Tensor:
     """The body of :func:`spmm` without the dispatcher (a few microseconds instead of tens).
 
     For callers that have already validated operands (SparseLinear in eager inference). ``act``: an
     activation code (:data:`ACTIVATIONS`) applied in the kernel's store, after the bias (CPU); on other
-    devices it is applied afterwards by PyTorch."""
+    devices it is applied afterwards by PyTorch. ``residual``: a float32 ``(n, rows)`` tensor on x's device
+    added before the activation (in the store on the CPU); any strides (a copy unless rows are contiguous)."""
     if x.stride(1) != 1 or x.stride(0) < max(cols, 1):
         x = x.contiguous()
     n = x.shape[0]
+    if residual is not None:
+        if residual.shape != (n, rows) or residual.dtype != torch.float32 or residual.device != x.device:
+            raise ValueError(f"spmm: the residual must be a float32 ({n}, {rows}) tensor on {x.device}, got "
+                             f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
+        if n == 0 or rows == 0 or cols == 0 or x.device.type != "cpu":
+            y = spmm_eager(x, row_ptr, col_idx, values, bias, rows, cols, r, c, num_threads, 0, kernel)
+            return apply_activation(y + residual, ACTIVATIONS[act])
+        if residual.stride(1) != 1 or residual.stride(0) != rows:
+            residual = residual.contiguous()  # the kernel reads it with y's strides
     if n == 0 or rows == 0 or cols == 0:  # nothing to multiply (zero-size layers are legal)
         y = torch.zeros(n, rows, dtype=torch.float32, device=x.device)
         return apply_activation(y + bias if bias is not None and n else y, ACTIVATIONS[act])
@@ -142,7 +152,9 @@ def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias
     args = (rows, cols, r, c, row_ptr.data_ptr(), col_idx.data_ptr(), col_idx.dtype == torch.int16,
             values.data_ptr(), x.data_ptr(), n, max(x.stride(0), cols), bias.data_ptr() if bias is not None else 0,
             y.data_ptr(), rows)
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and residual is not None:
+        _C.spmm_res(*args, resolve_threads(num_threads), act, *KERNELS[kernel], residual.data_ptr())
+    elif x.device.type == "cpu":
         _C.spmm(*args, resolve_threads(num_threads), act, *KERNELS[kernel])
     elif x.device.type == "cuda":
         if _ext._cuda is None:

@@ -23,8 +23,9 @@ struct BsrView {
   int32_t act = kActNone;            // activation fused into the store, after the bias (epilogue.h)
   int32_t split = 0;                 // threads split 0: by heuristic, 1: rows of X, 2: block rows
   int32_t pack = 0;                  // X panels 0: by heuristic, 1: always, 2: never (broadcast family)
-  // conv only: a residual added in the store, before the activation. It has the output's strides and lies
-  // res_bytes from it (the same element of the addend for every output element, whatever the tiling).
+  // conv and the float32 spmm: a residual added in the store, before the activation. It has the output's
+  // strides and lies res_bytes from it (the same element of the addend for every output element, whatever
+  // the tiling).
   bool has_res = false;
   int64_t res_bytes = 0;
 

@@ -155,7 +155,7 @@ def _tune_kernel(mod, row: LayerRow, inputs, counts, budget_s: float, deadline: 
         return
     if isinstance(mod, spnn.SparseConv2d):
         # the variants apply to the Linear route of a 1x1 convolution on channels_last inputs only
-        if not (mod.kernel_size == (1, 1) and mod.stride == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1
+        if not (mod.kernel_size == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1
                 and not any(mod._pad4)
                 and all(x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
                         for x in inputs)):
