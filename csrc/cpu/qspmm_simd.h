@@ -380,8 +380,19 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       const int64_t nn0 = std::min(n, steps * in / pn * step), nn1 = std::min(n, steps * (in + 1) / pn * step);
       // this thread's first panel: in its own region by rows, the absolute panel of row nn0 otherwise
       const int64_t pbase = nn0 / ps + (by_rows ? in : 0);
-      if (by_rows)
-        for (int64_t c = nn0 / 8; c < (nn1 + 7) / 8; ++c) pack_chunk(c, nn0, pbase);
+      if (by_rows) {
+        // Each thread reads all of W from its own L2 once per panel; the first panel found it in L3 (another
+        // layer ran in between) and waited on it. Fetched into L2 while packing (the quantize / round half of
+        // which computes from L2), a share after each chunk of 8 rows.
+        const int64_t c0 = nn0 / 8, c1 = (nn1 + 7) / 8;
+        const char* wv = reinterpret_cast<const char*>(w.values);
+        const int64_t wbytes = w.nnzb() * r * gpb * 4, share = c1 > c0 ? (wbytes / (c1 - c0) + 63) / 64 * 64 : 0;
+        for (int64_t c = c0; c < c1; ++c) {
+          pack_chunk(c, nn0, pbase);
+          const int64_t o0 = (c - c0) * share, o1 = std::min(wbytes, o0 + share);
+          for (int64_t o = o0; o < o1; o += 64) _mm_prefetch(wv + o, _MM_HINT_T1);
+        }
+      }
       for (int64_t a = nn0; a < nn1; a += nc) {
         const int64_t a1 = std::min(nn1, a + nc);
         for (int64_t br = br0; br < br1; ++br) {
