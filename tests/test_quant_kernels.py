@@ -465,3 +465,32 @@ def test_implicit_im2col_refuses_bad_geometry():
     with pytest.raises(ValueError, match="contiguous"):
         quant.qconv_im2col_eager(xh.transpose(1, 2), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), p.row_ptr, p.col_idx,
                                  p.values, p.scales, p.compensation, None, 8, 4, 4, 1)
+
+
+@pytest.mark.parametrize("case", CASES + [(64, 96, 130, 0.7)], ids=lambda c: "M{}K{}N{}s{}".format(*c))
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_residual_in_the_store(qpath, case, act):
+    # qspmm_eager(residual=R): act(X W^T + b + R) with R added in the kernel's store (full tiles, row tails and
+    # column tails; a strided R is copied first): int8 bit for bit with the reference plus R (the same float
+    # operations in the same order), bf16 to rounding; the activation as the kernel computes it elsewhere
+    dtype = qpath
+    m, k, n, s = case
+    g = torch.Generator().manual_seed(m * 7 + n)
+    for block in BLOCKS["int8" if dtype == torch.int8 else "bf16"][:4]:
+        w = block_sparse_weight(m, k, block, s, generator=g)
+        p = QuantBSRMatrix.from_dense(w, block, dtype)
+        x, b = torch.randn(n, k, generator=g) * 3, torch.randn(m, generator=g)
+        code = ops.ACTIVATIONS.index(act)
+        for res in (torch.randn(n, m, generator=g), torch.randn(m, n, generator=g).t()):
+            args = (x, p.row_ptr, p.col_idx, p.values, p.scales, p.compensation, b, m, k, *block, 1)
+            with torch.no_grad():
+                got = quant.qspmm_eager(*args, code, residual=res)
+                unfused = quant.qspmm_eager(*args, 0)  # the kernel's own activation applied to (y + R) ...
+                want = reference_qspmm(x, p, b) + res
+            _check(unfused + res, want, dtype)
+            if act == "gelu":  # ... by the kernel: its rational erf, not torch's
+                torch.testing.assert_close(got, ops.apply_activation(want, act), rtol=1e-5, atol=1e-5)
+            else:
+                _check(got, ops.apply_activation(want, act), dtype)
+    with pytest.raises(ValueError, match="residual must be"):
+        quant.qspmm_eager(*args, 0, residual=torch.randn(n, m + 1))

@@ -262,10 +262,17 @@ QBsrView q_view(const std::string& dtype, int64_t rows, int64_t cols, int r, int
   return w;
 }
 
-void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx,
-           bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x, bool x_bf16, int64_t n,
-           int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads, int act) {
-  const QBsrView w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x_bf16, act);
+// res: 0, or an addend with y's shape and row stride (ldy), added after the bias, before the activation
+void qspmm_res(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+               uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
+               bool x_bf16, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads, int act,
+               uintptr_t res) {
+  QBsrView w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x_bf16, act);
+  if (res) {
+    if (res % alignof(float) || y % alignof(float)) throw std::invalid_argument("qspmm: misaligned residual");
+    w.has_res = true;
+    w.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
+  }
   if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("qspmm: bad dense operand shape");
   if (n == 0 || rows == 0) return;
   if (!x || !y) throw std::invalid_argument("qspmm: null dense operand");
@@ -273,6 +280,13 @@ void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, u
   py::gil_scoped_release nogil;
   path.fn(w, ptr<const void>(x), x_bf16 ? XType::bf16 : XType::f32, n, ldx, ptr<const float>(bias), ptr<float>(y),
           ldy, num_threads);
+}
+
+void qspmm(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx,
+           bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x, bool x_bf16, int64_t n,
+           int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads, int act) {
+  qspmm_res(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x, x_bf16, n, ldx, bias, y, ldy,
+            num_threads, act, 0);
 }
 
 // A quantized Linear's fixed kernel arguments, checked once: SparseLinear keeps one per packed layer and
@@ -383,6 +397,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d", &conv2d, "y = conv2d(x, W) + b with W packed as (r x 1)-block BSR over (Cout, Cin/g*kh*kw)");
   // quantized (int8 / bf16) block-sparse matmul
   m.def("qspmm", &qspmm, "Y = X W^T + b with W an int8 or bf16 block-sparse matrix (packed by quant.py)");
+  m.def("qspmm_res", &qspmm_res, "Y = act(X W^T + b + R), R with Y's shape and row stride");
   py::class_<QCall>(m, "QCall", "qspmm's fixed arguments for one layer; call(x, n, y, num_threads)")
       .def(py::init(&make_qcall))
       .def("__call__", &QCall::run);

@@ -34,7 +34,14 @@ struct QEpi {
   const float* ws = nullptr;      // per output (int8)
   const float* bias = nullptr;    // per output, may be null
   int act = kActNone;             // fused activation, after the bias
+  bool res = false;               // add the residual res_bytes on from each output element, before act
+  int64_t res_bytes = 0;
 };
+
+// the residual's vector for the output vector at y
+SQ_INLINE const float* q_res(const float* y, int64_t res_bytes) {
+  return reinterpret_cast<const float*>(reinterpret_cast<const char*>(y) + res_bytes);
+}
 
 inline uint32_t* q_scratch(size_t words) {
   thread_local std::vector<uint32_t> buf;
@@ -412,6 +419,8 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
             }
             e.bias = bias ? bias + m0 + i0 : nullptr;
             e.act = w.act;
+            e.res = w.has_res;
+            e.res_bytes = w.res_bytes;
             const uint32_t* vv = w.values + i0;
             for (int64_t p0 = a; p0 < a1; p0 += ps) {
               const uint32_t* xpp = xp + (pbase + (p0 - nn0) / ps) * kg * ps;
@@ -466,6 +475,7 @@ struct QStore {
     F ws = full ? V::load(e.ws) : V::loadn(e.ws, n);
     F v = V::mul(I::to_f(a), V::mul(V::set1(e.sx[row]), ws));
     if (e.bias) v = V::add(v, full ? V::load(e.bias) : V::loadn(e.bias, n));
+    if (e.res) v = V::add(v, full ? V::load(q_res(y, e.res_bytes)) : V::loadn(q_res(y, e.res_bytes), n));
     if (e.act) v = act_v(v, e.act);
     if (full) V::store(y, v); else V::storen(y, v, n);
   }
@@ -489,7 +499,10 @@ struct QStore {
       const typename I::T a = I::sub(s[m][v], I::mullo(comp, I::set1(zp[m])));
       F r = V::mul(I::to_f(a), V::mul(V::set1(sx[m]), ws));
       if constexpr (BIAS) r = V::add(r, bias);
-      if constexpr (ACT) r = act_v(r, e.act);
+      if constexpr (ACT) {  // the out-of-line variant: a residual too
+        if (e.res) r = V::add(r, V::load(q_res(y, e.res_bytes)));
+        r = act_v(r, e.act);
+      }
       V::store(y, r);
       y += ldy;
     }
@@ -503,13 +516,16 @@ struct QStore {
     for (int m = 0; m < MR; ++m) {
       typename V::T r = s[m][v];
       if constexpr (BIAS) r = V::add(r, bias);
-      if constexpr (ACT) r = act_v(r, e.act);
+      if constexpr (ACT) {  // the out-of-line variant: a residual too
+        if (e.res) r = V::add(r, V::load(q_res(y, e.res_bytes)));
+        r = act_v(r, e.act);
+      }
       V::store(y, r);
       y += ldy;
     }
   }
-  // With an activation: out of line (its constants would push the accumulators of the plain stores out
-  // of registers); the tile's sums then pass through memory, small next to the activation itself.
+  // With an activation or a residual: out of line (its constants would push the accumulators of the plain
+  // stores out of registers); the tile's sums then pass through memory, small next to the activation itself.
   template <int MR, int RV, class T>
   static __attribute__((noinline)) void rows_act(float* y, int64_t ldy, const T (&s)[MR][RV], int v, const QEpi& e,
                                                  int row) {
@@ -521,7 +537,7 @@ struct QStore {
   }
   template <int MR, int RV, class T>
   static SQ_INLINE void rows(float* y, int64_t ldy, const T (&s)[MR][RV], int v, const QEpi& e, int row) {
-    if (e.act) {
+    if (e.act || e.res) {
       T c[MR][RV];  // a copy on this path only: s itself then never has its address taken
 #pragma GCC unroll 24
       for (int m = 0; m < MR; ++m) c[m][v] = s[m][v];
@@ -535,6 +551,7 @@ struct QStore {
   static SQ_INLINE void f(float* y, typename V::T acc, int n, const QEpi& e, int) {
     const bool full = n == V::W;
     if (e.bias) acc = V::add(acc, full ? V::load(e.bias) : V::loadn(e.bias, n));
+    if (e.res) acc = V::add(acc, full ? V::load(q_res(y, e.res_bytes)) : V::loadn(q_res(y, e.res_bytes), n));
     if (e.act) acc = act_v(acc, e.act);
     if (full) V::store(y, acc); else V::storen(y, acc, n);
   }

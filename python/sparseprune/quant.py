@@ -228,11 +228,22 @@ def _check_operands(x: Tensor, values: Tensor, bias: Optional[Tensor], rows: int
 
 def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Optional[Tensor],
                 compensation: Optional[Tensor], bias: Optional[Tensor], rows: int, cols: int, r: int, c: int,
-                num_threads: int, act: int = 0, out_shape: Optional[tuple] = None) -> Tensor:
+                num_threads: int, act: int = 0, out_shape: Optional[tuple] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
     """The body of the ``sparseprune::qspmm`` op without the dispatcher, for validated operands.
     ``act``: activation code (``ops.ACTIVATIONS``) fused into the kernel's store.
     ``out_shape``: the modules' direct call passes a contiguous float32 ``x`` of any rank (last dimension
-    ``cols > 0``) and the shape of ``y``, which saves two reshapes (~3 us a call); otherwise ``x`` is 2-D."""
+    ``cols > 0``) and the shape of ``y``, which saves two reshapes (~3 us a call); otherwise ``x`` is 2-D.
+    ``residual`` (2-D ``x`` only): a float32 CPU ``(n, rows)`` tensor added in the store after the bias,
+    before the activation (copied first unless its rows are contiguous)."""
+    if residual is not None:
+        n = x.shape[0] if x.dim() == 2 else -1
+        if (out_shape is not None or x.dim() != 2 or residual.shape != (n, rows)
+                or residual.dtype != torch.float32 or not residual.is_cpu):
+            raise ValueError(f"qspmm: the residual must be a float32 CPU ({x.shape[0]}, {rows}) tensor for a 2-D x, "
+                             f"got {residual.dtype} {tuple(residual.shape)}")
+        if residual.stride(1) != 1 or residual.stride(0) != rows:
+            residual = residual.contiguous()
     s8 = values.dtype == torch.int8
     out_dtype = x.dtype
     if out_shape is not None:
@@ -251,14 +262,19 @@ def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, sca
         y.zero_()
         if bias is not None:
             y += bias
+        if residual is not None:
+            y += residual
         return ops.apply_activation(y, ops.ACTIVATIONS[act]).to(out_dtype)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    _C.qspmm("int8" if s8 else "bf16", rows, cols, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
-             col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
-             compensation.data_ptr() if s8 else 0, x.data_ptr(), x.dtype == torch.bfloat16, n,
-             ldx, bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows,
-             ops.resolve_threads(num_threads), act)
+    args = ("int8" if s8 else "bf16", rows, cols, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
+            col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
+            compensation.data_ptr() if s8 else 0, x.data_ptr(), x.dtype == torch.bfloat16, n,
+            ldx, bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows, ops.resolve_threads(num_threads), act)
+    if residual is not None:
+        _C.qspmm_res(*args, residual.data_ptr())
+    else:
+        _C.qspmm(*args)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 

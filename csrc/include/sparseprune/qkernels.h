@@ -66,6 +66,10 @@ struct QBsrView {
   const int32_t* comp = nullptr;    // int8: M sums of the quantized weights of each output
   int32_t act = kActNone;           // activation fused into the store, after the bias (epilogue.h)
   const QIm2col* im2col = nullptr;  // set: X is the NHWC image of an implicit im2col (ldx unused)
+  // a residual added in the store, after the bias and before the activation: it has Y's strides and lies
+  // res_bytes from it (as BsrView's)
+  bool has_res = false;
+  int64_t res_bytes = 0;
 
   int64_t nnzb() const { return row_ptr ? row_ptr[block_rows] : 0; }
 };

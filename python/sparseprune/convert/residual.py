@@ -17,8 +17,9 @@ the class's forward.
 A block's forward is Python we do not own, so only known classes are taken: Hugging Face's
 ``ResNetBottleNeckLayer`` and ``ResNetBasicLayer`` (``layer``: a Sequential of conv layers, ``shortcut``,
 ``activation``; forward = ``activation(layer(x) + shortcut(x))``), and only in the shape convert leaves
-them: the last conv layer a float32 sparse SparseConv2d whose BatchNorm was folded away and with no
-activation of its own. Each block is then checked on the example inputs (the same output as its own
+them: the last conv layer a sparse SparseConv2d (float32, or int8 / bf16: their 1x1 convs on channels_last
+inputs add the residual in the kernel's store too) whose BatchNorm was folded away and with no activation of
+its own. Each block is then checked on the example inputs (the same output as its own
 forward) and timed; it is replaced by a copy (same children, so the same state_dict) whose forward
 makes the one call, where that is faster.
 """
@@ -84,8 +85,7 @@ def fusable(block: nn.Module) -> Optional[str]:
         return None
     last = seq[-1]
     conv = last._modules.get("convolution")
-    if (type(conv) is not SparseConv2d or conv.format == "dense" or conv.weight_dtype != "float32"
-            or conv.activation != "none" or set(last._modules) != {"convolution", "normalization", "activation"}
+    if (type(conv) is not SparseConv2d or conv.format == "dense" or conv.activation != "none" or set(last._modules) != {"convolution", "normalization", "activation"}
             or type(last._modules["normalization"]) is not nn.Identity
             or type(last._modules["activation"]) is not nn.Identity):
         return None
