@@ -176,7 +176,8 @@ inline void q_row_quantize(const float* x, int64_t K, int64_t kg, const QRowPara
   {
     // 64 at a time, put back in order
     const __m512 vinv = _mm512_set1_ps(p.inv);
-    const __m512i vzp16 = _mm512_set1_epi16(static_cast<int16_t>(p.zp)), vqmax = _mm512_set1_epi8(static_cast<char>(kQMax));
+    const __m512i vzp16 = _mm512_set1_epi16(static_cast<int16_t>(p.zp));
+    const __m512i vqmax = _mm512_set1_epi8(static_cast<char>(kQMax));
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (; 4 * g + 64 <= K; g += 16) {
       const __m512i b = _mm512_permutexvar_epi32(order, q_quant64(x + 4 * g, vinv, vzp16, vqmax));

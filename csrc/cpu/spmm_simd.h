@@ -125,22 +125,27 @@ void bcast_rows(const float* x, int64_t ldx, int64_t K, int r, int c, const floa
   const int64_t rs = PACKED ? 1 : ldx;  // distance between rows of X
   int64_t i = n0;
   for (; i + MR <= n1; i += MR)
-    bcast_tile<V, MR, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
+    bcast_tile<V, MR, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1,
+        bias, act, rb, tail, y + i * ldy, ldy);
   if constexpr (MR > 8) {
     for (; i + 8 <= n1; i += 8)
-      bcast_tile<V, 8, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
+      bcast_tile<V, 8, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1,
+          bias, act, rb, tail, y + i * ldy, ldy);
   }
   const int64_t rem = n1 - i;
   if constexpr (MR > 4) if (rem & 4) {
-    bcast_tile<V, 4, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
+    bcast_tile<V, 4, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1,
+        bias, act, rb, tail, y + i * ldy, ldy);
     i += 4;
   }
   if (rem & 2) {
-    bcast_tile<V, 2, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
+    bcast_tile<V, 2, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1,
+        bias, act, rb, tail, y + i * ldy, ldy);
     i += 2;
   }
   if (rem & 1)
-    bcast_tile<V, 1, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y + i * ldy, ldy);
+    bcast_tile<V, 1, RV, TAIL, PACKED>(x + i * rs, ldx, K, r, c, vals, cols, b0, b1,
+        bias, act, rb, tail, y + i * ldy, ldy);
 }
 
 template <class V, int MR1, int MR2, bool PACKED, class Idx>
@@ -148,10 +153,18 @@ SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int 
                            const Idx* cols, int64_t b0, int64_t b1, const float* bias, int act, int64_t rb,
                            int tail, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (key) {
-    case 2: bcast_rows<V, MR1, 1, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1); break;
-    case 3: bcast_rows<V, MR1, 1, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1); break;
-    case 4: bcast_rows<V, MR2, 2, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1); break;
-    default: bcast_rows<V, MR2, 2, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1); break;
+    case 2:
+      bcast_rows<V, MR1, 1, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1);
+      break;
+    case 3:
+      bcast_rows<V, MR1, 1, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1);
+      break;
+    case 4:
+      bcast_rows<V, MR2, 2, false, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1);
+      break;
+    default:
+      bcast_rows<V, MR2, 2, true, PACKED>(x, ldx, K, r, c, vals, cols, b0, b1, bias, act, rb, tail, y, ldy, n0, n1);
+      break;
   }
 }
 

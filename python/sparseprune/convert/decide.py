@@ -151,7 +151,8 @@ def _tune_kernel(mod, row: LayerRow, inputs, counts, budget_s: float, deadline: 
     """Time the fp32 kernel variants (thread split, X panels: ``ops.KERNELS``) of the chosen layer on its
     real inputs and pin the fastest when it beats the heuristics' choice by more than the noise."""
     from ..ops import KERNELS
-    if not isinstance(mod, (spnn.SparseLinear, spnn.SparseConv2d)) or mod.format == "dense" or mod.weight_dtype != "float32":
+    if (not isinstance(mod, (spnn.SparseLinear, spnn.SparseConv2d)) or mod.format == "dense"
+            or mod.weight_dtype != "float32"):
         return
     if isinstance(mod, spnn.SparseConv2d):
         # the variants apply to the Linear route of a 1x1 convolution on channels_last inputs only

@@ -85,7 +85,8 @@ def fusable(block: nn.Module) -> Optional[str]:
         return None
     last = seq[-1]
     conv = last._modules.get("convolution")
-    if (type(conv) is not SparseConv2d or conv.format == "dense" or conv.activation != "none" or set(last._modules) != {"convolution", "normalization", "activation"}
+    if (type(conv) is not SparseConv2d or conv.format == "dense" or conv.activation != "none"
+            or set(last._modules) != {"convolution", "normalization", "activation"}
             or type(last._modules["normalization"]) is not nn.Identity
             or type(last._modules["activation"]) is not nn.Identity):
         return None
