@@ -298,13 +298,15 @@ def test_channels_last_1x1_with_an_nchw_residual_takes_the_conv_kernel(monkeypat
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "silu"])
-@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("geom", [(1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2), (1, 1, 1, 1)],
+                         ids=lambda g: "k{}s{}p{}d{}".format(*g))
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
-def test_quantized_channels_last_1x1_residual_in_the_store(dtype, stride, act, monkeypatch):
-    # int8 / bf16 1x1 conv on channels_last input and residual: the quantized kernel over the (kept) pixels with
-    # the residual added in its store: the same numbers as the conv, then + residual, then the activation
-    # (bit for bit without the activation and with ReLU)
-    conv = _conv(48, 40, 1, stride, 0, 1, (16, 16), 0.5, 7)
+def test_quantized_channels_last_residual_in_the_store(dtype, geom, act, monkeypatch):
+    # int8 / bf16 conv on channels_last input and residual: the quantized kernel (over the kept pixels for a plain
+    # 1x1 conv, over the implicit im2col rows otherwise) with the residual added in its store: the same numbers
+    # as the conv, then + residual, then the activation (bit for bit without the activation and with ReLU)
+    k, s, p, d = geom
+    conv = _conv(48, 40, k, s, p, d, (16, 16), 0.5, 7)
     sc = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), weight_dtype=dtype)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 48, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
@@ -313,9 +315,11 @@ def test_quantized_channels_last_1x1_residual_in_the_store(dtype, stride, act, m
         r = torch.empty_like(y).copy_(torch.randn(y.shape, generator=g))
         want = ops.apply_activation(y + r, act)
         calls = []
-        qspmm_eager = sp.quant.qspmm_eager
-        monkeypatch.setattr(sp.quant, "qspmm_eager",
-                            lambda *a, **k: calls.append(k.get("residual") is not None) or qspmm_eager(*a, **k))
+        plain = (k, p, d) == (1, 0, 1)
+        name = "qspmm_eager" if plain else "qconv_im2col_eager"
+        kernel = getattr(sp.quant, name)
+        monkeypatch.setattr(sp.quant, name,
+                            lambda *a, **kw: calls.append(kw.get("residual") is not None) or kernel(*a, **kw))
         got = sc.forward_residual(x, r, act)
     assert calls == [True]
     assert got.shape == y.shape and got.stride() == y.stride()
@@ -324,5 +328,5 @@ def test_quantized_channels_last_1x1_residual_in_the_store(dtype, stride, act, m
     else:
         assert torch.equal(got, want)
     with torch.no_grad():  # an NCHW residual: PyTorch adds it (the same values)
-        monkeypatch.setattr(sp.quant, "qspmm_eager", qspmm_eager)
+        monkeypatch.setattr(sp.quant, name, kernel)
         torch.testing.assert_close(sc.forward_residual(x, r.contiguous(), act), want, rtol=1e-5, atol=1e-5)

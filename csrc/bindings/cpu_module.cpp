@@ -319,12 +319,18 @@ QCall make_qcall(const std::string& dtype, int64_t rows, int64_t cols, int r, in
 // A convolution as the quantized kernel over its implicit im2col matrix: x is a contiguous NHWC float32 (or,
 // for bf16 weights, bf16) image (n_img, h, w, ch), zero padding pt / pb / pl / pr implied; y gets n_img * ho * wo rows of `rows`
 // outputs (ldy).
-void qspmm_im2col(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
-                  uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
-                  bool x_bf16, int64_t n_img, int64_t h, int64_t wd, int64_t ch, int kh, int kw, int sh, int sw, int dh, int dw,
-                  int pt, int pb, int pl, int pr, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads,
-                  int act) {
-  const QBsrView view = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x_bf16, act);
+// res: 0, or an addend with y's shape and row stride (ldy), added after the bias, before the activation
+void qspmm_im2col_res(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+                      uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
+                      bool x_bf16, int64_t n_img, int64_t h, int64_t wd, int64_t ch, int kh, int kw, int sh, int sw,
+                      int dh, int dw, int pt, int pb, int pl, int pr, uintptr_t bias, uintptr_t y, int64_t ldy,
+                      int num_threads, int act, uintptr_t res) {
+  QBsrView view = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x_bf16, act);
+  if (res) {
+    if (res % alignof(float) || y % alignof(float)) throw std::invalid_argument("qspmm_im2col: misaligned residual");
+    view.has_res = true;
+    view.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
+  }
   if (n_img < 0 || h < 1 || wd < 1 || ch < 1 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || pt < 0 ||
       pb < 0 || pl < 0 || pr < 0)
     throw std::invalid_argument("qspmm_im2col: bad convolution geometry");
@@ -357,6 +363,15 @@ void qspmm_im2col(const std::string& dtype, int64_t rows, int64_t cols, int r, i
   py::gil_scoped_release nogil;
   path.fn(w, ptr<const void>(x), x_bf16 ? XType::bf16 : XType::f32, n, cols, ptr<const float>(bias), ptr<float>(y),
           ldy, num_threads);
+}
+
+void qspmm_im2col(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+                  uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
+                  bool x_bf16, int64_t n_img, int64_t h, int64_t wd, int64_t ch, int kh, int kw, int sh, int sw, int dh,
+                  int dw, int pt, int pb, int pl, int pr, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads,
+                  int act) {
+  qspmm_im2col_res(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x, x_bf16, n_img, h, wd, ch,
+                   kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, bias, y, ldy, num_threads, act, 0);
 }
 
 }  // namespace
@@ -401,6 +416,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<QCall>(m, "QCall", "qspmm's fixed arguments for one layer; call(x, n, y, num_threads)")
       .def(py::init(&make_qcall))
       .def("__call__", &QCall::run);
+  m.def("qspmm_im2col_res", &qspmm_im2col_res, "qspmm_im2col with a residual (Y's shape and row stride) in the store");
   m.def("qspmm_im2col", &qspmm_im2col,
         "a convolution as qspmm over the implicit im2col matrix of an NHWC image (zero padding implied)");
   m.def("qpaths", [] {

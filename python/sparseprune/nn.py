@@ -959,13 +959,19 @@ class SparseConv2d(SparseModule):
         return ops.sparse_conv2d_planned(x, plan[1], bufs["row_ptr"], bufs["col_idx"], bufs["values"],
                                          self._parameters["bias"], self.rk, self._threads(), act, residual)
 
+    def _plain_1x1(self) -> bool:
+        """A 1x1 kernel without padding or dilation: a Linear layer over the (strided) pixels."""
+        return self.kernel_size == (1, 1) and self.dilation == (1, 1) and not any(self._pad4)
+
     def _cl_residual_ok(self, x: Tensor, residual: Tensor) -> bool:
         """Whether the channels_last 1x1 route can add ``residual`` in its store: a float32 CPU tensor of the
         output's shape laid out channels_last (a view of (N*Ho*Wo, Cout) rows). Anything else goes to the conv
         kernel's path, which checks it and raises for what it cannot add."""
         n, _, h, w = x.shape
-        sh, sw = self.stride
-        shape = (n, self.out_channels, (h - 1) // sh + 1, (w - 1) // sw + 1)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        pt, pb, pl, pr = self._pad4
+        shape = (n, self.out_channels, (h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
+                 (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
         return (type(residual) is Tensor and residual.dtype is torch.float32 and residual.is_cpu
                 and tuple(residual.shape) == shape and residual.is_contiguous(memory_format=torch.channels_last)
                 and not residual.is_contiguous())
@@ -985,14 +991,23 @@ class SparseConv2d(SparseModule):
             return self._eager_cpu(x, self._pad4, code, residual)
         if (self.format != "dense" and self.weight_dtype != "float32" and self.activation == "none"
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels and x.dtype is torch.float32
-                and self.kernel_size == (1, 1) and self.dilation == (1, 1) and not any(self._pad4)
-                and x.is_cpu and self._buffers["values"].is_cpu and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last) and self._cl_residual_ok(x, residual)
-                and ops.call_route(x, bias, residual) == "eager"):
-            # int8 / bf16 1x1 conv on channels_last input and residual: the quantized kernel over the pixels,
-            # the residual added in its store (ResNet-50's expand convs: the separate add and activation took
-            # about a third of those convs' time)
+                and self.padding_mode == "zeros" and x.numel() and x.is_cpu and self._buffers["values"].is_cpu
+                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                and self._cl_residual_ok(x, residual) and ops.call_route(x, bias, residual) == "eager"
+                and (_FUSED_IM2COL or self._plain_1x1())):
+            # int8 / bf16 conv on channels_last input and residual: the quantized kernel (over the pixels for a
+            # 1x1 conv, over the implicit im2col rows otherwise) with the residual added in its store
+            # (ResNet-50's expand convs: the separate add and activation took about a third of their time)
             self._check_quant_input(x)
+            if not self._plain_1x1():
+                n, _, ho, wo = residual.shape
+                r, cb = self.block_size
+                y = quant.qconv_im2col_eager(
+                    x.permute(0, 2, 3, 1), self.kernel_size, self.stride, self.dilation, self._pad4, self.row_ptr,
+                    self.col_idx, self.values, self._buffers.get("scales"), self._buffers.get("compensation"), bias,
+                    self.out_channels, r, cb, self._threads(), code,
+                    residual=residual.permute(0, 2, 3, 1).reshape(n * ho * wo, self.out_channels))
+                return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
             sh, sw = self.stride
             xs = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
             n, _, ho, wo = xs.shape

@@ -280,13 +280,15 @@ def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, sca
 
 def qconv_im2col_eager(xh: Tensor, kernel_size, stride, dilation, pad4, row_ptr: Tensor, col_idx: Tensor,
                        values: Tensor, scales: Optional[Tensor], compensation: Optional[Tensor],
-                       bias: Optional[Tensor], rows: int, r: int, c: int, num_threads: int, act: int = 0) -> Tensor:
+                       bias: Optional[Tensor], rows: int, r: int, c: int, num_threads: int, act: int = 0,
+                       residual: Optional[Tensor] = None) -> Tensor:
     """A convolution through the int8 / bf16 BSR kernel over its implicit im2col matrix: ``xh`` is the
     input as a contiguous NHWC CPU tensor ``(N, H, W, C)`` (float32; bfloat16 too for bfloat16 weights),
     zero padding ``pad4`` = (top, bottom, left, right) implied; each row of patches (columns in
     ``(kh, kw, C)`` order) is gathered inside the kernel instead of materialised (a 3x3 im2col matrix is
     9x the image, and the padded copy goes too). Returns ``(N * Ho * Wo, rows)`` float32: the rows of an
-    NHWC output."""
+    NHWC output. ``residual``: a float32 CPU ``(N * Ho * Wo, rows)`` tensor added in the store after the bias,
+    before the activation (copied first unless its rows are contiguous)."""
     s8 = values.dtype == torch.int8
     if (xh.dtype not in ((torch.float32,) if s8 else (torch.float32, torch.bfloat16)) or xh.dim() != 4
             or not xh.is_contiguous() or not xh.is_cpu):
@@ -297,16 +299,25 @@ def qconv_im2col_eager(xh: Tensor, kernel_size, stride, dilation, pad4, row_ptr:
     ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
     y = torch.empty(n * ho * wo, rows, dtype=torch.float32)
+    if residual is not None:
+        if residual.shape != y.shape or residual.dtype != torch.float32 or not residual.is_cpu:
+            raise ValueError(f"qconv_im2col_eager: the residual must be a float32 CPU {tuple(y.shape)} tensor, got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
+        if residual.stride(1) != 1 or residual.stride(0) != rows:
+            residual = residual.contiguous()
     if y.numel() == 0:
         return y
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    _C.qspmm_im2col("int8" if s8 else "bf16", rows, kh * kw * ch, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
-                    col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
-                    compensation.data_ptr() if s8 else 0, xh.data_ptr(), xh.dtype == torch.bfloat16,
-                    n, h, w, ch, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
-                    bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows,
-                    ops.resolve_threads(num_threads), act)
+    args = ("int8" if s8 else "bf16", rows, kh * kw * ch, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
+            col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
+            compensation.data_ptr() if s8 else 0, xh.data_ptr(), xh.dtype == torch.bfloat16,
+            n, h, w, ch, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr,
+            bias.data_ptr() if bias is not None else 0, y.data_ptr(), rows, ops.resolve_threads(num_threads), act)
+    if residual is not None:
+        _C.qspmm_im2col_res(*args, residual.data_ptr())
+    else:
+        _C.qspmm_im2col(*args)
     return y
 
 
