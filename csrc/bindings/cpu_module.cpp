@@ -139,6 +139,16 @@ void add_layernorm(uintptr_t a, uintptr_t b, uintptr_t gamma, uintptr_t beta, ui
                     ptr<float>(y), rows, cols, static_cast<float>(eps), num_threads);
 }
 
+// res (0: none): an addend laid out as y, added in the store; kept as its offset from y (BsrView / QBsrView).
+template <class View>
+void set_residual(View& w, uintptr_t res, uintptr_t y, const char* who) {
+  if (!res) return;
+  if (res % alignof(float) || y % alignof(float))
+    throw std::invalid_argument(std::string(who) + ": misaligned residual");
+  w.has_res = true;
+  w.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
+}
+
 // res: 0, or an addend with y's shape and row stride (ldy), added before the activation
 void spmm_res(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintptr_t col_idx, bool idx16,
               uintptr_t values, uintptr_t x, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y,
@@ -148,11 +158,7 @@ void spmm_res(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, uintp
   if (split < 0 || split > 2 || pack < 0 || pack > 2) throw std::invalid_argument("bad kernel variant");
   w.split = split;
   w.pack = pack;
-  if (res) {
-    if (res % alignof(float) || y % alignof(float)) throw std::invalid_argument("spmm: misaligned residual");
-    w.has_res = true;
-    w.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
-  }
+  set_residual(w, res, y, "spmm");
   if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("bad dense operand shape");
   if (n == 0) return;
   if (!x || !y) throw std::invalid_argument("null dense operand");
@@ -207,11 +213,7 @@ void conv2d(const std::vector<int64_t>& geom, int r, uintptr_t row_ptr, uintptr_
   const ConvGeom g = make_geom(geom);
   BsrView w = make_view(g.c_out, g.cin_g() * g.taps(), r, 1, row_ptr, col_idx, idx16, values);
   w.act = check_act(act);
-  if (res) {  // an addend with y's strides (ops.py checks its shape and strides)
-    if (res % alignof(float) || y % alignof(float)) throw std::invalid_argument("conv2d: misaligned residual");
-    w.has_res = true;
-    w.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
-  }
+  set_residual(w, res, y, "conv2d");  // an addend with y's strides (ops.py checks its shape and strides)
   if (g.groups > 1 && g.cout_g() % r) throw std::invalid_argument("conv2d: block rows straddle groups");
   if (ws_floats < conv2d_workspace(geom)) throw std::invalid_argument("conv2d: workspace too small");
   if (g.n == 0) return;
@@ -268,11 +270,7 @@ void qspmm_res(const std::string& dtype, int64_t rows, int64_t cols, int r, int 
                bool x_bf16, int64_t n, int64_t ldx, uintptr_t bias, uintptr_t y, int64_t ldy, int num_threads, int act,
                uintptr_t res) {
   QBsrView w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x_bf16, act);
-  if (res) {
-    if (res % alignof(float) || y % alignof(float)) throw std::invalid_argument("qspmm: misaligned residual");
-    w.has_res = true;
-    w.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
-  }
+  set_residual(w, res, y, "qspmm");
   if (n < 0 || ldx < cols || ldy < rows) throw std::invalid_argument("qspmm: bad dense operand shape");
   if (n == 0 || rows == 0) return;
   if (!x || !y) throw std::invalid_argument("qspmm: null dense operand");
@@ -326,11 +324,7 @@ void qspmm_im2col_res(const std::string& dtype, int64_t rows, int64_t cols, int 
                       int dh, int dw, int pt, int pb, int pl, int pr, uintptr_t bias, uintptr_t y, int64_t ldy,
                       int num_threads, int act, uintptr_t res) {
   QBsrView view = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, x_bf16, act);
-  if (res) {
-    if (res % alignof(float) || y % alignof(float)) throw std::invalid_argument("qspmm_im2col: misaligned residual");
-    view.has_res = true;
-    view.res_bytes = static_cast<int64_t>(res) - static_cast<int64_t>(y);
-  }
+  set_residual(view, res, y, "qspmm_im2col");
   if (n_img < 0 || h < 1 || wd < 1 || ch < 1 || kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || pt < 0 ||
       pb < 0 || pl < 0 || pr < 0)
     throw std::invalid_argument("qspmm_im2col: bad convolution geometry");

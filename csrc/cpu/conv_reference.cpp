@@ -231,7 +231,7 @@ void f32_conv2d_direct__scalar(const ConvGeom& g, const BsrView& w, const float*
             }
             float* yp = yc + oh * g.ys[2] + ow * g.ys[3];
             if (w.has_res)  // the residual element at the same place relative to its own base
-              acc += *reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(yp) + w.res_bytes);
+              acc += *residual_at(yp, w.res_bytes);
             *yp = act_scalar(acc, w.act);
           }
       }

@@ -159,7 +159,7 @@ SPC_INLINE void q_tile_n(int nv, int tail, const float* xq, const int32_t* kofs,
 
 // The residual element that goes with output element p (BsrView::res_bytes), or null without one.
 inline const float* res_of(const BsrView& w, const float* p) {
-  return w.has_res ? reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(p) + w.res_bytes) : nullptr;
+  return w.has_res ? residual_at(p, w.res_bytes) : nullptr;
 }
 
 struct QCall {

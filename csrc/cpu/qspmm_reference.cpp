@@ -18,11 +18,6 @@ int64_t block_col(const QBsrView& w, int64_t b) {
   return w.idx16 ? static_cast<const uint16_t*>(w.col_idx)[b] : static_cast<const int32_t*>(w.col_idx)[b];
 }
 
-// the residual element of output element *y (QBsrView::res_bytes on from it)
-float res_at(const float* y, int64_t res_bytes) {
-  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(y) + res_bytes);
-}
-
 }  // namespace q_scalar
 
 void s8_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType, int64_t n, int64_t ldx, const float* bias,
@@ -61,7 +56,7 @@ void s8_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType, int64_t n, in
           const int64_t m = m0 + ii;
           float v = static_cast<float>(acc[ii] - p.zp * w.comp[m]) * (p.s * w.wscale[m]);
           if (bias) v = v + bias[m];
-          if (w.has_res) v = v + q_scalar::res_at(y + i * ldy + m, w.res_bytes);
+          if (w.has_res) v = v + *residual_at(y + i * ldy + m, w.res_bytes);
           y[i * ldy + m] = act_scalar(v, w.act);
         }
       }
@@ -116,7 +111,7 @@ void bf16_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType xt, int64_t 
         }
         for (int ii = 0; ii < rr; ++ii) {
           float v = bias ? acc[ii] + bias[m0 + ii] : acc[ii];
-          if (w.has_res) v = v + q_scalar::res_at(y + i * ldy + m0 + ii, w.res_bytes);
+          if (w.has_res) v = v + *residual_at(y + i * ldy + m0 + ii, w.res_bytes);
           y[i * ldy + m0 + ii] = act_scalar(v, w.act);
         }
       }

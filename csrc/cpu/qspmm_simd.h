@@ -38,11 +38,6 @@ struct QEpi {
   int64_t res_bytes = 0;
 };
 
-// the residual's vector for the output vector at y
-SQ_INLINE const float* q_res(const float* y, int64_t res_bytes) {
-  return reinterpret_cast<const float*>(reinterpret_cast<const char*>(y) + res_bytes);
-}
-
 inline uint32_t* q_scratch(size_t words) {
   thread_local std::vector<uint32_t> buf;
   if (buf.size() < words + 16) buf.resize(words + 16);
@@ -475,7 +470,7 @@ struct QStore {
     F ws = full ? V::load(e.ws) : V::loadn(e.ws, n);
     F v = V::mul(I::to_f(a), V::mul(V::set1(e.sx[row]), ws));
     if (e.bias) v = V::add(v, full ? V::load(e.bias) : V::loadn(e.bias, n));
-    if (e.res) v = V::add(v, full ? V::load(q_res(y, e.res_bytes)) : V::loadn(q_res(y, e.res_bytes), n));
+    if (e.res) v = V::add(v, full ? V::load(residual_at(y, e.res_bytes)) : V::loadn(residual_at(y, e.res_bytes), n));
     if (e.act) v = act_v(v, e.act);
     if (full) V::store(y, v); else V::storen(y, v, n);
   }
@@ -500,7 +495,7 @@ struct QStore {
       F r = V::mul(I::to_f(a), V::mul(V::set1(sx[m]), ws));
       if constexpr (BIAS) r = V::add(r, bias);
       if constexpr (ACT) {  // the out-of-line variant: a residual too
-        if (e.res) r = V::add(r, V::load(q_res(y, e.res_bytes)));
+        if (e.res) r = V::add(r, V::load(residual_at(y, e.res_bytes)));
         r = act_v(r, e.act);
       }
       V::store(y, r);
@@ -517,7 +512,7 @@ struct QStore {
       typename V::T r = s[m][v];
       if constexpr (BIAS) r = V::add(r, bias);
       if constexpr (ACT) {  // the out-of-line variant: a residual too
-        if (e.res) r = V::add(r, V::load(q_res(y, e.res_bytes)));
+        if (e.res) r = V::add(r, V::load(residual_at(y, e.res_bytes)));
         r = act_v(r, e.act);
       }
       V::store(y, r);
@@ -551,7 +546,7 @@ struct QStore {
   static SQ_INLINE void f(float* y, typename V::T acc, int n, const QEpi& e, int) {
     const bool full = n == V::W;
     if (e.bias) acc = V::add(acc, full ? V::load(e.bias) : V::loadn(e.bias, n));
-    if (e.res) acc = V::add(acc, full ? V::load(q_res(y, e.res_bytes)) : V::loadn(q_res(y, e.res_bytes), n));
+    if (e.res) acc = V::add(acc, full ? V::load(residual_at(y, e.res_bytes)) : V::loadn(residual_at(y, e.res_bytes), n));
     if (e.act) acc = act_v(acc, e.act);
     if (full) V::store(y, acc); else V::storen(y, acc, n);
   }

@@ -27,9 +27,8 @@ void f32_bsr_spmm__scalar(const BsrView& w, const float* x, int64_t n, int64_t l
         for (int j = 0; j < cc; ++j)
           for (int ii = 0; ii < rr; ++ii) yi[m0 + ii] += vb[j * r + ii] * xi[k0 + j];
       }
-      if (w.has_res)  // the addend element of each output element: res_bytes on from it
-        for (int ii = 0; ii < rr; ++ii)
-          yi[m0 + ii] += *reinterpret_cast<const float*>(reinterpret_cast<const char*>(yi + m0 + ii) + w.res_bytes);
+      if (w.has_res)
+        for (int ii = 0; ii < rr; ++ii) yi[m0 + ii] += *residual_at(yi + m0 + ii, w.res_bytes);
       if (w.act)
         for (int ii = 0; ii < rr; ++ii) yi[m0 + ii] = act_scalar(yi[m0 + ii], w.act);
     }

@@ -108,7 +108,7 @@ SP_INLINE void bcast_tile(const float* __restrict x, int64_t ldx, int64_t K, int
 #pragma GCC unroll 4
     for (int v = 0; v < RV; ++v) {
       if (rb != kNoRes) {  // a residual (SparseConv2d's channels_last 1x1 route): rb bytes on from y
-        const float* rp = reinterpret_cast<const float*>(reinterpret_cast<const char*>(y + m * ldy + v * W) + rb);
+        const float* rp = residual_at(y + m * ldy + v * W, rb);
         acc[m][v] = V::add(acc[m][v], (TAIL && v == RV - 1) ? V::loadn(rp, tail) : V::load(rp));
       }
       if (act) acc[m][v] = act_v(acc[m][v], act);
@@ -570,7 +570,7 @@ void add_residual_act(float* y, int64_t ldy, int64_t n, int64_t m, int64_t res_b
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       float* yi = y + i * ldy;
-      const float* ri = reinterpret_cast<const float*>(reinterpret_cast<const char*>(yi) + res_bytes);
+      const float* ri = residual_at(yi, res_bytes);
       for (int64_t j = 0; j < m; j += W) {
         const int len = static_cast<int>(std::min<int64_t>(W, m - j));
         typename V::T v = V::add(V::loadn(yi + j, len), V::loadn(ri + j, len));

@@ -692,6 +692,19 @@ def _column_groups(row_ptr: Tensor, col_idx: Tensor, cols: int) -> tuple:
     return row_ptr, col_idx, 1
 
 
+def _pixel_rows(t: Tensor, stride=(1, 1)) -> Tensor:
+    """The pixels of an (N, C, H, W) tensor that ``stride`` keeps, as the rows of an (N*Ho*Wo, C) matrix: a view
+    of a channels_last tensor at stride 1, a copy of the kept pixels otherwise."""
+    if tuple(stride) != (1, 1):
+        t = t[:, :, ::stride[0], ::stride[1]]
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _from_pixel_rows(y: Tensor, n: int, h: int, w: int) -> Tensor:
+    """(N*H*W, C) rows as an (N, C, H, W) view with channels_last strides (as PyTorch's output)."""
+    return y.view(n, h, w, y.shape[1]).permute(0, 3, 1, 2)
+
+
 def _to_nhwc(x: Tensor) -> Tensor:
     """A contiguous NCHW float32 CPU tensor as a contiguous (N, H, W, C) copy (the C++ blocked transpose)."""
     n, c, h, w = x.shape
@@ -874,8 +887,7 @@ class SparseConv2d(SparseModule):
         pt, pb, pl, pr = pad4
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = self._out_hw(h, w, pad4)
         if ho <= 0 or wo <= 0:
             raise ValueError(f"input {tuple(x.shape)} is smaller than the (dilated, padded) kernel")
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -934,21 +946,16 @@ class SparseConv2d(SparseModule):
             # one-column blocks on ResNet-50's 1x1 shapes at 80%.
             # With a stride, the pixels it keeps are copied out first (a quarter of the input at stride 2):
             # ResNet-50's stride-2 shortcuts 1.3-2x faster than through the conv kernel's transposes.
-            sh, sw = self.stride
-            if (sh, sw) != (1, 1):
-                x = x[:, :, ::sh, ::sw]
-            n, _, h, w = x.shape
             rp, ci = bufs["row_ptr"], bufs["col_idx"]
             key = (rp.data_ptr(), rp._version, ci.data_ptr(), ci._version, self.in_channels)
             groups = self.__dict__.get("_cache_col_groups")
             if groups is None or groups[0] != key:
                 groups = (key, *_column_groups(rp, ci, self.in_channels))
                 self.__dict__["_cache_col_groups"] = groups
-            res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(n * h * w, self.out_channels)
-            y = ops.spmm_eager(x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels), groups[1], groups[2],
-                               bufs["values"], self._parameters["bias"], self.out_channels, self.in_channels,
-                               self.rk, groups[3], self._threads(), act, self.kernel, res)
-            return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # channels_last strides, as torch's
+            y = ops.spmm_eager(_pixel_rows(x, self.stride), groups[1], groups[2], bufs["values"],
+                               self._parameters["bias"], self.out_channels, self.in_channels, self.rk, groups[3],
+                               self._threads(), act, self.kernel, None if residual is None else _pixel_rows(residual))
+            return _from_pixel_rows(y, x.shape[0], *self._out_hw(x.shape[2], x.shape[3], pad4))
         # shapes, strides and workspace size depend only on the input's shape and strides: kept
         key = (x.shape, x.stride(), tuple(pad4))
         plan = self.__dict__.get("_cache_conv_plan")
@@ -959,6 +966,12 @@ class SparseConv2d(SparseModule):
         return ops.sparse_conv2d_planned(x, plan[1], bufs["row_ptr"], bufs["col_idx"], bufs["values"],
                                          self._parameters["bias"], self.rk, self._threads(), act, residual)
 
+    def _out_hw(self, h: int, w: int, pad4) -> Tuple[int, int]:
+        """The output height and width for an (h, w) input padded by ``pad4`` (top, bottom, left, right)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        pt, pb, pl, pr = pad4
+        return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
     def _plain_1x1(self) -> bool:
         """A 1x1 kernel without padding or dilation: a Linear layer over the (strided) pixels."""
         return self.kernel_size == (1, 1) and self.dilation == (1, 1) and not any(self._pad4)
@@ -967,11 +980,7 @@ class SparseConv2d(SparseModule):
         """Whether the channels_last 1x1 route can add ``residual`` in its store: a float32 CPU tensor of the
         output's shape laid out channels_last (a view of (N*Ho*Wo, Cout) rows). Anything else goes to the conv
         kernel's path, which checks it and raises for what it cannot add."""
-        n, _, h, w = x.shape
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        pt, pb, pl, pr = self._pad4
-        shape = (n, self.out_channels, (h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
-                 (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+        shape = (x.shape[0], self.out_channels, *self._out_hw(x.shape[2], x.shape[3], self._pad4))
         return (type(residual) is Tensor and residual.dtype is torch.float32 and residual.is_cpu
                 and tuple(residual.shape) == shape and residual.is_contiguous(memory_format=torch.channels_last)
                 and not residual.is_contiguous())
@@ -999,25 +1008,19 @@ class SparseConv2d(SparseModule):
             # 1x1 conv, over the implicit im2col rows otherwise) with the residual added in its store
             # (ResNet-50's expand convs: the separate add and activation took about a third of their time)
             self._check_quant_input(x)
-            if not self._plain_1x1():
-                n, _, ho, wo = residual.shape
-                r, cb = self.block_size
-                y = quant.qconv_im2col_eager(
-                    x.permute(0, 2, 3, 1), self.kernel_size, self.stride, self.dilation, self._pad4, self.row_ptr,
-                    self.col_idx, self.values, self._buffers.get("scales"), self._buffers.get("compensation"), bias,
-                    self.out_channels, r, cb, self._threads(), code,
-                    residual=residual.permute(0, 2, 3, 1).reshape(n * ho * wo, self.out_channels))
-                return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
-            sh, sw = self.stride
-            xs = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
-            n, _, ho, wo = xs.shape
             r, c = self.block_size
-            y = quant.qspmm_eager(xs.permute(0, 2, 3, 1).reshape(n * ho * wo, self.in_channels), self.row_ptr,
-                                  self.col_idx, self.values, self._buffers.get("scales"),
-                                  self._buffers.get("compensation"), bias, self.out_channels, self.in_channels, r, c,
-                                  self._threads(), code,
-                                  residual=residual.permute(0, 2, 3, 1).reshape(n * ho * wo, self.out_channels))
-            return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+            scales, comp = self._buffers.get("scales"), self._buffers.get("compensation")
+            if self._plain_1x1():
+                y = quant.qspmm_eager(_pixel_rows(x, self.stride), self.row_ptr, self.col_idx, self.values, scales,
+                                      comp, bias, self.out_channels, self.in_channels, r, c, self._threads(), code,
+                                      residual=_pixel_rows(residual))
+            else:
+                y = quant.qconv_im2col_eager(x.permute(0, 2, 3, 1), self.kernel_size, self.stride, self.dilation,
+                                             self._pad4, self.row_ptr, self.col_idx, self.values, scales, comp, bias,
+                                             self.out_channels, r, c, self._threads(), code,
+                                             residual=_pixel_rows(residual))
+            n, _, ho, wo = residual.shape
+            return _from_pixel_rows(y, n, ho, wo)
         return ops.apply_activation(self(x) + residual, activation)
 
     def extra_repr(self) -> str:

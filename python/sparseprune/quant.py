@@ -237,10 +237,9 @@ def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, sca
     ``residual`` (2-D ``x`` only): a float32 CPU ``(n, rows)`` tensor added in the store after the bias,
     before the activation (copied first unless its rows are contiguous)."""
     if residual is not None:
-        n = x.shape[0] if x.dim() == 2 else -1
-        if (out_shape is not None or x.dim() != 2 or residual.shape != (n, rows)
+        if (out_shape is not None or x.dim() != 2 or residual.shape != (x.shape[0], rows)
                 or residual.dtype != torch.float32 or not residual.is_cpu):
-            raise ValueError(f"qspmm: the residual must be a float32 CPU ({x.shape[0]}, {rows}) tensor for a 2-D x, "
+            raise ValueError(f"qspmm: the residual must be a float32 CPU (rows of x, {rows}) tensor for a 2-D x, "
                              f"got {residual.dtype} {tuple(residual.shape)}")
         if residual.stride(1) != 1 or residual.stride(0) != rows:
             residual = residual.contiguous()

@@ -35,4 +35,9 @@ struct BsrView {
   }
 };
 
+// The residual element that goes with output element y: res_bytes on from it (BsrView / QBsrView::res_bytes).
+inline const float* residual_at(const float* y, int64_t res_bytes) {
+  return reinterpret_cast<const float*>(reinterpret_cast<const char*>(y) + res_bytes);
+}
+
 }  // namespace sparseprune
