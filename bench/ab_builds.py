@@ -16,7 +16,9 @@ import argparse
 import glob
 import importlib.machinery
 import importlib.util
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -26,6 +28,9 @@ from torch import nn
 import sparseprune as sp
 from sparseprune import _C as new_c
 from sparseprune.convert.cache import cpu_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import steady_malloc  # noqa: E402
 
 SHAPES = {"bert_ffn_down": (128, 3072, 768), "minilm_down": (128, 1536, 384), "bert_ffn_up": (128, 768, 3072),
           "bert_attn": (128, 768, 768), "resnet50_1x1": (196, 256, 1024), "llm_decode_n16": (16, 4096, 4096),
@@ -91,7 +96,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     lines = [f"CPU: {cpu_model()}, {a.threads} threads, torch {torch.__version__}, {a.dtype} weights; best of {a.rounds} interleaved "
-             "rounds (dense before each build's call, the builds' order alternating)", "",
+             f"rounds (dense before each build's call, the builds' order alternating); {steady_malloc()}", "",
              "| shape | N×K→M | block | sparsity | dense ms | old ms | new ms | new/old speed | η old | η new |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)

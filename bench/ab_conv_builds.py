@@ -27,6 +27,7 @@ from sparseprune.nn import SparseConv2d
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ab_builds import load_old  # noqa: E402
+from conftest import steady_malloc  # noqa: E402
 from resnet_helpers import conv_block_mask  # noqa: E402
 
 # name, in, out, kernel, stride, input size
@@ -51,7 +52,7 @@ def main(argv=None):
         old.set_isa(a.isa)
         new.set_isa(a.isa)
     print(f"{cpu_model()}, {a.threads} threads, isa {new.active_isa()}; {a.rounds} rounds"
-          f"{'; channels_last' if a.channels_last else ''}\n")
+          f"{'; channels_last' if a.channels_last else ''}; {steady_malloc()}\n")
     print("| layer | sparsity | dense µs | old µs | new µs | new/old (median) | η old | η new |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ import sparseprune as sp
 from sparseprune.nn import SparseConv2d
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import steady_malloc  # noqa: E402
 from resnet_helpers import conv_block_mask, prune_convs, sparsify_convs  # noqa: E402
 
 THREADS = int(os.environ.get("SP_BENCH_THREADS", "2"))
@@ -152,7 +153,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"sparseprune {sp.__version__}, torch {torch.__version__}, isa {sp.ops.active_isa()}, "
-          f"threads {args.threads}, layout {args.layout}, batch 1; time = interleaved min of {args.rounds} rounds\n")
+          f"threads {args.threads}, layout {args.layout}, batch 1; time = interleaved min of {args.rounds} rounds; "
+          f"{steady_malloc()}\n")
     if not args.e2e_only:
         print("| layer | dense ms (GFLOP/s) | format | sparsity | density | sparse ms | speedup | eta |")
         print("|---|---|---|---|---|---|---|---|")

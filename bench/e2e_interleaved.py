@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_models as bm  # noqa: E402
 from bench_conv import interleaved_min  # noqa: E402
+from conftest import steady_malloc  # noqa: E402
 from sparseprune.convert.cache import cpu_model  # noqa: E402
 
 VARIANTS = {
@@ -39,7 +40,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
-    print(f"{cpu_model()}, {a.threads} threads, torch {torch.__version__}; best of {a.rounds} interleaved rounds\n")
+    print(f"{cpu_model()}, {a.threads} threads, torch {torch.__version__}; best of {a.rounds} interleaved rounds; "
+          f"{steady_malloc()}\n")
     print("| model | variant | ms | ×dense |\n|---|---|---:|---:|")
     for name in a.models.split(","):
         kinds = ["dense"] + (a.variants.split(",") if a.variants else VARIANTS[name])

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparseprune as sp  # noqa: E402
 from bench_conv import interleaved_min  # noqa: E402
 from bench_quant import SHAPES, _dynamic_int8  # noqa: E402
-from conftest import block_sparse  # noqa: E402
+from conftest import block_sparse, steady_malloc  # noqa: E402
 from sparseprune import quant  # noqa: E402
 from sparseprune.convert.cache import cpu_model  # noqa: E402
 
@@ -42,7 +42,7 @@ def main(argv=None):
     warnings.simplefilter("ignore")
     emit(f"{cpu_model()}, {a.threads} threads, torch {torch.__version__}, int8 path "
           f"{quant.active_qisa(torch.int8)}, bf16 path {quant.active_qisa(torch.bfloat16)}; "
-          f"best of {a.rounds} interleaved rounds, BSR 16x16 (every layer with a bias)")
+          f"best of {a.rounds} interleaved rounds, BSR 16x16 (every layer with a bias); {steady_malloc()}")
     emit()
     emit("| shape | sparsity | dense fp32 us | dyn int8 ×fp32 | bf16 ×fp32 | ours fp32 ×fp32 | ours int8 ×fp32 "
           "| ours int8 ×dyn int8 | ours bf16 ×dense bf16 | ours int8 ×ours fp32 |")

@@ -140,6 +140,38 @@ def test_output_fully_written_poisoned(isa, bias):
         assert_close(out, expected(conv, x))
 
 
+
+@pytest.mark.parametrize("stride", [1, 2])  # 1: the fill pass over whole channel planes; 2: in the band tiles
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("keep_rows", [(1,), (), (0, 2)])
+def test_empty_block_rows_of_1x1_convs(isa, stride, threads, bias, keep_rows):
+    """A 1x1 conv's output channels whose block row holds no block are act(bias [+ residual]), written apart
+    from the tiles (first and last block row empty, the last one partial; an all-zero weight), over several
+    images, a plane of 63 pixels (a partial vector), an output poisoned with NaN before each call."""
+    cin, cout, n, h, w = 24, 40, 3, 7, 9
+    conv = torch.nn.Conv2d(cin, cout, 1, stride, bias=bias)
+    with torch.no_grad():
+        keep = torch.zeros(3, 3, dtype=torch.bool)  # 16 x 8 blocks: block rows 0-15, 16-31, 32-39
+        for br in keep_rows:
+            keep[br, torch.tensor([0, 2])] = True
+        conv.weight.mul_(keep.repeat_interleave(16, 0)[:cout].repeat_interleave(8, 1)[:, :, None, None])
+        if bias:
+            conv.bias.copy_(torch.randn(cout))
+    sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 8), num_threads=threads)
+    assert int((sc.row_ptr.diff() == 0).sum()) == 3 - len(keep_rows)  # the empty block rows are there
+    x = torch.randn(n, cin, h, w)
+    with torch.no_grad():
+        y = conv(x)
+        r = torch.randn(y.shape)
+        for act in ("none", "relu", "gelu"):
+            torch.full(y.shape, float("nan")).sum()  # the allocator hands this block out next
+            got = sc.forward_residual(x, r, act)
+            assert torch.isfinite(got).all()
+            assert_close(got, sp.ops.apply_activation(expected(conv, x) + r, act))
+        torch.full(y.shape, float("nan")).sum()
+        assert_close(sc(x), expected(conv, x))
+
 def test_padding_modes_and_same(isa):
     for mode in ("reflect", "replicate", "circular"):
         conv = torch.nn.Conv2d(6, 8, 3, padding=1, padding_mode=mode)
