@@ -45,6 +45,7 @@ def main(argv=None):
     ap.add_argument("--sparsities", default="0.8,0.9")
     ap.add_argument("--isa", default=None, help="force this ISA path in both builds (e.g. avx2)")
     ap.add_argument("--channels-last", action="store_true", help="input and dense conv in channels_last")
+    ap.add_argument("--shapes", default=None, help="comma list: only the layers whose name contains one of these")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     old, new = load_old(a.old), ops._C
@@ -58,6 +59,8 @@ def main(argv=None):
     torch.manual_seed(0)
     try:
         for name, cin, cout, k, s, hw in SHAPES:
+            if a.shapes and not any(p in name for p in a.shapes.split(",")):
+                continue
             for sparsity in (float(v) for v in a.sparsities.split(",")):
                 conv = torch.nn.Conv2d(cin, cout, k, s, k // 2)
                 with torch.no_grad():

@@ -172,6 +172,30 @@ def test_empty_block_rows_of_1x1_convs(isa, stride, threads, bias, keep_rows):
         torch.full(y.shape, float("nan")).sum()
         assert_close(sc(x), expected(conv, x))
 
+
+@pytest.mark.parametrize("geom", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (5, 1, 2)])  # kernel, stride, padding
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cl", [False, True])
+def test_input_channels_no_weight_reads(isa, geom, threads, cl):
+    """Input channels that no kept block reads are skipped by the input packing: NaN there changes nothing,
+    and the channels that are read are packed afresh on every call (a second input gives its own result)."""
+    k, s, p = geom
+    cin, cout = 44, 24
+    conv = torch.nn.Conv2d(cin, cout, k, s, p)
+    with torch.no_grad():
+        keep = torch.tensor([[1, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 1, 0]], dtype=torch.bool)
+        conv.weight.mul_(keep.repeat_interleave(8, 0).repeat_interleave(8, 1)[:, :cin, None, None])
+    sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(8, 8), num_threads=threads)
+    unread = torch.ones(cin, dtype=torch.bool)
+    unread[[*range(0, 8), *range(16, 24), *range(32, 44)]] = False  # channels 8-15, 24-31 unread
+    for _ in range(2):
+        x = torch.randn(2, cin, 13, 11)
+        ref = expected(conv, x)
+        x[:, unread] = float("nan")
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        assert_close(sc(x), ref)
+
 def test_padding_modes_and_same(isa):
     for mode in ("reflect", "replicate", "circular"):
         conv = torch.nn.Conv2d(6, 8, 3, padding=1, padding_mode=mode)

@@ -87,8 +87,15 @@ static void pack_channel(const ConvGeom& g, const ConvQLayout& q, const float* x
 // 8 pixels x 8 channels go through one 8x8 transpose t8 (whole 32-byte pieces of 8 channel rows written per
 // transpose, where one float per channel row per pixel took ~10x the NCHW packing, 3x3 256@14); without t8,
 // or for what is left, one pixel at a time.
+// Its channels are taken 8 at a time; `used` (or null: all) skips the groups of 8 that no weight reads.
+static bool used8(const uint8_t* used, int64_t c) {
+  uint64_t u;
+  std::memcpy(&u, used + c, 8);
+  return u != 0;
+}
+
 static void pack_row_cl(const ConvGeom& g, const ConvQLayout& q, const float* xrow, float* drow, int px, int64_t lo,
-                        int64_t hi, Transpose8x8Fn t8) {
+                        int64_t hi, Transpose8x8Fn t8, const uint8_t* used) {
   const int64_t lds = g.sw * g.xs[3];  // from one pixel of this phase row to the next
   auto pixel = [&](int64_t s) { return xrow + (s * g.sw + px - g.pl) * g.xs[3]; };
   int64_t s = lo;
@@ -97,7 +104,8 @@ static void pack_row_cl(const ConvGeom& g, const ConvQLayout& q, const float* xr
     auto block = [&](int64_t s0) {
       const float* src = pixel(s0);
       float* d = drow + s0;
-      for (int64_t c = 0; c < c8; c += 8) t8(src + c, lds, d + c * q.plane, q.plane);
+      for (int64_t c = 0; c < c8; c += 8)
+        if (!used || used8(used, c)) t8(src + c, lds, d + c * q.plane, q.plane);
       for (int64_t c = c8; c < g.c_in; ++c)
         for (int k = 0; k < 8; ++k) d[c * q.plane + k] = src[k * lds + c];
     };
@@ -113,6 +121,7 @@ static void pack_row_cl(const ConvGeom& g, const ConvQLayout& q, const float* xr
       float* d = drow + s;
       alignas(32) float a[64] = {};
       for (int64_t c = 0; c < c8; c += 8) {
+        if (used && !used8(used, c)) continue;
         for (int i = 0; i < k; ++i) std::memcpy(a + 8 * i, src + i * lds + c, 32);
         t8(a, 8, d + c * q.plane, q.plane);
       }
@@ -129,12 +138,13 @@ static void pack_row_cl(const ConvGeom& g, const ConvQLayout& q, const float* xr
 }
 
 void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0,
-                    Transpose8x8Fn t8) {
+                    Transpose8x8Fn t8, const uint8_t* used) {
   int64_t lo[8], hi[8];
   for (int px = 0; px < g.sw && px < 8; ++px) phase_cols(g, qt, px, &lo[px], &hi[px]);
   const bool cl = t8 && g.xs[1] == 1 && g.c_in > 1 && g.sw <= 8;
   // channels_last: the zero padding per channel first, then the pixels row by row through transposes
-  for (int64_t c = 0; c < g.c_in; ++c) pack_channel(g, qt, x_img + c * g.xs[1], dst + c * qt.plane, r0, lo, hi, !cl);
+  for (int64_t c = 0; c < g.c_in; ++c)
+    if (!used || used[c]) pack_channel(g, qt, x_img + c * g.xs[1], dst + c * qt.plane, r0, lo, hi, !cl);
   if (!cl) return;
   const int64_t phase_sz = qt.hq * qt.wq;
   for (int py = 0; py < g.sh; ++py)
@@ -142,11 +152,13 @@ void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img
       const int64_t ih = (r0 + r) * g.sh + py - g.pt;
       if (ih < 0 || ih >= g.h) continue;
       for (int px = 0; px < g.sw; ++px)
-        pack_row_cl(g, qt, x_img + ih * g.xs[2], dst + (py * g.sw + px) * phase_sz + r * qt.wq, px, lo[px], hi[px], t8);
+        pack_row_cl(g, qt, x_img + ih * g.xs[2], dst + (py * g.sw + px) * phase_sz + r * qt.wq, px, lo[px], hi[px], t8,
+                    used);
     }
 }
 
-void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, Transpose8x8Fn t8) {
+void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, Transpose8x8Fn t8,
+                     const uint8_t* used) {
   if (q.direct) return;
   const int64_t nc = g.n * g.c_in;
   const int64_t phase_sz = q.hq * q.wq;
@@ -159,6 +171,7 @@ void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, fl
 #pragma omp for schedule(dynamic, 8)
     for (int64_t u = 0; u < nc; ++u) {
       const int64_t n = u / g.c_in, c = u % g.c_in;
+      if (used && !used[c]) continue;
       pack_channel(g, q, x + n * g.xs[0] + c * g.xs[1], ws + u * q.plane, 0, lo, hi, !cl);
     }
     if (cl) {
@@ -171,7 +184,7 @@ void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, fl
         const float* xrow = x + n * g.xs[0] + ih * g.xs[2];
         float* drow0 = ws + n * g.c_in * q.plane + r * q.wq;
         for (int px = 0; px < g.sw; ++px)
-          pack_row_cl(g, q, xrow, drow0 + (py * g.sw + px) * phase_sz, px, lo[px], hi[px], t8);
+          pack_row_cl(g, q, xrow, drow0 + (py * g.sw + px) * phase_sz, px, lo[px], hi[px], t8, used);
       }
     }
   }

@@ -45,11 +45,14 @@ ConvQLayout conv_q_layout(const ConvGeom& g);
 // t8 (optional): the ISA path's 8x8 float transpose, src rows (stride lds) -> dst columns (stride ldd),
 // which moves a channels_last input's pixels into channel planes eight by eight.
 using Transpose8x8Fn = void (*)(const float* src, int64_t lds, float* dst, int64_t ldd);
-void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, Transpose8x8Fn t8 = nullptr);
+// used (optional): one flag per input channel, zero where no weight reads the channel: its plane is left as it
+// was (never read).
+void conv_pack_input(const ConvGeom& g, const ConvQLayout& q, const float* x, float* ws, Transpose8x8Fn t8 = nullptr,
+                     const uint8_t* used = nullptr);
 // Serial: phase rows [r0, r0 + qt.hq) of every channel of one image into dst (c_in * qt.plane floats),
 // for a layout `qt` that covers a band of output rows (see conv_simd.h).
 void conv_pack_rows(const ConvGeom& g, const ConvQLayout& qt, const float* x_img, float* dst, int64_t r0,
-                    Transpose8x8Fn t8 = nullptr);
+                    Transpose8x8Fn t8 = nullptr, const uint8_t* used = nullptr);
 // Input offset (q-domain, relative to the group's first channel) of every packed column k = ci*T+t.
 void conv_column_offsets(const ConvGeom& g, const ConvQLayout& q, int32_t* kofs);
 
