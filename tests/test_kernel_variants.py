@@ -234,3 +234,33 @@ def test_spmm_residual_every_family(isa, kernel, act, n, block, k, m):
     with pytest.raises(ValueError, match="residual must be"):
         ops.spmm_eager(x, b["row_ptr"], b["col_idx"], b["values"], lin.bias, m, k, r, c, 1, 0, kernel,
                        torch.randn(n, m + 1))
+
+
+@pytest.mark.parametrize("kernel", list(ops.KERNELS))
+@pytest.mark.parametrize("n", [1, 23, 50])
+@pytest.mark.parametrize("k,keep_cols", [(32, 1), (1024, 40)])  # a weight within L1 (panel by panel) or not
+@pytest.mark.parametrize("bias", [True, False])
+def test_empty_block_rows_with_residual_and_activation(isa, kernel, n, k, keep_cols, bias):
+    # block rows without blocks (the first, a middle one and the last, partial one) are act(bias + residual),
+    # written without the tiles; the others through them
+    m, block = 72, (16, 16)
+    torch.manual_seed(n + k)
+    keep = torch.zeros(5, k // 16, dtype=torch.bool)
+    keep[1, :keep_cols] = True
+    keep[3, -keep_cols:] = True
+    w = torch.randn(m, k) * keep.repeat_interleave(16, 0)[:m].repeat_interleave(16, 1)
+    lin = nn.Linear(k, m, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    layer = sp.SparseLinear.from_dense(lin, format="bsr", block_size=block)
+    assert int((layer.row_ptr.diff() == 0).sum()) == 3
+    b = layer._buffers
+    x, res = torch.randn(n, k), torch.randn(n, m)
+    for act in ("none", "relu", "gelu"):
+        for r in (None, res):
+            with torch.no_grad():
+                got = ops.spmm_eager(x, b["row_ptr"], b["col_idx"], b["values"], lin.bias, m, k, 16, 16, 2,
+                                     ops.ACTIVATIONS.index(act), kernel, r)
+                want = reference.linear(x, lin.weight, lin.bias)
+                want = ops.apply_activation(want if r is None else want + r, act)
+            assert_close(got, want)

@@ -168,6 +168,34 @@ SP_INLINE void bcast_slice(int key, const float* x, int64_t ldx, int64_t K, int 
   }
 }
 
+// Rows [n0, n1) of Y's columns [m0, m0 + len) for a block row without blocks: act(bias [+ residual]), one store
+// per vector. Through the tiles these cost a tile's setup (spilled loop state) per 24 rows; at 90% most block
+// rows of a 1x1 conv's channels_last route are empty (64->256 @56: 10 of 16).
+template <class V>
+void bcast_fill(const float* bias, int act, int64_t rb, int len, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  for (int i0 = 0; i0 < len; i0 += W) {
+    const int t = std::min(W, len - i0);
+    const T b = bias ? (t == W ? V::load(bias + i0) : V::loadn(bias + i0, t)) : V::zero();
+    if (rb == kNoRes) {
+      const T v = act_v(b, act);
+      if (t == W)
+        for (int64_t i = n0; i < n1; ++i) V::store(y + i * ldy + i0, v);
+      else
+        for (int64_t i = n0; i < n1; ++i) V::storen(y + i * ldy + i0, v, t);
+    } else {
+      for (int64_t i = n0; i < n1; ++i) {
+        float* yp = y + i * ldy + i0;
+        const float* rp = residual_at(yp, rb);
+        const T v = act_v(V::add(b, t == W ? V::load(rp) : V::loadn(rp, t)), act);
+        if (t == W) V::store(yp, v);
+        else V::storen(yp, v, t);
+      }
+    }
+  }
+}
+
 template <class V, int MR1, int MR2, class Idx>
 void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int nt) {
@@ -196,6 +224,10 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // Rows of X per pass: keep the X panel (nc x K floats) within ~256 KiB of L2.
   const int64_t nc = std::max<int64_t>(PW, ((int64_t(1) << 16) / std::max<int64_t>(K, 1)) / PW * PW);
+  // A weight that fits in L1 (a channels_last 1x1 conv with few input channels): every block row for one panel
+  // before the next, so that the panel's rows of Y are written whole, one contiguous stretch, while in L1 (block
+  // row by block row, each store began a line of its own, a Y row apart)
+  const int64_t step = packed && w.nnzb() * w.r * w.c <= 8192 ? PW : nc;
   parallel_team(nt, [&] {
     if (packed && pm > 1) {  // panels shared by the threads: packed together, then a barrier
 #pragma omp for schedule(static)
@@ -215,12 +247,16 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
         for (int64_t t = nn0 / PW; t * PW < nn1; ++t)
           transpose_panel<PW>(x + t * PW * ldx, ldx, static_cast<int>(std::min<int64_t>(PW, n - t * PW)), 0, K,
                               xp + t * K * PW);
-      for (int64_t a = nn0; a < nn1; a += nc) {
-        const int64_t a1 = std::min(nn1, a + nc);
+      for (int64_t a = nn0; a < nn1; a += step) {
+        const int64_t a1 = std::min(nn1, a + step);
         for (int64_t br = br0; br < br1; ++br) {
           const int64_t m0 = br * r;
           const int rows = static_cast<int>(std::min<int64_t>(r, w.rows - m0));
           const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
+          if (b0 == b1) {
+            bcast_fill<V>(bias ? bias + m0 : nullptr, w.act, rb, rows, y + m0, ldy, a, a1);
+            continue;
+          }
           for (int i0 = 0; i0 < rows; i0 += 2 * W) {
             const int len = std::min(2 * W, rows - i0);
             const int rv = (len + W - 1) / W;
