@@ -148,23 +148,26 @@ def test_quantized_conv_matches_im2col_reference(cin, cout, k, stride, pad, dil,
         assert (y - dense).abs().max().item() <= 0.02 * scale + 1e-5
 
 
-@settings(max_examples=30, deadline=None)
-@given(batch=st.integers(1, 3), rows=st.integers(1, 75), cols=st.integers(1, 75), pad=st.integers(0, 3),
-       isa=st.sampled_from(["scalar", "best"]), seed=st.integers(0, 999))
-def test_layout_transpose_matches_torch(batch, rows, cols, pad, isa, seed):
-    """The C++ transpose behind NCHW <-> NHWC in quantized convolutions: odd sizes (8x8 blocks and their
-    edges), padded source rows, batches, the scalar twin and the vector path."""
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 3), rows=st.one_of(st.integers(1, 75), st.integers(250, 530)),
+       cols=st.integers(1, 75), pad=st.integers(0, 3), dpad=st.integers(0, 3),
+       isa=st.sampled_from([p["isa"] for p in sp.ops.isa_paths()]), seed=st.integers(0, 999))
+def test_layout_transpose_matches_torch(batch, rows, cols, pad, dpad, isa, seed):
+    """The C++ transpose behind NCHW <-> NHWC in quantized convolutions: odd sizes (8x8 and 16x16 blocks and
+    their edges, row chunks of 256), padded source and destination rows (the padding left alone), batches,
+    every ISA path."""
     from sparseprune import _C, ops
     g = torch.Generator().manual_seed(seed)
     src = torch.randn(batch, rows, cols + pad, generator=g)
-    dst = torch.full((batch, cols, rows), float("nan"))
+    dst = torch.full((batch, cols, rows + dpad), float("nan"))
     ops.set_isa(isa)
     try:
-        _C.transpose(src.data_ptr(), batch, rows, cols, cols + pad, rows * (cols + pad), dst.data_ptr(), rows,
-                     cols * rows, 2)
+        _C.transpose(src.data_ptr(), batch, rows, cols, cols + pad, rows * (cols + pad), dst.data_ptr(), rows + dpad,
+                     cols * (rows + dpad), 2)
     finally:
         ops.set_isa("best")
-    assert torch.equal(dst, src[:, :, :cols].transpose(1, 2))
+    assert torch.equal(dst[:, :, :rows], src[:, :, :cols].transpose(1, 2))
+    assert dst[:, :, rows:].isnan().all()
 
 
 def test_layout_transpose_refuses_bad_strides():

@@ -53,6 +53,10 @@ void transpose(uintptr_t src, int64_t batch, int64_t rows, int64_t cols, int64_t
     throw std::invalid_argument("transpose: strides overlap");
   py::gil_scoped_release nogil;
 #if defined(SPARSEPRUNE_X86)
+  if (std::string(active_path().isa) == "avx512") {
+    f32_transpose__avx512(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
+    return;
+  }
   if (std::string(active_path().isa) != "scalar") {
     f32_transpose__avx2(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
     return;

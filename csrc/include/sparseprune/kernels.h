@@ -70,6 +70,8 @@ void f32_bsr_spmm__avx2(const BsrView&, const float*, int64_t, int64_t, const fl
 void f32_transpose__avx2(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,
                          float* dst, int64_t ldd, int64_t bsd, int num_threads);
 void f32_bsr_spmm__avx512(const BsrView&, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
+void f32_transpose__avx512(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,
+                           float* dst, int64_t ldd, int64_t bsd, int num_threads);
 void f32_attention__avx2(const AttnArgs& a, int num_threads);
 void f32_attention__avx512(const AttnArgs& a, int num_threads);
 void f32_add_layernorm__avx2(const float* a, const float* b, const float* gamma, const float* beta, float* y,
