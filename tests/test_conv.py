@@ -141,16 +141,17 @@ def test_output_fully_written_poisoned(isa, bias):
 
 
 
-@pytest.mark.parametrize("stride", [1, 2])  # 1: the fill pass over whole channel planes; 2: in the band tiles
+@pytest.mark.parametrize("k", [1, 3])  # 1x1: q positions are output positions; 3x3: NCHW rows (padded q rows)
+@pytest.mark.parametrize("stride", [1, 2])  # band mode or not
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("keep_rows", [(1,), (), (0, 2)])
-def test_empty_block_rows_of_1x1_convs(isa, stride, threads, bias, keep_rows):
-    """A 1x1 conv's output channels whose block row holds no block are act(bias [+ residual]), written apart
+def test_empty_block_rows_of_convs(isa, k, stride, threads, bias, keep_rows):
+    """A conv's output channels whose block row holds no block are act(bias [+ residual]), written apart
     from the tiles (first and last block row empty, the last one partial; an all-zero weight), over several
     images, a plane of 63 pixels (a partial vector), an output poisoned with NaN before each call."""
     cin, cout, n, h, w = 24, 40, 3, 7, 9
-    conv = torch.nn.Conv2d(cin, cout, 1, stride, bias=bias)
+    conv = torch.nn.Conv2d(cin, cout, k, stride, k // 2, bias=bias)
     with torch.no_grad():
         keep = torch.zeros(3, 3, dtype=torch.bool)  # 16 x 8 blocks: block rows 0-15, 16-31, 32-39
         for br in keep_rows:

@@ -185,7 +185,7 @@ struct QCall {
   const float* bias;
   float* y;
   int mode;             // 0: q positions are output positions (wq == wo, NCHW); 1: NCHW rows; 2: other
-  bool prefilled;       // mode 0: the empty block rows' outputs were written before (conv_q's fill pass)
+  bool prefilled;       // the empty block rows' output planes were written before (conv_q's fill pass)
 };
 
 // Mode 2 (output not NCHW, e.g. channels_last): copy tile rows [0, rows) x q positions [q, q + cnt)
@@ -303,8 +303,9 @@ void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64
   QSeg segs[NBV * kMaxSeg];
   int nseg[NBV];
   float* yc = yimg + (co0 + i0) * c.g->ys[1];
+  if (e0 == e1 && c.prefilled) return;
   if (e0 == e1 && c.mode == 0) {  // an empty block row: act(bias [+ residual]), one store per vector
-    if (!c.prefilled) fill_rows(yc, c.g->ys[1], rows, qb - qa, qa, bias, w.act, w.has_res ? &w : nullptr);
+    fill_rows(yc, c.g->ys[1], rows, qb - qa, qa, bias, w.act, w.has_res ? &w : nullptr);
     return;
   }
   for (int64_t q = qa; q < qb; q += NB) {
@@ -446,12 +447,32 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
   // (channels_last inputs too: their rows go in by 8x8 transposes, conv_pack_rows)
   const bool band = !q.direct && (!(g.xs[1] == 1 && g.c_in > 1) || g.sw <= 8) && pm == 1 && th < g.ho &&
                     nt * g.c_in * qt.plane <= q.ws_floats;
+  // NCHW output with contiguous channel planes: the output channels of empty block rows (most of them in a
+  // 90%-sparse conv with few block rows) are filled first, plane by plane, an even share of the planes per thread
+  // (memset-like streams; in the tiles they were short row pieces, ~40% of a 1x1 64->256 @56 call at 90%).
+  std::vector<int64_t> empty_ch;
+  if (mode != 2 && g.ys[3] == 1 && g.ys[2] == g.wo && g.ys[1] == g.ho * g.wo) {
+    for (int64_t br = 0; br < w.block_rows; ++br)
+      if (w.row_ptr[br] == w.row_ptr[br + 1])
+        for (int64_t co = br * w.r; co < std::min<int64_t>((br + 1) * w.r, g.c_out); ++co) empty_ch.push_back(co);
+    c.prefilled = true;
+  }
+  const int64_t nfill = g.n * static_cast<int64_t>(empty_ch.size()), plane = g.ho * g.wo;
+  auto prefill = [&] {  // inside the team: the tiles that follow do not touch these planes
+#pragma omp for schedule(static) nowait
+    for (int64_t f = 0; f < nfill; ++f) {
+      const int64_t n = f / static_cast<int64_t>(empty_ch.size()), co = empty_ch[f % empty_ch.size()];
+      fill_rows(y + n * g.ys[0] + co * g.ys[1], plane, 1, plane, 0, bias ? bias + co : nullptr, w.act,
+                w.has_res ? &w : nullptr);
+    }
+  };
   if (band) {
     std::vector<int32_t> kofs_t(kofs.size());
     conv_column_offsets(g, qt, kofs_t.data());
     const int64_t bands = (g.ho + th - 1) / th;
     parallel_team(nt, [&] {
       float* buf = ws + omp_get_thread_num() * g.c_in * qt.plane;
+      prefill();
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < g.n * bands; ++it) {
         const int64_t n = it / bands, oh0 = (it % bands) * th;
@@ -469,25 +490,9 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
     return;
   }
   const int64_t items = pi * pn * pm;
-  // Mode 0 with contiguous channel planes: the output channels of empty block rows (most of them in a 90%-sparse
-  // 1x1 conv) are filled first, plane by plane, an even share of the planes per thread (memset-like streams; in
-  // the tiles they were short row pieces, ~40% of a 1x1 64->256 @56 call at 90%, ~2.5x slower per byte).
-  std::vector<int64_t> empty_ch;
-  if (mode == 0 && g.ys[1] == q.lq) {
-    for (int64_t br = 0; br < w.block_rows; ++br)
-      if (w.row_ptr[br] == w.row_ptr[br + 1])
-        for (int64_t co = br * w.r; co < std::min<int64_t>((br + 1) * w.r, g.c_out); ++co) empty_ch.push_back(co);
-    c.prefilled = true;
-  }
-  const int64_t nfill = g.n * static_cast<int64_t>(empty_ch.size());
   parallel_team(nt, [&] {
   conv_pack_input(g, q, x, ws, conv_transpose8x8, used);  // one fork/join for packing and compute
-#pragma omp for schedule(static) nowait
-  for (int64_t f = 0; f < nfill; ++f) {  // the tiles below do not touch these planes
-    const int64_t n = f / static_cast<int64_t>(empty_ch.size()), co = empty_ch[f % empty_ch.size()];
-    fill_rows(y + n * g.ys[0] + co * g.ys[1], g.ys[1], 1, q.lq, 0, bias ? bias + co : nullptr, w.act,
-              w.has_res ? &w : nullptr);
-  }
+  prefill();
 #pragma omp for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t ii = it / (pn * pm), in = (it / pm) % pn, im = it % pm;
