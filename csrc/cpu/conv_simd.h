@@ -120,7 +120,6 @@ SPC_INLINE void q_tile(const float* __restrict xq, const int32_t* __restrict kof
 #pragma GCC unroll 8
     for (int v = 0; v < NBV; ++v)
       xv[v] = (MASK && v == NBV - 1) ? V::loadn(xp + v * W, tail) : V::load(xp + v * W);
-
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const T wv = V::set1(we[i]);
@@ -256,35 +255,31 @@ inline void scatter_tile(const QCall& c, float* yimg, int64_t co0, int rows, int
   }
 }
 
-// Rows [0, rows) of an output whose q positions are its positions (mode 0) over [q0, q0 + n), for a block
-// row without entries: act(bias [+ the residual]). The tile path spent ~3 memory operations and a call per
-// vector on these (accumulators to a buffer, the out-of-line store), most of a 90%-sparse 1x1 conv's tiles.
-inline void fill_rows(float* y, int64_t ldy, int rows, int64_t n, int64_t q0, const float* bias, int act,
-                      const BsrView* res) {
+// One output channel plane of n floats whose block row has no entries: act(bias [+ the residual]), one store
+// per vector. The tile path spent ~3 memory operations and a call per vector on these (accumulators to a buffer,
+// the out-of-line store), most of a 90%-sparse 1x1 conv's tiles.
+inline void fill_plane(float* y, int64_t n, float bias, int act, const BsrView* res) {
   using T = typename V::T;
   constexpr int W = V::W;
-  for (int i = 0; i < rows; ++i) {
-    float* yr = y + i * ldy + q0;
-    const T b = V::set1(bias ? bias[i] : 0.0f);
-    if (!res) {
-      const T v = act_v(b, act);
-      int64_t j = 0;
-      for (; j + 4 * W <= n; j += 4 * W) {
-        V::store(yr + j, v);
-        V::store(yr + j + W, v);
-        V::store(yr + j + 2 * W, v);
-        V::store(yr + j + 3 * W, v);
-      }
-      for (; j + W <= n; j += W) V::store(yr + j, v);
-      if (j < n) V::storen(yr + j, v, static_cast<int>(n - j));
-    } else {
-      const float* rr = residual_at(yr, res->res_bytes);
-      int64_t j = 0;
-      for (; j + W <= n; j += W) V::store(yr + j, act_v(V::add(b, V::load(rr + j)), act));
-      if (j < n) {
-        const int t = static_cast<int>(n - j);
-        V::storen(yr + j, act_v(V::add(b, V::loadn(rr + j, t)), act), t);
-      }
+  const T b = V::set1(bias);
+  if (!res) {
+    const T v = act_v(b, act);
+    int64_t j = 0;
+    for (; j + 4 * W <= n; j += 4 * W) {
+      V::store(y + j, v);
+      V::store(y + j + W, v);
+      V::store(y + j + 2 * W, v);
+      V::store(y + j + 3 * W, v);
+    }
+    for (; j + W <= n; j += W) V::store(y + j, v);
+    if (j < n) V::storen(y + j, v, static_cast<int>(n - j));
+  } else {
+    const float* rr = residual_at(y, res->res_bytes);
+    int64_t j = 0;
+    for (; j + W <= n; j += W) V::store(y + j, act_v(V::add(b, V::load(rr + j)), act));
+    if (j < n) {
+      const int t = static_cast<int>(n - j);
+      V::storen(y + j, act_v(V::add(b, V::loadn(rr + j, t)), act), t);
     }
   }
 }
@@ -303,11 +298,7 @@ void q_rows(const QCall& c, const Idx* cols, const float* xg, float* yimg, int64
   QSeg segs[NBV * kMaxSeg];
   int nseg[NBV];
   float* yc = yimg + (co0 + i0) * c.g->ys[1];
-  if (e0 == e1 && c.prefilled) return;
-  if (e0 == e1 && c.mode == 0) {  // an empty block row: act(bias [+ residual]), one store per vector
-    fill_rows(yc, c.g->ys[1], rows, qb - qa, qa, bias, w.act, w.has_res ? &w : nullptr);
-    return;
-  }
+  if (e0 == e1 && c.prefilled) return;  // written by conv_q's fill pass
   for (int64_t q = qa; q < qb; q += NB) {
     const int cnt = static_cast<int>(std::min<int64_t>(NB, qb - q));
     const int nv = (cnt + W - 1) / W;
@@ -462,8 +453,7 @@ void conv_q(const ConvGeom& g, const BsrView& w, const Idx* cols, const float* x
 #pragma omp for schedule(static) nowait
     for (int64_t f = 0; f < nfill; ++f) {
       const int64_t n = f / static_cast<int64_t>(empty_ch.size()), co = empty_ch[f % empty_ch.size()];
-      fill_rows(y + n * g.ys[0] + co * g.ys[1], plane, 1, plane, 0, bias ? bias + co : nullptr, w.act,
-                w.has_res ? &w : nullptr);
+      fill_plane(y + n * g.ys[0] + co * g.ys[1], plane, bias ? bias[co] : 0.0f, w.act, w.has_res ? &w : nullptr);
     }
   };
   if (band) {
