@@ -44,6 +44,22 @@ BsrView make_view(int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr, u
   return w;
 }
 
+// The blocked transpose of the active ISA level (checked operands; runs without the GIL).
+void transpose_f32(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss, float* dst,
+                   int64_t ldd, int64_t bsd, int num_threads) {
+#if defined(SPARSEPRUNE_X86)
+  if (std::string(active_path().isa) == "avx512") {
+    f32_transpose__avx512(src, batch, rows, cols, lds, bss, dst, ldd, bsd, num_threads);
+    return;
+  }
+  if (std::string(active_path().isa) != "scalar") {
+    f32_transpose__avx2(src, batch, rows, cols, lds, bss, dst, ldd, bsd, num_threads);
+    return;
+  }
+#endif
+  f32_transpose__scalar(src, batch, rows, cols, lds, bss, dst, ldd, bsd, num_threads);
+}
+
 void transpose(uintptr_t src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss, uintptr_t dst,
                int64_t ldd, int64_t bsd, int num_threads) {
   if (batch < 0 || rows < 0 || cols < 0) throw std::invalid_argument("transpose: negative extent");
@@ -52,17 +68,7 @@ void transpose(uintptr_t src, int64_t batch, int64_t rows, int64_t cols, int64_t
   if (lds < cols || ldd < rows || (batch > 1 && (bss < rows * lds || bsd < cols * ldd)))
     throw std::invalid_argument("transpose: strides overlap");
   py::gil_scoped_release nogil;
-#if defined(SPARSEPRUNE_X86)
-  if (std::string(active_path().isa) == "avx512") {
-    f32_transpose__avx512(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
-    return;
-  }
-  if (std::string(active_path().isa) != "scalar") {
-    f32_transpose__avx2(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
-    return;
-  }
-#endif
-  f32_transpose__scalar(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
+  transpose_f32(ptr<const float>(src), batch, rows, cols, lds, bss, ptr<float>(dst), ldd, bsd, num_threads);
 }
 
 void maxpool2d(uintptr_t x, uintptr_t y, int64_t planes, int64_t h, int64_t w, int64_t ho, int64_t wo, int kh, int kw,
@@ -318,6 +324,37 @@ QCall make_qcall(const std::string& dtype, int64_t rows, int64_t cols, int r, in
   return q;
 }
 
+// A 1x1 stride-1 convolution on NCHW images: x is n_img contiguous images of `cols` float32 planes of hw pixels,
+// y gets n_img images of `rows` planes; res: 0, or an addend laid out as y (added after the bias, before the
+// activation). The active path's planes kernel where it has one and the blocks are 16 rows; otherwise x (and
+// the residual) are transposed to pixel rows, the row kernel runs, and its rows are transposed back into y.
+void qspmm_planes_res(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+                      uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
+                      int64_t n_img, int64_t hw, uintptr_t bias, uintptr_t y, int num_threads, int act, uintptr_t res) {
+  QBsrView w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, false, act);
+  set_residual(w, res, y, "qspmm_planes");
+  if (n_img < 0 || hw < 0 || cols < 1) throw std::invalid_argument("qspmm_planes: bad image shape");
+  if (n_img == 0 || hw == 0 || rows == 0) return;
+  if (!x || !y) throw std::invalid_argument("qspmm_planes: null dense operand");
+  if (n_img > (int64_t{1} << 40) / hw) throw std::invalid_argument("qspmm_planes: image too large");
+  const QPath& path = active_qpath(dtype);
+  py::gil_scoped_release nogil;
+  if (path.planes && r == 16) {
+    path.planes(w, ptr<const float>(x), n_img, hw, ptr<const float>(bias), ptr<float>(y), num_threads);
+    return;
+  }
+  const int64_t n = n_img * hw;
+  std::vector<float> xr(static_cast<size_t>(n * cols)), yr(static_cast<size_t>(n * rows));
+  std::vector<float> rr(res ? static_cast<size_t>(n * rows) : 0);
+  transpose_f32(ptr<const float>(x), n_img, cols, hw, hw, cols * hw, xr.data(), cols, hw * cols, num_threads);
+  if (res) {
+    transpose_f32(ptr<const float>(res), n_img, rows, hw, hw, rows * hw, rr.data(), rows, hw * rows, num_threads);
+    w.res_bytes = reinterpret_cast<const char*>(rr.data()) - reinterpret_cast<const char*>(yr.data());
+  }
+  path.fn(w, xr.data(), XType::f32, n, cols, ptr<const float>(bias), yr.data(), rows, num_threads);
+  transpose_f32(yr.data(), n_img, hw, rows, rows, hw * rows, ptr<float>(y), hw, rows * hw, num_threads);
+}
+
 // A convolution as the quantized kernel over its implicit im2col matrix: x is a contiguous NHWC float32 (or,
 // for bf16 weights, bf16) image (n_img, h, w, ch), zero padding pt / pb / pl / pr implied; y gets n_img * ho * wo rows of `rows`
 // outputs (ldy).
@@ -414,6 +451,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<QCall>(m, "QCall", "qspmm's fixed arguments for one layer; call(x, n, y, num_threads)")
       .def(py::init(&make_qcall))
       .def("__call__", &QCall::run);
+  m.def("qspmm_planes_res", &qspmm_planes_res,
+        "Y planes = act(W X planes + b + R): a 1x1 stride-1 convolution on contiguous NCHW float32 images");
   m.def("qspmm_im2col_res", &qspmm_im2col_res, "qspmm_im2col with a residual (Y's shape and row stride) in the store");
   m.def("qspmm_im2col", &qspmm_im2col,
         "a convolution as qspmm over the implicit im2col matrix of an NHWC image (zero padding implied)");
@@ -425,6 +464,7 @@ PYBIND11_MODULE(_C, m) {
       d["isa"] = p.isa;
       d["kernels"] = p.names;
       d["supported"] = p.supported();
+      d["planes"] = p.planes != nullptr;
       out.append(d);
     }
     return out;

@@ -141,7 +141,7 @@ std::atomic<int>& current() {
 std::vector<QPath> make_qtable() {
   std::vector<QPath> t;
 #define SP_PATH(...)
-#define SP_QPATH(dtype, isa, names, fn, check) t.push_back(QPath{#dtype, #isa, names, fn, check});
+#define SP_QPATH(dtype, isa, names, fn, check, planes) t.push_back(QPath{#dtype, #isa, names, fn, check, planes});
 #include "ukernels.inc"
 #undef SP_QPATH
 #undef SP_PATH

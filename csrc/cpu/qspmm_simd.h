@@ -780,6 +780,10 @@ struct S8Vnni16 {
   static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
     return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(static_cast<int>(word)), w);
   }
+  // the planes tile (qspmm_planes.h): 16 pixels' words of X against one weight word, a {1to16} broadcast
+  static SQ_INLINE T dot_bw(T acc, __m512i xv, const uint32_t* wp) {
+    return _mm512_dpbusd_epi32(acc, xv, _mm512_set1_epi32(static_cast<int>(*wp)));
+  }
   // vpdpbusd: the broadcast X words are the unsigned operand, the weights the signed one
   template <int MR, int PS>
   static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G4, "vpdpbusd") }
@@ -802,6 +806,9 @@ struct BF16Dp16 {
   static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI16::loadn(p, n); }
   static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(word)), (__m512bh)w);
+  }
+  static SQ_INLINE T dot_bw(T acc, __m512i xv, const uint32_t* wp) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)xv, (__m512bh)_mm512_set1_epi32(static_cast<int>(*wp)));
   }
   template <int MR, int PS>
   static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G8, "vdpbf16ps") }

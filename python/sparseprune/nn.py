@@ -893,6 +893,8 @@ class SparseConv2d(SparseModule):
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         eager = x.is_cpu and ops.call_route(x, self._parameters["bias"]) == "eager"
         out_dtype = x.dtype
+        if eager and self._planes_ok(x):
+            return self._planes_call(x, self._act_code())
         if eager and _FUSED_IM2COL and (kh, kw, sh, sw) != (1, 1, 1, 1) and x.numel() > 0:
             # the kernel gathers each row of patches itself, padding included (quant.qconv_im2col_eager);
             # int8 quantizes float32 (a bf16 input is widened first, as the matrix path does), bf16 weights
@@ -928,6 +930,24 @@ class SparseConv2d(SparseModule):
             return _to_nchw(y, n, ho, wo, self.out_channels)
         y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         return y if cl else y.contiguous()
+
+    def _planes_ok(self, x: Tensor) -> bool:
+        """Whether the quantized kernel can read and write NCHW planes directly (``_planes_call``): a 1x1
+        stride-1 unpadded convolution on a contiguous, non-empty NCHW float32 CPU input."""
+        return (x.dtype is torch.float32 and x.dim() == 4 and x.is_contiguous() and x.numel() > 0 and x.is_cpu
+                and self.kernel_size == (1, 1) and self.stride == (1, 1) and not any(self._pad4)
+                and self._buffers["values"].is_cpu)
+
+    def _planes_call(self, x: Tensor, act: int, residual: Optional[Tensor] = None) -> Tensor:
+        """The int8 / bf16 1x1 convolution over NCHW planes (quant.qconv_planes_eager), for inputs
+        ``_planes_ok`` accepts, in eager inference: no NHWC transposes of the input and output (they took
+        ~0.15 ms of a 56x56 map with 256 output planes, more than the sparse product). ``residual``: a
+        contiguous NCHW float32 tensor of the output's shape, added in the store before the activation."""
+        r, c = self.block_size
+        bufs = self._buffers
+        return quant.qconv_planes_eager(x, bufs["row_ptr"], bufs["col_idx"], bufs["values"], bufs.get("scales"),
+                                        bufs.get("compensation"), self._parameters["bias"], self.out_channels, r, c,
+                                        self._threads(), act, residual)
 
     def _eager_cpu(self, x: Tensor, pad4, act: int, residual: Optional[Tensor] = None) -> Tensor:
         """The float32 sparse kernel on a checked CPU input in eager inference."""
@@ -998,6 +1018,14 @@ class SparseConv2d(SparseModule):
                 and type(residual) is Tensor and ops.call_route(x, bias, residual) == "eager"):
             self._check_input(x)
             return self._eager_cpu(x, self._pad4, code, residual)
+        if (self.format != "dense" and self.weight_dtype != "float32" and self.activation == "none"
+                and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels and self._planes_ok(x)
+                and type(residual) is Tensor and residual.dtype is torch.float32 and residual.is_cpu
+                and residual.is_contiguous() and tuple(residual.shape) == (x.shape[0], self.out_channels, *x.shape[2:])
+                and ops.call_route(x, bias, residual) == "eager"):
+            # int8 / bf16 1x1 conv on NCHW input and residual: the planes kernel, the residual added in its store
+            self._check_quant_input(x)
+            return self._planes_call(x, code, residual)
         if (self.format != "dense" and self.weight_dtype != "float32" and self.activation == "none"
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels and x.dtype is torch.float32
                 and self.padding_mode == "zeros" and x.numel() and x.is_cpu and self._buffers["values"].is_cpu

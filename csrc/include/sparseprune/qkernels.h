@@ -80,6 +80,11 @@ enum class XType : int { f32 = 0, bf16 = 1 };
 using QSpmmFn = void (*)(const QBsrView& w, const void* x, XType xt, int64_t n, int64_t ldx,
                          const float* bias, float* y, int64_t ldy, int num_threads);
 
+// Y planes (n_img x M x hw, contiguous) = W X planes (n_img x K x hw, float32) + b: a 1x1 stride-1 convolution
+// on NCHW images, rows of the product being pixels (w.r == 16; the residual, if any, laid out as Y).
+using QPlanesFn = void (*)(const QBsrView& w, const float* x, int64_t n_img, int64_t hw, const float* bias, float* y,
+                           int num_threads);
+
 // One quantized path: a SP_QPATH row of csrc/cpu/ukernels.inc.
 struct QPath {
   const char* dtype;   // "int8" or "bf16"
@@ -87,6 +92,7 @@ struct QPath {
   const char* names;   // micro-kernel names
   QSpmmFn fn;
   bool (*supported)();
+  QPlanesFn planes;    // the NCHW-planes kernel, or null (the caller transposes to rows and back)
 };
 
 void s8_bsr_spmm__scalar(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
@@ -99,6 +105,8 @@ void s8_bsr_spmm__avx512(const QBsrView&, const void*, XType, int64_t, int64_t, 
 void bf16_bsr_spmm__avx512(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
 void s8_bsr_spmm__avx512vnni(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
 void bf16_bsr_spmm__avx512bf16(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void s8_bsr_planes__avx512vnni(const QBsrView&, const float*, int64_t, int64_t, const float*, float*, int);
+void bf16_bsr_planes__avx512bf16(const QBsrView&, const float*, int64_t, int64_t, const float*, float*, int);
 #endif
 
 const std::vector<QPath>& all_qpaths();

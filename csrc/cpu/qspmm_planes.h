@@ -1,0 +1,244 @@
+// The quantized BSR kernels over NCHW channel planes (a 1x1 stride-1 convolution on an NCHW image, as
+// PyTorch lays it out by default): X is n_img images of K planes of hw pixels, Y n_img images of M planes.
+// Rows of the product are pixels. The row kernels (qspmm_simd.h) need pixel rows: NCHW inputs were
+// transposed to NHWC and their outputs back, two passes over memory that cost more than the sparse
+// product itself on ResNet-50's 56x56 maps (a 256x3136 output plane set: ~0.15 ms).
+//
+// Here the register tile is turned around: one vector holds 16 pixels (one k-group word each, the panel
+// layout of the row kernels with 16-row panels), the weights are the broadcast operand (vpdpbusd and
+// vdpbf16ps take their second source as a {1to16} memory broadcast), and each of the 16 accumulators of a
+// tile is one output channel over 16 pixels: stored straight into its plane. The panel is filled from
+// the planes without a transpose either: a k-group word of 16 pixels is 4 (int8) or 2 (bf16) plane
+// vectors, packed and interleaved in registers. The results are bit-identical to the row kernels: the
+// same per-pixel quantization parameters, the same rounding and saturation, the same epilogue operations.
+//
+// Include inside `namespace sparseprune { namespace <isa> {` after qspmm_simd.h (AVX-512 BW only).
+#pragma once
+#if defined(__AVX512BW__)
+
+constexpr int kPlanesGroup = 8;  // panels of 16 pixels packed together (their ranges in 16 registers)
+constexpr int64_t kPlanesAhead = 8;  // planes prefetched ahead of the range pass
+
+// int8: the quantization parameters of up to 8 x 16 pixels [q0, q0 + cnt) of one image's K planes (plane
+// stride hw), as q_row_params(q_row_range(row)) gives them per pixel row: sx (scale, NaN for a row with
+// a NaN or infinity), inv, zp. Lanes past cnt get s = 1, zp = 0.
+inline void q_planes_params(const float* x, int64_t K, int64_t hw, int64_t cnt, float* sx, float* inv,
+                            int32_t* zp) {
+  __m512 lo[kPlanesGroup], hi[kPlanesGroup];
+  __mmask16 m[kPlanesGroup], nan[kPlanesGroup];
+  const __m512 zero = _mm512_setzero_ps();
+  for (int v = 0; v < kPlanesGroup; ++v) {
+    lo[v] = hi[v] = zero;
+    nan[v] = 0;
+    const int64_t left = cnt - 16 * v;
+    m[v] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
+  }
+  const int64_t lines = (cnt * 4 + 63) / 64 + 1;  // of one plane's segment (unaligned: one more)
+  for (int64_t c = 0; c < K; ++c) {
+    const float* p = x + c * hw;
+    // the segments are K separate streams, too many for the hardware prefetcher: a few planes ahead
+    if (c + kPlanesAhead < K)
+      for (int64_t l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(p + kPlanesAhead * hw) + 64 * l, _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int v = 0; v < kPlanesGroup; ++v) {
+      // x first: minps / maxps return the second operand (the running range) for a NaN, as q_row_range
+      const __m512 xv = _mm512_maskz_loadu_ps(m[v], p + 16 * v);
+      lo[v] = _mm512_min_ps(xv, lo[v]);
+      hi[v] = _mm512_max_ps(xv, hi[v]);
+      nan[v] |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+    }
+  }
+  // q_row_params, 16 lanes at a time (IEEE division and round-to-nearest: the same values as the scalar code)
+  const __m512 qmax = _mm512_set1_ps(kQMax), one = _mm512_set1_ps(1.0f), inf = _mm512_set1_ps(INFINITY);
+  const __m512 tiny = _mm512_set1_ps(1e-30f), qnan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  for (int v = 0; v < kPlanesGroup; ++v) {
+    if (16 * v >= cnt) break;
+    const __m512 l = _mm512_min_ps(lo[v], zero), h = _mm512_max_ps(hi[v], zero);
+    __m512 s = _mm512_div_ps(_mm512_sub_ps(h, l), qmax);
+    const __mmask16 ok = _mm512_cmp_ps_mask(s, tiny, _CMP_GE_OQ) & _mm512_cmp_ps_mask(s, inf, _CMP_LT_OQ);
+    s = _mm512_mask_blend_ps(ok, one, s);
+    const __m512 vinv = _mm512_div_ps(one, s);
+    __m512 z = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(zero, l), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    z = _mm512_min_ps(_mm512_max_ps(z, zero), qmax);  // max(NaN, 0) = 0, as the scalar clamp
+    // a NaN or an infinity in the pixel's row: its scale is NaN (the output row NaN, as a float matmul's)
+    const __mmask16 bad = nan[v] | _mm512_cmp_ps_mask(_mm512_abs_ps(l), inf, _CMP_EQ_OQ) |
+                          _mm512_cmp_ps_mask(_mm512_abs_ps(h), inf, _CMP_EQ_OQ);
+    _mm512_storeu_ps(sx + 16 * v, _mm512_mask_blend_ps(bad, s, qnan));
+    _mm512_storeu_ps(inv + 16 * v, vinv);
+    _mm512_storeu_si512(zp + 16 * v, _mm512_cvttps_epi32(z));
+  }
+}
+
+// int8: k-group words of up to 8 x 16 pixels into panels (panel v at xp + v * kg * 16, word g of pixel j at
+// [g * 16 + j]); channels >= K are 0 bytes, k-groups past K zero words. q_quant64's operations: vcvtps2dq,
+// saturating packs with the zero point added in 16 bits, min 127.
+inline void q_planes_quantize(const float* x, int64_t K, int64_t hw, int64_t cnt, int64_t kg, const float* inv,
+                              const int32_t* zp, uint32_t* xp) {
+  const __m512i qmax = _mm512_set1_epi8(static_cast<char>(kQMax)), nil = _mm512_set1_epi32(INT32_MIN);
+  // packus leaves, per 128-bit lane (pixels 4l..4l+3), channel j's 4 bytes at 4j..4j+3: gather each pixel's
+  const __m512i order = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
+  for (int v = 0; v < kPlanesGroup && 16 * v < cnt; ++v) {
+    const int64_t left = cnt - 16 * v;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 vinv = _mm512_loadu_ps(inv + 16 * v);
+    const __m512i z32 = _mm512_loadu_si512(zp + 16 * v);
+    const __m512i z16 = _mm512_packs_epi32(z32, z32);  // lane l: the zero points of pixels 4l..4l+3, twice
+    uint32_t* dst = xp + v * kg * 16;
+    const float* xs = x + 16 * v;
+    int64_t g = 0;
+    for (; 4 * g + 4 <= K; ++g) {
+      __m512i a[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
+        a[j] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + (4 * g + j) * hw), vinv));
+      const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(a[0], a[1]), z16),
+                                            _mm512_adds_epi16(_mm512_packs_epi32(a[2], a[3]), z16));
+      _mm512_storeu_si512(dst + g * 16, _mm512_shuffle_epi8(_mm512_min_epu8(b, qmax), order));
+    }
+    for (; g < kg; ++g) {
+      __m512i a[4];
+      for (int j = 0; j < 4; ++j)
+        a[j] = 4 * g + j < K ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + (4 * g + j) * hw), vinv))
+                             : nil;  // saturates to byte 0, as q_row_quantize's k >= K
+      const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(a[0], a[1]), z16),
+                                            _mm512_adds_epi16(_mm512_packs_epi32(a[2], a[3]), z16));
+      _mm512_storeu_si512(dst + g * 16, _mm512_shuffle_epi8(_mm512_min_epu8(b, qmax), order));
+    }
+  }
+}
+
+// bf16: k-group words (two channels, the lower in the low half) of up to 8 x 16 pixels into panels, as
+// q_planes_quantize lays them out; bf16_bits' rounding (to nearest even), channels >= K are 0.
+inline void bf16_planes_round(const float* x, int64_t K, int64_t hw, int64_t cnt, int64_t kg, uint32_t* xp) {
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  auto round16 = [&](__m512 f) {  // bf16 bits in the low halves
+    const __m512i u = _mm512_castps_si512(f);
+    return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+  };
+  for (int v = 0; v < kPlanesGroup && 16 * v < cnt; ++v) {
+    const int64_t left = cnt - 16 * v;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    uint32_t* dst = xp + v * kg * 16;
+    const float* xs = x + 16 * v;
+    for (int64_t g = 0; g < kg; ++g) {
+      const __m512i a = 2 * g < K ? round16(_mm512_maskz_loadu_ps(m, xs + 2 * g * hw)) : _mm512_setzero_si512();
+      const __m512i b = 2 * g + 1 < K ? round16(_mm512_maskz_loadu_ps(m, xs + (2 * g + 1) * hw)) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + g * 16, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+}
+
+// One 16-pixel panel (cnt valid) x one block row of 16 outputs (rows of them valid): acc[o] over the row's
+// blocks, then the epilogue of the row kernels per output plane (y: the block row's first plane at the
+// panel's first pixel; planes hw apart).
+template <class Op, int GPB, class Idx>
+SQ_INLINE void q_planes_tile(const uint32_t* __restrict xp, int gpb_rt, const uint32_t* __restrict vals,
+                             const Idx* __restrict cols, int64_t b0, int64_t b1, int rows, __mmask16 mask,
+                             const QEpi& e, __m512 vsx, __m512i vzp, float* __restrict y, int64_t hw) {
+  using T = typename Op::T;
+  const int gpb = GPB ? GPB : gpb_rt;
+  T acc[16];
+#pragma GCC unroll 16
+  for (int o = 0; o < 16; ++o) acc[o] = Op::zero();
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint32_t* xb = xp + static_cast<int64_t>(cols[b]) * gpb * 16;
+    const uint32_t* wb = vals + b * gpb * 16;
+    for (int g = 0; g < gpb; ++g) {
+      const __m512i xv = _mm512_loadu_si512(xb + g * 16);
+#pragma GCC unroll 16
+      for (int o = 0; o < 16; ++o) acc[o] = Op::dot_bw(acc[o], xv, wb + g * 16 + o);
+    }
+  }
+  for (int o = 0; o < rows; ++o) {
+    __m512 v;
+    if constexpr (Op::S8) {
+      const __m512i a = _mm512_sub_epi32(acc[o], _mm512_mullo_epi32(_mm512_set1_epi32(e.comp[o]), vzp));
+      v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(vsx, _mm512_set1_ps(e.ws[o])));
+    } else {
+      v = acc[o];
+    }
+    float* yo = y + o * hw;
+    if (e.bias) v = _mm512_add_ps(v, _mm512_set1_ps(e.bias[o]));
+    if (e.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, residual_at(yo, e.res_bytes)));
+    if (e.act) v = act_v(v, e.act);
+    _mm512_mask_storeu_ps(yo, mask, v);
+  }
+}
+
+// Y planes = act(W X planes + b (+ residual)) for the 16-row-block BSR W (w.r == 16): the panels split
+// evenly between the threads, each packing its own (groups of up to 8 panels of one image) and running
+// every block row over them. Everything else as q_spmm_run.
+template <class Op, class Idx>
+void q_planes_run(const QBsrView& w, const Idx* cols, const float* x, int64_t n_img, int64_t hw, const float* bias,
+                  float* y, int num_threads) {
+  constexpr int G = Op::G;
+  const int gpb = w.c / G;
+  const int64_t K = w.cols, M = w.rows, kg = w.block_cols * gpb;
+  const int64_t per_img = (hw + 15) / 16, panels = n_img * per_img;
+  const int64_t work = n_img * hw * (w.nnzb() * w.r * w.c / (Op::S8 ? 4 : 2) + M + K);
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(work, num_threads), panels)));
+  parallel_team(nt, [&] {
+    const int t = omp_get_thread_num();
+    if (t >= nt) return;
+    const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
+    uint32_t* xp = q_scratch(static_cast<size_t>(kPlanesGroup * kg * 16 + 3 * 16 * kPlanesGroup));
+    float* sx = reinterpret_cast<float*>(xp + kPlanesGroup * kg * 16);
+    float* inv = sx + 16 * kPlanesGroup;
+    int32_t* zp = reinterpret_cast<int32_t*>(inv + 16 * kPlanesGroup);
+    for (int64_t p = p0; p < p1;) {
+      const int64_t img = p / per_img, first = p % per_img;
+      const int64_t np = std::min<int64_t>({kPlanesGroup, p1 - p, per_img - first});
+      const int64_t q0 = first * 16, cnt = std::min<int64_t>(hw - q0, np * 16);
+      const float* xi = x + img * K * hw + q0;
+      if constexpr (Op::S8) {
+        q_planes_params(xi, K, hw, cnt, sx, inv, zp);
+        q_planes_quantize(xi, K, hw, cnt, kg, inv, zp, xp);
+      } else {
+        bf16_planes_round(xi, K, hw, cnt, kg, xp);
+      }
+      for (int64_t v = 0; v < np; ++v) {
+        const int64_t left = cnt - 16 * v;
+        const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+        __m512 vsx = _mm512_setzero_ps();
+        __m512i vzp = _mm512_setzero_si512();
+        if constexpr (Op::S8) {
+          vsx = _mm512_loadu_ps(sx + 16 * v);
+          vzp = _mm512_loadu_si512(zp + 16 * v);
+        }
+        const uint32_t* xpv = xp + v * kg * 16;
+        float* yv = y + img * M * hw + q0 + 16 * v;
+        for (int64_t br = 0; br < w.block_rows; ++br) {
+          const int64_t m0 = br * 16;
+          const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+          QEpi e;
+          if (Op::S8) {
+            e.comp = w.comp + m0;
+            e.ws = w.wscale + m0;
+          }
+          e.bias = bias ? bias + m0 : nullptr;
+          e.act = w.act;
+          e.res = w.has_res;
+          e.res_bytes = w.res_bytes;
+          const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
+          if (gpb * G == 16)
+            q_planes_tile<Op, 16 / G>(xpv, gpb, w.values, cols, b0, b1, rows, mask, e, vsx, vzp, yv + m0 * hw, hw);
+          else
+            q_planes_tile<Op, 0>(xpv, gpb, w.values, cols, b0, b1, rows, mask, e, vsx, vzp, yv + m0 * hw, hw);
+        }
+      }
+      p += np;
+    }
+  });
+}
+
+template <class Op>
+void q_planes(const QBsrView& w, const float* x, int64_t n_img, int64_t hw, const float* bias, float* y,
+              int num_threads) {
+  if (n_img <= 0 || hw <= 0 || w.rows <= 0) return;
+  if (w.idx16)
+    q_planes_run<Op>(w, static_cast<const uint16_t*>(w.col_idx), x, n_img, hw, bias, y, num_threads);
+  else
+    q_planes_run<Op>(w, static_cast<const int32_t*>(w.col_idx), x, n_img, hw, bias, y, num_threads);
+}
+
+#endif
