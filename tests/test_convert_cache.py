@@ -207,3 +207,19 @@ def test_input_layout_is_part_of_the_cached_problem(monkeypatch):
     nchw = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
     assert not any("[cached" in r["reason"] for r in nchw.values())
     assert decide._layout(x) != decide._layout(xcl) != decide._layout(x[:, :, ::2])
+
+
+def test_timings_of_another_build_are_not_reused(monkeypatch):
+    """The installed kernels are part of the key: after an upgrade or a rebuild (a new extension file)
+    the layers are timed again instead of keeping the old build's choices."""
+    from sparseprune.convert import cache
+    m, x = _model(), torch.randn(32, 128)
+    sp.convert(m, x, time_budget=1.0, end_to_end=False)
+    decide = importlib.import_module("sparseprune.convert.decide")
+    monkeypatch.setattr(decide, "_cache_agrees", lambda *a, **k: True)
+    again = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    assert any("[cached" in r["reason"] for r in again.values())
+    monkeypatch.setattr(cache, "build_id", lambda: "another build")
+    rebuilt = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
+    assert not any("[cached" in r["reason"] for r in rebuilt.values())
+    assert cache.TimingCache.key(a=1) != (monkeypatch.undo() or cache.TimingCache.key(a=1))

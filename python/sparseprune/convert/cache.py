@@ -4,7 +4,9 @@ A second ``convert`` of the same model on the same machine reuses the measured c
 of timing again; it packs and checks against the dense layer only the candidates the choice can land on
 (the cached best, a close runner-up, the most structured one within noise), all of them if one fails. The key is the CPU model, the kernel ISA
 path, the thread count, the layer type and weight shape, the input shapes it was timed on, the density
-(to 0.1%) and the candidate list. The file lives in ``$SPARSEPRUNE_CACHE_DIR`` (default
+(to 0.1%), the candidate list and the installed kernels (the package version, and the compiled extension's
+size and modification time: timings taken with other kernels, before an upgrade or a rebuild, are not
+reused). The file lives in ``$SPARSEPRUNE_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/sparseprune`` or ``~/.cache/sparseprune``); deleting it is always safe. Its content is
 only timings: a malformed or foreign file is ignored, never trusted for anything else.
 """
@@ -52,6 +54,19 @@ def cpu_model() -> str:
     return f"{name} (family {family} model {model})" if family and model else name
 
 
+@functools.lru_cache(maxsize=None)
+def build_id() -> str:
+    """The kernels timed: sparseprune's version and its compiled extension's size and modification time.
+    A new build can change which candidate is fastest (the NCHW int8 convolutions' planes kernel made
+    them 1.4-2.9x faster, yet the cached choices of the build before kept them float32)."""
+    from .. import __version__, _C
+    try:
+        st = os.stat(_C.__file__)
+        return f"{__version__}:{st.st_size}:{st.st_mtime_ns}"
+    except (OSError, AttributeError, TypeError):
+        return __version__
+
+
 def cache_dir() -> str:
     d = os.environ.get("SPARSEPRUNE_CACHE_DIR")
     if d:
@@ -88,7 +103,7 @@ class TimingCache:
     @staticmethod
     def key(**parts) -> str:
         from .. import ops
-        parts.update(cpu=cpu_model(), isa=ops.active_isa())
+        parts.update(cpu=cpu_model(), isa=ops.active_isa(), build=build_id())
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def get(self, key: str) -> Optional[Dict[str, float]]:
