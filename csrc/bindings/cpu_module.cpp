@@ -324,33 +324,63 @@ QCall make_qcall(const std::string& dtype, int64_t rows, int64_t cols, int r, in
   return q;
 }
 
-// A 1x1 stride-1 convolution on NCHW images: x is n_img contiguous images of `cols` float32 planes of hw pixels,
-// y gets n_img images of `rows` planes; res: 0, or an addend laid out as y (added after the bias, before the
-// activation). The active path's planes kernel where it has one and the blocks are 16 rows; otherwise x (and
-// the residual) are transposed to pixel rows, the row kernel runs, and its rows are transposed back into y.
+// A stride-1 convolution keeping the image size (QPlanes: 1x1; 3x3 with padding 1; ...) on NCHW images: x is
+// n_img contiguous images of ch = cols / (kh * kw) float32 planes of h x wd pixels, y gets n_img images of
+// `rows` planes; pt / pl rows / columns of zero padding on top / left (dh * (kh - 1) - pt and dw * (kw - 1) - pl
+// below / right); res: 0, or an addend laid out as y (added after the bias, before the activation). The active
+// path's planes kernel where it has one and the blocks are 16 rows; otherwise x (and the residual) are
+// transposed to NHWC, the row kernel runs over the implicit im2col rows, and its rows are transposed back.
 void qspmm_planes_res(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
                       uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
-                      int64_t n_img, int64_t hw, uintptr_t bias, uintptr_t y, int num_threads, int act, uintptr_t res) {
+                      int64_t n_img, int64_t h, int64_t wd, int kh, int kw, int dh, int dw, int pt, int pl,
+                      uintptr_t bias, uintptr_t y, int num_threads, int act, uintptr_t res) {
   QBsrView w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, false, act);
   set_residual(w, res, y, "qspmm_planes");
-  if (n_img < 0 || hw < 0 || cols < 1) throw std::invalid_argument("qspmm_planes: bad image shape");
-  if (n_img == 0 || hw == 0 || rows == 0) return;
+  if (n_img < 0 || h < 0 || wd < 0 || kh < 1 || kw < 1 || dh < 1 || dw < 1 || pt < 0 || pl < 0 ||
+      pt > static_cast<int64_t>(dh) * (kh - 1) || pl > static_cast<int64_t>(dw) * (kw - 1) || cols < 1 ||
+      cols % (static_cast<int64_t>(kh) * kw))
+    throw std::invalid_argument("qspmm_planes: bad convolution geometry");
+  if (n_img == 0 || h == 0 || wd == 0 || rows == 0) return;
   if (!x || !y) throw std::invalid_argument("qspmm_planes: null dense operand");
-  if (n_img > (int64_t{1} << 40) / hw) throw std::invalid_argument("qspmm_planes: image too large");
+  if (h > (int64_t{1} << 20) || wd > (int64_t{1} << 20) || n_img > (int64_t{1} << 40) / (h * wd))
+    throw std::invalid_argument("qspmm_planes: image too large");
+  QPlanes g;
+  g.h = h;
+  g.w = wd;
+  g.ch = cols / (static_cast<int64_t>(kh) * kw);
+  g.kh = kh;
+  g.kw = kw;
+  g.dh = dh;
+  g.dw = dw;
+  g.pt = pt;
+  g.pl = pl;
   const QPath& path = active_qpath(dtype);
   py::gil_scoped_release nogil;
   if (path.planes && r == 16) {
-    path.planes(w, ptr<const float>(x), n_img, hw, ptr<const float>(bias), ptr<float>(y), num_threads);
+    path.planes(w, g, ptr<const float>(x), n_img, ptr<const float>(bias), ptr<float>(y), num_threads);
     return;
   }
-  const int64_t n = n_img * hw;
-  std::vector<float> xr(static_cast<size_t>(n * cols)), yr(static_cast<size_t>(n * rows));
+  const int64_t hw = h * wd, n = n_img * hw;
+  std::vector<float> xr(static_cast<size_t>(n * g.ch)), yr(static_cast<size_t>(n * rows));
   std::vector<float> rr(res ? static_cast<size_t>(n * rows) : 0);
-  transpose_f32(ptr<const float>(x), n_img, cols, hw, hw, cols * hw, xr.data(), cols, hw * cols, num_threads);
+  transpose_f32(ptr<const float>(x), n_img, g.ch, hw, hw, g.ch * hw, xr.data(), g.ch, hw * g.ch, num_threads);
   if (res) {
     transpose_f32(ptr<const float>(res), n_img, rows, hw, hw, rows * hw, rr.data(), rows, hw * rows, num_threads);
     w.res_bytes = reinterpret_cast<const char*>(rr.data()) - reinterpret_cast<const char*>(yr.data());
   }
+  QIm2col ig;  // the same convolution over the NHWC copy
+  ig.h = h;
+  ig.w = wd;
+  ig.ch = g.ch;
+  ig.kh = kh;
+  ig.kw = kw;
+  ig.dh = dh;
+  ig.dw = dw;
+  ig.pt = pt;
+  ig.pl = pl;
+  ig.ho = h;
+  ig.wo = wd;
+  if (kh > 1 || kw > 1) w.im2col = &ig;
   path.fn(w, xr.data(), XType::f32, n, cols, ptr<const float>(bias), yr.data(), rows, num_threads);
   transpose_f32(yr.data(), n_img, hw, rows, rows, hw * rows, ptr<float>(y), hw, rows * hw, num_threads);
 }
@@ -452,7 +482,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init(&make_qcall))
       .def("__call__", &QCall::run);
   m.def("qspmm_planes_res", &qspmm_planes_res,
-        "Y planes = act(W X planes + b + R): a 1x1 stride-1 convolution on contiguous NCHW float32 images");
+        "Y planes = act(W X + b + R): a stride-1 size-keeping convolution on contiguous NCHW float32 images");
   m.def("qspmm_im2col_res", &qspmm_im2col_res, "qspmm_im2col with a residual (Y's shape and row stride) in the store");
   m.def("qspmm_im2col", &qspmm_im2col,
         "a convolution as qspmm over the implicit im2col matrix of an NHWC image (zero padding implied)");

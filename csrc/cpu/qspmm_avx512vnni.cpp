@@ -23,9 +23,9 @@ namespace q_avx512vnni {
               int64_t ldy, int num_threads
 #define QCALL w, x, xt, n, ldx, bias, y, ldy, num_threads
 void s8_bsr_spmm__avx512vnni(QARGS) { q_avx512vnni::q_spmm<q_avx512vnni::S8Vnni16>(QCALL); }
-void s8_bsr_planes__avx512vnni(const QBsrView& w, const float* x, int64_t n_img, int64_t hw, const float* bias, float* y,
-                             int num_threads) {
-  q_avx512vnni::q_planes<q_avx512vnni::S8Vnni16>(w, x, n_img, hw, bias, y, num_threads);
+void s8_bsr_planes__avx512vnni(const QBsrView& w, const QPlanes& g, const float* x, int64_t n_img, const float* bias, float* y,
+                               int num_threads) {
+  q_avx512vnni::q_planes<q_avx512vnni::S8Vnni16>(w, g, x, n_img, bias, y, num_threads);
 }
 
 }  // namespace sparseprune

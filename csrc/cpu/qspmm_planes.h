@@ -1,51 +1,84 @@
-// The quantized BSR kernels over NCHW channel planes (a 1x1 stride-1 convolution on an NCHW image, as
-// PyTorch lays it out by default): X is n_img images of K planes of hw pixels, Y n_img images of M planes.
-// Rows of the product are pixels. The row kernels (qspmm_simd.h) need pixel rows: NCHW inputs were
-// transposed to NHWC and their outputs back, two passes over memory that cost more than the sparse
-// product itself on ResNet-50's 56x56 maps (a 256x3136 output plane set: ~0.15 ms).
+// The quantized BSR kernels over NCHW channel planes: a stride-1 convolution whose output keeps its input's
+// size (1x1; 3x3 with padding 1; QPlanes) on NCHW images, as PyTorch lays them out by default. Rows of the
+// product are pixels. The row kernels (qspmm_simd.h) need pixel rows: NCHW inputs were transposed to NHWC
+// and their outputs back, two passes over memory that cost more than the sparse product itself on
+// ResNet-50's 56x56 maps (a 256x3136 output plane set: ~0.15 ms).
 //
 // Here the register tile is turned around: one vector holds 16 pixels (one k-group word each, the panel
-// layout of the row kernels with 16-row panels), the weights are the broadcast operand (vpdpbusd and
-// vdpbf16ps take their second source as a {1to16} memory broadcast), and each of the 16 accumulators of a
-// tile is one output channel over 16 pixels: stored straight into its plane. The panel is filled from
-// the planes without a transpose either: a k-group word of 16 pixels is 4 (int8) or 2 (bf16) plane
-// vectors, packed and interleaved in registers. The results are bit-identical to the row kernels: the
-// same per-pixel quantization parameters, the same rounding and saturation, the same epilogue operations.
+// layout of the row kernels with 16-row panels), the weights are the broadcast operand, and each of the 16
+// accumulators of a tile is one output channel over 16 pixels: stored straight into its plane. The panel
+// is filled from the planes without a transpose: a k-group word of 16 pixels is 4 (int8) or 2 (bf16)
+// plane vectors, packed and interleaved in registers. A tap of a larger kernel is the same plane read at a
+// shifted position (the output has the input's size, so the shift of a tap is one offset in the flattened
+// plane), its lanes outside the image masked to zero, as the NHWC im2col's padding. The results are
+// bit-identical to the row kernels for int8: the same per-pixel quantization parameters, rounding,
+// saturation and epilogue operations (bf16: the row kernels' tail tiles sum in another order).
 //
 // Include inside `namespace sparseprune { namespace <isa> {` after qspmm_simd.h (AVX-512 BW only).
 #pragma once
 #if defined(__AVX512BW__)
 
 constexpr int kPlanesGroup = 8;  // panels of 16 pixels packed together (their ranges in 16 registers)
-constexpr int64_t kPlanesAhead = 8;  // planes prefetched ahead of the range pass
 
-// int8: the quantization parameters of up to 8 x 16 pixels [q0, q0 + cnt) of one image's K planes (plane
-// stride hw), as q_row_params(q_row_range(row)) gives them per pixel row: sx (scale, NaN for a row with
-// a NaN or infinity), inv, zp. Lanes past cnt get s = 1, zp = 0.
-inline void q_planes_params(const float* x, int64_t K, int64_t hw, int64_t cnt, float* sx, float* inv,
-                            int32_t* zp) {
+// Where the columns of a panel group come from: column k reads plane k % ch at offset off[k] (tap k / ch's
+// shift) from the group's first pixel, with its tap's lane masks mask[tap * kPlanesGroup + v].
+struct PlanesCols {
+  const int64_t* off = nullptr;   // per column k < K
+  const int32_t* tap = nullptr;   // per column k < K
+  const __mmask16* mask = nullptr;  // per tap and panel of the group
+};
+
+// The lane masks of the group of np panels (cnt pixels from q0 in an h x w image) for every tap.
+inline void planes_masks(const QPlanes& g, int64_t q0, int64_t cnt, __mmask16* mask) {
+  for (int a = 0; a < g.kh; ++a)
+    for (int b = 0; b < g.kw; ++b) {
+      const int64_t dy = static_cast<int64_t>(a) * g.dh - g.pt, dx = static_cast<int64_t>(b) * g.dw - g.pl;
+      __mmask16* m = mask + (a * g.kw + b) * kPlanesGroup;
+      for (int v = 0; v < kPlanesGroup; ++v) {
+        uint32_t bits = 0;
+        for (int j = 0; j < 16; ++j) {
+          const int64_t i = 16 * v + j;
+          if (i >= cnt) break;
+          const int64_t q = q0 + i, oh = q / g.w + dy, ow = q % g.w + dx;
+          if (oh >= 0 && oh < g.h && ow >= 0 && ow < g.w) bits |= 1u << j;
+        }
+        m[v] = static_cast<__mmask16>(bits);
+      }
+    }
+}
+
+// x + off floats, for a lane mask: masked-out lanes (outside the image) are never read, though the
+// address of the vector may start before the planes (a tap's negative shift at the image's first pixels)
+SQ_INLINE __m512 planes_load(const float* x, int64_t off, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, reinterpret_cast<const void*>(reinterpret_cast<intptr_t>(x) + off * 4));
+}
+
+// int8: the quantization parameters of up to 8 x 16 pixels (cnt of them; x at the group's first pixel)
+// over all K columns, as q_row_params(q_row_range(row)) gives them per pixel row: sx (scale, NaN for a row
+// with a NaN or infinity), inv, zp. Lanes past cnt get s = 1, zp = 0.
+inline void q_planes_params(const float* x, const QPlanes& g, const PlanesCols& pc, int64_t cnt, float* sx,
+                            float* inv, int32_t* zp) {
   __m512 lo[kPlanesGroup], hi[kPlanesGroup];
-  __mmask16 m[kPlanesGroup], nan[kPlanesGroup];
+  __mmask16 nan[kPlanesGroup];
   const __m512 zero = _mm512_setzero_ps();
   for (int v = 0; v < kPlanesGroup; ++v) {
     lo[v] = hi[v] = zero;
     nan[v] = 0;
-    const int64_t left = cnt - 16 * v;
-    m[v] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
   }
-  const int64_t lines = (cnt * 4 + 63) / 64 + 1;  // of one plane's segment (unaligned: one more)
-  for (int64_t c = 0; c < K; ++c) {
-    const float* p = x + c * hw;
-    // the segments are K separate streams, too many for the hardware prefetcher: a few planes ahead
-    if (c + kPlanesAhead < K)
-      for (int64_t l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(p + kPlanesAhead * hw) + 64 * l, _MM_HINT_T0);
+  const int64_t hw = g.h * g.w, taps = static_cast<int64_t>(g.kh) * g.kw;
+  for (int64_t t = 0; t < taps; ++t) {
+    const __mmask16* m = pc.mask + t * kPlanesGroup;
+    const int64_t shift = pc.off[t * g.ch];  // column (t, 0): plane 0 at the tap's shift
+    for (int64_t c = 0; c < g.ch; ++c) {
+      const int64_t o = c * hw + shift;
 #pragma GCC unroll 8
-    for (int v = 0; v < kPlanesGroup; ++v) {
-      // x first: minps / maxps return the second operand (the running range) for a NaN, as q_row_range
-      const __m512 xv = _mm512_maskz_loadu_ps(m[v], p + 16 * v);
-      lo[v] = _mm512_min_ps(xv, lo[v]);
-      hi[v] = _mm512_max_ps(xv, hi[v]);
-      nan[v] |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+      for (int v = 0; v < kPlanesGroup; ++v) {
+        // x first: minps / maxps return the second operand (the running range) for a NaN, as q_row_range
+        const __m512 xv = planes_load(x, o + 16 * v, m[v]);
+        lo[v] = _mm512_min_ps(xv, lo[v]);
+        hi[v] = _mm512_max_ps(xv, hi[v]);
+        nan[v] |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+      }
     }
   }
   // q_row_params, 16 lanes at a time (IEEE division and round-to-nearest: the same values as the scalar code)
@@ -70,67 +103,53 @@ inline void q_planes_params(const float* x, int64_t K, int64_t hw, int64_t cnt, 
 }
 
 // int8: k-group words of up to 8 x 16 pixels into panels (panel v at xp + v * kg * 16, word g of pixel j at
-// [g * 16 + j]); channels >= K are 0 bytes, k-groups past K zero words. q_quant64's operations: vcvtps2dq,
-// saturating packs with the zero point added in 16 bits, min 127.
-inline void q_planes_quantize(const float* x, int64_t K, int64_t hw, int64_t cnt, int64_t kg, const float* inv,
-                              const int32_t* zp, uint32_t* xp) {
+// [g * 16 + j]); columns >= K are 0 bytes, k-groups past K zero words. q_quant64's operations: vcvtps2dq,
+// saturating packs with the zero point added in 16 bits, min 127. A padded tap's lanes read 0.0 (byte zp).
+inline void q_planes_quantize(const float* x, int64_t K, const PlanesCols& pc, int64_t cnt, int64_t kg,
+                              const float* inv, const int32_t* zp, uint32_t* xp) {
   const __m512i qmax = _mm512_set1_epi8(static_cast<char>(kQMax)), nil = _mm512_set1_epi32(INT32_MIN);
-  // packus leaves, per 128-bit lane (pixels 4l..4l+3), channel j's 4 bytes at 4j..4j+3: gather each pixel's
+  // packus leaves, per 128-bit lane (pixels 4l..4l+3), column j's 4 bytes at 4j..4j+3: gather each pixel's
   const __m512i order = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
   for (int v = 0; v < kPlanesGroup && 16 * v < cnt; ++v) {
-    const int64_t left = cnt - 16 * v;
-    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
     const __m512 vinv = _mm512_loadu_ps(inv + 16 * v);
     const __m512i z32 = _mm512_loadu_si512(zp + 16 * v);
     const __m512i z16 = _mm512_packs_epi32(z32, z32);  // lane l: the zero points of pixels 4l..4l+3, twice
     uint32_t* dst = xp + v * kg * 16;
     const float* xs = x + 16 * v;
-    int64_t g = 0;
-    for (; 4 * g + 4 <= K; ++g) {
-      __m512i a[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j)
-        a[j] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + (4 * g + j) * hw), vinv));
-      const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(a[0], a[1]), z16),
-                                            _mm512_adds_epi16(_mm512_packs_epi32(a[2], a[3]), z16));
-      _mm512_storeu_si512(dst + g * 16, _mm512_shuffle_epi8(_mm512_min_epu8(b, qmax), order));
-    }
-    for (; g < kg; ++g) {
-      __m512i a[4];
-      for (int j = 0; j < 4; ++j)
-        a[j] = 4 * g + j < K ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + (4 * g + j) * hw), vinv))
-                             : nil;  // saturates to byte 0, as q_row_quantize's k >= K
-      const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(a[0], a[1]), z16),
-                                            _mm512_adds_epi16(_mm512_packs_epi32(a[2], a[3]), z16));
+    const __mmask16* m = pc.mask + v;
+    auto col = [&](int64_t k) {  // column k of the 16 pixels, rounded to int32 (nil past K: byte 0)
+      return k < K ? _mm512_cvtps_epi32(_mm512_mul_ps(planes_load(xs, pc.off[k], m[pc.tap[k] * kPlanesGroup]), vinv))
+                   : nil;
+    };
+    for (int64_t g = 0; g < kg; ++g) {
+      const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(col(4 * g), col(4 * g + 1)), z16),
+                                            _mm512_adds_epi16(_mm512_packs_epi32(col(4 * g + 2), col(4 * g + 3)), z16));
       _mm512_storeu_si512(dst + g * 16, _mm512_shuffle_epi8(_mm512_min_epu8(b, qmax), order));
     }
   }
 }
 
-// bf16: k-group words (two channels, the lower in the low half) of up to 8 x 16 pixels into panels, as
-// q_planes_quantize lays them out; bf16_bits' rounding (to nearest even), channels >= K are 0.
-inline void bf16_planes_round(const float* x, int64_t K, int64_t hw, int64_t cnt, int64_t kg, uint32_t* xp) {
+// bf16: k-group words (two columns, the lower in the low half) of up to 8 x 16 pixels into panels, as
+// q_planes_quantize lays them out; bf16_bits' rounding (to nearest even), columns >= K are 0.
+inline void bf16_planes_round(const float* x, int64_t K, const PlanesCols& pc, int64_t cnt, int64_t kg, uint32_t* xp) {
   const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-  auto round16 = [&](__m512 f) {  // bf16 bits in the low halves
-    const __m512i u = _mm512_castps_si512(f);
-    return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
-  };
   for (int v = 0; v < kPlanesGroup && 16 * v < cnt; ++v) {
-    const int64_t left = cnt - 16 * v;
-    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
     uint32_t* dst = xp + v * kg * 16;
     const float* xs = x + 16 * v;
-    for (int64_t g = 0; g < kg; ++g) {
-      const __m512i a = 2 * g < K ? round16(_mm512_maskz_loadu_ps(m, xs + 2 * g * hw)) : _mm512_setzero_si512();
-      const __m512i b = 2 * g + 1 < K ? round16(_mm512_maskz_loadu_ps(m, xs + (2 * g + 1) * hw)) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + g * 16, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
-    }
+    const __mmask16* m = pc.mask + v;
+    auto col = [&](int64_t k) {  // bf16 bits of column k in the low halves (0 past K)
+      if (k >= K) return _mm512_setzero_si512();
+      const __m512i u = _mm512_castps_si512(planes_load(xs, pc.off[k], m[pc.tap[k] * kPlanesGroup]));
+      return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+    };
+    for (int64_t g = 0; g < kg; ++g)
+      _mm512_storeu_si512(dst + g * 16, _mm512_or_si512(col(2 * g), _mm512_slli_epi32(col(2 * g + 1), 16)));
   }
 }
 
-// One 16-pixel panel (cnt valid) x one block row of 16 outputs (rows of them valid): acc[o] over the row's
-// blocks, then the epilogue of the row kernels per output plane (y: the block row's first plane at the
-// panel's first pixel; planes hw apart).
+// One 16-pixel panel (mask: its valid pixels) x one block row of 16 outputs (rows of them valid): acc[o]
+// over the row's blocks, then the epilogue of the row kernels per output plane (y: the block row's first
+// plane at the panel's first pixel; planes hw apart).
 template <class Op, int GPB, class Idx>
 SQ_INLINE void q_planes_tile(const uint32_t* __restrict xp, int gpb_rt, const uint32_t* __restrict vals,
                              const Idx* __restrict cols, int64_t b0, int64_t b1, int rows, __mmask16 mask,
@@ -165,36 +184,49 @@ SQ_INLINE void q_planes_tile(const uint32_t* __restrict xp, int gpb_rt, const ui
   }
 }
 
-// Y planes = act(W X planes + b (+ residual)) for the 16-row-block BSR W (w.r == 16): the panels split
-// evenly between the threads, each packing its own (groups of up to 8 panels of one image) and running
-// every block row over them. Everything else as q_spmm_run.
+// Y planes = act(W X + b (+ residual)) over the convolution g (w.r == 16): the panels split evenly between
+// the threads, each packing its own (groups of up to 8 panels of one image) and running every block row
+// over them. Everything else as q_spmm_run.
 template <class Op, class Idx>
-void q_planes_run(const QBsrView& w, const Idx* cols, const float* x, int64_t n_img, int64_t hw, const float* bias,
-                  float* y, int num_threads) {
+void q_planes_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const float* x, int64_t n_img,
+                  const float* bias, float* y, int num_threads) {
   constexpr int G = Op::G;
   const int gpb = w.c / G;
-  const int64_t K = w.cols, M = w.rows, kg = w.block_cols * gpb;
+  const int64_t K = w.cols, M = w.rows, kg = w.block_cols * gpb, hw = g.h * g.w;
+  const int64_t taps = static_cast<int64_t>(g.kh) * g.kw;
   const int64_t per_img = (hw + 15) / 16, panels = n_img * per_img;
   const int64_t work = n_img * hw * (w.nnzb() * w.r * w.c / (Op::S8 ? 4 : 2) + M + K);
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(work, num_threads), panels)));
+  // column k: plane k % ch at the shift of tap k / ch (the same for every panel)
+  std::vector<int64_t> off(static_cast<size_t>(K));
+  std::vector<int32_t> tap(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t t = k / g.ch, a = t / g.kw, b = t % g.kw;
+    off[k] = (k % g.ch) * hw + (a * g.dh - g.pt) * g.w + (b * g.dw - g.pl);
+    tap[k] = static_cast<int32_t>(t);
+  }
   parallel_team(nt, [&] {
-    const int t = omp_get_thread_num();
-    if (t >= nt) return;
-    const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
+    const int th = omp_get_thread_num();
+    if (th >= nt) return;
+    const int64_t p0 = panels * th / nt, p1 = panels * (th + 1) / nt;
     uint32_t* xp = q_scratch(static_cast<size_t>(kPlanesGroup * kg * 16 + 3 * 16 * kPlanesGroup));
     float* sx = reinterpret_cast<float*>(xp + kPlanesGroup * kg * 16);
     float* inv = sx + 16 * kPlanesGroup;
     int32_t* zp = reinterpret_cast<int32_t*>(inv + 16 * kPlanesGroup);
+    thread_local std::vector<__mmask16> masks;
+    masks.resize(static_cast<size_t>(taps * kPlanesGroup));
+    const PlanesCols pc{off.data(), tap.data(), masks.data()};
     for (int64_t p = p0; p < p1;) {
       const int64_t img = p / per_img, first = p % per_img;
       const int64_t np = std::min<int64_t>({kPlanesGroup, p1 - p, per_img - first});
       const int64_t q0 = first * 16, cnt = std::min<int64_t>(hw - q0, np * 16);
-      const float* xi = x + img * K * hw + q0;
+      const float* xi = x + img * g.ch * hw + q0;
+      planes_masks(g, q0, cnt, masks.data());
       if constexpr (Op::S8) {
-        q_planes_params(xi, K, hw, cnt, sx, inv, zp);
-        q_planes_quantize(xi, K, hw, cnt, kg, inv, zp, xp);
+        q_planes_params(xi, g, pc, cnt, sx, inv, zp);
+        q_planes_quantize(xi, K, pc, cnt, kg, inv, zp, xp);
       } else {
-        bf16_planes_round(xi, K, hw, cnt, kg, xp);
+        bf16_planes_round(xi, K, pc, cnt, kg, xp);
       }
       for (int64_t v = 0; v < np; ++v) {
         const int64_t left = cnt - 16 * v;
@@ -232,13 +264,13 @@ void q_planes_run(const QBsrView& w, const Idx* cols, const float* x, int64_t n_
 }
 
 template <class Op>
-void q_planes(const QBsrView& w, const float* x, int64_t n_img, int64_t hw, const float* bias, float* y,
+void q_planes(const QBsrView& w, const QPlanes& g, const float* x, int64_t n_img, const float* bias, float* y,
               int num_threads) {
-  if (n_img <= 0 || hw <= 0 || w.rows <= 0) return;
+  if (n_img <= 0 || g.h * g.w <= 0 || w.rows <= 0) return;
   if (w.idx16)
-    q_planes_run<Op>(w, static_cast<const uint16_t*>(w.col_idx), x, n_img, hw, bias, y, num_threads);
+    q_planes_run<Op>(w, static_cast<const uint16_t*>(w.col_idx), g, x, n_img, bias, y, num_threads);
   else
-    q_planes_run<Op>(w, static_cast<const int32_t*>(w.col_idx), x, n_img, hw, bias, y, num_threads);
+    q_planes_run<Op>(w, static_cast<const int32_t*>(w.col_idx), g, x, n_img, bias, y, num_threads);
 }
 
 #endif

@@ -893,8 +893,8 @@ class SparseConv2d(SparseModule):
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         eager = x.is_cpu and ops.call_route(x, self._parameters["bias"]) == "eager"
         out_dtype = x.dtype
-        if eager and self._planes_ok(x):
-            return self._planes_call(x, self._act_code())
+        if eager and self._planes_ok(x, pad4):
+            return self._planes_call(x, pad4, self._act_code())
         if eager and _FUSED_IM2COL and (kh, kw, sh, sw) != (1, 1, 1, 1) and x.numel() > 0:
             # the kernel gathers each row of patches itself, padding included (quant.qconv_im2col_eager);
             # int8 quantizes float32 (a bf16 input is widened first, as the matrix path does), bf16 weights
@@ -931,21 +931,26 @@ class SparseConv2d(SparseModule):
         y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         return y if cl else y.contiguous()
 
-    def _planes_ok(self, x: Tensor) -> bool:
-        """Whether the quantized kernel can read and write NCHW planes directly (``_planes_call``): a 1x1
-        stride-1 unpadded convolution on a contiguous, non-empty NCHW float32 CPU input."""
-        return (x.dtype is torch.float32 and x.dim() == 4 and x.is_contiguous() and x.numel() > 0 and x.is_cpu
-                and self.kernel_size == (1, 1) and self.stride == (1, 1) and not any(self._pad4)
-                and self._buffers["values"].is_cpu)
+    def _planes_ok(self, x: Tensor, pad4) -> bool:
+        """Whether the quantized kernel can read and write NCHW planes directly (``_planes_call``): a stride-1
+        convolution whose zero padding keeps the image size (1x1 unpadded, 3x3 with padding 1, ...) on a
+        contiguous, non-empty NCHW float32 CPU input."""
+        if not (x.dtype is torch.float32 and x.dim() == 4 and x.is_contiguous() and x.numel() > 0 and x.is_cpu
+                and self.stride == (1, 1) and self._buffers["values"].is_cpu):
+            return False
+        (kh, kw), (dh, dw), (pt, pb, pl, pr) = self.kernel_size, self.dilation, pad4
+        return pt + pb == dh * (kh - 1) and pl + pr == dw * (kw - 1)
 
-    def _planes_call(self, x: Tensor, act: int, residual: Optional[Tensor] = None) -> Tensor:
-        """The int8 / bf16 1x1 convolution over NCHW planes (quant.qconv_planes_eager), for inputs
-        ``_planes_ok`` accepts, in eager inference: no NHWC transposes of the input and output (they took
-        ~0.15 ms of a 56x56 map with 256 output planes, more than the sparse product). ``residual``: a
-        contiguous NCHW float32 tensor of the output's shape, added in the store before the activation."""
+    def _planes_call(self, x: Tensor, pad4, act: int, residual: Optional[Tensor] = None) -> Tensor:
+        """The int8 / bf16 convolution over NCHW planes (quant.qconv_planes_eager), for inputs ``_planes_ok``
+        accepts, in eager inference: no NHWC transposes of the input and output (they took ~0.15 ms of a
+        56x56 map with 256 output planes, more than the sparse product). ``pad4``: the zero padding (top,
+        bottom, left, right) of this call. ``residual``: a contiguous NCHW float32 tensor of the output's
+        shape, added in the store before the activation."""
         r, c = self.block_size
         bufs = self._buffers
-        return quant.qconv_planes_eager(x, bufs["row_ptr"], bufs["col_idx"], bufs["values"], bufs.get("scales"),
+        return quant.qconv_planes_eager(x, self.kernel_size, self.dilation, (pad4[0], pad4[2]), bufs["row_ptr"],
+                                        bufs["col_idx"], bufs["values"], bufs.get("scales"),
                                         bufs.get("compensation"), self._parameters["bias"], self.out_channels, r, c,
                                         self._threads(), act, residual)
 
@@ -1019,13 +1024,15 @@ class SparseConv2d(SparseModule):
             self._check_input(x)
             return self._eager_cpu(x, self._pad4, code, residual)
         if (self.format != "dense" and self.weight_dtype != "float32" and self.activation == "none"
-                and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels and self._planes_ok(x)
+                and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels
+                and self.padding_mode == "zeros" and self._planes_ok(x, self._pad4)
                 and type(residual) is Tensor and residual.dtype is torch.float32 and residual.is_cpu
                 and residual.is_contiguous() and tuple(residual.shape) == (x.shape[0], self.out_channels, *x.shape[2:])
                 and ops.call_route(x, bias, residual) == "eager"):
-            # int8 / bf16 1x1 conv on NCHW input and residual: the planes kernel, the residual added in its store
+            # int8 / bf16 conv on NCHW input and residual (stride 1, the size kept): the planes kernel, the residual
+            # added in its store
             self._check_quant_input(x)
-            return self._planes_call(x, code, residual)
+            return self._planes_call(x, self._pad4, code, residual)
         if (self.format != "dense" and self.weight_dtype != "float32" and self.activation == "none"
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels and x.dtype is torch.float32
                 and self.padding_mode == "zeros" and x.numel() and x.is_cpu and self._buffers["values"].is_cpu

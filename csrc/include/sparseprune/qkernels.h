@@ -80,10 +80,20 @@ enum class XType : int { f32 = 0, bf16 = 1 };
 using QSpmmFn = void (*)(const QBsrView& w, const void* x, XType xt, int64_t n, int64_t ldx,
                          const float* bias, float* y, int64_t ldy, int num_threads);
 
-// Y planes (n_img x M x hw, contiguous) = W X planes (n_img x K x hw, float32) + b: a 1x1 stride-1 convolution
-// on NCHW images, rows of the product being pixels (w.r == 16; the residual, if any, laid out as Y).
-using QPlanesFn = void (*)(const QBsrView& w, const float* x, int64_t n_img, int64_t hw, const float* bias, float* y,
-                           int num_threads);
+// A stride-1 convolution whose output has its input's size (1x1; 3x3 with padding 1; ...), on NCHW images:
+// the image is h x w pixels of ch planes, the kernel kh x kw taps (dilation dh, dw) with pt rows / pl
+// columns of zero padding on top / left (as many as the size needs below / right). Tap (a, b) of output
+// pixel q reads input pixel q + (a * dh - pt) * w + (b * dw - pl) where that lies in the image, zero
+// elsewhere; columns of the product are (kh, kw, ch) ordered, as the NHWC im2col's (QIm2col).
+struct QPlanes {
+  int64_t h = 0, w = 0, ch = 0;
+  int32_t kh = 1, kw = 1, dh = 1, dw = 1, pt = 0, pl = 0;
+};
+
+// Y planes (n_img x M x h*w, contiguous) = W X + b over the convolution g of X planes (n_img x ch x h*w,
+// float32): rows of the product are pixels (w.r == 16; the residual, if any, laid out as Y).
+using QPlanesFn = void (*)(const QBsrView& w, const QPlanes& g, const float* x, int64_t n_img, const float* bias,
+                           float* y, int num_threads);
 
 // One quantized path: a SP_QPATH row of csrc/cpu/ukernels.inc.
 struct QPath {
@@ -105,8 +115,8 @@ void s8_bsr_spmm__avx512(const QBsrView&, const void*, XType, int64_t, int64_t, 
 void bf16_bsr_spmm__avx512(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
 void s8_bsr_spmm__avx512vnni(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
 void bf16_bsr_spmm__avx512bf16(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
-void s8_bsr_planes__avx512vnni(const QBsrView&, const float*, int64_t, int64_t, const float*, float*, int);
-void bf16_bsr_planes__avx512bf16(const QBsrView&, const float*, int64_t, int64_t, const float*, float*, int);
+void s8_bsr_planes__avx512vnni(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
+void bf16_bsr_planes__avx512bf16(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
 #endif
 
 const std::vector<QPath>& all_qpaths();
