@@ -496,14 +496,16 @@ def test_residual_in_the_store(qpath, case, act):
         quant.qspmm_eager(*args, 0, residual=torch.randn(n, m + 1))
 
 
-def _planes_reference(x, p, b, ks=(1, 1), dil=(1, 1), pad_tl=(0, 0), res=None, act="none"):
-    """The row product on the implicit im2col rows of an NCHW image (torch's unfold, zero padding keeping the
-    size; reference_qspmm), back in NCHW planes."""
+def _planes_reference(x, p, b, ks=(1, 1), dil=(1, 1), pad_tl=(0, 0), res=None, act="none", stride=(1, 1)):
+    """The row product on the implicit im2col rows of an NCHW image (torch's unfold; the bottom / right zero
+    padding, or cropping, that makes the output the input's size over the stride; reference_qspmm), back in
+    NCHW planes."""
     n, c, h, w = x.shape
-    (kh, kw), (dh, dw), (pt, pl) = ks, dil, pad_tl
-    pad4 = (pt, dh * (kh - 1) - pt, pl, dw * (kw - 1) - pl)
-    y = reference_qspmm(_unfold_rows(x.permute(0, 2, 3, 1), ks, (1, 1), dil, pad4), p, b)
-    y = y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+    (kh, kw), (dh, dw), (pt, pl), (sh, sw) = ks, dil, pad_tl, stride
+    ho, wo = h // sh, w // sw
+    pad4 = (pt, (ho - 1) * sh + dh * (kh - 1) + 1 - h - pt, pl, (wo - 1) * sw + dw * (kw - 1) + 1 - w - pl)
+    y = reference_qspmm(_unfold_rows(x.permute(0, 2, 3, 1), ks, stride, dil, pad4), p, b)
+    y = y.reshape(n, ho, wo, -1).permute(0, 3, 1, 2)
     if res is not None:
         y = y + res
     return ops.apply_activation(y, act)
@@ -513,64 +515,70 @@ def _planes_reference(x, p, b, ks=(1, 1), dil=(1, 1), pad_tl=(0, 0), res=None, a
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(c=st.integers(1, 40), m=st.integers(1, 50), hw=st.tuples(st.integers(1, 13), st.integers(1, 13)),
        n=st.integers(1, 3), ks=st.sampled_from([(1, 1), (3, 3), (1, 3), (5, 2)]), dil=st.sampled_from([(1, 1), (2, 1)]),
-       pad=st.integers(0, 8), block=st.sampled_from([(16, 16), (16, 4), (4, 4), (16, 8)]),
-       sparsity=st.sampled_from([0.0, 0.6, 1.0]), act=st.sampled_from(["none", "relu", "silu"]),
-       res=st.booleans(), threads=st.integers(1, 3), seed=st.integers(0, 999))
-def test_planes_match_reference(qpath, c, m, hw, n, ks, dil, pad, block, sparsity, act, res, threads, seed):
-    """qconv_planes_eager (a stride-1 convolution keeping the image size, read from and written to NCHW
-    planes: the planes kernel for 16-row blocks where the path has one, NHWC rows and transposes otherwise)
-    against the quantizing reference on torch's unfold: 1x1 and larger kernels (taps as shifted planes,
-    padding on any split of the size-keeping total, dilation), partial 16-pixel panels, several images,
-    channels not a multiple of the word, the residual and activation in the store, 1-3 threads. int8 bit
-    for bit, bf16 to rounding."""
+       stride=st.sampled_from([(1, 1), (1, 1), (2, 2), (1, 2), (3, 2)]), pad=st.integers(0, 8),
+       block=st.sampled_from([(16, 16), (16, 4), (4, 4), (16, 8)]), sparsity=st.sampled_from([0.0, 0.6, 1.0]),
+       act=st.sampled_from(["none", "relu", "silu"]), res=st.booleans(), threads=st.integers(1, 3),
+       seed=st.integers(0, 999))
+def test_planes_match_reference(qpath, c, m, hw, n, ks, dil, stride, pad, block, sparsity, act, res, threads, seed):
+    """qconv_planes_eager (a convolution whose output is the input's size over the stride, read from and
+    written to NCHW planes: the planes kernel for 16-row blocks where the path has one, NHWC rows and
+    transposes otherwise) against the quantizing reference on torch's unfold: 1x1 and larger kernels (taps as
+    shifted planes, of their stride phase), strides 1-3, top / left padding up to the kernel's reach,
+    dilation, partial 16-pixel panels, several images, channels not a multiple of the word, the residual and
+    activation in the store, 1-3 threads. int8 bit for bit, bf16 to rounding."""
     dtype = qpath
-    (kh, kw), (dh, dw) = ks, dil
+    (kh, kw), (dh, dw), (sh, sw) = ks, dil, stride
     pt, pl = pad % (dh * (kh - 1) + 1), pad % (dw * (kw - 1) + 1)
+    size = (hw[0] * sh, hw[1] * sw)
     cols = kh * kw * c
     if dtype == torch.bfloat16 and cols % 2 and block[1] % 2:
         return
     g = torch.Generator().manual_seed(seed)
     w = block_sparse_weight(m, cols, block, sparsity, generator=g)
     p = QuantBSRMatrix.from_dense(w, block, dtype)
-    x = torch.randn(n, c, *hw, generator=g) * 3
+    x = torch.randn(n, c, *size, generator=g) * 3
     b = torch.randn(m, generator=g)
     r = torch.randn(n, m, *hw, generator=g) if res else None
     code = ops.ACTIVATIONS.index(act)
     with torch.no_grad():
-        y = quant.qconv_planes_eager(x, ks, dil, (pt, pl), p.row_ptr, p.col_idx, p.values, getattr(p, "scales", None),
-                                     getattr(p, "compensation", None), b, m, *block, threads, code, r)
+        y = quant.qconv_planes_eager(x, ks, stride, dil, (pt, pl), p.row_ptr, p.col_idx, p.values,
+                                     getattr(p, "scales", None), getattr(p, "compensation", None), b, m, *block,
+                                     threads, code, r)
     assert y.shape == (n, m, *hw) and y.is_contiguous()
-    want = _planes_reference(x, p, b, ks, dil, (pt, pl), r, act)
+    want = _planes_reference(x, p, b, ks, dil, (pt, pl), r, act, stride)
     if act == "silu":  # the kernel's own exp, not torch's
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     else:
         _check(y, want, dtype)
 
 
-@pytest.mark.parametrize("ks", [(1, 1), (3, 3)])
+@pytest.mark.parametrize("ks,stride", [((1, 1), 1), ((3, 3), 1), ((3, 3), 2), ((1, 1), 2)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_planes_large_maps_and_bad_pixels(qpath, ks, threads):
+def test_planes_large_maps_and_bad_pixels(qpath, ks, stride, threads):
     """Maps of many 16-pixel panels (groups of 8 packed together, split between threads mid-image), two
-    images, a block row without blocks; a pixel with a NaN or infinity in one channel gives NaN (int8: the
-    scale of every output pixel whose patch holds it is NaN), the others are untouched."""
+    images, a block row without blocks, stride 1 and 2 (the phases); a pixel with a NaN or infinity in one
+    channel gives NaN (int8: the scale of every output pixel whose patch holds it is NaN), the others are
+    untouched."""
     dtype = qpath
     g = torch.Generator().manual_seed(threads)
     kk = ks[0] * ks[1]
     w = block_sparse_weight(48, 64 * kk, (16, 16), 0.5, generator=g)
     w[16:32] = 0  # a block row without blocks: bias only
     p = QuantBSRMatrix.from_dense(w, (16, 16), dtype)
-    x = torch.randn(2, 64, 23, 19, generator=g) * 2
-    x[1, 50, 7, 3] = float("nan")
-    x[0, 3, 22, 18] = float("inf")
+    size = (23, 19) if stride == 1 else (24, 20)
+    x = torch.randn(2, 64, *size, generator=g) * 2
+    x[1, 50, 8, 4] = float("nan")
+    x[0, 3, size[0] - 1, size[1] - 1] = float("inf")
     b = torch.randn(48, generator=g)
     pad = (ks[0] // 2, ks[1] // 2)
     with torch.no_grad():
-        y = quant.qconv_planes_eager(x, ks, (1, 1), pad, p.row_ptr, p.col_idx, p.values, getattr(p, "scales", None),
-                                     getattr(p, "compensation", None), b, 48, 16, 16, threads)
-    want = _planes_reference(x, p, b, ks, (1, 1), pad)
+        y = quant.qconv_planes_eager(x, ks, (stride, stride), (1, 1), pad, p.row_ptr, p.col_idx, p.values,
+                                     getattr(p, "scales", None), getattr(p, "compensation", None), b, 48, 16, 16,
+                                     threads)
+    want = _planes_reference(x, p, b, ks, (1, 1), pad, stride=(stride, stride))
     bad = torch.nn.functional.max_pool2d(x.isnan().any(1, keepdim=True).float() + x.isinf().any(1, keepdim=True).float(),
-                                         ks, 1, pad)[:, 0] > 0  # output pixels whose patch holds a NaN / inf
-    assert int(bad.sum()) == (2 if kk == 1 else 9 + 4)  # the inf sits in a corner: 4 patches hold it
+                                         ks, stride, pad)[:, 0] > 0  # output pixels whose patch holds a NaN / inf
+    assert bad.shape == y.shape[:1] + y.shape[2:] and bad.any()
     if dtype == torch.int8:
         assert y.permute(1, 0, 2, 3)[:, bad].isnan().all()
     keep = ~bad.unsqueeze(1).expand_as(y)
@@ -580,8 +588,8 @@ def test_planes_large_maps_and_bad_pixels(qpath, ks, threads):
 def test_planes_module_route_matches_channels_last():
     """SparseConv2d (int8 / bf16) on an NCHW input takes the planes kernel for stride-1 size-keeping convs
     (1x1, 3x3 padding 1); its output equals the channels_last route (the Linear kernel over pixel rows, or
-    the implicit im2col): int8 bit for bit, bf16 to rounding; the fused residual too. Strided, unpadded 3x3
-    and reflect-padded convolutions keep the transposing route and agree as well."""
+    the implicit im2col): int8 bit for bit, bf16 to rounding; the fused residual too. A strided 1x1 (its
+    kept pixels), strided, unpadded and reflect-padded 3x3s (the transposing route) agree as well."""
     import sparseprune as sp
     g = torch.Generator().manual_seed(11)
     cl = torch.channels_last
@@ -604,7 +612,15 @@ def test_planes_module_route_matches_channels_last():
             _check(y, ycl.contiguous(), dtype)
             _check(z, zcl.contiguous(), dtype)
             torch.testing.assert_close(y, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
-    for kw in ({"stride": 2}, {"padding": 0}, {"padding": 1, "padding_mode": "reflect"}):
+    x = torch.randn(2, 24, 10, 8, generator=g)  # even: stride 2 keeps the phases whole
+    c1 = torch.nn.Conv2d(24, 40, 1, stride=2)  # reads one phase
+    with torch.no_grad():
+        c1.weight.copy_(block_sparse_weight(40, 24, (16, 8), 0.5, generator=g).view(40, 24, 1, 1))
+    for dtype in DTYPES.values():
+        mod = sp.SparseConv2d.from_dense(c1, format="bsr", block_size=(16, 8), weight_dtype=dtype)
+        with torch.no_grad():
+            _check(mod(x), mod(x.contiguous(memory_format=cl)).contiguous(), dtype)
+    for kw in ({"stride": 2, "padding": 1}, {"stride": 2}, {"padding": 0}, {"padding": 1, "padding_mode": "reflect"}):
         c2 = torch.nn.Conv2d(24, 40, 3, **kw)
         with torch.no_grad():
             c2.weight.copy_(conv.weight)
@@ -618,22 +634,26 @@ def test_planes_errors():
     from sparseprune import _C
     p = QuantBSRMatrix.from_dense(torch.randn(8, 12), (4, 4), torch.int8)
     x = torch.randn(1, 12, 3, 3)
-    args = ((1, 1), (1, 1), (0, 0), p.row_ptr, p.col_idx, p.values, p.scales, p.compensation, None, 8, 4, 4, 1)
+    args = ((1, 1), (1, 1), (1, 1), (0, 0), p.row_ptr, p.col_idx, p.values, p.scales, p.compensation, None, 8, 4, 4, 1)
     with pytest.raises(ValueError, match="contiguous"):
         quant.qconv_planes_eager(x.transpose(2, 3), *args)
     with pytest.raises(ValueError, match="contiguous"):
         quant.qconv_planes_eager(x.double(), *args)
     with pytest.raises(ValueError, match="residual"):
         quant.qconv_planes_eager(x, *args, residual=torch.randn(1, 9, 3, 3))
+    with pytest.raises(ValueError, match="multiple of the stride"):
+        quant.qconv_planes_eager(x, (1, 1), (2, 2), *args[2:])
     y = torch.empty(1, 8, 3, 3)
 
-    def call(n_img=1, h=3, cols=12, kh=1, pt=0, x_ptr=None):
+    def call(n_img=1, h=3, cols=12, kh=1, pt=0, sh=1, x_ptr=None):
         x_ptr = x.data_ptr() if x_ptr is None else x_ptr
         _C.qspmm_planes_res("int8", 8, cols, 4, 4, p.row_ptr.data_ptr(), p.col_idx.data_ptr(),
                             p.col_idx.dtype == torch.int16, p.values.data_ptr(), p.scales.data_ptr(),
-                            p.compensation.data_ptr(), x_ptr, n_img, h, 3, kh, 1, 1, 1, pt, 0, 0, y.data_ptr(), 1, 0, 0)
+                            p.compensation.data_ptr(), x_ptr, n_img, h, 3, kh, 1, 1, 1, pt, 0, sh, 1, 0, y.data_ptr(), 1,
+                            0, 0)
     call()
-    for bad in ({"h": -1}, {"cols": 0}, {"kh": 0}, {"kh": 5}, {"pt": 1}, {"kh": 3, "pt": 3}, {"n_img": -1}):
+    for bad in ({"h": -1}, {"cols": 0}, {"kh": 0}, {"kh": 5}, {"pt": 1}, {"kh": 3, "pt": 3}, {"n_img": -1}, {"sh": 0},
+                {"sh": 17}):
         with pytest.raises(ValueError, match="geometry"):
             call(**bad)
     with pytest.raises(ValueError, match="null"):
@@ -641,4 +661,4 @@ def test_planes_errors():
     with pytest.raises(ValueError, match="multiple of 4"):
         _C.qspmm_planes_res("int8", 8, 12, 4, 6, p.row_ptr.data_ptr(), p.col_idx.data_ptr(), False,
                             p.values.data_ptr(), p.scales.data_ptr(), p.compensation.data_ptr(), x.data_ptr(), 1, 3,
-                            3, 1, 1, 1, 1, 0, 0, 0, y.data_ptr(), 1, 0, 0)
+                            3, 1, 1, 1, 1, 0, 0, 1, 1, 0, y.data_ptr(), 1, 0, 0)

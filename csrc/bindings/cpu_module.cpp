@@ -324,25 +324,25 @@ QCall make_qcall(const std::string& dtype, int64_t rows, int64_t cols, int r, in
   return q;
 }
 
-// A stride-1 convolution keeping the image size (QPlanes: 1x1; 3x3 with padding 1; ...) on NCHW images: x is
-// n_img contiguous images of ch = cols / (kh * kw) float32 planes of h x wd pixels, y gets n_img images of
-// `rows` planes; pt / pl rows / columns of zero padding on top / left (dh * (kh - 1) - pt and dw * (kw - 1) - pl
-// below / right); res: 0, or an addend laid out as y (added after the bias, before the activation). The active
-// path's planes kernel where it has one and the blocks are 16 rows; otherwise x (and the residual) are
-// transposed to NHWC, the row kernel runs over the implicit im2col rows, and its rows are transposed back.
+// A convolution on NCHW images given as their stride phases (QPlanes: x is n_img images of sh * sw phases of
+// ch = cols / (kh * kw) float32 planes of h x wd pixels; the image itself at stride 1), its output h x wd
+// pixels: y gets n_img images of `rows` planes. pt / pl rows / columns of zero padding on top / left; res: 0,
+// or an addend laid out as y (added after the bias, before the activation). The active path's planes kernel
+// where it has one and the blocks are 16 rows; otherwise the image is rebuilt as NHWC, the row kernel runs
+// over its implicit im2col rows, and its rows are transposed back.
 void qspmm_planes_res(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
                       uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
-                      int64_t n_img, int64_t h, int64_t wd, int kh, int kw, int dh, int dw, int pt, int pl,
-                      uintptr_t bias, uintptr_t y, int num_threads, int act, uintptr_t res) {
+                      int64_t n_img, int64_t h, int64_t wd, int kh, int kw, int dh, int dw, int pt, int pl, int sh,
+                      int sw, uintptr_t bias, uintptr_t y, int num_threads, int act, uintptr_t res) {
   QBsrView w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, false, act);
   set_residual(w, res, y, "qspmm_planes");
-  if (n_img < 0 || h < 0 || wd < 0 || kh < 1 || kw < 1 || dh < 1 || dw < 1 || pt < 0 || pl < 0 ||
-      pt > static_cast<int64_t>(dh) * (kh - 1) || pl > static_cast<int64_t>(dw) * (kw - 1) || cols < 1 ||
-      cols % (static_cast<int64_t>(kh) * kw))
+  if (n_img < 0 || h < 0 || wd < 0 || kh < 1 || kw < 1 || dh < 1 || dw < 1 || sh < 1 || sw < 1 || sh > 16 ||
+      sw > 16 || pt < 0 || pl < 0 || pt > static_cast<int64_t>(dh) * (kh - 1) ||
+      pl > static_cast<int64_t>(dw) * (kw - 1) || cols < 1 || cols % (static_cast<int64_t>(kh) * kw))
     throw std::invalid_argument("qspmm_planes: bad convolution geometry");
   if (n_img == 0 || h == 0 || wd == 0 || rows == 0) return;
   if (!x || !y) throw std::invalid_argument("qspmm_planes: null dense operand");
-  if (h > (int64_t{1} << 20) || wd > (int64_t{1} << 20) || n_img > (int64_t{1} << 40) / (h * wd))
+  if (h > (int64_t{1} << 20) || wd > (int64_t{1} << 20) || n_img > (int64_t{1} << 40) / (h * wd * sh * sw))
     throw std::invalid_argument("qspmm_planes: image too large");
   QPlanes g;
   g.h = h;
@@ -354,33 +354,48 @@ void qspmm_planes_res(const std::string& dtype, int64_t rows, int64_t cols, int 
   g.dw = dw;
   g.pt = pt;
   g.pl = pl;
+  g.sh = sh;
+  g.sw = sw;
   const QPath& path = active_qpath(dtype);
   py::gil_scoped_release nogil;
   if (path.planes && r == 16) {
     path.planes(w, g, ptr<const float>(x), n_img, ptr<const float>(bias), ptr<float>(y), num_threads);
     return;
   }
-  const int64_t hw = h * wd, n = n_img * hw;
-  std::vector<float> xr(static_cast<size_t>(n * g.ch)), yr(static_cast<size_t>(n * rows));
+  const int64_t hw = h * wd, n = n_img * hw, big_h = h * sh, big_w = wd * sw;
+  std::vector<float> xr(static_cast<size_t>(n_img * big_h * big_w * g.ch)), yr(static_cast<size_t>(n * rows));
   std::vector<float> rr(res ? static_cast<size_t>(n * rows) : 0);
-  transpose_f32(ptr<const float>(x), n_img, g.ch, hw, hw, g.ch * hw, xr.data(), g.ch, hw * g.ch, num_threads);
+  if (sh == 1 && sw == 1) {
+    transpose_f32(ptr<const float>(x), n_img, g.ch, hw, hw, g.ch * hw, xr.data(), g.ch, hw * g.ch, num_threads);
+  } else {  // the phases back into one NHWC image
+    const float* src = ptr<const float>(x);
+    for (int64_t i = 0; i < n_img; ++i)
+      for (int64_t py = 0; py < sh; ++py)
+        for (int64_t px = 0; px < sw; ++px)
+          for (int64_t ci = 0; ci < g.ch; ++ci, src += hw)
+            for (int64_t yy = 0; yy < h; ++yy)
+              for (int64_t xx = 0; xx < wd; ++xx)
+                xr[((i * big_h + yy * sh + py) * big_w + xx * sw + px) * g.ch + ci] = src[yy * wd + xx];
+  }
   if (res) {
     transpose_f32(ptr<const float>(res), n_img, rows, hw, hw, rows * hw, rr.data(), rows, hw * rows, num_threads);
     w.res_bytes = reinterpret_cast<const char*>(rr.data()) - reinterpret_cast<const char*>(yr.data());
   }
-  QIm2col ig;  // the same convolution over the NHWC copy
-  ig.h = h;
-  ig.w = wd;
+  QIm2col ig;  // the same convolution over the NHWC image
+  ig.h = big_h;
+  ig.w = big_w;
   ig.ch = g.ch;
   ig.kh = kh;
   ig.kw = kw;
+  ig.sh = sh;
+  ig.sw = sw;
   ig.dh = dh;
   ig.dw = dw;
   ig.pt = pt;
   ig.pl = pl;
   ig.ho = h;
   ig.wo = wd;
-  if (kh > 1 || kw > 1) w.im2col = &ig;
+  if (kh > 1 || kw > 1 || sh > 1 || sw > 1) w.im2col = &ig;
   path.fn(w, xr.data(), XType::f32, n, cols, ptr<const float>(bias), yr.data(), rows, num_threads);
   transpose_f32(yr.data(), n_img, hw, rows, rows, hw * rows, ptr<float>(y), hw, rows * hw, num_threads);
 }

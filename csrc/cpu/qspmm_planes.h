@@ -28,27 +28,27 @@ struct PlanesCols {
   const __mmask16* mask = nullptr;  // per tap and panel of the group
 };
 
-// The lane masks of the group (cnt pixels from q0 in an h x w image) for every tap.
-inline void planes_masks(const QPlanes& g, int64_t q0, int64_t cnt, __mmask16* mask) {
+// The lane masks of the group (cnt pixels from q0 in an h x w output) for every tap (dy, dx: the tap's shift
+// in its phase, QPlanes).
+inline void planes_masks(const QPlanes& g, const int64_t* dy, const int64_t* dx, int64_t q0, int64_t cnt,
+                         __mmask16* mask) {
   int32_t ohs[16 * kPlanesGroup], ows[16 * kPlanesGroup];  // each pixel's row and column (one division per group)
   for (int64_t i = 0, oh = q0 / g.w, ow = q0 % g.w; i < cnt; ++i) {
     ohs[i] = static_cast<int32_t>(oh);
     ows[i] = static_cast<int32_t>(ow);
     if (++ow == g.w) ow = 0, ++oh;
   }
-  for (int a = 0; a < g.kh; ++a)
-    for (int b = 0; b < g.kw; ++b) {
-      const int64_t dy = static_cast<int64_t>(a) * g.dh - g.pt, dx = static_cast<int64_t>(b) * g.dw - g.pl;
-      __mmask16* m = mask + (a * g.kw + b) * kPlanesGroup;
-      for (int v = 0; v < kPlanesGroup; ++v) {
-        uint32_t bits = 0;
-        for (int j = 0; j < 16 && 16 * v + j < cnt; ++j) {
-          const int64_t oh = ohs[16 * v + j] + dy, ow = ows[16 * v + j] + dx;
-          bits |= static_cast<uint32_t>(oh >= 0 && oh < g.h && ow >= 0 && ow < g.w) << j;
-        }
-        m[v] = static_cast<__mmask16>(bits);
+  for (int64_t t = 0; t < static_cast<int64_t>(g.kh) * g.kw; ++t) {
+    __mmask16* m = mask + t * kPlanesGroup;
+    for (int v = 0; v < kPlanesGroup; ++v) {
+      uint32_t bits = 0;
+      for (int j = 0; j < 16 && 16 * v + j < cnt; ++j) {
+        const int64_t oh = ohs[16 * v + j] + dy[t], ow = ows[16 * v + j] + dx[t];
+        bits |= static_cast<uint32_t>(oh >= 0 && oh < g.h && ow >= 0 && ow < g.w) << j;
       }
+      m[v] = static_cast<__mmask16>(bits);
     }
+  }
 }
 
 // x + off floats, for a lane mask: masked-out lanes (outside the image) are never read, though the
@@ -230,14 +230,29 @@ void q_planes_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const fl
   const int64_t work = n_img * hw * (w.nnzb() * w.r * w.c / (Op::S8 ? 4 : 2) + M + K);
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(work, num_threads), panels)));
   // column k: plane k % ch at the shift of tap k / ch (the same for every panel)
+  // per tap: its phase's shift (dy, dx); per column k: its offset from an output pixel's position in the
+  // image's phase planes, and its tap (computed without divisions per column: four of them cost ~60 us of a
+  // 3x3 512 @7 call)
+  const int64_t phases = static_cast<int64_t>(g.sh) * g.sw, img_floats = phases * g.ch * hw;
+  std::vector<int64_t> dy(static_cast<size_t>(taps)), dx(static_cast<size_t>(taps));
   std::vector<int64_t> off(static_cast<size_t>(K));
   std::vector<int32_t> tap(static_cast<size_t>(K));
-  for (int64_t a = 0, k = 0; a < g.kh; ++a)  // (without divisions: four per column cost ~60 us of a 3x3 512 @7)
-    for (int64_t b = 0; b < g.kw; ++b)
+  auto split = [](int64_t i, int64_t s, int64_t& d, int64_t& ph) {  // i = s * d + ph, 0 <= ph < s
+    ph = ((i % s) + s) % s;
+    d = (i - ph) / s;
+  };
+  for (int64_t a = 0, k = 0; a < g.kh; ++a)
+    for (int64_t b = 0; b < g.kw; ++b) {
+      const int64_t t = a * g.kw + b;
+      int64_t py, px;
+      split(a * g.dh - g.pt, g.sh, dy[t], py);
+      split(b * g.dw - g.pl, g.sw, dx[t], px);
+      const int64_t base = (py * g.sw + px) * g.ch * hw + dy[t] * g.w + dx[t];
       for (int64_t c = 0; c < g.ch; ++c, ++k) {
-        off[k] = c * hw + (a * g.dh - g.pt) * g.w + (b * g.dw - g.pl);
-        tap[k] = static_cast<int32_t>(a * g.kw + b);
+        off[k] = base + c * hw;
+        tap[k] = static_cast<int32_t>(t);
       }
+    }
   parallel_team(nt, [&] {
     const int th = omp_get_thread_num();
     if (th >= nt) return;
@@ -253,8 +268,8 @@ void q_planes_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const fl
       const int64_t img = p / per_img, first = p % per_img;
       const int64_t np = std::min<int64_t>({kPlanesGroup, p1 - p, per_img - first});
       const int64_t q0 = first * 16, cnt = std::min<int64_t>(hw - q0, np * 16);
-      const float* xi = x + img * g.ch * hw + q0;
-      planes_masks(g, q0, cnt, masks.data());
+      const float* xi = x + img * img_floats + q0;
+      planes_masks(g, dy.data(), dx.data(), q0, cnt, masks.data());
       if constexpr (Op::S8) {
         q_planes_params(xi, g, pc, cnt, sx, inv, zp);
         q_planes_quantize(xi, K, g.ch, hw, pc, cnt, kg, inv, zp, xp);

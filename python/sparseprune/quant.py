@@ -320,24 +320,31 @@ def qconv_im2col_eager(xh: Tensor, kernel_size, stride, dilation, pad4, row_ptr:
     return y
 
 
-def qconv_planes_eager(x: Tensor, kernel_size, dilation, pad_tl, row_ptr: Tensor, col_idx: Tensor, values: Tensor,
-                       scales: Optional[Tensor], compensation: Optional[Tensor], bias: Optional[Tensor], rows: int,
-                       r: int, c: int, num_threads: int, act: int = 0, residual: Optional[Tensor] = None) -> Tensor:
-    """A stride-1 convolution that keeps the image size (1x1; 3x3 with padding 1; ...) through the int8 / bf16
-    BSR kernel on NCHW planes: ``x`` a contiguous float32 CPU ``(N, C, H, W)`` tensor, W the packed
-    ``(rows, kh * kw * C)`` matrix (columns in (kh, kw, C) order), ``pad_tl`` the zero padding (top, left)
-    (the bottom / right padding is what keeps the size). Returns the contiguous ``(N, rows, H, W)`` output.
-    Rows of the product are pixels, read from the channel planes (a tap: the planes at a shift) and written
-    to the output planes by the kernel itself (paths without a planes kernel, or blocks of other than 16
-    rows: through NHWC, the implicit im2col rows and two transposes in C++), with the numerics of
-    :func:`qconv_im2col_eager`. ``residual``: a float32 CPU tensor of the output's shape, added in the store
-    after the bias, before the activation (copied first unless contiguous)."""
+def qconv_planes_eager(x: Tensor, kernel_size, stride, dilation, pad_tl, row_ptr: Tensor, col_idx: Tensor,
+                       values: Tensor, scales: Optional[Tensor], compensation: Optional[Tensor], bias: Optional[Tensor],
+                       rows: int, r: int, c: int, num_threads: int, act: int = 0,
+                       residual: Optional[Tensor] = None) -> Tensor:
+    """A convolution whose output is the input's size divided by the stride (1x1; 3x3 with padding 1; 3x3 /
+    2 with padding 1 on an even size; ...) through the int8 / bf16 BSR kernel on NCHW planes: ``x`` a
+    contiguous float32 CPU ``(N, C, H, W)`` tensor (H, W multiples of the stride), W the packed
+    ``(rows, kh * kw * C)`` matrix (columns in (kh, kw, C) order), ``pad_tl`` the zero padding (top, left).
+    Returns the contiguous ``(N, rows, H / sh, W / sw)`` output: pixel (oh, ow) is the patch from input row
+    ``sh * oh - pt``, column ``sw * ow - pl`` (the bottom / right padding is whatever that output needs). Rows
+    of the product are pixels, read from the channel planes (a tap: the planes of its stride phase at a
+    shift; strided inputs are split into their phases first, one copy) and written to the output planes by
+    the kernel itself (paths without a planes kernel, or blocks of other than 16 rows: through NHWC, the
+    implicit im2col rows and transposes in C++), with the numerics of :func:`qconv_im2col_eager`.
+    ``residual``: a float32 CPU tensor of the output's shape, added in the store after the bias, before the
+    activation (copied first unless contiguous)."""
     s8 = values.dtype == torch.int8
     if x.dtype != torch.float32 or x.dim() != 4 or not x.is_contiguous() or not x.is_cpu:
         raise ValueError("qconv_planes_eager needs a contiguous (N, C, H, W) float32 CPU tensor")
     n, ch, h, w = x.shape
-    (kh, kw), (dh, dw), (pt, pl) = kernel_size, dilation, pad_tl
-    y = torch.empty(n, rows, h, w, dtype=torch.float32)
+    (kh, kw), (sh, sw), (dh, dw), (pt, pl) = kernel_size, stride, dilation, pad_tl
+    if sh < 1 or sw < 1 or h % sh or w % sw:
+        raise ValueError(f"qconv_planes_eager: the image size {(h, w)} must be a multiple of the stride {(sh, sw)}")
+    ho, wo = h // sh, w // sw
+    y = torch.empty(n, rows, ho, wo, dtype=torch.float32)
     if residual is not None:
         if residual.shape != y.shape or residual.dtype != torch.float32 or not residual.is_cpu:
             raise ValueError(f"qconv_planes_eager: the residual must be a float32 CPU {tuple(y.shape)} tensor, got "
@@ -352,9 +359,14 @@ def qconv_planes_eager(x: Tensor, kernel_size, dilation, pad_tl, row_ptr: Tensor
         return ops.apply_activation(y, ops.ACTIVATIONS[act])
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
+    if (sh, sw) != (1, 1):
+        if (kh, kw, pt, pl) == (1, 1, 0, 0):  # only phase (0, 0) is read: the kept pixels, a stride-1 1x1 conv
+            x, sh, sw = x[:, :, ::sh, ::sw].contiguous(), 1, 1
+        else:  # (N, sh, sw, C, H / sh, W / sw): the phases, each C planes
+            x = x.view(n, ch, ho, sh, wo, sw).permute(0, 3, 5, 1, 2, 4).contiguous()
     _C.qspmm_planes_res("int8" if s8 else "bf16", rows, kh * kw * ch, r, c, row_ptr.data_ptr(), col_idx.data_ptr(),
                         col_idx.dtype == torch.int16, values.data_ptr(), scales.data_ptr() if s8 else 0,
-                        compensation.data_ptr() if s8 else 0, x.data_ptr(), n, h, w, kh, kw, dh, dw, pt, pl,
+                        compensation.data_ptr() if s8 else 0, x.data_ptr(), n, ho, wo, kh, kw, dh, dw, pt, pl, sh, sw,
                         bias.data_ptr() if bias is not None else 0, y.data_ptr(), ops.resolve_threads(num_threads),
                         act, residual.data_ptr() if residual is not None else 0)
     return y

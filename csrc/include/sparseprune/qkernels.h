@@ -80,18 +80,21 @@ enum class XType : int { f32 = 0, bf16 = 1 };
 using QSpmmFn = void (*)(const QBsrView& w, const void* x, XType xt, int64_t n, int64_t ldx,
                          const float* bias, float* y, int64_t ldy, int num_threads);
 
-// A stride-1 convolution whose output has its input's size (1x1; 3x3 with padding 1; ...), on NCHW images:
-// the image is h x w pixels of ch planes, the kernel kh x kw taps (dilation dh, dw) with pt rows / pl
-// columns of zero padding on top / left (as many as the size needs below / right). Tap (a, b) of output
-// pixel q reads input pixel q + (a * dh - pt) * w + (b * dw - pl) where that lies in the image, zero
-// elsewhere; columns of the product are (kh, kw, ch) ordered, as the NHWC im2col's (QIm2col).
+// A convolution on NCHW images whose output is h x w pixels, its input sh * h x sw * w (stride sh, sw; 1x1;
+// 3x3 with padding 1; 3x3 / 2 with padding 1 on an even size; ...): kh x kw taps (dilation dh, dw), pt rows /
+// pl columns of zero padding on top / left. The input is given as its sh * sw phases, (py, px) the pixels
+// (sh * y + py, sw * x + px), each ch planes of h x w: image [phase py * sw + px][channel][h * w] (one phase,
+// the image itself, at stride 1). Input row sh * oh + a * dh - pt of tap a is phase row oh + dy of phase
+// py, with a * dh - pt = sh * dy + py (0 <= py < sh), columns likewise: tap (a, b) of output pixel q reads
+// pixel q + dy * w + dx of its phase where that lies in it, zero elsewhere (the padding). Columns of the
+// product are (kh, kw, ch) ordered, as the NHWC im2col's (QIm2col).
 struct QPlanes {
   int64_t h = 0, w = 0, ch = 0;
-  int32_t kh = 1, kw = 1, dh = 1, dw = 1, pt = 0, pl = 0;
+  int32_t kh = 1, kw = 1, dh = 1, dw = 1, pt = 0, pl = 0, sh = 1, sw = 1;
 };
 
-// Y planes (n_img x M x h*w, contiguous) = W X + b over the convolution g of X planes (n_img x ch x h*w,
-// float32): rows of the product are pixels (w.r == 16; the residual, if any, laid out as Y).
+// Y planes (n_img x M x h*w, contiguous) = W X + b over the convolution g of X phase planes (n_img x sh*sw x
+// ch x h*w, float32): rows of the product are pixels (w.r == 16; the residual, if any, laid out as Y).
 using QPlanesFn = void (*)(const QBsrView& w, const QPlanes& g, const float* x, int64_t n_img, const float* bias,
                            float* y, int num_threads);
 
