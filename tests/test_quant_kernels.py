@@ -662,3 +662,54 @@ def test_planes_errors():
         _C.qspmm_planes_res("int8", 8, 12, 4, 6, p.row_ptr.data_ptr(), p.col_idx.data_ptr(), False,
                             p.values.data_ptr(), p.scales.data_ptr(), p.compensation.data_ptr(), x.data_ptr(), 1, 3,
                             3, 1, 1, 1, 1, 0, 0, 1, 1, 0, y.data_ptr(), 1, 0, 0)
+
+
+def test_planes_repeat_calls_keep_their_kernel_arguments():
+    """A stride-1 int8 / bf16 conv on the planes route keeps its kernel arguments for the next call of the same
+    input shape (SparseConv2d._cache_qplanes, as SparseLinear's QCall): repeat calls, forward_residual, a new
+    shape, a changed activation or thread setting, a replaced or edited bias, and calls the plan must not take
+    (gradients, other layouts) all give the general route's result."""
+    import sparseprune as sp
+    g = torch.Generator().manual_seed(21)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(block_sparse_weight(48, 288, (16, 16), 0.5, generator=g).view(48, 3, 3, 32).permute(0, 3, 1, 2))
+    x = torch.randn(2, 32, 9, 11, generator=g)
+    res = torch.randn(2, 48, 9, 11, generator=g)
+
+    def general(mod, inp, residual=None, act="none"):
+        plan = mod.__dict__.pop("_cache_qplanes", None)
+        try:
+            with torch.no_grad():
+                return mod(inp) if residual is None else mod.forward_residual(inp, residual, act)
+        finally:
+            mod.__dict__.pop("_cache_qplanes", None)
+            if plan is not None:
+                mod.__dict__["_cache_qplanes"] = plan
+
+    for dtype in DTYPES.values():
+        mod = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), weight_dtype=dtype)
+        with torch.no_grad():
+            first = mod(x)
+            assert "_cache_qplanes" in mod.__dict__
+            assert torch.equal(mod(x), first) and torch.equal(first, general(mod, x))
+            x2 = torch.randn(1, 32, 5, 6, generator=g)  # another shape: the general route, a new plan
+            assert torch.equal(mod(x2), general(mod, x2))
+            assert torch.equal(mod(x2), general(mod, x2))
+            z = mod.forward_residual(x, res, "relu")  # another activation code than the plan's
+            assert torch.equal(z, general(mod, x, res, "relu"))
+            assert torch.equal(mod.forward_residual(x, res, "relu"), z)  # now the plan's
+            mod.activation = "relu"
+            assert torch.equal(mod(x), general(mod, x)) and bool((mod(x) >= 0).all())
+            mod.activation = "none"
+            mod.num_threads = 3
+            assert torch.equal(mod(x), general(mod, x))
+            mod.bias.add_(1.0)  # edited in place: read at call time
+            assert torch.equal(mod(x), general(mod, x))
+            torch.testing.assert_close(mod(x), first + 1.0, rtol=1e-5, atol=1e-4)
+            mod.bias = torch.nn.Parameter(torch.zeros(48))  # replaced: another address, the plan is rebuilt
+            assert torch.equal(mod(x), general(mod, x))
+            _check(mod(x.contiguous(memory_format=torch.channels_last)).contiguous(), mod(x), dtype)  # not the plan's
+        xg = x.clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="inference-only"):
+            mod(xg)

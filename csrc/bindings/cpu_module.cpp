@@ -324,6 +324,96 @@ QCall make_qcall(const std::string& dtype, int64_t rows, int64_t cols, int r, in
   return q;
 }
 
+// One planes convolution's fixed operands, checked (qspmm_planes_res, QPlanesCall).
+struct PlanesJob {
+  QBsrView w;
+  QPlanes g;
+  bool s8 = true;
+  int64_t n_img = 0;
+};
+
+PlanesJob make_planes_job(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+                          uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp,
+                          int64_t n_img, int64_t h, int64_t wd, int kh, int kw, int dh, int dw, int pt, int pl, int sh,
+                          int sw, int act) {
+  PlanesJob j;
+  j.w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, false, act);
+  j.s8 = dtype == "int8";
+  if (n_img < 0 || h < 0 || wd < 0 || kh < 1 || kw < 1 || dh < 1 || dw < 1 || sh < 1 || sw < 1 || sh > 16 ||
+      sw > 16 || pt < 0 || pl < 0 || pt > static_cast<int64_t>(dh) * (kh - 1) ||
+      pl > static_cast<int64_t>(dw) * (kw - 1) || cols < 1 || cols % (static_cast<int64_t>(kh) * kw))
+    throw std::invalid_argument("qspmm_planes: bad convolution geometry");
+  if (h > (int64_t{1} << 20) || wd > (int64_t{1} << 20) ||
+      (h * wd > 0 && n_img > (int64_t{1} << 40) / (h * wd * sh * sw)))
+    throw std::invalid_argument("qspmm_planes: image too large");
+  j.n_img = n_img;
+  j.g.h = h;
+  j.g.w = wd;
+  j.g.ch = cols / (static_cast<int64_t>(kh) * kw);
+  j.g.kh = kh;
+  j.g.kw = kw;
+  j.g.dh = dh;
+  j.g.dw = dw;
+  j.g.pt = pt;
+  j.g.pl = pl;
+  j.g.sh = sh;
+  j.g.sw = sw;
+  return j;
+}
+
+// Runs a checked job (without the GIL): the active path's planes kernel where it has one and the blocks are
+// 16 rows; otherwise the image is rebuilt as NHWC, the row kernel runs over its implicit im2col rows, and its
+// rows are transposed back.
+void run_planes_job(const PlanesJob& job, const float* x, const float* bias, float* y, int num_threads,
+                    uintptr_t res) {
+  const QPlanes& g = job.g;
+  const int64_t rows = job.w.rows, cols = job.w.cols, n_img = job.n_img, h = g.h, wd = g.w;
+  if (n_img == 0 || h == 0 || wd == 0 || rows == 0) return;
+  QBsrView w = job.w;
+  set_residual(w, res, reinterpret_cast<uintptr_t>(y), "qspmm_planes");
+  const QPath& path = active_qpath(job.s8);
+  if (path.planes && w.r == 16) {
+    path.planes(w, g, x, n_img, bias, y, num_threads);
+    return;
+  }
+  const int64_t hw = h * wd, n = n_img * hw, big_h = h * g.sh, big_w = wd * g.sw;
+  std::vector<float> xr(static_cast<size_t>(n_img * big_h * big_w * g.ch)), yr(static_cast<size_t>(n * rows));
+  std::vector<float> rr(res ? static_cast<size_t>(n * rows) : 0);
+  if (g.sh == 1 && g.sw == 1) {
+    transpose_f32(x, n_img, g.ch, hw, hw, g.ch * hw, xr.data(), g.ch, hw * g.ch, num_threads);
+  } else {  // the phases back into one NHWC image
+    const float* src = x;
+    for (int64_t i = 0; i < n_img; ++i)
+      for (int64_t py = 0; py < g.sh; ++py)
+        for (int64_t px = 0; px < g.sw; ++px)
+          for (int64_t ci = 0; ci < g.ch; ++ci, src += hw)
+            for (int64_t yy = 0; yy < h; ++yy)
+              for (int64_t xx = 0; xx < wd; ++xx)
+                xr[((i * big_h + yy * g.sh + py) * big_w + xx * g.sw + px) * g.ch + ci] = src[yy * wd + xx];
+  }
+  if (res) {
+    transpose_f32(ptr<const float>(res), n_img, rows, hw, hw, rows * hw, rr.data(), rows, hw * rows, num_threads);
+    w.res_bytes = reinterpret_cast<const char*>(rr.data()) - reinterpret_cast<const char*>(yr.data());
+  }
+  QIm2col ig;  // the same convolution over the NHWC image
+  ig.h = big_h;
+  ig.w = big_w;
+  ig.ch = g.ch;
+  ig.kh = g.kh;
+  ig.kw = g.kw;
+  ig.sh = g.sh;
+  ig.sw = g.sw;
+  ig.dh = g.dh;
+  ig.dw = g.dw;
+  ig.pt = g.pt;
+  ig.pl = g.pl;
+  ig.ho = h;
+  ig.wo = wd;
+  if (g.kh > 1 || g.kw > 1 || g.sh > 1 || g.sw > 1) w.im2col = &ig;
+  path.fn(w, xr.data(), XType::f32, n, cols, bias, yr.data(), rows, num_threads);
+  transpose_f32(yr.data(), n_img, hw, rows, rows, hw * rows, y, hw, rows * hw, num_threads);
+}
+
 // A convolution on NCHW images given as their stride phases (QPlanes: x is n_img images of sh * sw phases of
 // ch = cols / (kh * kw) float32 planes of h x wd pixels; the image itself at stride 1), its output h x wd
 // pixels: y gets n_img images of `rows` planes. pt / pl rows / columns of zero padding on top / left; res: 0,
@@ -334,70 +424,41 @@ void qspmm_planes_res(const std::string& dtype, int64_t rows, int64_t cols, int 
                       uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp, uintptr_t x,
                       int64_t n_img, int64_t h, int64_t wd, int kh, int kw, int dh, int dw, int pt, int pl, int sh,
                       int sw, uintptr_t bias, uintptr_t y, int num_threads, int act, uintptr_t res) {
-  QBsrView w = q_view(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, false, act);
-  set_residual(w, res, y, "qspmm_planes");
-  if (n_img < 0 || h < 0 || wd < 0 || kh < 1 || kw < 1 || dh < 1 || dw < 1 || sh < 1 || sw < 1 || sh > 16 ||
-      sw > 16 || pt < 0 || pl < 0 || pt > static_cast<int64_t>(dh) * (kh - 1) ||
-      pl > static_cast<int64_t>(dw) * (kw - 1) || cols < 1 || cols % (static_cast<int64_t>(kh) * kw))
-    throw std::invalid_argument("qspmm_planes: bad convolution geometry");
+  const PlanesJob job = make_planes_job(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, n_img,
+                                        h, wd, kh, kw, dh, dw, pt, pl, sh, sw, act);
+  if (res && (res % alignof(float) || y % alignof(float)))
+    throw std::invalid_argument("qspmm_planes: misaligned residual");
   if (n_img == 0 || h == 0 || wd == 0 || rows == 0) return;
   if (!x || !y) throw std::invalid_argument("qspmm_planes: null dense operand");
-  if (h > (int64_t{1} << 20) || wd > (int64_t{1} << 20) || n_img > (int64_t{1} << 40) / (h * wd * sh * sw))
-    throw std::invalid_argument("qspmm_planes: image too large");
-  QPlanes g;
-  g.h = h;
-  g.w = wd;
-  g.ch = cols / (static_cast<int64_t>(kh) * kw);
-  g.kh = kh;
-  g.kw = kw;
-  g.dh = dh;
-  g.dw = dw;
-  g.pt = pt;
-  g.pl = pl;
-  g.sh = sh;
-  g.sw = sw;
-  const QPath& path = active_qpath(dtype);
   py::gil_scoped_release nogil;
-  if (path.planes && r == 16) {
-    path.planes(w, g, ptr<const float>(x), n_img, ptr<const float>(bias), ptr<float>(y), num_threads);
-    return;
+  run_planes_job(job, ptr<const float>(x), ptr<const float>(bias), ptr<float>(y), num_threads, res);
+}
+
+// A quantized convolution's fixed planes-route arguments for one input shape, checked once: SparseConv2d keeps
+// one per packed layer (as QCall for SparseLinear) and each call passes X, Y, the thread count and the residual
+// (0: none). Building and converting qspmm_planes_res's twenty-seven arguments, and the Python checks of the
+// general route, cost ~5-8 us a call.
+struct QPlanesCall {
+  PlanesJob job;
+  const float* bias = nullptr;
+  void run(uintptr_t x, uintptr_t y, int num_threads, uintptr_t res) const {
+    if (!x || !y) throw std::invalid_argument("qspmm_planes: null dense operand");
+    if (res && (res % alignof(float) || y % alignof(float)))
+      throw std::invalid_argument("qspmm_planes: misaligned residual");
+    py::gil_scoped_release nogil;
+    run_planes_job(job, ptr<const float>(x), bias, ptr<float>(y), num_threads, res);
   }
-  const int64_t hw = h * wd, n = n_img * hw, big_h = h * sh, big_w = wd * sw;
-  std::vector<float> xr(static_cast<size_t>(n_img * big_h * big_w * g.ch)), yr(static_cast<size_t>(n * rows));
-  std::vector<float> rr(res ? static_cast<size_t>(n * rows) : 0);
-  if (sh == 1 && sw == 1) {
-    transpose_f32(ptr<const float>(x), n_img, g.ch, hw, hw, g.ch * hw, xr.data(), g.ch, hw * g.ch, num_threads);
-  } else {  // the phases back into one NHWC image
-    const float* src = ptr<const float>(x);
-    for (int64_t i = 0; i < n_img; ++i)
-      for (int64_t py = 0; py < sh; ++py)
-        for (int64_t px = 0; px < sw; ++px)
-          for (int64_t ci = 0; ci < g.ch; ++ci, src += hw)
-            for (int64_t yy = 0; yy < h; ++yy)
-              for (int64_t xx = 0; xx < wd; ++xx)
-                xr[((i * big_h + yy * sh + py) * big_w + xx * sw + px) * g.ch + ci] = src[yy * wd + xx];
-  }
-  if (res) {
-    transpose_f32(ptr<const float>(res), n_img, rows, hw, hw, rows * hw, rr.data(), rows, hw * rows, num_threads);
-    w.res_bytes = reinterpret_cast<const char*>(rr.data()) - reinterpret_cast<const char*>(yr.data());
-  }
-  QIm2col ig;  // the same convolution over the NHWC image
-  ig.h = big_h;
-  ig.w = big_w;
-  ig.ch = g.ch;
-  ig.kh = kh;
-  ig.kw = kw;
-  ig.sh = sh;
-  ig.sw = sw;
-  ig.dh = dh;
-  ig.dw = dw;
-  ig.pt = pt;
-  ig.pl = pl;
-  ig.ho = h;
-  ig.wo = wd;
-  if (kh > 1 || kw > 1 || sh > 1 || sw > 1) w.im2col = &ig;
-  path.fn(w, xr.data(), XType::f32, n, cols, ptr<const float>(bias), yr.data(), rows, num_threads);
-  transpose_f32(yr.data(), n_img, hw, rows, rows, hw * rows, ptr<float>(y), hw, rows * hw, num_threads);
+};
+
+QPlanesCall make_qplanes_call(const std::string& dtype, int64_t rows, int64_t cols, int r, int c, uintptr_t row_ptr,
+                              uintptr_t col_idx, bool idx16, uintptr_t values, uintptr_t wscale, uintptr_t comp,
+                              int64_t n_img, int64_t h, int64_t wd, int kh, int kw, int dh, int dw, int pt, int pl,
+                              uintptr_t bias, int act) {
+  QPlanesCall q;
+  q.job = make_planes_job(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, n_img, h, wd, kh, kw,
+                          dh, dw, pt, pl, 1, 1, act);
+  q.bias = ptr<const float>(bias);
+  return q;
 }
 
 // A convolution as the quantized kernel over its implicit im2col matrix: x is a contiguous NHWC float32 (or,
@@ -496,6 +557,11 @@ PYBIND11_MODULE(_C, m) {
   py::class_<QCall>(m, "QCall", "qspmm's fixed arguments for one layer; call(x, n, y, num_threads)")
       .def(py::init(&make_qcall))
       .def("__call__", &QCall::run);
+  py::class_<QPlanesCall>(m, "QPlanesCall",
+                          "qspmm_planes_res's fixed arguments for one stride-1 layer and input shape; call(x, y, "
+                          "num_threads, residual)")
+      .def(py::init(&make_qplanes_call))
+      .def("__call__", &QPlanesCall::run);
   m.def("qspmm_planes_res", &qspmm_planes_res,
         "Y planes = act(W X + b + R): a stride-1 size-keeping convolution on contiguous NCHW float32 images");
   m.def("qspmm_im2col_res", &qspmm_im2col_res, "qspmm_im2col with a residual (Y's shape and row stride) in the store");

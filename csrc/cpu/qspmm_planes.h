@@ -1,6 +1,6 @@
-// The quantized BSR kernels over NCHW channel planes: a stride-1 convolution whose output keeps its input's
-// size (1x1; 3x3 with padding 1; QPlanes) on NCHW images, as PyTorch lays them out by default. Rows of the
-// product are pixels. The row kernels (qspmm_simd.h) need pixel rows: NCHW inputs were transposed to NHWC
+// The quantized BSR kernels over NCHW channel planes: a convolution whose output is its input's size over the
+// stride (1x1; 3x3 with padding 1; QPlanes) on NCHW images, as PyTorch lays them out by default (strided
+// inputs split into their stride phases by the caller). Rows of the product are pixels. The row kernels (qspmm_simd.h) need pixel rows: NCHW inputs were transposed to NHWC
 // and their outputs back, two passes over memory that cost more than the sparse product itself on
 // ResNet-50's 56x56 maps (a 256x3136 output plane set: ~0.15 ms).
 //
@@ -8,9 +8,9 @@
 // layout of the row kernels with 16-row panels), the weights are the broadcast operand, and each of the 16
 // accumulators of a tile is one output channel over 16 pixels: stored straight into its plane. The panel
 // is filled from the planes without a transpose: a k-group word of 16 pixels is 4 (int8) or 2 (bf16)
-// plane vectors, packed and interleaved in registers. A tap of a larger kernel is the same plane read at a
-// shifted position (the output has the input's size, so the shift of a tap is one offset in the flattened
-// plane), its lanes outside the image masked to zero, as the NHWC im2col's padding. The results are
+// plane vectors, packed and interleaved in registers. A tap of a larger kernel is the planes of its stride
+// phase read at a shifted position (a phase has the output's size, so the shift of a tap is one offset in the
+// flattened plane), its lanes outside the image masked to zero, as the NHWC im2col's padding. The results are
 // bit-identical to the row kernels for int8: the same per-pixel quantization parameters, rounding,
 // saturation and epilogue operations (bf16: the row kernels' tail tiles sum in another order).
 //
@@ -20,8 +20,9 @@
 
 constexpr int kPlanesGroup = 8;  // panels of 16 pixels packed together (their ranges in 16 registers)
 
-// Where the columns of a panel group come from: column k reads plane k % ch at offset off[k] (tap k / ch's
-// shift) from the group's first pixel, with its tap's lane masks mask[tap * kPlanesGroup + v].
+// Where the columns of a panel group come from: column k is channel k % ch of tap k / ch, read at off[k] floats
+// from the group's first pixel (the channel's plane in the tap's stride phase, at the tap's shift), with the
+// tap's lane masks mask[tap * kPlanesGroup + v].
 struct PlanesCols {
   const int64_t* off = nullptr;   // per column k < K
   const int32_t* tap = nullptr;   // per column k < K

@@ -286,6 +286,7 @@ class SparseModule(nn.Module):
         the problem. Returns ``self``."""
         self.__dict__.pop("_cache_conv_plan", None)  # derived from the geometry checked here
         self.__dict__.pop("_cache_qcall", None)
+        self.__dict__.pop("_cache_qplanes", None)
         if self.format not in ("dense", "csr", "bsr"):
             raise ValueError(f"format must be 'dense', 'csr' or 'bsr', got {self.format!r}")
         wdt = self.weight_dtype
@@ -950,13 +951,51 @@ class SparseConv2d(SparseModule):
         accepts, in eager inference: no NHWC transposes of the input and output (they took ~0.15 ms of a
         56x56 map with 256 output planes, more than the sparse product). ``pad4``: the zero padding (top,
         bottom, left, right) of this call. ``residual``: a contiguous NCHW float32 tensor of the output's
-        shape, added in the store before the activation."""
+        shape, added in the store before the activation. A stride-1 call on the module's own padding also
+        keeps its kernel arguments for the next call of this input shape (``_planes_fast``)."""
         r, c = self.block_size
         bufs = self._buffers
+        bias = self._parameters["bias"]
+        if (self.stride == (1, 1) and self.padding_mode == "zeros" and tuple(pad4) == tuple(self._pad4)
+                and (bias is None or bias.is_contiguous())):
+            s8 = self.weight_dtype == "int8"
+            ptrs = _qarray_ptrs(bufs, bias)
+            n, ch, h, w = x.shape
+            (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+            call = _C.QPlanesCall("int8" if s8 else "bf16", self.out_channels, kh * kw * ch, r, c, ptrs[1], ptrs[2],
+                                  bufs["col_idx"].dtype == torch.int16, ptrs[0], ptrs[3] if s8 else 0,
+                                  ptrs[4] if s8 else 0, n, h, w, kh, kw, dh, dw, pad4[0], pad4[2], ptrs[5], act)
+            self.__dict__["_cache_qplanes"] = (ptrs, x.shape, act, self.num_threads, self._planes_geom(),
+                                               (n, self.out_channels, h, w), call)
         return quant.qconv_planes_eager(x, self.kernel_size, self.stride, self.dilation, (pad4[0], pad4[2]),
                                         bufs["row_ptr"], bufs["col_idx"], bufs["values"], bufs.get("scales"),
-                                        bufs.get("compensation"), self._parameters["bias"], self.out_channels, r, c,
+                                        bufs.get("compensation"), bias, self.out_channels, r, c,
                                         self._threads(), act, residual)
+
+    def _planes_geom(self) -> tuple:
+        return self.kernel_size, self.stride, self.dilation, self._pad4, self.padding_mode, self.format
+
+    def _planes_fast(self, x: Tensor, act: int, residual: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The repeat eager call of an int8 / bf16 conv on the planes route, straight to its kept kernel
+        arguments (``_cache_qplanes``), as SparseLinear's ``_cache_qcall``: a plain contiguous float32 CPU tensor
+        of the shape the plan was built for, nothing to differentiate, trace or intercept, the same arrays at
+        the same addresses, activation code ``act`` (fused into the store), thread setting and geometry;
+        ``residual`` (if given) a plain contiguous float32 CPU tensor of the output's shape. None where any of
+        that does not hold: the general route."""
+        plan = self.__dict__.get("_cache_qplanes")
+        if not (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and x.shape == plan[1]
+                and not _grad_enabled() and x.is_contiguous() and act == plan[2]
+                and self.num_threads == plan[3] and not _compiling() and not _function_mode()
+                and not _dispatch_depth() and self._planes_geom() == plan[4]
+                and _qarray_ptrs(self._buffers, self._parameters["bias"]) == plan[0]):
+            return None
+        if residual is not None and not (type(residual) is Tensor and residual.dtype is _F32 and residual.is_cpu
+                                         and residual.shape == plan[5] and residual.is_contiguous()):
+            return None
+        y = torch.empty(plan[5], dtype=_F32)
+        plan[6](x.data_ptr(), y.data_ptr(), ops.resolve_threads(plan[3]),
+                0 if residual is None else residual.data_ptr())
+        return y
 
     def _eager_cpu(self, x: Tensor, pad4, act: int, residual: Optional[Tensor] = None) -> Tensor:
         """The float32 sparse kernel on a checked CPU input in eager inference."""
@@ -1020,6 +1059,10 @@ class SparseConv2d(SparseModule):
         inference, no activation of the layer's own, a 4-D input, the residual shaped and laid out as the
         output — and by PyTorch after the layer otherwise; the same values either way."""
         code = ops.activation_code(activation)
+        if "_cache_qplanes" in self.__dict__ and self.activation == "none":
+            y = self._planes_fast(x, code, residual)
+            if y is not None:
+                return y
         bias = self._parameters["bias"]
         if (self.format != "dense" and self.weight_dtype == "float32" and self.activation == "none"
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels
@@ -1068,6 +1111,10 @@ class SparseConv2d(SparseModule):
                 f"bias={self.bias is not None}" + self._repr_tail())
 
     def forward(self, x: Tensor) -> Tensor:
+        if "_cache_qplanes" in self.__dict__:
+            y = self._planes_fast(x, self._act_code())
+            if y is not None:
+                return y
         if not isinstance(x, Tensor):
             raise TypeError(f"SparseConv2d expects a Tensor, got {type(x).__name__}")
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
