@@ -678,14 +678,13 @@ def test_planes_repeat_calls_keep_their_kernel_arguments():
     res = torch.randn(2, 48, 9, 11, generator=g)
 
     def general(mod, inp, residual=None, act="none"):
-        plan = mod.__dict__.pop("_cache_qplanes", None)
-        try:
-            with torch.no_grad():
-                return mod(inp) if residual is None else mod.forward_residual(inp, residual, act)
-        finally:
-            mod.__dict__.pop("_cache_qplanes", None)
-            if plan is not None:
-                mod.__dict__["_cache_qplanes"] = plan
+        """The binding with all its arguments (not a kept plan): the module's arrays and settings as they are."""
+        b = mod._buffers
+        code = ops.ACTIVATIONS.index(act if residual is not None else mod.activation)
+        with torch.no_grad():
+            return quant.qconv_planes_eager(inp, mod.kernel_size, mod.stride, mod.dilation, (1, 1), b["row_ptr"],
+                                            b["col_idx"], b["values"], b.get("scales"), b.get("compensation"),
+                                            mod.bias, mod.out_channels, 16, 16, mod.num_threads or 2, code, residual)
 
     for dtype in DTYPES.values():
         mod = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), weight_dtype=dtype)

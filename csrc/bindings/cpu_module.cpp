@@ -361,6 +361,13 @@ PlanesJob make_planes_job(const std::string& dtype, int64_t rows, int64_t cols, 
   return j;
 }
 
+// The per-call operands of a planes job: X and Y present, a residual (res != 0) aligned as Y.
+void check_planes_operands(uintptr_t x, uintptr_t y, uintptr_t res) {
+  if (!x || !y) throw std::invalid_argument("qspmm_planes: null dense operand");
+  if (res && (res % alignof(float) || y % alignof(float)))
+    throw std::invalid_argument("qspmm_planes: misaligned residual");
+}
+
 // Runs a checked job (without the GIL): the active path's planes kernel where it has one and the blocks are
 // 16 rows; otherwise the image is rebuilt as NHWC, the row kernel runs over its implicit im2col rows, and its
 // rows are transposed back.
@@ -426,10 +433,8 @@ void qspmm_planes_res(const std::string& dtype, int64_t rows, int64_t cols, int 
                       int sw, uintptr_t bias, uintptr_t y, int num_threads, int act, uintptr_t res) {
   const PlanesJob job = make_planes_job(dtype, rows, cols, r, c, row_ptr, col_idx, idx16, values, wscale, comp, n_img,
                                         h, wd, kh, kw, dh, dw, pt, pl, sh, sw, act);
-  if (res && (res % alignof(float) || y % alignof(float)))
-    throw std::invalid_argument("qspmm_planes: misaligned residual");
   if (n_img == 0 || h == 0 || wd == 0 || rows == 0) return;
-  if (!x || !y) throw std::invalid_argument("qspmm_planes: null dense operand");
+  check_planes_operands(x, y, res);
   py::gil_scoped_release nogil;
   run_planes_job(job, ptr<const float>(x), ptr<const float>(bias), ptr<float>(y), num_threads, res);
 }
@@ -442,9 +447,7 @@ struct QPlanesCall {
   PlanesJob job;
   const float* bias = nullptr;
   void run(uintptr_t x, uintptr_t y, int num_threads, uintptr_t res) const {
-    if (!x || !y) throw std::invalid_argument("qspmm_planes: null dense operand");
-    if (res && (res % alignof(float) || y % alignof(float)))
-      throw std::invalid_argument("qspmm_planes: misaligned residual");
+    check_planes_operands(x, y, res);
     py::gil_scoped_release nogil;
     run_planes_job(job, ptr<const float>(x), bias, ptr<float>(y), num_threads, res);
   }

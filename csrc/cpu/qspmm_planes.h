@@ -126,6 +126,11 @@ inline void q_planes_quantize(const float* x, int64_t K, int64_t ch, int64_t hw,
       return k < K ? _mm512_cvtps_epi32(_mm512_mul_ps(planes_load(xs, pc.off[k], m[pc.tap[k] * kPlanesGroup]), vinv))
                    : nil;
     };
+    auto store = [&](int64_t g, __m512i a0, __m512i a1, __m512i a2, __m512i a3) {  // four columns' bytes, word g
+      const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(a0, a1), z16),
+                                            _mm512_adds_epi16(_mm512_packs_epi32(a2, a3), z16));
+      _mm512_storeu_si512(dst + g * 16, _mm512_shuffle_epi8(_mm512_min_epu8(b, qmax), order));
+    };
     int64_t g = 0;
     if (ch % 4 == 0) {  // no word straddles two taps: a tap at a time, its shift and mask in registers
       for (int64_t t = 0; t < K / ch; ++t) {
@@ -135,17 +140,11 @@ inline void q_planes_quantize(const float* x, int64_t K, int64_t ch, int64_t hw,
           __m512i a[4];
 #pragma GCC unroll 4
           for (int j = 0; j < 4; ++j) a[j] = _mm512_cvtps_epi32(_mm512_mul_ps(planes_load(xs, shift + (c + j) * hw, mt), vinv));
-          const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(a[0], a[1]), z16),
-                                                _mm512_adds_epi16(_mm512_packs_epi32(a[2], a[3]), z16));
-          _mm512_storeu_si512(dst + g * 16, _mm512_shuffle_epi8(_mm512_min_epu8(b, qmax), order));
+          store(g, a[0], a[1], a[2], a[3]);
         }
       }
     }
-    for (; g < kg; ++g) {
-      const __m512i b = _mm512_packus_epi16(_mm512_adds_epi16(_mm512_packs_epi32(col(4 * g), col(4 * g + 1)), z16),
-                                            _mm512_adds_epi16(_mm512_packs_epi32(col(4 * g + 2), col(4 * g + 3)), z16));
-      _mm512_storeu_si512(dst + g * 16, _mm512_shuffle_epi8(_mm512_min_epu8(b, qmax), order));
-    }
+    for (; g < kg; ++g) store(g, col(4 * g), col(4 * g + 1), col(4 * g + 2), col(4 * g + 3));
   }
 }
 
@@ -230,7 +229,6 @@ void q_planes_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const fl
   const int64_t per_img = (hw + 15) / 16, panels = n_img * per_img;
   const int64_t work = n_img * hw * (w.nnzb() * w.r * w.c / (Op::S8 ? 4 : 2) + M + K);
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(work, num_threads), panels)));
-  // column k: plane k % ch at the shift of tap k / ch (the same for every panel)
   // per tap: its phase's shift (dy, dx); per column k: its offset from an output pixel's position in the
   // image's phase planes, and its tap (computed without divisions per column: four of them cost ~60 us of a
   // 3x3 512 @7 call)

@@ -967,6 +967,9 @@ class SparseConv2d(SparseModule):
                                   ptrs[4] if s8 else 0, n, h, w, kh, kw, dh, dw, pad4[0], pad4[2], ptrs[5], act)
             self.__dict__["_cache_qplanes"] = (ptrs, x.shape, act, self.num_threads, self._planes_geom(),
                                                (n, self.out_channels, h, w), call)
+            y = self._planes_fast(x, act, residual)  # the plan just built (one argument conversion, not two)
+            if y is not None:
+                return y
         return quant.qconv_planes_eager(x, self.kernel_size, self.stride, self.dilation, (pad4[0], pad4[2]),
                                         bufs["row_ptr"], bufs["col_idx"], bufs["values"], bufs.get("scales"),
                                         bufs.get("compensation"), bias, self.out_channels, r, c,
@@ -1074,7 +1077,8 @@ class SparseConv2d(SparseModule):
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels
                 and self.padding_mode == "zeros" and self._planes_ok(x, self._pad4)
                 and type(residual) is Tensor and residual.dtype is torch.float32 and residual.is_cpu
-                and residual.is_contiguous() and tuple(residual.shape) == (x.shape[0], self.out_channels, *x.shape[2:])
+                and residual.is_contiguous()
+                and tuple(residual.shape) == (x.shape[0], self.out_channels, *self._out_hw(*x.shape[2:], self._pad4))
                 and ops.call_route(x, bias, residual) == "eager"):
             # int8 / bf16 conv on NCHW input and residual (stride 1, the size kept): the planes kernel, the residual
             # added in its store
