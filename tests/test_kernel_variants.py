@@ -20,7 +20,7 @@ cv_cache = importlib.import_module("sparseprune.convert.cache")
 
 @settings(max_examples=40, deadline=None)
 @given(kernel=st.sampled_from(list(ops.KERNELS)), threads=st.integers(1, 3), n=st.integers(1, 120),
-       k=st.sampled_from([7, 64, 256, 384, 512, 768]), m=st.integers(1, 100),
+       k=st.sampled_from([7, 64, 256, 384, 512, 768, 3072]), m=st.integers(1, 100),
        block=st.sampled_from([(16, 16), (8, 8), (4, 4), (1, 1), (16, 1)]), sparsity=st.sampled_from([0.0, 0.6, 0.95]),
        act=st.sampled_from(["none", "relu", "gelu"]))
 def test_every_variant_matches_the_reference(kernel, threads, n, k, m, block, sparsity, act):
@@ -35,6 +35,23 @@ def test_every_variant_matches_the_reference(kernel, threads, n, k, m, block, sp
     x = torch.randn(n, k)
     with torch.no_grad():
         assert_close(layer(x), ops.apply_activation(reference.linear(x, lin.weight, lin.bias), act))
+
+
+@pytest.mark.parametrize("kernel", list(ops.KERNELS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_inputs_in_whole_panels_every_variant(kernel, threads):
+    # With K >= 2731 the unpacked variants also step through X 24 rows at a time, as the packed ones do; the
+    # loop over one whole panel must run only on packed panels (it once ran on the unpacked variants' null
+    # panel pointer: a crash). 24 / 48 rows: whole panels only; 50: and a partial one.
+    lin = nn.Linear(3072, 48)
+    with torch.no_grad():
+        lin.weight.copy_(block_sparse_weight(48, 3072, (16, 16), 0.6))
+    layer = sp.SparseLinear.from_dense(lin, format="bsr", block_size=(16, 16), num_threads=threads, activation="relu")
+    layer.kernel = kernel
+    for n in (24, 48, 50):
+        x = torch.randn(n, 3072)
+        with torch.no_grad():
+            assert_close(layer(x), torch.relu(reference.linear(x, lin.weight, lin.bias)))
 
 
 def test_bad_kernel_names_are_refused():
