@@ -48,9 +48,10 @@ def _run(x, p, bias=None, **kw):
         return qspmm(x, p, bias, **kw)
 
 
-# (M, K, N, sparsity): odd sizes, M / K not multiples of the block, decode N = 1, N = 0, empty rows
+# (M, K, N, sparsity): odd sizes, M / K not multiples of the block, decode N = 1, N = 0, empty rows; N = 40 and 64:
+# 24-row panels and a 16-row one (each run through one loop over the block rows, q_panel)
 CASES = [(64, 64, 24, 0.5), (37, 50, 30, 0.5), (33, 21, 1, 0.3), (19, 13, 2, 0.0), (70, 90, 53, 0.8),
-         (48, 40, 0, 0.5), (40, 36, 5, 1.0), (5, 8, 26, 0.0)]
+         (48, 40, 0, 0.5), (40, 36, 5, 1.0), (5, 8, 26, 0.0), (64, 96, 40, 0.5), (48, 64, 64, 0.8)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}K{}N{}s{}".format(*c))

@@ -208,16 +208,16 @@ SQ_INLINE int64_t transpose8_words(const uint32_t* words, int64_t ld, int64_t kg
   return g;
 }
 
-// Every block row of [br0, br1) for one full panel (QPW rows of X at xpp; their first row `row`, Y's rows at y)
+// Every block row of [br0, br1) for one panel of NV rows (QPW, or 16; X at xpp, its first row `row`, Y's rows at y)
 // of 16-wide blocks in block rows of W outputs: the tiles inlined in one loop. Through q_rows each block row
 // cost a call with 14 arguments and an epilogue struct built on the stack, next to a tile of ~5 blocks (90%,
 // K = 768) at ~50 cycles a block.
-template <class Op, class Idx>
+template <class Op, int NV, class Idx>
 __attribute__((noinline)) void q_panel(const uint32_t* __restrict xpp, const QBsrView& w, const Idx* cols, int64_t br0,
                                        int64_t br1, const int32_t* zp, const float* sx, const float* bias, int row,
                                        float* y, int64_t ldy) {
-  constexpr int W = Op::W, G = Op::G, MR = Op::MR;
-  static_assert(QPW % MR == 0, "register tiles must tile a panel");
+  constexpr int W = Op::W, G = Op::G, MR = NV < Op::MR ? NV : Op::MR;  // NV: the panel's rows (24, or 16)
+  static_assert(NV % MR == 0, "register tiles must tile a panel");
   QEpi e;
   e.zp = zp;
   e.sx = sx;
@@ -233,7 +233,7 @@ __attribute__((noinline)) void q_panel(const uint32_t* __restrict xpp, const QBs
     e.bias = bias ? bias + m0 : nullptr;
     const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
 #pragma GCC unroll 1
-    for (int i = 0; i < QPW; i += MR)
+    for (int i = 0; i < NV; i += MR)
       q_tile_a<Op, MR, false, QPW, 16 / G, 1>(xpp + i, QPW, W, 16 / G, w.values, cols, b0, b1, W, e, row + i,
                                               y + m0 + i * ldy, ldy);
   }
@@ -428,10 +428,18 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       }
       for (int64_t a = nn0; a < nn1; a += nc) {
         const int64_t a1 = std::min(nn1, a + nc);
-        if (fixed && W == 16 && r == W && w.rows % W == 0 && a1 - a == QPW) {  // a full panel, whole block rows
-          q_panel<Op>(xp + (pbase + (a - nn0) / ps) * kg * ps, w, cols, br0, br1, zp, sx, bias, static_cast<int>(a),
-                      y + a * ldy, ldy);
-          continue;
+        if (fixed && W == 16 && r == W && w.rows % W == 0) {  // whole block rows of a full or 16-row panel
+          const uint32_t* xpp = xp + (pbase + (a - nn0) / ps) * kg * ps;
+          if (a1 - a == QPW) {
+            q_panel<Op, QPW>(xpp, w, cols, br0, br1, zp, sx, bias, static_cast<int>(a), y + a * ldy, ldy);
+            continue;
+          }
+          if constexpr (Op::MR >= 16) {
+            if (a1 - a == 16) {  // e.g. the last of 64 rows a thread (128 rows on two threads)
+              q_panel<Op, 16>(xpp, w, cols, br0, br1, zp, sx, bias, static_cast<int>(a), y + a * ldy, ldy);
+              continue;
+            }
+          }
         }
         for (int64_t br = br0; br < br1; ++br) {
           const int64_t m0 = br * r;
