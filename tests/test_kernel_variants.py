@@ -54,6 +54,22 @@ def test_wide_inputs_in_whole_panels_every_variant(kernel, threads):
             assert_close(layer(x), torch.relu(reference.linear(x, lin.weight, lin.bias)))
 
 
+@pytest.mark.parametrize("block", [(8, 8), (32, 32)])
+@pytest.mark.parametrize("kernel", list(ops.KERNELS))
+def test_big_weights_in_passes_of_several_panels(isa, block, kernel):
+    # Blocks other than one 16-wide vector tall with a weight over 128K floats keep block rows outside and passes
+    # of nc rows (72 for K = 768) inside: each pass's panels are packed right before it (100 rows: 72, then 28)
+    lin = nn.Linear(768, 256)
+    with torch.no_grad():
+        lin.weight.copy_(block_sparse_weight(256, 768, block, 0.2))
+    layer = sp.SparseLinear.from_dense(lin, format="bsr", block_size=block, num_threads=2)
+    layer.kernel = kernel
+    for n in (100, 48):
+        x = torch.randn(n, 768)
+        with torch.no_grad():
+            assert_close(layer(x), reference.linear(x, lin.weight, lin.bias))
+
+
 def test_bad_kernel_names_are_refused():
     layer = sp.SparseLinear.from_dense(nn.Linear(8, 8), format="csr")
     layer.kernel = "fastest"

@@ -249,12 +249,15 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   const int pn = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt / pm, units)));
   // Rows of X per pass: keep the X panel (nc x K floats) within ~256 KiB of L2.
   const int64_t nc = std::max<int64_t>(PW, ((int64_t(1) << 16) / std::max<int64_t>(K, 1)) / PW * PW);
-  // Packed X: every block row for one panel before the next (the weights stream again per panel, from L2 or L3),
+  // Packed X, panel by panel: every block row for one panel before the next (the weights stream again per panel),
   // so that the panel's rows of Y are written whole, one contiguous stretch, while in L1. Block rows outside and
   // the panels of nc rows inside (the weights' block row reused from L1) wrote a 64-byte piece of each row per
-  // tile, a Y row apart: panel by panel measured 1.0-1.5x that order on every shape on Zen 5 (BERT, MiniLM,
-  // ResNet 1x1, 2048 rows with a 4 MB weight: 1.28x; none slower), as the int8 / bf16 kernels found before.
-  const int64_t step = packed ? PW : nc;
+  // tile, a Y row apart. Panel by panel where a block row is one vector tall and 16 wide (bcast_panel: on Zen 5
+  // 1.0-1.9x on every shape measured, BERT, MiniLM, ResNet 1x1, 2048 rows with a 4 MB weight 1.28x), or where the
+  // weights fit half of a 1 MB L2; not otherwise: with a 4.7 MB weight at 50% AVX2's 8x8 blocks ran 0.84x and
+  // AVX-512's 32x32 0.86-0.95x that way.
+  const bool by_panel = packed && ((r == W && W >= 16) || w.nnzb() * w.r * w.c <= (int64_t(1) << 17));
+  const int64_t step = by_panel ? PW : nc;
   parallel_team(nt, [&] {
     if (packed && pm > 1) {  // panels shared by the threads: packed together, then a barrier
 #pragma omp for schedule(static)
@@ -272,10 +275,12 @@ void bcast_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
       const int64_t nn0 = std::min(n, units * in / pn * unit), nn1 = std::min(n, units * (in + 1) / pn * unit);
       for (int64_t a = nn0; a < nn1; a += step) {
         const int64_t a1 = std::min(nn1, a + step);
-        // this thread's own panels, each right before its tiles: read back from L1 (all of them first, the 3136
-        // rows of a 64-channel 1x1 conv went out to L2 and back: 1.03-1.1x on ResNet's channels_last 1x1 shapes)
+        // this thread's own panels, each pass's right before its tiles: read back from L1 (all of them first, the
+        // 3136 rows of a 64-channel 1x1 conv went out to L2 and back: 1.03-1.1x on ResNet's channels_last 1x1 shapes)
         if (packed && pm == 1)
-          transpose_panel<PW>(x + a * ldx, ldx, static_cast<int>(a1 - a), 0, K, xp + (a / PW) * K * PW);
+          for (int64_t t = a / PW; t * PW < a1; ++t)
+            transpose_panel<PW>(x + t * PW * ldx, ldx, static_cast<int>(std::min<int64_t>(PW, a1 - t * PW)), 0, K,
+                                xp + t * K * PW);
         if (packed && a1 - a == PW && r == W && w.rows % W == 0) {  // a full panel, whole block rows
           bcast_panel<V, MR1>(xp + (a / PW) * K * PW, K, c, w.values, cols, w.row_ptr, br0, br1, bias, w.act, rb,
                               y + a * ldy, ldy);
