@@ -403,13 +403,46 @@ def test_channels_last_1x1_as_linear(isa, act, fmt, block, stride, monkeypatch):
     sc = SparseConv2d.from_dense(conv, format=fmt, block_size=block, activation=act)
     x = torch.randn(2, 40, 9, 7).contiguous(memory_format=torch.channels_last)
     calls = []
-    linear = sp.ops.spmm_eager
-    monkeypatch.setattr(sp.ops, "spmm_eager", lambda *a, **k: calls.append(a[0].shape) or linear(*a, **k))
+    linear = sp.nn._C.spmm
+    monkeypatch.setattr(sp.nn._C, "spmm", lambda *a: calls.append((a[9], a[1])) or linear(*a))
     with torch.no_grad():
         out = sc(x)
-    assert calls == [(out.shape[0] * out.shape[2] * out.shape[3], 40)]  # the Linear route, over the kept pixels
+        again = sc(x)  # stride 1: through the arguments the first call kept (_cl_fast)
+    pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    assert calls == [(pixels, 40)] * 2  # the Linear kernel, over the kept pixels
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert_close(out, sp.ops.apply_activation(expected(conv, x), act))
+    assert torch.equal(again, out)
+
+
+def test_channels_last_1x1_kept_arguments_follow_the_layer():
+    # the repeat call of a channels_last 1x1 conv goes straight to the kernel with the arguments of the first call
+    # of that input shape; whatever changes the layer (a new bias, a new pattern loaded in place, the activation,
+    # the thread setting, another input shape, a gradient) is followed, never a stale pointer or result
+    torch.manual_seed(0)
+    conv, _ = make_conv((32, 48, 1, 1, 0, 1, 1, 6, 5), "bsr", (16, 16), 0.5)
+    sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16))
+    x = torch.randn(2, 32, 6, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert_close(sc(x), expected(conv, x))
+        assert "_cache_clplan" in sc.__dict__
+        conv.bias.add_(1.0)
+        sc.bias = torch.nn.Parameter(conv.bias.detach().clone())
+        assert_close(sc(x), expected(conv, x))
+        other, _ = make_conv((32, 48, 1, 1, 0, 1, 1, 6, 5), "bsr", (16, 16), 0.8)
+        other.bias.copy_(conv.bias)
+        sc.load_state_dict(SparseConv2d.from_dense(other, format="bsr", block_size=(16, 16)).state_dict())
+        assert_close(sc(x), expected(other, x))
+        sc.activation = "relu"
+        assert_close(sc(x), torch.relu(expected(other, x)))
+        sc.num_threads = 1
+        assert_close(sc(x), torch.relu(expected(other, x)))
+        x2 = torch.randn(1, 32, 4, 7).contiguous(memory_format=torch.channels_last)
+        assert_close(sc(x2), torch.relu(expected(other, x2)))
+        assert_close(sc(x), torch.relu(expected(other, x)))
+    xg = x.clone().requires_grad_(True)
+    sc(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("kernel", list(sp.ops.KERNELS))
