@@ -443,6 +443,31 @@ def test_channels_last_1x1_kept_arguments_follow_the_layer():
     xg = x.clone().requires_grad_(True)
     sc(xg).sum().backward()
     assert xg.grad is not None and xg.grad.shape == x.shape
+    # forward_residual (a ResNet block's end) keeps them too: the residual and activation in the store
+    sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16))
+    res = torch.randn(2, 48, 6, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close(sc.forward_residual(x, res, "relu"), torch.relu(expected(conv, x) + res))
+        assert "_cache_clplan" in sc.__dict__
+        assert_close(sc.forward_residual(x, res.contiguous(), "relu"), torch.relu(expected(conv, x) + res))
+        assert_close(sc.forward_residual(x, res, "gelu"), F.gelu(expected(conv, x) + res))
+        assert_close(sc(x), expected(conv, x))
+
+
+def test_channels_last_1x1_with_padding_keeps_no_arguments():
+    # a padded 1x1 conv (reflect) pads first: the kernel sees the padded copy, whose size an unpadded input may
+    # have on a later call; no arguments are kept for it, every call pads
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 48, 1, padding=1, padding_mode="reflect")
+    with torch.no_grad():
+        conv.weight.mul_(block_mask_conv(48, 32, (16, 16), 0.5, None)[:, :, None, None])
+    sc = SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16))
+    with torch.no_grad():
+        for hw in ((6, 5), (8, 7), (6, 5), (8, 7)):
+            x = torch.randn(1, 32, *hw).contiguous(memory_format=torch.channels_last)
+            assert_close(sc(x), conv(x))
+    assert "_cache_clplan" not in sc.__dict__
 
 
 @pytest.mark.parametrize("kernel", list(sp.ops.KERNELS))

@@ -276,11 +276,14 @@ def test_channels_last_1x1_residual_in_the_linear_store(isa, kernel, block, cin,
         r = torch.empty_like(y).copy_(torch.randn(y.shape, generator=g))
         ref = ops.apply_activation(y.double() + r.double(), act)
         calls = []
-        linear = ops.spmm_eager
-        monkeypatch.setattr(ops, "spmm_eager", lambda *a, **k: calls.append(a[-1] is not None) or linear(*a, **k))
+        kern, kern_res = sp._C.spmm, sp._C.spmm_res
+        monkeypatch.setattr(sp._C, "spmm", lambda *a: calls.append(False) or kern(*a))
+        monkeypatch.setattr(sp._C, "spmm_res", lambda *a: calls.append(True) or kern_res(*a))
         _no_torch_epilogue(monkeypatch)
         got = sc.forward_residual(x, r, act)
-    assert calls == [True]  # the Linear route, residual in the kernel
+        again = sc.forward_residual(x, r, act)  # stride 1: through the arguments the first call kept
+    assert calls == [True, True]  # the Linear route, residual in the kernel
+    assert torch.equal(again, got)
     assert got.shape == ref.shape and got.stride() == y.stride()
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
 

@@ -1005,29 +1005,40 @@ class SparseConv2d(SparseModule):
         return (self.kernel_size, self.stride, self.dilation, self._pad4, self.groups, self.padding_mode,
                 self.in_channels, self.out_channels, self.rk)
 
-    def _cl_fast(self, x: Tensor) -> Optional[Tensor]:
+    def _cl_fast(self, x: Tensor, act: int, residual: Optional[Tensor] = None) -> Optional[Tensor]:
         """The repeat eager call of a float32 1x1 conv (stride 1, no padding) on a channels_last input, straight to
         the Linear kernel over its pixels with the arguments kept by the first call of this input shape
         (``_cache_clplan``): a plain float32 CPU tensor of that shape laid out channels_last, nothing to
-        differentiate, trace or intercept, the same arrays at the same addresses and versions, activation, thread
-        setting and kernel variant. The general route's checks, views and argument building cost ~15 us a call,
-        a quarter of a 90%-sparse 1024->256 @14 conv. None where any of that does not hold."""
+        differentiate, trace or intercept, the same arrays at the same addresses and versions, thread setting,
+        kernel variant and geometry; activation code ``act`` (fused into the store); ``residual`` (if given) a
+        float32 CPU tensor of the output's shape laid out channels_last, added in the store. The general route's
+        checks, views and argument building cost ~15 us a call, a quarter of a 90%-sparse 1024->256 @14 conv.
+        None where any of that does not hold."""
         plan = self.__dict__.get("_cache_clplan")
         if not (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and x.shape == plan[1]
                 and not _grad_enabled() and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last) and self.num_threads == plan[3]
-                and self.kernel == plan[4] and self._act_code() == plan[2] and self.format != "dense"
-                and self.weight_dtype == "float32" and not _compiling() and not _function_mode()
-                and not _dispatch_depth() and self._cl_geom() == plan[9]):
+                and x.is_contiguous(memory_format=torch.channels_last) and self.num_threads == plan[2]
+                and self.kernel == plan[3] and self.format != "dense" and self.weight_dtype == "float32"
+                and not _compiling() and not _function_mode() and not _dispatch_depth()
+                and self._cl_geom() == plan[8]):
+            return None
+        if residual is not None and not (type(residual) is Tensor and residual.dtype is _F32 and residual.is_cpu
+                                         and residual.shape == plan[4] and not residual.is_contiguous()
+                                         and residual.is_contiguous(memory_format=torch.channels_last)):
             return None
         bufs, bias = self._buffers, self._parameters["bias"]
         rp, ci = bufs["row_ptr"], bufs["col_idx"]
         if (rp.data_ptr(), rp._version, ci.data_ptr(), ci._version, bufs["values"].data_ptr(),
                 0 if bias is None else bias.data_ptr()) != plan[0]:
             return None
-        y = torch.empty(plan[5], dtype=_F32, memory_format=torch.channels_last)
-        _C.spmm(*plan[6], x.data_ptr(), plan[7], plan[6][1], plan[8], y.data_ptr(), plan[6][0],
-                ops.resolve_threads(plan[3]), plan[2], *ops.KERNELS[plan[4]])
+        y = torch.empty(plan[4], dtype=_F32, memory_format=torch.channels_last)
+        a = plan[5]
+        if residual is None:
+            _C.spmm(*a, x.data_ptr(), plan[6], a[1], plan[7], y.data_ptr(), a[0], ops.resolve_threads(plan[2]), act,
+                    *ops.KERNELS[plan[3]])
+        else:
+            _C.spmm_res(*a, x.data_ptr(), plan[6], a[1], plan[7], y.data_ptr(), a[0], ops.resolve_threads(plan[2]),
+                        act, *ops.KERNELS[plan[3]], residual.data_ptr())
         return y
 
     def _eager_cpu(self, x: Tensor, pad4, act: int, residual: Optional[Tensor] = None) -> Tensor:
@@ -1054,18 +1065,20 @@ class SparseConv2d(SparseModule):
                 groups = (key, *_column_groups(rp, ci, self.in_channels))
                 self.__dict__["_cache_col_groups"] = groups
             bias = self._parameters["bias"]
-            if (residual is None and self.stride == (1, 1) and self.in_channels and self.out_channels and x.numel()
-                    and (bias is None or bias.is_contiguous())):
-                # kept for the next call of this input shape (_cl_fast), as the quantized layers' plans
+            if (self.stride == (1, 1) and not any(self._pad4) and self.in_channels and self.out_channels
+                    and x.numel() and (bias is None or bias.is_contiguous())):
+                # kept for the next call of this input shape (_cl_fast), as the quantized layers' plans (not for a
+                # layer with padding: its input here is the padded copy, and an unpadded input of that size must
+                # not find the plan)
                 ptrs = (rp.data_ptr(), rp._version, ci.data_ptr(), ci._version, bufs["values"].data_ptr(),
                         0 if bias is None else bias.data_ptr())
                 n, _, h, w = x.shape
                 args = (self.out_channels, self.in_channels, self.rk, groups[3], groups[1].data_ptr(),
                         groups[2].data_ptr(), groups[2].dtype == torch.int16, ptrs[4])
-                self.__dict__["_cache_clplan"] = (ptrs, x.shape, act, self.num_threads, self.kernel,
+                self.__dict__["_cache_clplan"] = (ptrs, x.shape, self.num_threads, self.kernel,
                                                   (n, self.out_channels, h, w), args, n * h * w, ptrs[5],
                                                   self._cl_geom(), groups)
-                y = self._cl_fast(x)
+                y = self._cl_fast(x, act, residual)
                 if y is not None:
                     return y
             y = ops.spmm_eager(_pixel_rows(x, self.stride), groups[1], groups[2], bufs["values"],
@@ -1109,6 +1122,10 @@ class SparseConv2d(SparseModule):
         code = ops.activation_code(activation)
         if "_cache_qplanes" in self.__dict__ and self.activation == "none":
             y = self._planes_fast(x, code, residual)
+            if y is not None:
+                return y
+        if "_cache_clplan" in self.__dict__ and self.activation == "none":
+            y = self._cl_fast(x, code, residual)
             if y is not None:
                 return y
         bias = self._parameters["bias"]
@@ -1165,7 +1182,7 @@ class SparseConv2d(SparseModule):
             if y is not None:
                 return y
         if "_cache_clplan" in self.__dict__:
-            y = self._cl_fast(x)
+            y = self._cl_fast(x, self._act_code())
             if y is not None:
                 return y
         if not isinstance(x, Tensor):
