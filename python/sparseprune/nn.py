@@ -702,6 +702,13 @@ def _pixel_rows(t: Tensor, stride=(1, 1)) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def _channels_last_rows(t, shape) -> bool:
+    """Whether ``t`` is a float32 CPU tensor of ``shape`` laid out channels_last (and not also NCHW-contiguous): its
+    pixels are (N*H*W, C) rows a Linear kernel's store can read with the output's strides."""
+    return (type(t) is Tensor and t.dtype is _F32 and t.is_cpu and tuple(t.shape) == tuple(shape)
+            and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last))
+
+
 def _from_pixel_rows(y: Tensor, n: int, h: int, w: int) -> Tensor:
     """(N*H*W, C) rows as an (N, C, H, W) view with channels_last strides (as PyTorch's output)."""
     return y.view(n, h, w, y.shape[1]).permute(0, 3, 1, 2)
@@ -1020,11 +1027,9 @@ class SparseConv2d(SparseModule):
                 and x.is_contiguous(memory_format=torch.channels_last) and self.num_threads == plan[2]
                 and self.kernel == plan[3] and self.format != "dense" and self.weight_dtype == "float32"
                 and not _compiling() and not _function_mode() and not _dispatch_depth()
-                and self._cl_geom() == plan[8]):
+                and self._cl_geom() == plan[7]):
             return None
-        if residual is not None and not (type(residual) is Tensor and residual.dtype is _F32 and residual.is_cpu
-                                         and residual.shape == plan[4] and not residual.is_contiguous()
-                                         and residual.is_contiguous(memory_format=torch.channels_last)):
+        if residual is not None and not _channels_last_rows(residual, plan[4]):
             return None
         bufs, bias = self._buffers, self._parameters["bias"]
         rp, ci = bufs["row_ptr"], bufs["col_idx"]
@@ -1032,12 +1037,12 @@ class SparseConv2d(SparseModule):
                 0 if bias is None else bias.data_ptr()) != plan[0]:
             return None
         y = torch.empty(plan[4], dtype=_F32, memory_format=torch.channels_last)
-        a = plan[5]
+        a, bias_ptr = plan[5], plan[0][5]
         if residual is None:
-            _C.spmm(*a, x.data_ptr(), plan[6], a[1], plan[7], y.data_ptr(), a[0], ops.resolve_threads(plan[2]), act,
+            _C.spmm(*a, x.data_ptr(), plan[6], a[1], bias_ptr, y.data_ptr(), a[0], ops.resolve_threads(plan[2]), act,
                     *ops.KERNELS[plan[3]])
         else:
-            _C.spmm_res(*a, x.data_ptr(), plan[6], a[1], plan[7], y.data_ptr(), a[0], ops.resolve_threads(plan[2]),
+            _C.spmm_res(*a, x.data_ptr(), plan[6], a[1], bias_ptr, y.data_ptr(), a[0], ops.resolve_threads(plan[2]),
                         act, *ops.KERNELS[plan[3]], residual.data_ptr())
         return y
 
@@ -1076,8 +1081,8 @@ class SparseConv2d(SparseModule):
                 args = (self.out_channels, self.in_channels, self.rk, groups[3], groups[1].data_ptr(),
                         groups[2].data_ptr(), groups[2].dtype == torch.int16, ptrs[4])
                 self.__dict__["_cache_clplan"] = (ptrs, x.shape, self.num_threads, self.kernel,
-                                                  (n, self.out_channels, h, w), args, n * h * w, ptrs[5],
-                                                  self._cl_geom(), groups)
+                                                  (n, self.out_channels, h, w), args, n * h * w, self._cl_geom(),
+                                                  groups)
                 y = self._cl_fast(x, act, residual)
                 if y is not None:
                     return y
@@ -1109,10 +1114,8 @@ class SparseConv2d(SparseModule):
         """Whether the channels_last 1x1 route can add ``residual`` in its store: a float32 CPU tensor of the
         output's shape laid out channels_last (a view of (N*Ho*Wo, Cout) rows). Anything else goes to the conv
         kernel's path, which checks it and raises for what it cannot add."""
-        shape = (x.shape[0], self.out_channels, *self._out_hw(x.shape[2], x.shape[3], self._pad4))
-        return (type(residual) is Tensor and residual.dtype is torch.float32 and residual.is_cpu
-                and tuple(residual.shape) == shape and residual.is_contiguous(memory_format=torch.channels_last)
-                and not residual.is_contiguous())
+        return _channels_last_rows(residual, (x.shape[0], self.out_channels,
+                                              *self._out_hw(x.shape[2], x.shape[3], self._pad4)))
 
     def forward_residual(self, x: Tensor, residual: Tensor, activation: str = "none") -> Tensor:
         """``activation(self(x) + residual)``: a residual connection and the activation after it (a ResNet
