@@ -35,5 +35,6 @@ args=("$@")
 # unit; it failed at 21 forwards vs 15 + 3 s allowed on a Zen 3). It runs in the main, uninstrumented pass.
 [ ${#args[@]} -gt 0 ] || args=(tests/test_linear.py tests/test_formats.py tests/test_reliability.py tests/test_hostile.py
                                tests/test_fuzz_files.py tests/test_quant_kernels.py tests/test_pool.py
-                               tests/test_residual.py tests/test_layer_norm_fusion.py -k "not wall_time_with_costly_calls")
+                               tests/test_residual.py tests/test_layer_norm_fusion.py tests/test_kept_arrays.py
+                               -k "not wall_time_with_costly_calls")
 python -m pytest -q -p no:cacheprovider "${args[@]}"

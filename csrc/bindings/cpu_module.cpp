@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <cstdint>
 #include <string>
@@ -525,6 +526,13 @@ PYBIND11_MODULE(_C, m) {
 #ifdef SPARSEPRUNE_VERSION
   m.attr("__version__") = SPARSEPRUNE_VERSION;
 #endif
+  m.def("same_bytes", [](uintptr_t a, uintptr_t b, int64_t n, uintptr_t a2, uintptr_t b2, int64_t n2) {
+    auto same = [](uintptr_t x, uintptr_t y, int64_t k) {
+      if (k < 0 || (k > 0 && (!x || !y))) throw std::invalid_argument("same_bytes: bad arguments");
+      return k == 0 || std::memcmp(ptr<const void>(x), ptr<const void>(y), static_cast<size_t>(k)) == 0;
+    };
+    return same(a, b, n) && same(a2, b2, n2);
+  }, "whether n bytes at a and b, and n2 bytes at a2 and b2, are equal (derived arrays' sources unchanged)");
   m.def("transpose", &transpose, "dst[b][c][r] = src[b][r][c] (float32; NCHW <-> NHWC layout changes)");
   m.def("maxpool2d", &maxpool2d, "max pooling of contiguous NCHW float32 planes (torch's semantics)");
   m.def("attention", &attention,

@@ -33,14 +33,19 @@ _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 _function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_depth = torch._C._len_torch_dispatch_stack
+_functorch_stack = torch._C._functorch.peek_interpreter_stack  # not None: inside vmap / grad / jvp
+
+
+_NO_BIAS = object()  # "bias" is not a registered parameter: torch.nn.utils.prune / parametrize took it over
 
 
 def _qarray_ptrs(bufs, bias) -> tuple:
-    """The addresses a quantized layer's kept kernel plan (``_cache_qcall``) was built on, read afresh."""
+    """The addresses a quantized layer's kept kernel plan (``_cache_qcall``) was built on, read afresh
+    (``bias``: the module's, or _NO_BIAS, which matches no plan)."""
     sc, co = bufs.get("scales"), bufs.get("compensation")
     return (bufs["values"].data_ptr(), bufs["row_ptr"].data_ptr(), bufs["col_idx"].data_ptr(),
             0 if sc is None else sc.data_ptr(), 0 if co is None else co.data_ptr(),
-            0 if bias is None else bias.data_ptr())
+            0 if bias is None else -1 if bias is _NO_BIAS else bias.data_ptr())
 
 
 FORMATS = ("auto", "dense", "csr", "bsr")
@@ -288,6 +293,9 @@ class SparseModule(nn.Module):
         self.__dict__.pop("_cache_qcall", None)
         self.__dict__.pop("_cache_qplanes", None)
         self.__dict__.pop("_cache_clplan", None)
+        self.__dict__.pop("_cache_col_groups", None)
+        self.__dict__.pop("_cache_fcall", None)
+        self.__dict__.pop("_cache_arrays_ok", None)
         if self.format not in ("dense", "csr", "bsr"):
             raise ValueError(f"format must be 'dense', 'csr' or 'bsr', got {self.format!r}")
         wdt = self.weight_dtype
@@ -312,10 +320,7 @@ class SparseModule(nn.Module):
         if self.format == "dense" and self.block_size is not None:
             raise ValueError(f"a dense layer has no block_size, got {self.block_size!r}")
         self._check_geometry()
-        out = self.weight_shape[0]
-        bias = self._parameters.get("bias")
-        if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (out,)):
-            raise ValueError(f"bias must be float32 of shape ({out},), got {bias.dtype} {tuple(bias.shape)}")
+        self._check_bias(self._bias())
         if self.format == "dense":
             w = self._buffers.get("weight")
             if not isinstance(w, Tensor) or w.dtype != WEIGHT_DTYPES[wdt] or tuple(w.shape) != tuple(self.weight_shape):
@@ -338,7 +343,57 @@ class SparseModule(nn.Module):
                 self._quant_matrix(check=True)
             if self.bias is not None and self.bias.device != self.values.device:
                 raise ValueError("bias and packed weight must be on one device")
+            self._arrays_checked()
         return self
+
+    def _bias(self) -> Optional[Tensor]:
+        """The bias the kernels add: the registered parameter, or the tensor ``torch.nn.utils.prune`` /
+        ``parametrize`` compute for the attribute once they have taken the parameter over."""
+        b = self._parameters.get("bias", _NO_BIAS)
+        return self.bias if b is _NO_BIAS else b
+
+    def _check_bias(self, bias) -> None:
+        out = self.weight_shape[0]
+        if bias is not None and not isinstance(bias, Tensor):
+            raise TypeError(f"{type(self).__name__}: bias must be a Tensor or None, got {type(bias).__name__}")
+        if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (out,)):
+            raise ValueError(f"{type(self).__name__}: bias must be float32 of shape ({out},), got {bias.dtype} "
+                             f"{tuple(bias.shape)}")
+
+    def _array_ptrs(self) -> tuple:
+        bufs = self._buffers
+        return tuple(0 if t is None else t.data_ptr() for t in (bufs.get(n) for n in self._packed_names()))
+
+    def _arrays_checked(self) -> None:
+        """Record the packed arrays as checked: their addresses, and the arrays themselves, held so that no
+        other array can take an address on the record while it stands (the kept-argument plans, which hold
+        their bias the same way, compare addresses only)."""
+        bufs = self._buffers
+        self.__dict__["_cache_arrays_ok"] = (self._array_ptrs(), tuple(bufs.get(n) for n in self._packed_names()))
+
+    def _check_kernel_arrays(self, bias) -> None:
+        """The part of validate() the kernels' memory safety rests on, for arrays the module holds now: the
+        bias's dtype and size on every call through here, and the packed arrays in full (dtypes, sizes, index
+        ranges) whenever one of them is not the array validate() or this method last checked (a new tensor
+        assigned to the attribute, or given through ``.data``; several of them may be replaced one by one,
+        the set is checked when it is used). Arrays edited in place keep their address: run ``validate()``
+        after such an edit. Called where the arguments of a kernel call are built; raises ValueError /
+        TypeError naming the problem."""
+        self._check_bias(bias)
+        if self.format == "dense" or _compiling() or type(self._buffers.get("values")) is not Tensor:
+            return  # traced (the custom op's eager call at run time reads what validate() checked) or fake
+        ok = self.__dict__.get("_cache_arrays_ok")
+        if ok is None or ok[0] != self._array_ptrs():
+            for n in self._packed_names():
+                if not isinstance(self._buffers.get(n), Tensor):
+                    raise ValueError(f"packed array {n!r} is missing")
+            if self.weight_dtype == "float32":
+                self.packed().validate()
+            elif self.values.device.type != "meta":
+                self._quant_matrix(check=True)
+            self._arrays_checked()
+        if bias is not None and bias.device != self._buffers["values"].device:
+            raise ValueError("bias and packed weight must be on one device")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -459,7 +514,7 @@ class SparseModule(nn.Module):
 
     def _route(self, x: Tensor) -> str:
         """``"eager"`` / ``"autograd"`` / ``"op"``: see :func:`sparseprune.ops.call_route`."""
-        return ops.call_route(x, self.bias)
+        return ops.call_route(x, self._bias())
 
     def _check_input(self, x: Tensor) -> None:
         if x.dtype != torch.float32:
@@ -480,8 +535,10 @@ class SparseModule(nn.Module):
         ``(out, prod(weight_shape[1:]))`` matrix)."""
         out, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
         r, c = self.block_size
+        bias = self._bias()
+        self._check_kernel_arrays(bias)
         args = (x2, self.row_ptr, self.col_idx, self.values, self._buffers.get("scales"),
-                self._buffers.get("compensation"), self.bias, out, k, r, c, self._threads())
+                self._buffers.get("compensation"), bias, out, k, r, c, self._threads())
         route = self._route(x2)
         if route == "autograd":
             raise RuntimeError(f"{type(self).__name__} with {self.weight_dtype} weights is inference-only: run it "
@@ -572,8 +629,9 @@ class SparseLinear(SparseModule):
         if (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and not _grad_enabled()
                 and x.is_contiguous() and d.get("_shared_input") is None and x.dim() and x.shape[-1] == plan[4]
                 and self.in_features == plan[4] and self.activation == plan[1] and self.num_threads == plan[2]
-                and x.numel() and not _compiling() and not _function_mode() and not _dispatch_depth()):
-            if _qarray_ptrs(self._buffers, self._parameters["bias"]) == plan[0]:
+                and x.numel() and not _compiling() and not _function_mode() and not _dispatch_depth()
+                and _functorch_stack() is None):
+            if _qarray_ptrs(self._buffers, self._parameters.get("bias", _NO_BIAS)) == plan[0]:
                 y = ops.empty_rows(x, plan[3])
                 plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), ops.resolve_threads(plan[2]))
                 return y
@@ -593,22 +651,24 @@ class SparseLinear(SparseModule):
             y = F.linear(x.to(self.weight.dtype), self.weight)  # bf16 weights: torch's bf16 GEMM
             y = ops.apply_activation(y.float() + self.bias if self.bias is not None else y.float(), act)
             return y.to(x.dtype) if x.is_floating_point() else y
+        bias = self._bias()
         if self.weight_dtype != "float32":
             if (x.dtype is torch.float32 and x.is_cpu and self.in_features and self.out_features and x.numel()
-                    and x.is_contiguous() and ops.call_route(x, self._parameters["bias"]) == "eager"):
-                return self._qlinear_fast(x, act)
+                    and x.is_contiguous() and ops.call_route(x, bias) == "eager"):
+                return self._qlinear_fast(x, act, bias)
             return self._forward_quant(x)
         bufs = self._buffers
-        values, bias = bufs["values"], self._parameters["bias"]
+        values = bufs["values"]
         if x.dtype is not torch.float32 or not (x.is_cpu and values.is_cpu):
             self._check_input(x)
         if (x.is_cpu and ops.call_route(x, bias) == "eager" and x.is_contiguous() and x.numel()
                 and self.out_features and (bias is None or bias.is_contiguous())):
-            return self._spmm_fast(x, act)
+            return self._spmm_fast(x, act, bias)
+        self._check_kernel_arrays(bias)
         lead = x.shape[:-1]
         x2 = x.reshape(math.prod(lead), self.in_features)
         r, c = self.block_size
-        args = (x2, self.row_ptr, self.col_idx, self.values, self.bias, self.out_features, self.in_features, r, c,
+        args = (x2, self.row_ptr, self.col_idx, self.values, bias, self.out_features, self.in_features, r, c,
                 self._threads())
         route = self._route(x2)
         if route == "eager":  # same kernel, without the dispatcher's per-call cost; activation fused
@@ -619,36 +679,42 @@ class SparseLinear(SparseModule):
             y = ops.apply_activation(torch.ops.sparseprune.spmm(*args), act)
         return y.reshape(*lead, self.out_features)
 
-    def _spmm_fast(self, x: Tensor, act: str) -> Tensor:
+    def _spmm_fast(self, x: Tensor, act: str, bias: Optional[Tensor]) -> Tensor:
         """The common float32 inference call, straight to the kernel: no reshapes, no dispatcher (a few us
         a call). For callers that checked: x a contiguous non-empty float32 CPU tensor of this layer's
-        input size, route "eager", packed weights on the CPU, bias (if any) contiguous."""
+        input size, route "eager", packed weights on the CPU, ``bias`` (``_bias()``; if any) contiguous.
+        The kernel's arguments but X, Y and the thread count are kept while the arrays keep their addresses
+        (``_cache_fcall``); a new address is checked first (``_check_kernel_arrays``)."""
         bufs = self._buffers
-        bias = self._parameters["bias"]
+        vals, rp, ci = bufs["values"], bufs["row_ptr"], bufs["col_idx"]
+        ptrs = (vals.data_ptr(), rp.data_ptr(), ci.data_ptr(), 0 if bias is None else bias.data_ptr())
+        plan = self.__dict__.get("_cache_fcall")
+        if plan is None or plan[0] != ptrs:
+            self._check_kernel_arrays(bias)
+            r, c = self.block_size
+            plan = (ptrs, (self.out_features, self.in_features, r, c, ptrs[1], ptrs[2], ci.dtype == torch.int16,
+                           ptrs[0]), bias)  # (bias: held)
+            self.__dict__["_cache_fcall"] = plan
         y = ops.empty_rows(x, self.out_features)
-        r, c = self.block_size
-        ci = bufs["col_idx"]
-        nt = self.num_threads or torch.get_num_threads()
-        _C.spmm(self.out_features, self.in_features, r, c, bufs["row_ptr"].data_ptr(), ci.data_ptr(),
-                ci.dtype == torch.int16, bufs["values"].data_ptr(), x.data_ptr(), x.numel() // self.in_features,
-                self.in_features, bias.data_ptr() if bias is not None else 0, y.data_ptr(), self.out_features,
-                nt, ops.ACTIVATIONS.index(act), *ops.KERNELS[self.kernel])
+        _C.spmm(*plan[1], x.data_ptr(), x.numel() // self.in_features, self.in_features, ptrs[3], y.data_ptr(),
+                self.out_features, self.num_threads or torch.get_num_threads(), ops.ACTIVATIONS.index(act),
+                *ops.KERNELS[self.kernel])
         return y
 
     def _fast(self, x: Tensor) -> Tensor:
         """The plain eager inference call of a packed layer (float32 or quantized weights), for callers
         that checked what :meth:`_spmm_fast` needs."""
         if self.weight_dtype == "float32":
-            return self._spmm_fast(x, self.activation)
-        return self._qlinear_fast(x, self.activation)
+            return self._spmm_fast(x, self.activation, self._bias())
+        return self._qlinear_fast(x, self.activation, self._bias())
 
-    def _qlinear_fast(self, x: Tensor, act: str) -> Tensor:
+    def _qlinear_fast(self, x: Tensor, act: str, bias: Optional[Tensor]) -> Tensor:
         """The common int8 / bf16 inference call (float32, contiguous, CPU, nothing to trace or
         differentiate) straight to the kernel call of quant.qspmm_eager, as the float32 path does: the
         general route's checks, module attribute lookups and reshapes cost ~20 us a call, a third of a
-        90%-sparse 768x768 int8 product. The arrays were checked by validate()."""
+        90%-sparse 768x768 int8 product. Arrays at new addresses are checked when the plan is rebuilt."""
         bufs = self._buffers
-        vals, rp, ci, bias = bufs["values"], bufs["row_ptr"], bufs["col_idx"], self._parameters["bias"]
+        vals, rp, ci = bufs["values"], bufs["row_ptr"], bufs["col_idx"]
         sc, co = bufs.get("scales"), bufs.get("compensation")
         # the kernel's arguments apart from X and Y, kept between calls (~5 us of attribute lookups and
         # argument building a call, 5% of a 90%-sparse 768x768 int8 product at 128 tokens); the addresses
@@ -658,6 +724,7 @@ class SparseLinear(SparseModule):
         if plan is None or plan[0] != ptrs or plan[1] != act or plan[2] != self.num_threads:
             if not vals.is_cpu:
                 self._check_quant_input(x)  # raises: weights elsewhere
+            self._check_kernel_arrays(bias)
             r, c = self.block_size
             if bias is not None and not bias.is_contiguous():  # the general path makes a contiguous copy
                 return quant.qspmm_eager(x, rp, ci, vals, sc, co, bias, self.out_features, self.in_features, r, c,
@@ -667,7 +734,7 @@ class SparseLinear(SparseModule):
             call = _C.QCall("int8" if s8 else "bf16", self.out_features, self.in_features, r, c, ptrs[1], ptrs[2],
                             ci.dtype == torch.int16, ptrs[0], ptrs[3] if s8 else 0, ptrs[4] if s8 else 0, ptrs[5],
                             ops.ACTIVATIONS.index(act))
-            plan = (ptrs, act, self.num_threads, self.out_features, self.in_features, call)
+            plan = (ptrs, act, self.num_threads, self.out_features, self.in_features, call, bias)  # (bias: held)
             self.__dict__["_cache_qcall"] = plan
         y = ops.empty_rows(x, plan[3])
         plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), ops.resolve_threads(self.num_threads))
@@ -692,6 +759,33 @@ def _column_groups(row_ptr: Tensor, col_idx: Tensor, cols: int) -> tuple:
         if bool((g[:, 0] % c == 0).all()) and bool((g - g[:, :1] == torch.arange(c)).all()):
             return (row_ptr // c).to(row_ptr.dtype), (g[:, 0] // c).to(col_idx.dtype), c
     return row_ptr, col_idx, 1
+
+
+def _derive_groups(bufs, cols: int) -> tuple:
+    """``(row_ptr, col_idx, addresses, copies, grouped row_ptr, grouped col_idx, c)``: :func:`_column_groups` of
+    a 1x1 conv's packed index arrays, with what :func:`_groups_current` needs to tell whether they still hold:
+    the arrays themselves (held: a new array at a recycled address is not taken for the old one), their
+    addresses, and where the grouped arrays are derived copies (c > 1), copies of the source contents."""
+    rp, ci = bufs["row_ptr"], bufs["col_idx"]
+    g_rp, g_ci, c = _column_groups(rp, ci, cols)
+    copies = None
+    if c > 1:
+        a, b = rp.clone(), ci.clone()
+        # (the copies, then the _C.same_bytes arguments: source, copy and bytes for each array)
+        copies = (a, b, rp.numel(), ci.numel(), (rp.data_ptr(), a.data_ptr(), a.numel() * a.element_size(),
+                                                 ci.data_ptr(), b.data_ptr(), b.numel() * b.element_size()))
+    return rp, ci, (rp.data_ptr(), ci.data_ptr()), copies, g_rp, g_ci, c
+
+
+def _groups_current(g: tuple, bufs) -> bool:
+    """Whether the column groups ``g`` (:func:`_derive_groups`) still describe the module's index arrays: the
+    same tensors at the same addresses, and for derived groups the same contents byte for byte (an edit in
+    place, even through ``.data``, which the version counter does not see; inference tensors have none)."""
+    rp, ci = bufs["row_ptr"], bufs["col_idx"]
+    if not (rp is g[0] and ci is g[1] and (rp.data_ptr(), ci.data_ptr()) == g[2]):
+        return False
+    c = g[3]
+    return c is None or (rp.numel() == c[2] and ci.numel() == c[3] and _C.same_bytes(*c[4]))
 
 
 def _pixel_rows(t: Tensor, stride=(1, 1)) -> Tensor:
@@ -899,8 +993,11 @@ class SparseConv2d(SparseModule):
         ho, wo = self._out_hw(h, w, pad4)
         if ho <= 0 or wo <= 0:
             raise ValueError(f"input {tuple(x.shape)} is smaller than the (dilated, padded) kernel")
-        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        eager = x.is_cpu and ops.call_route(x, self._parameters["bias"]) == "eager"
+        cl = (x.dim() == 4 and _functorch_stack() is None  # (vmap cannot tell memory formats apart)
+              and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        bias = self._bias()
+        self._check_kernel_arrays(bias)
+        eager = x.is_cpu and ops.call_route(x, bias) == "eager"
         out_dtype = x.dtype
         if eager and self._planes_ok(x, pad4):
             return self._planes_call(x, pad4, self._act_code())
@@ -916,7 +1013,7 @@ class SparseConv2d(SparseModule):
             r, cb = self.block_size
             y = quant.qconv_im2col_eager(xh, (kh, kw), (sh, sw), (dh, dw), pad4, self.row_ptr, self.col_idx,
                                          self.values, self._buffers.get("scales"), self._buffers.get("compensation"),
-                                         self.bias, self.out_channels, r, cb, self._threads(), self._act_code())
+                                         bias, self.out_channels, r, cb, self._threads(), self._act_code())
             if not cl:
                 y = _to_nchw(y, n, ho, wo, self.out_channels)
                 return y if out_dtype is torch.float32 else y.to(out_dtype)
@@ -963,7 +1060,8 @@ class SparseConv2d(SparseModule):
         keeps its kernel arguments for the next call of this input shape (``_planes_fast``)."""
         r, c = self.block_size
         bufs = self._buffers
-        bias = self._parameters["bias"]
+        bias = self._bias()
+        self._check_kernel_arrays(bias)
         if (self.stride == (1, 1) and self.padding_mode == "zeros" and tuple(pad4) == tuple(self._pad4)
                 and (bias is None or bias.is_contiguous())):
             s8 = self.weight_dtype == "int8"
@@ -974,7 +1072,7 @@ class SparseConv2d(SparseModule):
                                   bufs["col_idx"].dtype == torch.int16, ptrs[0], ptrs[3] if s8 else 0,
                                   ptrs[4] if s8 else 0, n, h, w, kh, kw, dh, dw, pad4[0], pad4[2], ptrs[5], act)
             self.__dict__["_cache_qplanes"] = (ptrs, x.shape, act, self.num_threads, self._planes_geom(),
-                                               (n, self.out_channels, h, w), call)
+                                               (n, self.out_channels, h, w), call, bias)  # (bias: held)
             y = self._planes_fast(x, act, residual)  # the plan just built (one argument conversion, not two)
             if y is not None:
                 return y
@@ -997,8 +1095,8 @@ class SparseConv2d(SparseModule):
         if not (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and x.shape == plan[1]
                 and not _grad_enabled() and x.is_contiguous() and act == plan[2]
                 and self.num_threads == plan[3] and not _compiling() and not _function_mode()
-                and not _dispatch_depth() and self._planes_geom() == plan[4]
-                and _qarray_ptrs(self._buffers, self._parameters["bias"]) == plan[0]):
+                and not _dispatch_depth() and _functorch_stack() is None and self._planes_geom() == plan[4]
+                and _qarray_ptrs(self._buffers, self._parameters.get("bias", _NO_BIAS)) == plan[0]):
             return None
         if residual is not None and not (type(residual) is Tensor and residual.dtype is _F32 and residual.is_cpu
                                          and residual.shape == plan[5] and residual.is_contiguous()):
@@ -1016,8 +1114,8 @@ class SparseConv2d(SparseModule):
         """The repeat eager call of a float32 1x1 conv (stride 1, no padding) on a channels_last input, straight to
         the Linear kernel over its pixels with the arguments kept by the first call of this input shape
         (``_cache_clplan``): a plain float32 CPU tensor of that shape laid out channels_last, nothing to
-        differentiate, trace or intercept, the same arrays at the same addresses and versions, thread setting,
-        kernel variant and geometry; activation code ``act`` (fused into the store); ``residual`` (if given) a
+        differentiate, trace or intercept, the same arrays at the same addresses (the index arrays' column groups
+        still those of their contents: ``_groups_current``), thread setting, kernel variant and geometry; activation code ``act`` (fused into the store); ``residual`` (if given) a
         float32 CPU tensor of the output's shape laid out channels_last, added in the store. The general route's
         checks, views and argument building cost ~15 us a call, a quarter of a 90%-sparse 1024->256 @14 conv.
         None where any of that does not hold."""
@@ -1027,17 +1125,17 @@ class SparseConv2d(SparseModule):
                 and x.is_contiguous(memory_format=torch.channels_last) and self.num_threads == plan[2]
                 and self.kernel == plan[3] and self.format != "dense" and self.weight_dtype == "float32"
                 and not _compiling() and not _function_mode() and not _dispatch_depth()
+                and _functorch_stack() is None
                 and self._cl_geom() == plan[7]):
             return None
         if residual is not None and not _channels_last_rows(residual, plan[4]):
             return None
-        bufs, bias = self._buffers, self._parameters["bias"]
-        rp, ci = bufs["row_ptr"], bufs["col_idx"]
-        if (rp.data_ptr(), rp._version, ci.data_ptr(), ci._version, bufs["values"].data_ptr(),
-                0 if bias is None else bias.data_ptr()) != plan[0]:
+        bufs, bias = self._buffers, self._parameters.get("bias", _NO_BIAS)
+        if ((bufs["values"].data_ptr(), 0 if bias is None else -1 if bias is _NO_BIAS else bias.data_ptr()) != plan[0]
+                or not _groups_current(plan[8], bufs)):
             return None
         y = torch.empty(plan[4], dtype=_F32, memory_format=torch.channels_last)
-        a, bias_ptr = plan[5], plan[0][5]
+        a, bias_ptr = plan[5], plan[0][1]
         if residual is None:
             _C.spmm(*a, x.data_ptr(), plan[6], a[1], bias_ptr, y.data_ptr(), a[0], ops.resolve_threads(plan[2]), act,
                     *ops.KERNELS[plan[3]])
@@ -1048,7 +1146,8 @@ class SparseConv2d(SparseModule):
 
     def _eager_cpu(self, x: Tensor, pad4, act: int, residual: Optional[Tensor] = None) -> Tensor:
         """The float32 sparse kernel on a checked CPU input in eager inference."""
-        bufs = self._buffers
+        bufs, bias = self._buffers, self._bias()
+        self._check_kernel_arrays(bias)
         if (self.kernel_size == (1, 1) and self.dilation == (1, 1) and self.groups == 1
                 and not any(pad4) and x.dim() == 4 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)
@@ -1063,31 +1162,27 @@ class SparseConv2d(SparseModule):
             # one-column blocks on ResNet-50's 1x1 shapes at 80%.
             # With a stride, the pixels it keeps are copied out first (a quarter of the input at stride 2):
             # ResNet-50's stride-2 shortcuts 1.3-2x faster than through the conv kernel's transposes.
-            rp, ci = bufs["row_ptr"], bufs["col_idx"]
-            key = (rp.data_ptr(), rp._version, ci.data_ptr(), ci._version, self.in_channels)
             groups = self.__dict__.get("_cache_col_groups")
-            if groups is None or groups[0] != key:
-                groups = (key, *_column_groups(rp, ci, self.in_channels))
+            if groups is None or not _groups_current(groups, bufs):
+                groups = _derive_groups(bufs, self.in_channels)
                 self.__dict__["_cache_col_groups"] = groups
-            bias = self._parameters["bias"]
             if (self.stride == (1, 1) and not any(self._pad4) and self.in_channels and self.out_channels
                     and x.numel() and (bias is None or bias.is_contiguous())):
                 # kept for the next call of this input shape (_cl_fast), as the quantized layers' plans (not for a
                 # layer with padding: its input here is the padded copy, and an unpadded input of that size must
                 # not find the plan)
-                ptrs = (rp.data_ptr(), rp._version, ci.data_ptr(), ci._version, bufs["values"].data_ptr(),
-                        0 if bias is None else bias.data_ptr())
+                ptrs = (bufs["values"].data_ptr(), 0 if bias is None else bias.data_ptr())
                 n, _, h, w = x.shape
-                args = (self.out_channels, self.in_channels, self.rk, groups[3], groups[1].data_ptr(),
-                        groups[2].data_ptr(), groups[2].dtype == torch.int16, ptrs[4])
+                args = (self.out_channels, self.in_channels, self.rk, groups[6], groups[4].data_ptr(),
+                        groups[5].data_ptr(), groups[5].dtype == torch.int16, ptrs[0])
                 self.__dict__["_cache_clplan"] = (ptrs, x.shape, self.num_threads, self.kernel,
                                                   (n, self.out_channels, h, w), args, n * h * w, self._cl_geom(),
-                                                  groups)
+                                                  groups, bias)  # (bias: held)
                 y = self._cl_fast(x, act, residual)
                 if y is not None:
                     return y
-            y = ops.spmm_eager(_pixel_rows(x, self.stride), groups[1], groups[2], bufs["values"],
-                               bias, self.out_channels, self.in_channels, self.rk, groups[3],
+            y = ops.spmm_eager(_pixel_rows(x, self.stride), groups[4], groups[5], bufs["values"],
+                               bias, self.out_channels, self.in_channels, self.rk, groups[6],
                                self._threads(), act, self.kernel, None if residual is None else _pixel_rows(residual))
             return _from_pixel_rows(y, x.shape[0], *self._out_hw(x.shape[2], x.shape[3], pad4))
         # shapes, strides and workspace size depend only on the input's shape and strides: kept
@@ -1098,7 +1193,7 @@ class SparseConv2d(SparseModule):
                                          pad4, self.dilation, self.groups))
             self.__dict__["_cache_conv_plan"] = plan
         return ops.sparse_conv2d_planned(x, plan[1], bufs["row_ptr"], bufs["col_idx"], bufs["values"],
-                                         self._parameters["bias"], self.rk, self._threads(), act, residual)
+                                         bias, self.rk, self._threads(), act, residual)
 
     def _out_hw(self, h: int, w: int, pad4) -> Tuple[int, int]:
         """The output height and width for an (h, w) input padded by ``pad4`` (top, bottom, left, right)."""
@@ -1123,6 +1218,8 @@ class SparseConv2d(SparseModule):
         inference, no activation of the layer's own, a 4-D input, the residual shaped and laid out as the
         output — and by PyTorch after the layer otherwise; the same values either way."""
         code = ops.activation_code(activation)
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"forward_residual: the residual must be a Tensor, got {type(residual).__name__}")
         if "_cache_qplanes" in self.__dict__ and self.activation == "none":
             y = self._planes_fast(x, code, residual)
             if y is not None:
@@ -1131,7 +1228,7 @@ class SparseConv2d(SparseModule):
             y = self._cl_fast(x, code, residual)
             if y is not None:
                 return y
-        bias = self._parameters["bias"]
+        bias = self._bias()
         if (self.format != "dense" and self.weight_dtype == "float32" and self.activation == "none"
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels
                 and self.padding_mode == "zeros" and x.is_cpu and self._buffers["values"].is_cpu
@@ -1159,6 +1256,7 @@ class SparseConv2d(SparseModule):
             # 1x1 conv, over the implicit im2col rows otherwise) with the residual added in its store
             # (ResNet-50's expand convs: the separate add and activation took about a third of their time)
             self._check_quant_input(x)
+            self._check_kernel_arrays(bias)
             r, c = self.block_size
             scales, comp = self._buffers.get("scales"), self._buffers.get("compensation")
             if self._plain_1x1():
@@ -1211,10 +1309,11 @@ class SparseConv2d(SparseModule):
         if self.weight_dtype != "float32":
             return self._forward_quant(x, pad4)
         self._check_input(x)
-        bufs, bias = self._buffers, self._parameters["bias"]
+        bufs, bias = self._buffers, self._bias()
         if x.is_cpu and bufs["values"].is_cpu and ops.call_route(x, bias) == "eager":
             return self._eager_cpu(x, pad4, self._act_code())
-        args = (x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels, self.out_channels,
+        self._check_kernel_arrays(bias)
+        args = (x, self.row_ptr, self.col_idx, self.values, bias, self.in_channels, self.out_channels,
                 list(self.kernel_size), list(self.stride), list(pad4), list(self.dilation), self.groups, self.rk,
                 self._threads())
         if self._route(x) == "eager":

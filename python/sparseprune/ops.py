@@ -96,13 +96,18 @@ def empty_rows(x: Tensor, rows: int) -> Tensor:
     return torch.empty(*sh[:-1], rows, dtype=torch.float32)
 
 
+_functorch_stack = torch._C._functorch.peek_interpreter_stack  # None: no torch.func transform is running
+
+
 def call_route(x: Tensor, *params: Optional[Tensor]) -> str:
     """How a call reaches the kernels — the one place this is decided: ``"eager"`` (call the kernel
     directly: plain tensors on cpu/cuda, no gradient needed, not traced), ``"autograd"`` (a gradient
     is needed: the eager autograd twin), or ``"op"`` (the registered custom op: torch.compile, export,
-    fake / meta tensors, torch function or dispatch modes)."""
+    fake / meta tensors, torch function or dispatch modes, torch.func transforms such as vmap, whose
+    wrapped tensors have no data pointer)."""
     if (type(x) is not torch.Tensor or not (x.is_cpu or x.is_cuda) or torch.compiler.is_compiling()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() != 0):
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() != 0
+            or _functorch_stack() is not None):
         return "op"
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return "autograd"

@@ -50,7 +50,7 @@ def _state(m) -> tuple:
     never mistaken for a new one at the same address) with their version counters (values first, bias
     last), its fused activation and threads."""
     b = m._buffers
-    ts = (b["values"],) + tuple(t for n, t in b.items() if n != "values") + (m._parameters.get("bias"),)
+    ts = (b["values"],) + tuple(t for n, t in b.items() if n != "values") + (m._bias(),)
     return ts, tuple(_version_of(t) for t in ts if t is not None), m.activation, m.num_threads
 
 
@@ -59,7 +59,7 @@ def _unchanged(m, st: tuple) -> bool:
     call, so cheap: the values array and the bias (object and version), the activation and threads.
     Loading a state dict, ``.to()`` and the other module methods replace every packed array at once (so
     values too); only editing the index arrays or int8 scales in place by hand would go unseen."""
-    v, b = m._buffers["values"], m._parameters["bias"]
+    v, b = m._buffers["values"], m._bias()
     ts, vs = st[0], st[1]
     return (v is ts[0] and _version_of(v) == vs[0] and m.activation == st[2] and m.num_threads == st[3]
             and (b is None if ts[-1] is None else b is ts[-1] and _version_of(b) == vs[-1]))
@@ -129,7 +129,7 @@ def fused_layer(members: Sequence[nn.Module]) -> nn.Module:
     for name in mod._packed_names():
         if name != "row_ptr":
             mod.register_buffer(name, torch.cat([m._buffers[name] for m in members]).contiguous())
-    biases = [m._parameters.get("bias") for m in members]
+    biases = [m._bias() for m in members]
     if all(b is None for b in biases):
         mod.register_parameter("bias", None)
     else:
@@ -234,7 +234,7 @@ class SharedInputGroup:
         if not (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and not x.is_inference()
                 and x.is_contiguous() and x.dim() >= 1
                 and x.numel() and x.shape[-1] == self.members[i].in_features
-                and ops.call_route(x, *[m._parameters.get("bias") for m in self.members]) == "eager"):
+                and ops.call_route(x, *[m._bias() for m in self.members]) == "eager"):
             return None
         fused, states = self._current()
         outs = list(fused._fast(x).split([m.out_features for m in self.members], -1))
