@@ -331,19 +331,12 @@ class SparseModule(nn.Module):
         else:
             if self._buffers.get("weight") is not None:
                 raise ValueError("a packed layer has no dense weight buffer")
-            for n in self._packed_names():
-                if not isinstance(self._buffers.get(n), Tensor):
-                    raise ValueError(f"packed array {n!r} is missing")
             extra = [n for n in self._buffers if n not in self._packed_names()]
             if extra:
                 raise ValueError(f"unexpected arrays {extra} for a {wdt} {self.format} layer")
-            if wdt == "float32":
-                self.packed().validate()
-            elif self.values.device.type != "meta":
-                self._quant_matrix(check=True)
+            self._check_packed()
             if self.bias is not None and self.bias.device != self.values.device:
                 raise ValueError("bias and packed weight must be on one device")
-            self._arrays_checked()
         return self
 
     def _bias(self) -> Optional[Tensor]:
@@ -364,11 +357,19 @@ class SparseModule(nn.Module):
         bufs = self._buffers
         return tuple(0 if t is None else t.data_ptr() for t in (bufs.get(n) for n in self._packed_names()))
 
-    def _arrays_checked(self) -> None:
-        """Record the packed arrays as checked: their addresses, and the arrays themselves, held so that no
-        other array can take an address on the record while it stands (the kept-argument plans, which hold
-        their bias the same way, compare addresses only)."""
+    def _check_packed(self) -> None:
+        """Check the packed arrays (present; dtypes, sizes, index ranges: the matrix's validate()) and record
+        them as checked: their addresses, and the arrays themselves, held so that no other array can take an
+        address on the record while it stands (the kept-argument plans, which hold their bias the same way,
+        compare addresses only)."""
         bufs = self._buffers
+        for n in self._packed_names():
+            if not isinstance(bufs.get(n), Tensor):
+                raise ValueError(f"packed array {n!r} is missing")
+        if self.weight_dtype == "float32":
+            self.packed().validate()
+        elif self.values.device.type != "meta":
+            self._quant_matrix(check=True)
         self.__dict__["_cache_arrays_ok"] = (self._array_ptrs(), tuple(bufs.get(n) for n in self._packed_names()))
 
     def _check_kernel_arrays(self, bias) -> None:
@@ -384,14 +385,7 @@ class SparseModule(nn.Module):
             return  # traced (the custom op's eager call at run time reads what validate() checked) or fake
         ok = self.__dict__.get("_cache_arrays_ok")
         if ok is None or ok[0] != self._array_ptrs():
-            for n in self._packed_names():
-                if not isinstance(self._buffers.get(n), Tensor):
-                    raise ValueError(f"packed array {n!r} is missing")
-            if self.weight_dtype == "float32":
-                self.packed().validate()
-            elif self.values.device.type != "meta":
-                self._quant_matrix(check=True)
-            self._arrays_checked()
+            self._check_packed()
         if bias is not None and bias.device != self._buffers["values"].device:
             raise ValueError("bias and packed weight must be on one device")
 
@@ -532,11 +526,10 @@ class SparseModule(nn.Module):
 
     def _qmatmul(self, x2: Tensor) -> Tensor:
         """``act(x2 @ W^T + b)`` for a 2-D input through the int8 / bf16 BSR kernel (W: the packed
-        ``(out, prod(weight_shape[1:]))`` matrix)."""
+        ``(out, prod(weight_shape[1:]))`` matrix). For callers that ran ``_check_kernel_arrays``."""
         out, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
         r, c = self.block_size
         bias = self._bias()
-        self._check_kernel_arrays(bias)
         args = (x2, self.row_ptr, self.col_idx, self.values, self._buffers.get("scales"),
                 self._buffers.get("compensation"), bias, out, k, r, c, self._threads())
         route = self._route(x2)
@@ -742,6 +735,7 @@ class SparseLinear(SparseModule):
 
     def _forward_quant(self, x: Tensor) -> Tensor:
         self._check_quant_input(x)
+        self._check_kernel_arrays(self._bias())
         lead = x.shape[:-1]
         return self._qmatmul(x.reshape(math.prod(lead), self.in_features)).reshape(*lead, self.out_features)
 
@@ -1060,8 +1054,7 @@ class SparseConv2d(SparseModule):
         keeps its kernel arguments for the next call of this input shape (``_planes_fast``)."""
         r, c = self.block_size
         bufs = self._buffers
-        bias = self._bias()
-        self._check_kernel_arrays(bias)
+        bias = self._bias()  # (callers ran _check_kernel_arrays)
         if (self.stride == (1, 1) and self.padding_mode == "zeros" and tuple(pad4) == tuple(self._pad4)
                 and (bias is None or bias.is_contiguous())):
             s8 = self.weight_dtype == "int8"
@@ -1245,6 +1238,7 @@ class SparseConv2d(SparseModule):
             # int8 / bf16 conv on NCHW input and residual (stride 1, the size kept): the planes kernel, the residual
             # added in its store
             self._check_quant_input(x)
+            self._check_kernel_arrays(bias)
             return self._planes_call(x, self._pad4, code, residual)
         if (self.format != "dense" and self.weight_dtype != "float32" and self.activation == "none"
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels and x.dtype is torch.float32
