@@ -223,3 +223,52 @@ def test_timings_of_another_build_are_not_reused(monkeypatch):
     rebuilt = _rows(sp.convert(m, x, time_budget=1.0, end_to_end=False))
     assert not any("[cached" in r["reason"] for r in rebuilt.values())
     assert cache.TimingCache.key(a=1) != (monkeypatch.undo() or cache.TimingCache.key(a=1))
+
+
+def _cache_with_entry():
+    from sparseprune.convert.cache import TimingCache
+    c = TimingCache()
+    c.put("k", {"dense": 1.0})
+    return c
+
+
+def test_cache_path_that_is_a_fifo_or_a_folder_is_left_alone():
+    """Something other than a regular file at the cache's path (a FIFO, a folder) is not read (a FIFO would block
+    convert() for ever), not replaced and gets no temporary file left beside it; the timings are simply not kept."""
+    import threading
+    import warnings
+    from sparseprune.convert.cache import TimingCache, _FILE
+    os.makedirs(cache_dir(), exist_ok=True)
+    path = os.path.join(cache_dir(), _FILE)
+    for kind in ("fifo", "folder"):
+        os.mkfifo(path) if kind == "fifo" else os.mkdir(path)
+        done = []
+        t = threading.Thread(target=lambda: done.append(_cache_with_entry()), daemon=True)
+        t.start()
+        t.join(20)
+        assert done, f"reading the cache blocked on a {kind}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            done[0].flush()
+        assert any("not a regular file" in str(w.message) for w in caught)
+        assert sorted(os.listdir(cache_dir())) == [_FILE]  # no orphan .timings-* file
+        assert (os.path.isdir(path) if kind == "folder" else not os.path.isfile(path))
+        os.rmdir(path) if kind == "folder" else os.unlink(path)
+    # and a regular file (also through a symlink, which stays one) is written as before
+    target = os.path.join(cache_dir(), "elsewhere.json")
+    os.symlink(target, path)
+    _cache_with_entry().flush()
+    assert os.path.islink(path) and json.load(open(target)) == {"k": {"dense": 1.0}}
+    assert TimingCache().get("k") == {"dense": 1.0}
+    assert sorted(os.listdir(cache_dir())) == sorted([_FILE, "elsewhere.json"])
+
+
+def test_failed_cache_write_leaves_no_temporary_file(monkeypatch):
+    from sparseprune.convert import cache
+    os.makedirs(cache_dir(), exist_ok=True)
+
+    def refuse(*a):
+        raise PermissionError("read-only")
+    monkeypatch.setattr(cache.os, "replace", refuse)
+    _cache_with_entry().flush()
+    assert os.listdir(cache_dir()) == []

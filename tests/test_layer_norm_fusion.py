@@ -357,6 +357,62 @@ def test_attention_fully_masked_rows_and_extremes():
         torch.testing.assert_close(ops.attention(qn, k, v), _sdpa(qn, k, v, None, None), equal_nan=True)
 
 
+def _eager(q, k, v, mask, scale):
+    """The reference for ``masked_rows="nan"``: softmax(scale q k^T + mask) v in float64, as Hugging Face's eager
+    attention computes it (a row of -inf gives NaN)."""
+    b, lq, h, d = q.shape
+    s = q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1) * (d ** -0.5 if scale is None else scale)
+    p = torch.softmax(s + mask.double(), -1)
+    return (p @ v.double().transpose(1, 2)).transpose(1, 2).reshape(b, lq, h * d)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), lq=st.integers(1, 20), lk=st.integers(1, 20), d=st.integers(1, 20),
+       shape=st.sampled_from(["full", "keys", "rows"]), scale=st.sampled_from([None, 0.5]), seed=st.integers(0, 2**16))
+def test_attention_masked_rows_nan_matches_eager(b, h, lq, lk, d, shape, scale, seed):
+    """masked_rows="nan": a float mask is added, and a query row whose keys are all -inf gives NaN (the rest as
+    before); bool masks and the default keep SDPA's zeros."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, h, d, generator=g) for n in (lq, lk, lk))
+    mshape = {"full": (b, h, lq, lk), "keys": (b, 1, 1, lk), "rows": (1, 1, lq, lk)}[shape]
+    keep = torch.rand(mshape, generator=g) > 0.5
+    keep.view(-1, lk)[0] = False  # at least one row with no key
+    m = torch.where(keep, torch.randn(mshape, generator=g), float("-inf"))
+    with torch.no_grad():
+        got = ops.attention(q, k, v, m, scale, masked_rows="nan")
+        want = _eager(q, k, v, m, scale)
+        assert got is not None and torch.isnan(got).any()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(ops.attention(q, k, v, m, scale), _sdpa(q, k, v, m, scale), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ops.attention(q, k, v, keep, scale, masked_rows="nan"),
+                                   _sdpa(q, k, v, keep, scale), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="masked_rows"):
+        ops.attention(q, k, v, m, masked_rows="ninf")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_flat_bert_layer_masks_as_the_config_attention_reads_them(attn):
+    """A 4-D mask handed straight to a layer: eager adds it (a bool one as 0 / 1, a row of -inf gives NaN), sdpa
+    keeps / drops keys (a row with no key gives zeros); the flat layer gives what the layer itself gives."""
+    model, _ = _bert(attn, layers=1)
+    layer = model.encoder.layer[0]
+    new = residual_mod.fused_copy(layer, residual_mod.LAYERNORM)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 7, 64, generator=g)
+    keep = torch.rand(2, 1, 7, 7, generator=g) > 0.4
+    keep[0, 0, 3] = False  # one query row with no key
+    ninf = torch.where(keep, 0.0, float("-inf"))
+    fmin = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        for m in (None, keep, keep[:, :, :1], ninf, fmin):
+            want = layer(h, m)
+            want = want[0] if isinstance(want, tuple) else want
+            got = new(h, m)
+            got = got[0] if isinstance(got, tuple) else got
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+            assert torch.equal(torch.isnan(got), torch.isnan(want))
+
+
 @pytest.mark.parametrize("case", ["float64", "grad", "last_dim_strided", "mask_int", "mask_3d", "mask_short",
                                   "shape_mismatch", "no_keys"])
 def test_attention_declines_calls_it_does_not_take(case):
@@ -386,7 +442,9 @@ def test_attention_declines_calls_it_does_not_take(case):
     ((1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 4, [0] * 15, 1.0, 1), "keys, dim"),
     ((1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 4, [0] * 14, 1.0, 1), "15 strides"),
     ((1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 4, [-1] + [0] * 14, 1.0, 1), "negative stride"),
-    ((1, 1, 1, 1, 0, 3, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "mask kind"),
+    ((1, 1, 1, 1, 0, 4, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "mask kind"),
+    ((1, 1, 1, 1, 0, -1, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "mask kind"),
+    ((1, 1, 1, 1, 0, 3, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "null mask"),
     ((1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "null mask"),
     ((1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 4, [0] * 15, float("inf"), 1), "scale"),
     ((0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 4, [0] * 15, 1.0, 1), "null operand"),

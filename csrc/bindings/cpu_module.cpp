@@ -95,7 +95,8 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t mas
   if (strides.size() != 15) throw std::invalid_argument("attention: 15 strides expected (q, k, v, o, mask)");
   for (int64_t st : strides)
     if (st < 0) throw std::invalid_argument("attention: negative stride");
-  if (mask_kind < 0 || mask_kind > 2) throw std::invalid_argument("attention: mask kind must be 0, 1 or 2");
+  // mask kinds: 0 none, 1 float added, 2 bool keep, 3 float added with a fully masked row giving NaN (eager)
+  if (mask_kind < 0 || mask_kind > 3) throw std::invalid_argument("attention: mask kind must be 0, 1, 2 or 3");
   if (mask_kind != 0 && !mask) throw std::invalid_argument("attention: null mask");
   if (!std::isfinite(scale)) throw std::invalid_argument("attention: scale must be finite");
   if (batch == 0 || heads == 0 || queries == 0) return;
@@ -105,7 +106,8 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t mas
   a.k = ptr<const float>(k);
   a.v = ptr<const float>(v);
   a.o = ptr<float>(o);
-  a.mask_add = mask_kind == 1 ? ptr<const float>(mask) : nullptr;
+  a.mask_add = mask_kind == 1 || mask_kind == 3 ? ptr<const float>(mask) : nullptr;
+  a.empty_nan = mask_kind == 3;
   a.mask_keep = mask_kind == 2 ? ptr<const uint8_t>(mask) : nullptr;
   a.batch = batch;
   a.heads = heads;

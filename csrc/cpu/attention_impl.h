@@ -114,8 +114,10 @@ inline void pv_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, in
     }
 }
 
-// scale, mask, exponentiate one row of scores in place; returns 1 / sum (0 for a row with no key left)
-inline float softmax_row(float* s, int64_t keys, float scale, const float* madd, const uint8_t* mkeep) {
+// scale, mask, exponentiate one row of scores in place; returns 1 / sum (for a row with no key left: 0, or NaN
+// with empty_nan, what softmax over all -inf gives)
+inline float softmax_row(float* s, int64_t keys, float scale, const float* madd, const uint8_t* mkeep,
+                         bool empty_nan) {
   const float ninf = -std::numeric_limits<float>::infinity();
   // one simple loop per mask kind (each vectorised by the compiler), then the max over whole vectors
   if (madd) {
@@ -134,9 +136,9 @@ inline float softmax_row(float* s, int64_t keys, float scale, const float* madd,
   float mx = ninf;
   for (int l = 0; l < kW; ++l) mx = std::max(mx, vmx[l]);
   for (; j0 < keys; ++j0) mx = std::max(mx, s[j0]);
-  if (mx == ninf) {  // no key to attend to: zeros, as torch's scaled_dot_product_attention gives
+  if (mx == ninf) {  // no key to attend to: zeros, as torch's scaled_dot_product_attention gives (or NaN)
     std::fill(s, s + keys, 0.f);
-    return 0.f;
+    return empty_nan ? std::numeric_limits<float>::quiet_NaN() : 0.f;
   }
   const vec m = splat(mx);
   vec acc = vec{};
@@ -215,7 +217,7 @@ void SP_ATTN_NAME(const AttnArgs& a, int num_threads) {
         for (int r = 0; r < rows; ++r) {
           const int64_t moff = b * a.m_sb + h * a.m_sh + (i + r) * a.m_sr;
           inv[r] = softmax_row(s + r * cols, a.keys, a.scale, a.mask_add ? a.mask_add + moff : nullptr,
-                               a.mask_keep ? a.mask_keep + moff : nullptr);
+                               a.mask_keep ? a.mask_keep + moff : nullptr, a.empty_nan);
         }
         float* oi = o + i * a.o_sr;
         switch (rows) {

@@ -458,15 +458,18 @@ def maxpool2d_eager(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: Optional[float] = None,
-              num_threads: Optional[int] = None) -> Optional[Tensor]:
+              num_threads: Optional[int] = None, *, masked_rows: str = "zeros") -> Optional[Tensor]:
     """``softmax(scale * q k^T + mask) v`` per batch and head by our kernel, for inference: ``q`` (B, Lq, H, D),
     ``k`` and ``v`` (B, Lk, H, D) — a transformer's projections viewed per head, read in place — float32 CPU
     tensors whose last dimension is contiguous; the result is (B, Lq, H * D), contiguous: the layout the
     output projection reads. ``mask`` is None, bool (True = attend) or float32 (added to the scores),
     (B or 1, H or 1, Lq or 1, Lk) with a contiguous last dimension; ``scale`` defaults to D ** -0.5. A query row
-    with every key masked gives zeros, as ``F.scaled_dot_product_attention`` does. Returns None where the
+    with every key masked gives zeros, as ``F.scaled_dot_product_attention`` does, or with ``masked_rows="nan"``
+    NaN, as softmax over scores plus an all ``-inf`` float mask does (Hugging Face's "eager" attention). Returns None where the
     call is not one the kernel takes (other dtypes, devices, layouts, a gradient needed, tracing): the
     caller then runs its own attention."""
+    if masked_rows not in ("zeros", "nan"):
+        raise ValueError(f"masked_rows must be 'zeros' or 'nan', got {masked_rows!r}")
     if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and q.dim() == 4 and k.dim() == 4
             and v.dim() == 4):
         return None
@@ -482,7 +485,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, sc
                 or not mask.is_cpu or mask.shape[-1] != lk or (mask.stride(-1) != 1 and lk > 1)
                 or any(m not in (1, t) for m, t in zip(mask.shape[:3], (b, h, lq))) or mask.requires_grad):
             return None
-        mkind = 2 if mask.dtype is torch.bool else 1
+        mkind = 2 if mask.dtype is torch.bool else (3 if masked_rows == "nan" else 1)
         mstr = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
     out = torch.empty(b, lq, h * d, dtype=torch.float32)
     if out.numel() == 0:

@@ -50,7 +50,7 @@ void f32_maxpool2d_nchw(const MaxPoolGeom& g, const float* x, float* y, int num_
 // Attention for inference: o = softmax(scale * q k^T + mask) v for each (batch b, head h); element (b, h, row i,
 // column d) of q lives at q[b * q_sb + h * q_sh + i * q_sr + d] (likewise k, v, o; the last dimension
 // contiguous). mask_add (float, added) or mask_keep (bool, 0 = masked) or neither, element (b, h, i, j) at
-// b * m_sb + h * m_sh + i * m_sr + j (zero strides broadcast). Rows with every key masked give zeros.
+// b * m_sb + h * m_sh + i * m_sr + j (zero strides broadcast). Rows with every key masked give zeros (NaN with empty_nan).
 struct AttnArgs {
   const float *q, *k, *v;
   float* o;
@@ -59,6 +59,7 @@ struct AttnArgs {
   int64_t batch, heads, queries, keys, dim;
   int64_t q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr, o_sb, o_sh, o_sr, m_sb, m_sh, m_sr;
   float scale;
+  bool empty_nan;  // a query row with every key masked: NaN (softmax of all -inf, eager) instead of zeros (SDPA)
 };
 void f32_attention(const AttnArgs& a, int num_threads);
 

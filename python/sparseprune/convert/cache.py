@@ -16,7 +16,9 @@ import hashlib
 import functools
 import json
 import os
+import stat
 import tempfile
+import warnings
 from typing import Dict, Optional
 
 __all__ = ["TimingCache", "cache_dir", "cpu_model"]
@@ -87,8 +89,16 @@ class TimingCache:
             self._read()
 
     def _read(self) -> None:
+        # opened without blocking and read only if it is a regular file: a FIFO or device at the path must not
+        # hang convert(), a directory is not a cache
         try:
-            with open(self.path, "rb") as f:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    return
                 data = json.loads(f.read(64 * 1024 * 1024))
         except (OSError, ValueError, RecursionError):
             return
@@ -117,13 +127,35 @@ class TimingCache:
     def flush(self) -> None:
         if not (self.enabled and self.dirty):
             return
+        self.dirty = False
         items = list(self.entries.items())[-_MAX_ENTRIES:]
+        # written next to the file the path resolves to (a symlinked cache stays a symlink), and only over a
+        # regular file: whatever else is at the path (a directory, a FIFO) is somebody's and is left alone
+        target = os.path.realpath(self.path)
         try:
-            os.makedirs(cache_dir(), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".timings-", dir=cache_dir())
+            st = os.stat(target)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                warnings.warn(f"sparseprune: {target} is not a regular file; convert() timings are not cached "
+                              "(set SPARSEPRUNE_CACHE_DIR to use another folder)", RuntimeWarning, stacklevel=3)
+                return
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".timings-", dir=os.path.dirname(target))
             with os.fdopen(fd, "w") as f:
                 json.dump(dict(items), f)
-            os.replace(tmp, self.path)
+            os.replace(tmp, target)
+            tmp = None
         except OSError:
             pass  # a cache that cannot be written only costs time
-        self.dirty = False
+        finally:
+            if tmp is not None:  # never leave a partial temporary file behind
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass

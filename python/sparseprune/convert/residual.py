@@ -31,6 +31,7 @@ import time
 import types
 from typing import Callable, List, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .capture import first_calls, l2_relative, max_error, relative
@@ -170,9 +171,16 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
     k = sa.key(hidden_states).view(b, n, heads, size)
     v = sa.value(hidden_states).view(b, n, heads, size)
     impl = sa.config._attn_implementation
-    # "sdpa" and "eager" are the same function (eager's mask is additive, sdpa's boolean): our kernel where
-    # it takes the call, the config's own function otherwise
-    ctx = ops.attention(q, k, v, mask, sa.scaling) if impl in ("sdpa", "eager") and self.__dict__[_ATTN] else None
+    # our kernel where it computes what the config's attention function does, that function otherwise:
+    # "sdpa" is torch's scaled_dot_product_attention (a bool mask keeps / drops keys, a float one is added, a
+    # query row with every key masked gives zeros); "eager" adds any mask to the scores (a bool one as 0 / 1:
+    # left to eager) and a row of -inf gives NaN
+    ctx = None
+    if self.__dict__[_ATTN]:
+        if impl == "sdpa":
+            ctx = ops.attention(q, k, v, mask, sa.scaling)
+        elif impl == "eager" and (mask is None or (type(mask) is Tensor and mask.dtype is torch.float32)):
+            ctx = ops.attention(q, k, v, mask, sa.scaling, masked_rows="nan")
     if ctx is None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(impl, sys.modules[type(sa).__module__].eager_attention_forward)
