@@ -58,9 +58,35 @@ def test_to_dtype_and_device(models):
     x = torch.randn(4, 128)
     assert torch.equal(dup.to(torch.float32).to("cpu")(x), conv(x))
     with pytest.raises(TypeError, match="float32"):
-        copy.deepcopy(conv).to(torch.float64)
+        copy.deepcopy(conv).fc1.to(torch.float64)  # a sparse layer itself: refused
     with pytest.raises(TypeError, match="float32"):
-        copy.deepcopy(conv).half()
+        copy.deepcopy(conv).fc2.half()
+
+
+@pytest.mark.parametrize("cast", ["double", "half", "to_float64", "to_bfloat16"])
+def test_model_cast_never_stops_half_way(models, cast):
+    """A dtype cast of a model holding sparse layers: never an exception half-way through (the modules before the
+    first sparse one cast, the rest not); every other module is cast, the sparse layers keep their weights (one
+    warning each) and refuse inputs of the other dtype clearly; .float() gives back the same model."""
+    _, conv = models
+    dup = copy.deepcopy(conv)
+    want_dtype = {"double": torch.float64, "half": torch.float16, "to_float64": torch.float64,
+                  "to_bfloat16": torch.bfloat16}[cast]
+    sparse = [n for n, m in dup.named_modules() if isinstance(m, sp.nn.SparseModule) and m.format != "dense"]
+    with pytest.warns(UserWarning, match="keeps its weight dtype") as caught:
+        out = getattr(dup, cast)() if cast in ("double", "half") else dup.to(want_dtype)
+    assert out is dup and len([w for w in caught if "keeps its weight dtype" in str(w.message)]) == len(sparse)
+    for name, p in dup.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        assert p.dtype == (torch.float32 if owner in sparse else want_dtype), name
+    for name in sparse:
+        assert dup.get_submodule(name).values.dtype is torch.float32
+    with pytest.raises(TypeError, match="float32"):
+        dup(torch.randn(4, 128, dtype=want_dtype))
+    if want_dtype is torch.float64:  # float32 -> float64 -> float32 is exact: the same model again
+        x = torch.randn(4, 128)
+        with torch.no_grad():
+            assert torch.equal(dup.float()(x), conv(x))
 
 
 def test_state_dict_round_trips(models):

@@ -159,6 +159,42 @@ def test_weight_changes_between_calls_are_never_served_stale():
         assert members[1].values is vals
 
 
+@pytest.mark.parametrize("change", ["num_threads", "activation"])
+def test_a_member_that_can_no_longer_share_a_call_runs_on_its_own(change):
+    """A member whose threads or fused activation change after the group was attached: every member computes its
+    own output (no error), each as it would alone; changed back, the group shares the call again."""
+    members = _members(32, [16, 16, 16], 0.5, "bsr", (16, 16), "float32")
+    refs = [copy.deepcopy(m) for m in members]
+    group = SharedInputGroup(members).attach()
+    x = torch.randn(5, 32)
+    shared = []
+    real = group._current
+
+    def current():
+        r = real()
+        shared.append(r[0] is not None)
+        return r
+    group._current = current
+    with torch.no_grad():
+        for m, r in zip(members, refs):
+            torch.testing.assert_close(m(x), r(x))
+        setattr(members[1], change, 1 if change == "num_threads" else "relu")
+        setattr(refs[1], change, 1 if change == "num_threads" else "relu")
+        for _ in range(2):
+            for m, r in zip(members, refs):
+                torch.testing.assert_close(m(x), r(x))
+        setattr(members[1], change, None if change == "num_threads" else "none")
+        setattr(refs[1], change, None if change == "num_threads" else "none")
+        for m, r in zip(members, refs):
+            torch.testing.assert_close(m(x), r(x))
+    assert shared == [True] + [False] * 6 + [True]
+    with pytest.raises(ValueError, match="cannot share"):  # attaching while they cannot share is refused
+        members[2].activation = "relu"
+        group.detach()
+        group.attach()
+    assert not any("_shared_input" in m.__dict__ for m in members)
+
+
 def test_only_plain_eager_inference_is_grouped():
     members = _members(32, [16, 16], 0.5, "bsr", (16, 16), "float32")
     ref = [copy.deepcopy(m) for m in members]

@@ -541,14 +541,34 @@ class SparseModule(nn.Module):
         return ops.apply_activation(torch.ops.sparseprune.qspmm(*args), self.activation)
 
     def _apply(self, fn, recurse=True):
-        # Packed indices must stay integers and values in their dtype: refuse dtype casts clearly.
+        # Packed indices must stay integers and values in their dtype. Cast this module itself
+        # (``layer.double()``): a TypeError. Cast a model holding it (``model.double()``, which reaches this
+        # module after casting the modules before it): this module keeps its dtype (a device move still
+        # happens) with a warning, so the call never stops half-way through the model; such a layer then
+        # refuses inputs of the other dtype with a clear TypeError.
         held = WEIGHT_DTYPES[self.weight_dtype] if self.weight_dtype != "int8" else torch.float32
         for probe_dtype in {torch.float32, held}:
-            got = fn(torch.zeros(1, dtype=probe_dtype)).dtype
+            probe = fn(torch.zeros(1, dtype=probe_dtype))
+            got = probe.dtype
             if got != probe_dtype and (self.format != "dense" or self.weight_dtype != "float32"):
-                raise TypeError(f"{type(self).__name__} ({self.format}, {self.weight_dtype} weights) keeps its "
-                                f"weight dtype; cannot convert {probe_dtype} to {got}")
+                why = (f"{type(self).__name__} ({self.format}, {self.weight_dtype} weights) keeps its "
+                       f"weight dtype; cannot convert {probe_dtype} to {got}")
+                if not _inside_parent_apply(self):
+                    raise TypeError(why)
+                warnings.warn(f"{why}: left in {probe_dtype} while the rest of the model is cast", stacklevel=4)
+                dev = probe.device
+                return super()._apply(lambda t: t if t.device == dev else t.to(dev), recurse)
         return super()._apply(fn, recurse)
+
+
+def _inside_parent_apply(module: nn.Module) -> bool:
+    """Whether ``module._apply`` was called by another module's ``_apply`` (``model.to(...)`` recursing into its
+    children) rather than directly (``module.to(...)``)."""
+    import sys
+    f = sys._getframe(2)  # 0: this function, 1: module._apply, 2: its caller
+    while f is not None and f.f_code.co_name == "_apply" and f.f_locals.get("self") is module:
+        f = f.f_back  # a subclass's _apply calling super()._apply
+    return f is not None and f.f_code.co_name == "_apply" and isinstance(f.f_locals.get("self"), nn.Module)
 
 
 class SparseLinear(SparseModule):
