@@ -8,7 +8,9 @@ path, the thread count, the layer type and weight shape, the input shapes it was
 size and modification time: timings taken with other kernels, before an upgrade or a rebuild, are not
 reused). The file lives in ``$SPARSEPRUNE_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/sparseprune`` or ``~/.cache/sparseprune``); deleting it is always safe. Its content is
-only timings: a malformed or foreign file is ignored, never trusted for anything else.
+only timings: a malformed or foreign file is ignored, never trusted for anything else. Something other than
+a regular file at its path (a folder, a FIFO) is neither read nor replaced (a warning says the timings are
+not kept); a symlink is followed and stays a symlink.
 """
 from __future__ import annotations
 
