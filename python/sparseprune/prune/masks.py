@@ -82,10 +82,42 @@ def _attach_param(module: nn.Module) -> None:
         _GRAD_HANDLES[w] = w.register_hook(_MaskGrad(module))
 
 
+def _foreign(module: nn.Module, w) -> bool:
+    """Whether ``w``, in ``module``'s weight slot, is a tensor the caller lent for one call
+    (``torch.func.functional_call`` / ``stack_module_state`` put plain tensors there) rather than the
+    module's own Parameter: not a Parameter, or the masked weight of another live module."""
+    if not isinstance(w, nn.Parameter):
+        return True
+    ref = _OWNERS.get(w)
+    owner = ref() if ref is not None else None
+    return owner is not None and owner is not module and owner._parameters.get("weight") is w
+
+
+def _restore_lent(module: nn.Module, args, output):
+    lent = module.__dict__.pop("_sparseprune_lent", None)
+    if lent is not None:
+        module._parameters["weight"] = lent[0]
+
+
 def _forward_pre_hook(module: nn.Module, args):
-    if module._buffers.get(MASK_NAME) is not None:
-        _attach_param(module)
-        _enforce(module)
+    mask = module._buffers.get(MASK_NAME)
+    if mask is None:
+        return
+    w = module._parameters.get("weight")
+    if w is not None and _foreign(module, w):
+        # A lent tensor is never written: the call computes with a masked copy (differentiable, so its
+        # gradient is zero at pruned entries, as the gradient hook makes it for the own weight); the lent
+        # tensor is put back in the slot when the forward ends, even by an exception.
+        if mask.shape != w.shape:
+            raise ValueError(f"{type(module).__name__}: a weight of shape {tuple(w.shape)} was passed for a "
+                             f"layer masked with shape {tuple(mask.shape)}")
+        if not any(h is _restore_lent for h in module._forward_hooks.values()):
+            module.register_forward_hook(_restore_lent, always_call=True)  # kept: removed by remove_masks
+        module.__dict__["_sparseprune_lent"] = (w,)
+        module._parameters["weight"] = w.masked_fill(~mask.to(w.device), 0)
+        return
+    _attach_param(module)
+    _enforce(module)
 
 
 def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -168,6 +200,9 @@ def remove_masks(model: nn.Module) -> nn.Module:
         _enforce(mod)
         for h in getattr(mod, _HOOKS_ATTR, ()):
             h.remove()
+        for k in [k for k, h in mod._forward_hooks.items() if h is _restore_lent]:
+            del mod._forward_hooks[k]
+            mod._forward_hooks_always_called.pop(k, None)
         if hasattr(mod, _HOOKS_ATTR):
             object.__delattr__(mod, _HOOKS_ATTR)
         del mod._buffers[MASK_NAME]
