@@ -7,7 +7,8 @@ at zero whatever the training loop does:
 1. a gradient hook zeroes the gradient of pruned entries (so gradient clipping, Taylor scores and
    optimizers see no signal there);
 2. a forward pre-hook re-applies the mask before every forward (so the model never computes with a
-   revived weight, whatever wrote into it);
+   revived weight, whatever wrote into it); a tensor lent for one call by ``torch.func.functional_call``
+   is not written: that call computes with a masked copy of it;
 3. one global optimizer step post-hook (installed once) re-applies the mask right after *any*
    ``torch.optim`` optimizer steps a masked parameter, and zeroes that optimizer's per-parameter
    state there (Adam's momentum built up before pruning would otherwise move pruned weights).
