@@ -138,7 +138,10 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> List[Tuple[str,
     counts = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
-    return [(a, b) for a, b in pairs if counts[id(mods[a])] == 1 and counts[id(mods[b])] == 1]
+    # and only pairs without hooks of the user: folded, a hook on the conv would see the BatchNorm's output
+    from .convert.registry import user_hooks
+    return [(a, b) for a, b in pairs if counts[id(mods[a])] == 1 and counts[id(mods[b])] == 1
+            and not user_hooks(mods[a]) and not user_hooks(mods[b])]
 
 
 def _sequential_pairs(model: nn.Module) -> List[Tuple[str, str]]:

@@ -29,7 +29,7 @@ from .._inputs import call_model
 from .._modules import module_names, set_module
 from .capture import capture, l2_relative, max_error, relative, static_weight_reads
 from .decide import LayerRow, Settings, decide, label
-from .registry import (CONVERTERS, Converter, base_type, converter_for, dense_twin, densify, has_hooks,
+from .registry import (CONVERTERS, Converter, base_type, carry_hooks, converter_for, dense_twin, densify, has_hooks,
                        register_converter, weight_density)
 from .report import REPORT_ATTR, Summary, check_report, layer_report, measure, summary
 from .timing import Threads, time_calls
@@ -263,6 +263,9 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
             left -= name in captured
             row, new = decide(name, m, cv, captured.get(name), settings, budget, deadline - reserve, twins)
             if new is not None:
+                carry_hooks(m, new)  # after the timing: the user's hooks do not run for it
+                if twins.get(name) is not m and twins.get(name) is not None:
+                    carry_hooks(m, twins[name])
                 swaps.replace(m, new, name)
             rows.append(row)
     finally:
@@ -342,6 +345,7 @@ def _dense_pairs(rows: List[LayerRow], swaps: _Swaps, report: dict,
             dense = twins.get(r.name)
             if dense is None:
                 dense = orig if not has_hooks(orig) else converter_for(orig).dense(orig)
+                carry_hooks(orig, dense)
             pairs += [(alias, dense) for alias in swaps.names.get(id(orig), [r.name])]
     return pairs
 

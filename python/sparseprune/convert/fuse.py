@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .._inputs import call_model
+from .registry import user_hooks
 
 __all__ = ["activation_kind", "fuse_activations"]
 
@@ -65,6 +66,8 @@ def _candidates(work: nn.Module) -> Tuple[Dict[str, nn.Module], Dict[str, Tuple[
     from ..nn import SparseModule
     layers, acts = {}, {}
     for name, m in work.named_modules():
+        if user_hooks(m):
+            continue  # fused, a hook on the layer would see the activation's output, one on the activation nothing
         if isinstance(m, SparseModule) and m.format != "dense" and m.activation == "none":
             layers[name] = m
         else:

@@ -10,6 +10,7 @@ from typing import Callable, List, Optional
 from torch import Tensor, nn
 
 from .capture import first_inputs
+from .registry import carry_hooks
 from .timing import time_calls
 
 
@@ -49,6 +50,7 @@ def fast_pools(work: nn.Module, example_inputs, replace: Callable[[nn.Module, nn
         t = time_calls({"torch": lambda: pool(x), "ours": lambda: new(x)}, left, min_reps=3, max_reps=30)
         keep = t["ours"] * (1 + margin) < t["torch"]
         if keep:
+            carry_hooks(pool, new)
             replace(pool, new, name)
         rows.append({"name": name, "kept": keep, "torch_ms": t["torch"] * 1e3, "ms": t["ours"] * 1e3})
     return rows

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from .. import nn as spnn
 from .._modules import set_module
 
-__all__ = ["Converter", "CONVERTERS", "register_converter", "base_type", "has_hooks", "densify", "dense_twin",
-           "converter_for", "weight_density"]
+__all__ = ["Converter", "CONVERTERS", "register_converter", "base_type", "has_hooks", "user_hooks", "carry_hooks",
+           "densify", "dense_twin", "converter_for", "weight_density"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,43 @@ def converter_for(m: nn.Module) -> Optional[Converter]:
 
 def has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_pre_hooks or m._forward_hooks or torch.nn.utils.parametrize.is_parametrized(m))
+
+
+def _ours(hook) -> bool:
+    """A hook of a weight mask, sparseprune's or ``torch.nn.utils.prune``'s: a replacement holds the masked
+    weight and needs none."""
+    import torch.nn.utils.prune  # noqa: F401
+    from ..prune import masks
+    return (hook is masks._forward_pre_hook or hook is masks._restore_lent
+            or isinstance(hook, torch.nn.utils.prune.BasePruningMethod))
+
+
+def user_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` carries hooks of its user (forward, pre-forward or backward; not sparseprune's masks)."""
+    return bool(m._backward_hooks or m._backward_pre_hooks
+                or any(not _ours(h) for h in m._forward_pre_hooks.values())
+                or any(not _ours(h) for h in m._forward_hooks.values()))
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Put the user's hooks of ``old`` (with their kwargs / always-call flags) on ``new``, which replaces it and
+    computes the same function: a feature-capturing or output-changing hook keeps working after convert. The
+    handles the user holds still point at ``old``'s hook tables, as for any copy of a module."""
+    if new is old or not user_hooks(old):
+        return
+    tables = (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
+              ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+              ("_backward_pre_hooks", ()), ("_backward_hooks", ()))
+    for table, flags in tables:
+        for k, h in getattr(old, table).items():
+            if _ours(h):
+                continue
+            getattr(new, table)[k] = h
+            for f in flags:
+                if getattr(old, f).get(k):
+                    getattr(new, f)[k] = True
+    if old._backward_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def weight_density(w: Tensor) -> Optional[float]:

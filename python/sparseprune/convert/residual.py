@@ -94,6 +94,13 @@ def fusable(block: nn.Module) -> Optional[str]:
     return "none" if type(act) is nn.Identity else activation_kind(act)
 
 
+def _stepped_over(block: nn.Module) -> tuple:
+    """The modules a residual block's one call does not call: its last conv layer and what that holds, and
+    the block's activation."""
+    last = block._modules["layer"][-1]
+    return (last, *last._modules.values(), block._modules.get("activation"))
+
+
 def _fused_forward(self, hidden_state: Tensor) -> Tensor:
     """``activation(layer(x) + shortcut(x))`` with the last conv, the sum and the activation as one call."""
     layers = list(self.layer)
@@ -103,7 +110,7 @@ def _fused_forward(self, hidden_state: Tensor) -> Tensor:
     residual = self.shortcut(hidden_state)
     conv = layers[-1]._modules.get("convolution")
     fused = getattr(conv, "forward_residual", None)
-    if fused is not None and fusable(self) is not None:
+    if fused is not None and fusable(self) is not None and not _hooked(_stepped_over(self)):
         return fused(h, residual, self.__dict__[KIND_ATTR])
     return self.activation(layers[-1](h) + residual)  # a layer made dense again (end-to-end check)
 
@@ -232,7 +239,9 @@ def fuse_residuals(work: nn.Module, example_inputs, replace: Callable[[nn.Module
     one row per candidate: ``{"block", "kept", "separate_ms", "fused_ms"}`` (the times of that part), and for
     a transformer layer ``"attention"``: ``"sparseprune"`` (our kernel) or ``"model"`` (the config's own
     attention function), whichever timed faster inside the flat forward."""
-    blocks = [(n, m, k) for n, m in work.named_modules() if n for k in [fusable(m)] if k is not None]
+    # (a block whose one call would step over a hook of the user is left as it is)
+    blocks = [(n, m, k) for n, m in work.named_modules() if n for k in [fusable(m)]
+              if k is not None and not _hooked((_bypassed(m) or ()) if k == LAYERNORM else _stepped_over(m))]
     if not blocks or example_inputs is None:
         return []
     seen = first_calls(work, [(n, m) for n, m, _ in blocks], example_inputs)
