@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ._modules import module_names, set_module
+from .prune.masks import MASK_NAME, apply_masks
 
 __all__ = ["save", "load", "read_file", "FORMAT_VERSION", "RESHAPED_ATTR"]
 
@@ -49,7 +50,7 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 _TORCH_INTERNAL = {"training", "call_super_init", "dump_patches"}
 _MODULE_INTERNAL = set(vars(nn.Module())) | _TORCH_INTERNAL
 _STRUCTURE_KEYS = {"modules", "int_attrs", "tensors", "training", "report", "aliases", "module_aliases",
-                   "reshaped"}
+                   "reshaped", "masks"}
 
 
 def _sparse_classes() -> Dict[str, type]:
@@ -114,8 +115,13 @@ def _structure(model: nn.Module) -> dict:
                 tensors[f"{name}.{k}" if name else k] = {"shape": list(t.shape), "param": k in m._parameters,
                                                           "requires_grad": bool(t.requires_grad)}
     training = [name for name, m in model.named_modules() if m.training]
-    return {"modules": modules, "int_attrs": ints, "tensors": tensors, "training": training, "report": report,
-            "module_aliases": module_aliases, "reshaped": sorted(reshaped)}
+    from .prune.masks import masked_modules
+    out = {"modules": modules, "int_attrs": ints, "tensors": tensors, "training": training, "report": report,
+           "module_aliases": module_aliases, "reshaped": sorted(reshaped)}
+    masked = sorted(name for name, _ in masked_modules(model) if name)
+    if masked:  # a pattern-pruned model (a training checkpoint); files without masks stay readable by older versions
+        out["masks"] = masked
+    return out
 
 
 def _state_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -165,6 +171,20 @@ def _target(path) -> str:
     return real
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(model: nn.Module, path) -> None:
     """Write ``model`` (typically ``convert()``'s result) to ``path`` safely.
 
@@ -188,6 +208,9 @@ def save(model: nn.Module, path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".sparseprune-", suffix=".tmp", dir=os.path.dirname(real))
     try:
         with os.fdopen(fd, "wb") as f:
+            # the permissions a plain open() would give (mkstemp makes the file 0600): an existing file's own,
+            # or 0666 less the umask for a new one; a model file others could read stays readable after a save
+            os.fchmod(f.fileno(), stat.S_IMODE(os.stat(real).st_mode) if os.path.exists(real) else 0o666 & ~_umask())
             h = hashlib.sha256(head)
             f.write(head)
             for t in tensors.values():
@@ -373,6 +396,9 @@ def _check_structure(s, stored: set, where: str) -> dict:
     reshaped = s.get("reshaped", [])
     if not isinstance(reshaped, list) or not all(isinstance(n, str) for n in reshaped):
         raise ValueError(f"{where}: malformed reshaped list")
+    masked = s.get("masks", [])
+    if not isinstance(masked, list) or not all(isinstance(n, str) and n for n in masked):
+        raise ValueError(f"{where}: malformed masks list")
     aliases = _str_map(s.get("aliases", {}), "aliases", where)
     for alias, key in aliases.items():
         if alias in stored:
@@ -483,6 +509,23 @@ def load(path, model: nn.Module) -> nn.Module:
             from None
 
 
+def _install_masks(mods: Dict[str, nn.Module], names: List[str], state: Dict[str, torch.Tensor]) -> List[str]:
+    """Put a (placeholder, all-kept) mask on each module the file records as masked (pattern-pruned, not yet
+    converted: a training checkpoint), so that ``load_state_dict`` fills it; returns their names."""
+    from .prune.masks import apply_mask
+    for name in names:
+        m = mods.get(name)
+        if m is None:
+            raise ValueError(f"load: the file has a mask on {name!r}, which this architecture lacks")
+        if not isinstance(getattr(m, "weight", None), nn.Parameter):
+            raise ValueError(f"load: the file has a mask on {name!r}, which has no weight Parameter here")
+        saved = state.get(f"{name}.{MASK_NAME}")
+        if saved is None or saved.dtype != torch.bool:
+            raise ValueError(f"load: {name}'s mask is missing from the file or not boolean")
+        apply_mask(m, torch.ones(m.weight.shape, dtype=torch.bool, device=m.weight.device))
+    return list(names)
+
+
 def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict) -> nn.Module:
     from .convert import REPORT_ATTR
     from .nn import SparseModule
@@ -521,6 +564,7 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         rebuilt.update(names)
         mods = dict(model.named_modules())
     mods = dict(model.named_modules())
+    masked = _install_masks(mods, structure.get("masks", []), state)
     may_change = (lambda n: n not in rebuilt) if legacy else (lambda n: n in reshaped and n not in rebuilt)
     for name, ints in structure.get("int_attrs", {}).items():
         m = mods.get(name)
@@ -561,6 +605,13 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"load: the file does not fit this architecture: {e}") from None
+    for name in masked:  # the loaded masks in force on the loaded weights
+        m = mods[name]
+        if m._buffers[MASK_NAME].shape != m.weight.shape:
+            raise ValueError(f"load: {name}.{MASK_NAME} has shape {tuple(m._buffers[MASK_NAME].shape)}, its weight "
+                             f"{tuple(m.weight.shape)}")
+    if masked:
+        apply_masks(model)
     for name, m in model.named_modules():
         if isinstance(m, SparseModule):
             try:
