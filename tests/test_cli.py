@@ -92,6 +92,34 @@ def test_bench_console_script_end_to_end(saved):
     assert r.returncode == 2 and "model_file" in r.stderr
 
 
+def test_python_dash_m_sparseprune_runs_the_cli():
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(sp.__path__[0]))
+    r = subprocess.run([sys.executable, "-m", "sparseprune", "info"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"sparseprune {sp.__version__}") and "isa path" in r.stdout
+
+
+def test_bench_arch_not_a_module_is_a_clear_error(saved, capsys):
+    assert main(["bench", str(saved[0]), "--arch", "test_cli:not_a_module", "--input-shape", "16,128"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("sparseprune: --arch test_cli:not_a_module returned int, not an nn.Module "
+                           "(a fresh instance of the original architecture)")
+
+
+# more than any address space (even with overcommit), more than int64 bytes, more than an int64 size
+@pytest.mark.parametrize("shape", ["1000000000,1000000000", "1000000000000,1000000000000", "99999999999999999999999"])
+def test_bench_input_too_large_is_a_clear_error(saved, capsys, shape):
+    assert main(["bench", str(saved[0]), "--arch", "test_cli:small_arch", "--input-shape", shape]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sparseprune: cannot allocate a float32 input of shape (") and err.count("\n") == 1
+
+
+def not_a_module():
+    """--arch target returning something that is not an nn.Module."""
+    return 3
+
+
 def small_arch():
     """--arch target for the bench test: the mixed model's architecture at test width."""
     from test_convert_models import MLP

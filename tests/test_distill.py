@@ -289,6 +289,20 @@ def test_bad_arguments():
         distill(mlp(), tensors(), sparsity=0.5, steps=2, init="obs")
 
 
+@pytest.mark.parametrize("init", ["auto", "magnitude", None])
+@pytest.mark.parametrize("data", ["list", "loader"])
+def test_empty_data_raises_before_the_model_changes(data, init):
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    empty = [] if data == "list" else torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(0, 16)))
+    with pytest.raises(ValueError, match="empty"):
+        distill(model, empty, sparsity=0.5, block_size=(4, 4), init=init, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        distill(model, empty, sparsity=0.5, block_size=(4, 4), init=init, steps=3, progress=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_iterable_data_cycled():
     model = mlp()
 

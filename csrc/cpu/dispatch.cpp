@@ -4,6 +4,7 @@
 // for every family (fp32, int8, bf16), the best path at or below that level that this CPU runs.
 #include <array>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -121,15 +122,23 @@ int fp32_path_for(int lv) {
   return 0;
 }
 
-std::atomic<int>& level() {
-  static std::atomic<int> lv{[] {
-    const char* env = std::getenv("SPARSEPRUNE_ISA");
-    if (env && *env) {
-      int i = find_level(env);
-      if (i >= 0) return i;
+// SPARSEPRUNE_ISA in any case: that level, or the best one below it this CPU runs; unset, "best" or
+// unknown: the best level. ops.py warns at import about an unknown level or one this CPU lacks.
+int env_level() {
+  const char* env = std::getenv("SPARSEPRUNE_ISA");
+  std::string isa = env ? env : "";
+  for (char& c : isa) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  const auto& l = levels();
+  for (int i = static_cast<int>(l.size()) - 1; i >= 0; --i)
+    if (isa == l[i].name) {
+      while (!l[i].check()) --i;  // scalar always runs
+      return i;
     }
-    return best_level();
-  }()};
+  return best_level();
+}
+
+std::atomic<int>& level() {
+  static std::atomic<int> lv{env_level()};
   return lv;
 }
 

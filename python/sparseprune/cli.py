@@ -17,6 +17,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -145,16 +146,27 @@ def _bench(args) -> int:
 
     factory = _arch(args.arch)
     shape = _shape(args.input_shape)
+    fresh = factory()
+    if not isinstance(fresh, torch.nn.Module):
+        print(f"sparseprune: --arch {args.arch} returned {type(fresh).__name__}, not an nn.Module "
+              "(a fresh instance of the original architecture)", file=sys.stderr)
+        return 1
     try:
-        model = load(args.model_file, factory())
+        model = load(args.model_file, fresh)
     except (OSError, ValueError) as e:
         print(f"sparseprune: {e}", file=sys.stderr)
         return 1
     model.eval()
-    x = torch.randn(*shape)
+    try:
+        x = torch.randn(*shape)
+    except (RuntimeError, MemoryError, TypeError, OverflowError) as e:  # too large (TypeError: > int64)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        gib = math.prod(shape) * 4 / 2 ** 30
+        print(f"sparseprune: cannot allocate a float32 input of shape {shape} ({gib:.3g} GiB): {why}", file=sys.stderr)
+        return 1
     try:
         s = measure(model, x, time_budget=args.time_budget, num_threads=args.threads)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, MemoryError) as e:
         print(f"sparseprune: the model does not run on an input of shape {shape}: {e}", file=sys.stderr)
         return 1
     _print_summary(s, args.json)

@@ -451,6 +451,12 @@ class _Cycle:
         elif isinstance(data, tuple) and data and all(isinstance(x, Tensor) for x in data):
             # a single positional-args call, not a list of batches: ambiguous, treat as one batch
             self.data, self.sized = [data], True
+        try:  # an empty list or DataLoader fails here, before distill changes the model
+            empty = hasattr(self.data, "__len__") and len(self.data) == 0
+        except TypeError:  # e.g. a DataLoader over an IterableDataset: no length
+            empty = False
+        if empty:
+            raise ValueError("data is empty")
         self._it: Optional[Iterator] = None
         self.index = -1
 

@@ -6,6 +6,8 @@ the dense input. Python allocates outputs; C++ fills them.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -59,6 +61,29 @@ def active_isa() -> str:
 
 def isa_paths(supported_only: bool = True):
     return [p for p in _C.paths() if p["supported"] or not supported_only]
+
+
+def _check_isa_env() -> None:
+    """Warn when SPARSEPRUNE_ISA names no ISA level, or one this CPU cannot run (dispatch.cpp then runs
+    the best level, or the best one below it). A warning, not an error: a variable must not break import."""
+    env = os.environ.get("SPARSEPRUNE_ISA", "")
+    if not env:
+        return
+    active = active_isa()  # dispatch reads the variable now, while it is the one checked here
+    rows = list(_C.paths()) + list(_C.qpaths())
+    levels = list(dict.fromkeys(p["isa"] for p in rows))
+    isa = env.lower()
+    if isa == "best":
+        return
+    if isa not in levels:
+        msg = (f"SPARSEPRUNE_ISA={env!r} is not an ISA level (valid, any case: {', '.join(levels)}, best); "
+               f"running the best path for this CPU, {active!r}")
+    elif not any(p["supported"] for p in rows if p["isa"] == isa):
+        msg = (f"SPARSEPRUNE_ISA={env!r}: this CPU cannot run the {isa!r} path; running the best level "
+               f"below it (fp32 path {active!r})")
+    else:
+        return
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
 
 def resolve_threads(num_threads: int) -> int:
@@ -519,3 +544,6 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], norm: nn.LayerNorm,
                          resolve_threads(num_threads))
         return y
     return norm(x if residual is None else x + residual)
+
+
+_check_isa_env()
