@@ -397,6 +397,22 @@ def test_progress_bar_and_bad_arguments(capsys):
         sp.convert("not a model")
     with pytest.raises(ValueError):
         sp.convert(src, num_threads=0)
+    for bad in (1.7, True, "2", 2.0):  # not silently passed on to the sparse modules (which refuse them)
+        with pytest.raises(ValueError, match="num_threads"):
+            sp.convert(src, num_threads=bad)
+    import numpy as np
+    out = sp.convert(src, num_threads=np.int64(1))  # an integer of another type is taken as the int it is
+    assert all(m.num_threads == 1 and type(m.num_threads) is int for m in out.modules() if isinstance(m, sp.SparseLinear))
+    with pytest.raises(TypeError, match="'int4'"):  # the name given, not its first character
+        sp.convert(src, weight_dtypes="int4")
+
+
+def test_weight_dtypes_accepts_one_dtype_or_its_name(sparse_layers_win):
+    src = _small_mixed()
+    x = torch.randn(4, 128)
+    for one in (torch.int8, "int8"):
+        out = sp.convert(src, x, time_budget=0.5, weight_dtypes=one, end_to_end=False)
+        assert {r["weight_dtype"] for r in sp.summary(out, print_fn=None) if r["format"] != "dense"} <= {"int8"}
 
 
 def test_summary_of_unconverted_and_printing():

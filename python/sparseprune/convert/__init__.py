@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import numbers
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -168,12 +169,15 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         raise ValueError(f"formats must be chosen from 'dense', 'csr', 'bsr'; got {bad}")
     if not (margin >= 0 and tolerance >= 0 and time_budget >= 0):
         raise ValueError("margin, tolerance and time_budget must be non-negative")
-    if num_threads is not None and not 1 <= int(num_threads) <= 1024:
-        raise ValueError(f"num_threads must be in [1, 1024], got {num_threads}")
+    if num_threads is not None:
+        # an int as the sparse modules take it (1.7 or True would pass int() here and fail every sparse candidate)
+        if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) or not 1 <= num_threads <= 1024:
+            raise ValueError(f"num_threads must be an int in [1, 1024] or None, got {num_threads!r}")
+        num_threads = int(num_threads)
     skip = (skip,) if isinstance(skip, (str, type)) else tuple(skip)
     from ..nn import dtype_name
-    dtypes = tuple(dict.fromkeys(dtype_name(d) for d in ((weight_dtypes,) if isinstance(weight_dtypes, torch.dtype)
-                                                          else weight_dtypes)))
+    one = isinstance(weight_dtypes, (torch.dtype, str))  # one dtype (or its name), not a string's characters
+    dtypes = tuple(dict.fromkeys(dtype_name(d) for d in ((weight_dtypes,) if one else weight_dtypes)))
     if not dtypes:
         raise ValueError("weight_dtypes must name at least one dtype")
     if not quant_tolerance >= 0:
