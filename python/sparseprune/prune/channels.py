@@ -22,6 +22,7 @@ from .._inputs import call_model
 from . import graph
 from .graph import FIXED
 from .importance import IMPORTANCES, unit_scores
+from .masks import MASK_NAME
 
 __all__ = ["prune_channels", "ChannelPruner", "register_channel_rule", "unregister_channel_rule",
            "ChannelPruneReport", "ChannelPruneWarning"]
@@ -97,6 +98,11 @@ def _check_args(model, example_inputs, ratio, importance, global_ranking, round_
                 head_ratio, steps):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        more = f", ... ({len(meta)} in all)" if len(meta) > 4 else ""
+        raise ValueError(f"weights on the meta device have no values to prune ({', '.join(map(repr, meta[:4]))}"
+                         f"{more}); materialise the model first (to_empty + load weights)")
     if not isinstance(example_inputs, (torch.Tensor, tuple, list, Mapping)):
         raise TypeError("example_inputs must be a tensor, a tuple of positional arguments or a mapping of "
                         f"keyword arguments, got {type(example_inputs).__name__}")
@@ -371,6 +377,8 @@ def _apply(model, tr, groups, plan_sets, roots, undo):
             new = nn.Parameter(new, requires_grad=t.requires_grad)
         for mod, attr, is_buf, _ in tr.owners[key]:
             undo.setattr(mod, attr, new, "buffer" if is_buf else "param")
+            if attr == "weight" and not is_buf:
+                _slice_mask(mod, t, dims, undo)
     mods = {}
     for key in changed:
         for mod, attr, _, _ in tr.owners[key]:
@@ -390,6 +398,17 @@ def _apply(model, tr, groups, plan_sets, roots, undo):
     for site in tr.split_sites:
         _fix_split_site(site, tr, pruned, undo)
     return keep
+
+
+def _slice_mask(mod, old_weight, dims, undo):
+    """A pattern-pruned layer's keep-mask (masks.py) loses the same positions as its weight, so the
+    kept channels keep their pattern."""
+    mask = mod._buffers.get(MASK_NAME)
+    if mask is None or mask.shape != old_weight.shape:
+        return
+    for dim, idx in dims:
+        mask = mask.index_select(dim, idx.to(mask.device))
+    undo.setattr(mod, MASK_NAME, mask.contiguous(), "buffer")
 
 
 def _commit(tr, keep, pruned, undo):

@@ -959,6 +959,7 @@ def trace(model: nn.Module, example_inputs, prune_heads: bool = True, head_dims:
         else:
             handles.append(mod.register_forward_pre_hook(tr.push))
             handles.append(mod.register_forward_hook(tr.pop))
+    hidden = _hide_mask_hooks(model, tr)
     was_training = model.training
     model.eval()
     try:
@@ -967,12 +968,35 @@ def trace(model: nn.Module, example_inputs, prune_heads: bool = True, head_dims:
     finally:
         for h in handles:
             h.remove()
+        for hooks, k, h in hidden:
+            hooks[k] = h
         model.train(was_training)
     for o in _tensors_in(_as_plain(out)):
         tr.fix(tr.lab(o))
     t.output = out
     _raw_slots(tr, t)
     return t
+
+
+def _hide_mask_hooks(model, tr):
+    """Run the masks' forward pre-hooks (masks.py) untraced: re-zeroing pruned weights couples no
+    channels, but traced, the weight and its mask read as tensors coupling every dim (a spurious "kept"
+    note in the report). Returns what to put back: [(hooks dict, key, hook)]."""
+    from .masks import _forward_pre_hook as mask_hook
+
+    def quiet(module, args):
+        tr.suppress += 1
+        try:
+            return mask_hook(module, args)
+        finally:
+            tr.suppress -= 1
+    hidden = []
+    for mod in model.modules():
+        for k, h in list(mod._forward_pre_hooks.items()):
+            if h is mask_hook:
+                mod._forward_pre_hooks[k] = quiet
+                hidden.append((mod._forward_pre_hooks, k, h))
+    return hidden
 
 
 def _as_plain(out):

@@ -25,6 +25,10 @@ keyword arguments:
                     in sparseprune) is accepted as a single calibration batch.
 ``layers``          which layers (None = every Linear and Conv2d): names, glob patterns, module types,
                     module objects, or a callable(name, module) -> bool. ``exclude``: same forms.
+                    A name or glob that matches no Linear / Conv2d raises ``ValueError``. A layer whose
+                    weight cannot take a mask (parametrized, weight_norm, under torch.nn.utils.prune)
+                    raises ``ValueError`` when named exactly (or given as a module); picked by a rule
+                    (None, a glob, a type, a callable), it is left dense with a warning.
 ``dense_first_last`` keep the first layer (when it is a Conv2d) and the last Linear / Conv2d (the
                     classifier) dense. Default: True when ``layers`` is None, else False.
 ``scope``           "layer" (every layer at the target sparsity) or "global" (one ranking over all
@@ -53,6 +57,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import criteria as C
 from .masks import apply_mask, get_mask
@@ -128,6 +135,11 @@ def _matches(name: str, module: nn.Module, spec) -> bool:
                     "or a callable)")
 
 
+def _names(name: str, module: nn.Module, spec) -> bool:
+    """``spec`` names this very layer (its exact name or the module object), not a rule matching it."""
+    return spec == name if isinstance(spec, str) else spec is module
+
+
 def _as_specs(x):
     if x is None:
         return []
@@ -136,15 +148,65 @@ def _as_specs(x):
     return list(x)
 
 
-def select_layers(model: nn.Module, layers=None, exclude=None, dense_first_last=None) -> Dict[str, nn.Module]:
-    """The Linear / Conv2d layers a prune_* call would touch, by name, in registration order."""
+def _unprunable(mod: nn.Module) -> Optional[str]:
+    """Why ``mod``'s weight cannot take a mask, or None when it can."""
+    if parametrize.is_parametrized(mod, "weight"):
+        return ("its weight is parametrized (torch.nn.utils.parametrize, e.g. weight_norm); call "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') first")
+    for h in mod._forward_pre_hooks.values():
+        if isinstance(h, torch_prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == "weight":
+            return "its weight is under torch.nn.utils.prune; call torch.nn.utils.prune.remove(module, 'weight') first"
+        if isinstance(h, WeightNorm) and h.name == "weight":
+            return ("its weight is under torch.nn.utils.weight_norm; call torch.nn.utils.remove_weight_norm(module) "
+                    "first")
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, nn.Parameter):
+        return f"its weight is a {type(w).__name__}, not an nn.Parameter"
+    return None
+
+
+def _check_found(model: nn.Module, cands, specs) -> None:
+    """Every name or module in ``layers=`` must match some Linear / Conv2d layer (a typo would
+    otherwise prune nothing)."""
+    missing, every = [], None
+    for s in specs:
+        if isinstance(s, str) and not any(_matches(n, m, s) for n, m in cands):
+            every = every or dict(model.named_modules(remove_duplicate=False))
+            missing.append((s, repr(s), every.get(s)))
+        elif isinstance(s, nn.Module) and not any(m is s for _, m in cands):
+            hit = [m for m in model.modules() if m is s]
+            missing.append((None, f"a {type(s).__name__} module", hit[0] if hit else None))
+    if not missing:
+        return
+    names = {id(m): n for n, m in cands}
+    why = []
+    for name, what, mod in missing:
+        if mod is None:
+            why.append(f"{what} (no such module)" if name is not None else f"{what} (not part of the model)")
+        elif id(mod) in names:
+            why.append(f"{what} (another name of layer {names[id(mod)]!r}, which layers= must use)")
+        else:
+            inside = name is not None and any(n.startswith(name + ".") for n in names.values())
+            hint = f": {name + '.*'!r} selects the layers inside it" if inside else ""
+            why.append(f"{what} (a {type(mod).__name__}, not a Linear / Conv2d{hint})")
+    have = [n for n, _ in cands]
+    more = f", ... ({len(have)} in all)" if len(have) > 8 else ""
+    raise ValueError("layers= matches no Linear / Conv2d layer for " + "; ".join(why) + ". Names match exactly "
+                     f"or as glob patterns; the model's layers are {', '.join(map(repr, have[:8])) or 'none'}{more}")
+
+
+def _choose_layers(model: nn.Module, layers=None, exclude=None, dense_first_last=None):
+    """(chosen {name: module}, passed over {name: (module, why)}): the selected Linear / Conv2d layers,
+    split by whether their weight can take a mask. A layer named exactly in ``layers`` (or given as a
+    module) that cannot is an error; one picked by a rule (None, a glob, a type, a callable) is passed
+    over."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    cands = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, PRUNABLE) and isinstance(getattr(m, "weight", None), nn.Parameter)]
+    cands = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
     if dense_first_last is None:
         dense_first_last = layers is None
     inc, exc = _as_specs(layers), _as_specs(exclude)
+    _check_found(model, cands, inc)
     if dense_first_last and cands:
         skip = set()
         if isinstance(cands[0][1], nn.Conv2d):
@@ -155,7 +217,23 @@ def select_layers(model: nn.Module, layers=None, exclude=None, dense_first_last=
         cands = [(n, m) for n, m in cands if any(_matches(n, m, s) for s in inc)]
     if exc:
         cands = [(n, m) for n, m in cands if not any(_matches(n, m, s) for s in exc)]
-    return dict(cands)
+    chosen, passed = {}, {}
+    for n, m in cands:
+        why = _unprunable(m)
+        if why is None:
+            chosen[n] = m
+        elif any(_names(n, m, s) for s in inc):
+            raise ValueError(f"cannot prune layer {n!r}: {why}")
+        else:
+            passed[n] = (m, why)
+    return chosen, passed
+
+
+def select_layers(model: nn.Module, layers=None, exclude=None, dense_first_last=None) -> Dict[str, nn.Module]:
+    """The Linear / Conv2d layers a prune_* call would touch, by name, in registration order. A name in
+    ``layers`` that matches no layer, or names one whose weight cannot take a mask (parametrized, under
+    torch.nn.utils.prune), raises ``ValueError``; such layers picked by a rule are left out."""
+    return _choose_layers(model, layers, exclude, dense_first_last)[0]
 
 
 # -- pattern masks ---------------------------------------------------------------------------------
@@ -246,7 +324,11 @@ def pattern_mask(scores: Tensor, kind: str, sparsity: float = 0.0, block_size=No
 
 # -- driver ----------------------------------------------------------------------------------------
 def _layer_plans(model, sparsity, kind, kw, base) -> Tuple[Dict[str, nn.Module], Dict[str, dict]]:
-    mods = select_layers(model, kw.get("layers"), kw.get("exclude"), kw.get("dense_first_last"))
+    mods, passed = _choose_layers(model, kw.get("layers"), kw.get("exclude"), kw.get("dense_first_last"))
+    meta = [n for n, m in mods.items() if m.weight.is_meta]
+    if meta:
+        raise ValueError(f"weights on the meta device have no values to prune ({', '.join(map(repr, meta))}); "
+                         "materialise the model first (to_empty + load weights)")
     overrides = kw.get("overrides") or {}
     if not isinstance(overrides, Mapping):
         raise TypeError("overrides must be a dict {layer name or glob: sparsity | None | dict}")
@@ -254,6 +336,16 @@ def _layer_plans(model, sparsity, kind, kw, base) -> Tuple[Dict[str, nn.Module],
         per = sparsity
     else:
         per = None
+    by_why = {}
+    for name, (mod, why) in passed.items():
+        if per is not None and any(_names(name, mod, k) for k in per):
+            raise ValueError(f"cannot prune layer {name!r}: {why}")
+        ov = [v for k, v in overrides.items() if _matches(name, mod, k)]
+        if (per is None or any(_matches(name, mod, k) for k in per)) and not (ov and ov[-1] is None):
+            by_why.setdefault(why, []).append(repr(name))
+    if by_why:
+        warnings.warn("sparseprune: " + "; ".join(f"{'layer' if len(ns) == 1 else 'layers'} {', '.join(ns)} left "
+                                                  f"dense: {why}" for why, ns in by_why.items()))
     plans, chosen = {}, {}
     for name, mod in mods.items():
         plan = dict(base)
