@@ -242,6 +242,20 @@ def test_default_losses_by_structure():
         distill_loss("x", "y")
 
 
+@pytest.mark.parametrize("case", ["tensor", "mapping", "logits", "hidden"])
+def test_default_loss_refuses_outputs_that_would_broadcast(case):
+    """(8, 1) against (8, 8) would broadcast in torch's losses (with only a warning) and train on the wrong target."""
+    s, t = torch.randn(8, 1), torch.randn(8, 8)
+    if case == "mapping":
+        s, t = {"y": s.requires_grad_()}, {"y": t}
+    elif case == "logits":
+        s, t = (types.SimpleNamespace(logits=x, last_hidden_state=None) for x in (s, t))
+    elif case == "hidden":
+        s, t = (types.SimpleNamespace(logits=None, last_hidden_state=x.unsqueeze(0), hidden_states=None) for x in (s, t))
+    with pytest.raises(ValueError, match="shape"):
+        distill_loss(s, t)
+
+
 def test_custom_loss_and_task_loss_with_forward():
     model = mlp()
     g = torch.Generator().manual_seed(0)

@@ -178,8 +178,24 @@ def _get(out, key):
     return v
 
 
+def _same_shape(s, t, what: str) -> None:
+    """Student and teacher outputs compared element by element must have one shape: torch's losses would
+    broadcast (8, 1) against (8, 8) with only a warning, and train on the wrong target."""
+    if not isinstance(t, Tensor) or s.shape != t.shape:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"distill: the student's {what} has shape {tuple(s.shape)}, the teacher's {got}; the "
+                         "default loss compares them element by element (pass loss=callable(student_out, "
+                         "teacher_out, batch) for outputs that differ)")
+
+
+def _mse(s: Tensor, t: Tensor, what: str) -> Tensor:
+    _same_shape(s, t, what)
+    return F.mse_loss(s.float(), t.float())
+
+
 def _nmse(s: Tensor, t: Tensor, mask: Optional[Tensor]) -> Tensor:
     """MSE over real tokens divided by the teacher's variance there (scale-free, ~1 for a bad fit)."""
+    _same_shape(s, t, "hidden states")
     s, t = s.float(), t.float()
     if mask is not None and mask.shape == s.shape[:mask.dim()] and s.dim() == mask.dim() + 1:
         keep = mask.to(s.device).bool()
@@ -195,10 +211,12 @@ def _mean_pool(h: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 def _cos_loss(s: Tensor, t: Tensor) -> Tensor:
+    _same_shape(s, t, "embedding")
     return (1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean()
 
 
 def _kl(s: Tensor, t: Tensor, mask: Optional[Tensor], temperature: float) -> Tensor:
+    _same_shape(s, t, "logits")
     s, t = s.float() / temperature, t.float() / temperature
     if mask is not None and s.dim() == 3 and mask.shape == s.shape[:2]:
         keep = mask.to(s.device).bool()
@@ -215,7 +233,7 @@ def distill_loss(student_out, teacher_out, batch=None, *, temperature: float = 2
     if mask is None:
         mask = _get(student_out, "attention_mask") if isinstance(student_out, Mapping) else None
     if isinstance(student_out, Tensor):
-        return F.mse_loss(student_out.float(), teacher_out.float())
+        return _mse(student_out, teacher_out, "output")
     se = _get(student_out, "sentence_embedding")
     if se is not None:
         loss = pooled_weight * _cos_loss(se, _get(teacher_out, "sentence_embedding"))
@@ -247,7 +265,7 @@ def distill_loss(student_out, teacher_out, batch=None, *, temperature: float = 2
         if terms:
             return sum(terms)
     if isinstance(student_out, Mapping):
-        terms = [F.mse_loss(v.float(), teacher_out[k].float()) for k, v in student_out.items()
+        terms = [_mse(v, teacher_out[k], repr(k)) for k, v in student_out.items()
                  if isinstance(v, Tensor) and v.is_floating_point() and v.requires_grad]
         if terms:
             return sum(terms)
