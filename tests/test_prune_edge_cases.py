@@ -197,6 +197,24 @@ def test_valid_names_and_globs_still_select_exactly():
     assert got["enc.2"] == got["head"] == 0.5 and got["enc.0"] == got["enc.4"] == 0.0
 
 
+@pytest.mark.parametrize("where", ["exclude", "overrides", "sparsity_dict"])
+def test_exact_names_in_exclude_overrides_and_sparsity_dicts_must_exist(where):
+    """A typo there would prune a layer meant to stay dense, or leave one at the wrong sparsity; a glob may
+    match nothing (one pattern serves several models)."""
+    m = mlp()
+    snap = _snapshot(m)
+    kw = {"exclude": {"exclude": ["fc1"]}, "overrides": {"overrides": {"fc1": None}},
+          "sparsity_dict": {}}[where]
+    sparsity = {"0": 0.5, "fc1": 0.5} if where == "sparsity_dict" else 0.5
+    with pytest.raises(ValueError, match=r"'fc1' \(no such module\)"):
+        sp.prune_unstructured(m, sparsity, dense_first_last=False, **kw)
+    assert _same_state(m, snap) and not list(masks.masked_modules(m))
+    glob = {"exclude": {"exclude": ["dec.*"]}, "overrides": {"overrides": {"dec.*": None}}, "sparsity_dict": {}}[where]
+    sp.prune_unstructured(m, {"0": 0.5, "dec.*": 0.5} if where == "sparsity_dict" else 0.5, dense_first_last=False,
+                          **glob)
+    assert sp.prune.layer_sparsity(m)["0"] == 0.5
+
+
 # -- meta device -------------------------------------------------------------------------------------
 META_CALLS = {
     **{k: (lambda f: lambda m: f(m, dense_first_last=False))(f) for k, f in PRUNE.items()},

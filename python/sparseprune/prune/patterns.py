@@ -165,11 +165,14 @@ def _unprunable(mod: nn.Module) -> Optional[str]:
     return None
 
 
-def _check_found(model: nn.Module, cands, specs) -> None:
+def _check_found(model: nn.Module, cands, specs, what: str = "layers=", globs: bool = True) -> None:
     """Every name or module in ``layers=`` must match some Linear / Conv2d layer (a typo would
-    otherwise prune nothing)."""
+    otherwise prune nothing); with ``globs=False`` (``exclude=``, ``overrides=``, sparsity-dict keys, where
+    one pattern may serve several models) only exact names are checked."""
     missing, every = [], None
     for s in specs:
+        if isinstance(s, str) and not globs and any(c in s for c in "*?["):
+            continue
         if isinstance(s, str) and not any(_matches(n, m, s) for n, m in cands):
             every = every or dict(model.named_modules(remove_duplicate=False))
             missing.append((s, repr(s), every.get(s)))
@@ -191,7 +194,7 @@ def _check_found(model: nn.Module, cands, specs) -> None:
             why.append(f"{what} (a {type(mod).__name__}, not a Linear / Conv2d{hint})")
     have = [n for n, _ in cands]
     more = f", ... ({len(have)} in all)" if len(have) > 8 else ""
-    raise ValueError("layers= matches no Linear / Conv2d layer for " + "; ".join(why) + ". Names match exactly "
+    raise ValueError(f"{what} matches no Linear / Conv2d layer for " + "; ".join(why) + ". Names match exactly "
                      f"or as glob patterns; the model's layers are {', '.join(map(repr, have[:8])) or 'none'}{more}")
 
 
@@ -207,6 +210,7 @@ def _choose_layers(model: nn.Module, layers=None, exclude=None, dense_first_last
         dense_first_last = layers is None
     inc, exc = _as_specs(layers), _as_specs(exclude)
     _check_found(model, cands, inc)
+    _check_found(model, cands, exc, "exclude=", globs=False)
     if dense_first_last and cands:
         skip = set()
         if isinstance(cands[0][1], nn.Conv2d):
@@ -332,6 +336,10 @@ def _layer_plans(model, sparsity, kind, kw, base) -> Tuple[Dict[str, nn.Module],
     overrides = kw.get("overrides") or {}
     if not isinstance(overrides, Mapping):
         raise TypeError("overrides must be a dict {layer name or glob: sparsity | None | dict}")
+    every = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+    _check_found(model, every, list(overrides), "overrides=", globs=False)
+    if isinstance(sparsity, Mapping):
+        _check_found(model, every, list(sparsity), "a sparsity dict", globs=False)
     if isinstance(sparsity, Mapping):
         per = sparsity
     else:
