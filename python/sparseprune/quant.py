@@ -226,6 +226,19 @@ def _check_operands(x: Tensor, values: Tensor, bias: Optional[Tensor], rows: int
         raise ValueError(f"{name}: bias must be float32 of shape ({rows},), got {bias.dtype} {tuple(bias.shape)}")
 
 
+def _check_packed_args(row_ptr, col_idx, values, scales, compensation, rows: int, cols: int, r: int, c: int,
+                       op: str) -> None:
+    """A quantized packed weight given to the public op or :func:`qspmm`, checked in full (as
+    :meth:`QuantBSRMatrix.validate`) before a kernel reads it; once per unchanged set of arrays."""
+    for name, v, lo in (("rows", rows, 0), ("cols", cols, 0), ("r", r, 1), ("c", c, 1)):
+        ops._int_arg(v, name, op, lo)
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{op}: values must be a Tensor, got {type(values).__name__}")
+    ops.checked_once((row_ptr, col_idx, values, scales, compensation), (rows, cols, r, c), op,
+                     lambda: QuantBSRMatrix((rows, cols), (r, c), values.dtype, row_ptr, col_idx, values, scales,
+                                            compensation, check=True))
+
+
 def qspmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Optional[Tensor],
                 compensation: Optional[Tensor], bias: Optional[Tensor], rows: int, cols: int, r: int, c: int,
                 num_threads: int, act: int = 0, out_shape: Optional[tuple] = None,
@@ -380,6 +393,7 @@ def _qspmm_op(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scale
     _check_operands(x, values, bias, rows, cols, "qspmm")
     if values.dtype == torch.int8 and (scales is None or compensation is None):
         raise ValueError("qspmm: int8 weights need scales and compensation")
+    _check_packed_args(row_ptr, col_idx, values, scales, compensation, rows, cols, r, c, "qspmm")
     return qspmm_eager(x, row_ptr, col_idx, values, scales, compensation, bias, rows, cols, r, c, num_threads)
 
 
@@ -427,6 +441,7 @@ def qspmm(x: Tensor, packed: QuantBSRMatrix, bias: Optional[Tensor] = None, num_
             int(num_threads))
     if route == "eager":
         _check_operands(x2, packed.values, bias, m, k, "qspmm")
+        _check_packed_args(*args[:5], m, k, r, c, "qspmm")  # its arrays may have been replaced since it was built
         y = qspmm_eager(x2, *args)
     else:
         y = torch.ops.sparseprune.qspmm(x2, *args)
