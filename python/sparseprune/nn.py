@@ -399,16 +399,21 @@ class SparseModule(nn.Module):
             for n, t in incoming.items():
                 if not isinstance(t, Tensor):
                     raise TypeError(f"{prefix}{n}: expected a tensor, got {type(t).__name__}")
-            old = {n: self._buffers[n] for n in incoming}
             dev = self._buffers["values"].device
-            for n, t in incoming.items():
-                self._buffers[n] = t.detach().to(dev).clone().contiguous()
+            new = dict(self._buffers)
+            new.update({n: t.detach().to(dev).clone().contiguous() for n, t in incoming.items()})
+            # checked on a stand-in holding the new arrays, then swapped in as one dict: a forward running in
+            # another thread reads the old set or the new one (each checked), never a mix of the two
+            probe = type(self).__new__(type(self))
+            probe.__dict__.update(self.__dict__)
+            probe.__dict__["_buffers"] = new
             try:
-                self.validate()
+                probe.validate()
             except (TypeError, ValueError) as e:
-                self._buffers.update(old)
                 raise ValueError(f"{prefix or type(self).__name__}: invalid packed weight in state_dict: {e}") \
                     from None
+            self.__dict__["_buffers"] = new
+            self.validate()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -681,7 +686,7 @@ class SparseLinear(SparseModule):
         lead = x.shape[:-1]
         x2 = x.reshape(math.prod(lead), self.in_features)
         r, c = self.block_size
-        args = (x2, self.row_ptr, self.col_idx, self.values, bias, self.out_features, self.in_features, r, c,
+        args = (x2, bufs["row_ptr"], bufs["col_idx"], bufs["values"], bias, self.out_features, self.in_features, r, c,
                 self._threads())
         route = self._route(x2)
         if route == "eager":  # same kernel, without the dispatcher's per-call cost; activation fused
