@@ -109,3 +109,20 @@ def test_user_hooks_ignores_sparseprunes_mask_hooks():
     h.remove()
     net.a.register_full_backward_hook(lambda *a: None)
     assert user_hooks(net.a)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_hook_based_weight_norms_are_baked_in(norm):
+    """torch.nn.utils.weight_norm / spectral_norm compute the weight in a pre-hook: the replacement holds the
+    weight they computed (the hook is not carried to a module without weight_g / weight_orig)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    getattr(torch.nn.utils, norm)(net[0])
+    net.eval()
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        want = net(x)
+    fast = sp.convert(net, x, time_budget=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want, rtol=1e-4, atol=1e-5)
+    assert not user_hooks(fast[0])

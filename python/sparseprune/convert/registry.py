@@ -57,12 +57,14 @@ def has_hooks(m: nn.Module) -> bool:
 
 
 def _ours(hook) -> bool:
-    """A hook of a weight mask, sparseprune's or ``torch.nn.utils.prune``'s: a replacement holds the masked
-    weight and needs none."""
+    """A hook that computes the weight (a mask, sparseprune's or ``torch.nn.utils.prune``'s; the hook-based
+    ``weight_norm`` / ``spectral_norm``): a replacement holds the weight it computed and needs none."""
     import torch.nn.utils.prune  # noqa: F401
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
     from ..prune import masks
     return (hook is masks._forward_pre_hook or hook is masks._restore_lent
-            or isinstance(hook, torch.nn.utils.prune.BasePruningMethod))
+            or isinstance(hook, (torch.nn.utils.prune.BasePruningMethod, WeightNorm, SpectralNorm)))
 
 
 def user_hooks(m: nn.Module) -> bool:
