@@ -126,3 +126,20 @@ def test_hook_based_weight_norms_are_baked_in(norm):
     with torch.no_grad():
         torch.testing.assert_close(fast(x), want, rtol=1e-4, atol=1e-5)
     assert not user_hooks(fast[0])
+
+
+def test_measure_times_layers_without_the_users_hooks(sparse_layers_win):
+    """Per-layer timings call the layers' forward (the dense twin has no hooks to charge against the sparse
+    layer); the densified copy of the end-to-end comparison carries the same hooks as the model."""
+    net = _net(masked=False)
+    x = torch.randn(16, 64)
+    fast = sp.convert(net, x, time_budget=1.0, end_to_end=False, fuse=False)
+    calls = []
+    fast.b.register_forward_hook(lambda mod, args, out: calls.append(1))
+    sp.measure(fast, x, time_budget=0.5, end_to_end=False)
+    assert len(calls) == 1  # the one capturing call of the model, not the layer timings
+    dense = sp.densify(fast)
+    calls.clear()
+    with torch.no_grad():
+        dense(x)
+    assert len(calls) == 1

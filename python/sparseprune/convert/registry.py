@@ -146,5 +146,6 @@ def densify(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         d = dense_twin(m) if name else None
         if d is not None:
+            carry_hooks(m, d)  # the same hooks run in the dense copy as in the model
             set_module(model, name, d)
     return model

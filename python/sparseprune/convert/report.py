@@ -256,7 +256,10 @@ def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_t
                 cands[lab] = m
             times = {k: 0.0 for k in cands}
             for x, n in inputs:
-                per = time_calls({k: (lambda mod=mod, x=x: mod(x)) for k, mod in cands.items()}, budget / len(inputs))
+                # forward itself: the user's hooks on the layer (kept by convert) run only in real calls, and
+                # the dense twin has none to charge against the sparse layer
+                per = time_calls({k: (lambda mod=mod, x=x: mod.forward(x)) for k, mod in cands.items()},
+                                 budget / len(inputs))
                 for k, t in per.items():
                     times[k] += n * t
             row.candidates = {k: v * 1e3 for k, v in times.items()}
