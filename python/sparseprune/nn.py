@@ -172,6 +172,11 @@ class SparseModule(nn.Module):
         if not isinstance(module, cls.dense_type):
             raise TypeError(f"expected an {cls.dense_type.__module__.split('.')[0]}.{cls.dense_type.__qualname__}, "
                             f"got {type(module).__name__}")
+        own = [n for n in ("forward", "_conv_forward")
+               if hasattr(cls.dense_type, n) and getattr(type(module), n) is not getattr(cls.dense_type, n)]
+        if own:  # a subclass computing something else (weight standardisation, a scale): the packed layer would not
+            raise TypeError(f"{type(module).__name__} overrides {own[0]}() of {cls.dense_type.__name__}: "
+                            f"{cls.__name__} computes only {cls.dense_type.__name__}'s function, not that one")
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         weight = module.weight.detach()

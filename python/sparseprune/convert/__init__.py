@@ -163,6 +163,11 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if getattr(getattr(model, "_orig_mod", model), REPORT_ATTR, None) is not None:
+        # a second convert's report would describe only what it changed: the summary would miss the first
+        # one's layers and fusions, and sp.load would refuse what sp.save wrote
+        raise ValueError("convert: this model is convert()'s result already; convert the source (pruned, dense) "
+                         "model again")
     formats = tuple(formats)
     bad = [f for f in formats if f not in ("dense", "csr", "bsr")]
     if bad:

@@ -142,7 +142,9 @@ def dense_twin(m: nn.Module) -> Optional[nn.Module]:
 
 def densify(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every sparse layer replaced by the dense layer it computes."""
+    from .report import REPORT_ATTR
     model = copy.deepcopy(getattr(model, "_orig_mod", model))
+    model.__dict__.pop(REPORT_ATTR, None)  # a dense model now: what convert reported no longer describes it
     for name, m in list(model.named_modules()):
         d = dense_twin(m) if name else None
         if d is not None:

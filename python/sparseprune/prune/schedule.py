@@ -64,6 +64,8 @@ class GradualPruner:
                  block_size=(16, 16), **prune_kw):
         self.final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        if self.initial_sparsity > self.final_sparsity:  # masks only grow: the end would stay at the start
+            raise ValueError(f"initial_sparsity {initial_sparsity} is above final_sparsity {final_sparsity}")
         for v, nm in ((start_step, "start_step"), (end_step, "end_step"), (frequency, "frequency")):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{nm} must be an int, got {type(v).__name__}")
