@@ -54,3 +54,41 @@ def test_gradual_schedule_cannot_start_above_its_end():
     with pytest.raises(ValueError, match="initial_sparsity"):
         GradualPruner(m, final_sparsity=0.5, initial_sparsity=0.9)
     GradualPruner(m, final_sparsity=0.5, initial_sparsity=0.5)  # equal: a constant schedule
+
+
+def _bn(n):
+    b = nn.BatchNorm2d(n)
+    b.running_mean.normal_()
+    b.running_var.uniform_(0.5, 2)
+    return b
+
+
+class ConvWeightRead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 6, 3, padding=1), _bn(6)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + torch.nn.functional.conv2d(x, self.conv.weight, padding=1)
+
+
+class BNRead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 6, 3, padding=1), _bn(6)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn.weight.view(1, -1, 1, 1) + self.bn.running_mean.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("arch", [ConvWeightRead, BNRead])
+def test_batchnorm_is_not_folded_when_the_forward_reads_its_tensors_elsewhere(arch):
+    from sparseprune.fold import fold_batchnorm
+    torch.manual_seed(0)
+    m = arch().eval()
+    x = torch.randn(2, 4, 8, 8)
+    folded, pairs = fold_batchnorm(m)
+    assert pairs == []
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), m(x))
+        torch.testing.assert_close(sp.convert(m, x, time_budget=0.5)(x), m(x), rtol=1e-4, atol=1e-5)

@@ -116,11 +116,14 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> List[Tuple[str,
         proven = prove_pairs(model, example_inputs, convs, bns)
         pairs = [(a, b) for a, b, _, _ in proven if _bn_matches(mods[a], mods[b])]
         graph = False
+    read = set()  # modules whose parameters / buffers the forward reads outside their own call (get_attr)
     if graph is not None and graph is not False:
         calls = {}
         for node in graph.nodes:
             if node.op == "call_module":
                 calls[node.target] = calls.get(node.target, 0) + 1
+            elif node.op == "get_attr":
+                read.add(str(node.target).rpartition(".")[0])
         for node in graph.nodes:
             if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
                 continue
@@ -140,8 +143,10 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> List[Tuple[str,
         counts[id(m)] = counts.get(id(m), 0) + 1
     # and only pairs without hooks of the user: folded, a hook on the conv would see the BatchNorm's output
     from .convert.registry import user_hooks
+    # and only pairs whose tensors nothing else reads (F.conv2d(x, self.conv.weight), self.bn.running_mean:
+    # folded, those reads would see the folded weight or a BatchNorm that is gone)
     return [(a, b) for a, b in pairs if counts[id(mods[a])] == 1 and counts[id(mods[b])] == 1
-            and not user_hooks(mods[a]) and not user_hooks(mods[b])]
+            and not user_hooks(mods[a]) and not user_hooks(mods[b]) and a not in read and b not in read]
 
 
 def _sequential_pairs(model: nn.Module) -> List[Tuple[str, str]]:
