@@ -581,8 +581,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, sc
     tensors whose last dimension is contiguous; the result is (B, Lq, H * D), contiguous: the layout the
     output projection reads. ``mask`` is None, bool (True = attend) or float32 (added to the scores),
     (B or 1, H or 1, Lq or 1, Lk) with a contiguous last dimension; ``scale`` defaults to D ** -0.5. A query row
-    with every key masked gives zeros, as ``F.scaled_dot_product_attention`` does, or with ``masked_rows="nan"``
-    NaN, as softmax over scores plus an all ``-inf`` float mask does (Hugging Face's "eager" attention). Returns None where the
+    with every key masked gives zeros, as ``F.scaled_dot_product_attention`` does, or, for a float mask with
+    ``masked_rows="nan"``, NaN, as softmax over scores plus an all ``-inf`` float mask does (Hugging Face's "eager"
+    attention; a bool mask still gives zeros). Returns None where the
     call is not one the kernel takes (other dtypes, devices, layouts, a gradient needed, tracing): the
     caller then runs its own attention."""
     if masked_rows not in ("zeros", "nan"):
