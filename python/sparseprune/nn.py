@@ -33,6 +33,7 @@ _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 _function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_depth = torch._C._len_torch_dispatch_stack
+_tracing = torch._C._get_tracing_state  # not None under torch.jit.trace: the registered ops, which it records
 _functorch_stack = torch._C._functorch.peek_interpreter_stack  # not None: inside vmap / grad / jvp
 
 
@@ -652,7 +653,7 @@ class SparseLinear(SparseModule):
         if (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and not _grad_enabled()
                 and x.is_contiguous() and d.get("_shared_input") is None and x.dim() and x.shape[-1] == plan[4]
                 and self.in_features == plan[4] and self.activation == plan[1] and self.num_threads == plan[2]
-                and x.numel() and not _compiling() and not _function_mode() and not _dispatch_depth()
+                and x.numel() and not _compiling() and _tracing() is None and not _function_mode() and not _dispatch_depth()
                 and _functorch_stack() is None):
             if _qarray_ptrs(self._buffers, self._parameters.get("bias", _NO_BIAS)) == plan[0]:
                 y = ops.empty_rows(x, plan[3])
@@ -1117,7 +1118,7 @@ class SparseConv2d(SparseModule):
         plan = self.__dict__.get("_cache_qplanes")
         if not (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and x.shape == plan[1]
                 and not _grad_enabled() and x.is_contiguous() and act == plan[2]
-                and self.num_threads == plan[3] and not _compiling() and not _function_mode()
+                and self.num_threads == plan[3] and not _compiling() and _tracing() is None and not _function_mode()
                 and not _dispatch_depth() and _functorch_stack() is None and self._planes_geom() == plan[4]
                 and _qarray_ptrs(self._buffers, self._parameters.get("bias", _NO_BIAS)) == plan[0]):
             return None
@@ -1147,7 +1148,7 @@ class SparseConv2d(SparseModule):
                 and not _grad_enabled() and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last) and self.num_threads == plan[2]
                 and self.kernel == plan[3] and self.format != "dense" and self.weight_dtype == "float32"
-                and not _compiling() and not _function_mode() and not _dispatch_depth()
+                and not _compiling() and _tracing() is None and not _function_mode() and not _dispatch_depth()
                 and _functorch_stack() is None
                 and self._cl_geom() == plan[7]):
             return None

@@ -181,6 +181,9 @@ def empty_rows(x: Tensor, rows: int) -> Tensor:
 
 
 _functorch_stack = torch._C._functorch.peek_interpreter_stack  # None: no torch.func transform is running
+# not None while torch.jit.trace records: a raw kernel call would be invisible to it (the trace would replay
+# only the output's allocation), the registered op is recorded
+_tracing = torch._C._get_tracing_state
 
 
 def call_route(x: Tensor, *params: Optional[Tensor]) -> str:
@@ -191,7 +194,7 @@ def call_route(x: Tensor, *params: Optional[Tensor]) -> str:
     wrapped tensors have no data pointer)."""
     if (type(x) is not torch.Tensor or not (x.is_cpu or x.is_cuda) or torch.compiler.is_compiling()
             or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() != 0
-            or _functorch_stack() is not None):
+            or _functorch_stack() is not None or _tracing() is not None):
         return "op"
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return "autograd"

@@ -230,7 +230,7 @@ class SharedInputGroup:
 
     def take(self, i: int, x: Tensor) -> Optional[Tensor]:
         """Member ``i``'s output for input ``x``, or None: the member then computes it itself."""
-        if torch.compiler.is_compiling() or not self.enabled:
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None or not self.enabled:
             return None
         p = getattr(self._local, "pending", None)
         if p is not None and p[0] is x and p[1] == x._version:
