@@ -92,3 +92,44 @@ def test_batchnorm_is_not_folded_when_the_forward_reads_its_tensors_elsewhere(ar
     with torch.no_grad():
         torch.testing.assert_close(folded(x), m(x))
         torch.testing.assert_close(sp.convert(m, x, time_budget=0.5)(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16, torch.int8])
+def test_channels_last_model_cast_keeps_packed_arrays_readable(wdt):
+    """model.to(memory_format=torch.channels_last) restrides every 4-D tensor: the packed (blocks, r, c / g, g)
+    values of int8 / bf16 layers stay laid out as the kernels read them."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    lin = nn.Linear(32, 64)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight * (torch.rand(64, 32) > 0.5))
+    model = nn.Sequential(sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), weight_dtype=wdt),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          sp.SparseLinear.from_dense(lin, format="bsr", block_size=(16, 16), weight_dtype=wdt)).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        model.to(memory_format=torch.channels_last)
+        assert all(t.is_contiguous() for m in model if isinstance(m, sp.nn.SparseModule)
+                   for t in m._buffers.values() if t is not None)
+        torch.testing.assert_close(model(x), want)
+        torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_format_layer_keeps_its_dtype_and_saves(tmp_path):
+    """A dense-format SparseLinear holds float32 like the sparse formats (validate() and saved files rely on it):
+    casting it raises, a model cast leaves it (with a warning), and the model saves and loads."""
+    lin = nn.Linear(8, 8)
+    s = sp.SparseLinear.from_dense(lin, format="dense")
+    with pytest.raises(TypeError, match="keeps its weight dtype"):
+        s.half()
+    model = nn.Sequential(s, nn.ReLU())
+    with pytest.warns(UserWarning, match="keeps its weight dtype"):
+        model.double()
+    with pytest.raises(TypeError, match="float32"):
+        model(torch.randn(2, 8, dtype=torch.float64))
+    sp.save(model, tmp_path / "m.sp")
+    back = sp.load(tmp_path / "m.sp", nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), lin(x).relu())

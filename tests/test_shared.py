@@ -445,3 +445,25 @@ def test_compiled_and_exported_grouped_layers_run_each_layer():
         torch.testing.assert_close(torch.compile(c, fullgraph=True)(x), ref, rtol=1e-4, atol=1e-4)
         ep = torch.export.export(c, (x,))
         torch.testing.assert_close(ep.module()(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_edits_through_data_reach_the_shared_call():
+    """A member's bias edited in place through ``.data`` (no version counter bump: a hand-written SGD / EMA
+    step) is the memory the shared call adds; in a copy of the model (whose group holds concatenated copies),
+    an in-place edit followed by the member's validate() is seen too."""
+    members = _members(32, [16, 16], 0.5, "bsr", (16, 16), "float32")
+    SharedInputGroup(members).attach()
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        ref = [m.to_dense_module() for m in members]
+        members[0](x), members[1](x)
+        members[0].bias.data.add_(1.0)
+        ref[0].bias.add_(1.0)
+        torch.testing.assert_close(members[0](x), ref[0](x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(members[1](x), ref[1](x), rtol=1e-5, atol=1e-5)
+        dup = copy.deepcopy(nn.ModuleList(members))
+        dup[0](x), dup[1](x)  # the copy's group builds its fused layer (copies)
+        dup[1].values.data.zero_()
+        dup[1].validate()
+        dup[0](x)
+        torch.testing.assert_close(dup[1](x), dup[1].bias.expand(4, 16))

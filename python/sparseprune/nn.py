@@ -302,6 +302,9 @@ class SparseModule(nn.Module):
         self.__dict__.pop("_cache_col_groups", None)
         self.__dict__.pop("_cache_fcall", None)
         self.__dict__.pop("_cache_arrays_ok", None)
+        group = self.__dict__.get("_shared_input")
+        if group is not None:  # sparseprune.shared: a fused layer holding copies of this member's arrays
+            group[0].forget_copies(self)
         if self.format not in ("dense", "csr", "bsr"):
             raise ValueError(f"format must be 'dense', 'csr' or 'bsr', got {self.format!r}")
         wdt = self.weight_dtype
@@ -561,15 +564,25 @@ class SparseModule(nn.Module):
         for probe_dtype in {torch.float32, held}:
             probe = fn(torch.zeros(1, dtype=probe_dtype))
             got = probe.dtype
-            if got != probe_dtype and (self.format != "dense" or self.weight_dtype != "float32"):
+            if got != probe_dtype:  # (a dense-format layer too: validate() and saved files hold it to its dtype)
                 why = (f"{type(self).__name__} ({self.format}, {self.weight_dtype} weights) keeps its "
                        f"weight dtype; cannot convert {probe_dtype} to {got}")
                 if not _inside_parent_apply(self):
                     raise TypeError(why)
                 warnings.warn(f"{why}: left in {probe_dtype} while the rest of the model is cast", stacklevel=4)
                 dev = probe.device
-                return super()._apply(lambda t: t if t.device == dev else t.to(dev), recurse)
-        return super()._apply(fn, recurse)
+                return self._packed_layout(super()._apply(lambda t: t if t.device == dev else t.to(dev), recurse))
+        return self._packed_layout(super()._apply(fn, recurse))
+
+    def _packed_layout(self, out):
+        """Packed arrays stay contiguous: ``model.to(memory_format=torch.channels_last)`` restrides every 4-D
+        tensor, an int8 / bf16 layer's (blocks, r, c / g, g) values included, which the kernels read as laid out."""
+        if self.format != "dense":
+            for n in self._packed_names():
+                t = self._buffers.get(n)
+                if isinstance(t, Tensor) and not t.is_contiguous():
+                    self._buffers[n] = t.contiguous()
+        return out
 
 
 def _inside_parent_apply(module: nn.Module) -> bool:
@@ -671,6 +684,9 @@ class SparseLinear(SparseModule):
         act = self.activation
         if self.format == "dense":
             if self.weight_dtype == "float32":
+                if x.dtype != torch.float32:  # as every float32 sparse layer (F.linear's own error otherwise)
+                    raise TypeError(f"{type(self).__name__} computes in float32; got a {x.dtype} input (cast it "
+                                    "with .float())")
                 return ops.apply_activation(F.linear(x, self.weight, self.bias), act)
             y = F.linear(x.to(self.weight.dtype), self.weight)  # bf16 weights: torch's bf16 GEMM
             y = ops.apply_activation(y.float() + self.bias if self.bias is not None else y.float(), act)

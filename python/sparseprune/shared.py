@@ -56,18 +56,24 @@ def _state(m) -> tuple:
     last), its fused activation and threads."""
     b = m._buffers
     ts = (b["values"],) + tuple(t for n, t in b.items() if n != "values") + (m._bias(),)
-    return ts, tuple(_version_of(t) for t in ts if t is not None), m.activation, m.num_threads
+    bias = ts[-1]
+    return (ts, tuple(_version_of(t) for t in ts if t is not None), m.activation, m.num_threads,
+            (ts[0].data_ptr(), None if bias is None else bias.data_ptr()))
 
 
 def _unchanged(m, st: tuple) -> bool:
     """Whether member ``m`` still computes with the state ``st`` recorded by :func:`_state`. Checked per
     call, so cheap: the values array and the bias (object and version), the activation and threads.
     Loading a state dict, ``.to()`` and the other module methods replace every packed array at once (so
-    values too); only editing the index arrays or int8 scales in place by hand would go unseen."""
+    values too); editing arrays in place through ``.data`` (no version counter bump) goes unseen until the
+    member's ``validate()``, which drops the group's fused layer."""
     v, b = m._buffers["values"], m._bias()
     ts, vs = st[0], st[1]
+    # (addresses too: ``bias.data = other`` keeps the object and its version counter)
     return (v is ts[0] and _version_of(v) == vs[0] and m.activation == st[2] and m.num_threads == st[3]
-            and (b is None if ts[-1] is None else b is ts[-1] and _version_of(b) == vs[-1]))
+            and v.data_ptr() == st[4][0]
+            and (b is None if ts[-1] is None else b is ts[-1] and _version_of(b) == vs[-1]
+                 and b.data_ptr() == st[4][1]))
 
 
 def _call_key(m) -> tuple:
@@ -159,6 +165,14 @@ def _share_arrays(fused: nn.Module, members: Sequence[nn.Module]) -> None:
             if part.shape != old.shape or part.dtype != old.dtype:  # never: the fused arrays are their concatenation
                 raise RuntimeError(f"shared-input group: {name} does not line up with its member")
             m._buffers[name] = part
+        # the bias too, where it is the member's own Parameter: then an edit of it in place, even through
+        # ``.data`` (which bumps no version counter: a hand-written SGD or EMA step), is an edit of what the
+        # fused call adds
+        own = m._parameters.get("bias")
+        fb = fused._parameters.get("bias")
+        if own is not None and fb is not None and own is m._bias() and own.shape == (m.out_features,):
+            with torch.no_grad():
+                own.data = fb.data[rows:rows + m.out_features]
         blocks += nb
         rows += m.out_features
 
@@ -214,6 +228,23 @@ class SharedInputGroup:
             if m.__dict__.get(_ATTR, (None,))[0] is self:
                 del m.__dict__[_ATTR]
         self._reset()
+
+    def forget_copies(self, member: nn.Module) -> None:
+        """Drop the fused layer if it holds copies of ``member``'s arrays rather than the very memory (a group
+        rebuilt after a change, or in a copy of the model): the member's ``validate()`` calls this, so that an
+        in-place edit it follows (through ``.data``: no version counter bump) reaches the next shared call."""
+        cache = self._cache
+        if cache is None or cache[0] is None:
+            return
+        fused = cache[0]
+
+        def base(t):
+            return None if t is None else t.untyped_storage().data_ptr()
+        mb, fb = member._buffers, fused._buffers
+        if base(mb.get("values")) != base(fb.get("values")) or (
+                member._bias() is not None and base(member._bias()) != base(fused._parameters.get("bias"))):
+            self._cache = None
+            self._local.pending = None
 
     def _current(self) -> Tuple[Optional[nn.Module], list]:
         """(fused layer, the member states it was built from); the layer is None while the members can no
