@@ -1036,7 +1036,9 @@ def test_pure_16x16_pattern_stays_bsr16(monkeypatch, csr_gain, expect):
     x = torch.randn(64, 1024)
     chosen, cands = [], None
     for _ in range(5):
-        row = next(r for r in sp.summary(sp.convert(model, x, time_budget=0.5, cache=False), print_fn=None)
+        # (a budget the wall time cannot exhaust on a loaded machine: a spent budget keeps the most structured
+        # candidate untimed, which is not what this test is about)
+        row = next(r for r in sp.summary(sp.convert(model, x, time_budget=30.0, cache=False), print_fn=None)
                    if r["name"] == "0")
         chosen.append((row["format"], tuple(row["block"] or ())))
         cands = [k for k in row["candidates"] if k != "dense"]

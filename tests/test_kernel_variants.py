@@ -34,7 +34,10 @@ def test_every_variant_matches_the_reference(kernel, threads, n, k, m, block, sp
     layer.validate()
     x = torch.randn(n, k)
     with torch.no_grad():
-        assert_close(layer(x), ops.apply_activation(reference.linear(x, lin.weight, lin.bias), act))
+        # float32 sums of k products against a float64 reference: the error grows like sqrt(k) (k = 3072 once
+        # missed 1e-4 by 2.4e-5 on an output near zero)
+        tol = 1e-4 * max(1.0, (k / 512) ** 0.5)
+        assert_close(layer(x), ops.apply_activation(reference.linear(x, lin.weight, lin.bias), act), rtol=1e-4, atol=tol)
 
 
 @pytest.mark.parametrize("kernel", list(ops.KERNELS))
