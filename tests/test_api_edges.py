@@ -133,3 +133,26 @@ def test_dense_format_layer_keeps_its_dtype_and_saves(tmp_path):
     x = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(back(x), lin(x).relu())
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_torch_func_grad_and_per_sample_gradients_through_a_sparse_linear():
+    from torch.func import functional_call, grad, jacrev, vmap
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight[:, :8] = 0
+    s = sp.SparseLinear.from_dense(lin, format="csr")
+    x = torch.randn(16)
+    torch.testing.assert_close(grad(lambda v: s(v).tanh().sum())(x), grad(lambda v: lin(v).tanh().sum())(x))
+    torch.testing.assert_close(jacrev(s)(x), jacrev(lin)(x))
+    from torch.func import hessian
+    torch.testing.assert_close(hessian(lambda v: s(v).tanh().sum())(x), hessian(lambda v: lin(v).tanh().sum())(x),
+                               rtol=1e-5, atol=1e-6)
+    xs = torch.randn(5, 16)  # per-sample gradients of the bias: functional_call + grad + vmap
+
+    def loss(mod, p, v):
+        return functional_call(mod, p, (v,)).square().sum()
+    got = vmap(grad(lambda p, v: loss(s, p, v)), in_dims=(None, 0))({"bias": s.bias.detach()}, xs)["bias"]
+    want = vmap(grad(lambda p, v: loss(lin, p, v)), in_dims=(None, 0))({"bias": lin.bias.detach()}, xs)["bias"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -469,6 +469,9 @@ def _fits(fresh: nn.Module, new: nn.Module) -> bool:
     if isinstance(fresh, SparseModule):
         return type(fresh) is type(new) and tuple(fresh.weight_shape) == tuple(new.weight_shape)
     w = getattr(fresh, "weight", None)
+    if isinstance(w, nn.parameter.UninitializedParameter):  # a lazy module (nn.LazyLinear): its size is the file's
+        return isinstance(fresh, new.dense_type) and getattr(fresh, "out_features",
+                                                              getattr(fresh, "out_channels", None)) == new.weight_shape[0]
     return (isinstance(fresh, new.dense_type) and isinstance(w, torch.Tensor)
             and tuple(w.shape) == tuple(new.weight_shape))
 

@@ -404,6 +404,10 @@ class SparseModule(nn.Module):
         # and adopt it only if valid (a refused set leaves the module exactly as it was).
         names = self._packed_names() if self.format != "dense" else ()
         incoming = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        if local_metadata.get("assign_to_params_buffers", False) and prefix + "bias" in state_dict:
+            b = state_dict[prefix + "bias"]  # assigned as given (not copied into a float32 tensor): checked first
+            if isinstance(b, Tensor):
+                self._check_bias(b)
         if incoming:
             for n, t in incoming.items():
                 if not isinstance(t, Tensor):
@@ -423,6 +427,9 @@ class SparseModule(nn.Module):
                     from None
             self.__dict__["_buffers"] = new
             self.validate()
+            # the base class then copies (or, with assign=True, installs) what it is given: the arrays adopted here
+            state_dict = dict(state_dict)
+            state_dict.update({prefix + n: new[n] for n in incoming})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -715,6 +722,8 @@ class SparseLinear(SparseModule):
             y = ops.spmm_eager(*args, self._act_code(), self.kernel)
         elif route == "autograd":
             y = ops.apply_activation(ops.SpmmFunction.apply(*args), act)
+        elif ops.differentiating_transform():
+            y = ops.apply_activation(ops.SpmmFuncTransform.apply(*args), act)
         else:
             y = ops.apply_activation(torch.ops.sparseprune.spmm(*args), act)
         return y.reshape(*lead, self.out_features)

@@ -292,6 +292,81 @@ class SpmmFunction(torch.autograd.Function):
         return gx, None, None, None, gb, None, None, None, None, None
 
 
+class SpmmFuncTransform(torch.autograd.Function):
+    """:func:`spmm` differentiable under ``torch.func`` transforms (grad, jacrev, vjp; vmap through the
+    generated rule): the op's own autograd (``register_autograd``) is refused by them in this torch."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, row_ptr, col_idx, values, bias, rows, cols, r, c, num_threads):
+        return torch.ops.sparseprune.spmm(x, row_ptr, col_idx, values, bias, rows, cols, r, c, num_threads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, row_ptr, col_idx, values, bias, rows, cols, r, c, num_threads = inputs
+        ctx.save_for_backward(row_ptr, col_idx, values)
+        ctx.save_for_forward(row_ptr, col_idx, values)
+        ctx.meta = (rows, cols, r, c, num_threads)
+        ctx.has_bias = bias is not None
+        ctx.n = x.shape[0]
+
+    @staticmethod
+    def jvp(ctx, x_t, row_ptr_t, col_idx_t, values_t, bias_t, *rest):
+        row_ptr, col_idx, values = ctx.saved_tensors
+        out = SpmmFuncTransform.apply(x_t, row_ptr, col_idx, values, None, *ctx.meta) if x_t is not None else None
+        if bias_t is not None:
+            out = bias_t.expand(ctx.n, -1).clone() if out is None else out + bias_t
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        row_ptr, col_idx, values = ctx.saved_tensors
+        gx = _SpmmTFuncTransform.apply(grad, row_ptr, col_idx, values, *ctx.meta) if ctx.needs_input_grad[0] else None
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return gx, None, None, None, gb, None, None, None, None, None
+
+
+class _SpmmTFuncTransform(torch.autograd.Function):
+    """:func:`spmm_t` (``dy @ W``) under ``torch.func`` transforms, differentiable in ``dy`` (its gradient is
+    ``spmm``): the backward of :class:`SpmmFuncTransform` when the transform tracks that gradient too."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy, row_ptr, col_idx, values, rows, cols, r, c, num_threads):
+        return torch.ops.sparseprune.spmm_t(dy, row_ptr, col_idx, values, rows, cols, r, c, num_threads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, row_ptr, col_idx, values, rows, cols, r, c, num_threads = inputs
+        ctx.save_for_backward(row_ptr, col_idx, values)
+        ctx.save_for_forward(row_ptr, col_idx, values)
+        ctx.meta = (rows, cols, r, c, num_threads)
+
+    @staticmethod
+    def jvp(ctx, dy_t, *rest):
+        row_ptr, col_idx, values = ctx.saved_tensors
+        return _SpmmTFuncTransform.apply(dy_t, row_ptr, col_idx, values, *ctx.meta)
+
+    @staticmethod
+    def backward(ctx, gg):
+        row_ptr, col_idx, values = ctx.saved_tensors
+        gdy = SpmmFuncTransform.apply(gg, row_ptr, col_idx, values, None, *ctx.meta) if ctx.needs_input_grad[0] else None
+        return gdy, None, None, None, None, None, None, None, None
+
+
+def differentiating_transform() -> bool:
+    """Whether a ``torch.func`` transform that differentiates (grad, jacrev, vjp, jvp) is running."""
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the interpreter stack; compiled graphs take the op)
+        return False
+    from torch._C._functorch import TransformType
+    if _functorch_stack() is None:
+        return False
+    return any(lvl.key() in (TransformType.Grad, TransformType.Jvp)
+               for lvl in torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters())
+
+
 @spmm.register_fake
 def _(x, row_ptr, col_idx, values, bias, rows, cols, r, c, num_threads):
     torch._check(x.dim() == 2, lambda: "spmm: expected a 2-D input")
