@@ -156,3 +156,45 @@ def test_torch_func_grad_and_per_sample_gradients_through_a_sparse_linear():
     got = vmap(grad(lambda p, v: loss(s, p, v)), in_dims=(None, 0))({"bias": s.bias.detach()}, xs)["bias"]
     want = vmap(grad(lambda p, v: loss(lin, p, v)), in_dims=(None, 0))({"bias": lin.bias.detach()}, xs)["bias"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_load_state_dict_assign_installs_checked_arrays():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight * (torch.rand(16, 16) > 0.5))
+    s = sp.SparseLinear.from_dense(lin, format="csr")
+    sd = s.state_dict()
+    sd["col_idx"] = sd["col_idx"].repeat_interleave(2)[::2]  # the same values, not contiguous
+    s.load_state_dict(sd, assign=True)
+    assert all(t.is_contiguous() for t in s._buffers.values())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(s(x), lin(x), rtol=1e-5, atol=1e-6)
+    sd = s.state_dict()
+    sd["bias"] = sd["bias"].double()
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    with pytest.raises(ValueError, match="bias must be float32"):
+        s.load_state_dict(sd, assign=True)
+    assert all(torch.equal(before[k], v) for k, v in s.state_dict().items())
+
+
+def test_load_into_a_model_with_a_lazy_layer(tmp_path):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(16, 16), nn.LazyLinear(8)
+
+        def forward(self, x):
+            return self.head(self.fc(x))
+    torch.manual_seed(0)
+    m = M()
+    x = torch.randn(4, 16)
+    m(x)
+    with torch.no_grad():
+        m.head.weight[:, :8] = 0
+    m.head = sp.SparseLinear.from_dense(m.head, format="csr")
+    sp.save(m.eval(), tmp_path / "m.sp")
+    back = sp.load(tmp_path / "m.sp", M().eval())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), m(x))
