@@ -198,3 +198,30 @@ def test_load_into_a_model_with_a_lazy_layer(tmp_path):
     back = sp.load(tmp_path / "m.sp", M().eval())
     with torch.no_grad():
         torch.testing.assert_close(back(x), m(x))
+
+
+def test_int8_rows_whose_range_overflows_float32(isa):
+    """A finite row wider than float32's range (+-2e38: max - min overflows) is quantized with its scale taken
+    part by part, not replaced by 1 (a finite wrong row); every ISA path and the conv planes kernel agree."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    w = lin.weight.detach() * (torch.rand(32, 64) > 0.3)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    q = sp.SparseLinear.from_dense(lin, format="bsr", block_size=(16, 16), weight_dtype=torch.int8)
+    x = torch.randn(3, 64)
+    x[0] = torch.tensor([2e38, -2e38] * 32)
+    with torch.no_grad():
+        got, dense = q(x), lin(x)
+    assert torch.isfinite(got).all()
+    rel = ((got[0] - dense[0]).abs().max() / dense[0].abs().max()).item()
+    assert rel < 0.2, rel  # int8 error, not a row computed with scale 1
+    from sparseprune import quant
+    torch.testing.assert_close(got, quant.reference_qspmm(x, q.packed(), q.bias), rtol=0, atol=0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    qc = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(16, 16), weight_dtype=torch.int8)
+    xi = torch.randn(1, 16, 6, 6)
+    xi[0, :, 2, 3] = torch.tensor([2e38, -2e38] * 8)
+    with torch.no_grad():
+        yc, yd = qc(xi), conv(xi)
+    assert torch.isfinite(yc).all() and ((yc - yd).abs().max() / yd.abs().max()).item() < 0.2

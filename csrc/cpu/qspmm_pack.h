@@ -28,6 +28,8 @@ inline QRowParams q_row_params(float lo, float hi) {
   hi = hi > 0.0f ? hi : 0.0f;
   QRowParams p;
   float s = (hi - lo) / kQMax;
+  // a finite range wider than float32 (hi - lo overflows: e.g. a row of +-2e38) scaled part by part
+  if (std::isinf(s) && std::isfinite(hi) && std::isfinite(lo)) s = hi / kQMax - lo / kQMax;
   // all-zero rows, and ranges so small that 1 / s would overflow, use s = 1 (q == zp == 0 for them)
   if (!(s >= 1e-30f) || !std::isfinite(s)) s = 1.0f;
   p.s = s;

@@ -93,6 +93,10 @@ inline void q_planes_params(const float* x, const QPlanes& g, const PlanesCols& 
     if (16 * v >= cnt) break;
     const __m512 l = _mm512_min_ps(lo[v], zero), h = _mm512_max_ps(hi[v], zero);
     __m512 s = _mm512_div_ps(_mm512_sub_ps(h, l), qmax);
+    // a finite range wider than float32 (h - l overflows) scaled part by part, as q_row_params
+    const __mmask16 wide = _mm512_cmp_ps_mask(s, inf, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(_mm512_abs_ps(h), inf, _CMP_LT_OQ) &
+                           _mm512_cmp_ps_mask(_mm512_abs_ps(l), inf, _CMP_LT_OQ);
+    s = _mm512_mask_blend_ps(wide, s, _mm512_sub_ps(_mm512_div_ps(h, qmax), _mm512_div_ps(l, qmax)));
     const __mmask16 ok = _mm512_cmp_ps_mask(s, tiny, _CMP_GE_OQ) & _mm512_cmp_ps_mask(s, inf, _CMP_LT_OQ);
     s = _mm512_mask_blend_ps(ok, one, s);
     const __m512 vinv = _mm512_div_ps(one, s);

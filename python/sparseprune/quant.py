@@ -462,6 +462,8 @@ def quantize_rows(x: Tensor):
         lo = torch.where(nan, torch.inf, x).amin(dim=1).clamp(max=0.0)
         hi = torch.where(nan, -torch.inf, x).amax(dim=1).clamp(min=0.0)
     s = (hi - lo) / _ACT_QMAX
+    # a finite range wider than float32 (hi - lo overflows) scaled part by part, as the kernels do
+    s = torch.where(torch.isinf(s) & torch.isfinite(hi) & torch.isfinite(lo), hi / _ACT_QMAX - lo / _ACT_QMAX, s)
     s = torch.where((s >= 1e-30) & torch.isfinite(s), s, torch.ones_like(s))
     inv = torch.div(torch.ones_like(s), s)
     zp = torch.round(torch.div(-lo, s)).clamp(0.0, _ACT_QMAX)
