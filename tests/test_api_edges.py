@@ -225,3 +225,27 @@ def test_int8_rows_whose_range_overflows_float32(isa):
     with torch.no_grad():
         yc, yd = qc(xi), conv(xi)
     assert torch.isfinite(yc).all() and ((yc - yd).abs().max() / yd.abs().max()).item() < 0.2
+
+
+def test_int8_packing_refuses_non_finite_weights_and_stores_tiny_rows_as_zero():
+    w = torch.randn(32, 32)
+    for bad in (float("nan"), float("inf")):
+        wb = w.clone()
+        wb[3, 5] = bad
+        with pytest.raises(ValueError, match=r"must be finite: output row\(s\) \[3\]"):
+            sp.SparseLinear.from_dense(_with_weight(wb), format="bsr", block_size=(16, 16), weight_dtype=torch.int8)
+    wt = w.clone()
+    wt[3] = 1e-44  # denormal: no normal float32 scale
+    lin = _with_weight(wt)
+    q = sp.SparseLinear.from_dense(lin, format="bsr", block_size=(16, 16), weight_dtype=torch.int8)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        y = q(x)
+    assert torch.equal(y[:, 3], lin.bias.detach()[3].expand(4))
+
+
+def _with_weight(w):
+    lin = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin

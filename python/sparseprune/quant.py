@@ -116,8 +116,14 @@ class QuantBSRMatrix(formats.BlockRows):
         g = _GROUP[dtype]
         scales = comp = None
         if dtype == torch.int8:
-            amax = dense.abs().amax(dim=1) if k else dense.new_zeros(m)
-            scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).float().contiguous()
+            if k and not bool(torch.isfinite(dense).all()):  # int8 has no NaN / inf to hold them
+                bad = (~torch.isfinite(dense)).any(dim=1).nonzero()[:, 0].tolist()
+                raise ValueError(f"int8 weights must be finite: output row(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} "
+                                 "hold NaN or an infinity")
+            amax = dense.abs().amax(dim=1).float() if k else dense.new_zeros(m, dtype=torch.float32)
+            # a row too small for a normal float32 scale (|w| < ~1.5e-36) is stored as zeros
+            scales = torch.where(amax / 127.0 >= torch.finfo(torch.float32).tiny, amax / 127.0,
+                                 torch.ones_like(amax)).contiguous()
             wq = torch.round(dense / scales[:, None]).clamp_(-127, 127).to(torch.int8)
             comp = wq.sum(dim=1, dtype=torch.int32).contiguous()
         else:
