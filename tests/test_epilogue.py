@@ -379,3 +379,23 @@ def test_convert_folds_and_fuses_in_models_fx_cannot_trace(sparse_wins):
     assert len(t["folded"]) == 2 and {f["layer"] for f in t["fused"]} == {"0.convolution", "1.convolution"}
     with torch.no_grad():
         torch.testing.assert_close(c(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_fused_activation_at_infinities_matches_torch(isa, act):
+    """-inf, +inf, huge and NaN pre-activations: the fused store gives what PyTorch's function gives (NaN for
+    silu / gelu_tanh at -inf, as -inf / inf does; every ISA path alike)."""
+    special = torch.tensor([-float("inf"), float("inf"), -1e30, 1e30, float("nan"), -0.0, 3.0, -3.0])
+    lin = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+        lin.weight[:, 0] = 1.0
+    x = torch.zeros(len(special), 16)
+    x[:, 0] = special
+    for fmt, kw in (("bsr", {"block_size": (16, 16)}), ("csr", {})):
+        m = sp.SparseLinear.from_dense(lin, format=fmt, activation=act, **kw)
+        with torch.no_grad():
+            got = m(x)[:, 0]
+        want = ops.apply_activation(special, act)
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,9 @@ struct EV8 {
   static inline T min(T a, T b) { return _mm256_min_ps(a, b); }
   static inline T abs(T a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static inline T round(T a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline T nan_at_neg_inf(T v, T x) {  // x == -inf ? NaN : v
+    return _mm256_blendv_ps(v, _mm256_set1_ps(__builtin_nanf("")), _mm256_cmp_ps(x, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ));
+  }
   static inline T pow2(T n) {  // 2^n for integral n in [-126, 127]
     const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
@@ -44,6 +47,10 @@ struct EV16 {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)));
   }
   static inline T round(T a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline T nan_at_neg_inf(T v, T x) {  // x == -inf ? NaN : v
+    return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ),
+                              _mm512_set1_ps(__builtin_nanf("")));
+  }
   static inline T pow2(T n) {
     const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
@@ -77,9 +84,10 @@ struct ActMath {
   }
   // x / (1 + exp(-k)): x * sigmoid(k); 0 where -k > 87 (exp saturates there, and x * e^k is below
   // anything x can resolve; dividing by the saturated value gave -1.8 for silu(-3e38))
+  // (x = -inf: NaN, as PyTorch's -inf / inf and -inf * 0 give)
   static inline T x_sigmoid(T x, T k) {
     const T nk = E::mul(k, E::set1(-1.0f));
-    return E::zero_gt(E::mul(x, rcp(E::add(E::set1(1.0f), exp(nk)))), nk, E::set1(87.0f));
+    return E::nan_at_neg_inf(E::zero_gt(E::mul(x, rcp(E::add(E::set1(1.0f), exp(nk)))), nk, E::set1(87.0f)), x);
   }
   // GELU (erf) = max(x, 0) - |x|/2 * erfc(|x| / sqrt 2), erf(x / sqrt 2) ~ x P(x^2) / Q(x^2) for |x| <= 5.6
   // (a rational fit made for this file: tools/fit_gelu.py; erfc is 0 beyond, below what the result can
