@@ -249,3 +249,27 @@ def _with_weight(w):
     with torch.no_grad():
         lin.weight.copy_(w)
     return lin
+
+
+def test_a_bare_layer_is_refused_by_convert_and_listed_by_summary():
+    lin = nn.Linear(32, 32)
+    with pytest.raises(ValueError, match="single Linear"):
+        sp.convert(lin, torch.randn(2, 32))
+    s = sp.SparseLinear.from_dense(lin, format="csr")
+    rows = sp.summary(s, print_fn=None)
+    assert len(rows) == 1 and rows[0]["format"] == "csr"
+
+
+def test_summary_table_keeps_one_line_per_layer_and_aligned_columns():
+    m = nn.ModuleDict({"ok": nn.Linear(8, 8), "new\nline": nn.Linear(8, 8), "层层层": nn.Linear(8, 8),
+                       "x" * 300: nn.Linear(8, 8)})
+    table = sp.summary(nn.ModuleDict({"d": m}), print_fn=None).table()
+    lines = table.splitlines()
+    rows = [ln for ln in lines if "Linear" in ln]
+    assert len(rows) == 4 and all(len(ln) < 200 for ln in rows)
+    import unicodedata
+
+    def width(s):
+        return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in s)
+    cols = {width(ln[:ln.index("Linear")]) for ln in rows}
+    assert len(cols) == 1  # the type column starts at the same terminal column on every row

@@ -163,6 +163,11 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if converter_for(getattr(model, "_orig_mod", model)) is not None:
+        # convert replaces a model's layers; a bare layer has none (it came back dense without a word)
+        raise ValueError(f"convert: the model is a single {type(model).__name__}, which convert would return as it "
+                         "is; wrap it (nn.Sequential(layer)) or build the sparse layer with "
+                         "SparseLinear.from_dense / SparseConv2d.from_dense")
     if getattr(getattr(model, "_orig_mod", model), REPORT_ATTR, None) is not None:
         # a second convert's report would describe only what it changed: the summary would miss the first
         # one's layers and fusions, and sp.load would refuse what sp.save wrote

@@ -114,16 +114,18 @@ class Summary(list):
                     v = f"{v:.2f}x"
                 elif spec and v is not None:
                     v = format(v, spec)
+                elif key == "name" and v is not None:
+                    v = _cell_text(str(v))
                 cells.append("-" if v is None else str(v))
             body.append(cells)
         t = self.totals
         tot = ["total", "", "", f"{t['sparse_layers']}/{t['layers']} sparse", "", "", "", _num(t["dense_ms"], ".3f"),
                _num(t["converted_ms"], ".3f"), "-" if t["speedup"] is None else f"{t['speedup']:.2f}x"]
         head = [c[0] for c in cols]
-        widths = [max(len(str(x[i])) for x in [head, tot] + body) for i in range(len(cols))]
+        widths = [max(_width(str(x[i])) for x in [head, tot] + body) for i in range(len(cols))]
 
         def line(cells):
-            return "  ".join(str(c).ljust(w) if i < 6 else str(c).rjust(w)
+            return "  ".join(str(c) + " " * (w - _width(str(c))) if i < 6 else " " * (w - _width(str(c))) + str(c)
                              for i, (c, w) in enumerate(zip(cells, widths)))
         out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
         out += [line(["-" * w for w in widths]), line(tot)]
@@ -191,9 +193,23 @@ def _row_of(name: str, m: nn.Module, reason: str) -> LayerRow:
                     reason=reason)
 
 
+def _cell_text(name: str, limit: int = 60) -> str:
+    """A layer name as one table cell: control characters escaped (a newline would split the row), very long
+    names shortened in the middle."""
+    name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    return name if len(name) <= limit else name[:limit // 2 - 1] + "..." + name[-(limit // 2 - 2):]
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: East Asian wide and full-width characters take two."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
 def _layers(model: nn.Module):
+    # (the model itself counts when it is a single layer: sp.summary(SparseLinear.from_dense(...)))
     return [(n, m) for n, m in model.named_modules()
-            if n and (isinstance(m, spnn.SparseModule) or base_type(m) in CONVERTERS)]
+            if (n or not any(True for _ in m.children())) and (isinstance(m, spnn.SparseModule) or base_type(m) in CONVERTERS)]
 
 
 def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = print) -> Summary:
