@@ -14,7 +14,8 @@ Numerics (identical in every kernel path and in :func:`reference_qspmm`):
 * int8 — weights symmetric per output channel (``scale[m] = max|W[m]| / 127``, values in
   [-127, 127]); activations asymmetric per row of ``x`` (per token), computed at run time, on 7 bits
   as torch's dynamic quantization does on x86 (fbgemm's ``reduce_range``):
-  ``lo = min(0, min x)``, ``hi = max(0, max x)``, ``s = (hi - lo) / 127``, ``zp = round(-lo / s)``,
+  ``lo = min(0, min x)``, ``hi = max(0, max x)``, ``s = (hi - lo) / 127`` (``hi / 127 - lo / 127`` where
+  ``hi - lo`` overflows), ``zp = round(-lo / s)``,
   ``q = clamp(round(x * (1 / s)) + zp, 0, 127)`` (round half to even). int32 accumulation;
   ``y = float(Σ q·w - zp · comp[m]) * (s * scale[m]) + bias[m]`` with ``comp[m] = Σ_k w[m, k]``
   precomputed at pack time. The integer part is exact, so every path agrees bit for bit.

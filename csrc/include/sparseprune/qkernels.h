@@ -10,7 +10,8 @@
 // the same 32-bit words, k-group-major, so a register tile broadcasts one word per row of X.
 //
 // int8 numerics (those of torch's dynamic quantization, per row of X):
-//   lo = min(0, min_k x), hi = max(0, max_k x), s = (hi - lo) / 127 (1 when hi == lo),
+//   lo = min(0, min_k x), hi = max(0, max_k x), s = (hi - lo) / 127 (hi / 127 - lo / 127 where hi - lo overflows;
+//   1 when hi == lo),
 //   zp = clamp(nearbyint(-lo / s), 0, 127), q = clamp(nearbyint(x * (1 / s)) + zp, 0, 127)
 //   y[n, m] = float(sum_k q * w - zp * comp[m]) * (s * wscale[m]) + bias[m],  comp[m] = sum_k w[m, k]
 #pragma once
