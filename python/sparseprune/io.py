@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ._modules import module_names, set_module
-from .prune.masks import MASK_NAME, apply_masks
+from .prune.masks import MASK_NAME, apply_mask, apply_masks, masked_modules
 
 __all__ = ["save", "load", "read_file", "FORMAT_VERSION", "RESHAPED_ATTR"]
 
@@ -115,7 +115,6 @@ def _structure(model: nn.Module) -> dict:
                 tensors[f"{name}.{k}" if name else k] = {"shape": list(t.shape), "param": k in m._parameters,
                                                           "requires_grad": bool(t.requires_grad)}
     training = [name for name, m in model.named_modules() if m.training]
-    from .prune.masks import masked_modules
     out = {"modules": modules, "int_attrs": ints, "tensors": tensors, "training": training, "report": report,
            "module_aliases": module_aliases, "reshaped": sorted(reshaped)}
     masked = sorted(name for name, _ in masked_modules(model) if name)
@@ -512,10 +511,9 @@ def load(path, model: nn.Module) -> nn.Module:
             from None
 
 
-def _install_masks(mods: Dict[str, nn.Module], names: List[str], state: Dict[str, torch.Tensor]) -> List[str]:
+def _install_masks(mods: Dict[str, nn.Module], names: List[str], state: Dict[str, torch.Tensor]) -> None:
     """Put a (placeholder, all-kept) mask on each module the file records as masked (pattern-pruned, not yet
-    converted: a training checkpoint), so that ``load_state_dict`` fills it; returns their names."""
-    from .prune.masks import apply_mask
+    converted: a training checkpoint), so that ``load_state_dict`` fills it."""
     for name in names:
         m = mods.get(name)
         if m is None:
@@ -526,7 +524,6 @@ def _install_masks(mods: Dict[str, nn.Module], names: List[str], state: Dict[str
         if saved is None or saved.dtype != torch.bool:
             raise ValueError(f"load: {name}'s mask is missing from the file or not boolean")
         apply_mask(m, torch.ones(m.weight.shape, dtype=torch.bool, device=m.weight.device))
-    return list(names)
 
 
 def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict) -> nn.Module:
@@ -567,7 +564,8 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         rebuilt.update(names)
         mods = dict(model.named_modules())
     mods = dict(model.named_modules())
-    masked = _install_masks(mods, structure.get("masks", []), state)
+    masked = structure.get("masks", [])
+    _install_masks(mods, masked, state)
     may_change = (lambda n: n not in rebuilt) if legacy else (lambda n: n in reshaped and n not in rebuilt)
     for name, ints in structure.get("int_attrs", {}).items():
         m = mods.get(name)

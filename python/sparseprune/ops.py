@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -125,6 +126,11 @@ def _int_arg(v, name: str, op: str, lo: int) -> int:
     return v
 
 
+def _check_block_geometry(rows, cols, r, c, op: str) -> None:
+    for name, v, lo in (("rows", rows, 0), ("cols", cols, 0), ("r", r, 1), ("c", c, 1)):
+        _int_arg(v, name, op, lo)
+
+
 def _check_packed_args(row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor], rows: int,
                        cols: int, r: int, c: int, op: str) -> None:
     """What the kernels read of a packed weight, checked before they read it: a (rows x cols) matrix of
@@ -133,10 +139,9 @@ def _check_packed_args(row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: O
     The public ops take these arrays from anyone: a wrong one must be a ValueError / TypeError, never a
     read out of bounds."""
     from .formats import BSRMatrix
-    for name, v, lo in (("rows", rows, 0), ("cols", cols, 0), ("r", r, 1), ("c", c, 1)):
-        _int_arg(v, name, op, lo)
+    _check_block_geometry(rows, cols, r, c, op)
     for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
-        if type(t) is not Tensor and not isinstance(t, Tensor):
+        if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.dtype != torch.float32 or bias.shape != (rows,):
@@ -165,7 +170,6 @@ def checked_once(arrays: tuple, geometry: tuple, op: str, full_check) -> None:
     except (TypeError, ValueError) as e:
         raise type(e)(f"{op}: the packed weight is invalid: {e}") from None
     if key is not None and -1 not in versions:
-        import weakref
         while len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.pop(next(iter(_CHECKED)))
         _CHECKED[key] = (tuple(weakref.ref(t) for t in present), now)

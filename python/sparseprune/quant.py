@@ -237,8 +237,7 @@ def _check_packed_args(row_ptr, col_idx, values, scales, compensation, rows: int
                        op: str) -> None:
     """A quantized packed weight given to the public op or :func:`qspmm`, checked in full (as
     :meth:`QuantBSRMatrix.validate`) before a kernel reads it; once per unchanged set of arrays."""
-    for name, v, lo in (("rows", rows, 0), ("cols", cols, 0), ("r", r, 1), ("c", c, 1)):
-        ops._int_arg(v, name, op, lo)
+    ops._check_block_geometry(rows, cols, r, c, op)
     if not isinstance(values, Tensor):
         raise TypeError(f"{op}: values must be a Tensor, got {type(values).__name__}")
     ops.checked_once((row_ptr, col_idx, values, scales, compensation), (rows, cols, r, c), op,

@@ -7,9 +7,13 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import nn as spnn
 from .._modules import set_module
+from ..prune import masks
 
 __all__ = ["Converter", "CONVERTERS", "register_converter", "base_type", "has_hooks", "user_hooks", "carry_hooks",
            "densify", "dense_twin", "converter_for", "weight_density"]
@@ -59,12 +63,8 @@ def has_hooks(m: nn.Module) -> bool:
 def _ours(hook) -> bool:
     """A hook that computes the weight (a mask, sparseprune's or ``torch.nn.utils.prune``'s; the hook-based
     ``weight_norm`` / ``spectral_norm``): a replacement holds the weight it computed and needs none."""
-    import torch.nn.utils.prune  # noqa: F401
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-    from ..prune import masks
     return (hook is masks._forward_pre_hook or hook is masks._restore_lent
-            or isinstance(hook, (torch.nn.utils.prune.BasePruningMethod, WeightNorm, SpectralNorm)))
+            or isinstance(hook, (BasePruningMethod, WeightNorm, SpectralNorm)))
 
 
 def user_hooks(m: nn.Module) -> bool:
