@@ -79,7 +79,8 @@ def kernel_args(L, x, y, threads):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--old", required=True, help="path (or glob) of the other build's _C shared object")
+    ap.add_argument("--old", required=True, help="path (or glob) of the other build's _C shared object, or 'self' "
+                    "(the installed build twice: η of one build; pybind11 cannot load the same build's types twice)")
     ap.add_argument("--rounds", type=int, default=41)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma list of: {', '.join(SHAPES)}")
@@ -91,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=("float32", "int8", "bfloat16"), default="float32", help="weight dtype")
     ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
     a = ap.parse_args(argv)
-    old_c = load_old(a.old)
+    old_c = new_c if a.old == "self" else load_old(a.old)
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
