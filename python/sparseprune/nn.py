@@ -194,7 +194,8 @@ class SparseModule(nn.Module):
                              + "".join(f" or torch.{d}" for d in cls.QUANT_DTYPES) + ")")
         if format == "auto":
             format, block_size = cls._auto_format(weight, geometry, block_size)
-            if wdt != "float32" and format != "dense":
+            # int8 has no dense path (its kernel is the BSR one: a dense weight stores every block); bf16 keeps dense
+            if wdt != "float32" and (format != "dense" or wdt == "int8"):
                 format, block_size = "bsr", cls._quant_block(weight, wdt, block_size if format == "bsr" else None)
         if wdt == "int8" and format == "dense":
             raise ValueError("int8 weights run through the block-sparse kernel: use format='bsr' (a dense weight "
@@ -537,6 +538,19 @@ class SparseModule(nn.Module):
         if x.device != self.values.device:
             raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
 
+    def _check_dense_input(self, x: Tensor) -> None:
+        """format='dense': the same input dtypes as the packed formats (float32 weights: float32 inputs; bf16
+        weights: float32 or bfloat16), not whatever torch's dense op would accept or cast."""
+        if self.weight_dtype == "float32":
+            if x.dtype != torch.float32:
+                raise TypeError(f"{type(self).__name__} computes in float32; got a {x.dtype} input (cast it with "
+                                ".float())")
+        elif x.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"{type(self).__name__} ({self.weight_dtype} weights) takes float32 or bfloat16 inputs, "
+                            f"got {x.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.weight.device}")
+
     # -- quantized weights (int8 / bf16): one matmul path for every module type ----------------
     def _check_quant_input(self, x: Tensor) -> None:
         if x.dtype not in (torch.float32, torch.bfloat16):
@@ -690,10 +704,8 @@ class SparseLinear(SparseModule):
             raise ValueError(f"SparseLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
         act = self.activation
         if self.format == "dense":
+            self._check_dense_input(x)
             if self.weight_dtype == "float32":
-                if x.dtype != torch.float32:  # as every float32 sparse layer (F.linear's own error otherwise)
-                    raise TypeError(f"{type(self).__name__} computes in float32; got a {x.dtype} input (cast it "
-                                    "with .float())")
                 return ops.apply_activation(F.linear(x, self.weight, self.bias), act)
             y = F.linear(x.to(self.weight.dtype), self.weight)  # bf16 weights: torch's bf16 GEMM
             y = ops.apply_activation(y.float() + self.bias if self.bias is not None else y.float(), act)
@@ -1348,6 +1360,7 @@ class SparseConv2d(SparseModule):
             x = F.pad(x, (pad4[2], pad4[3], pad4[0], pad4[1]), mode=self.padding_mode)
             pad4 = (0, 0, 0, 0)
         if self.format == "dense":
+            self._check_dense_input(x)
             x, pad = self._sym_pad(x, pad4)
             if self.weight_dtype == "float32":
                 return ops.apply_activation(F.conv2d(x, self.weight, self.bias, self.stride, pad, self.dilation,
