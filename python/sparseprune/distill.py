@@ -40,7 +40,13 @@ in as ``(1 - task_weight) * distill + task_weight * task``.
 ``data`` is an iterable of model calls (a tensor, a tuple of positional arguments or a mapping of
 keyword arguments, see ``sparseprune._inputs``), cycled as needed; a ``SentenceTransformer`` takes its
 features dict positionally, so a bare features dict or ``(features,)`` both work. ``forward=callable
-(model, batch)`` feeds anything else (e.g. ``(x, y)`` pairs with a ``task_loss``).
+(model, batch)`` feeds anything else (e.g. ``(x, y)`` pairs with a ``task_loss``). A one-shot iterator
+(a generator) is read once, never cycled: the calibration batches are taken from its start and are also
+the first training batches, and it must hold at least ``steps`` batches (distill raises when it runs out).
+
+If ``distill`` raises (or is interrupted), the model is handed back as it was: weights, buffers, masks
+and their hooks, training modes, ``requires_grad`` and ``.grad`` (a ``checkpoint`` keeps the progress, to
+resume from). A ``teacher`` passed in gets its training modes and ``requires_grad`` flags back either way.
 
 SentenceTransformers are distilled directly (``sp.distill(st, [st.tokenize(texts) for texts in chunks],
 ...)``: each batch is a features dict or a ``(features,)`` tuple). To run the pruned model fast,
@@ -71,6 +77,7 @@ import random
 import re
 import tempfile
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -80,7 +87,8 @@ from torch import Tensor, nn
 
 from ._inputs import call_model
 from .prune import criteria as C
-from .prune.masks import MASK_NAME, apply_mask, get_mask, masked_modules, sync_masks
+from .prune.masks import (MASK_NAME, apply_mask, get_mask, is_masked, masked_modules, remove_masks,
+                          sync_masks)
 from .prune.patterns import check_sparsity, prune_blocks, prune_nm, prune_unstructured
 from .prune.schedule import cubic_sparsity
 
@@ -458,7 +466,12 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
 
 # -- data --------------------------------------------------------------------------------------------
 class _Cycle:
-    """Cycle through ``data`` forever; knows the index within the epoch (for the teacher cache)."""
+    """Cycle through ``data`` forever; knows the index within the epoch (for the teacher cache).
+
+    Sized data is indexed. Anything else is iterated, and iterated again at its end; a one-shot
+    iterator (a generator, ``iter(list)``) cannot start again, so running out of it raises. Batches
+    taken by :meth:`peek` (the calibration batches) are the first ones :meth:`next` returns, as for
+    sized data, so a one-shot iterator loses none to calibration."""
 
     def __init__(self, data):
         self.data = data
@@ -469,17 +482,54 @@ class _Cycle:
         elif isinstance(data, tuple) and data and all(isinstance(x, Tensor) for x in data):
             # a single positional-args call, not a list of batches: ambiguous, treat as one batch
             self.data, self.sized = [data], True
-        try:  # an empty list or DataLoader fails here, before distill changes the model
+        try:
             empty = hasattr(self.data, "__len__") and len(self.data) == 0
         except TypeError:  # e.g. a DataLoader over an IterableDataset: no length
             empty = False
         if empty:
             raise ValueError("data is empty")
         self._it: Optional[Iterator] = None
+        self._ahead: deque = deque()  # pulled by peek(), not yet returned by next()
+        self._pulled = 0
         self.index = -1
+        if not self.sized:  # empty unsized data fails here too, before distill changes anything
+            self._ahead.append(self._pull())
 
     def __len__(self):
         return len(self.data)
+
+    def _pull(self, wrap: bool = True):
+        """The next batch from the iterator; at its end, a new pass (``wrap``) or ``_END``."""
+        if self._it is None:
+            self._it = iter(self.data)
+        b = next(self._it, _END)
+        if b is _END and wrap:
+            if self._pulled == 0:
+                raise ValueError("data is empty")
+            self._it = iter(self.data)
+            b = next(self._it, _END)
+            if b is _END:
+                if self._it is self.data:
+                    raise ValueError(
+                        f"data ran out after {self._pulled} batches: distill cycles through its data, and a "
+                        "one-shot iterator (e.g. a generator) cannot start again; pass a list, a DataLoader "
+                        f"or another re-iterable, or steps <= {self._pulled}")
+                raise ValueError("data is empty (on its second pass)")
+        if b is not _END:
+            self._pulled += 1
+        return b
+
+    def peek(self, k: int) -> list:
+        """Up to ``k`` batches from the start of the data (fewer if it has fewer), leaving the
+        position of :meth:`next` where it is."""
+        if self.sized:
+            return [self.data[i] for i in range(min(k, len(self.data)))]
+        while len(self._ahead) < k:
+            b = self._pull(wrap=False)
+            if b is _END:
+                break
+            self._ahead.append(b)
+        return list(self._ahead)[:k]
 
     def skip(self, n: int) -> None:
         for _ in range(n):
@@ -489,18 +539,12 @@ class _Cycle:
         if self.sized:
             self.index = (self.index + 1) % len(self.data)
             return self.index, self.data[self.index]
-        if self._it is None:
-            self._it = iter(self.data)
-        try:
-            b = next(self._it)
-        except StopIteration:
-            self._it = iter(self.data)
-            try:
-                b = next(self._it)
-            except StopIteration:
-                raise ValueError("data is empty") from None
+        b = self._ahead.popleft() if self._ahead else self._pull()
         self.index += 1
         return None, b
+
+
+_END = object()
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -552,6 +596,61 @@ def _restore_dropout(saved: list) -> None:
         mod.p = p
 
 
+class _Snapshot:
+    """What distill may change on the student, put back by :meth:`restore` when the run fails: each
+    parameter and buffer (the object in its slot and its values), masks and their hooks, each module's
+    training mode, each parameter's ``requires_grad`` and ``.grad``. Costs one copy of the state."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = list(model.modules())
+        self.training = [mod.training for mod in self.modules]
+        copies: Dict[int, Tensor] = {}  # a tensor in several slots (tied weights) is copied once
+        self.slots = []
+        for mod in self.modules:
+            for slots in (mod._parameters, mod._buffers):
+                for name, t in slots.items():
+                    if t is not None:
+                        if id(t) not in copies:
+                            copies[id(t)] = t.detach().clone()
+                        self.slots.append((slots, name, t, copies[id(t)]))
+        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+        self.masks = [(mod, copies[id(get_mask(mod))]) for mod in self.modules if is_masked(mod)]
+
+    def restore(self) -> None:
+        had = {id(mod) for mod, _ in self.masks}
+        for mod in [mod for mod in self.modules if is_masked(mod) and id(mod) not in had]:
+            remove_masks(mod)
+        for mod, mask in self.masks:
+            if not is_masked(mod):  # inside a module masked by the run: remove_masks took its mask too
+                apply_mask(mod, mask)
+        with torch.no_grad():
+            for slots, name, t, c in self.slots:
+                slots[name] = t
+                t.copy_(c)
+        for p, rg, g in self.params:
+            p.requires_grad_(rg)
+            p.grad = g
+        for mod, tr in zip(self.modules, self.training):
+            mod.training = tr
+
+
+def _freeze(teacher: nn.Module) -> Callable[[], None]:
+    """Put ``teacher`` in eval mode without gradients; returns what puts its modes and
+    ``requires_grad`` flags back."""
+    modes = [(mod, mod.training) for mod in teacher.modules()]
+    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    teacher.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+
+    def thaw():
+        for mod, tr in modes:
+            mod.training = tr
+        for p, rg in flags:
+            p.requires_grad_(rg)
+    return thaw
+
+
 def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks", block_size=(16, 16),
             n: int = 2, m: int = 4, teacher: Optional[nn.Module] = None, steps: Optional[int] = None,
             time_budget: Optional[float] = None, lr: float = 1e-4, weight_decay: float = 0.0,
@@ -574,7 +673,8 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
     (default: a frozen copy of ``model`` before pruning). Returns ``model`` with masks attached.
 
     Args:
-        data: iterable of model calls (tensor / tuple of args / mapping of kwargs), cycled as needed.
+        data: iterable of model calls (tensor / tuple of args / mapping of kwargs), cycled as needed
+            (a one-shot iterator is not: it must hold ``steps`` batches, calibration ones included).
         sparsity, pattern, block_size, n, m: the target ("unstructured", "blocks" or "nm"; N:M is
             applied at ``init`` and then trained at that fixed pattern).
         steps / time_budget: run length in optimizer steps, or in seconds (everything included;
@@ -586,7 +686,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
             ``None`` (start dense); ``"auto"``: sparsegpt. ``init_sparsity``: its sparsity
             (default: the target, i.e. the schedule only trains; set e.g. ``sparsity / 2`` to
             reach the rest gradually). ``calibration``: batches for it (default: the first
-            ``calibration_batches`` of ``data``).
+            ``calibration_batches`` of ``data``, or all of it if fewer, then trained on too).
         importance: criterion at the scheduled pruning events: "wanda" (activation norms from the
             training forwards), "magnitude", "taylor", "movement", or anything ``prune_*`` accepts.
         prune_start, prune_end, prune_events: the cubic schedule spans this fraction of the run, in
@@ -661,193 +761,195 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
     rank = dist.get_rank() if dist is not None else 0
     show = (rank == 0) if progress is None else (bool(progress) and rank == 0)
 
+    if loss != "auto" and not callable(loss):  # (before a one-shot iterator's first batch is taken)
+        raise TypeError("loss must be 'auto' or a callable(student_out, teacher_out, batch)")
     cyc = _Cycle(data)
     if steps is None and time_budget is None:
         steps = len(cyc)
     prune_kw = {k: v for k, v in (("layers", layers), ("exclude", exclude), ("dense_first_last", dense_first_last))
                 if v is not None}
     base = _unwrap(model)
-    if teacher is None:
-        teacher = copy.deepcopy(base)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    device = next((p.device for p in base.parameters()), torch.device("cpu"))
-
-    loss_fn = loss
-    if loss == "auto":
-        def loss_fn(s, t, b):
-            return distill_loss(s, t, b, temperature=temperature, hidden_weight=hidden_weight,
-                                pooled_weight=pooled_weight)
-    elif not callable(loss):
-        raise TypeError("loss must be 'auto' or a callable(student_out, teacher_out, batch)")
-    extra = {"output_hidden_states": True} if hidden_states and forward is None and \
-        not _takes_features_dict(base) else {}
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    state = {"step": 0, "total": steps, "sparsity": 0.0, "elapsed": 0.0, "events": [], "done_init": False}
-    ckpt_exists = checkpoint is not None and resume and os.path.exists(os.fspath(checkpoint))
-
-    # -- initial one-shot mask ---------------------------------------------------------------------
-    if not ckpt_exists and init is not None and init_sparsity > 0:
-        calib = calibration
-        if calib is None and init in ("sparsegpt", "wanda"):
-            calib, probe = [], _Cycle(data)
-            for _ in range(max(1, min(calibration_batches, len(probe) if probe.sized else calibration_batches))):
-                calib.append(probe.next()[1])
-        kw = dict(prune_kw, importance=init)
-        if init in ("sparsegpt", "wanda"):
-            kw.update(_calibration_kw([_move(b, device) for b in C.iter_batches(calib)]), sequential=False,
-                      forward=lambda mod, b: feed(mod, b, forward))
-        if pattern == "nm":
-            prune_nm(base, n, m, **kw)
-        else:
-            _prune_to(base, pattern, init_sparsity, block_size, n, m, layer_scale, **kw)
-        if dist is not None:  # ranks calibrated on their own data: take rank 0's mask and weights
-            sync_masks(base)
-            with torch.no_grad():
-                for p in base.parameters():
-                    dist.broadcast(p.data, src=0)
-        state["sparsity"] = sparsity if pattern == "nm" else init_sparsity
-    state["done_init"] = True
-
-    # -- optimiser, trackers -------------------------------------------------------------------------
-    student = model
-    if dist is not None and not isinstance(model, nn.parallel.DistributedDataParallel):
-        student = nn.parallel.DistributedDataParallel(base)
-    params = [p for p in base.parameters() if p.requires_grad]
-    opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    prunable = {nm_: mod for nm_, mod in base.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
-    tracker = None
-    imp = importance
-    if pattern == "nm" or init_sparsity >= sparsity:
-        pass  # nothing left to schedule: no importance tracking
-    elif importance == "wanda":
-        tracker = _RunningWanda(prunable)
-        imp = tracker
-    elif importance in ("taylor", "movement"):
-        tracker = C.GradientScores(base, kind=importance, modules=prunable)
-        imp = tracker
-
-    if ckpt_exists:
-        saved, extra_t = load_checkpoint(checkpoint, base, opt)
-        state.update(saved)
-        if isinstance(tracker, _RunningWanda):
-            tracker.load({k[len("wanda/"):]: v for k, v in extra_t.items() if k.startswith("wanda/")})
-        elif tracker is not None:
-            tracker.scores = {k[len("grad/"):]: v for k, v in extra_t.items() if k.startswith("grad/")}
-        cyc.skip(state["step"])
-    else:
-        torch.manual_seed(seed)
-    elapsed0 = state["elapsed"]
-    t_start = clock()
-    setup_s = t_start - t_begin
-
-    # -- teacher cache -------------------------------------------------------------------------------
-    cache: Optional[Dict[int, Any]] = {} if cache_teacher and cyc.sized else None
-    cache_decided = cache_teacher is True
-
-    def teacher_out(idx, batch):
-        nonlocal cache, cache_decided
-        if cache is not None and idx in cache:
-            return _cast(cache[idx], torch.float32) if cache_dtype is not None else cache[idx]
-        with torch.no_grad(), autocast():
-            out = _detach(feed(teacher, batch, forward, **extra))
-        if cache is not None:
-            if cache_dtype is not None:
-                out = _cast(out, cache_dtype)
-            if not cache_decided and state["total"] is not None:  # (under a time budget: once estimated)
-                fits = _nbytes(out) * len(cyc) <= cache_limit_mb * 2 ** 20
-                # pays only when batches come back: more steps than one pass over the data
-                if not fits or (cache_teacher == "auto" and state["total"] <= len(cyc)):
-                    cache = None
-                cache_decided = True
-            if cache is not None and cache_decided:
-                cache[idx] = out
-        return out
-
-    # -- schedule ---------------------------------------------------------------------------------------
-    def total_steps() -> int:
-        if time_budget is None:
-            return state["total"]
-        done = state["step"] - step0
-        spent = clock() - t_start
-        left = time_budget - elapsed0 - setup_s - spent
-        if done < 2:  # no step time measured yet: one more step (if any time is left), schedule at its start
-            return None if left > 0 or state["step"] == 0 else state["step"]
-        per = spent / done
-        total = state["step"] + max(0, int(left / per))  # stop once the next step would not fit
-        return min(total, steps) if steps is not None else total
-
-    def target_at(p: float) -> float:
-        if pattern == "nm":
-            return state["sparsity"]
-        return cubic_sparsity(p, sparsity, prune_start, prune_end, init_sparsity) if prune_end > prune_start \
-            else sparsity
-
-    def maybe_prune(p: float, force: bool = False) -> None:
-        cur = state["sparsity"]
-        goal = sparsity if (force or p >= prune_end) else target_at(p)
-        gap = (sparsity - init_sparsity) / max(prune_events, 1)
-        if pattern == "nm" or goal <= cur or (goal < sparsity and goal - cur < gap * 0.999):
-            return
-        kw = dict(prune_kw)
-        if isinstance(tracker, C.GradientScores) and not tracker.scores:
-            kw["importance"] = "magnitude"  # no backward seen yet
-        elif tracker is not None:
-            kw["importance"] = tracker
-        else:
-            kw["importance"] = imp
-        _prune_to(base, pattern, goal, block_size, n, m, layer_scale, **kw)
-        if dist is not None:  # rank 0's mask and weights (a rank may have zeroed what rank 0 keeps)
-            sync_masks(base)
-            with torch.no_grad():
-                for p_ in base.parameters():
-                    dist.broadcast(p_.data, src=0)
-        if isinstance(tracker, C.GradientScores):
-            tracker.reset()
-        state["sparsity"] = goal
-        state["events"].append([state["step"], goal])
-
-    step0 = state["step"]
-    if time_budget is None:
-        state["total"] = steps
-    bar = _make_progress(state["total"] if time_budget is None else None, show,
-                         f"distill {pattern} {sparsity:.0%}")
-    if bar is not None:
-        bar.update(step0)
-    last_ckpt = clock()
-    ema = None
-    was_training = base.training
-    student.train()
-    drop_saved = _set_dropout(base, dropout)
-    history = log if log is not None else []
-
-    def run_eval():
-        r = eval_fn(base)
-        base.train()
-        rec = {"step": state["step"], "sparsity": state["sparsity"]}
-        rec.update(r if isinstance(r, Mapping) else {"eval": r})
-        history.append(rec)
-        return rec
-
-    def save():
-        st = dict(state)
-        st["elapsed"] = elapsed0 + (clock() - t_start) + (setup_s if step0 == 0 else 0.0)
-        ex = {}
-        if isinstance(tracker, _RunningWanda):
-            ex = {"wanda/" + k: v for k, v in tracker.state().items()}
-        elif tracker is not None:
-            ex = {"grad/" + k: v for k, v in tracker.scores.items()}
-        if rank == 0:
-            save_checkpoint(checkpoint, base, opt, st, ex)
-        if dist is not None:
-            dist.barrier()
-
+    # whatever fails from here on hands the caller's modules back as they were
+    kept = _Snapshot(base)
+    thaw = _freeze(teacher) if teacher is not None else None
+    tracker = bar = None
+    drop_saved: list = []
+    was_training, ok = base.training, False
     try:
+        if teacher is None:
+            teacher = copy.deepcopy(base)
+            _freeze(teacher)
+        device = next((p.device for p in base.parameters()), torch.device("cpu"))
+
+        loss_fn = loss
+        if loss == "auto":
+            def loss_fn(s, t, b):
+                return distill_loss(s, t, b, temperature=temperature, hidden_weight=hidden_weight,
+                                    pooled_weight=pooled_weight)
+        extra = {"output_hidden_states": True} if hidden_states and forward is None and \
+            not _takes_features_dict(base) else {}
+
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+        state = {"step": 0, "total": steps, "sparsity": 0.0, "elapsed": 0.0, "events": [], "done_init": False}
+        ckpt_exists = checkpoint is not None and resume and os.path.exists(os.fspath(checkpoint))
+
+        # -- initial one-shot mask ---------------------------------------------------------------------
+        if not ckpt_exists and init is not None and init_sparsity > 0:
+            calib = calibration
+            if calib is None and init in ("sparsegpt", "wanda"):
+                calib = cyc.peek(max(1, calibration_batches))  # also the first training batches
+            kw = dict(prune_kw, importance=init)
+            if init in ("sparsegpt", "wanda"):
+                kw.update(_calibration_kw([_move(b, device) for b in C.iter_batches(calib)]), sequential=False,
+                          forward=lambda mod, b: feed(mod, b, forward))
+            if pattern == "nm":
+                prune_nm(base, n, m, **kw)
+            else:
+                _prune_to(base, pattern, init_sparsity, block_size, n, m, layer_scale, **kw)
+            if dist is not None:  # ranks calibrated on their own data: take rank 0's mask and weights
+                sync_masks(base)
+                with torch.no_grad():
+                    for p in base.parameters():
+                        dist.broadcast(p.data, src=0)
+            state["sparsity"] = sparsity if pattern == "nm" else init_sparsity
+        state["done_init"] = True
+
+        # -- optimiser, trackers -------------------------------------------------------------------------
+        student = model
+        if dist is not None and not isinstance(model, nn.parallel.DistributedDataParallel):
+            student = nn.parallel.DistributedDataParallel(base)
+        params = [p for p in base.parameters() if p.requires_grad]
+        opt = optimizer(params) if optimizer is not None else \
+            torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        base_lrs = [g["lr"] for g in opt.param_groups]
+        prunable = {nm_: mod for nm_, mod in base.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
+        tracker = None
+        imp = importance
+        if pattern == "nm" or init_sparsity >= sparsity:
+            pass  # nothing left to schedule: no importance tracking
+        elif importance == "wanda":
+            tracker = _RunningWanda(prunable)
+            imp = tracker
+        elif importance in ("taylor", "movement"):
+            tracker = C.GradientScores(base, kind=importance, modules=prunable)
+            imp = tracker
+
+        if ckpt_exists:
+            saved, extra_t = load_checkpoint(checkpoint, base, opt)
+            state.update(saved)
+            if isinstance(tracker, _RunningWanda):
+                tracker.load({k[len("wanda/"):]: v for k, v in extra_t.items() if k.startswith("wanda/")})
+            elif tracker is not None:
+                tracker.scores = {k[len("grad/"):]: v for k, v in extra_t.items() if k.startswith("grad/")}
+            cyc.skip(state["step"])
+        else:
+            torch.manual_seed(seed)
+        elapsed0 = state["elapsed"]
+        t_start = clock()
+        setup_s = t_start - t_begin
+
+        # -- teacher cache -------------------------------------------------------------------------------
+        cache: Optional[Dict[int, Any]] = {} if cache_teacher and cyc.sized else None
+        cache_decided = cache_teacher is True
+
+        def teacher_out(idx, batch):
+            nonlocal cache, cache_decided
+            if cache is not None and idx in cache:
+                return _cast(cache[idx], torch.float32) if cache_dtype is not None else cache[idx]
+            with torch.no_grad(), autocast():
+                out = _detach(feed(teacher, batch, forward, **extra))
+            if cache is not None:
+                if cache_dtype is not None:
+                    out = _cast(out, cache_dtype)
+                if not cache_decided and state["total"] is not None:  # (under a time budget: once estimated)
+                    fits = _nbytes(out) * len(cyc) <= cache_limit_mb * 2 ** 20
+                    # pays only when batches come back: more steps than one pass over the data
+                    if not fits or (cache_teacher == "auto" and state["total"] <= len(cyc)):
+                        cache = None
+                    cache_decided = True
+                if cache is not None and cache_decided:
+                    cache[idx] = out
+            return out
+
+        # -- schedule ---------------------------------------------------------------------------------------
+        def total_steps() -> int:
+            if time_budget is None:
+                return state["total"]
+            done = state["step"] - step0
+            spent = clock() - t_start
+            left = time_budget - elapsed0 - setup_s - spent
+            if done < 2:  # no step time measured yet: one more step (if any time is left), schedule at its start
+                return None if left > 0 or state["step"] == 0 else state["step"]
+            per = spent / done
+            total = state["step"] + max(0, int(left / per))  # stop once the next step would not fit
+            return min(total, steps) if steps is not None else total
+
+        def target_at(p: float) -> float:
+            if pattern == "nm":
+                return state["sparsity"]
+            return cubic_sparsity(p, sparsity, prune_start, prune_end, init_sparsity) if prune_end > prune_start \
+                else sparsity
+
+        def maybe_prune(p: float, force: bool = False) -> None:
+            cur = state["sparsity"]
+            goal = sparsity if (force or p >= prune_end) else target_at(p)
+            gap = (sparsity - init_sparsity) / max(prune_events, 1)
+            if pattern == "nm" or goal <= cur or (goal < sparsity and goal - cur < gap * 0.999):
+                return
+            kw = dict(prune_kw)
+            if isinstance(tracker, C.GradientScores) and not tracker.scores:
+                kw["importance"] = "magnitude"  # no backward seen yet
+            elif tracker is not None:
+                kw["importance"] = tracker
+            else:
+                kw["importance"] = imp
+            _prune_to(base, pattern, goal, block_size, n, m, layer_scale, **kw)
+            if dist is not None:  # rank 0's mask and weights (a rank may have zeroed what rank 0 keeps)
+                sync_masks(base)
+                with torch.no_grad():
+                    for p_ in base.parameters():
+                        dist.broadcast(p_.data, src=0)
+            if isinstance(tracker, C.GradientScores):
+                tracker.reset()
+            state["sparsity"] = goal
+            state["events"].append([state["step"], goal])
+
+        step0 = state["step"]
+        if time_budget is None:
+            state["total"] = steps
+        bar = _make_progress(state["total"] if time_budget is None else None, show,
+                             f"distill {pattern} {sparsity:.0%}")
+        if bar is not None:
+            bar.update(step0)
+        last_ckpt = clock()
+        ema = None
+        student.train()
+        drop_saved = _set_dropout(base, dropout)
+        history = log if log is not None else []
+
+        def run_eval():
+            r = eval_fn(base)
+            base.train()
+            rec = {"step": state["step"], "sparsity": state["sparsity"]}
+            rec.update(r if isinstance(r, Mapping) else {"eval": r})
+            history.append(rec)
+            return rec
+
+        def save():
+            st = dict(state)
+            st["elapsed"] = elapsed0 + (clock() - t_start) + (setup_s if step0 == 0 else 0.0)
+            ex = {}
+            if isinstance(tracker, _RunningWanda):
+                ex = {"wanda/" + k: v for k, v in tracker.state().items()}
+            elif tracker is not None:
+                ex = {"grad/" + k: v for k, v in tracker.scores.items()}
+            if rank == 0:
+                save_checkpoint(checkpoint, base, opt, st, ex)
+            if dist is not None:
+                dist.barrier()
+
         while True:
             total = total_steps()
             t = state["step"]
@@ -905,13 +1007,19 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
             rec = run_eval()
             if bar is not None:
                 bar.set_postfix({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in rec.items()})
+        ok = True
     finally:
         if bar is not None:
             bar.close()
         if tracker is not None:
             tracker.close()
         _restore_dropout(drop_saved)
-        base.train(was_training)
+        if ok:
+            base.train(was_training)
+        else:
+            kept.restore()
+        if thaw is not None:
+            thaw()
     stats = {"steps": state["step"], "sparsity": state["sparsity"], "events": state["events"],
              "seconds": elapsed0 + clock() - t_begin, "loss": ema}
     object.__setattr__(base, "_sparseprune_distill", stats)
