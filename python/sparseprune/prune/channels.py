@@ -3,7 +3,8 @@
 ``prune_channels`` traces the model once (``graph.trace``), turns the channel atoms into dependency
 groups (every parameter slice that must go together), scores each unit, removes the lowest-scoring
 units physically, and checks by running the model again that every output keeps its shape. A group
-whose removal breaks the model is put back and reported; the model is never left broken.
+whose removal breaks the model is put back and reported; the model is never left broken, and a call
+that raises leaves it exactly as it was.
 """
 from __future__ import annotations
 
@@ -335,6 +336,25 @@ class _Undo:
         self.log.clear()
 
 
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _trace_state(tr):
+    """What ``_commit`` changes in a trace, to put back when a step fails."""
+    return dict(slots=[(s, s.key, s.atoms) for s in tr.slots], owners=dict(tr.owners), tensors=dict(tr.tensors),
+                attr_slots=list(tr.attr_slots), conv_info=dict(tr.conv_info),
+                sites=[(site, dict(vars(site))) for site in tr.split_sites])
+
+
+def _restore_trace(tr, state):
+    for s, key, atoms in state["slots"]:
+        s.key, s.atoms = key, atoms
+    tr.owners, tr.tensors = state["owners"], state["tensors"]
+    tr.attr_slots, tr.conv_info = state["attr_slots"], state["conv_info"]
+    for site, fields in state["sites"]:
+        vars(site).update(fields)
+
+
 def _gone_table(tr, pruned):
     t = torch.zeros(len(tr.uf.parent), dtype=torch.bool)
     t[torch.tensor(sorted(pruned), dtype=torch.int64)] = True
@@ -446,8 +466,8 @@ def _commit(tr, keep, pruned, undo):
             site.grid = g.index_select(site.dim, idx)
     for mod in {id(o[0]): o[0] for k in remap for o in tr.owners[id(remap[k])]}.values():
         info = tr.conv_info.get(id(mod))
-        if info is not None:
-            w = mod.weight
+        w = mod._parameters.get("weight") if isinstance(mod, _CONV_MODULES) else None
+        if info is not None and w is not None:  # a functional conv's module has no shape attributes to follow
             g0, _, _, transposed, mode = info
             if transposed:
                 I, O = w.shape[0], w.shape[1] * mod.groups
@@ -462,13 +482,15 @@ def _fix_module_attrs(mod, tr, undo):
     if rule is not None:  # a registered custom module fixes its own attributes
         if rule.update is not None:
             before = dict(vars(mod))
-            rule.update(mod)
-            for k, v in list(vars(mod).items()):
-                if k in before and before[k] is not v and not k.startswith("_"):
-                    undo.log.append((mod, k, before[k], "attr"))
+            try:
+                rule.update(mod)
+            finally:  # logged even when update raises half-way, so that the step can put them back
+                for k, v in list(vars(mod).items()):
+                    if k in before and before[k] is not v and not k.startswith("_"):
+                        undo.log.append((mod, k, before[k], "attr"))
         return
     w = getattr(mod, "weight", None)
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    if isinstance(mod, _CONV_MODULES):
         info = tr.conv_info.get(id(mod))
         groups = mod.groups
         if info is not None and info[4] == "whole":
@@ -783,12 +805,9 @@ class ChannelPruner:
             targets.append(None if r is None else r * frac)
         return targets
 
-    def step(self, return_report=False):
-        """Prune the next share; returns the model, or ``(model, report)``."""
-        if self.step_count >= self.steps:
-            raise RuntimeError(f"all {self.steps} steps are done")
+    def _step(self, undos):
+        """Plan, apply, validate and commit one step; every undo log it opens is appended to ``undos``."""
         model, x, tr = self.model, self.example_inputs, self.tr
-        self.step_count += 1
         frac = self.step_count / self.steps
         macs_b = self.macs_now
         macs_a = dict(macs_b)
@@ -814,8 +833,9 @@ class ChannelPruner:
         rounds = [_unit_round(g, tr, self.round_to) for g in groups]
         plan = _select(groups, scores, targets, n0s, self.global_ranking, tr, global_k, rounds)
 
-        skipped = []
+        skipped = [dict(d) for d in tr.pinned]   # channels an op mixes (graph._pin_mixing)
         undo = _Undo()
+        undos.append(undo)
         keep = _apply(model, tr, groups, [set(p) for p in plan], roots, undo)
         why = _validate(model, x, self.ref_shapes, macs_a) if keep else None
         if why is not None:
@@ -826,6 +846,7 @@ class ChannelPruner:
                 if not plan[gi]:
                     continue
                 trial = _Undo()
+                undos.append(trial)
                 _apply(model, tr, groups, [set(plan[j]) for j in accepted] + [set(plan[gi])], roots, trial)
                 w = _validate(model, x, self.ref_shapes)
                 trial.undo()
@@ -834,6 +855,7 @@ class ChannelPruner:
                 else:
                     skipped.append(dict(layers=g.describe(tr), reason=w))
             undo = _Undo()
+            undos.append(undo)
             keep = _apply(model, tr, groups, [set(plan[j]) for j in accepted], roots, undo)
             final = _validate(model, x, self.ref_shapes, macs_a) if keep else None
             if final is not None:  # combinations can still interact: give up rather than break the model
@@ -846,9 +868,28 @@ class ChannelPruner:
         pruned = set()
         for p in plan:
             pruned.update(p)
+        for s in skipped:  # before the commit: a warning turned into an error still puts everything back
+            warnings.warn(f"prune_channels left alone {s['layers']}: {s['reason']}", ChannelPruneWarning, stacklevel=3)
         _commit(tr, keep, pruned, undo)
-        for s in skipped:
-            warnings.warn(f"prune_channels left alone {s['layers']}: {s['reason']}", ChannelPruneWarning, stacklevel=2)
+        return groups, plan, keep, skipped, macs_b, macs_a, before, sigs, pb
+
+    def step(self, return_report=False):
+        """Prune the next share; returns the model, or ``(model, report)``."""
+        if self.step_count >= self.steps:
+            raise RuntimeError(f"all {self.steps} steps are done")
+        model, tr = self.model, self.tr
+        self.step_count += 1
+        undos = []          # every undo log of this step: a failure anywhere replays them all
+        state = _trace_state(tr)
+        try:
+            groups, plan, keep, skipped, macs_b, macs_a, before, sigs, pb = self._step(undos)
+        except BaseException:
+            # a call that raises leaves the model (and the trace) as they were
+            for u in reversed(undos):
+                u.undo()
+            _restore_trace(tr, state)
+            self.step_count -= 1
+            raise
         for p in model.parameters():
             p.grad = None
 
@@ -916,7 +957,8 @@ def prune_channels(model, example_inputs, ratio=0.5, *, importance="l1", global_
     custom module with its own parameters, see :func:`register_channel_rule`.
 
     Groups that cannot be pruned safely are left alone with a ``ChannelPruneWarning`` and an entry in
-    the report's ``skipped`` list. Model outputs keep their shapes.
+    the report's ``skipped`` list; so are channels that an op combines (softmax, cumsum or normalize
+    over the channel dim, a reduction or argmax over it). Model outputs keep their shapes.
     """
     if kwargs:
         raise TypeError(f"prune_channels got unexpected keyword arguments: {sorted(kwargs)}")

@@ -126,6 +126,8 @@ class Trace:
     tensors: dict = field(default_factory=dict)      # id(tensor) -> tensor
     output: object = None
     macs: dict = field(default_factory=dict)         # module name -> MACs of the traced call
+    mixing: list = field(default_factory=list)       # (label rows, op, module): ops combining entries of a row
+    pinned: list = field(default_factory=list)       # dicts: layers, reason (channels kept because an op mixes them)
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,16 @@ _BROADCAST = {
     "__ge__", "__le__", "mul_", "atan2", "hypot", "xlogy", "logaddexp",
 }
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
-           "nansum", "nanmean", "median", "all", "any", "argmax", "argmin"}
+           "nansum", "nanmean", "median", "nanmedian", "all", "any", "argmax", "argmin", "var_mean", "std_mean",
+           "count_nonzero", "aminmax"}
+# ops whose every output entry depends on all the entries along one dim (the output keeps or shrinks it):
+# name -> (position of the dim argument or None, default dim; None: softmax's legacy implicit dim)
+_ALONG = {
+    "softmax": (1, None), "log_softmax": (1, None), "softmin": (1, None), "gumbel_softmax": (4, -1),
+    "normalize": (2, 1), "local_response_norm": (None, 1), "cumsum": (1, 0), "cumprod": (1, 0),
+    "logcumsumexp": (1, 0), "cummax": (1, 0), "cummin": (1, 0), "sort": (1, -1), "argsort": (1, -1),
+    "msort": (None, 0), "topk": (2, -1), "kthvalue": (2, -1), "mode": (1, -1),
+}
 _POOL_EXTRA = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
 
 
@@ -259,6 +270,13 @@ def _reshape_groups(si, so):
                 return None
         groups.append((gi, go))
     return groups
+
+
+def _mixed_rows(rows):
+    """Rows (of a 2-D label matrix) holding more than one atom; NONE entries (padding, constants) don't count."""
+    hi = rows.amax(1)
+    lo = torch.where(rows >= 0, rows, torch.full_like(rows, torch.iinfo(torch.int64).max)).amin(1)
+    return (hi >= 0) & (lo != hi)
 
 
 def _unique_pairs(a, b):
@@ -454,6 +472,8 @@ class _Tracer(TorchFunctionMode):
             return self.move(name, args, kwargs, out, outs)
         if name in _REDUCE:
             return self.reduce(name, args, kwargs, outs)
+        if name in _ALONG:
+            return self.along(name, args, kwargs, outs)
         if "pool" in name or name in _POOL_EXTRA:
             return self.pool(name, args, outs)
         ins = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
@@ -513,8 +533,9 @@ class _Tracer(TorchFunctionMode):
             for grid in (rin.view(groups, ipg), aout.view(groups, opg)):
                 for c in range(grid.shape[1]):
                     self.uf.union_all(grid[:, c].tolist())
-        mod = self.owner(w)[0]
-        self.t.conv_info[id(mod)] = (groups, O, I, transposed, mode)
+        mod, attr = self.owner(w)[:2]
+        if attr == "weight":  # a conv module's shape attributes follow; F.conv2d(x, self.w) has none
+            self.t.conv_info[id(mod)] = (groups, O, I, transposed, mode)
         if transposed:
             if mode == "whole":  # rows of dim 0 follow the group atoms
                 self.slot(w, 0, rin, "out")
@@ -675,8 +696,16 @@ class _Tracer(TorchFunctionMode):
         lx = self.lab(x)
         if lx is None:
             return
-        dim = args[1] if len(args) > 1 and not isinstance(args[1], bool) else kwargs.get("dim", None)
-        keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+        off = 1 if name == "norm" else 0  # norm(input, p, dim, keepdim)
+        dim = args[1 + off] if len(args) > 1 + off and not isinstance(args[1 + off], bool) else kwargs.get("dim", None)
+        k = 2 + off
+        keep = kwargs.get("keepdim", args[k] if len(args) > k and isinstance(args[k], bool) else False)
+        full = dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0)
+        if full and lx.dim() and name not in ("all", "any"):  # all / any of a whole tensor: a check, not a value
+            self.mixes(name, lx, list(range(lx.dim())))
+        elif isinstance(dim, int) and not isinstance(dim, bool) or \
+                isinstance(dim, (list, tuple)) and all(type(d) is int for d in dim):
+            self.mixes(name, lx, [dim] if isinstance(dim, int) else list(dim))
         if name in ("argmax", "argmin", "all", "any"):
             return
         if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
@@ -690,9 +719,60 @@ class _Tracer(TorchFunctionMode):
         if not keep:
             for d in sorted([d % lx.dim() for d in dims], reverse=True):
                 res = res.squeeze(d)
-        o = outs[0]
-        if tuple(res.shape) == tuple(o.shape):
-            self.set_lab(o, res)
+        for i, o in enumerate(outs):  # max(dim) / min(dim) also return indices; var_mean two values
+            if tuple(res.shape) == tuple(o.shape) and (i == 0 or o.is_floating_point()):
+                self.set_lab(o, res)
+
+    def along(self, name, args, kwargs, outs):
+        x = args[0] if args else None
+        lx = self.lab(x)
+        if lx is None or x.dim() == 0:
+            return
+        pos, dim = _ALONG[name]
+        if pos is not None:
+            if len(args) > pos and not isinstance(args[pos], bool):
+                dim = args[pos]
+            else:
+                dim = kwargs.get("dim", dim)
+        if dim is None:  # softmax without dim: torch's legacy choice
+            dim = 0 if x.dim() in (0, 1, 3) else 1
+        if type(dim) is not int:
+            return self.fallback(name, args, kwargs, outs, f"dim {dim!r}")
+        dim %= x.dim()
+        self.mixes(name, lx, [dim])
+        rep = _compact(lx).narrow(dim, 0, 1) if _compact(lx).shape[dim] > 1 else _compact(lx)
+        for o in outs:
+            if not (o.is_floating_point() or o.is_complex()):  # indices: no channel identity
+                self.set_lab(o, torch.full(o.shape, NONE, dtype=torch.int64))
+            elif tuple(o.shape) == tuple(x.shape):
+                self.set_lab(o, lx)
+            else:  # topk / kthvalue / mode: entries along dim were one unit (else pinned), keep it
+                r = rep if o.dim() == x.dim() else rep.squeeze(dim)
+                try:
+                    self.set_lab(o, r.expand(o.shape))
+                except RuntimeError:
+                    self.fallback(name, args, kwargs, [o], "output shape")
+
+    def mixes(self, name, lx, dims):
+        """An op combines the entries of ``lx`` along ``dims`` (a reduction, softmax, cumsum, argmax, ...).
+        Where those entries belong to several channels, removing one changes what the others compute:
+        such rows are recorded, and ``_pin_mixing`` keeps their channels once the trace has seen every
+        coupling (channels unified later, such as a head's positions, are one unit and may still go)."""
+        lc = _compact(lx)
+        if lc.dim() == 0 or lc.numel() == 0:
+            return
+        dims = sorted({d % lc.dim() for d in dims})
+        dims = [d for d in dims if lc.shape[d] > 1]
+        if not dims:
+            return
+        rest = [d for d in range(lc.dim()) if d not in dims]
+        rows = lc.permute(rest + dims).reshape(math.prod(lc.shape[d] for d in rest), -1)
+        m = _mixed_rows(rows)
+        if bool(m.any()):  # raw atoms differ; whether their units do is known at the end
+            mod = self.cur_module()
+            where = self.names.get(id(mod), "") if mod is not None else ""
+            self.t.mixing.append((rows[m], f"'{name}' over dim {dims[0] if len(dims) == 1 else tuple(dims)}",
+                                  where))
 
     def pool(self, name, args, outs):
         x = args[0]
@@ -975,7 +1055,45 @@ def trace(model: nn.Module, example_inputs, prune_heads: bool = True, head_dims:
         tr.fix(tr.lab(o))
     t.output = out
     _raw_slots(tr, t)
+    _pin_mixing(t)
     return t
+
+
+def _pin_mixing(t):
+    """Keep the channels that an op mixes (``_Tracer.mixes``): a row of entries it combines that still
+    holds several units after every coupling of the trace. Reported in ``t.pinned`` with the layers that
+    produce them (nothing is reported for channels already kept, such as the model's outputs)."""
+    uf = t.uf
+    for rows, what, where in t.mixing:
+        table = uf.root_table()
+        r = torch.where(rows >= 0, table[rows.clamp_min(0)], rows)
+        m = _mixed_rows(r)
+        if not bool(m.any()):
+            continue
+        live = torch.unique(r[m])
+        live = live[live > FIXED]
+        if not live.numel():
+            continue
+        mods = []
+        for kinds in (("out", "raw"), ("norm", "in", "buffer")):
+            for s in t.slots:
+                if s.kind in kinds and s.module not in mods and s.atoms.numel():
+                    sr = torch.where(s.atoms >= 0, table[s.atoms.clamp_min(0)], s.atoms)
+                    if bool(torch.isin(sr, live).any()):
+                        mods.append(s.module)
+            if mods:
+                break
+        op = what + (f" in '{where}'" if where else "")
+        if mods:
+            layers = ", ".join(mods[:4]) + (f", ... ({len(mods)} layers)" if len(mods) > 4 else "")
+        else:
+            layers = f"the channels into {op}"
+        t.pinned.append(dict(layers=layers, reason=f"{op} combines these channels: removing one would change "
+                                                   "what the others compute"))
+        t.notes.append(f"{op} mixes channels: kept")
+        for a in live.tolist():
+            uf.union(FIXED, a)
+    t.mixing = []
 
 
 def _hide_mask_hooks(model, tr):
