@@ -3,19 +3,22 @@
 ``bn(conv(x)) == conv'(x)`` with ``W' = W * s`` and ``b' = (b - mean) * s + beta`` per output channel,
 ``s = gamma / sqrt(var + eps)``. Scaling a whole output channel keeps the zero pattern, so folding
 before packing costs sparse layers nothing; a conv that is already sparse is unpacked, folded and
-packed again in the same format.
+packed again in the same format and weight dtype.
 
 Pairs are found on the ``torch.fx`` graph (a conv whose only user is a BatchNorm, each module called
-once); models that do not trace fall back to ``nn.Sequential`` neighbours, where the conv's output
-can only reach the next module.
+once, the conv's output not stored on a module, the BatchNorm's attributes not read by hand) and, with
+example inputs, proven by one run of them (which also sees a conv output kept anywhere else); models
+that do not trace and come without example inputs fall back to ``nn.Sequential`` neighbours, where the
+conv's output can only reach the next module.
 """
 from __future__ import annotations
 
 import copy
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ._modules import set_module
 
@@ -87,7 +90,7 @@ def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
                          bias.to(w.dtype).to(w.device))
     if sparse:
         return SparseConv2d.from_dense(folded, format=conv.format, block_size=conv.block_size,
-                                       num_threads=conv.num_threads)
+                                       num_threads=conv.num_threads, weight_dtype=conv.weight_dtype)
     return folded
 
 
@@ -99,42 +102,107 @@ class _LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname) or mod.startswith("sparseprune.")
 
 
-def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> List[Tuple[str, str]]:
-    """(conv name, bn name) pairs where the BatchNorm is the only consumer of the conv's output: read
-    from the fx graph; for a model fx cannot trace, proven by running ``example_inputs`` once when given
-    (see ``convert.fuse.prove_pairs``), else from ``nn.Sequential`` neighbours."""
-    mods = dict(model.named_modules())
-    pairs = []
+def _trace(model: nn.Module, convs: Dict[str, nn.Module], bns: Dict[str, nn.Module]):
+    """``(graph or None, read, escaped)``: the fx graph of ``model`` (None if it does not trace); the
+    candidates whose tensors or attributes the forward reads outside their own calls (found while
+    tracing: ``self.bn.running_mean`` becomes a ``_tensor_constant`` of the graph, not a ``get_attr`` of
+    the BatchNorm); and the graph nodes whose value the forward stored on a module (``self.feat = c``:
+    invisible in the graph). Tracing leaves the modules' plain attributes as they were."""
+    from .convert.fuse import replaced_attrs, tensor_attrs, watch_reads
+    before = {id(m): (m, dict(vars(m))) for m in model.modules()}
+    watched = {**{n: (m, tensor_attrs(m)) for n, m in convs.items()},
+               **{n: (m, replaced_attrs(m)) for n, m in bns.items()}}
+    escaped, read = set(), set()
     try:
-        graph = _LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - untraceable models: a run of the example inputs, or Sequential neighbours
-        graph = None
-    if graph is None and example_inputs is not None:
-        from .convert.fuse import prove_pairs
-        convs = {n: m for n, m in mods.items() if n and _is_conv(m)}
-        bns = {n: m for n, m in mods.items() if n and isinstance(m, nn.modules.batchnorm._BatchNorm)}
-        proven = prove_pairs(model, example_inputs, convs, bns)
-        pairs = [(a, b) for a, b, _, _ in proven if _bn_matches(mods[a], mods[b])]
-        graph = False
-    read = set()  # modules whose parameters / buffers the forward reads outside their own call (get_attr)
-    if graph is not None and graph is not False:
+        with watch_reads(watched) as reads:
+            try:
+                graph = _LeafTracer().trace(model)
+            except Exception:  # noqa: BLE001 - untraceable: a run of the example inputs, or Sequential neighbours
+                graph = None
+        read = {n for n, r in reads.items() if r}
+        if graph is not None:
+            owner = {}  # memory of each candidate's parameters and buffers -> its name
+            for n, m in {**convs, **bns}.items():
+                for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                    if _memory(t) is not None:
+                        owner[_memory(t)] = n
+            for node in graph.nodes:
+                if node.op == "get_attr":
+                    try:
+                        name = owner.get(_memory(_fetch(model, str(node.target))))
+                    except AttributeError:
+                        continue
+                    if name is not None:
+                        read.add(name)
+    finally:
+        for m, attrs in before.values():
+            now = vars(m)
+            for k in [k for k in now if k not in attrs or now[k] is not attrs[k]]:
+                escaped.update(p.node for p in tree_leaves(now[k]) if isinstance(p, torch.fx.Proxy))
+                if k in attrs:
+                    now[k] = attrs[k]
+                else:
+                    del now[k]
+            for k in attrs:
+                now.setdefault(k, attrs[k])
+    return graph, read, escaped
+
+
+def _memory(t):
+    """The address of the memory a tensor views (None for no tensor, or one without addressable memory)."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.layout is not torch.strided:
+        return None
+    return t.untyped_storage().data_ptr() or None
+
+
+def _fetch(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> List[Tuple[str, str]]:
+    """(conv name, bn name) pairs where the BatchNorm is the only consumer of the conv's output and
+    nothing else reads that output or the BatchNorm: read from the fx graph, and with
+    ``example_inputs`` also proven by running them once (see ``convert.fuse.prove_pairs``: a conv output
+    kept on a module, returned or stored elsewhere, or a BatchNorm's buffers read by hand, stop the
+    fold); for a model fx cannot trace, from that run alone, else from ``nn.Sequential`` neighbours."""
+    mods = dict(model.named_modules())
+    convs = {n: m for n, m in mods.items() if n and _is_conv(m)}
+    bns = {n: m for n, m in mods.items() if n and isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    graph, read, escaped = _trace(model, convs, bns)
+    pairs = []
+    if graph is not None:
         calls = {}
         for node in graph.nodes:
             if node.op == "call_module":
                 calls[node.target] = calls.get(node.target, 0) + 1
             elif node.op == "get_attr":
+                # modules whose parameters / buffers the forward reads outside their own call
                 read.add(str(node.target).rpartition(".")[0])
         for node in graph.nodes:
             if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
                 continue
             src = node.args[0]
-            if src.op != "call_module" or len(src.users) != 1 or len(node.args) != 1 or node.kwargs:
+            if (src.op != "call_module" or len(src.users) != 1 or src in escaped or len(node.args) != 1
+                    or node.kwargs):
                 continue
             conv, bn = mods.get(src.target), mods.get(node.target)
             if conv is None or bn is None or calls[src.target] != 1 or calls[node.target] != 1:
                 continue
             if _is_conv(conv) and _bn_matches(conv, bn):
                 pairs.append((src.target, node.target))
+        convs = {a: convs[a] for a, _ in pairs}
+        bns = {b: bns[b] for _, b in pairs}
+    if example_inputs is not None and (graph is None or pairs):
+        # the run sees what the graph cannot: a conv output kept in a list or another object
+        from .convert.fuse import prove_pairs
+        proven = [(a, b) for a, b, _, _ in prove_pairs(model, example_inputs, convs, bns)
+                  if _bn_matches(mods[a], mods[b])]
+        if graph is not None:
+            proven = [p for p in pairs if p in set(proven)]
+        pairs = proven
     elif graph is None:
         pairs = _sequential_pairs(model)
     # a module reached from two places could be used twice: fold only uniquely owned pairs
