@@ -13,6 +13,7 @@ struct EV8 {
   using T = __m256;
   static inline T set1(float v) { return _mm256_set1_ps(v); }
   static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static inline T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static inline T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static inline T rcp0(T a) { return _mm256_rcp_ps(a); }  // ~12 bits
   static inline T zero_gt(T v, T a, T b) { return _mm256_andnot_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ), v); }  // a > b ? 0 : v
@@ -36,6 +37,7 @@ struct EV16 {
   using T = __m512;
   static inline T set1(float v) { return _mm512_set1_ps(v); }
   static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static inline T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static inline T mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static inline T rcp0(T a) { return _mm512_rcp14_ps(a); }  // ~14 bits
   static inline T zero_gt(T v, T a, T b) { return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), _mm512_setzero_ps()); }
@@ -109,8 +111,10 @@ struct ActMath {
     q = E::fma(q, t, E::set1(0.0314358771f));
     q = E::fma(q, t, E::set1(0.266737401f));
     q = E::fma(q, t, E::set1(1.0f));  // >= 1
-    const T erfc = E::zero_gt(E::fnma(E::mul(ac, p), rcp(q), E::set1(1.0f)), a, E::set1(5.6f));
-    return E::fnma(E::mul(a, E::set1(0.5f)), erfc, E::max(E::set1(0.0f), x));
+    // |x|/2 erfc(|x|/sqrt 2), 0 beyond 5.6 (a product zeroed, not a zero factor: +inf gives inf, not inf x 0)
+    const T tail = E::zero_gt(E::mul(E::mul(a, E::set1(0.5f)), E::fnma(E::mul(ac, p), rcp(q), E::set1(1.0f))), a,
+                              E::set1(5.6f));
+    return E::nan_at_neg_inf(E::sub(E::max(E::set1(0.0f), x), tail), x);  // -inf: NaN, as x * Phi(x) = -inf * 0
   }
   static inline T apply(T v, int act) {
     switch (act) {

@@ -14,8 +14,8 @@ constexpr int32_t kActCount = 5;
 inline float act_scalar(float v, int32_t act) {
   switch (act) {
     case kActRelu: return v < 0.0f ? 0.0f : v;  // NaN stays NaN, as torch.relu
-    case kActGelu:  // (NaN at +-inf, as PyTorch's gelu and the vector epilogues give)
-      return std::isinf(v) ? std::numeric_limits<float>::quiet_NaN() : 0.5f * v * std::erfc(-v * 0.70710678118654752f);
+    case kActGelu:  // inf at +inf; NaN at -inf (-inf * 0), as PyTorch's gelu and the vector epilogues give
+      return 0.5f * v * std::erfc(-v * 0.70710678118654752f);
     case kActGeluTanh: {
       const float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);
       return 0.5f * v * (1.0f + std::tanh(u));
