@@ -300,3 +300,50 @@ def test_empty_block_rows_with_residual_and_activation(isa, kernel, n, k, keep_c
                 want = reference.linear(x, lin.weight, lin.bias)
                 want = ops.apply_activation(want if r is None else want + r, act)
             assert_close(got, want)
+
+
+_NBV_CHILD = r"""
+import torch, sparseprune as sp
+from torch import nn
+from sparseprune import ops, reference
+torch.manual_seed(0)
+# N with every remainder class of 24- and 32-column tiles (24-column tiles of X^T chosen by themselves on AVX2
+# for N = 49 / 196 on two threads and K <= 1024)
+for n in (3, 9, 17, 23, 25, 47, 49, 196):
+    for k in (37, 256, 900):
+        m = 29
+        lin = nn.Linear(k, m)
+        with torch.no_grad():
+            w = lin.weight * (torch.rand(m, k) < 0.3)
+            w[5] = 0.0
+            lin.weight.copy_(w)
+        x = torch.randn(n, k)
+        for act in ("none", "gelu"):
+            ref = ops.apply_activation(reference.linear(x, lin.weight, lin.bias), act)
+            for threads in (1, 2):
+                layer = sp.SparseLinear.from_dense(lin, format="csr", num_threads=threads, activation=act)
+                for kernel in ops.KERNELS:
+                    layer.kernel = kernel
+                    with torch.no_grad():
+                        torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=2e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa_env", ["", "avx2"])
+@pytest.mark.parametrize("nbv", ["", "1", "2", "3", "4"])
+def test_xt_tile_widths_match_the_reference(isa_env, nbv):
+    """CSR products in X^T tiles of 1 / 2 / 3 / 4 vectors (SPARSEPRUNE_XT_NBV, read once per process: a child
+    process each), and the width the kernel picks by itself ("")."""
+    import os
+    import subprocess
+    import sys
+    env = {key: v for key, v in os.environ.items() if key not in ("SPARSEPRUNE_XT_NBV", "SPARSEPRUNE_ISA")}
+    if nbv:
+        env["SPARSEPRUNE_XT_NBV"] = nbv
+    if isa_env:
+        if isa_env not in [p["isa"] for p in ops.isa_paths()]:
+            pytest.skip(f"this CPU cannot run {isa_env}")
+        env["SPARSEPRUNE_ISA"] = isa_env
+    out = subprocess.run([sys.executable, "-c", _NBV_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

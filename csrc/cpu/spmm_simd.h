@@ -562,7 +562,8 @@ void xt_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64
              const float* bias, float* y, int64_t ldy, int nt) {
   constexpr int W = V::W;
   const int64_t rem = n % (NBV * W);
-  if (NBV >= 4 && rem > 2 * W) xt_spmm_r<V, R, NBV, (NBV >= 4 ? 4 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  if (NBV == 3 && rem > 2 * W) xt_spmm_r<V, R, NBV, 3, C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  else if (NBV >= 4 && rem > 2 * W) xt_spmm_r<V, R, NBV, (NBV >= 4 ? 4 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
   else if (NBV >= 2 && rem > W) xt_spmm_r<V, R, NBV, (NBV >= 2 ? 2 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
   else xt_spmm_r<V, R, NBV, 1, C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
 }
@@ -613,6 +614,28 @@ void xt_pick_nb(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
     if (w.cols <= 1024) want = std::min<int64_t>(want, 2);
   static const char* force = std::getenv("SPARSEPRUNE_XT_NBV");
   if (force) want = std::min<int64_t>(want, std::atoi(force));
+  // CSR with 8-lane vectors: 24-column tiles of X^T (3 vectors) unless they leave a thread more lanes to compute
+  // than 32-column tiles do (tiles go to threads in contiguous runs, the last one a remainder of 8 / 16 / NB
+  // lanes), K <= 1024. Zen 4 (AVX-512 hidden), 2 threads, CSR, eta 24 vs 32 columns at 80 / 90%: N = 196, K =
+  // 192-768: +2-10% / +2-20% (ResNet 1x1 196x256->1024: 0.51 / 0.40 -> 0.54 / 0.45); N = 128 (24-column tiles
+  // leave one thread 72 lanes against 64): K = 256-384 equal, K = 512-768 3-15% slower. SPARSEPRUNE_XT_NBV=3
+  // forces them.
+  if constexpr (C1 && R == 1 && W == 8) {
+    auto busiest = [n, nt](int64_t nb) {  // lanes of the thread with the most, in nb-column tiles
+      const int64_t full = n / nb, rem = n % nb, units = full + (rem ? 1 : 0);
+      const int64_t last = rem == 0 ? nb : rem <= 8 ? 8 : rem <= 16 ? 16 : nb;
+      const int th = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, units)));
+      int64_t most = 0;
+      for (int t = 0; t < th; ++t) {
+        const int64_t u0 = units * t / th, u1 = units * (t + 1) / th;
+        most = std::max(most, (u1 - u0) * nb - (u1 == units && rem ? nb - last : 0));
+      }
+      return most;
+    };
+    const bool three = force ? std::atoi(force) == 3 && want >= 3
+                             : want >= 4 && w.cols <= 1024 && busiest(24) <= busiest(32);
+    if (three) return xt_spmm<V, R, 3, C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
+  }
   if (NBV_MAX >= 4 && want >= 4) xt_spmm<V, R, (NBV_MAX >= 4 ? 4 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
   else if (NBV_MAX >= 2 && want >= 2) xt_spmm<V, R, (NBV_MAX >= 2 ? 2 : 1), C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
   else xt_spmm<V, R, 1, C1>(w, cols, x, n, ldx, bias, y, ldy, nt);
