@@ -33,6 +33,7 @@ from torch import nn
 
 from ._modules import module_names, set_module
 from .prune.masks import MASK_NAME, apply_mask, apply_masks, masked_modules
+from .prune.patterns import is_conv1d
 
 __all__ = ["save", "load", "read_file", "FORMAT_VERSION", "RESHAPED_ATTR"]
 
@@ -468,6 +469,8 @@ def _fits(fresh: nn.Module, new: nn.Module) -> bool:
     if isinstance(fresh, SparseModule):
         return type(fresh) is type(new) and tuple(fresh.weight_shape) == tuple(new.weight_shape)
     w = getattr(fresh, "weight", None)
+    if is_conv1d(fresh):  # Hugging Face Conv1D (GPT-2) converts to a SparseLinear of its weight (in, out) transposed
+        return new.dense_type is nn.Linear and tuple(w.shape[::-1]) == tuple(new.weight_shape)
     if isinstance(w, nn.parameter.UninitializedParameter):  # a lazy module (nn.LazyLinear): its size is the file's
         return isinstance(fresh, new.dense_type) and getattr(fresh, "out_features",
                                                               getattr(fresh, "out_channels", None)) == new.weight_shape[0]

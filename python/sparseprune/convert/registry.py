@@ -1,4 +1,8 @@
-"""Which module types convert() knows, and how each maps to a sparse module and back."""
+"""Which module types convert() knows, and how each maps to a sparse module and back.
+
+``nn.Linear`` -> :class:`~sparseprune.nn.SparseLinear`, ``nn.Conv2d`` -> :class:`~sparseprune.nn.SparseConv2d`, and
+Hugging Face's ``Conv1D`` (GPT-2's Linear, weight stored as (in, out); recognised by name, transformers is never
+imported here) -> ``SparseLinear`` of ``weight.T``; kept dense, a Conv1D stays a Conv1D."""
 from __future__ import annotations
 
 import copy
@@ -14,6 +18,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .. import nn as spnn
 from .._modules import set_module
 from ..prune import masks
+from ..prune.patterns import is_conv1d
 
 __all__ = ["Converter", "CONVERTERS", "register_converter", "base_type", "has_hooks", "user_hooks", "carry_hooks",
            "densify", "dense_twin", "converter_for", "weight_density"]
@@ -37,7 +42,28 @@ class Converter:
     sparse_type: Optional[type] = None
 
 
-CONVERTERS: Dict[type, Converter] = {}
+def _conv1d_class(t) -> bool:
+    """A Hugging Face ``Conv1D`` class (``transformers.pytorch_utils``), known by name and module."""
+    return isinstance(t, type) and t.__name__ == "Conv1D" and t.__module__.startswith("transformers.")
+
+
+class _Converters(dict):
+    """{module type: Converter}, exact types; a Hugging Face ``Conv1D`` class, which cannot be registered at import
+    (transformers is not imported), maps to the Conv1D converter unless one was registered for it."""
+
+    def __missing__(self, t):
+        if _conv1d_class(t):
+            return self.setdefault(t, _CONV1D)
+        raise KeyError(t)
+
+    def __contains__(self, t) -> bool:
+        return dict.__contains__(self, t) or _conv1d_class(t)
+
+    def get(self, t, default=None):
+        return self[t] if t in self else default
+
+
+CONVERTERS: Dict[type, Converter] = _Converters()
 
 
 def register_converter(module_type: type, converter: Converter) -> None:
@@ -53,7 +79,11 @@ def base_type(m: nn.Module) -> type:
 
 
 def converter_for(m: nn.Module) -> Optional[Converter]:
-    return CONVERTERS.get(base_type(m))
+    t = base_type(m)
+    cv = CONVERTERS.get(t)
+    if cv is None and is_conv1d(m):  # a Conv1D class outside transformers (a copy of it): known from then on
+        cv = CONVERTERS.setdefault(t, _CONV1D)
+    return cv
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -101,9 +131,9 @@ def weight_density(w: Tensor) -> Optional[float]:
     return float((w != 0).sum()) / max(w.numel(), 1)
 
 
-def _sparse_builder(sparse_type):
+def _sparse_builder(sparse_type, as_dense: Callable[[nn.Module], nn.Module] = lambda m: m):
     def build(m, fmt, block, num_threads, weight_dtype=torch.float32):
-        return sparse_type.from_dense(m, format=fmt, block_size=block if fmt == "bsr" else None,
+        return sparse_type.from_dense(as_dense(m), format=fmt, block_size=block if fmt == "bsr" else None,
                                       num_threads=num_threads, weight_dtype=weight_dtype)
     return build
 
@@ -123,6 +153,32 @@ def _plain(m: nn.Module) -> nn.Module:
         new.bias = nn.Parameter(m.bias.detach().clone())
     return new
 
+
+def _conv1d_as_linear(m: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` a Conv1D computes (``x @ W + b`` = ``F.linear(x, W.T, b)``), holding a contiguous copy of its
+    effective (masked) weight, transposed, and of its bias."""
+    w = m.weight.detach()
+    new = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device="meta")
+    new.weight = nn.Parameter(w.t().contiguous())
+    if m.bias is not None:
+        new.bias = nn.Parameter(m.bias.detach().clone())
+    return new
+
+
+def _plain_conv1d(m: nn.Module) -> nn.Module:
+    """A hook-free Conv1D of the same class holding its effective (masked) weight and bias: the dense choice."""
+    w = m.weight.detach()
+    with torch.device("meta"):  # no random initialisation of parameters replaced next
+        new = base_type(m)(w.shape[1], w.shape[0])  # Conv1D(nf, nx)
+    new.weight = nn.Parameter(w.clone())
+    new.bias = nn.Parameter(m.bias.detach().clone()) if m.bias is not None else None
+    return new
+
+
+# rows = outputs: a Conv1D's weight is (in, out), so its pattern and effective weight are the transpose
+_CONV1D = Converter(
+    pattern=lambda m: m.weight.detach().t(), weight=lambda m: m.weight.detach().t(), dense=_plain_conv1d,
+    build=_sparse_builder(spnn.SparseLinear, _conv1d_as_linear), sparse_type=spnn.SparseLinear)
 
 register_converter(nn.Linear, Converter(
     pattern=lambda m: m.weight.detach(), weight=lambda m: m.weight.detach(), dense=_plain,

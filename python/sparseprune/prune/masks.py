@@ -1,7 +1,8 @@
 """Masks that survive training.
 
 A pruned layer keeps its ``weight`` Parameter (the same object, so optimizers built before pruning
-keep working) plus a boolean buffer ``weight_mask`` (True = kept). Three things keep pruned weights
+keep working) plus a boolean buffer ``weight_mask`` (True = kept), shaped like the stored weight (a Hugging Face
+``Conv1D``'s is (in, out), its weight's layout). Three things keep pruned weights
 at zero whatever the training loop does:
 
 1. a gradient hook zeroes the gradient of pruned entries (so gradient clipping, Taylor scores and
@@ -220,17 +221,28 @@ def remove_masks(model: nn.Module) -> nn.Module:
     return model
 
 
-def layer_sparsity(model: nn.Module, types=(nn.Linear, nn.Conv2d)) -> Dict[str, float]:
-    """Fraction of exact zeros in each Linear / Conv2d weight, by module name."""
+def _layer_test(types):
+    """``types`` as a predicate; None: the layers the pattern pruners take (Linear, Conv2d, Hugging Face Conv1D)."""
+    if types is None:
+        from .patterns import is_prunable  # patterns imports this module
+        return is_prunable
+    return lambda m: isinstance(m, types)
+
+
+def layer_sparsity(model: nn.Module, types=None) -> Dict[str, float]:
+    """Fraction of exact zeros in each Linear / Conv2d / Conv1D weight (or each module of ``types``), by name."""
+    test = _layer_test(types)
     return {name: float((m.weight == 0).sum()) / max(m.weight.numel(), 1)
-            for name, m in model.named_modules() if isinstance(m, types)}
+            for name, m in model.named_modules() if test(m)}
 
 
-def sparsity(model: nn.Module, types=(nn.Linear, nn.Conv2d), only_masked: bool = False) -> float:
-    """Overall fraction of zeros over the Linear / Conv2d weights (or only the masked ones)."""
+def sparsity(model: nn.Module, types=None, only_masked: bool = False) -> float:
+    """Overall fraction of zeros over the Linear / Conv2d / Conv1D weights (or the modules of ``types``; or only
+    the masked ones)."""
+    test = _layer_test(types)
     zeros = total = 0
     for _, m in model.named_modules():
-        if isinstance(m, types) and (not only_masked or is_masked(m)):
+        if test(m) and (not only_masked or is_masked(m)):
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
     return zeros / max(total, 1)

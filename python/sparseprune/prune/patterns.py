@@ -1,6 +1,8 @@
 """Pattern pruning (unstructured, r x c blocks, N:M) with masks that survive training.
 
-Patterns, for a weight of shape (out, in, *kernel):
+Patterns, for a weight of shape (out, in, *kernel). A Hugging Face ``Conv1D`` (GPT-2's Linear, weight stored
+transposed as (in, out)) is pruned as the Linear whose weight is ``conv1d.weight.T``: scores, blocks and N:M groups
+are taken on that (out, in) view and the mask is stored transposed, shaped like the stored weight.
 
 * unstructured: any element.
 * blocks (r, c): r output rows x c input columns; for Conv2d r output channels x c input channels x
@@ -23,7 +25,7 @@ keyword arguments:
                     Tensor, a tuple of positional args or a mapping of keyword args); ``forward`` feeds
                     a batch of another form. ``example_inputs`` (one call of the model, as everywhere
                     in sparseprune) is accepted as a single calibration batch.
-``layers``          which layers (None = every Linear and Conv2d): names, glob patterns, module types,
+``layers``          which layers (None = every Linear, Conv2d and Conv1D): names, glob patterns, module types,
                     module objects, or a callable(name, module) -> bool. ``exclude``: same forms.
                     A name or glob that matches no Linear / Conv2d raises ``ValueError``. A layer whose
                     weight cannot take a mask (parametrized, weight_norm, under torch.nn.utils.prune)
@@ -65,9 +67,9 @@ from . import criteria as C
 from .masks import apply_mask, get_mask
 
 __all__ = ["prune_unstructured", "prune_blocks", "prune_nm", "select_layers", "pattern_mask",
-           "check_sparsity", "check_block_size", "check_nm", "PRUNABLE"]
+           "check_sparsity", "check_block_size", "check_nm", "PRUNABLE", "is_conv1d", "is_prunable"]
 
-PRUNABLE = (nn.Linear, nn.Conv2d)
+PRUNABLE = (nn.Linear, nn.Conv2d)  # and Hugging Face Conv1D, recognised by is_conv1d (transformers is not imported)
 _COMMON_KW = {"importance", "example_inputs", "calibration", "forward", "layers", "exclude", "dense_first_last", "scope",
               "overrides", "misfit", "per_row", "keep_pruned", "sequential", "damp", "seed", "nm_axis"}
 
@@ -122,6 +124,35 @@ def check_nm(n, m) -> Tuple[int, int]:
 
 
 # -- which layers ----------------------------------------------------------------------------------
+def is_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is a Hugging Face ``Conv1D`` (``transformers.pytorch_utils``; GPT-2, GPT, ...): ``y = x @ W + b``
+    with W stored as (in, out) and ``nf`` output features. Known by class name, without importing transformers."""
+    t = type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+    if t.__name__ != "Conv1D":
+        return False
+    w = getattr(m, "weight", None)
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        return False
+    nf = getattr(m, "nf", None)
+    return t.__module__.startswith("transformers.") or (isinstance(nf, int) and w.shape[1] == nf)
+
+
+def is_prunable(m: nn.Module) -> bool:
+    """A layer the pattern pruners (and ``select_layers``) take: Linear, Conv2d or Hugging Face Conv1D."""
+    return isinstance(m, PRUNABLE) or is_conv1d(m)
+
+
+def _as_out_in(mod: nn.Module, t: Tensor) -> Tensor:
+    """A weight-shaped tensor as the pattern code sees it, (out, in, *kernel), and back: a Conv1D's is the
+    transpose of its stored (in, out) layout (the transpose is its own inverse), anything else's unchanged."""
+    return t.t() if is_conv1d(mod) else t
+
+
+def _weight_shape(mod: nn.Module) -> Tuple[int, ...]:
+    """``mod``'s weight shape as (out, in, *kernel)."""
+    return tuple(_as_out_in(mod, mod.weight).shape)
+
+
 def _matches(name: str, module: nn.Module, spec) -> bool:
     if isinstance(spec, str):
         return name == spec or fnmatch.fnmatchcase(name, spec)
@@ -205,7 +236,7 @@ def _choose_layers(model: nn.Module, layers=None, exclude=None, dense_first_last
     over."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    cands = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+    cands = [(n, m) for n, m in model.named_modules() if is_prunable(m)]
     if dense_first_last is None:
         dense_first_last = layers is None
     inc, exc = _as_specs(layers), _as_specs(exclude)
@@ -234,7 +265,7 @@ def _choose_layers(model: nn.Module, layers=None, exclude=None, dense_first_last
 
 
 def select_layers(model: nn.Module, layers=None, exclude=None, dense_first_last=None) -> Dict[str, nn.Module]:
-    """The Linear / Conv2d layers a prune_* call would touch, by name, in registration order. A name in
+    """The Linear / Conv2d / Conv1D layers a prune_* call would touch, by name, in registration order. A name in
     ``layers`` that matches no layer, or names one whose weight cannot take a mask (parametrized, under
     torch.nn.utils.prune), raises ``ValueError``; such layers picked by a rule are left out."""
     return _choose_layers(model, layers, exclude, dense_first_last)[0]
@@ -336,7 +367,7 @@ def _layer_plans(model, sparsity, kind, kw, base) -> Tuple[Dict[str, nn.Module],
     overrides = kw.get("overrides") or {}
     if not isinstance(overrides, Mapping):
         raise TypeError("overrides must be a dict {layer name or glob: sparsity | None | dict}")
-    every = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+    every = [(n, m) for n, m in model.named_modules() if is_prunable(m)]
     _check_found(model, every, list(overrides), "overrides=", globs=False)
     if isinstance(sparsity, Mapping):
         _check_found(model, every, list(sparsity), "a sparsity dict", globs=False)
@@ -384,16 +415,16 @@ def _layer_plans(model, sparsity, kind, kw, base) -> Tuple[Dict[str, nn.Module],
             plan["sparsity"] = check_sparsity(plan["sparsity"])
         if kind == "blocks":
             r, c = plan["block_size"]
-            o, i = mod.weight.shape[:2]
+            shape = _weight_shape(mod)  # (out, in, ...): a Conv1D's stored weight is (in, out)
+            o, i = shape[:2]
             if r > o or c > i:
                 how = kw.get("misfit", "skip")
                 if how == "error":
-                    raise ValueError(f"layer {name!r} with weight {tuple(mod.weight.shape)} is smaller than "
-                                     f"block {(r, c)}")
+                    raise ValueError(f"layer {name!r} with weight {shape} is smaller than block {(r, c)}")
                 if how == "shrink":
                     plan["block_size"] = (min(r, o), min(c, i))
                 elif how == "skip":
-                    warnings.warn(f"sparseprune: layer {name!r} (weight {tuple(mod.weight.shape)}) is smaller "
+                    warnings.warn(f"sparseprune: layer {name!r} (weight {shape}) is smaller "
                                   f"than block {(r, c)}; left dense (misfit='shrink' clips the block)")
                     continue
                 else:
@@ -423,6 +454,8 @@ def _prune(model, kind, base, kw):
         check_sparsity(base["sparsity"])
     mods, plans = _layer_plans(model, base.get("sparsity"), kind, kw, base)
     if not mods:
+        if not any(is_prunable(m) for m in model.modules()):
+            _warn_nothing_prunable(model, kind)
         return model
     keep_pruned = kw.get("keep_pruned", True)
     gen = torch.Generator().manual_seed(int(kw.get("seed", 0)))
@@ -441,6 +474,7 @@ def _prune(model, kind, base, kw):
         stats = C.collect_activation_stats(model, need, ex, fwd, hessian=hess)
 
     def scores_for(name, mod, imp):
+        """Element scores on the (out, in, ...) view of the weight."""
         st = stats.get(name)
         if sequential and calib[name]:
             st = C.collect_activation_stats(model, {name: mod}, ex, fwd, hessian=imp == "sparsegpt",
@@ -448,17 +482,26 @@ def _prune(model, kind, base, kw):
             stats[name] = st
         if imp == "sparsegpt":
             s = _obs_saliency(mod, st, kw.get("damp", 0.01))
+        elif imp == "wanda" and is_conv1d(mod):
+            s = _conv1d_wanda(mod, st)
         else:
-            s = C.element_scores(imp, name, mod, st, gen)
-        if s.shape != mod.weight.shape:
-            raise ValueError(f"importance for {name!r} has shape {tuple(s.shape)}, weight is {tuple(mod.weight.shape)}")
+            s = C.element_scores(imp, name, mod, st, gen)  # in the stored layout, as the weight and .grad are
+            if s.shape != mod.weight.shape:
+                raise ValueError(f"importance for {name!r} has shape {tuple(s.shape)}, weight is "
+                                 f"{tuple(mod.weight.shape)}")
+            s = _as_out_in(mod, s)
+        if s.shape != _weight_shape(mod):
+            raise ValueError(f"importance for {name!r} has shape {tuple(s.shape)}, weight is {_weight_shape(mod)}")
         old = get_mask(mod)
         if keep_pruned and old is not None:
-            s = s.masked_fill(~old.to(s.device), -math.inf)
+            s = s.masked_fill(~_as_out_in(mod, old).to(s.device), -math.inf)
         return s
 
     def finish(name, mod, keep):
+        """Apply ``keep`` (on the (out, in, ...) view) as the layer's mask."""
         old = get_mask(mod)
+        if old is not None:
+            old = _as_out_in(mod, old)
         if keep_pruned and old is not None:
             keep = keep & old.to(keep.device)
         p = plans[name]
@@ -471,7 +514,7 @@ def _prune(model, kind, base, kw):
             elif kind == "unstructured" and not p["global"] and p.get("per_row", kw.get("per_row")) is not False:
                 sel = _Select("unstructured", p["sparsity"], prior=prior)
             keep = _obs_reconstruct(mod, stats[name], keep, kw.get("damp", 0.01), select=sel)
-        apply_mask(mod, keep)
+        apply_mask(mod, _as_out_in(mod, keep).contiguous())
 
     glob = [n for n in mods if plans[n]["global"]]
     for name, mod in mods.items():
@@ -504,11 +547,36 @@ def _prune(model, kind, base, kw):
     return model
 
 
+def _warn_nothing_prunable(model: nn.Module, kind: str) -> None:
+    """prune_* found no layer type it prunes in ``model``: say so, naming the module types that hold weights of
+    2 or more dimensions (what the user probably meant to prune), instead of returning the model unchanged."""
+    held = list(dict.fromkeys(type(m).__name__ for m in model.modules()
+                              if any(p.dim() >= 2 for p in m.parameters(recurse=False))))
+    fn = {"unstructured": "prune_unstructured", "blocks": "prune_blocks", "nm": "prune_nm"}[kind]
+    what = (f"its weights of 2 or more dimensions are in {', '.join(held)} modules, which pattern pruning does not "
+            "support" if held else "it holds no weight of 2 or more dimensions")
+    warnings.warn(f"sparseprune: {fn} pruned nothing: the model ({type(model).__name__}) has no nn.Linear, nn.Conv2d "
+                  f"or Hugging Face Conv1D layer; {what}", UserWarning, stacklevel=4)
+
+
+def _conv1d_wanda(mod: nn.Module, st: Optional[C.ActivationStats]) -> Tensor:
+    """Wanda's |W_ij| * ||X_j|| on a Conv1D's (out, in) view (criteria's column norms assume the stored weight
+    is (out, in))."""
+    if st is None:
+        raise ValueError("importance='wanda' needs example_inputs")
+    if st.sq is None:
+        raise RuntimeError("this layer saw no calibration input (is it used in the forward pass?)")
+    w = mod.weight.detach().float().t()
+    return w.abs() * st.sq.sqrt().to(w.device)
+
+
 # -- SparseGPT-style reconstruction ------------------------------------------------------------------
 def _as_matrix(mod: nn.Module) -> Tensor:
+    """The weight as the (out, in * kernel) matrix that multiplies the layer's input columns."""
     if isinstance(mod, nn.Conv2d) and mod.groups != 1:
         raise ValueError("importance='sparsegpt' supports Conv2d with groups=1 only")
-    return mod.weight.detach().float().reshape(mod.weight.shape[0], -1)
+    w = _as_out_in(mod, mod.weight.detach().float())
+    return w.reshape(w.shape[0], -1).contiguous()  # a Conv1D's (out, in) view: computed as a Linear's weight is
 
 
 def _damped_inverse(st: C.ActivationStats, k: int, damp: float):
@@ -528,7 +596,7 @@ def _obs_saliency(mod: nn.Module, st: C.ActivationStats, damp: float) -> Tensor:
     w = _as_matrix(mod)
     hinv, _ = _damped_inverse(st, w.shape[1], damp)
     d = torch.diagonal(torch.linalg.cholesky(hinv, upper=True))
-    return (w.double().pow(2) / d.pow(2)).float().reshape(mod.weight.shape)
+    return (w.double().pow(2) / d.pow(2)).float().reshape(_weight_shape(mod))
 
 
 def _obs_reconstruct(mod: nn.Module, st: C.ActivationStats, keep: Tensor, damp: float, block: int = 128,
@@ -564,8 +632,8 @@ def _obs_reconstruct(mod: nn.Module, st: C.ActivationStats, keep: Tensor, damp: 
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     with torch.no_grad():
-        mod.weight.copy_((w * keep2).reshape(mod.weight.shape).to(mod.weight.dtype))
-    return keep2.reshape(mod.weight.shape)
+        mod.weight.copy_(_as_out_in(mod, (w * keep2).reshape(_weight_shape(mod))).to(mod.weight.dtype))
+    return keep2.reshape(_weight_shape(mod))
 
 
 class _Select:
@@ -593,8 +661,9 @@ def prune_unstructured(model: nn.Module, sparsity, **kw) -> nn.Module:
 
 
 def prune_blocks(model: nn.Module, sparsity, block_size=(16, 16), **kw) -> nn.Module:
-    """Zero whole r x c blocks (Conv2d: r out x c in channels x all kernel positions) until the pruned
-    fraction is within one block of ``sparsity``. In place; returns ``model``."""
+    """Zero whole r x c blocks (Conv2d: r out x c in channels x all kernel positions; Conv1D: r out x c in
+    features of ``weight.T``) until the pruned fraction is within one block of ``sparsity``. In place; returns
+    ``model``."""
     check_block_size(block_size)
     return _prune(model, "blocks", {"sparsity": sparsity, "block_size": block_size}, kw)
 
