@@ -98,7 +98,7 @@ def test_convert_pins_the_fastest_variant_and_saves_it_as_a_hint(monkeypatch, tm
     monkeypatch.setattr(cv, "time_calls", fake)
     m, x = _model(), torch.randn(32, 256)
     c = sp.convert(m, x, formats=("bsr",), end_to_end=False, time_budget=2.0)
-    assert c[0].kernel == "rows/direct" and c[0].kernel_cpu == cv_cache.cpu_model()
+    assert c[0].kernel == "rows/direct" and c[0].kernel_cpu == cv_cache.timing_machine()
     rows = {r["name"]: r for r in sp.summary(c, print_fn=None)}
     assert rows["0"]["kernel"] == "rows/direct" and "kernel rows/direct" in rows["0"]["reason"]
     with torch.no_grad():
@@ -106,6 +106,10 @@ def test_convert_pins_the_fastest_variant_and_saves_it_as_a_hint(monkeypatch, tm
     path = tmp_path / "m.sp"
     sp.save(c, path)
     assert sp.load(path, _model())[0].kernel == "rows/direct"  # same CPU: kept
+    with monkeypatch.context() as mp:  # the same CPU model under another instruction set (a VM hiding AVX-512)
+        mp.setattr(ops, "active_isa", lambda: "some other isa")
+        other = sp.load(path, _model())
+        assert other[0].kernel == "auto" and other[0].kernel_cpu == ""
     monkeypatch.setattr(cv_cache, "cpu_model", lambda: "Some Other CPU")
     other = sp.load(path, _model())
     assert other[0].kernel == "auto" and other[0].kernel_cpu == ""  # another CPU: back to the heuristics

@@ -432,8 +432,8 @@ def _rebuild(cls: type, entry: dict, name: str, state: Dict[str, torch.Tensor]) 
     for k, v in attrs.items():
         setattr(m, k, _tuples(v))
     if getattr(m, "kernel", "auto") != "auto":
-        from .convert.cache import cpu_model
-        if m.kernel_cpu != cpu_model():  # a kernel choice timed on another CPU: back to the heuristics
+        from .convert.cache import timing_machine
+        if m.kernel_cpu != timing_machine():  # timed on another CPU or instruction set: back to the heuristics
             m.kernel, m.kernel_cpu = "auto", ""
     if set(entry["params"]) != {"bias"}:
         raise ValueError(f"load: {name} ({cls.__name__}) must have exactly one parameter, 'bias'")

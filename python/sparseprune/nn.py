@@ -130,7 +130,7 @@ class SparseModule(nn.Module):
     weight_dtype = "float32"
     activation = "none"  # fused into the kernel's store after the bias: one of ops.ACTIVATIONS
     kernel = "auto"  # fp32 spmm variant pinned by convert()'s timing (ops.KERNELS); "auto": heuristics
-    kernel_cpu = ""  # the CPU model that timing ran on (a hint from another CPU is dropped on load)
+    kernel_cpu = ""  # the CPU model and ISA that timing ran on (a hint from another is dropped on load)
 
     # -- subclass hooks -----------------------------------------------------------------------
     @classmethod

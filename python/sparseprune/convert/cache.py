@@ -58,6 +58,14 @@ def cpu_model() -> str:
     return f"{name} (family {family} model {model})" if family and model else name
 
 
+def timing_machine() -> str:
+    """What a timed kernel choice holds for: the CPU model and the instruction set the kernels run with. A VM can
+    show one CPU model with or without AVX-512 (Zen 4 with it hidden: the AVX2 kernels), or a user may force
+    ``SPARSEPRUNE_ISA``; a choice timed under one set is not trusted under another."""
+    from .. import ops
+    return f"{cpu_model()}; isa {ops.active_isa()}"
+
+
 @functools.lru_cache(maxsize=None)
 def build_id() -> str:
     """The kernels timed: sparseprune's version and its compiled extension's size and modification time.

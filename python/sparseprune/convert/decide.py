@@ -186,8 +186,8 @@ def _tune_kernel(mod, row: LayerRow, inputs, counts, budget_s: float, deadline: 
     best = min(times, key=times.get)
     if best != "auto" and times["auto"] <= NOISE * times[best]:
         best = "auto"
-    from .cache import cpu_model
-    mod.kernel, mod.kernel_cpu = best, (cpu_model() if best != "auto" else "")
+    from .cache import timing_machine
+    mod.kernel, mod.kernel_cpu = best, (timing_machine() if best != "auto" else "")
     row.kernel = best
     if best != "auto":
         row.reason += f"; kernel {best} {times['auto'] / times[best]:.2f}x the heuristic's"
