@@ -89,7 +89,7 @@ from ._inputs import call_model
 from .prune import criteria as C
 from .prune.masks import (MASK_NAME, apply_mask, get_mask, is_masked, masked_modules, remove_masks,
                           sync_masks)
-from .prune.patterns import check_sparsity, prune_blocks, prune_nm, prune_unstructured
+from .prune.patterns import check_sparsity, is_prunable, prune_blocks, prune_nm, prune_unstructured
 from .prune.schedule import cubic_sparsity
 
 __all__ = ["distill", "distill_loss", "DistillCallback", "feed", "token_mask", "set_transformer",
@@ -284,7 +284,8 @@ def distill_loss(student_out, teacher_out, batch=None, *, temperature: float = 2
 # -- importance tracked during training --------------------------------------------------------------
 class _RunningWanda:
     """Wanda scores from the training forwards: squared input-feature norms accumulated by forward
-    pre-hooks (padding tokens excluded), |W| * ||X_j|| at pruning time. No extra forward passes."""
+    pre-hooks (padding tokens excluded), |W| * ||X_j|| at pruning time, shaped like the stored weight (a
+    Conv1D's (in, out): ``prune_*`` takes it on weight.T). No extra forward passes."""
 
     def __init__(self, modules: Dict[str, nn.Module]):
         self.sq: Dict[str, Tensor] = {}
@@ -342,6 +343,7 @@ def _prune_to(model, pattern, s, block_size, n, m, layer_scale=None, **kw):
 def depth_ramp(model: nn.Module, ramp: float, pattern: str = r"\.layer\.(\d+)\.") -> Dict[str, float]:
     """``layer_scale`` for :func:`distill` that prunes early transformer blocks more than late ones:
     the block index ``i`` of ``L`` (read from module names with ``pattern``, e.g. ``encoder.layer.3.``)
+    (GPT-2's ``h.3.``: ``pattern=r"^h\\.(\\d+)\\."``; Linear, Conv2d and Hugging Face Conv1D layers)
     gets the factor ``1 + ramp * (1 - 2 i / (L - 1))``, from ``1 + ramp`` down to ``1 - ramp``,
     averaging 1 (so the overall sparsity stays the target when the blocks are the same size).
     On all-MiniLM-L6-v2 at 50% 16x16 blocks (one-shot SparseGPT-style mask, 1,000 held-out
@@ -351,12 +353,12 @@ def depth_ramp(model: nn.Module, ramp: float, pattern: str = r"\.layer\.(\d+)\."
     rx = re.compile(pattern)
     idx = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if is_prunable(mod):
             hit = rx.search(name + ".")
             if hit:
                 idx[name] = int(hit.group(1))
     if not idx:
-        raise ValueError(f"no Linear / Conv2d module name matches {pattern!r}")
+        raise ValueError(f"no Linear / Conv2d / Conv1D module name matches {pattern!r}")
     last = max(idx.values())
     if last == 0:
         return {name: 1.0 for name in idx}
@@ -824,7 +826,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         opt = optimizer(params) if optimizer is not None else \
             torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         base_lrs = [g["lr"] for g in opt.param_groups]
-        prunable = {nm_: mod for nm_, mod in base.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
+        prunable = {nm_: mod for nm_, mod in base.named_modules() if is_prunable(mod)}
         tracker = None
         imp = importance
         if pattern == "nm" or init_sparsity >= sparsity:

@@ -1,6 +1,7 @@
 """convert(): measured per-layer choice of dense / CSR / BSR, and summary() of the choices.
 
-For every layer a converter is registered for (``nn.Linear``, ``nn.Conv2d``) convert() reads the
+For every layer a converter is registered for (``nn.Linear``, ``nn.Conv2d``, Hugging Face ``Conv1D``: GPT-2's
+Linear, weight stored (in, out), converted to a ``SparseLinear`` of ``weight.T``) convert() reads the
 weight's zero pattern, builds the candidates (dense, CSR, BSR with the detected block and other
 blocks that fit), times each one on the inputs that layer really received during a forward pass of
 ``example_inputs``, and keeps the fastest. A sparse format must beat dense by ``margin`` to be
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from .._inputs import call_model
 from .._modules import module_names, set_module
+from ..prune.patterns import is_conv1d
 from .capture import capture, l2_relative, max_error, relative, static_weight_reads
 from .decide import LayerRow, Settings, decide, label
 from .registry import (CONVERTERS, Converter, base_type, carry_hooks, converter_for, dense_twin, densify, has_hooks,
@@ -105,7 +107,7 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             inplace: bool = False, progress: Optional[bool] = None, weight_dtypes=(torch.float32,),
             quant_tolerance: float = 0.25, cache: bool = True, fuse: bool = True,
             shared_inputs: bool = True, pools: bool = True, residual: bool = True) -> nn.Module:
-    """Return a copy of ``model`` in which each Linear (and Conv2d) runs in its fastest format.
+    """Return a copy of ``model`` in which each Linear (and Conv2d, Hugging Face Conv1D) runs in its fastest format.
 
     Args:
         model: the (pruned) model. It is not modified unless ``inplace=True``.
@@ -163,8 +165,13 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
-    if converter_for(getattr(model, "_orig_mod", model)) is not None:
+    bare = getattr(model, "_orig_mod", model)
+    if converter_for(bare) is not None:
         # convert replaces a model's layers; a bare layer has none (it came back dense without a word)
+        if is_conv1d(bare):  # SparseLinear.from_dense takes an nn.Linear only
+            raise ValueError("convert: the model is a single Hugging Face Conv1D, which convert would return as it is; "
+                             "wrap it (nn.Sequential(layer)) and convert that, which makes it a SparseLinear of "
+                             "weight.T (SparseLinear.from_dense takes an nn.Linear, not a Conv1D)")
         raise ValueError(f"convert: the model is a single {type(model).__name__}, which convert would return as it "
                          "is; wrap it (nn.Sequential(layer)) or build the sparse layer with "
                          "SparseLinear.from_dense / SparseConv2d.from_dense")

@@ -8,7 +8,8 @@ blocks / N:M groups; criteria know nothing about patterns.
   (unstructured, N:M) both rank alike.
 * ``"wanda"``: ``|W_ij| * ||X_j||_2`` with ``X_j`` the j-th input feature over all calibration tokens
   (Sun et al., 2023). For Conv2d, ``X`` is the unfolded (im2col) input, so each (in-channel, kernel
-  position) column gets its own norm, exactly as the convolution's GEMM sees it.
+  position) column gets its own norm, exactly as the convolution's GEMM sees it. A Hugging Face Conv1D's
+  weight is stored (in, out): its scores are ``|W_ji| * ||X_j||``, shaped like that stored weight.
 * ``"taylor"``: first-order Taylor ``|W * dL/dW|`` from the gradients now in ``.grad`` (or
   accumulated over many steps with :class:`GradientScores`).
 * ``"movement"``: ``-sum_t W * dL/dW`` accumulated during training (Sanh et al., 2020), via
@@ -97,6 +98,11 @@ def layer_inputs(module: nn.Module, x: Tensor, token_mask: Optional[Tensor] = No
 _layer_inputs = layer_inputs
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    from .patterns import is_conv1d  # (patterns imports this module)
+    return is_conv1d(module)
+
+
 class ActivationStats:
     """Per-layer input statistics: sum of squares per input column, token count, optional Gram matrix."""
 
@@ -121,6 +127,8 @@ class ActivationStats:
             raise RuntimeError("this layer saw no calibration input (is it used in the forward pass?)")
         norms = self.sq.sqrt()
         w = module.weight
+        if _is_conv1d(module):  # weight stored (in, out): input feature j is row j
+            return norms.unsqueeze(1).expand_as(w)
         if isinstance(module, nn.Conv2d):
             groups = module.groups
             per_group = norms.reshape(groups, -1)  # (groups, Cin_g*kh*kw)
@@ -167,9 +175,10 @@ def collect_activation_stats(model: nn.Module, modules: Dict[str, nn.Module], ex
 class GradientScores:
     """Accumulate gradient-based importance during training, for Taylor or movement pruning.
 
-    ``scores = GradientScores(model, kind="taylor")`` hooks the weights of the model's Linear / Conv2d
-    layers (or ``modules``); every backward adds ``|W * dL/dW|`` (taylor) or ``-W * dL/dW``
-    (movement). Pass it as ``importance=scores`` to a ``prune_*`` function; :meth:`reset` starts over,
+    ``scores = GradientScores(model, kind="taylor")`` hooks the weights of the model's Linear / Conv2d /
+    Hugging Face Conv1D layers (or ``modules``); every backward adds ``|W * dL/dW|`` (taylor) or ``-W * dL/dW``
+    (movement), shaped like the stored weight (a Conv1D's (in, out), which ``prune_*`` takes on weight.T).
+    Pass it as ``importance=scores`` to a ``prune_*`` function; :meth:`reset` starts over,
     :meth:`close` removes the hooks.
     """
 
@@ -178,7 +187,8 @@ class GradientScores:
             raise ValueError(f"kind must be 'taylor' or 'movement', got {kind!r}")
         self.kind = kind
         if modules is None:
-            modules = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+            from .patterns import is_prunable  # (patterns imports this module)
+            modules = {n: m for n, m in model.named_modules() if is_prunable(m)}
         self.modules = dict(modules)
         self.scores: Dict[str, Tensor] = {}
         self.steps = 0

@@ -7,6 +7,8 @@ towards zero *before* they are pruned (and pruning them then costs little accura
   being the same r x c blocks ``prune_blocks`` removes (Conv2d: r x c channels x all kernel
   positions), or output channels (``groups="channels"``), or input channels (``"in_channels"``).
   Each group norm is scaled by sqrt(group size) so that edge blocks are not favoured.
+  A Hugging Face ``Conv1D`` (weight stored (in, out)) is grouped on its (out, in) view ``weight.T``, as the
+  pattern pruners see it: its penalty is the equivalent nn.Linear's.
 * :func:`l1_penalty` / :func:`l2_penalty`: element-wise.
 * :func:`bn_l1`: L1 of BatchNorm scales (network slimming; Liu et al., 2017) for channel pruning.
 """
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .patterns import check_block_size, select_layers
+from .patterns import check_block_size, is_conv1d, select_layers
 
 __all__ = ["group_lasso", "group_norms", "l1_penalty", "l2_penalty", "bn_l1"]
 
@@ -27,7 +29,7 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNor
 
 def group_norms(weight: Tensor, groups="blocks", block_size=(16, 16)) -> Tensor:
     """L2 norm of every group of ``weight`` (differentiable): (Mb, Kb) for blocks, (out,) / (in,)
-    for channels."""
+    for channels. ``weight`` is (out, in, *kernel): pass a Conv1D's ``weight.T``."""
     o, i = weight.shape[:2]
     sq = weight.pow(2).reshape(o, i, -1).sum(2)
     if groups == "channels":
@@ -48,7 +50,7 @@ def group_lasso(model: nn.Module, block_size=(16, 16), groups: str = "blocks", l
     """Sum over the selected layers' groups of ||group||_2 (x sqrt(group size) when ``normalize``)."""
     total = None
     for _, mod in select_layers(model, layers, exclude, dense_first_last).items():
-        w = mod.weight
+        w = mod.weight.t() if is_conv1d(mod) else mod.weight  # (out, in, *kernel), as prune_blocks groups it
         norms = group_norms(w, groups, block_size)
         if normalize:
             o, i = w.shape[:2]
