@@ -49,6 +49,13 @@ def _bert_base():
     return transformers.BertModel(cfg, add_pooling_layer=False).eval(), (ids,)
 
 
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config()  # GPT-2 small (124M); its Linear layers are Hugging Face Conv1D modules
+    ids = torch.randint(0, cfg.vocab_size, (1, 128))
+    return transformers.GPT2Model(cfg).eval(), (ids,)
+
+
 SENTENCES = [
     "Sparse kernels skip the zeros instead of multiplying them.",
     "The cat sat on the mat and looked out of the window.",
@@ -71,7 +78,8 @@ def _minilm():
     return model, (enc["input_ids"], enc["attention_mask"])
 
 
-MODELS = {"resnet50": _resnet50, "mobilenet_v2": _mobilenet_v2, "bert_base": _bert_base, "minilm_l6": _minilm}
+MODELS = {"resnet50": _resnet50, "mobilenet_v2": _mobilenet_v2, "bert_base": _bert_base, "minilm_l6": _minilm,
+          "gpt2": _gpt2}
 
 
 def _out(model, args):

@@ -2,7 +2,7 @@
 many rounds (the most stable estimate on a shared or drifting machine; pytest-benchmark times each
 variant on its own). Variants are built exactly as in ``bench_models.py``.
 
-    python bench/e2e_interleaved.py [--rounds 15] [--models bert_base,resnet50,minilm_l6]
+    python bench/e2e_interleaved.py [--rounds 15] [--models bert_base,resnet50,minilm_l6,gpt2]
     python bench/e2e_interleaved.py --models bert_base --variants bsr16_0.9_int8 --unfuse residual
 
 ``--unfuse residual`` adds, after each converted variant, the same converted model (a deep copy) with the
@@ -27,6 +27,8 @@ VARIANTS = {
     "bert_base": ["bsr16_0.9", "bsr16_0.8", "bsr16_0.9_int8", "dense_int8dyn"],
     "minilm_l6": ["bsr16_0.8", "bsr16_0.9", "bsr16_0.8_int8"],
     "resnet50": ["bsr16_0.8", "bsr16_0.8_int8", "dense_cl", "bsr16_0.8_int8_cl", "channels50"],
+    # torch's dynamic quantization leaves GPT-2's Conv1D layers alone: no dense int8 row to compare with
+    "gpt2": ["bsr16_0.9", "bsr16_0.8", "bsr16_0.9_int8"],
 }
 
 

@@ -213,3 +213,60 @@ def test_plain_conv_bn_relu_still_folds_and_fuses():
     assert isinstance(fast[1], nn.Identity) and isinstance(fast[2], nn.Identity) and fast[0].activation == "relu"
     with torch.no_grad():
         _close(fast(x), ref)
+
+
+class _ByHandGelu(nn.Module):  # reads its input three times (x, x**3, x * ...), as Hugging Face's NewGELUActivation
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+_ByHandGelu.__name__ = _ByHandGelu.__qualname__ = "NewGELUActivation"  # known to convert by that name
+
+
+class _MlpAlsoReads(nn.Module):  # the layer's output also feeds a second branch: never fused
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(64, 128), _ByHandGelu(), nn.Linear(128, 64)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.out(self.act(h)) + h[:, :64]
+
+
+def _sparse(m):
+    torch.manual_seed(0)
+    sp.prune_blocks(m, sparsity=0.75, block_size=(16, 16), dense_first_last=False)
+    return m.eval()
+
+
+def test_an_activation_reading_its_input_several_times_is_fused():
+    m = _sparse(nn.Sequential(nn.Linear(64, 128), _ByHandGelu(), nn.Linear(128, 64)))
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        c = sp.convert(m, x, formats=("bsr",), end_to_end=False, time_budget=2.0)
+        _close(c(x), m(x))
+    assert [f["kind"] for f in sp.summary(c, print_fn=None).totals["fused"]] == ["gelu_tanh"]
+    assert c[0].activation == "gelu_tanh" and isinstance(c[1], nn.Identity)
+
+
+def test_uses_outside_the_activation_still_stop_the_fusion():
+    m = _sparse(_MlpAlsoReads())
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        c = sp.convert(m, x, formats=("bsr",), end_to_end=False, time_budget=2.0)
+        _close(c(x), m(x))
+    assert sp.summary(c, print_fn=None).totals["fused"] == [] and c.fc.activation == "none"
+
+
+def test_gpt2_mlp_activation_is_fused():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_layer=2, n_embd=64, n_head=4,
+                                                       n_positions=32)).eval()
+    sp.prune_blocks(m, sparsity=0.75, block_size=(16, 16), dense_first_last=False)
+    ids = torch.randint(0, 100, (2, 11))
+    with torch.no_grad():
+        c = sp.convert(m, (ids,), formats=("bsr",), end_to_end=False, time_budget=2.0)
+        _close(c(ids).last_hidden_state, m(ids).last_hidden_state)
+    fused = sp.summary(c, print_fn=None).totals["fused"]
+    assert {(f["layer"], f["kind"]) for f in fused} == {(f"h.{i}.mlp.c_fc", "gelu_tanh") for i in range(2)}

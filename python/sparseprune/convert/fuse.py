@@ -55,10 +55,11 @@ class _Uses(TorchFunctionMode):
         self.watch: Dict[int, str] = {}
         self.held: List[Tensor] = []
         self.uses: Dict[str, int] = {}
+        self.inside = 0  # consumer calls running: what an activation does with its own input is not counted
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.watch and getattr(func, "__name__", "") not in _META:
+        if self.watch and not self.inside and getattr(func, "__name__", "") not in _META:
             for a in tree_leaves((args, kwargs)):
                 name = self.watch.get(id(a)) if isinstance(a, Tensor) else None
                 if name is not None:
@@ -210,8 +211,10 @@ def prove_pairs(work: nn.Module, example_inputs, producers: Dict[str, nn.Module]
         def hook_in(mod, args, _name=name):
             x = args[0] if len(args) == 1 else None
             fed_by.setdefault(_name, []).append(out_of.get(id(x)) if isinstance(x, Tensor) else None)
+            uses.inside += 1
 
         def hook_out(mod, args, out, _name=name):
+            uses.inside -= 1
             if isinstance(out, Tensor):
                 post[_name] = out.detach().clone()
         hooks.append(m.register_forward_pre_hook(hook_in))
@@ -232,8 +235,8 @@ def prove_pairs(work: nn.Module, example_inputs, producers: Dict[str, nn.Module]
         if len(feeds) != 1 or feeds[0] is None:
             continue
         p_name = feeds[0]
-        if p_name in taken or calls.get(p_name) != 1 or uses.uses.get(p_name) != 1:
-            continue  # the producer's output is used elsewhere too (or it ran several times)
+        if p_name in taken or calls.get(p_name) != 1 or uses.uses.get(p_name, 0) != 0:
+            continue  # the producer's output is used outside the consumer's call too (or it ran several times)
         if p_name not in pre or c_name not in post:
             continue
         if p_name in escaped:
