@@ -270,3 +270,43 @@ def test_gpt2_mlp_activation_is_fused():
         _close(c(ids).last_hidden_state, m(ids).last_hidden_state)
     fused = sp.summary(c, print_fn=None).totals["fused"]
     assert {(f["layer"], f["kind"]) for f in fused} == {(f"h.{i}.mlp.c_fc", "gelu_tanh") for i in range(2)}
+
+
+class StashInContainers(_Base):  # a list, a dict and a registered buffer of the module, changed in place
+    def __init__(self):
+        super().__init__()
+        self.stats, self.cache = [], {}
+        self.register_buffer("last", None, persistent=False)
+
+    def forward(self, x):
+        c = self.c(x)
+        self.stats.append(c.sum())
+        self.cache["c"] = c
+        self.last = c
+        return self.c2(self.r(self.bn(c)))
+
+
+def _proxies(m):
+    from torch.utils._pytree import tree_leaves
+    return [k for mod in m.modules() for k, v in vars(mod).items()
+            if any(isinstance(t, torch.fx.Proxy) for t in tree_leaves(v if isinstance(v, (list, tuple, dict)) else [v]))]
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_outputs_stored_in_containers_and_buffers_stop_the_fold_and_leave_no_proxy(with_inputs):
+    torch.manual_seed(0)
+    m = StashInContainers().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, C, 8, 8)
+    with torch.no_grad():
+        c = sp.convert(m, x if with_inputs else None, formats=("bsr",), end_to_end=False, time_budget=2.0)
+    assert not _proxies(c) and not _proxies(m)
+    assert isinstance(c.bn, nn.BatchNorm2d)  # not folded: its input is kept three ways
+    with torch.no_grad():
+        _close(c(x), m(x))
+    _close(c.cache["c"], m.cache["c"])
+    _close(c.last, m.last)
+    _close(c.stats[-1], m.stats[-1])
+    c.to(torch.float64)  # a Proxy in a buffer would raise here

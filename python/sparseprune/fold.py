@@ -13,7 +13,9 @@ conv's output can only reach the next module.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections import OrderedDict
 from typing import Dict, List, Tuple
 
 import torch
@@ -102,40 +104,20 @@ class _LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname) or mod.startswith("sparseprune.")
 
 
-def _trace(model: nn.Module, convs: Dict[str, nn.Module], bns: Dict[str, nn.Module]):
-    """``(graph or None, read, escaped)``: the fx graph of ``model`` (None if it does not trace); the
-    candidates whose tensors or attributes the forward reads outside their own calls (found while
-    tracing: ``self.bn.running_mean`` becomes a ``_tensor_constant`` of the graph, not a ``get_attr`` of
-    the BatchNorm); and the graph nodes whose value the forward stored on a module (``self.feat = c``:
-    invisible in the graph). Tracing leaves the modules' plain attributes as they were."""
-    from .convert.fuse import replaced_attrs, tensor_attrs, watch_reads
-    before = {id(m): (m, dict(vars(m))) for m in model.modules()}
-    watched = {**{n: (m, tensor_attrs(m)) for n, m in convs.items()},
-               **{n: (m, replaced_attrs(m)) for n, m in bns.items()}}
-    escaped, read = set(), set()
+@contextlib.contextmanager
+def restoring_state(model: nn.Module):
+    """Around an fx trace of ``model``: yields a set that receives the graph nodes the forward stored on a
+    module (``self.feat = c``, ``self.stats.append(c)``, ``self.cache[k] = c``, a registered buffer rebound:
+    invisible in the graph), and puts every module's plain attributes, and the contents of the lists and dicts
+    they hold (``_buffers`` among them), back as they were: no ``Proxy`` stays behind."""
+    before = [(m, dict(vars(m))) for m in model.modules()]
+    held = [(v, list(v) if type(v) is list else dict(v)) for _, attrs in before
+            for v in attrs.values() if type(v) in (list, dict, OrderedDict)]
+    escaped: set = set()
     try:
-        with watch_reads(watched) as reads:
-            try:
-                graph = _LeafTracer().trace(model)
-            except Exception:  # noqa: BLE001 - untraceable: a run of the example inputs, or Sequential neighbours
-                graph = None
-        read = {n for n, r in reads.items() if r}
-        if graph is not None:
-            owner = {}  # memory of each candidate's parameters and buffers -> its name
-            for n, m in {**convs, **bns}.items():
-                for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-                    if _memory(t) is not None:
-                        owner[_memory(t)] = n
-            for node in graph.nodes:
-                if node.op == "get_attr":
-                    try:
-                        name = owner.get(_memory(_fetch(model, str(node.target))))
-                    except AttributeError:
-                        continue
-                    if name is not None:
-                        read.add(name)
+        yield escaped
     finally:
-        for m, attrs in before.values():
+        for m, attrs in before:
             now = vars(m)
             for k in [k for k in now if k not in attrs or now[k] is not attrs[k]]:
                 escaped.update(p.node for p in tree_leaves(now[k]) if isinstance(p, torch.fx.Proxy))
@@ -145,6 +127,58 @@ def _trace(model: nn.Module, convs: Dict[str, nn.Module], bns: Dict[str, nn.Modu
                     del now[k]
             for k in attrs:
                 now.setdefault(k, attrs[k])
+        for box, was in held:
+            if type(box) is list:
+                changed = len(box) != len(was) or any(a is not b for a, b in zip(box, was))
+            else:
+                changed = box.keys() != was.keys() or any(box[k] is not was[k] for k in was)
+            if changed:
+                escaped.update(p.node for p in tree_leaves(list(box) if type(box) is list else dict(box))
+                               if isinstance(p, torch.fx.Proxy))
+                if type(box) is list:
+                    box[:] = was
+                else:
+                    box.clear()
+                    box.update(was)
+
+
+def trace_graph(model: nn.Module):
+    """``(graph or None, stored)``: ``model``'s fx graph with leaf modules kept whole (None if it does not
+    trace) and the nodes its forward stored on a module; the modules are left as they were."""
+    with restoring_state(model) as stored:
+        try:
+            graph = _LeafTracer().trace(model)
+        except Exception:  # noqa: BLE001 - untraceable forward
+            graph = None
+    return graph, stored
+
+
+def _trace(model: nn.Module, convs: Dict[str, nn.Module], bns: Dict[str, nn.Module]):
+    """``(graph or None, read, escaped)``: the fx graph of ``model`` (None if it does not trace); the
+    candidates whose tensors or attributes the forward reads outside their own calls (found while
+    tracing: ``self.bn.running_mean`` becomes a ``_tensor_constant`` of the graph, not a ``get_attr`` of
+    the BatchNorm); and the graph nodes whose value the forward stored on a module (``self.feat = c``:
+    invisible in the graph; see :func:`restoring_state`)."""
+    from .convert.fuse import replaced_attrs, tensor_attrs, watch_reads
+    watched = {**{n: (m, tensor_attrs(m)) for n, m in convs.items()},
+               **{n: (m, replaced_attrs(m)) for n, m in bns.items()}}
+    with watch_reads(watched) as reads:
+        graph, escaped = trace_graph(model)
+    read = {n for n, r in reads.items() if r}
+    if graph is not None:
+        owner = {}  # memory of each candidate's parameters and buffers -> its name
+        for n, m in {**convs, **bns}.items():
+            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                if _memory(t) is not None:
+                    owner[_memory(t)] = n
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                try:
+                    name = owner.get(_memory(_fetch(model, str(node.target))))
+                except AttributeError:
+                    continue
+                if name is not None:
+                    read.add(name)
     return graph, read, escaped
 
 

@@ -90,10 +90,9 @@ def static_weight_reads(model: nn.Module, names: Sequence[str]) -> Set[str]:
     """Without example inputs: the layers among ``names`` whose ``.weight`` the traced forward reads
     directly (a ``get_attr`` node). Models that do not trace report nothing (a converted layer still
     answers ``.weight``, slowly, see ``SparseModule.weight``)."""
-    from ..fold import _LeafTracer
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - untraceable forward: nothing known
+    from ..fold import trace_graph
+    graph, _ = trace_graph(model)  # the modules as they were after (no Proxy left in a stored attribute)
+    if graph is None:  # untraceable forward: nothing known
         return set()
     wanted = {f"{n}.weight": n for n in names}
     return {wanted[node.target] for node in graph.nodes if node.op == "get_attr" and node.target in wanted}
