@@ -103,7 +103,7 @@ MIXING = {
     "cumsum": (lambda h: h.cumsum(1), "conv8"),
     "normalize": (lambda h: F.normalize(h), "conv8"),           # L2 over dim 1 by default
     "whole_amax": (lambda h: h / (h.amax() + 1), "conv8"),     # a reduction over every dim covers the channels
-    "mean_keepdim": (lambda h: h.mean(1, keepdim=True), "conv1"),
+    "sum_keepdim": (lambda h: h.exp() / h.exp().sum(1, keepdim=True), "conv8"),  # a softmax written by hand
     "sum": (lambda h: h.sum(1), "plane"),
     "amax": (lambda h: h.amax(dim=1), "plane"),
     "max_values": (lambda h: h.max(1).values, "plane"),
@@ -352,3 +352,47 @@ def test_failure_half_way_through_the_commit_puts_model_and_trace_back():
     got, want = m.state_dict(), fresh.state_dict()
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert torch.equal(_run(m, x), _run(fresh, x))
+
+
+# ------------------------------------------------------------------------------ norms written by hand
+class _NormMlp(nn.Module):
+    """Linear -> LayerNorm or RMSNorm over the features -> Linear; ``hand``: the norm written out (mean / var with
+    keepdim=True, as T5's and Llama's RMSNorm are), else nn.LayerNorm / nn.RMSNorm with the same weights."""
+
+    def __init__(self, kind, hand):
+        super().__init__()
+        self.kind, self.hand = kind, hand
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 4)
+        self.n = nn.LayerNorm(64) if kind == "layer" else nn.RMSNorm(64, eps=1e-6)
+
+    def forward(self, x):
+        h = self.a(x)
+        if not self.hand:
+            return self.b(self.n(h))
+        if self.kind == "layer":
+            mu, var = h.mean(-1, keepdim=True), h.var(-1, keepdim=True, unbiased=False)
+            h = (h - mu) / torch.sqrt(var + self.n.eps) * self.n.weight + self.n.bias
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.n.weight
+        return self.b(h)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norms_written_by_hand_prune_as_the_norm_modules_do(kind):
+    torch.manual_seed(0)
+    mod = _NormMlp(kind, hand=False).eval()
+    with torch.no_grad():
+        mod.n.weight.uniform_(0.5, 1.5)
+    hand = copy.deepcopy(mod)
+    hand.hand = True
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hand(x), mod(x), rtol=1e-5, atol=1e-5)
+    for m in (mod, hand):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ChannelPruneWarning)
+            sp.prune_channels(m, x, 0.5)
+    assert mod.a.out_features == hand.a.out_features == 32 and hand.b.in_features == 32
+    assert torch.equal(mod.a.weight, hand.a.weight)  # the same channels kept
+    with torch.no_grad():
+        torch.testing.assert_close(hand(x), mod(x), rtol=1e-5, atol=1e-5)

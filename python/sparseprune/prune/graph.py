@@ -184,6 +184,9 @@ _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "l
            "count_nonzero", "aminmax"}
 # ops whose every output entry depends on all the entries along one dim (the output keeps or shrinks it):
 # name -> (position of the dim argument or None, default dim; None: softmax's legacy implicit dim)
+# reductions whose keepdim=True result is a normalisation statistic (LayerNorm / RMSNorm written by hand): not a
+# channel mix, the same as F.layer_norm's rule (the statistic of a pruned layer runs over the kept channels)
+_NORM_STATS = frozenset({"mean", "var", "std", "var_mean", "std_mean", "norm"})
 _ALONG = {
     "softmax": (1, None), "log_softmax": (1, None), "softmin": (1, None), "gumbel_softmax": (4, -1),
     "normalize": (2, 1), "local_response_norm": (None, 1), "cumsum": (1, 0), "cumprod": (1, 0),
@@ -701,7 +704,10 @@ class _Tracer(TorchFunctionMode):
         k = 2 + off
         keep = kwargs.get("keepdim", args[k] if len(args) > k and isinstance(args[k], bool) else False)
         full = dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0)
-        if full and lx.dim() and name not in ("all", "any"):  # all / any of a whole tensor: a check, not a value
+        if keep and not full and name in _NORM_STATS:
+            pass  # a norm's statistic kept for broadcasting back (x.pow(2).mean(-1, keepdim=True), a hand-written
+            # LayerNorm / RMSNorm): over the kept channels once pruned, as nn.LayerNorm's rule does
+        elif full and lx.dim() and name not in ("all", "any"):  # all / any of a whole tensor: a check, not a value
             self.mixes(name, lx, list(range(lx.dim())))
         elif isinstance(dim, int) and not isinstance(dim, bool) or \
                 isinstance(dim, (list, tuple)) and all(type(d) is int for d in dim):
