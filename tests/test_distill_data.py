@@ -178,3 +178,15 @@ def test_teacher_modes_and_requires_grad_come_back(fail):
         distill(mlp(), batches(3), **kw)
     assert teacher_flags(teacher) == want
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in tstate.items())  # running stats untouched
+
+
+def test_a_teacher_sharing_the_students_parameters_is_refused_before_anything_changes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randn(4, 8) for _ in range(3)]
+    for teacher in (model, torch.nn.Sequential(model[0])):
+        with pytest.raises(ValueError, match="shares parameters"):
+            distill(model, data, sparsity=0.5, teacher=teacher, steps=2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())

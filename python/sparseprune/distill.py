@@ -765,6 +765,10 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
 
     if loss != "auto" and not callable(loss):  # (before a one-shot iterator's first batch is taken)
         raise TypeError("loss must be 'auto' or a callable(student_out, teacher_out, batch)")
+    if teacher is not None and isinstance(teacher, nn.Module) and any(
+            t is s for t in teacher.parameters() for s in _unwrap(model).parameters()):
+        raise ValueError("teacher shares parameters with the model being distilled (it would be frozen and pruned with "
+                         "it): pass a separate copy, or leave teacher=None for a frozen copy of the dense model")
     cyc = _Cycle(data)
     if steps is None and time_budget is None:
         steps = len(cyc)
