@@ -344,8 +344,13 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
             raise ConversionError(
                 f"convert: the converted model does not match the source model on example_inputs: {what}, above "
                 f"tolerance={tol:g}. Converted layers: {changed or 'none'}; folded BatchNorms: "
-                f"{[f['bn'] for f in folded] or 'none'}. Pass skip=[...] to leave layers dense, or raise "
-                f"tolerance if the difference is acceptable.")
+                f"{[f['bn'] for f in folded] or 'none'}"
+                + (f"; fused activations: {[f['activation'] for f in fused]}" if fused else "")
+                + ". Pass skip=[...] to leave layers dense"
+                + (", fuse=False if a fused activation's input is also used where convert cannot see it (e.g. "
+                   "TorchScript code)" if fused else "")
+                + (", fold_bn=False to keep the BatchNorms" if folded else "")
+                + ", or raise tolerance if the difference is acceptable.")
     report["layers"] = [r.as_dict() for r in rows]
     return report
 
