@@ -400,3 +400,31 @@ def test_property_bare_conv1d(nx, nf, sparsity, kind, r, c, seed):
     torch.testing.assert_close(conv(x), F.linear(x, (w * mask).t(), conv.bias))
     s = registry.converter_for(conv).build(conv, "csr", None, None)
     torch.testing.assert_close(s(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+class _Conv1DLookalike(nn.Module):  # named Conv1D, not transformers': other arguments, and a scale of its own
+    def __init__(self, nx, nf, scale):
+        super().__init__()
+        self.nf, self.scale = nf, scale
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return self.scale * (x @ self.weight + self.bias)
+
+
+_Conv1DLookalike.__name__ = _Conv1DLookalike.__qualname__ = "Conv1D"
+
+
+def test_a_class_named_conv1d_outside_transformers_is_left_alone():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), _Conv1DLookalike(64, 48, 3.0), nn.ReLU(), nn.Linear(48, 8)).eval()
+    ref = copy.deepcopy(m)
+    sp.prune_unstructured(m, sparsity=0.5, dense_first_last=False)
+    assert torch.equal(m[1].weight, ref[1].weight)  # not pruned: not a layer the pruners know
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        want = m(x)
+        c = sp.convert(m, x, end_to_end=False, time_budget=2.0)
+        torch.testing.assert_close(c(x), want, rtol=1e-4, atol=1e-5)
+    assert type(c[1]) is _Conv1DLookalike and c[1].scale == 3.0

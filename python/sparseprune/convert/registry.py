@@ -18,7 +18,6 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .. import nn as spnn
 from .._modules import set_module
 from ..prune import masks
-from ..prune.patterns import is_conv1d
 
 __all__ = ["Converter", "CONVERTERS", "register_converter", "base_type", "has_hooks", "user_hooks", "carry_hooks",
            "densify", "dense_twin", "converter_for", "weight_density"]
@@ -80,10 +79,7 @@ def base_type(m: nn.Module) -> type:
 
 def converter_for(m: nn.Module) -> Optional[Converter]:
     t = base_type(m)
-    cv = CONVERTERS.get(t)
-    if cv is None and is_conv1d(m):  # a Conv1D class outside transformers (a copy of it): known from then on
-        cv = CONVERTERS.setdefault(t, _CONV1D)
-    return cv
+    return CONVERTERS.get(t)
 
 
 def has_hooks(m: nn.Module) -> bool:

@@ -133,8 +133,10 @@ def is_conv1d(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     if not isinstance(w, Tensor) or w.dim() != 2:
         return False
+    # only transformers' own class: a lookalike elsewhere may take other constructor arguments or compute more
+    # (a scale), which the converter's rebuilt layer would drop; it is left alone like any unknown layer
     nf = getattr(m, "nf", None)
-    return t.__module__.startswith("transformers.") or (isinstance(nf, int) and w.shape[1] == nf)
+    return t.__module__.startswith("transformers.") and isinstance(nf, int) and w.shape[1] == nf
 
 
 def is_prunable(m: nn.Module) -> bool:
