@@ -51,7 +51,10 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 _TORCH_INTERNAL = {"training", "call_super_init", "dump_patches"}
 _MODULE_INTERNAL = set(vars(nn.Module())) | _TORCH_INTERNAL
 _STRUCTURE_KEYS = {"modules", "int_attrs", "tensors", "training", "report", "aliases", "module_aliases",
-                   "reshaped", "masks"}
+                   "reshaped", "masks", "int_tuples"}
+# int-tuple attributes channel pruning never changes (conv geometry): not recorded, so that a channel-pruned CNN's
+# file stays readable by versions without "int_tuples"
+_FIXED_TUPLES = frozenset({"kernel_size", "stride", "padding", "dilation", "output_padding"})
 
 
 def _sparse_classes() -> Dict[str, type]:
@@ -87,11 +90,22 @@ def _int_attrs(m: nn.Module) -> dict:
             if not k.startswith("_") and type(v) is int and k not in _TORCH_INTERNAL}
 
 
+def _int_tuple(v) -> bool:
+    return type(v) is tuple and all(type(x) is int for x in v)
+
+
+def _int_tuples(m: nn.Module) -> dict:
+    """A reshaped module's public tuples of ints that channel pruning may change (LayerNorm / RMSNorm's
+    ``normalized_shape``), as lists."""
+    return {k: list(v) for k, v in vars(m).items()
+            if not k.startswith("_") and _int_tuple(v) and k not in _TORCH_INTERNAL and k not in _FIXED_TUPLES}
+
+
 def _structure(model: nn.Module) -> dict:
     from .convert import layer_report
 
     safe = _sparse_classes()
-    modules, ints, tensors = {}, {}, {}
+    modules, ints, tuples, tensors = {}, {}, {}, {}
     names = module_names(model)
     module_aliases = {}
     reshaped = set(getattr(model, RESHAPED_ATTR, ()) or ())
@@ -111,6 +125,9 @@ def _structure(model: nn.Module) -> dict:
         ia = _int_attrs(m)
         if ia:
             ints[name] = ia
+        it = _int_tuples(m)
+        if it:
+            tuples[name] = it
         for k, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None:
                 tensors[f"{name}.{k}" if name else k] = {"shape": list(t.shape), "param": k in m._parameters,
@@ -118,6 +135,8 @@ def _structure(model: nn.Module) -> dict:
     training = [name for name, m in model.named_modules() if m.training]
     out = {"modules": modules, "int_attrs": ints, "tensors": tensors, "training": training, "report": report,
            "module_aliases": module_aliases, "reshaped": sorted(reshaped)}
+    if tuples:  # only when there are some: files without them stay readable by older versions
+        out["int_tuples"] = tuples
     masked = sorted(name for name, _ in masked_modules(model) if name)
     if masked:  # a pattern-pruned model (a training checkpoint); files without masks stay readable by older versions
         out["masks"] = masked
@@ -382,6 +401,13 @@ def _check_structure(s, stored: set, where: str) -> dict:
                                              and all(isinstance(k, str) and type(v) is int and 0 <= v < 2 ** 31
                                                      for k, v in d.items()) for n, d in ints.items()):
         raise ValueError(f"{where}: malformed int_attrs")
+    tups = s.get("int_tuples", {})
+    if not isinstance(tups, dict) or not all(
+            isinstance(n, str) and isinstance(d, dict)
+            and all(isinstance(k, str) and type(v) is list and len(v) <= 8
+                    and all(type(x) is int and 0 <= x < 2 ** 31 for x in v) for k, v in d.items())
+            for n, d in tups.items()):
+        raise ValueError(f"{where}: malformed int_tuples")
     tens = s.get("tensors", {})
     if not isinstance(tens, dict):
         raise ValueError(f"{where}: malformed tensors record")
@@ -577,6 +603,18 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         for k, v in ints.items():
             if type(vars(m).get(k)) is int and vars(m)[k] != v:
                 setattr(m, k, v)
+    for name, tuples in structure.get("int_tuples", {}).items():
+        m = mods.get(name)
+        if m is None or not may_change(name):
+            continue
+        for k, v in tuples.items():
+            cur = vars(m).get(k)
+            if not _int_tuple(cur):
+                continue
+            if len(v) != len(cur):
+                raise ValueError(f"load: {name}.{k} is {tuple(v)} in the file and {cur} here: wrong architecture?")
+            if tuple(v) != cur:  # a channel-pruned LayerNorm's normalized_shape
+                setattr(m, k, tuple(v))
     for key, spec in structure.get("tensors", {}).items():
         mname, _, tname = key.rpartition(".")
         m = mods.get(mname)
@@ -609,6 +647,13 @@ def _restore(model: nn.Module, tensors: Dict[str, torch.Tensor], structure: dict
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"load: the file does not fit this architecture: {e}") from None
+    for name in structure.get("int_tuples", {}):  # a restored norm shape must be its affine weight's shape
+        m = mods.get(name)
+        w = m._parameters.get("weight") if m is not None else None
+        shape = getattr(m, "normalized_shape", None)
+        if isinstance(w, torch.Tensor) and _int_tuple(shape) and tuple(w.shape) != shape:
+            raise ValueError(f"load: the file does not fit this architecture: {name}.normalized_shape is {shape} "
+                             f"but its weight has shape {tuple(w.shape)}")
     for name in masked:  # the loaded masks in force on the loaded weights
         m = mods[name]
         if m._buffers[MASK_NAME].shape != m.weight.shape:
