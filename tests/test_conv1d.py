@@ -428,3 +428,16 @@ def test_a_class_named_conv1d_outside_transformers_is_left_alone():
         c = sp.convert(m, x, end_to_end=False, time_budget=2.0)
         torch.testing.assert_close(c(x), want, rtol=1e-4, atol=1e-5)
     assert type(c[1]) is _Conv1DLookalike and c[1].scale == 3.0
+
+
+def test_pruning_a_tied_layer_warns_that_the_embedding_goes_with_it():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_layer=1, n_embd=64, n_head=4,
+                                                             n_positions=32)).eval()
+    assert m.lm_head.weight is m.transformer.wte.weight
+    with pytest.warns(UserWarning, match=r"'lm_head' \(with 'transformer.wte'\).*shared"):
+        sp.prune_unstructured(m, sparsity=0.5, dense_first_last=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default keeps the head dense: nothing tied is pruned, no warning
+        sp.prune_unstructured(transformers.GPT2LMHeadModel(m.config).eval(), sparsity=0.5)

@@ -55,7 +55,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -360,6 +360,23 @@ def pattern_mask(scores: Tensor, kind: str, sparsity: float = 0.0, block_size=No
 
 
 # -- driver ----------------------------------------------------------------------------------------
+def _warn_tied(model: nn.Module, mods: Dict[str, nn.Module]) -> None:
+    """Warn for each chosen layer whose weight another module also holds (tied weights: a language model's
+    ``lm_head`` and its input embedding): its mask zeroes the other module's weight too."""
+    holders: Dict[int, List[str]] = {}
+    for name, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(name)
+    tied = []
+    for name, m in mods.items():
+        w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m._parameters.get("weight")
+        others = [o for o in holders.get(id(w), []) if o != name and o not in mods] if w is not None else []
+        if others:
+            tied.append(f"{name!r} (with {', '.join(map(repr, others))})")
+    if tied:
+        warnings.warn(f"sparseprune: pruning {'; '.join(tied)}: the weight is shared (tied), so its mask zeroes the "
+                      "other module's weight too; exclude the layer (exclude=[...]) to keep them whole")
 def _layer_plans(model, sparsity, kind, kw, base) -> Tuple[Dict[str, nn.Module], Dict[str, dict]]:
     mods, passed = _choose_layers(model, kw.get("layers"), kw.get("exclude"), kw.get("dense_first_last"))
     meta = [n for n, m in mods.items() if m.weight.is_meta]
@@ -387,6 +404,7 @@ def _layer_plans(model, sparsity, kind, kw, base) -> Tuple[Dict[str, nn.Module],
     if by_why:
         warnings.warn("sparseprune: " + "; ".join(f"{'layer' if len(ns) == 1 else 'layers'} {', '.join(ns)} left "
                                                   f"dense: {why}" for why, ns in by_why.items()))
+    _warn_tied(model, mods)
     plans, chosen = {}, {}
     for name, mod in mods.items():
         plan = dict(base)
