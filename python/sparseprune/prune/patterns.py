@@ -231,11 +231,12 @@ def _check_found(model: nn.Module, cands, specs, what: str = "layers=", globs: b
                      f"or as glob patterns; the model's layers are {', '.join(map(repr, have[:8])) or 'none'}{more}")
 
 
-def _choose_layers(model: nn.Module, layers=None, exclude=None, dense_first_last=None):
+def _choose_layers(model: nn.Module, layers=None, exclude=None, dense_first_last=None, named=()):
     """(chosen {name: module}, passed over {name: (module, why)}): the selected Linear / Conv2d layers,
     split by whether their weight can take a mask. A layer named exactly in ``layers`` (or given as a
     module) that cannot is an error; one picked by a rule (None, a glob, a type, a callable) is passed
-    over."""
+    over. ``named``: exact layer names a sparsity dict or ``overrides=`` gives a sparsity to, which
+    ``dense_first_last`` does not drop (naming a layer is asking for it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cands = [(n, m) for n, m in model.named_modules() if is_prunable(m)]
@@ -249,6 +250,7 @@ def _choose_layers(model: nn.Module, layers=None, exclude=None, dense_first_last
         if isinstance(cands[0][1], nn.Conv2d):
             skip.add(cands[0][0])
         skip.add(cands[-1][0])
+        skip -= set(named)
         cands = [(n, m) for n, m in cands if n not in skip]
     if inc:
         cands = [(n, m) for n, m in cands if any(_matches(n, m, s) for s in inc)]
@@ -378,7 +380,11 @@ def _warn_tied(model: nn.Module, mods: Dict[str, nn.Module]) -> None:
         warnings.warn(f"sparseprune: pruning {'; '.join(tied)}: the weight is shared (tied), so its mask zeroes the "
                       "other module's weight too; exclude the layer (exclude=[...]) to keep them whole")
 def _layer_plans(model, sparsity, kind, kw, base) -> Tuple[Dict[str, nn.Module], Dict[str, dict]]:
-    mods, passed = _choose_layers(model, kw.get("layers"), kw.get("exclude"), kw.get("dense_first_last"))
+    ov = kw.get("overrides") or {}
+    exact = [k for k in (list(sparsity) if isinstance(sparsity, Mapping) else [])
+             + ([k for k, v in ov.items() if v is not None] if isinstance(ov, Mapping) else [])
+             if isinstance(k, str) and not any(c in k for c in "*?[")]
+    mods, passed = _choose_layers(model, kw.get("layers"), kw.get("exclude"), kw.get("dense_first_last"), exact)
     meta = [n for n, m in mods.items() if m.weight.is_meta]
     if meta:
         raise ValueError(f"weights on the meta device have no values to prune ({', '.join(map(repr, meta))}); "
