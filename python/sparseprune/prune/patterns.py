@@ -32,7 +32,8 @@ keyword arguments:
                     raises ``ValueError`` when named exactly (or given as a module); picked by a rule
                     (None, a glob, a type, a callable), it is left dense with a warning.
 ``dense_first_last`` keep the first layer (when it is a Conv2d) and the last Linear / Conv2d (the
-                    classifier) dense. Default: True when ``layers`` is None, else False.
+                    classifier) dense. Default: True when ``layers`` is None, else False. A layer named
+                    exactly in a sparsity dict or ``overrides`` (with a sparsity) is pruned all the same.
 ``scope``           "layer" (every layer at the target sparsity) or "global" (one ranking over all
                     layers; the overall sparsity hits the target).
 ``overrides``       {name or glob: sparsity | None (leave dense) | dict of kwargs such as
