@@ -221,7 +221,13 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
     over the measured layers, ``max_abs_error``, ``max_rel_error``, ``tolerance``, ``end_to_end_ms``,
     ``end_to_end_reverted``, ``folded``, ``fused``, ``shared_inputs``, ``pools``, ``residual``).
     """
-    report = layer_report(model)
+    s = _summarize(model, layer_report(model))
+    if print_fn is not None:
+        print_fn(s.table())
+    return s
+
+
+def _summarize(model: nn.Module, report: Optional[dict]) -> Summary:
     if report is not None:
         rows = [dict(r) for r in report["layers"]]
     else:
@@ -241,19 +247,19 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
               "residual": report.get("residual", []),
               "end_to_end_ms": report.get("end_to_end_ms"), "l2_rel_error": report.get("l2_rel_error"),
               "end_to_end_reverted": bool(report.get("end_to_end_reverted"))}
-    s = Summary(rows, totals)
-    if print_fn is not None:
-        print_fn(s.table())
-    return s
+    return Summary(rows, totals)
 
 
 def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_threads: Optional[int] = None,
             end_to_end: bool = True) -> Summary:
-    """Re-time an already converted model on ``example_inputs``: every sparse layer against the dense
-    layer it replaced, and (``end_to_end``) the whole model against :func:`densify`'s copy. Stores the
-    result as the model's report (what :func:`summary` shows) and returns the summary."""
+    """Re-time a model on ``example_inputs``: every sparse layer against the dense layer it replaced, and
+    (``end_to_end``) the whole model against :func:`densify`'s copy. Returns the summary. On convert()'s
+    result (or a model ``sp.load`` gave its report back) the result also replaces the model's report (what
+    :func:`summary` shows); any other model (a dense or pruned baseline, a hand-built sparse model) is
+    only timed and left untouched, so that ``convert()`` still takes it."""
     target = getattr(model, "_orig_mod", model)
     layers = _layers(target)
+    stamp = layer_report(target) is not None  # the report is also what makes convert() refuse a model
     with torch.no_grad(), Threads(num_threads):
         captured, _ = capture(target, layers, example_inputs)
         budget = time_budget / (max(len(captured), 1) + (2 if end_to_end else 0))
@@ -295,5 +301,6 @@ def measure(model: nn.Module, example_inputs, *, time_budget: float = 5.0, num_t
             report["end_to_end_ms"] = {k: v * 1e3 for k, v in e2e.items()}
             err, scale = max_error(call_model(target, example_inputs), call_model(ref, example_inputs))
             report["max_abs_error"], report["max_rel_error"] = err, relative(err, scale)
-    setattr(target, REPORT_ATTR, report)
-    return summary(target, print_fn=None)
+    if stamp:
+        setattr(target, REPORT_ATTR, report)
+    return _summarize(target, report)

@@ -180,6 +180,10 @@ class GradientScores:
     (movement), shaped like the stored weight (a Conv1D's (in, out), which ``prune_*`` takes on weight.T).
     Pass it as ``importance=scores`` to a ``prune_*`` function; :meth:`reset` starts over,
     :meth:`close` removes the hooks.
+
+    A frozen weight (``requires_grad=False`` when the scores are built) gets no hook and no scores (its
+    name is in :attr:`frozen`): pruning such a layer with these scores raises a ValueError; leave it out
+    (``exclude=``) or give it another importance (``overrides=``).
     """
 
     def __init__(self, model: nn.Module, kind: str = "taylor", modules=None):
@@ -193,7 +197,12 @@ class GradientScores:
         self.scores: Dict[str, Tensor] = {}
         self.steps = 0
         self._handles = []
+        # torch refuses a hook on a tensor that takes no gradient, and such a weight never gets one anyway
+        self.frozen = {name for name, mod in self.modules.items()
+                       if not (isinstance(mod.weight, Tensor) and mod.weight.requires_grad)}
         for name, mod in self.modules.items():
+            if name in self.frozen:
+                continue
             w = mod.weight
 
             def hook(g, _name=name, _w=w):
@@ -215,6 +224,10 @@ class GradientScores:
         self._handles.clear()
 
     def score(self, name: str, module: nn.Module) -> Tensor:
+        if name in self.frozen:
+            raise ValueError(f"layer {name!r} has a frozen weight (requires_grad=False when GradientScores was "
+                             "built), so it has no gradient scores: leave it out (exclude=[...]) or give it "
+                             f"another importance (overrides={{{name!r}: {{'importance': 'magnitude'}}}})")
         if name not in self.scores:
             raise RuntimeError(f"no gradient seen for layer {name!r}: run backward passes before pruning")
         return self.scores[name]

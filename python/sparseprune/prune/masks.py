@@ -229,22 +229,31 @@ def _layer_test(types):
     return lambda m: isinstance(m, types)
 
 
-def layer_sparsity(model: nn.Module, types=None) -> Dict[str, float]:
-    """Fraction of exact zeros in each Linear / Conv2d / Conv1D weight (or each module of ``types``), by name."""
+def _weighted(model: nn.Module, types):
+    """(name, module, weight) of the modules ``types`` selects that hold a weight tensor (a LayerNorm built
+    with ``elementwise_affine=False`` has ``weight = None``: nothing to count)."""
     test = _layer_test(types)
-    return {name: float((m.weight == 0).sum()) / max(m.weight.numel(), 1)
-            for name, m in model.named_modules() if test(m)}
+    for name, m in model.named_modules():
+        if test(m):
+            w = getattr(m, "weight", None)
+            if isinstance(w, Tensor):
+                yield name, m, w
+
+
+def layer_sparsity(model: nn.Module, types=None) -> Dict[str, float]:
+    """Fraction of exact zeros in each Linear / Conv2d / Conv1D weight (or each module of ``types``), by name;
+    modules without a weight tensor are left out."""
+    return {name: float((w == 0).sum()) / max(w.numel(), 1) for name, _, w in _weighted(model, types)}
 
 
 def sparsity(model: nn.Module, types=None, only_masked: bool = False) -> float:
     """Overall fraction of zeros over the Linear / Conv2d / Conv1D weights (or the modules of ``types``; or only
-    the masked ones)."""
-    test = _layer_test(types)
+    the masked ones); modules without a weight tensor are left out."""
     zeros = total = 0
-    for _, m in model.named_modules():
-        if test(m) and (not only_masked or is_masked(m)):
-            zeros += int((m.weight == 0).sum())
-            total += m.weight.numel()
+    for _, m, w in _weighted(model, types):
+        if not only_masked or is_masked(m):
+            zeros += int((w == 0).sum())
+            total += w.numel()
     return zeros / max(total, 1)
 
 

@@ -33,16 +33,22 @@ def group_norms(weight: Tensor, groups="blocks", block_size=(16, 16)) -> Tensor:
     o, i = weight.shape[:2]
     sq = weight.pow(2).reshape(o, i, -1).sum(2)
     if groups == "channels":
-        return sq.sum(1).sqrt()
+        return _safe_sqrt(sq.sum(1))
     if groups == "in_channels":
-        return sq.sum(0).sqrt()
+        return _safe_sqrt(sq.sum(0))
     if groups != "blocks":
         raise ValueError(f"groups must be 'blocks', 'channels' or 'in_channels', got {groups!r}")
     r, c = check_block_size(block_size)
     mb, kb = math.ceil(o / r), math.ceil(i / c)
     sq = F.pad(sq, (0, kb * c - i, 0, mb * r - o))
-    # a small epsilon keeps the gradient of sqrt finite for all-zero (already pruned) blocks
-    return (sq.reshape(mb, r, kb, c).sum((1, 3)) + 1e-12).sqrt()
+    return _safe_sqrt(sq.reshape(mb, r, kb, c).sum((1, 3)))
+
+
+def _safe_sqrt(sq: Tensor) -> Tensor:
+    """sqrt of non-negative ``sq`` with value 0 and gradient 0 where ``sq`` is 0: an all-zero (pruned, masked)
+    group would otherwise give 0 * inf = NaN, which a mask's gradient hook cannot undo (NaN * 0 = NaN)."""
+    pos = sq > 0
+    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
 def group_lasso(model: nn.Module, block_size=(16, 16), groups: str = "blocks", layers=None, exclude=None,

@@ -12,6 +12,7 @@ Masks only ever grow (weights pruned at one step stay pruned), so the pattern is
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, List, Optional, Sequence
 
 from torch import nn
@@ -126,11 +127,13 @@ def geometric_steps(final_sparsity: float, rounds: int) -> List[float]:
 def iterative_prune(model: nn.Module, sparsities: Sequence[float] | float, finetune: Callable[[nn.Module, int], object],
                     pattern: str = "unstructured", block_size=(16, 16), rounds: int = 3, **prune_kw) -> nn.Module:
     """Rounds of prune -> ``finetune(model, round_index)``. ``sparsities`` is the list of per-round
-    targets, or a final sparsity split into ``rounds`` geometric steps."""
+    targets, or a final sparsity (any real number or 0-d tensor, as the prune_* functions take; not a
+    bool) split into ``rounds`` geometric steps."""
     if not callable(finetune):
         raise TypeError("finetune must be a callable(model, round_index)")
-    if isinstance(sparsities, (int, float)):
-        sparsities = geometric_steps(float(sparsities), rounds)
+    if isinstance(sparsities, (bool, numbers.Real)) or getattr(sparsities, "ndim", None) == 0:
+        # one number (a numpy float, a 0-d tensor, too); check_sparsity refuses a bool as elsewhere
+        sparsities = geometric_steps(check_sparsity(sparsities), rounds)
     fn = _prune_fn(pattern, block_size, 2, 4)
     for i, s in enumerate(sparsities):
         fn(model, check_sparsity(s), **prune_kw)

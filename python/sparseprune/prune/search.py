@@ -130,11 +130,13 @@ class SearchResult(list):
         return a > b if self.higher_is_better else a < b
 
     def pareto(self) -> List[PlanResult]:
-        """Plans no other plan beats on both metric and latency, fastest first."""
+        """Plans no other plan beats on both metric and latency, fastest first. A plan whose metric or
+        latency is NaN (a broken model) is never on the front."""
         front = []
-        for r in self:
+        ok = [r for r in self if not (math.isnan(r.metric) or math.isnan(r.latency_ms))]
+        for r in ok:
             dominated = any((self._better(o.metric, r.metric) or o.metric == r.metric) and o.latency_ms <= r.latency_ms
-                            and (self._better(o.metric, r.metric) or o.latency_ms < r.latency_ms) for o in self)
+                            and (self._better(o.metric, r.metric) or o.latency_ms < r.latency_ms) for o in ok)
             if not dominated:
                 front.append(r)
         return sorted(front, key=lambda r: r.latency_ms)
@@ -204,6 +206,11 @@ def search_plans(model: nn.Module, evaluate: Callable[[nn.Module], float], examp
 
 
 # -- sensitivity ------------------------------------------------------------------------------------
+def _check_baseline(baseline: float) -> None:
+    if math.isnan(baseline):
+        raise ValueError("evaluate returned NaN on the unpruned model: no metric loss can be measured against it")
+
+
 class Sensitivity:
     """Per-layer metric-vs-sparsity curves (``curves[layer] = [(sparsity, metric), ...]``)."""
 
@@ -212,11 +219,13 @@ class Sensitivity:
         self.baseline, self.curves, self.sizes, self.higher_is_better = baseline, curves, sizes, higher_is_better
 
     def drop(self, layer: str) -> List[Tuple[float, float]]:
-        """(sparsity, metric loss vs dense) made non-decreasing in sparsity, starting at (0, 0)."""
+        """(sparsity, metric loss vs dense) made non-decreasing in sparsity, starting at (0, 0). A NaN
+        metric (the pruned model broke) is the worst loss: ``inf`` from that sparsity on."""
+        _check_baseline(self.baseline)
         pts, worst = [(0.0, 0.0)], 0.0
-        for s, v in sorted(self.curves[layer]):
+        for s, v in sorted(self.curves[layer], key=lambda p: p[0]):
             d = (self.baseline - v) if self.higher_is_better else (v - self.baseline)
-            worst = max(worst, d)
+            worst = max(worst, math.inf if math.isnan(d) else d)
             pts.append((s, worst))
         return pts
 
@@ -241,8 +250,10 @@ class Sensitivity:
 
         def overall(tol):
             return sum(self._max_sparsity(n, tol) * self.sizes[n] for n in self.curves) / total
-        hi = max(d for n in self.curves for _, d in self.drop(n)) + 1e-9
-        if overall(hi) < target:
+        # infinite losses (NaN metrics) are never tolerated: bisect up to the largest finite one
+        hi = max(d for n in self.curves for _, d in self.drop(n) if d < math.inf) + 1e-9
+        # (a target equal to the top measured sparsity may sit a rounding error above the weighted mean)
+        if overall(hi) < target - 1e-9:
             raise ValueError(f"target {target} exceeds what the measured curves reach ({overall(hi):.3f}); "
                              "measure higher sparsities")
         lo = 0.0
@@ -253,7 +264,7 @@ class Sensitivity:
         # bisection overshoots by a hair: scale down so the overall is the target
         got = sum(alloc[n] * self.sizes[n] for n in alloc) / total
         if got > 0:
-            alloc = {n: s * target / got for n, s in alloc.items()}
+            alloc = {n: min(max(s * target / got, 0.0), 1.0) for n, s in alloc.items()}
         return alloc
 
     def table(self) -> str:
@@ -290,8 +301,11 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsi
     if pattern not in ("unstructured", "blocks"):
         raise ValueError(f"pattern must be 'unstructured' or 'blocks', got {pattern!r}")
     sparsities = [check_sparsity(s) for s in sparsities]
+    if pattern == "blocks":
+        prune_kw.setdefault("misfit", "shrink")  # a layer smaller than the block is measured on smaller blocks
     work = copy.deepcopy(model)
     baseline = float(evaluate(work))
+    _check_baseline(baseline)
     chosen = select_layers(work, layers, exclude, dense_first_last)
     curves, sizes = {}, {}
     for name, mod in chosen.items():
@@ -300,7 +314,7 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsi
         curves[name], sizes[name] = [], mod.weight.numel()
         for s in sparsities:
             if pattern == "blocks":
-                prune_blocks(work, s, block_size, layers=[name], misfit="shrink", **prune_kw)
+                prune_blocks(work, s, block_size, layers=[name], **prune_kw)
             else:
                 prune_unstructured(work, s, layers=[name], **prune_kw)
             curves[name].append((s, float(evaluate(work))))
