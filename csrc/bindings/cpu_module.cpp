@@ -1,6 +1,7 @@
 // pybind11 membrane for the CPU kernels: converts arguments, checks the cheap invariants,
 // releases the GIL, calls the kernel. Tensors arrive as raw addresses (ops.py validates them
 // and keeps them alive for the duration of the call).
+#include <pthread.h>
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -14,6 +15,7 @@
 
 #include "sparseprune/kernels.h"
 #include "sparseprune/qkernels.h"
+#include "sparseprune/parallel.h"
 
 namespace py = pybind11;
 using namespace sparseprune;
@@ -562,6 +564,9 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cpu_features", &cpu_features);
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
+  // a child process after fork() runs at most omp_get_max_threads() threads (see parallel.h)
+  pthread_atfork(nullptr, nullptr, [] { sparseprune::forked_child().store(true, std::memory_order_relaxed); });
+  m.def("forked_child", [] { return sparseprune::forked_child().load(); });
   m.def("conv2d_workspace", &conv2d_workspace, "floats of workspace conv2d needs for this geometry");
   m.def("conv2d", &conv2d, "y = conv2d(x, W) + b with W packed as (r x 1)-block BSR over (Cout, Cin/g*kh*kw)");
   // quantized (int8 / bf16) block-sparse matmul

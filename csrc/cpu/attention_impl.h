@@ -180,7 +180,7 @@ void SP_ATTN_NAME(const AttnArgs& a, int num_threads) {
   const int64_t units = a.batch * a.heads;
   const int64_t cols = (a.keys + kC - 1) / kC * kC;  // K^T and score rows padded to whole tiles
   const int nt = threads_for(units * a.queries * a.keys * a.dim * 2, num_threads);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(fork_safe_threads(nt))
   {
     std::vector<float> kt(static_cast<size_t>(a.dim * cols)), sbuf(static_cast<size_t>(kR * cols)),
         vbuf(static_cast<size_t>(a.keys * a.dim)), kbuf(static_cast<size_t>(a.keys * a.dim)),

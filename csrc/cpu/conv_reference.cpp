@@ -223,7 +223,7 @@ void f32_conv2d_direct__scalar(const ConvGeom& g, const BsrView& w, const float*
   const int rk = w.r;
   const int64_t work = g.n * g.ho * g.wo * (w.nnzb() * rk + g.c_out);
   const int nt = threads_for(work, num_threads);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(2)
+#pragma omp parallel for num_threads(fork_safe_threads(nt)) schedule(dynamic, 1) collapse(2)
   for (int64_t n = 0; n < g.n; ++n)
     for (int64_t br = 0; br < w.block_rows; ++br) {
       const int64_t co0 = br * rk;
@@ -261,7 +261,7 @@ void f32_conv2d_input_grad__scalar(const ConvGeom& g, const BsrView& w, const fl
   const int64_t units = g.n * g.c_in;
   const int64_t work = g.n * g.ho * g.wo * (w.nnzb() * rk + g.c_in);
   const int nt = static_cast<int>(std::min<int64_t>(threads_for(work, num_threads), std::max<int64_t>(units, 1)));
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(fork_safe_threads(nt))
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t u0 = units * tid / nth, u1 = units * (tid + 1) / nth;

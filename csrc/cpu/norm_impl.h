@@ -82,7 +82,7 @@ void one_row(const float* a, const float* b, const float* gamma, const float* be
 void SP_NORM_NAME(const float* a, const float* b, const float* gamma, const float* beta, float* y, int64_t rows,
                        int64_t cols, float eps, int num_threads) {
   const int nt = threads_for(rows * cols * 2, num_threads);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(fork_safe_threads(nt)) schedule(static)
   for (int64_t i = 0; i < rows; ++i)
     one_row(a + i * cols, b ? b + i * cols : nullptr, gamma, beta, y + i * cols, cols, eps);
 }

@@ -26,7 +26,7 @@ void s8_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType, int64_t n, in
   const int64_t kg = w.block_cols * gpb;
   const int nt = threads_for(n * (w.nnzb() * r * w.c + w.rows), num_threads);
   const float* x = static_cast<const float*>(xv);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(fork_safe_threads(nt))
   {
     std::vector<uint32_t> words(static_cast<size_t>(kg));
     std::vector<int32_t> acc(static_cast<size_t>(r));
@@ -75,7 +75,7 @@ void bf16_bsr_spmm__scalar(const QBsrView& w, const void* xv, XType xt, int64_t 
     std::memcpy(&f, &u, 4);
     return f;
   };
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(fork_safe_threads(nt))
   {
     std::vector<uint32_t> words(static_cast<size_t>(kg));
     std::vector<float> acc(static_cast<size_t>(r));

@@ -12,7 +12,7 @@ void f32_bsr_spmm__scalar(const BsrView& w, const float* x, int64_t n, int64_t l
                           float* y, int64_t ldy, int num_threads) {
   const int r = w.r, c = w.c;
   const int nt = threads_for(n * (w.nnzb() * r * c + w.rows), num_threads);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(fork_safe_threads(nt)) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float* xi = x + i * ldx;
     float* yi = y + i * ldy;
@@ -41,7 +41,7 @@ void f32_bsr_spmm_t__scalar(const BsrView& w, const float* dy, int64_t n, int64_
                             int64_t lddx, int num_threads) {
   const int r = w.r, c = w.c;
   const int nt = threads_for(n * (w.nnzb() * r * c + w.cols), num_threads);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(fork_safe_threads(nt)) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float* dyi = dy + i * lddy;
     float* dxi = dx + i * lddx;
@@ -66,7 +66,7 @@ void f32_bsr_spmm_t__scalar(const BsrView& w, const float* dy, int64_t n, int64_
 void f32_transpose__scalar(const float* src, int64_t batch, int64_t rows, int64_t cols, int64_t lds, int64_t bss,
                            float* dst, int64_t ldd, int64_t bsd, int num_threads) {
   const int nt = threads_for(batch * rows * cols, num_threads);
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+#pragma omp parallel for collapse(2) num_threads(fork_safe_threads(nt)) schedule(static)
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t c = 0; c < cols; ++c)
       for (int64_t r = 0; r < rows; ++r) dst[b * bsd + c * ldd + r] = src[b * bss + r * lds + c];

@@ -69,7 +69,7 @@ void f32_transpose__avx512(const float* src, int64_t batch, int64_t rows, int64_
   constexpr int64_t RB = 64, SW = 32;
   const int64_t strips = (cols + SW - 1) / SW, chunks = (rows + RB - 1) / RB;
   const int nt = threads_for(batch * rows * cols, num_threads);
-#pragma omp parallel for collapse(3) num_threads(nt) schedule(static)
+#pragma omp parallel for collapse(3) num_threads(fork_safe_threads(nt)) schedule(static)
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t j = 0; j < strips; ++j)
       for (int64_t i = 0; i < chunks; ++i) {

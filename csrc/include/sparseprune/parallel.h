@@ -1,6 +1,7 @@
 // Explicit threading helpers: callers pass num_threads, we never read a global setting.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <omp.h>
@@ -21,11 +22,25 @@ inline int64_t l2_bytes() {
   return v;
 }
 
+// Set in a child process after fork() (registered once by the extension's init): libgomp's thread pool does not
+// survive a fork, and a team of more than one thread in the child waits forever. A forked child gets at most
+// omp_get_max_threads() threads, which follows torch.set_num_threads (DataLoader workers set 1), whatever
+// thread count a layer was pinned to.
+inline std::atomic<bool>& forked_child() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+inline int fork_safe_threads(int nt) {
+  if (nt > 1 && forked_child().load(std::memory_order_relaxed)) return std::max(1, std::min(nt, omp_get_max_threads()));
+  return nt;
+}
+
 // Below this much work (multiply-adds) a thread start costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
 
 inline int threads_for(int64_t work, int num_threads) {
-  if (num_threads < 1) num_threads = 1;
+  num_threads = fork_safe_threads(num_threads < 1 ? 1 : num_threads);
   int64_t by_work = std::max<int64_t>(1, work / kMinWorkPerThread);
   return static_cast<int>(std::min<int64_t>(num_threads, by_work));
 }
@@ -35,6 +50,7 @@ inline int threads_for(int64_t work, int num_threads) {
 // futex syscall every time.
 template <class F>
 void parallel_team(int nt, F&& f) {
+  nt = fork_safe_threads(nt);
   if (nt <= 1) {
     f();
     return;
