@@ -16,6 +16,7 @@ from sparseprune.prune import masks
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
+from test_conv1d_criteria import linearized  # noqa: E402
 
 decide_mod = importlib.import_module("sparseprune.convert.decide")
 registry = importlib.import_module("sparseprune.convert.registry")
@@ -43,18 +44,6 @@ def out(model, inputs) -> torch.Tensor:
         return model(**inputs).last_hidden_state
 
 
-def linearized(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every Conv1D replaced by the nn.Linear it computes (weight.T)."""
-    lin = copy.deepcopy(model)
-    for name in NAMES:
-        c = lin.get_submodule(name)
-        new = nn.Linear(c.weight.shape[0], c.weight.shape[1])
-        with torch.no_grad():
-            new.weight.copy_(c.weight.t())
-            new.bias.copy_(c.bias)
-        parent, _, leaf = name.rpartition(".")
-        setattr(lin.get_submodule(parent), leaf, new)
-    return lin
 
 
 @pytest.fixture
