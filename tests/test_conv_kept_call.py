@@ -4,13 +4,13 @@ general route gives for every input, residual and setting that reaches it, and f
 stale arguments) when the input's strides, the arrays, the activation, the thread setting or the padding change.
 References are dense PyTorch on the same weights."""
 import pytest
+import sparseprune as sp
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
-from torch import nn
-
-import sparseprune as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sparseprune import _C
+from torch import nn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
