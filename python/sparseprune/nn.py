@@ -1261,7 +1261,7 @@ class SparseConv2d(SparseModule):
             shape, fmt, geom, _ = plan[1]
             ptrs = (bufs["values"].data_ptr(), bufs["row_ptr"].data_ptr(), bufs["col_idx"].data_ptr(),
                     0 if bias is None else bias.data_ptr())
-            call = _C.ConvCall(geom, self.rk, ptrs[1], ptrs[2], bufs["col_idx"].dtype == torch.int16, ptrs[0],
+            call = ops._C.ConvCall(geom, self.rk, ptrs[1], ptrs[2], bufs["col_idx"].dtype == torch.int16, ptrs[0],
                                ptrs[3], act)
             y_strides = torch.empty(shape, device="meta", memory_format=fmt).stride()
             self.__dict__["_cache_convcall"] = (ptrs, x.shape, x.stride(), act, self.num_threads, self._cl_geom(),
