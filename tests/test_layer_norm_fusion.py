@@ -281,9 +281,20 @@ def test_save_load_and_pickle_of_flattened_bert(timed_faster, tmp_path, monkeypa
     fresh, _ = _bert(sparsity=0.0)
     loaded = sp.load(tmp_path / "m.sp", fresh)
     assert _fused(loaded) == _fused(fast)
-    for other in (loaded, pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast)):
+    flat = _count_flat(monkeypatch)
+    pickled = tmp_path / "whole.pt"
+    torch.save(fast, pickled)
+    for other in (loaded, pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast),
+                  torch.load(pickled, weights_only=False)):
+        flat.clear()
         with torch.no_grad():
             torch.testing.assert_close(other(ids, attention_mask=mask).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+        # every fused layer still runs its flat forward (two add + LayerNorm calls a layer): a pickled bound method
+        # came back as the class's own forward
+        assert len(flat) == 2 * len(_fused(fast)) > 0
+        for n in _fused(other):
+            fwd = other.get_submodule(n).forward
+            assert fwd.__self__ is other.get_submodule(n)
 
 
 def test_flattened_layer_matches_on_minilm_real_weights(monkeypatch):

@@ -206,7 +206,7 @@ def test_a_report_naming_other_modules_fuses_nothing():
 
 def test_torch_save_of_a_converted_resnet_after_a_forward(timed_faster, tmp_path, monkeypatch):
     """torch.save pickles with protocol 2: per-input caches are dropped, and a fused block comes back with its
-    class's own forward (the unfused computation, the same values)."""
+    fused forward (bound to the loaded block, not the saved one)."""
     timed_faster(True)
     model, x = _resnet("bottleneck")
     fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
@@ -215,6 +215,11 @@ def test_torch_save_of_a_converted_resnet_after_a_forward(timed_faster, tmp_path
     assert any("_cache_conv_plan" in m.__dict__ for m in fast.modules())
     torch.save(fast, tmp_path / "m.pt")
     back = torch.load(tmp_path / "m.pt", weights_only=False)
+    fused = [n for n, m in fast.named_modules() if residual_mod.KIND_ATTR in m.__dict__]
+    assert fused
+    for n in fused:
+        m = back.get_submodule(n)
+        assert type(m.__dict__["forward"]) is residual_mod.BoundForward and m.forward.__self__ is m
     with torch.no_grad():
         assert torch.equal(back(x).last_hidden_state, want)
 
