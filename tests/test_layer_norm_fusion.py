@@ -495,3 +495,46 @@ def test_a_residual_row_with_a_bad_attention_field_is_refused(value):
                                                   "attention": value}]})
     check_report({"layers": [], "residual": [{"block": "b", "kept": True, "separate_ms": 1.0, "fused_ms": 0.5,
                                               "attention": "model"}]})
+
+
+def test_fused_layer_forward_looks_like_a_bound_method_and_exports(timed_faster, monkeypatch):
+    """The fused forward (residual.BoundForward) passes __code__ / __name__ / the signature through as a bound method
+    does: torch.export of a fused layer read ``forward.__code__`` and failed."""
+    import inspect
+    timed_faster(True)
+    model, (ids, mask) = _bert()
+    fast = sp.convert(model, (ids, mask), time_budget=3.0, end_to_end=False, margin=0.0)
+    layer = fast.encoder.layer[0]
+    assert _fused(fast)
+    fwd = layer.forward
+    assert fwd.__self__ is layer and fwd.__code__ is residual_mod._layer_forward.__code__
+    assert list(inspect.signature(fwd).parameters)[0] == "hidden_states"
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        want = layer(x)
+    ep = torch.export.export(layer, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_switched_on_alone_applies_in_a_fused_layer(timed_faster, monkeypatch):
+    """Monte Carlo dropout (the model in eval, its Dropout modules in train): the flat forward, which steps over the
+    dropouts, gives way to the class forward, as an unconverted layer applies them."""
+    timed_faster(True)
+    model, (ids, mask) = _bert()
+    fast = sp.convert(model, (ids, mask), time_budget=3.0, end_to_end=False, margin=0.0)
+    layer = fast.encoder.layer[0]
+    assert residual_mod.KIND_ATTR in layer.__dict__
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        plain = layer(x)
+        fast.apply(lambda m: m.train() if isinstance(m, nn.Dropout) else None)
+        torch.manual_seed(0)
+        a = layer(x)
+        torch.manual_seed(1)
+        b = layer(x)
+        assert not torch.equal(a, b)
+        fast.apply(lambda m: m.eval() if isinstance(m, nn.Dropout) else None)
+        flat = _count_flat(monkeypatch)
+        torch.testing.assert_close(layer(x), plain)
+        assert len(flat) == 2  # flat again

@@ -338,3 +338,20 @@ def test_quantized_channels_last_residual_in_the_store(dtype, geom, act, monkeyp
     with torch.no_grad():  # an NCHW residual: PyTorch adds it (the same values)
         monkeypatch.setattr(sp.quant, name, kernel)
         torch.testing.assert_close(sc.forward_residual(x, r.contiguous(), act), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["identity", "gelu", "silu", "tanh"])
+def test_fused_block_follows_an_activation_replaced_after_convert(timed_faster, act):
+    """The fused end applies the block's activation as it is now (it applied the one fused at convert: ReLU after
+    the activation was replaced by Identity, GELU or SiLU)."""
+    timed_faster(True)
+    model, x = _resnet("bottleneck")
+    fast = sp.convert(model, x, time_budget=2.0, end_to_end=False, margin=0.0)
+    fused = [n for n, m in fast.named_modules() if residual_mod.KIND_ATTR in m.__dict__]
+    assert fused
+    new = {"identity": nn.Identity, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}[act]
+    with torch.no_grad():
+        for n in fused:
+            fast.get_submodule(n).activation = new()
+            model.get_submodule(n).activation = new()
+        torch.testing.assert_close(fast(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-4)

@@ -49,6 +49,20 @@ def _qarray_ptrs(bufs, bias) -> tuple:
             0 if bias is None else -1 if bias is _NO_BIAS else bias.data_ptr())
 
 
+def _negated(t: Tensor) -> bool:
+    """A lazily negated view (``torch._neg_view``, ``z.conj().imag``): its memory holds -t, and the kernels read
+    memory. (Not asked while torch.compile traces: dynamo cannot trace ``is_neg``, and compiled calls go through
+    the registered ops.)"""
+    return not _compiling() and t.is_neg()
+
+
+def _bias_fits(bias, out: int) -> bool:
+    """A bias a kept kernel call can read as it is: None, or a contiguous float32 vector of ``out`` values. A plan
+    compares its bias by address, and ``bias.data = other`` can put a strided, shorter or other-dtype tensor at
+    that address (the general route checks it and raises, or copies it contiguous)."""
+    return bias is None or (bias.dtype is _F32 and bias.is_contiguous() and bias.shape == (out,))
+
+
 FORMATS = ("auto", "dense", "csr", "bsr")
 # Candidate block shapes for detection, largest first (a 16x16 pattern is also an 8x8 pattern).
 BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8), (4, 4), (1, 16), (16, 1), (1, 8), (8, 1), (2, 2), (1, 4), (4, 1))
@@ -365,8 +379,12 @@ class SparseModule(nn.Module):
                              f"{tuple(bias.shape)}")
 
     def _array_ptrs(self) -> tuple:
+        """The packed arrays' addresses and what they are read as (weight shape, block size, format, weight
+        dtype): an attribute changed without validate() (``groups``, ``kernel_size``, ...) re-checks the arrays
+        against it before a kernel reads them."""
         bufs = self._buffers
-        return tuple(0 if t is None else t.data_ptr() for t in (bufs.get(n) for n in self._packed_names()))
+        return tuple(0 if t is None else t.data_ptr() for t in (bufs.get(n) for n in self._packed_names())) + (
+            tuple(self.weight_shape), tuple(self.block_size), self.format, self.weight_dtype)
 
     def _check_packed(self) -> None:
         """Check the packed arrays (present; dtypes, sizes, index ranges: the matrix's validate()) and record
@@ -688,12 +706,15 @@ class SparseLinear(SparseModule):
         if (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and not _grad_enabled()
                 and x.is_contiguous() and d.get("_shared_input") is None and x.dim() and x.shape[-1] == plan[4]
                 and self.in_features == plan[4] and self.activation == plan[1] and self.num_threads == plan[2]
-                and x.numel() and not _compiling() and _tracing() is None and not _function_mode() and not _dispatch_depth()
-                and _functorch_stack() is None):
-            if _qarray_ptrs(self._buffers, self._parameters.get("bias", _NO_BIAS)) == plan[0]:
+                and x.numel() and not _negated(x) and not _compiling() and _tracing() is None and not _function_mode()
+                and not _dispatch_depth() and _functorch_stack() is None and d.get("_cache_arrays_ok") is plan[-1]):
+            bias = self._parameters.get("bias", _NO_BIAS)
+            if _qarray_ptrs(self._buffers, bias) == plan[0] and _bias_fits(bias, plan[3]):
                 y = ops.empty_rows(x, plan[3])
                 plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), ops.resolve_threads(plan[2]))
                 return y
+        if type(x) is Tensor and _negated(x):  # a lazily negated view (e.g. z.conj().imag): the kernels read memory
+            x = x.resolve_neg()
         shared = d.get("_shared_input")  # sparseprune.shared: one call for the layers on this input
         if shared is not None:
             y = shared[0].take(shared[1], x)
@@ -751,11 +772,14 @@ class SparseLinear(SparseModule):
         vals, rp, ci = bufs["values"], bufs["row_ptr"], bufs["col_idx"]
         ptrs = (vals.data_ptr(), rp.data_ptr(), ci.data_ptr(), 0 if bias is None else bias.data_ptr())
         plan = self.__dict__.get("_cache_fcall")
-        if plan is None or plan[0] != ptrs:
+        if (plan is None or plan[0] != ptrs or plan[-1] is not self.__dict__.get("_cache_arrays_ok")
+                or not _bias_fits(bias, self.out_features)):
+            # (a plan stands while the arrays checked last are its own: an array replaced, checked on another
+            # route and put back, edited meanwhile, is checked again)
             self._check_kernel_arrays(bias)
             r, c = self.block_size
             plan = (ptrs, (self.out_features, self.in_features, r, c, ptrs[1], ptrs[2], ci.dtype == torch.int16,
-                           ptrs[0]), bias)  # (bias: held)
+                           ptrs[0]), bias, self.__dict__.get("_cache_arrays_ok"))  # (bias: held)
             self.__dict__["_cache_fcall"] = plan
         y = ops.empty_rows(x, self.out_features)
         _C.spmm(*plan[1], x.data_ptr(), x.numel() // self.in_features, self.in_features, ptrs[3], y.data_ptr(),
@@ -783,7 +807,8 @@ class SparseLinear(SparseModule):
         # are read on every call and must match, so a replaced or reallocated array rebuilds the plan
         ptrs = _qarray_ptrs(bufs, bias)
         plan = self.__dict__.get("_cache_qcall")
-        if plan is None or plan[0] != ptrs or plan[1] != act or plan[2] != self.num_threads:
+        if (plan is None or plan[0] != ptrs or plan[1] != act or plan[2] != self.num_threads
+                or plan[-1] is not self.__dict__.get("_cache_arrays_ok") or not _bias_fits(bias, self.out_features)):
             if not vals.is_cpu:
                 self._check_quant_input(x)  # raises: weights elsewhere
             self._check_kernel_arrays(bias)
@@ -796,7 +821,8 @@ class SparseLinear(SparseModule):
             call = _C.QCall("int8" if s8 else "bf16", self.out_features, self.in_features, r, c, ptrs[1], ptrs[2],
                             ci.dtype == torch.int16, ptrs[0], ptrs[3] if s8 else 0, ptrs[4] if s8 else 0, ptrs[5],
                             ops.ACTIVATIONS.index(act))
-            plan = (ptrs, act, self.num_threads, self.out_features, self.in_features, call, bias)  # (bias: held)
+            plan = (ptrs, act, self.num_threads, self.out_features, self.in_features, call, bias,
+                    self.__dict__.get("_cache_arrays_ok"))  # (bias: held)
             self.__dict__["_cache_qcall"] = plan
         y = ops.empty_rows(x, plan[3])
         plan[5](x.data_ptr(), x.numel() // plan[4], y.data_ptr(), ops.resolve_threads(self.num_threads))
@@ -1134,7 +1160,8 @@ class SparseConv2d(SparseModule):
                                   bufs["col_idx"].dtype == torch.int16, ptrs[0], ptrs[3] if s8 else 0,
                                   ptrs[4] if s8 else 0, n, h, w, kh, kw, dh, dw, pad4[0], pad4[2], ptrs[5], act)
             self.__dict__["_cache_qplanes"] = (ptrs, x.shape, act, self.num_threads, self._planes_geom(),
-                                               (n, self.out_channels, h, w), call, bias)  # (bias: held)
+                                               (n, self.out_channels, h, w), call, bias,
+                                               self.__dict__.get("_cache_arrays_ok"))  # (bias: held)
             y = self._planes_fast(x, act, residual)  # the plan just built (one argument conversion, not two)
             if y is not None:
                 return y
@@ -1144,7 +1171,7 @@ class SparseConv2d(SparseModule):
                                         self._threads(), act, residual)
 
     def _planes_geom(self) -> tuple:
-        return self.kernel_size, self.stride, self.dilation, self._pad4, self.padding_mode, self.format
+        return self.kernel_size, self.stride, self.dilation, self._pad4, self.padding, self.padding_mode, self.format
 
     def _planes_fast(self, x: Tensor, act: int, residual: Optional[Tensor] = None) -> Optional[Tensor]:
         """The repeat eager call of an int8 / bf16 conv on the planes route, straight to its kept kernel
@@ -1158,7 +1185,9 @@ class SparseConv2d(SparseModule):
                 and not _grad_enabled() and x.is_contiguous() and act == plan[2]
                 and self.num_threads == plan[3] and not _compiling() and _tracing() is None and not _function_mode()
                 and not _dispatch_depth() and _functorch_stack() is None and self._planes_geom() == plan[4]
-                and _qarray_ptrs(self._buffers, self._parameters.get("bias", _NO_BIAS)) == plan[0]):
+                and not _negated(x) and self.__dict__.get("_cache_arrays_ok") is plan[-1]
+                and _qarray_ptrs(self._buffers, self._parameters.get("bias", _NO_BIAS)) == plan[0]
+                and _bias_fits(self._parameters.get("bias"), plan[5][1])):
             return None
         if residual is not None and not (type(residual) is Tensor and residual.dtype is _F32 and residual.is_cpu
                                          and residual.shape == plan[5] and residual.is_contiguous()):
@@ -1169,7 +1198,7 @@ class SparseConv2d(SparseModule):
         return y
 
     def _cl_geom(self) -> tuple:
-        return (self.kernel_size, self.stride, self.dilation, self._pad4, self.groups, self.padding_mode,
+        return (self.kernel_size, self.stride, self.dilation, self._pad4, self.padding, self.groups, self.padding_mode,
                 self.in_channels, self.out_channels, self.rk)
 
     def _cl_fast(self, x: Tensor, act: int, residual: Optional[Tensor] = None) -> Optional[Tensor]:
@@ -1187,14 +1216,14 @@ class SparseConv2d(SparseModule):
                 and x.is_contiguous(memory_format=torch.channels_last) and self.num_threads == plan[2]
                 and self.kernel == plan[3] and self.format != "dense" and self.weight_dtype == "float32"
                 and not _compiling() and _tracing() is None and not _function_mode() and not _dispatch_depth()
-                and _functorch_stack() is None
-                and self._cl_geom() == plan[7]):
+                and _functorch_stack() is None and not _negated(x)
+                and self._cl_geom() == plan[7] and self.__dict__.get("_cache_arrays_ok") is plan[-1]):
             return None
         if residual is not None and not _channels_last_rows(residual, plan[4]):
             return None
         bufs, bias = self._buffers, self._parameters.get("bias", _NO_BIAS)
         if ((bufs["values"].data_ptr(), 0 if bias is None else -1 if bias is _NO_BIAS else bias.data_ptr()) != plan[0]
-                or not _groups_current(plan[8], bufs)):
+                or not _groups_current(plan[8], bufs) or not _bias_fits(bias, self.out_channels)):
             return None
         y = torch.empty(plan[4], dtype=_F32, memory_format=torch.channels_last)
         a, bias_ptr = plan[5], plan[0][1]
@@ -1239,7 +1268,7 @@ class SparseConv2d(SparseModule):
                         groups[5].data_ptr(), groups[5].dtype == torch.int16, ptrs[0])
                 self.__dict__["_cache_clplan"] = (ptrs, x.shape, self.num_threads, self.kernel,
                                                   (n, self.out_channels, h, w), args, n * h * w, self._cl_geom(),
-                                                  groups, bias)  # (bias: held)
+                                                  groups, bias, self.__dict__.get("_cache_arrays_ok"))  # (bias: held)
                 y = self._cl_fast(x, act, residual)
                 if y is not None:
                     return y
@@ -1248,7 +1277,8 @@ class SparseConv2d(SparseModule):
                                self._threads(), act, self.kernel, None if residual is None else _pixel_rows(residual))
             return _from_pixel_rows(y, x.shape[0], *self._out_hw(x.shape[2], x.shape[3], pad4))
         # shapes, strides and workspace size depend only on the input's shape and strides: kept
-        key = (x.shape, x.stride(), tuple(pad4))
+        # (and the geometry: stride, dilation, groups... changed on the module are honoured as nn.Conv2d does)
+        key = (x.shape, x.stride(), tuple(pad4), self._cl_geom())
         plan = self.__dict__.get("_cache_conv_plan")
         if plan is None or plan[0] != key:
             plan = (key, ops.conv2d_plan(x, self.in_channels, self.out_channels, self.kernel_size, self.stride,
@@ -1265,7 +1295,8 @@ class SparseConv2d(SparseModule):
                                ptrs[3], act)
             y_strides = torch.empty(shape, device="meta", memory_format=fmt).stride()
             self.__dict__["_cache_convcall"] = (ptrs, x.shape, x.stride(), act, self.num_threads, self._cl_geom(),
-                                                shape, fmt, y_strides, call, bias)  # (bias: held)
+                                                shape, fmt, y_strides, call, bias,
+                                                self.__dict__.get("_cache_arrays_ok"))  # (bias: held)
             y = self._conv_fast(x, act, residual)
             if y is not None:
                 return y
@@ -1284,11 +1315,13 @@ class SparseConv2d(SparseModule):
                 and x.stride() == plan[2] and act == plan[3] and not _grad_enabled()
                 and self.num_threads == plan[4] and self.format != "dense" and self.weight_dtype == "float32"
                 and not _compiling() and _tracing() is None and not _function_mode() and not _dispatch_depth()
-                and _functorch_stack() is None and self._cl_geom() == plan[5]):
+                and _functorch_stack() is None and not _negated(x) and self._cl_geom() == plan[5]
+                and self.__dict__.get("_cache_arrays_ok") is plan[-1]):
             return None
         bufs, bias = self._buffers, self._parameters.get("bias", _NO_BIAS)
-        if (bufs["values"].data_ptr(), bufs["row_ptr"].data_ptr(), bufs["col_idx"].data_ptr(),
-                0 if bias is None else -1 if bias is _NO_BIAS else bias.data_ptr()) != plan[0]:
+        if ((bufs["values"].data_ptr(), bufs["row_ptr"].data_ptr(), bufs["col_idx"].data_ptr(),
+                0 if bias is None else -1 if bias is _NO_BIAS else bias.data_ptr()) != plan[0]
+                or not _bias_fits(bias, plan[6][1])):
             return None
         if residual is not None and not (type(residual) is Tensor and residual.dtype is _F32 and residual.is_cpu
                                          and residual.shape == plan[6] and residual.stride() == plan[8]):
@@ -1296,6 +1329,15 @@ class SparseConv2d(SparseModule):
         y = torch.empty(plan[6], dtype=_F32, memory_format=plan[7])
         plan[9](x.data_ptr(), y.data_ptr(), ops.resolve_threads(plan[4]), 0 if residual is None else residual.data_ptr())
         return y
+
+    def _sync_pad4(self) -> None:
+        """``padding`` (or the stride / dilation a "same" padding depends on) changed since the layer was built:
+        the zero padding the kernels apply follows, as nn.Conv2d's does, after validate() has checked the new
+        geometry (which also drops every plan kept for the old one)."""
+        want = _conv_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        if tuple(self._pad4) != want:
+            self._pad4 = want
+            self.validate()
 
     def _out_hw(self, h: int, w: int, pad4) -> Tuple[int, int]:
         """The output height and width for an (h, w) input padded by ``pad4`` (top, bottom, left, right)."""
@@ -1322,6 +1364,10 @@ class SparseConv2d(SparseModule):
         code = ops.activation_code(activation)
         if not isinstance(residual, Tensor):
             raise TypeError(f"forward_residual: the residual must be a Tensor, got {type(residual).__name__}")
+        if _negated(residual):  # lazily negated views: the kernels read memory
+            residual = residual.resolve_neg()
+        if type(x) is Tensor and _negated(x):
+            x = x.resolve_neg()
         if "_cache_qplanes" in self.__dict__ and self.activation == "none":
             y = self._planes_fast(x, code, residual)
             if y is not None:
@@ -1334,6 +1380,7 @@ class SparseConv2d(SparseModule):
             y = self._cl_fast(x, code, residual)
             if y is not None:
                 return y
+        self._sync_pad4()  # (after the kept calls: a changed padding changes their geometry key)
         bias = self._bias()
         if (self.format != "dense" and self.weight_dtype == "float32" and self.activation == "none"
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels
@@ -1385,6 +1432,8 @@ class SparseConv2d(SparseModule):
                 f"bias={self.bias is not None}" + self._repr_tail())
 
     def forward(self, x: Tensor) -> Tensor:
+        if type(x) is Tensor and _negated(x):  # a lazily negated view (e.g. z.conj().imag): the kernels read memory
+            x = x.resolve_neg()
         if "_cache_qplanes" in self.__dict__:
             y = self._planes_fast(x, self._act_code())
             if y is not None:
@@ -1404,6 +1453,7 @@ class SparseConv2d(SparseModule):
                              f"inputs, got {tuple(x.shape)}")
         if x.dim() == 3:
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        self._sync_pad4()
         pad4 = self._pad4
         if self.padding_mode != "zeros" and any(pad4):
             x = F.pad(x, (pad4[2], pad4[3], pad4[0], pad4[1]), mode=self.padding_mode)

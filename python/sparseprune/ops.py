@@ -634,6 +634,12 @@ def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool)
     return out
 
 
+def _negated(t: Tensor) -> bool:
+    """A lazily negated view (``torch._neg_view``, ``z.conj().imag``): its memory holds -t, and the kernels read
+    memory (not asked while torch.compile traces: dynamo cannot trace ``is_neg``)."""
+    return not torch.compiler.is_compiling() and t.is_neg()
+
+
 def maxpool2d_eager(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool,
                     num_threads: Optional[int] = None) -> Optional[Tensor]:
     """``F.max_pool2d(x, ...)`` for a contiguous float32 CPU tensor (N, C, H, W) or (C, H, W) by our kernel,
@@ -643,7 +649,8 @@ def maxpool2d_eager(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode
     sh, sw = _pool_pair(stride if stride is not None and stride != () and stride != [] else kernel_size)
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0 or ph > kh // 2 or pw > kw // 2:
         return None
-    if x.dim() not in (3, 4) or x.numel() == 0 or not x.is_contiguous() or x.dtype != torch.float32 or not x.is_cpu:
+    if (x.dim() not in (3, 4) or x.numel() == 0 or not x.is_contiguous() or x.dtype != torch.float32 or not x.is_cpu
+            or _negated(x)):  # (a lazily negated view: its memory holds -x)
         return None
     h, w = x.shape[-2:]
     ho, wo = pool_output_size(h, kh, sh, ph, dh, ceil_mode), pool_output_size(w, kw, sw, pw, dw, ceil_mode)
@@ -676,14 +683,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, sc
     b, lq, h, d = q.shape
     lk = k.shape[1]
     if (k.shape != (b, lk, h, d) or v.shape != k.shape or d < 1 or lk < 1
-            or not all(t.dtype is torch.float32 and t.is_cpu and t.stride(-1) == 1 for t in (q, k, v))
+            or not all(t.dtype is torch.float32 and t.is_cpu and t.stride(-1) == 1 and not _negated(t) for t in (q, k, v))
             or call_route(q, k, v) != "eager"):
         return None
     mkind, mstr = 0, (0, 0, 0)
     if mask is not None:
         if (type(mask) is not Tensor or mask.dim() != 4 or mask.dtype not in (torch.bool, torch.float32)
                 or not mask.is_cpu or mask.shape[-1] != lk or (mask.stride(-1) != 1 and lk > 1)
-                or any(m not in (1, t) for m, t in zip(mask.shape[:3], (b, h, lq))) or mask.requires_grad):
+                or any(m not in (1, t) for m, t in zip(mask.shape[:3], (b, h, lq))) or mask.requires_grad
+                or _negated(mask)):
             return None
         mkind = 2 if mask.dtype is torch.bool else (3 if masked_rows == "nan" else 1)
         mstr = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
@@ -706,11 +714,12 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], norm: nn.LayerNorm,
     of additions in the mean and variance."""
     cols = x.shape[-1] if x.dim() else 0
     if (type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (cols,) and cols > 0
-            and type(x) is Tensor and x.dtype is torch.float32 and x.is_contiguous()
+            and type(x) is Tensor and x.dtype is torch.float32 and x.is_contiguous() and not _negated(x)
+            and (residual is None or type(residual) is not Tensor or not _negated(residual))
             and (residual is None or (type(residual) is Tensor and residual.dtype is torch.float32
                                       and residual.shape == x.shape and residual.is_contiguous() and residual.is_cpu))
-            and all(p is None or (p.dtype is torch.float32 and p.is_contiguous() and p.device == x.device)
-                    for p in (norm.weight, norm.bias))
+            and all(p is None or (p.dtype is torch.float32 and p.is_contiguous() and p.device == x.device
+                                  and not _negated(p)) for p in (norm.weight, norm.bias))
             and x.is_cpu and call_route(x, residual, norm.weight, norm.bias) == "eager"):
         y = torch.empty_like(x)
         w, b = norm.weight, norm.bias

@@ -25,6 +25,7 @@ makes the one call, where that is faster.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -109,8 +110,10 @@ def _fused_forward(self, hidden_state: Tensor) -> Tensor:
     residual = self.shortcut(hidden_state)
     conv = layers[-1]._modules.get("convolution")
     fused = getattr(conv, "forward_residual", None)
-    if fused is not None and fusable(self) is not None and not _hooked(_stepped_over(self)):
-        return fused(h, residual, self.__dict__[KIND_ATTR])
+    kind = fusable(self) if fused is not None else None
+    if kind is not None and not _hooked(_stepped_over(self)):
+        # (the block's activation as it is now: one replaced since convert is applied, not the one fused then)
+        return fused(h, residual, kind)
     return self.activation(layers[-1](h) + residual)  # a layer made dense again (end-to-end check)
 
 
@@ -155,10 +158,12 @@ def _bypassed(layer: nn.Module) -> Optional[tuple]:
 
 
 def _still_flat(layer: nn.Module) -> bool:
-    """The stepped-over modules are the ones the layer was flattened with (none replaced since) and none has
-    a hook that would do something."""
+    """The stepped-over modules are the ones the layer was flattened with (none replaced since), none is in
+    training mode (dropout switched on alone, as Monte Carlo dropout does, must apply) and none has a hook that
+    would do something."""
     now, then = _bypassed(layer), layer.__dict__[_BYPASSED]
-    return now is not None and all(a is b for a, b in zip(now, then)) and not _hooked(now)
+    return (now is not None and all(a is b for a, b in zip(now, then))
+            and not any(m is not None and m.training for m in now) and not _hooked(now))
 
 
 def _layer_forward(self, hidden_states, *args, **kwargs):
@@ -213,6 +218,19 @@ class BoundForward:
 
     def __call__(self, *args, **kwargs):
         return self.__func__(self.__self__, *args, **kwargs)
+
+    def __getattr__(self, name):
+        # what a bound method passes through to its function (__code__, __name__, __globals__, __defaults__...):
+        # torch.export reads forward.__code__
+        if name in ("__func__", "__self__"):
+            raise AttributeError(name)
+        return getattr(self.__func__, name)
+
+    @property
+    def __signature__(self):
+        # inspect.signature as of a bound method: the function's, less its first parameter
+        sig = inspect.signature(self.__func__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
     def __reduce__(self):
         return BoundForward, (self.__func__, self.__self__)
