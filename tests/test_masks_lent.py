@@ -99,3 +99,18 @@ def test_own_weight_is_still_masked_in_place_and_remove_masks_drops_the_restore_
     assert torch.equal(dup[0].weight == 0, ~dup[0].weight_mask)
     sp.remove_masks(m)
     assert not m[0]._forward_hooks and not m[0]._forward_hooks_always_called
+
+
+def test_layer_resized_after_pruning_gets_a_clear_error():
+    """A pruned layer whose weight changes shape afterwards (resize_token_embeddings on a pruned lm_head tied to
+    its embedding): the mask no longer fits; the forward says so and names the way out (it failed with torch's
+    broadcasting error inside the mask hook)."""
+    import sparseprune as sp
+    lin = torch.nn.Linear(32, 64)
+    sp.prune_blocks(torch.nn.Sequential(lin), sparsity=0.5, block_size=(16, 16), dense_first_last=False)
+    lin.weight = torch.nn.Parameter(torch.randn(80, 32))
+    lin.bias = torch.nn.Parameter(torch.zeros(80))
+    with pytest.raises(ValueError, match=r"now \(80, 32\) but it was pruned with a mask of shape \(64, 32\)"):
+        lin(torch.randn(2, 32))
+    sp.remove_masks(lin)
+    assert lin(torch.randn(2, 32)).shape == (2, 80)

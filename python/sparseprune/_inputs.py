@@ -9,9 +9,12 @@ call arguments, see :func:`iter_calls`.
 """
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Mapping
 from typing import Any, Dict, List, Tuple
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["split_call", "call_model", "iter_calls", "describe"]
@@ -32,9 +35,25 @@ def split_call(example_inputs) -> Tuple[tuple, Dict[str, Any]]:
                     f"keyword arguments; got {type(example_inputs).__name__}")
 
 
+def _stateful(v) -> bool:
+    """Whether a call argument holds an object the model may change in place (anything but tensors, plain values
+    and containers of them: a transformers KV cache grows on every call)."""
+    if v is None or isinstance(v, (Tensor, bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+        return False
+    if isinstance(v, (tuple, list)):
+        return any(_stateful(e) for e in v)
+    if isinstance(v, Mapping):
+        return any(_stateful(e) for e in v.values())
+    return True
+
+
 def call_model(model: nn.Module, example_inputs):
-    """Call ``model`` once with ``example_inputs`` (see the module docstring)."""
+    """Call ``model`` once with ``example_inputs`` (see the module docstring). Arguments holding objects the model
+    may change in place (a ``past_key_values`` cache) are deep-copied for the call: every call sees them as the
+    user gave them (convert compares outputs of many calls) and the user's objects come back unchanged."""
     args, kwargs = split_call(example_inputs)
+    if _stateful(args) or _stateful(kwargs):
+        args, kwargs = copy.deepcopy((args, kwargs))
     return model(*args, **kwargs)
 
 

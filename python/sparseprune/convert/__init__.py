@@ -22,6 +22,7 @@ import fnmatch
 import math
 import numbers
 import time
+import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -233,10 +234,27 @@ def _fold(work: nn.Module, swaps: _Swaps, example_inputs=None) -> List[dict]:
     return folded
 
 
+def _warn_unconverted_subclass(name: str, m: nn.Module) -> None:
+    """A subclass of nn.Linear / nn.Conv2d (its own forward: Falcon's FalconLinear, nn.MultiheadAttention's
+    out_proj...) is left as it is; say so when its weight was pruned, or the speedup is lost without a word."""
+    w = getattr(m, "weight", None)
+    if not isinstance(w, Tensor) or w.numel() == 0 or w.device.type == "meta":
+        return
+    density = weight_density(w)
+    if density is not None and density <= 0.5:
+        base = "nn.Linear" if isinstance(m, nn.Linear) else "nn.Conv2d"
+        warnings.warn(f"sparseprune: layer {name!r} ({type(m).__name__}, a subclass of {base}) has a pruned weight "
+                      f"(density {density:.2f}) but is left dense: convert replaces {base} itself, not subclasses "
+                      "(their forward may compute something else); register a converter for the class "
+                      "(sparseprune.convert.register_converter) if its forward is the base one's", stacklevel=3)
+
+
 def _targets(work: nn.Module, skip) -> Tuple[list, List[LayerRow]]:
     targets, rows = [], []
     for name, m in work.named_modules():
         cv = converter_for(m)
+        if cv is None and name and isinstance(m, (nn.Linear, nn.Conv2d)):
+            _warn_unconverted_subclass(name, m)
         if cv is None or not name:
             continue
         parent = work.get_submodule(name.rpartition(".")[0]) if "." in name else work

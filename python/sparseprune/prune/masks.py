@@ -43,6 +43,12 @@ def _enforce(module: nn.Module) -> None:
     if mask is None:
         return
     w = module.weight
+    if mask.shape != w.shape:
+        # the layer was resized after pruning (resize_token_embeddings on a pruned lm_head tied to its embedding,
+        # or a weight replaced by hand): the mask no longer says which entries are pruned
+        raise ValueError(f"{type(module).__name__}: its weight is now {tuple(w.shape)} but it was pruned with a mask "
+                         f"of shape {tuple(mask.shape)} (resized after pruning?): remove the mask with "
+                         "sparseprune.remove_masks(model) (the zeros stay) and prune again if you need the mask")
     if mask.device != w.device:
         mask = mask.to(w.device)
         module._buffers[MASK_NAME] = mask
@@ -199,7 +205,9 @@ def remove_masks(model: nn.Module) -> nn.Module:
     """Bake the masks into the weights and remove buffers and hooks. ``module.weight`` stays the same
     Parameter object, now holding the zeros. Returns ``model``."""
     for _, mod in list(masked_modules(model)):
-        _enforce(mod)
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, Tensor) or w.shape == mod._buffers[MASK_NAME].shape:
+            _enforce(mod)  # (a weight resized since pruning: the mask no longer fits; dropped as it is)
         for h in getattr(mod, _HOOKS_ATTR, ()):
             h.remove()
         for k in [k for k, h in mod._forward_hooks.items() if h is _restore_lent]:
