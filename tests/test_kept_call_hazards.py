@@ -187,3 +187,60 @@ def test_lazily_negated_tensors_in_the_other_kernels():
         h, r = torch.randn(3, 16), torch.randn(3, 16)
         torch.testing.assert_close(ops.add_layer_norm(_neg_view(h), r, ln), ln(-h + r))
         torch.testing.assert_close(ops.add_layer_norm(h, _neg_view(r), ln), ln(h - r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.bfloat16])
+def test_linear_sizes_changed_without_validate(dtype):
+    """``out_features`` changed after a kept call, no validate(): a clear error (the kept call wrote 80 columns of
+    a 64-row pattern: uninitialised output; the int8 / bf16 one ignored in_features: heap corruption)."""
+    m = sp.SparseLinear.from_dense(_linear(), format="bsr", block_size=(16, 16), weight_dtype=dtype)
+    m.bias = None
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        m(x), m(x)
+        m.out_features = 80
+        with pytest.raises(ValueError):
+            m(x)
+        m.out_features = 48
+        m.in_features = 32
+        with pytest.raises(ValueError):
+            m(torch.randn(5, 32))
+
+
+def test_meta_bias_after_none_is_refused():
+    m = sp.SparseLinear.from_dense(_linear(), format="bsr", block_size=(16, 16))
+    m.bias = None
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        m(x), m(x)
+        m.bias = nn.Parameter(torch.empty(48, device="meta"))  # data_ptr() 0: read as "no bias" by the kept call
+        with pytest.raises(ValueError, match="one device"):
+            m(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_shared_group_sees_replaced_index_and_scale_arrays(dtype):
+    from sparseprune import shared
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (sp.SparseLinear.from_dense(_linear(seed=s), format="bsr", block_size=(16, 16),
+                                                                 weight_dtype=dtype) for s in range(3))
+
+        def forward(self, x):
+            return self.q(x), self.k(x), self.v(x)
+
+    model = QKV()
+    other = sp.SparseLinear.from_dense(_linear(seed=7), format="bsr", block_size=(16, 16), weight_dtype=dtype)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        shared.group_shared_inputs(model, x)
+        model(x)
+        names = ["col_idx", "row_ptr", "values"] + (["scales", "compensation"] if dtype == torch.int8 else [])
+        for n in names:  # the k layer's pattern replaced array by array with another one's
+            setattr(model.k, n, getattr(other, n).clone())
+        model.k.bias = nn.Parameter(other.bias.detach().clone())
+        got = model(x)[1]
+        want = other(x)
+    _close(got, want, 1e-4 if dtype == torch.float32 else 6e-2)

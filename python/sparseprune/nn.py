@@ -60,7 +60,7 @@ def _bias_fits(bias, out: int) -> bool:
     """A bias a kept kernel call can read as it is: None, or a contiguous float32 vector of ``out`` values. A plan
     compares its bias by address, and ``bias.data = other`` can put a strided, shorter or other-dtype tensor at
     that address (the general route checks it and raises, or copies it contiguous)."""
-    return bias is None or (bias.dtype is _F32 and bias.is_contiguous() and bias.shape == (out,))
+    return bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.is_contiguous() and bias.shape == (out,))
 
 
 FORMATS = ("auto", "dense", "csr", "bsr")
@@ -399,7 +399,11 @@ class SparseModule(nn.Module):
             self.packed().validate()
         elif self.values.device.type != "meta":
             self._quant_matrix(check=True)
-        self.__dict__["_cache_arrays_ok"] = (self._array_ptrs(), tuple(bufs.get(n) for n in self._packed_names()))
+        # (the storages too: ``t.data = other`` frees the storage under a held tensor, and a new array could then
+        # land at an address on the record unchecked)
+        self.__dict__["_cache_arrays_ok"] = (self._array_ptrs(), tuple(bufs.get(n) for n in self._packed_names()),
+                                             tuple(bufs[n].untyped_storage() for n in self._packed_names()
+                                                   if isinstance(bufs.get(n), Tensor)))
 
     def _check_kernel_arrays(self, bias) -> None:
         """The part of validate() the kernels' memory safety rests on, for arrays the module holds now: the
@@ -705,7 +709,8 @@ class SparseLinear(SparseModule):
         # which builds the plan. ~2 us less a call than that path: a tenth of a 90%-sparse 768x768 int8 product.
         if (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and not _grad_enabled()
                 and x.is_contiguous() and d.get("_shared_input") is None and x.dim() and x.shape[-1] == plan[4]
-                and self.in_features == plan[4] and self.activation == plan[1] and self.num_threads == plan[2]
+                and self.in_features == plan[4] and self.out_features == plan[3] and self.activation == plan[1]
+                and self.num_threads == plan[2]
                 and x.numel() and not _negated(x) and not _compiling() and _tracing() is None and not _function_mode()
                 and not _dispatch_depth() and _functorch_stack() is None and d.get("_cache_arrays_ok") is plan[-1]):
             bias = self._parameters.get("bias", _NO_BIAS)
@@ -773,6 +778,7 @@ class SparseLinear(SparseModule):
         ptrs = (vals.data_ptr(), rp.data_ptr(), ci.data_ptr(), 0 if bias is None else bias.data_ptr())
         plan = self.__dict__.get("_cache_fcall")
         if (plan is None or plan[0] != ptrs or plan[-1] is not self.__dict__.get("_cache_arrays_ok")
+                or plan[1][0] != self.out_features or plan[1][1] != self.in_features
                 or not _bias_fits(bias, self.out_features)):
             # (a plan stands while the arrays checked last are its own: an array replaced, checked on another
             # route and put back, edited meanwhile, is checked again)
@@ -808,7 +814,8 @@ class SparseLinear(SparseModule):
         ptrs = _qarray_ptrs(bufs, bias)
         plan = self.__dict__.get("_cache_qcall")
         if (plan is None or plan[0] != ptrs or plan[1] != act or plan[2] != self.num_threads
-                or plan[-1] is not self.__dict__.get("_cache_arrays_ok") or not _bias_fits(bias, self.out_features)):
+                or plan[-1] is not self.__dict__.get("_cache_arrays_ok") or not _bias_fits(bias, self.out_features)
+                or plan[3] != self.out_features or plan[4] != self.in_features):
             if not vals.is_cpu:
                 self._check_quant_input(x)  # raises: weights elsewhere
             self._check_kernel_arrays(bias)

@@ -58,7 +58,8 @@ def _state(m) -> tuple:
     ts = (b["values"],) + tuple(t for n, t in b.items() if n != "values") + (m._bias(),)
     bias = ts[-1]
     return (ts, tuple(_version_of(t) for t in ts if t is not None), m.activation, m.num_threads,
-            (ts[0].data_ptr(), None if bias is None else bias.data_ptr()))
+            (ts[0].data_ptr(), None if bias is None else bias.data_ptr()),
+            (m.in_features, m.out_features, tuple(0 if t is None else t.data_ptr() for t in ts[1:-1])))
 
 
 def _unchanged(m, st: tuple) -> bool:
@@ -69,6 +70,12 @@ def _unchanged(m, st: tuple) -> bool:
     member's ``validate()``, which drops the group's fused layer."""
     v, b = m._buffers["values"], m._bias()
     ts, vs = st[0], st[1]
+    # the sizes and the other packed arrays (index arrays, int8 scales / compensation): replaced ones are seen
+    # (objects and addresses; in-place edits through .data stay unseen, as documented above)
+    others = tuple(t for n, t in m._buffers.items() if n != "values")
+    if (m.in_features, m.out_features) != st[5][:2] or len(others) != len(ts) - 2 \
+            or any(t is not o or (t is not None and t.data_ptr() != p) for t, o, p in zip(others, ts[1:-1], st[5][2])):
+        return False
     # (addresses too: ``bias.data = other`` keeps the object and its version counter)
     return (v is ts[0] and _version_of(v) == vs[0] and m.activation == st[2] and m.num_threads == st[3]
             and v.data_ptr() == st[4][0]
