@@ -351,3 +351,23 @@ def test_xt_tile_widths_match_the_reference(isa_env, nbv):
         env["SPARSEPRUNE_ISA"] = isa_env
     out = subprocess.run([sys.executable, "-c", _NBV_CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("n", [5, 49, 196])
+def test_csr_with_int32_column_indices_matches_the_reference(n):
+    """K past 32768 columns stores CSR column indices as int32 (the X^T loop then reads them one by one, not
+    four in one load as with int16); rows of every length from 0 to ~20 non-zeros."""
+    torch.manual_seed(n)
+    k, m = 33001, 23
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        w = torch.zeros(m, k)
+        for i in range(m):
+            cols = torch.randperm(k)[: i % 21]
+            w[i, cols] = torch.randn(len(cols))
+        lin.weight.copy_(w)
+    layer = sp.SparseLinear.from_dense(lin, format="csr")
+    assert layer.col_idx.dtype == torch.int32
+    x = torch.randn(n, k)
+    with torch.no_grad():
+        assert_close(layer(x), reference.linear(x, lin.weight, lin.bias))

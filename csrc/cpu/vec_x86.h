@@ -20,6 +20,10 @@ struct V8 {
   static inline void storen(float* p, T v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
   static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
+  // p[0..3] in both 128-bit halves (one load); lane<u>(q) is p[u] in every lane (an in-lane shuffle, no load)
+  static inline T dup4(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+  template <int U>
+  static inline T lane(T q) { return _mm256_permute_ps(q, 0x55 * U); }
   // lanes [lo, hi) as a store mask
   using M = __m256i;
   static inline M mrange(int lo, int hi) {
@@ -58,6 +62,9 @@ struct V16 {
   static inline void storen(float* p, T v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
   static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static inline T dup4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+  template <int U>
+  static inline T lane(T q) { return _mm512_permute_ps(q, 0x55 * U); }
   using M = __mmask16;
   static inline M mrange(int lo, int hi) { return static_cast<M>(((1u << hi) - 1u) & ~((1u << lo) - 1u)); }
   static inline void store_m(float* p, T v, M m) { _mm512_mask_storeu_ps(p, m, v); }
