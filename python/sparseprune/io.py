@@ -204,6 +204,22 @@ def _umask() -> int:
     return mask
 
 
+def _refuse_torch_pruned(model: nn.Module) -> None:
+    """A tensor under ``torch.nn.utils.prune`` (``<name>_orig`` + ``<name>_mask`` + the forward pre-hook computing
+    ``<name>``) is refused before anything is written: :func:`load` fills a fresh instance of the architecture,
+    whose parameter is ``<name>``, and a ``weight_mask`` of torch's would be read as sparseprune's (a file that
+    then never loaded back)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    for name, m in model.named_modules():
+        for h in m._forward_pre_hooks.values():
+            if isinstance(h, BasePruningMethod):
+                t = getattr(h, "_tensor_name", "weight")
+                raise ValueError(f"save: {(name + '.') if name else ''}{t} is under torch.nn.utils.prune ({t}_orig and "
+                                 f"{t}_mask), which load cannot put back into a fresh instance of the architecture: "
+                                 f"call torch.nn.utils.prune.remove(module, {t!r}) first (the pruned values stay), or "
+                                 "prune with sparseprune's pruners, whose masks save and load")
+
+
 def save(model: nn.Module, path) -> None:
     """Write ``model`` (typically ``convert()``'s result) to ``path`` safely.
 
@@ -215,6 +231,7 @@ def save(model: nn.Module, path) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
     real = _target(path)
+    _refuse_torch_pruned(model)
     tensors, aliases = _state_tensors(model)
     structure = _structure(model)
     structure["aliases"] = aliases

@@ -57,10 +57,12 @@ def _negated(t: Tensor) -> bool:
 
 
 def _bias_fits(bias, out: int) -> bool:
-    """A bias a kept kernel call can read as it is: None, or a contiguous float32 vector of ``out`` values. A plan
-    compares its bias by address, and ``bias.data = other`` can put a strided, shorter or other-dtype tensor at
-    that address (the general route checks it and raises, or copies it contiguous)."""
-    return bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.is_contiguous() and bias.shape == (out,))
+    """A bias a kept kernel call can read as it is: None, or a contiguous float32 vector of ``out`` values, not a
+    lazily negated view. A plan compares its bias by address, and ``bias.data = other`` can put a strided, shorter,
+    other-dtype or negated tensor at that address (the general route checks it and raises, or copies it contiguous,
+    or resolves the negation: ``_bias()``). (Asked on eager routes only: nothing is compiling.)"""
+    return bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.is_contiguous() and bias.shape == (out,)
+                            and not bias.is_neg())
 
 
 FORMATS = ("auto", "dense", "csr", "bsr")
@@ -81,7 +83,7 @@ def dtype_name(dtype) -> str:
     """``"float32"`` / ``"bfloat16"`` / ``"int8"`` for a weight dtype (a torch.dtype or its name)."""
     if isinstance(dtype, str) and dtype in WEIGHT_DTYPES:
         return dtype
-    if dtype in _DTYPE_NAMES:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPE_NAMES:
         return _DTYPE_NAMES[dtype]
     raise TypeError(f"weight_dtype must be torch.float32, torch.bfloat16 or torch.int8, got {dtype!r}")
 
@@ -270,7 +272,7 @@ class SparseModule(nn.Module):
     @classmethod
     def _quant_matrix_of(cls, weight: Tensor) -> Tensor:
         """The 2-D ``(out, k)`` matrix an int8 / bf16 layer packs (columns in the order of its inputs)."""
-        return weight.reshape(weight.shape[0], -1)
+        return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))  # (-1 is ambiguous for 0 rows)
 
     def _packed_names(self) -> Tuple[str, ...]:
         if self.weight_dtype == "int8":
@@ -321,19 +323,12 @@ class SparseModule(nn.Module):
         group = self.__dict__.get("_shared_input")
         if group is not None:  # sparseprune.shared: a fused layer holding copies of this member's arrays
             group[0].forget_copies(self)
-        if self.format not in ("dense", "csr", "bsr"):
-            raise ValueError(f"format must be 'dense', 'csr' or 'bsr', got {self.format!r}")
+        self._check_settings()
         wdt = self.weight_dtype
-        if not isinstance(wdt, str) or wdt not in WEIGHT_DTYPES or (wdt != "float32" and wdt not in self.QUANT_DTYPES):
-            raise ValueError(f"weight_dtype {wdt!r} is not one {type(self).__name__} runs")
         if wdt != "float32" and (self.format == "csr" or (wdt == "int8" and self.format == "dense")):
             raise ValueError(f"a {wdt} {type(self).__name__} cannot have format {self.format!r}")
-        if not isinstance(self.kernel, str) or self.kernel not in ops.KERNELS:
-            raise ValueError(f"kernel must be one of {tuple(ops.KERNELS)}, got {self.kernel!r}")
         if not isinstance(self.kernel_cpu, str) or len(self.kernel_cpu) > 256:
             raise ValueError("kernel_cpu must be a short string")
-        if not isinstance(self.activation, str) or self.activation not in ops.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {self.activation!r}")
         if self.num_threads is not None:
             _int(self.num_threads, "num_threads", 1, MAX_THREADS)
         if self.format == "csr" and tuple(self.block_size or ()) != (1, 1):
@@ -356,7 +351,8 @@ class SparseModule(nn.Module):
         else:
             if self._buffers.get("weight") is not None:
                 raise ValueError("a packed layer has no dense weight buffer")
-            extra = [n for n in self._buffers if n not in self._packed_names()]
+            extra = [n for n in self._buffers if n not in self._packed_names()
+                     and not (n == "bias_mask" and self._pruned_bias())]
             if extra:
                 raise ValueError(f"unexpected arrays {extra} for a {wdt} {self.format} layer")
             self._check_packed()
@@ -364,11 +360,40 @@ class SparseModule(nn.Module):
                 raise ValueError("bias and packed weight must be on one device")
         return self
 
+    def _check_settings(self) -> None:
+        """The string settings the forwards branch on — ``format``, ``weight_dtype``, ``kernel``, ``activation`` —
+        each one of its accepted values (a ValueError naming them): run by validate() and, for settings changed
+        since (``layer.activation = "tanh"``), before the kernels' arguments are built (``_check_kernel_arrays``)."""
+        if not isinstance(self.format, str) or self.format not in ("dense", "csr", "bsr"):
+            raise ValueError(f"format must be 'dense', 'csr' or 'bsr', got {self.format!r}")
+        wdt = self.weight_dtype
+        if not isinstance(wdt, str) or wdt not in WEIGHT_DTYPES or (wdt != "float32" and wdt not in self.QUANT_DTYPES):
+            raise ValueError(f"weight_dtype {wdt!r} is not one {type(self).__name__} runs (one of "
+                             f"{('float32',) + tuple(self.QUANT_DTYPES)})")
+        if not isinstance(self.kernel, str) or self.kernel not in ops.KERNELS:
+            raise ValueError(f"kernel must be one of {tuple(ops.KERNELS)}, got {self.kernel!r}")
+        ops.activation_code(self.activation)
+
+    def _pruned_bias(self) -> bool:
+        """Whether ``torch.nn.utils.prune`` holds the bias: a ``bias_orig`` parameter, a ``bias_mask`` buffer and
+        its forward pre-hook computing ``bias`` from them (the computed bias is what the kernels add: ``_bias()``).
+        The mask is then torch's, not a packed array; it travels in the state_dict as for a dense layer."""
+        from torch.nn.utils.prune import BasePruningMethod
+        return "bias_orig" in self._parameters and "bias" not in self._parameters and any(
+            isinstance(h, BasePruningMethod) and getattr(h, "_tensor_name", None) == "bias"
+            for h in self._forward_pre_hooks.values())
+
     def _bias(self) -> Optional[Tensor]:
         """The bias the kernels add: the registered parameter, or the tensor ``torch.nn.utils.prune`` /
-        ``parametrize`` compute for the attribute once they have taken the parameter over."""
+        ``parametrize`` compute for the attribute once they have taken the parameter over; a lazily negated one
+        (``bias.data = z.conj().imag``: its memory holds the negated values, and the kernels read memory)
+        resolved (a copy per call; ``_bias_fits`` keeps it off the kept calls)."""
         b = self._parameters.get("bias", _NO_BIAS)
-        return self.bias if b is _NO_BIAS else b
+        if b is _NO_BIAS:
+            b = self.bias
+        if b is not None and _negated(b):
+            b = b.resolve_neg()
+        return b
 
     def _check_bias(self, bias) -> None:
         out = self.weight_shape[0]
@@ -381,9 +406,11 @@ class SparseModule(nn.Module):
     def _array_ptrs(self) -> tuple:
         """The packed arrays' addresses and what they are read as (weight shape, block size, format, weight
         dtype): an attribute changed without validate() (``groups``, ``kernel_size``, ...) re-checks the arrays
-        against it before a kernel reads them."""
+        against it before a kernel reads them. A lazily negated array (``t.data = torch._neg_view(t.data)``: the
+        same address) counts as another address."""
         bufs = self._buffers
-        return tuple(0 if t is None else t.data_ptr() for t in (bufs.get(n) for n in self._packed_names())) + (
+        return tuple(0 if t is None else -t.data_ptr() if _negated(t) else t.data_ptr()
+                     for t in (bufs.get(n) for n in self._packed_names())) + (
             tuple(self.weight_shape), tuple(self.block_size), self.format, self.weight_dtype)
 
     def _check_packed(self) -> None:
@@ -395,6 +422,10 @@ class SparseModule(nn.Module):
         for n in self._packed_names():
             if not isinstance(bufs.get(n), Tensor):
                 raise ValueError(f"packed array {n!r} is missing")
+            if _negated(bufs[n]):  # its memory holds the negated values (an index array: out of range), read as is
+                raise ValueError(f"packed array {n!r} is a lazily negated view (torch._neg_view, z.conj().imag): "
+                                 "the kernels read its memory, which holds the negated values; assign "
+                                 "t.resolve_neg() instead")
         if self.weight_dtype == "float32":
             self.packed().validate()
         elif self.values.device.type != "meta":
@@ -413,6 +444,7 @@ class SparseModule(nn.Module):
         the set is checked when it is used). Arrays edited in place keep their address: run ``validate()``
         after such an edit. Called where the arguments of a kernel call are built; raises ValueError /
         TypeError naming the problem."""
+        self._check_settings()  # (one changed since validate(): a ValueError naming the accepted values)
         self._check_bias(bias)
         if self.format == "dense" or _compiling() or type(self._buffers.get("values")) is not Tensor:
             return  # traced (the custom op's eager call at run time reads what validate() checked) or fake
@@ -539,14 +571,14 @@ class SparseModule(nn.Module):
     # -- running ------------------------------------------------------------------------------
     def _with_activation(self, layer: nn.Module) -> nn.Module:
         """The plain layer, followed by this layer's fused activation when it has one."""
-        if self.activation == "none":
+        if ops.activation_code(self.activation) == 0:  # (one set since that is none of them: a ValueError)
             return layer
         act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
                "silu": nn.SiLU()}[self.activation]
         return nn.Sequential(layer, act)
 
     def _act_code(self) -> int:
-        return ops.ACTIVATIONS.index(self.activation)
+        return ops.activation_code(self.activation)  # (a ValueError naming the accepted ones, for one set since)
 
     def _threads(self) -> int:
         return -1 if self.num_threads is None else int(self.num_threads)
@@ -555,11 +587,21 @@ class SparseModule(nn.Module):
         """``"eager"`` / ``"autograd"`` / ``"op"``: see :func:`sparseprune.ops.call_route`."""
         return ops.call_route(x, self._bias())
 
+    def _held(self, name: str) -> Tensor:
+        """The buffer ``name`` (``values``; a dense-format layer's ``weight``). Missing where a setting was changed
+        without validate() (``format`` set on a built layer): validate()'s error then says what is wrong."""
+        t = self._buffers.get(name)
+        if t is None:
+            self.validate()
+            raise ValueError(f"{type(self).__name__} ({self.format}) holds no {name!r} array: run validate()")
+        return t
+
     def _check_input(self, x: Tensor) -> None:
         if x.dtype != torch.float32:
             raise TypeError(f"{type(self).__name__} computes in float32; got a {x.dtype} input (cast it with .float())")
-        if x.device != self.values.device:
-            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+        dev = self._held("values").device
+        if x.device != dev:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {dev}")
 
     def _check_dense_input(self, x: Tensor) -> None:
         """format='dense': the same input dtypes as the packed formats (float32 weights: float32 inputs; bf16
@@ -571,16 +613,18 @@ class SparseModule(nn.Module):
         elif x.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"{type(self).__name__} ({self.weight_dtype} weights) takes float32 or bfloat16 inputs, "
                             f"got {x.dtype}")
-        if x.device != self.weight.device:
-            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.weight.device}")
+        dev = self._held("weight").device
+        if x.device != dev:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {dev}")
 
     # -- quantized weights (int8 / bf16): one matmul path for every module type ----------------
     def _check_quant_input(self, x: Tensor) -> None:
         if x.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"{type(self).__name__} ({self.weight_dtype} weights) takes float32 or bfloat16 inputs, "
                             f"got {x.dtype}")
-        if x.device != self.values.device:
-            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+        dev = self._held("values").device
+        if x.device != dev:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {dev}")
 
     def _qmatmul(self, x2: Tensor) -> Tensor:
         """``act(x2 @ W^T + b)`` for a 2-D input through the int8 / bf16 BSR kernel (W: the packed
@@ -660,7 +704,8 @@ class SparseLinear(SparseModule):
             raise ValueError("format='bsr' needs a block_size")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.format = format
-        self.block_size = (1, 1) if format == "csr" else (tuple(block_size) if format == "bsr" else None)
+        from .formats import _check_block
+        self.block_size = (1, 1) if format == "csr" else (_check_block(block_size) if format == "bsr" else None)
         self.num_threads = num_threads
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features)) if bias else None)
         zeros = torch.zeros(out_features, in_features)
@@ -737,13 +782,15 @@ class SparseLinear(SparseModule):
             y = F.linear(x.to(self.weight.dtype), self.weight)  # bf16 weights: torch's bf16 GEMM
             y = ops.apply_activation(y.float() + self.bias if self.bias is not None else y.float(), act)
             return y.to(x.dtype) if x.is_floating_point() else y
+        bufs = self._buffers
+        if "values" not in bufs:  # format set to a packed one on a dense-format layer, without validate()
+            self._held("values")
         bias = self._bias()
         if self.weight_dtype != "float32":
             if (x.dtype is torch.float32 and x.is_cpu and self.in_features and self.out_features and x.numel()
                     and x.is_contiguous() and ops.call_route(x, bias) == "eager"):
                 return self._qlinear_fast(x, act, bias)
             return self._forward_quant(x)
-        bufs = self._buffers
         values = bufs["values"]
         if x.dtype is not torch.float32 or not (x.is_cpu and values.is_cpu):
             self._check_input(x)
@@ -787,10 +834,14 @@ class SparseLinear(SparseModule):
             plan = (ptrs, (self.out_features, self.in_features, r, c, ptrs[1], ptrs[2], ci.dtype == torch.int16,
                            ptrs[0]), bias, self.__dict__.get("_cache_arrays_ok"))  # (bias: held)
             self.__dict__["_cache_fcall"] = plan
+        try:
+            code, variant = ops.ACTIVATIONS.index(act), ops.KERNELS[self.kernel]
+        except (ValueError, KeyError, TypeError):  # a setting changed since the plan was built: say which
+            self._check_settings()
+            raise
         y = ops.empty_rows(x, self.out_features)
         _C.spmm(*plan[1], x.data_ptr(), x.numel() // self.in_features, self.in_features, ptrs[3], y.data_ptr(),
-                self.out_features, self.num_threads or torch.get_num_threads(), ops.ACTIVATIONS.index(act),
-                *ops.KERNELS[self.kernel])
+                self.out_features, self.num_threads or torch.get_num_threads(), code, *variant)
         return y
 
     def _fast(self, x: Tensor) -> Tensor:
@@ -991,7 +1042,7 @@ class SparseConv2d(SparseModule):
     @classmethod
     def _quant_matrix_of(cls, weight: Tensor) -> Tensor:
         # im2col columns in (kh, kw, Cin) order: a patch of an NHWC input is read with C innermost
-        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
     def to_dense(self) -> Tensor:
         if self.format == "dense" or self.weight_dtype == "float32":
@@ -1388,6 +1439,8 @@ class SparseConv2d(SparseModule):
             if y is not None:
                 return y
         self._sync_pad4()  # (after the kept calls: a changed padding changes their geometry key)
+        if self.format != "dense" and "values" not in self._buffers:  # format set on a dense-format layer
+            self._held("values")
         bias = self._bias()
         if (self.format != "dense" and self.weight_dtype == "float32" and self.activation == "none"
                 and type(x) is Tensor and x.dim() == 4 and x.shape[1] == self.in_channels

@@ -48,12 +48,38 @@ def apply_activation(y: Tensor, name: str) -> Tensor:
         return torch.nn.functional.gelu(y, approximate="tanh")
     if name == "silu":
         return torch.nn.functional.silu(y)
-    raise ValueError(f"unknown activation {name!r}")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def kernel_variant(name: str) -> Tuple[int, int]:
+    """The ``(split, pack)`` arguments of fp32 spmm kernel variant ``name`` (:data:`KERNELS`)."""
+    variant = KERNELS.get(name) if isinstance(name, str) else None
+    if variant is None:
+        raise ValueError(f"kernel must be one of {tuple(KERNELS)}, got {name!r}")
+    return variant
+
+
+def _isa_levels() -> List[str]:
+    """The ISA level names the kernels' tables know, lowest first."""
+    return list(dict.fromkeys(p["isa"] for p in list(_C.paths()) + list(_C.qpaths())))
 
 
 def set_isa(isa: str) -> None:
-    """Force a CPU kernel path ("scalar", "avx2", "avx512" or "best"). Process-wide."""
-    _C.set_isa(isa)
+    """Force a CPU kernel path ("scalar", "avx2", "avx512", ... or "best"; any case, as SPARSEPRUNE_ISA).
+    Process-wide. A name that is no ISA level, or a level this CPU cannot run, is a ValueError naming the
+    ones it can."""
+    if not isinstance(isa, str):
+        raise TypeError(f"set_isa: the ISA path must be a string, got {type(isa).__name__}")
+    name = isa.lower()
+    try:
+        _C.set_isa(name)
+    except ValueError:
+        runs = list(dict.fromkeys(p["isa"] for p in list(_C.paths()) + list(_C.qpaths()) if p["supported"]))
+        runs.append("best")
+        if name not in _isa_levels():
+            raise ValueError(f"set_isa: {isa!r} is not an ISA path (any case: {', '.join(_isa_levels())}, best; "
+                             f"this CPU runs {', '.join(runs)})") from None
+        raise ValueError(f"set_isa: this CPU cannot run the {name!r} path (it runs: {', '.join(runs)})") from None
 
 
 def active_isa() -> str:
@@ -72,7 +98,7 @@ def _check_isa_env() -> None:
         return
     active = active_isa()  # dispatch reads the variable now, while it is the one checked here
     rows = list(_C.paths()) + list(_C.qpaths())
-    levels = list(dict.fromkeys(p["isa"] for p in rows))
+    levels = _isa_levels()
     isa = env.lower()
     if isa == "best":
         return
@@ -250,9 +276,9 @@ def spmm_eager(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias
             values.data_ptr(), x.data_ptr(), n, max(x.stride(0), cols), bias.data_ptr() if bias is not None else 0,
             y.data_ptr(), rows)
     if x.device.type == "cpu" and residual is not None:
-        _C.spmm_res(*args, resolve_threads(num_threads), act, *KERNELS[kernel], residual.data_ptr())
+        _C.spmm_res(*args, resolve_threads(num_threads), act, *kernel_variant(kernel), residual.data_ptr())
     elif x.device.type == "cpu":
-        _C.spmm(*args, resolve_threads(num_threads), act, *KERNELS[kernel])
+        _C.spmm(*args, resolve_threads(num_threads), act, *kernel_variant(kernel))
     elif x.device.type == "cuda":
         if _ext._cuda is None:
             raise RuntimeError(f"sparseprune was built without CUDA kernels: {_ext.CUDA_STATUS}")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .._inputs import call_model
 from .._modules import module_names, set_module
 from ..prune.patterns import is_conv1d
-from .capture import capture, l2_relative, max_error, relative, static_weight_reads
+from .capture import capture, l2_relative, max_error, relative, static_weight_reads, tied_weights
 from .decide import LayerRow, Settings, decide, label
 from .registry import (CONVERTERS, Converter, base_type, carry_hooks, converter_for, dense_twin, densify, has_hooks,
                        register_converter, weight_density)
@@ -116,7 +116,8 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
             args) or any mapping (keyword args, e.g. a tokenizer's output). Each layer is timed on the
             inputs it receives in this forward pass, so give the batch size you will run. ``None``: no
             timing, each layer takes :func:`sparseprune.nn.choose_format` and no output check is done.
-        formats: formats allowed, from ``"dense"``, ``"csr"``, ``"bsr"`` (dense is always allowed).
+        formats: formats allowed, from ``"dense"``, ``"csr"``, ``"bsr"`` (one name or several; dense is always
+            allowed).
         skip: layer names (exact, prefix, or fnmatch pattern such as ``"encoder.*.fc2"``) or module
             types to leave untouched.
         num_threads: threads for the sparse kernels and, while timing, for dense torch too.
@@ -163,6 +164,13 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
 
     A layer whose weight is also read outside its own forward (tied weights, ``F.linear(x,
     self.lin.weight)``) stays the dense module it is. The returned model is in eval mode.
+
+    Hugging Face ``resize_token_embeddings`` (and other transformers code that rebuilds the output embeddings)
+    needs an ``nn.Linear`` head. A tied ``lm_head`` stays dense (its weight is the embedding's); an untied one that
+    convert made a :class:`~sparseprune.nn.SparseLinear` is refused by transformers with a TypeError, raised
+    after it has already resized the input embeddings. Resize the source model and convert it again, keep the
+    head dense (``skip=["lm_head"]``), or put a dense head back before resizing:
+    ``model.set_output_embeddings(model.get_output_embeddings().to_dense_module())``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -181,8 +189,12 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         # one's layers and fusions, and sp.load would refuse what sp.save wrote
         raise ValueError("convert: this model is convert()'s result already; convert the source (pruned, dense) "
                          "model again")
-    formats = tuple(formats)
-    bad = [f for f in formats if f not in ("dense", "csr", "bsr")]
+    try:
+        formats = (formats,) if isinstance(formats, str) else tuple(formats)  # one format, not a string's characters
+    except TypeError:
+        raise TypeError(f"formats must be a format name or names from 'dense', 'csr', 'bsr'; got {formats!r}") \
+            from None
+    bad = [f for f in formats if not isinstance(f, str) or f not in ("dense", "csr", "bsr")]
     if bad:
         raise ValueError(f"formats must be chosen from 'dense', 'csr', 'bsr'; got {bad}")
     if not (margin >= 0 and tolerance >= 0 and time_budget >= 0):
@@ -280,7 +292,8 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
     if example_inputs is not None and targets:
         captured, read_outside = capture(work, [(n, m) for n, m, _ in targets], example_inputs)
     elif targets:
-        read_outside = static_weight_reads(work, [n for n, _, _ in targets])
+        names = [n for n, _, _ in targets]
+        read_outside = static_weight_reads(work, names) | tied_weights(work, names)
 
     from tqdm.auto import tqdm
     quiet = progress is False or (progress is None and not _stderr_is_tty())

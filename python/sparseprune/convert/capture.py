@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._inputs import call_model
 
-__all__ = ["capture", "static_weight_reads", "flat_tensors", "max_error", "relative", "l2_relative"]
+__all__ = ["capture", "static_weight_reads", "tied_weights", "flat_tensors", "max_error", "relative", "l2_relative"]
 
 _MAX_SHAPES_SEEN = 8
 
@@ -96,6 +96,24 @@ def static_weight_reads(model: nn.Module, names: Sequence[str]) -> Set[str]:
         return set()
     wanted = {f"{n}.weight": n for n in names}
     return {wanted[node.target] for node in graph.nodes if node.op == "get_attr" and node.target in wanted}
+
+
+def tied_weights(model: nn.Module, names: Sequence[str]) -> Set[str]:
+    """Without example inputs: the layers among ``names`` whose weight Parameter another module of ``model`` also
+    holds (tied weights: a language model's embedding and head). A packed copy would untie them: the head no longer
+    follows the embedding, and Hugging Face's ``tie_weights()`` (run by ``resize_token_embeddings``,
+    ``post_init``...) fails on the packed layer's ``weight``."""
+    holders: Dict[int, int] = {}
+    for m in model.modules():  # each module once, under however many names it has
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    out = set()
+    for n in names:
+        w = model.get_submodule(n)._parameters.get("weight")
+        if w is not None and holders.get(id(w), 0) > 1:
+            out.add(n)
+    return out
 
 
 def flat_tensors(out) -> List[Tensor]:

@@ -239,6 +239,39 @@ class BoundForward:
         return f"<fused forward {self.__func__.__name__} of {type(self.__self__).__name__}>"
 
 
+def _bind(block: nn.Module, func) -> nn.Module:
+    """Install the fused forward ``func`` on ``block``, bound to it, with the ``__reduce_ex__`` that keeps it bound to
+    whichever block a copy makes (:func:`_reduce_fused`)."""
+    block.__dict__["forward"] = BoundForward(func, block)
+    block.__dict__["__reduce_ex__"] = BoundForward(_reduce_fused, block)
+    return block
+
+
+def _reduce_fused(block: nn.Module, protocol: int = 2):
+    """``__reduce_ex__`` of a fused block, an instance attribute as its ``forward`` (copy and pickle look it up on
+    the object): the block's state without the bound callables, and a constructor binding them to the new block.
+    ``copy.copy`` passes the state on as it is (it copies no value in it), so a fused forward kept in the state
+    stayed bound to the original block: the copy ran the original's modules, training flag and settings. (deepcopy
+    and pickle rebind it too, through :class:`BoundForward`'s own ``__reduce__``; this path serves all three.)"""
+    state = block.__getstate__()
+    func = None
+    fwd = state.get("forward")
+    if type(fwd) is BoundForward and fwd.__self__ is block:
+        func = fwd.__func__
+        del state["forward"]
+    red = state.get("__reduce_ex__")
+    if type(red) is BoundForward and red.__self__ is block:
+        del state["__reduce_ex__"]
+    return _new_fused, (type(block), func), state
+
+
+def _new_fused(cls, func) -> nn.Module:
+    """An empty block of class ``cls`` (its state comes next: ``__setstate__``) with the fused forward ``func``
+    bound to it (None: one the user installed, in the state)."""
+    new = cls.__new__(cls)
+    return _bind(new, func) if func is not None else new
+
+
 def fused_copy(block: nn.Module, kind: str) -> nn.Module:
     """A copy of ``block`` sharing its children (the same state_dict), whose forward is the one-call form."""
     new = type(block).__new__(type(block))
@@ -249,9 +282,9 @@ def fused_copy(block: nn.Module, kind: str) -> nn.Module:
     if kind == LAYERNORM:
         new.__dict__[_BYPASSED] = _bypassed(block)
         new.__dict__[_ATTN] = True
-        new.forward = BoundForward(_layer_forward, new)
+        _bind(new, _layer_forward)
     else:
-        new.forward = BoundForward(_fused_forward, new)
+        _bind(new, _fused_forward)
     return new
 
 
