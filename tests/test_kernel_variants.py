@@ -371,3 +371,34 @@ def test_csr_with_int32_column_indices_matches_the_reference(n):
     x = torch.randn(n, k)
     with torch.no_grad():
         assert_close(layer(x), reference.linear(x, lin.weight, lin.bias))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 260), threads=st.integers(2, 5), block=st.sampled_from([(1, 1), (1, 4), (2, 4), (4, 1)]),
+       m=st.integers(1, 70), k=st.sampled_from([5, 64, 300]), skew=st.sampled_from(["even", "top", "bottom", "empty"]),
+       seed=st.integers(0, 2 ** 16))
+def test_xt_thread_shares_inside_tiles_match_the_reference(n, threads, block, m, k, skew, seed):
+    """The X^T family split by rows of X (spmm_simd.h, xt_spmm_r) gives each thread an equal share of (tile, block
+    row) work: a share may start inside a tile another thread also runs (that thread transposes its own copy).
+    Every kernel variant (the rows ones force the split even with fewer tiles than threads), non-zeros packed into
+    the first or last rows (shares end at odd block rows), or no non-zeros at all."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, m)
+    with torch.no_grad():
+        w = torch.randn(m, k, generator=g) * (torch.rand(m, k, generator=g) < 0.4)
+        if skew == "top":
+            w[m // 3:] = 0.0
+        elif skew == "bottom":
+            w[: (2 * m) // 3] = 0.0
+        elif skew == "empty":
+            w.zero_()
+        lin.weight.copy_(w)
+    x = torch.randn(n, k, generator=g)
+    ref = reference.linear(x, lin.weight, lin.bias)
+    fmt = "csr" if block == (1, 1) else "bsr"
+    layer = sp.SparseLinear.from_dense(lin, format=fmt, block_size=None if fmt == "csr" else block,
+                                       num_threads=threads)
+    for kernel in ops.KERNELS:
+        layer.kernel = kernel
+        with torch.no_grad():
+            assert_close(layer(x), ref)

@@ -351,45 +351,35 @@ SP_INLINE int64_t xt_tile(const float* __restrict xt, int64_t K, int c, const fl
     // loads (three of X^T a nonzero, 24-column tiles): the four values come in one load and are spread with
     // in-lane shuffles, the four 16-bit column indices in one 64-bit load (stand-alone loop, Zen 4 AVX2, 24
     // columns, 26 nonzeros a row: 0.91 -> 0.83 ns a nonzero; 200 a row: 0.82 -> 0.69).
-    constexpr int U = NBV * 4 <= XT_MAX_ACC ? 4 : 2;
+    constexpr int U = NBV * 4 <= XT_MAX_ACC ? 4 : 2;  // sets; four-vector AVX2 tiles: two (8 accumulators)
     T acc2[U][NBV];
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u)
 #pragma GCC unroll 4
       for (int v = 0; v < NBV; ++v) acc2[u][v] = u ? V::zero() : acc[0][v];
-    for (; b + U <= b1 && (!CH || cols[b + U - 1] < kend); b += U) {  // sorted columns: cols[b] < kend too
-      if constexpr (U == 4) {
-        int64_t c4[4];
-        if constexpr (sizeof(Idx) == 2) {
-          uint64_t q;
-          std::memcpy(&q, cols + b, sizeof(q));
+    for (; b + 4 <= b1 && (!CH || cols[b + 3] < kend); b += 4) {  // sorted columns: cols[b] < kend too
+      int64_t c4[4];
+      if constexpr (sizeof(Idx) == 2) {
+        uint64_t q;
+        std::memcpy(&q, cols + b, sizeof(q));
 #pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) c4[u] = static_cast<int64_t>((q >> (16 * u)) & 0xffffu);
-        } else {
-#pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) c4[u] = static_cast<int64_t>(cols[b + u]);
-        }
-        const T w4 = V::dup4(vals + b);
-        auto step = [&](auto uc) {
-          constexpr int u = decltype(uc)::value;
-          const float* xr = xt + c4[u] * NB;
-          const T wv = V::template lane<u>(w4);
-#pragma GCC unroll 4
-          for (int v = 0; v < NBV; ++v) acc2[u][v] = V::fma(wv, V::load(xr + v * W), acc2[u][v]);
-        };
-        step(std::integral_constant<int, 0>{});
-        step(std::integral_constant<int, 1>{});
-        step(std::integral_constant<int, 2>{});
-        step(std::integral_constant<int, 3>{});
+        for (int u = 0; u < 4; ++u) c4[u] = static_cast<int64_t>((q >> (16 * u)) & 0xffffu);
       } else {
 #pragma GCC unroll 4
-        for (int u = 0; u < U; ++u) {
-          const float* xr = xt + static_cast<int64_t>(cols[b + u]) * NB;
-          const T wv = V::set1(vals[b + u]);
-#pragma GCC unroll 4
-          for (int v = 0; v < NBV; ++v) acc2[u][v] = V::fma(wv, V::load(xr + v * W), acc2[u][v]);
-        }
+        for (int u = 0; u < 4; ++u) c4[u] = static_cast<int64_t>(cols[b + u]);
       }
+      const T w4 = V::dup4(vals + b);
+      auto step = [&](auto uc) {  // non-zero b + u into set u % U
+        constexpr int u = decltype(uc)::value;
+        const float* xr = xt + c4[u] * NB;
+        const T wv = V::template lane<u>(w4);
+#pragma GCC unroll 4
+        for (int v = 0; v < NBV; ++v) acc2[u % U][v] = V::fma(wv, V::load(xr + v * W), acc2[u % U][v]);
+      };
+      step(std::integral_constant<int, 0>{});
+      step(std::integral_constant<int, 1>{});
+      step(std::integral_constant<int, 2>{});
+      step(std::integral_constant<int, 3>{});
     }
 #pragma GCC unroll 4
     for (int v = 0; v < NBV; ++v) {
@@ -548,13 +538,14 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
   const int64_t units = full + (n % NB ? 1 : 0);
   const int64_t kstep = 256;
   const int64_t kblocks = (K + kstep - 1) / kstep;
-  float* xt = xt_scratch(static_cast<size_t>(full * K * NB + K * NBR));
+  // by rows of X (below): a thread that starts inside another thread's tile transposes its own copy of it into
+  // one of nt - 1 spare tiles after the others
+  float* xt = xt_scratch(static_cast<size_t>(full * K * NB + K * NBR + (nt - 1) * K * NB));
   // K chunks (xt_rows_chunked) where a whole tile of X^T would not stay in L2; the remainder tile is narrower
   const int64_t kcb = xt_chunk_blocks(w, NB), kcbr = xt_chunk_blocks(w, NBR);
   // block rows [br0, br1) times tile t of X^T into Y
-  auto run_tile = [&](int64_t t, int64_t br0, int64_t br1) {
+  auto run_tile_at = [&](int64_t t, int64_t br0, int64_t br1, const float* xtt) {
     const bool whole = t < full;
-    const float* xtt = xt + t * K * NB;
     float* yt = y + t * NB * ldy;
     const int nv = whole ? NB : static_cast<int>(n - full * NB);
     if (whole ? kcb : kcbr) {
@@ -569,14 +560,51 @@ void xt_spmm_r(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
       for (int64_t br = br0; br < br1; br += XT_G) xt_group<V, R, NBVR, C1>(w, cols, xtt, br, br1, bias, yt, ldy, nv);
     }
   };
+  auto run_tile = [&](int64_t t, int64_t br0, int64_t br1) { run_tile_at(t, br0, br1, xt + t * K * NB); };
   // split_rows (parallel.h): each thread transposes its own tiles of X and runs every block row on them
   const bool by_rows = w.split ? w.split == 1 : split_rows(w.nnzb() * R * w.c, n * K, units, nt, true);
   if (by_rows) {
+    // Each thread gets an equal share of the work, counted in (tile, block row) steps: a tile costs its vectors
+    // + 1 (the weights' loads) a non-zero, and a share may end inside a tile at a block row with the share's
+    // fraction of its non-zeros (balanced_split), the next thread taking the rest. Whole tiles per thread left
+    // up to a tile's work idle: 196 rows in 24-column tiles on two threads, four tiles against four and the
+    // 8-column remainder.
+    const int64_t cost_full = 1024 * (NBV + 1), cost_rem = 1024 * (NBVR + 1);
+    const int64_t total = full * cost_full + (units - full) * cost_rem;
+    // the tile and block row where cost c (0 <= c <= total) falls
+    auto locate = [&](int64_t c, int64_t& t, int64_t& br) {
+      const int64_t tf = std::min(full, c / cost_full);
+      t = tf;
+      const int64_t in = c - tf * cost_full, cost = tf == full ? cost_rem : cost_full;
+      if (t >= units) {
+        t = units;
+        br = 0;
+        return;
+      }
+      // fraction in / cost of the tile's block rows, weighted by non-zeros + 1 as balanced_split does
+      br = balanced_split(w.row_ptr, w.block_rows, static_cast<int>(cost), static_cast<int>(in));
+      if (br >= w.block_rows) ++t, br = 0;
+    };
     parallel_team(nt, [&] {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-      const int64_t u0 = units * tid / nth, u1 = units * (tid + 1) / nth;
-      for (int64_t t = u0; t < u1; ++t) xt_transpose_unit<NB, NBR>(x, ldx, n, K, full, t, 0, K, xt);
-      for (int64_t t = u0; t < u1; ++t) run_tile(t, 0, w.block_rows);
+      int64_t t0, b0, t1, b1;
+      locate(total * tid / nth, t0, b0);
+      locate(total * (tid + 1) / nth, t1, b1);
+      // tiles [t0, t1) whole except the first from block row b0, and tile t1 up to block row b1
+      float* own = xt + (full * NB + NBR) * K + static_cast<int64_t>(tid - 1) * K * NB;  // spare tile (tid > 0)
+      for (int64_t t = t0; t <= t1 && t < units; ++t) {
+        const int64_t r0 = t == t0 ? b0 : 0, r1 = t == t1 ? b1 : w.block_rows;
+        if (r0 >= r1) continue;
+        if (t == t0 && b0 > 0) {
+          // the previous thread runs this tile's first block rows: a copy of it of our own
+          if (t < full) transpose_panel<NB>(x + t * NB * ldx, ldx, NB, 0, K, own);
+          else transpose_panel<NBR>(x + full * NB * ldx, ldx, static_cast<int>(n - full * NB), 0, K, own);
+          run_tile_at(t, r0, r1, own);
+        } else {
+          xt_transpose_unit<NB, NBR>(x, ldx, n, K, full, t, 0, K, xt);
+          run_tile(t, r0, r1);
+        }
+      }
     });
     return;
   }
