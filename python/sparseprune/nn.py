@@ -56,6 +56,16 @@ def _negated(t: Tensor) -> bool:
     return not _compiling() and t.is_neg()
 
 
+def _plain_eager(x) -> bool:
+    """``x`` a plain float32 CPU tensor in an eager inference call: nothing to differentiate (grad mode off),
+    compile, trace (torch.jit.trace records the registered ops) or intercept (torch function / dispatch modes, vmap /
+    grad / jvp), and not a lazily negated view. The first test of every kept kernel call (SparseLinear's int8 /
+    bf16 ``_cache_qcall``, SparseConv2d's ``_planes_fast``, ``_cl_fast``, ``_conv_fast``)."""
+    return (type(x) is Tensor and x.dtype is _F32 and x.is_cpu and not _grad_enabled() and not _compiling()
+            and _tracing() is None and not _function_mode() and not _dispatch_depth() and _functorch_stack() is None
+            and not x.is_neg())
+
+
 def _bias_fits(bias, out: int) -> bool:
     """A bias a kept kernel call can read as it is: None, or a contiguous float32 vector of ``out`` values, not a
     lazily negated view. A plan compares its bias by address, and ``bias.data = other`` can put a strided, shorter,
@@ -752,12 +762,10 @@ class SparseLinear(SparseModule):
         # tensor of this size, nothing to differentiate, trace or intercept, the plan of the last call still valid
         # (same arrays at the same addresses, activation, thread setting). Everything else takes the path below,
         # which builds the plan. ~2 us less a call than that path: a tenth of a 90%-sparse 768x768 int8 product.
-        if (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and not _grad_enabled()
+        if (plan is not None and _plain_eager(x)
                 and x.is_contiguous() and d.get("_shared_input") is None and x.dim() and x.shape[-1] == plan[4]
                 and self.in_features == plan[4] and self.out_features == plan[3] and self.activation == plan[1]
-                and self.num_threads == plan[2]
-                and x.numel() and not _negated(x) and not _compiling() and _tracing() is None and not _function_mode()
-                and not _dispatch_depth() and _functorch_stack() is None and d.get("_cache_arrays_ok") is plan[-1]):
+                and self.num_threads == plan[2] and x.numel() and d.get("_cache_arrays_ok") is plan[-1]):
             bias = self._parameters.get("bias", _NO_BIAS)
             if _qarray_ptrs(self._buffers, bias) == plan[0] and _bias_fits(bias, plan[3]):
                 y = ops.empty_rows(x, plan[3])
@@ -1239,11 +1247,9 @@ class SparseConv2d(SparseModule):
         ``residual`` (if given) a plain contiguous float32 CPU tensor of the output's shape. None where any of
         that does not hold: the general route."""
         plan = self.__dict__.get("_cache_qplanes")
-        if not (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and x.shape == plan[1]
-                and not _grad_enabled() and x.is_contiguous() and act == plan[2]
-                and self.num_threads == plan[3] and not _compiling() and _tracing() is None and not _function_mode()
-                and not _dispatch_depth() and _functorch_stack() is None and self._planes_geom() == plan[4]
-                and not _negated(x) and self.__dict__.get("_cache_arrays_ok") is plan[-1]
+        if not (plan is not None and _plain_eager(x) and x.shape == plan[1] and x.is_contiguous() and act == plan[2]
+                and self.num_threads == plan[3] and self._planes_geom() == plan[4]
+                and self.__dict__.get("_cache_arrays_ok") is plan[-1]
                 and _qarray_ptrs(self._buffers, self._parameters.get("bias", _NO_BIAS)) == plan[0]
                 and _bias_fits(self._parameters.get("bias"), plan[5][1])):
             return None
@@ -1269,12 +1275,9 @@ class SparseConv2d(SparseModule):
         checks, views and argument building cost ~15 us a call, a quarter of a 90%-sparse 1024->256 @14 conv.
         None where any of that does not hold."""
         plan = self.__dict__.get("_cache_clplan")
-        if not (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and x.shape == plan[1]
-                and not _grad_enabled() and not x.is_contiguous()
+        if not (plan is not None and _plain_eager(x) and x.shape == plan[1] and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last) and self.num_threads == plan[2]
                 and self.kernel == plan[3] and self.format != "dense" and self.weight_dtype == "float32"
-                and not _compiling() and _tracing() is None and not _function_mode() and not _dispatch_depth()
-                and _functorch_stack() is None and not _negated(x)
                 and self._cl_geom() == plan[7] and self.__dict__.get("_cache_arrays_ok") is plan[-1]):
             return None
         if residual is not None and not _channels_last_rows(residual, plan[4]):
@@ -1369,11 +1372,9 @@ class SparseConv2d(SparseModule):
         strides, added in the store. The general route's checks, plan lookups and argument building cost ~13 us a
         call (a 90%-sparse 1x1 64->256 @56 conv takes ~140). None where any of that does not hold."""
         plan = self.__dict__.get("_cache_convcall")
-        if not (plan is not None and type(x) is Tensor and x.dtype is _F32 and x.is_cpu and x.shape == plan[1]
-                and x.stride() == plan[2] and act == plan[3] and not _grad_enabled()
-                and self.num_threads == plan[4] and self.format != "dense" and self.weight_dtype == "float32"
-                and not _compiling() and _tracing() is None and not _function_mode() and not _dispatch_depth()
-                and _functorch_stack() is None and not _negated(x) and self._cl_geom() == plan[5]
+        if not (plan is not None and _plain_eager(x) and x.shape == plan[1] and x.stride() == plan[2]
+                and act == plan[3] and self.num_threads == plan[4] and self.format != "dense"
+                and self.weight_dtype == "float32" and self._cl_geom() == plan[5]
                 and self.__dict__.get("_cache_arrays_ok") is plan[-1]):
             return None
         bufs, bias = self._buffers, self._parameters.get("bias", _NO_BIAS)
