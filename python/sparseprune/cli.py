@@ -146,7 +146,12 @@ def _bench(args) -> int:
 
     factory = _arch(args.arch)
     shape = _shape(args.input_shape)
-    fresh = factory()
+    try:
+        fresh = factory()
+    except Exception as e:  # the user's callable: e.g. it needs arguments, or fails building the model
+        print(f"sparseprune: --arch {args.arch}() failed ({type(e).__name__}: {e}); it must build a fresh instance "
+              "of the original architecture without arguments", file=sys.stderr)
+        return 1
     if not isinstance(fresh, torch.nn.Module):
         print(f"sparseprune: --arch {args.arch} returned {type(fresh).__name__}, not an nn.Module "
               "(a fresh instance of the original architecture)", file=sys.stderr)

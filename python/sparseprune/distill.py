@@ -780,7 +780,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
     thaw = _freeze(teacher) if teacher is not None else None
     tracker = bar = None
     drop_saved: list = []
-    was_training, ok = base.training, False
+    ok = False
     try:
         if teacher is None:
             teacher = copy.deepcopy(base)
@@ -859,13 +859,24 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         # -- teacher cache -------------------------------------------------------------------------------
         cache: Optional[Dict[int, Any]] = {} if cache_teacher and cyc.sized else None
         cache_decided = cache_teacher is True
+        t_params = [p for p in teacher.parameters() if p.is_floating_point()]
+        t_device = t_params[0].device if t_params else device
+        t_dtype = t_params[0].dtype if t_params else None
+        s_dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
 
         def teacher_out(idx, batch):
             nonlocal cache, cache_decided
             if cache is not None and idx in cache:
                 return _cast(cache[idx], torch.float32) if cache_dtype is not None else cache[idx]
+            tb = batch
+            if t_device != device:
+                tb = _move(tb, t_device)
+            if t_dtype is not None and t_dtype != s_dtype:  # e.g. a bf16 / float64 teacher: inputs in its dtype
+                tb = _cast(tb, t_dtype)
             with torch.no_grad(), autocast():
-                out = _detach(feed(teacher, batch, forward, **extra))
+                out = _detach(feed(teacher, tb, forward, **extra))
+            if t_device != device:
+                out = _move(out, device)
             if cache is not None:
                 if cache_dtype is not None:
                     out = _cast(out, cache_dtype)
@@ -1020,8 +1031,9 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         if tracker is not None:
             tracker.close()
         _restore_dropout(drop_saved)
-        if ok:
-            base.train(was_training)
+        if ok:  # each module's own mode back (a BatchNorm the caller froze in eval mode stays so)
+            for mod, tr in zip(kept.modules, kept.training):
+                mod.training = tr
         else:
             kept.restore()
         if thaw is not None:

@@ -169,6 +169,8 @@ _MOVE = {
     "pixel_shuffle", "pixel_unshuffle", "T", "mT", "gather", "take_along_dim", "tile", "unfold",
     "split_with_sizes", "contiguous", "clone", "detach",
 }
+# moves that address entries by literal position (``_Tracer.by_position``)
+_POSITIONAL = {"__getitem__", "narrow", "select", "index_select", "gather", "take_along_dim", "roll", "unfold"}
 _LISTARG = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
 _VIEWLIKE = {"view", "reshape", "unflatten", "view_as", "reshape_as"}
 _BROADCAST = {
@@ -759,6 +761,65 @@ class _Tracer(TorchFunctionMode):
                 except RuntimeError:
                     self.fallback(name, args, kwargs, [o], "output shape")
 
+    def by_position(self, name, args, kwargs, lx):
+        """Dims along which ``name`` picks or moves entries by literal position (a slice ``x[:, 2:6]``,
+        ``narrow``, ``select``, ``index_select``, ``gather``, ``roll``, ``unfold``). Once channels are
+        removed the same positions address other channels (``y[:, 2:6]`` of 4 kept channels is 2 of
+        them, ``roll`` wraps at another channel), so channels that several units share along such a
+        dim are kept, as for an op that mixes them (``mixes``). None: the op could not be read (pin all)."""
+        nd = lx.dim()
+        arg = lambda i, k, d=None: args[i] if len(args) > i else kwargs.get(k, d)  # noqa: E731
+
+        def full_index(ix, size):
+            if isinstance(ix, torch.Tensor) and ix.dtype == torch.bool:
+                return bool(ix.all())
+            ix = torch.as_tensor(ix).reshape(-1) % max(size, 1)
+            return ix.numel() == size and bool((ix == torch.arange(size)).all())
+        try:
+            if name == "roll":
+                dims = arg(2, "dims")
+                if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+                    return list(range(nd))
+                return [dims] if isinstance(dims, int) else list(dims)
+            if name == "narrow":
+                d, start, length = arg(1, "dim"), arg(2, "start"), arg(3, "length")
+                return [] if int(start) == 0 and int(length) == lx.shape[d] else [d]
+            if name in ("select", "unfold"):
+                return [arg(1, "dim" if name == "select" else "dimension")]
+            if name in ("index_select", "gather"):
+                d = arg(1, "dim")
+                return [] if name == "index_select" and full_index(arg(2, "index"), lx.shape[d]) else [d]
+            if name == "take_along_dim":
+                d = arg(2, "dim")
+                return list(range(nd)) if d is None else [d]
+            if name != "__getitem__":
+                return []
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            used = sum(1 if not (isinstance(i, torch.Tensor) and i.dtype == torch.bool) else i.dim()
+                       for i in idx if i is not None and i is not Ellipsis)
+            dims, d = [], 0
+            for i in idx:
+                if i is None:
+                    continue
+                if i is Ellipsis:
+                    d += nd - used
+                    continue
+                if isinstance(i, slice):
+                    if i.indices(lx.shape[d]) != (0, lx.shape[d], 1):
+                        dims.append(d)
+                    d += 1
+                elif isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+                    if not bool(i.all()):
+                        dims.extend(range(d, d + i.dim()))
+                    d += i.dim()
+                else:  # an int, a list or an index tensor
+                    if isinstance(i, int) or not full_index(i, lx.shape[d]):
+                        dims.append(d)
+                    d += 1
+            return dims
+        except Exception:
+            return None
+
     def mixes(self, name, lx, dims):
         """An op combines the entries of ``lx`` along ``dims`` (a reduction, softmax, cumsum, argmax, ...).
         Where those entries belong to several channels, removing one changes what the others compute:
@@ -806,6 +867,9 @@ class _Tracer(TorchFunctionMode):
             if l0 is None:
                 return
             largs = (l0,) + tuple(args[1:])
+            if name in _POSITIONAL and (args[0].is_floating_point() or args[0].is_complex()):  # (not indices)
+                pos = self.by_position(name, args, kwargs, l0)
+                self.mixes(f"{name} by position", l0, list(range(l0.dim())) if pos is None else pos)
         if name in ("contiguous", "clone", "detach"):
             res = largs[0]
         else:
