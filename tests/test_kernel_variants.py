@@ -373,13 +373,15 @@ def test_csr_with_int32_column_indices_matches_the_reference(n):
         assert_close(layer(x), reference.linear(x, lin.weight, lin.bias))
 
 
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 260), threads=st.integers(2, 5), block=st.sampled_from([(1, 1), (1, 4), (2, 4), (4, 1)]),
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 260), threads=st.integers(2, 5),
+       block=st.sampled_from([(1, 1), (1, 4), (1, 3), (1, 6), (1, 8), (2, 4), (4, 1)]),
        m=st.integers(1, 70), k=st.sampled_from([5, 64, 300]), skew=st.sampled_from(["even", "top", "bottom", "empty"]),
        seed=st.integers(0, 2 ** 16))
 def test_xt_thread_shares_inside_tiles_match_the_reference(n, threads, block, m, k, skew, seed):
     """The X^T family split by rows of X (spmm_simd.h, xt_spmm_r) gives each thread an equal share of (tile, block
     row) work: a share may start inside a tile another thread also runs (that thread transposes its own copy).
+    1 x c blocks (their own loop: values four at a time, a tail of c % 4, the last block cut by K) included.
     Every kernel variant (the rows ones force the split even with fewer tiles than threads), non-zeros packed into
     the first or last rows (shares end at odd block rows), or no non-zeros at all."""
     g = torch.Generator().manual_seed(seed)

@@ -389,6 +389,48 @@ SP_INLINE int64_t xt_tile(const float* __restrict xt, int64_t K, int c, const fl
       acc[0][v] = s;
     }
   }
+  if constexpr (!C1 && R == 1) {
+    // 1 x c blocks: one output row, as CSR, with the same independent sets (column j of a block into set j % U;
+    // one set was FMA-latency bound: 1x4 blocks ran below CSR) and the block's values four at a time
+    constexpr int U = NBV * 4 <= XT_MAX_ACC ? 4 : 2;
+    T acc2[U][NBV];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 4
+      for (int v = 0; v < NBV; ++v) acc2[u][v] = u ? V::zero() : acc[0][v];
+    for (; b < b1 && (!CH || cols[b] < kend); ++b) {
+      const int64_t k0 = static_cast<int64_t>(cols[b]) * c;
+      const int cc = static_cast<int>(std::min<int64_t>(c, K - k0));
+      const float* xr = xt + k0 * NB;
+      const float* wb = vals + b * static_cast<int64_t>(c);
+      int j = 0;
+      for (; j + 4 <= cc; j += 4) {
+        const T w4 = V::dup4(wb + j);
+        auto step = [&](auto uc) {
+          constexpr int u = decltype(uc)::value;
+          const T wv = V::template lane<u>(w4);
+#pragma GCC unroll 4
+          for (int v = 0; v < NBV; ++v) acc2[u % U][v] = V::fma(wv, V::load(xr + (j + u) * NB + v * W), acc2[u % U][v]);
+        };
+        step(std::integral_constant<int, 0>{});
+        step(std::integral_constant<int, 1>{});
+        step(std::integral_constant<int, 2>{});
+        step(std::integral_constant<int, 3>{});
+      }
+      for (; j < cc; ++j) {
+        const T wv = V::set1(wb[j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NBV; ++v) acc2[0][v] = V::fma(wv, V::load(xr + j * NB + v * W), acc2[0][v]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < NBV; ++v) {
+      T s = acc2[0][v];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) s = V::add(s, acc2[u][v]);
+      acc[0][v] = s;
+    }
+  }
   for (; b < b1 && (!CH || cols[b] < kend); ++b) {
     if constexpr (C1) {
       const float* xr = xt + static_cast<int64_t>(cols[b]) * NB;
