@@ -181,7 +181,10 @@ def _bench(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["demo"]:  # everything after it is the demo's (argparse.REMAINDER would reject "--quick")
+        args = argparse.Namespace(cmd="demo", args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.cmd == "info":
         from .info import main as info_main
         info_main()

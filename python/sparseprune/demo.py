@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import sparseprune as sp
+from sparseprune.cli import _positive_int
 from sparseprune.convert.timing import time_calls
 
 
@@ -116,9 +117,9 @@ def digits_part(quick):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="prune, convert and measure built-in models")
     ap.add_argument("--quick", action="store_true", help="smaller models, fewer epochs")
-    ap.add_argument("--threads", type=int, default=0, help="threads (default: torch's setting)")
+    ap.add_argument("--threads", type=_positive_int, default=None, help="threads, 1 to 1024 (default: torch's setting)")
     a = ap.parse_args(argv)
-    if a.threads:
+    if a.threads is not None:
         torch.set_num_threads(a.threads)
     from .info import info_lines
 

@@ -61,7 +61,8 @@ positional features dict), or convert its transformer and put it back with
 Checkpoints (``checkpoint="run.safetensors"``) hold weights, masks, optimizer state, RNG state and
 the schedule's position in one safetensors file with JSON metadata (no pickle); calling
 ``distill`` again with the same arguments and the same (unpruned) model resumes where it stopped and
-continues exactly as an uninterrupted run would.
+continues exactly as an uninterrupted run would; a checkpoint written with other settings (sparsity,
+pattern, block size, steps, schedule, seed, ...) is refused with a ``ValueError`` naming them.
 
 Under ``torchrun`` (``torch.distributed`` initialised, any backend) the student is wrapped in
 ``DistributedDataParallel``; each rank feeds its own ``data`` and masks are broadcast from rank 0
@@ -165,6 +166,28 @@ def _cast(x, dtype):
     if isinstance(x, (tuple, list)):
         return tuple(_cast(v, dtype) for v in x)
     return x
+
+
+def _float_dtype(model: nn.Module, default=None):
+    """The dtype of ``model``'s first floating-point parameter (``default`` when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
+
+
+def _teacher_device_dtype(teacher: nn.Module, device):
+    """Where the teacher runs and in what floating dtype: its first floating-point parameter's
+    (``device`` and ``None`` when it has none)."""
+    t = next((p for p in teacher.parameters() if p.is_floating_point()), None)
+    return (t.device, t.dtype) if t is not None else (device, None)
+
+
+def _to_teacher(batch, t_device, t_dtype, device, s_dtype):
+    """A student batch as the teacher takes it: on the teacher's device, floating tensors in its dtype
+    (e.g. a bf16 / float64 teacher of a float32 student)."""
+    if t_device != device:
+        batch = _move(batch, t_device)
+    if t_dtype is not None and t_dtype != s_dtype:
+        batch = _cast(batch, t_dtype)
+    return batch
 
 
 def _nbytes(x) -> int:
@@ -415,19 +438,74 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
             os.remove(tmp)
 
 
-def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
-    """Load a :func:`save_checkpoint` file into ``model`` (masks re-attached) and ``optimizer``.
-    Returns ``(state, extra_tensors)``."""
+def _bad(path, what: str) -> ValueError:
+    return ValueError(f"{os.fspath(path)}: malformed sparseprune distill checkpoint: {what}")
+
+
+def _read_checkpoint(path, tensors: bool = True):
+    """``(meta, tensors)`` of a :func:`save_checkpoint` file, its structure checked (a checkpoint is
+    untrusted input: anything malformed is a ``ValueError``). ``tensors=False``: the metadata only."""
     from safetensors import safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != _CKPT_FORMAT:
-            raise ValueError(f"{path} is not a sparseprune distill checkpoint")
-        if int(metadata.get("version", -1)) > _CKPT_VERSION:
-            raise ValueError(f"{path}: checkpoint version {metadata.get('version')} is newer than this sparseprune")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(metadata["meta"])
+    if os.path.isdir(os.fspath(path)):
+        raise ValueError(f"{os.fspath(path)} is a directory, not a sparseprune distill checkpoint")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            ours = metadata.get("format") == _CKPT_FORMAT
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors and ours else {}
+    except Exception as e:  # safetensors' own errors (not a safetensors file, truncated, ...)
+        raise ValueError(f"{path} is not a readable sparseprune distill checkpoint ({type(e).__name__}: {e})") from None
+    if not ours:
+        raise ValueError(f"{path} is not a sparseprune distill checkpoint")
+    version = metadata.get("version", "")
+    if not version.isdigit():
+        raise _bad(path, f"version {version!r}")
+    if int(version) > _CKPT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {version} is newer than this sparseprune")
+    try:
+        meta = json.loads(metadata.get("meta", ""))
+    except ValueError as e:
+        raise _bad(path, f"its metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("state", {}), dict):
+        raise _bad(path, "its metadata is not a JSON object with a 'state' object")
+    meta.setdefault("state", {})
+    sc = meta.get("optim_scalars", {})
+    if not (isinstance(sc, dict) and all(isinstance(v, dict) for v in sc.values())):
+        raise _bad(path, "'optim_scalars'")
+    if "optim_groups" in meta and not (isinstance(meta["optim_groups"], list) and
+                                       all(isinstance(g, dict) for g in meta["optim_groups"])):
+        raise _bad(path, "'optim_groups'")
+    for k, v in out.items():
+        if not k.startswith(("model/", "optim/", "extra/")) and k != "rng/torch":
+            raise _bad(path, f"unknown tensor {k!r}")
+        if k.startswith("optim/"):
+            parts = k.split("/", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or not parts[2]:
+                raise _bad(path, f"optimizer tensor name {k!r}")
+    for pid in meta.get("optim_scalars", {}):
+        if not str(pid).isdigit():
+            raise _bad(path, f"optimizer state id {pid!r}")
+    rng = out.get("rng/torch")
+    if rng is not None and (rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape):
+        raise _bad(path, f"'rng/torch' ({rng.dtype}, {tuple(rng.shape)}) is not a torch CPU RNG state")
+    if "python_rng" in meta:
+        st = meta["python_rng"]
+        ok = isinstance(st, list) and len(st) == 3 and isinstance(st[1], list)
+        if ok:
+            try:  # checked on a private generator: the process's own is set only once everything is loaded
+                random.Random().setstate((st[0], tuple(st[1]), st[2]))
+            except (TypeError, ValueError, OverflowError):
+                ok = False
+        if not ok:
+            raise _bad(path, "'python_rng' is not a Python RNG state")
+    return meta, out
+
+
+def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
+    """Load a :func:`save_checkpoint` file into ``model`` (masks re-attached) and ``optimizer``.
+    Returns ``(state, extra_tensors)``. Anything malformed in the file is a ``ValueError``."""
+    meta, tensors = _read_checkpoint(path)
     msd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     mods = dict(model.named_modules())
     for k, v in msd.items():
@@ -435,8 +513,15 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
             name = k[:-len(MASK_NAME)].rstrip(".")
             if name not in mods:
                 raise ValueError(f"checkpoint has a mask for {name!r}, which this model does not have")
+            w = getattr(mods[name], "weight", None)
+            if not isinstance(w, Tensor) or v.shape != w.shape:
+                raise ValueError(f"checkpoint's mask for {name!r} has shape {tuple(v.shape)}, its weight "
+                                 f"{tuple(w.shape) if isinstance(w, Tensor) else None}")
             apply_mask(mods[name], v.bool())
-    missing, unexpected = model.load_state_dict(msd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(msd, strict=False)
+    except RuntimeError as e:  # e.g. size mismatches
+        raise ValueError(f"checkpoint does not fit this model: {e}") from None
     if unexpected:
         raise ValueError(f"checkpoint does not fit this model: unexpected keys {unexpected[:5]}")
     if missing:
@@ -456,7 +541,10 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
         for g in groups:
             if "betas" in g and isinstance(g["betas"], list):
                 g["betas"] = tuple(g["betas"])
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise _bad(path, f"its optimizer state does not fit this optimizer ({type(e).__name__}: {e})") from None
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
     if "python_rng" in meta:
@@ -464,6 +552,52 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
         random.setstate((st[0], tuple(st[1]), st[2]))
     extra = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
     return meta["state"], extra
+
+
+def _setting(v):
+    """A distill argument as recorded in a checkpoint (JSON, stable across processes)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return [_setting(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _setting(x) for k, x in v.items()}
+    if isinstance(v, type):
+        return f"{v.__module__}.{v.__qualname__}"
+    if callable(v):
+        return f"<callable {getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__qualname__)}>"
+    return f"<{type(v).__qualname__}>"
+
+
+def _check_resume(path, settings: dict) -> None:
+    """Refuse to resume ``path`` when it was written by a run with other ``settings``, or holds a run
+    state that is malformed (before distill changes anything)."""
+    meta, _ = _read_checkpoint(path, tensors=False)
+    st = meta["state"]
+    num = (int, float)
+    ok_state = (isinstance(st.get("step"), int) and not isinstance(st.get("step"), bool) and st["step"] >= 0
+                and (st.get("total") is None or (isinstance(st["total"], int) and st["total"] >= 0))
+                and isinstance(st.get("sparsity"), num) and 0.0 <= st["sparsity"] < 1.0
+                and isinstance(st.get("elapsed"), num) and 0.0 <= st["elapsed"] < float("inf")
+                and isinstance(st.get("events"), list)
+                and all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and isinstance(e[1], num)
+                        for e in st["events"]))
+    if not ok_state:
+        raise _bad(path, "its run state (step, total, sparsity, elapsed, events) is missing or invalid")
+    saved = st.get("settings")
+    if saved is None:
+        import warnings
+        warnings.warn(f"{os.fspath(path)} records no distill settings (written by an older sparseprune): resuming "
+                      "it without checking that they match this call's", stacklevel=3)
+        return
+    if not isinstance(saved, dict):
+        raise _bad(path, "'settings' is not an object")
+    diff = [f"{k}={saved[k]!r} there, {v!r} now" if k in saved else f"{k} not recorded there ({v!r} now)"
+            for k, v in settings.items() if k not in saved or saved[k] != v]
+    if diff:
+        raise ValueError(f"checkpoint {os.fspath(path)} was written by a distill run with other settings: "
+                         f"{'; '.join(diff)}. Pass the same settings to resume it, or another checkpoint path "
+                         "(or resume=False to start afresh, which overwrites it)")
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -636,6 +770,31 @@ class _Snapshot:
             mod.training = tr
 
 
+def _rng_state():
+    """The caller's RNG states that a run changes: torch's CPU generator, the CUDA ones (if CUDA is
+    initialised) and Python's ``random`` (a resumed checkpoint sets it)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, random.getstate()
+
+
+def _set_rng_state(saved) -> None:
+    cpu, cuda, py = saved
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(py)
+
+
+def _seed(seed: int, device: torch.device) -> None:
+    """Seed the run: torch's CPU generator and the initialised CUDA ones (``torch.manual_seed`` would
+    also queue a seed for a CUDA that is initialised later, after the caller's states are back)."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    elif device.type not in ("cpu", "cuda"):  # other accelerators: as before (their state is not put back)
+        torch.manual_seed(seed)
+
+
 def _freeze(teacher: nn.Module) -> Callable[[], None]:
     """Put ``teacher`` in eval mode without gradients; returns what puts its modes and
     ``requires_grad`` flags back."""
@@ -705,7 +864,9 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         eval_fn, eval_every: ``eval_fn(model) -> float | dict`` every ``eval_every`` steps and at
             the end; results are shown on the bar and appended to ``log`` (a list) if given.
         checkpoint, checkpoint_every, resume: checkpoint file (safetensors), seconds between
-            saves; an existing file is resumed from when ``resume``.
+            saves; an existing file is resumed from when ``resume`` (a ``ValueError`` names the settings
+            that differ when it was written by a run with other ones: sparsity, pattern, steps, ...;
+            ``resume=False`` starts afresh and overwrites it, but never a file that is not a checkpoint).
         layers, exclude, dense_first_last: which layers are pruned (as for ``prune_*``).
         layer_scale: ``{layer name or glob: factor}``: whenever the model is pruned to ``s`` (the
             initial mask and each scheduled event), a matching layer is pruned to ``min(factor * s,
@@ -719,7 +880,8 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
             minutes, same settings otherwise) it raised recall@1 from 0.691 to 0.726 and the embedding
             cosine to dense from 0.877 to 0.893 (``bench/results/recovery.md``, runs h2 and l). ``None``:
             the model's own dropout.
-        seed: seeds torch's RNG for the run (dropout).
+        seed: seeds torch's RNG for the run (dropout); the caller's RNG states (torch CPU, CUDA if
+            initialised, Python's ``random``) are put back afterwards.
         clock: what ``time_budget`` is measured with: wall time (default), or e.g.
             ``time.process_time`` (CPU seconds of this process, all threads) on a shared machine.
     """
@@ -774,9 +936,24 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         steps = len(cyc)
     prune_kw = {k: v for k, v in (("layers", layers), ("exclude", exclude), ("dense_first_last", dense_first_last))
                 if v is not None}
+    settings = {"sparsity": sparsity, "pattern": pattern,
+                "block_size": _setting(block_size) if pattern == "blocks" else None,
+                "n": n if pattern == "nm" else None, "m": m if pattern == "nm" else None,
+                "steps": steps, "time_budget": time_budget, "init": init, "init_sparsity": init_sparsity,
+                "importance": _setting(importance), "prune_start": prune_start, "prune_end": prune_end,
+                "prune_events": prune_events, "layer_scale": _setting(layer_scale), "layers": _setting(layers),
+                "exclude": _setting(exclude), "dense_first_last": _setting(dense_first_last), "seed": seed,
+                "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "min_lr_ratio": min_lr_ratio}
+    ckpt_exists = checkpoint is not None and os.path.exists(os.fspath(checkpoint))
+    if ckpt_exists and resume:
+        _check_resume(checkpoint, settings)
+    elif ckpt_exists:  # resume=False starts afresh and overwrites it: only ever a distill checkpoint
+        _read_checkpoint(checkpoint, tensors=False)
+    ckpt_exists = ckpt_exists and resume
     base = _unwrap(model)
-    # whatever fails from here on hands the caller's modules back as they were
+    # whatever fails from here on hands the caller's modules back as they were (and the RNG states too)
     kept = _Snapshot(base)
+    rng_saved = _rng_state()
     thaw = _freeze(teacher) if teacher is not None else None
     tracker = bar = None
     drop_saved: list = []
@@ -798,8 +975,8 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         def autocast():
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-        state = {"step": 0, "total": steps, "sparsity": 0.0, "elapsed": 0.0, "events": [], "done_init": False}
-        ckpt_exists = checkpoint is not None and resume and os.path.exists(os.fspath(checkpoint))
+        state = {"step": 0, "total": steps, "sparsity": 0.0, "elapsed": 0.0, "events": [], "done_init": False,
+                 "settings": settings}
 
         # -- initial one-shot mask ---------------------------------------------------------------------
         if not ckpt_exists and init is not None and init_sparsity > 0:
@@ -851,7 +1028,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
                 tracker.scores = {k[len("grad/"):]: v for k, v in extra_t.items() if k.startswith("grad/")}
             cyc.skip(state["step"])
         else:
-            torch.manual_seed(seed)
+            _seed(seed, device)
         elapsed0 = state["elapsed"]
         t_start = clock()
         setup_s = t_start - t_begin
@@ -859,20 +1036,14 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
         # -- teacher cache -------------------------------------------------------------------------------
         cache: Optional[Dict[int, Any]] = {} if cache_teacher and cyc.sized else None
         cache_decided = cache_teacher is True
-        t_params = [p for p in teacher.parameters() if p.is_floating_point()]
-        t_device = t_params[0].device if t_params else device
-        t_dtype = t_params[0].dtype if t_params else None
-        s_dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+        t_device, t_dtype = _teacher_device_dtype(teacher, device)
+        s_dtype = _float_dtype(base)
 
         def teacher_out(idx, batch):
             nonlocal cache, cache_decided
             if cache is not None and idx in cache:
                 return _cast(cache[idx], torch.float32) if cache_dtype is not None else cache[idx]
-            tb = batch
-            if t_device != device:
-                tb = _move(tb, t_device)
-            if t_dtype is not None and t_dtype != s_dtype:  # e.g. a bf16 / float64 teacher: inputs in its dtype
-                tb = _cast(tb, t_dtype)
+            tb = _to_teacher(batch, t_device, t_dtype, device, s_dtype)  # e.g. a bf16 / float64 teacher
             with torch.no_grad(), autocast():
                 out = _detach(feed(teacher, tb, forward, **extra))
             if t_device != device:
@@ -1038,6 +1209,7 @@ def distill(model: nn.Module, data, *, sparsity: float, pattern: str = "blocks",
             kept.restore()
         if thaw is not None:
             thaw()
+        _set_rng_state(rng_saved)
     stats = {"steps": state["step"], "sparsity": state["sparsity"], "events": state["events"],
              "seconds": elapsed0 + clock() - t_begin, "loss": ema}
     object.__setattr__(base, "_sparseprune_distill", stats)
@@ -1132,8 +1304,13 @@ class DistillCallback(_TrainerCallbackBase):
         def hook(mod, args_, kwargs, out):
             if not mod.training:
                 return out
+            device = next((p.device for p in mod.parameters()), torch.device("cpu"))
+            t_device, t_dtype = _teacher_device_dtype(self.teacher, device)
+            t_args, t_kwargs = _to_teacher((args_, kwargs), t_device, t_dtype, device, _float_dtype(mod))
             with torch.no_grad():
-                tout = self.teacher(*args_, **kwargs)
+                tout = self.teacher(*t_args, **t_kwargs)
+            if t_device != device:
+                tout = _move(tout, device)
             batch = kwargs if kwargs else args_
             if self.loss == "auto":
                 d = distill_loss(out, tout, batch, temperature=self.temperature, hidden_weight=self.hidden_weight)
