@@ -58,6 +58,19 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def int_in(lo: int, hi: int):
+    """An argparse ``type``: an integer in [lo, hi], or an error naming the range (recipes' counts and sizes)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text!r}")
+        return v
+    return parse
+
+
 def _non_negative(text: str) -> float:
     try:
         v = float(text)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cli import int_in
+
 
 def load(seed: int = 0):
     from sklearn.datasets import load_digits
@@ -107,9 +109,9 @@ def run(sparsity: float = 0.9, block: int = 8, steps: int = 3000, seed: int = 0,
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sparseprune.recipes.digits", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--block", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--block", type=int_in(1, 64), default=8)
+    ap.add_argument("--steps", type=int_in(1, 10 ** 7), default=3000)
+    ap.add_argument("--threads", type=int_in(1, 1024), default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--results", default=None, help="markdown file to write the table into (section 'digits')")
     ap.add_argument("--progress", action="store_true")

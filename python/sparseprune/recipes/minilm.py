@@ -50,6 +50,8 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..cli import int_in
+
 N_HELDOUT = 1000
 MAX_TOKENS = 128
 
@@ -447,7 +449,7 @@ def main(argv=None):
     d = sub.add_parser("distill", help="prune + distill, save the pruned model into --run")
     d.add_argument("--run", required=True)
     d.add_argument("--sparsity", type=float, default=0.5)
-    d.add_argument("--block", type=int, default=16)
+    d.add_argument("--block", type=int_in(1, 384), default=16)
     d.add_argument("--minutes", type=float, default=15.0, help="time budget, on --clock")
     d.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="budget in wall minutes, or in CPU minutes of this process (a shared machine: "
@@ -464,40 +466,40 @@ def main(argv=None):
     d.add_argument("--task-weight", type=float, default=0.0,
                    help="weight of an in-batch contrastive (query -> document) task loss on training pairs; "
                         "loss = (1 - w) * distillation + w * task")
-    d.add_argument("--pairs", type=int, default=16, help="(query, document) pairs per batch with --task-weight")
+    d.add_argument("--pairs", type=int_in(1, 10 ** 5), default=16, help="(query, document) pairs per batch with --task-weight")
     d.add_argument("--depth-ramp", type=float, default=0.0,
                    help="per-layer sparsity factors 1 + r ... 1 - r from the first to the last encoder layer "
                         "(sparseprune.depth_ramp; overall sparsity unchanged)")
     d.add_argument("--dropout", type=lambda v: None if v == "model" else float(v), default=0.0,
                    help="dropout probability of the student during distillation (default 0: off; 'model': the "
                         "model's own 0.1, as runs a-k and minilm80_* were made)")
-    d.add_argument("--calib", type=int, default=256, help="training documents for the one-shot initial mask")
+    d.add_argument("--calib", type=int_in(1, 10 ** 6), default=256, help="training documents for the one-shot initial mask")
     d.add_argument("--cache-mb", type=float, default=3072)
     d.add_argument("--bf16", action="store_true")
-    d.add_argument("--eval-every", type=int, default=0)
+    d.add_argument("--eval-every", type=int_in(0, 10 ** 9), default=0)
     d.add_argument("--checkpoint", action="store_true")
-    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--threads", type=int_in(1, 1024), default=2)
     d.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("evaluate", help="metrics + convert (+ encode timing); writes the results row")
     e.add_argument("--run", required=True, nargs="+")
     e.add_argument("--results", default=None)
-    e.add_argument("--threads", type=int, default=2)
-    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--threads", type=int_in(1, 1024), default=2)
+    e.add_argument("--repeats", type=int_in(1, 10 ** 4), default=3)
     e.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                    help="time encoding (run alone on the CPU); --no-timing: metrics only")
     t = sub.add_parser("time", help="encode timing of evaluated runs, dense vs converted (run alone)")
     t.add_argument("--run", required=True, nargs="+")
     t.add_argument("--results", default=None)
-    t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--threads", type=int_in(1, 1024), default=2)
+    t.add_argument("--repeats", type=int_in(1, 10 ** 4), default=3)
     o = sub.add_parser("tradeoff", help="accuracy vs encode speed, float32 and int8 conversions (run alone)")
     o.add_argument("--run", required=True, nargs="+")
     o.add_argument("--dtypes", default="float32,int8", help="comma list of: float32, int8 (float32 + int8 candidates)")
     o.add_argument("--results", default=None)
     o.add_argument("--plot", default=None, help="PNG path for the accuracy-vs-speed plot")
     o.add_argument("--budget", type=float, default=30.0, help="sp.convert time_budget per conversion (s)")
-    o.add_argument("--threads", type=int, default=2)
-    o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--threads", type=int_in(1, 1024), default=2)
+    o.add_argument("--repeats", type=int_in(1, 10 ** 4), default=3)
     a = ap.parse_args(argv)
     {"distill": cmd_distill, "evaluate": cmd_evaluate, "time": cmd_time, "tradeoff": cmd_tradeoff}[a.cmd](a)
 
