@@ -16,18 +16,15 @@ from sparseprune.prune import criteria as C
 from sparseprune.prune import masks
 from sparseprune.prune.patterns import prune_blocks
 
+from helpers import distill_batches, distill_mlp
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def mlp(dropout=0.0):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 32), nn.ReLU(),
-                         nn.Linear(32, 8))
+mlp = distill_mlp
 
 
-def tensors(k=6, rows=8, d=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, d, generator=g) for _ in range(k)]
+tensors = distill_batches
 
 
 def masked_sparsity(model):

@@ -9,22 +9,19 @@ import types
 
 import pytest
 import torch
-from torch import nn
 
 from sparseprune.distill import DistillCallback, distill
+
+from helpers import distill_batches, distill_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def mlp(dropout=0.0):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 32), nn.ReLU(),
-                         nn.Linear(32, 8))
+mlp = distill_mlp
 
 
-def tensors(k=4, rows=8, d=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, d, generator=g) for _ in range(k)]
+def tensors(k=4, **kw):
+    return distill_batches(k, **kw)
 
 
 KW = dict(sparsity=0.5, block_size=(4, 4), steps=4, lr=1e-2, init="magnitude", progress=False)
