@@ -239,6 +239,21 @@ __attribute__((noinline)) void q_panel(const uint32_t* __restrict xpp, const QBs
   }
 }
 
+// Whether a product takes the X^T tiles (qspmm_xt.h): blocks of fewer than 8 outputs (the row tiles' vectors
+// hold 8 or 16 outputs), at least 2 rows of X. SPARSEPRUNE_QXT=0 / 1 overrides (never / wherever r < 8), for
+// experiments and tests; read once per process.
+inline bool q_xt_use(int r, int64_t n) {
+  static const char* force = std::getenv("SPARSEPRUNE_QXT");
+  if (r >= 8) return false;
+  if (force) return force[0] == '1';
+  return n >= 2;
+}
+
+// The X^T tiles for thin blocks (qspmm_xt.h, included at the end of this file).
+template <class Op, class Idx>
+void q_xt_panel(const uint32_t* xp, int64_t ps, int nv, const QBsrView& w, const Idx* cols, int64_t br0, int64_t br1,
+                const int32_t* zp, const float* sx, const float* bias, int row, float* y, int64_t ldy);
+
 template <class Op, class Idx>
 void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int64_t n, int64_t ldx,
                 const float* bias, float* y, int64_t ldy, int num_threads) {
@@ -253,6 +268,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   const int nt = threads_for(work, num_threads);
   const bool fixed = ps == QPW && gpb * G == 16;  // the compile-time tiles: 24-row panels, 16-wide blocks
   const bool fixed16 = Op::kAsm && ps == 16 && gpb * G == 16;  // and 16-row panels (n = 16) in assembly
+  const bool xt_tiles = q_xt_use(r, n);  // thin blocks: X^T tiles over the same panels
   // As for fp32 (spmm_simd.h, split_rows): split rows of X when each thread reading all of W costs less
   // than sharing quantized X panels across cores; each thread then packs only its own rows, no barrier.
   const int64_t w_words = w.nnzb() * r * gpb, x_words = n * kg;
@@ -428,6 +444,12 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
       }
       for (int64_t a = nn0; a < nn1; a += nc) {
         const int64_t a1 = std::min(nn1, a + nc);
+        if (xt_tiles) {
+          const uint32_t* xpp = xp + (pbase + (a - nn0) / ps) * kg * ps;
+          q_xt_panel<Op>(xpp, ps, static_cast<int>(a1 - a), w, cols, br0, br1, zp, sx, bias, static_cast<int>(a),
+                         y + a * ldy, ldy);
+          continue;
+        }
         if (fixed && W == 16 && r == W && w.rows % W == 0) {  // whole block rows of a full or 16-row panel
           const uint32_t* xpp = xp + (pbase + (a - nn0) / ps) * kg * ps;
           if (a1 - a == QPW) {
@@ -645,6 +667,19 @@ struct S8Maddubs8 {
     __asm__("" : "+x"(acc));
     return acc;
   }
+  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
+  using XT = __m256i;
+  using XW = __m256i;
+  using XStore = QStore<QF8, QI8, S8Maddubs8>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
+  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
+  static SQ_INLINE __m256i xbits(XT a) { return a; }
+  static SQ_INLINE XT xfrom(__m256i a) { return a; }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
+    __asm__("" : "+x"(acc));  // as dot(): one register per accumulator
+    return acc;
+  }
   using Store = QStore<QF8, QI8, S8Maddubs8>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
@@ -670,6 +705,23 @@ struct BF16Widen8 {
     const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(xb, _mm256_set1_epi32(int(0xFFFF0000u))));
     return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
   }
+  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
+  using XT = __m256;
+  struct XW { __m256 lo, hi; };
+  using XStore = QStore<QF8, QI8, BF16Widen8>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_ps(); }
+  static SQ_INLINE XW xprep(uint32_t word) {
+    const __m256i v = _mm256_set1_epi32(static_cast<int>(word));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))))};
+  }
+  static SQ_INLINE __m256i xbits(XT a) { return _mm256_castps_si256(a); }
+  static SQ_INLINE XT xfrom(__m256i a) { return _mm256_castsi256_ps(a); }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, const XW& w) {
+    const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xFFFF0000u))));
+    return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
+  }
   using Store = QStore<QF8, QI8, BF16Widen8>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
 };
@@ -689,6 +741,17 @@ struct S8Vnni8 {
   static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI8::loadn(p, n); }
   static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
     return _mm256_dpbusd_avx_epi32(acc, _mm256_set1_epi32(static_cast<int>(word)), w);
+  }
+  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
+  using XT = __m256i;
+  using XW = __m256i;
+  using XStore = QStore<QF8, QI8, S8Vnni8>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
+  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
+  static SQ_INLINE __m256i xbits(XT a) { return a; }
+  static SQ_INLINE XT xfrom(__m256i a) { return a; }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
+    return _mm256_dpbusd_avx_epi32(acc, x, w);
   }
   using Store = QStore<QF8, QI8, S8Vnni8>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
@@ -736,6 +799,19 @@ struct S8Madd16 {
     const __m512i xl = _mm512_and_si512(xb, _mm512_set1_epi32(0x00FF00FF)), xh = _mm512_srli_epi16(xb, 8);
     return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(xl, w.lo), _mm512_madd_epi16(xh, w.hi)));
   }
+  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
+  using XT = __m256i;
+  using XW = __m256i;
+  using XStore = QStore<QF8, QI8, S8Madd16>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
+  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
+  static SQ_INLINE __m256i xbits(XT a) { return a; }
+  static SQ_INLINE XT xfrom(__m256i a) { return a; }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
+    __asm__("" : "+x"(acc));  // as dot(): one register per accumulator
+    return acc;
+  }
   using Store = QStore<QF16, QI16, S8Madd16>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
@@ -760,6 +836,23 @@ struct BF16Widen16 {
     const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xb, 16));
     const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xb, _mm512_set1_epi32(int(0xFFFF0000u))));
     return _mm512_fmadd_ps(xe, w.lo, _mm512_fmadd_ps(xo, w.hi, acc));
+  }
+  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
+  using XT = __m256;
+  struct XW { __m256 lo, hi; };
+  using XStore = QStore<QF8, QI8, BF16Widen16>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_ps(); }
+  static SQ_INLINE XW xprep(uint32_t word) {
+    const __m256i v = _mm256_set1_epi32(static_cast<int>(word));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))))};
+  }
+  static SQ_INLINE __m256i xbits(XT a) { return _mm256_castps_si256(a); }
+  static SQ_INLINE XT xfrom(__m256i a) { return _mm256_castsi256_ps(a); }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, const XW& w) {
+    const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xFFFF0000u))));
+    return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
   }
   using Store = QStore<QF16, QI16, BF16Widen16>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
@@ -831,6 +924,17 @@ struct S8Vnni16 {
   // vpdpbusd: the broadcast X words are the unsigned operand, the weights the signed one
   template <int MR, int PS>
   static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G4, "vpdpbusd") }
+  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
+  using XT = __m256i;
+  using XW = __m256i;
+  using XStore = QStore<QF8, QI8, S8Vnni16>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
+  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
+  static SQ_INLINE __m256i xbits(XT a) { return a; }
+  static SQ_INLINE XT xfrom(__m256i a) { return a; }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
+    return _mm256_dpbusd_epi32(acc, x, w);
+  }
   using Store = QStore<QF16, QI16, S8Vnni16>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
@@ -856,7 +960,18 @@ struct BF16Dp16 {
   }
   template <int MR, int PS>
   static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G8, "vdpbf16ps") }
+  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
+  using XT = __m256;
+  using XW = __m256i;
+  using XStore = QStore<QF8, QI8, BF16Dp16>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_ps(); }
+  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
+  static SQ_INLINE __m256i xbits(XT a) { return _mm256_castps_si256(a); }
+  static SQ_INLINE XT xfrom(__m256i a) { return _mm256_castsi256_ps(a); }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) { return _mm256_dpbf16_ps(acc, (__m256bh)x, (__m256bh)w); }
   using Store = QStore<QF16, QI16, BF16Dp16>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
 };
 #endif
+
+#include "qspmm_xt.h"

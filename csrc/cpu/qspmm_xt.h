@@ -1,0 +1,150 @@
+// Quantized X^T tiles for thin blocks (r < 8 outputs a block: 1 x 4, 2 x 4, 4 x 4, 1 x 8, ...), int8 and bf16.
+// Included at the end of qspmm_simd.h (inside the ISA namespace, after every Op).
+//
+// The row tiles (q_tile) vectorise along a block's r outputs: a 1 x 4 block fills one lane in eight (AVX2),
+// one in sixteen (AVX-512), and int8 1 x 4 ran slower than fp32 CSR. Here the tile is turned around, as the
+// fp32 xt family (spmm_simd.h) turns it: one 8-lane vector holds one k-group word of 8 rows of X -- the
+// row kernels' panels already lay X out that way, word g of row j at panel[g * ps + j] -- and the weight
+// word is the broadcast operand, one per block output and k-group, shared by the panel's 24 rows (3
+// vectors). Each accumulator is one output over 8 rows: a group of 8 outputs (8 / r block rows) is
+// written to a small buffer, turned by 8 x 8 transposes, and stored through the row kernels' epilogue
+// (QStore, the same operations in the same order), so int8 results are bit-identical to the row kernels
+// and to the reference; bf16 sums the two k of a word in the row kernels' order.
+//
+// Op's X^T members: XT (accumulator, 8 lanes), XW (a prepared weight word), xprep(word), xdot(acc, x, w),
+// XStore (the 8-wide epilogue).
+#pragma once
+#if defined(__AVX2__)
+
+// 8 x 8 32-bit transpose in registers: r[j] lane i -> r[i] lane j.
+SQ_INLINE void transpose8x8_epi32(__m256i (&r)[8]) {
+  __m256i t[8];
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+    t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 8; j += 4) {
+    r[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+    r[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+    r[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+    r[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+  }
+  // r[0..3]: rows 0-3 of lanes {0,4} {1,5} {2,6} {3,7}; r[4..7]: rows 4-7 likewise
+  for (int q = 0; q < 4; ++q) {
+    t[q] = _mm256_permute2x128_si256(r[q], r[q + 4], 0x20);
+    t[q + 4] = _mm256_permute2x128_si256(r[q], r[q + 4], 0x31);
+  }
+  for (int j = 0; j < 8; ++j) r[j] = t[j];
+}
+
+// Outputs [i0, i0 + RK) of every block of one block row (r outputs a block, gpb k-groups) over NV vectors of
+// 8 panel rows: sums into acc_out[i][v * 8 ..] (int32 or fp32 bits).
+template <class Op, int RK, int NV, bool G1, class Idx>
+SQ_INLINE void q_xt_outputs(const uint32_t* __restrict xp, int64_t ps, int r, int gpb, int i0,
+                            const uint32_t* __restrict vals, const Idx* __restrict cols, int64_t b0, int64_t b1,
+                            uint32_t* __restrict out, int64_t ld_out) {
+  using T = typename Op::XT;
+  T acc[RK][NV];
+#pragma GCC unroll 2
+  for (int i = 0; i < RK; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = Op::xzero();
+  const int gb = G1 ? 1 : gpb;
+  const int64_t bw = static_cast<int64_t>(gb) * r;  // words per block
+  const int64_t xs = gb * ps;                       // panel words per block column
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint32_t* xb = xp + static_cast<int64_t>(cols[b]) * xs;
+    const uint32_t* wb = vals + b * bw + i0;
+    for (int g = 0; g < gb; ++g) {
+      __m256i xv[NV];
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v)
+        xv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + g * ps + 8 * v));
+#pragma GCC unroll 2
+      for (int i = 0; i < RK; ++i) {
+        const typename Op::XW wv = Op::xprep(wb[g * r + i]);
+#pragma GCC unroll 3
+        for (int v = 0; v < NV; ++v) acc[i][v] = Op::xdot(acc[i][v], xv[v], wv);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < RK; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out + i * ld_out + 8 * v), Op::xbits(acc[i][v]));
+}
+
+// Rows [0, nv) of one panel (ps words a k-group) times block rows [br0, br1): groups of 8 / r block rows
+// (at most 8 outputs), each summed into tmp, transposed and stored into Y (its first row is `row`).
+template <class Op, int NV, bool G1, class Idx>
+SQ_INLINE void q_xt_groups(const uint32_t* xp, int64_t ps, int nv, const QBsrView& w, const Idx* cols, int64_t br0,
+                           int64_t br1, const int32_t* zp, const float* sx, const float* bias, int row, float* y,
+                           int64_t ldy) {
+  using Store = typename Op::XStore;
+  const int r = w.r, gpb = w.c / Op::G;
+  const int gb = 8 / r;  // block rows per group
+  alignas(32) uint32_t tmp[8][24] = {};  // rows past a short last group stay zero (transposed, never stored)
+  QEpi e;
+  e.zp = zp;
+  e.sx = sx;
+  e.act = w.act;
+  e.res = w.has_res;
+  e.res_bytes = w.res_bytes;
+  for (int64_t br = br0; br < br1; br += gb) {
+    const int ng = static_cast<int>(std::min<int64_t>(gb, br1 - br));
+    for (int q = 0; q < ng; ++q) {
+      const int64_t b0 = w.row_ptr[br + q], b1 = w.row_ptr[br + q + 1];
+      uint32_t* o = tmp[q * r];
+      int i = 0;
+      for (; i + 2 <= r; i += 2)
+        q_xt_outputs<Op, 2, NV, G1>(xp, ps, r, gpb, i, w.values, cols, b0, b1, o + i * 24, 24);
+      if (i < r) q_xt_outputs<Op, 1, NV, G1>(xp, ps, r, gpb, i, w.values, cols, b0, b1, o + i * 24, 24);
+    }
+    const int64_t m0 = br * r;
+    const int outs = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(ng) * r, w.rows - m0));
+    if (Op::S8) {
+      e.comp = w.comp + m0;
+      e.ws = w.wscale + m0;
+    }
+    e.bias = bias ? bias + m0 : nullptr;
+#pragma GCC unroll 1
+    for (int v = 0; v < NV; ++v) {
+      const int rows = std::min(8, nv - 8 * v);
+      if (rows <= 0) break;
+      __m256i t[8];
+      for (int j = 0; j < 8; ++j) t[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp[j] + 8 * v));
+      transpose8x8_epi32(t);  // t[j]: row 8v + j of X, outputs m0 .. m0 + 8
+      typename Op::XT s[8][1];
+      for (int j = 0; j < 8; ++j) s[j][0] = Op::xfrom(t[j]);
+      float* yy = y + static_cast<int64_t>(8 * v) * ldy + m0;
+      if (rows == 8 && outs == 8) {
+        Store::rows(yy, ldy, s, 0, e, row + 8 * v);
+      } else {
+        for (int j = 0; j < rows; ++j) {
+          if constexpr (Op::S8) Store::s8(yy + j * ldy, s[j][0], outs, e, row + 8 * v + j);
+          else Store::f(yy + j * ldy, s[j][0], outs, e, row + 8 * v + j);
+        }
+      }
+    }
+  }
+}
+
+template <class Op, class Idx>
+__attribute__((noinline)) void q_xt_panel(const uint32_t* xp, int64_t ps, int nv, const QBsrView& w, const Idx* cols,
+                                          int64_t br0, int64_t br1, const int32_t* zp, const float* sx,
+                                          const float* bias, int row, float* y, int64_t ldy) {
+  const bool g1 = w.c == Op::G;  // one k-group a block (1 x 4 int8, 1 x 2 bf16)
+  if (nv > 16) {
+    if (g1) q_xt_groups<Op, 3, true>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+    else q_xt_groups<Op, 3, false>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+  } else if (nv > 8) {
+    if (g1) q_xt_groups<Op, 2, true>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+    else q_xt_groups<Op, 2, false>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+  } else {
+    if (g1) q_xt_groups<Op, 1, true>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+    else q_xt_groups<Op, 1, false>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+  }
+}
+
+#endif  // __AVX2__
