@@ -119,15 +119,16 @@ def variant(name, kind):
         elif kind == "channels50":
             sp.prune_channels(model, args, ratio=0.5)
         else:
-            parts = kind.split("_")  # bsr16_<sparsity>[_int8|_bf16][_cl]
+            parts = kind.split("_")  # bsr16_<sparsity>[_int8|_bf16][_cl], or bsr<r>x<c>_...: r x c blocks
             s = float(parts[1])
+            block = (16, 16) if parts[0] == "bsr16" else tuple(int(v) for v in parts[0][3:].split("x"))
             dtypes = {"int8": (torch.float32, torch.int8), "bf16": (torch.float32, torch.bfloat16)}.get(
                 parts[2] if len(parts) > 2 else "", (torch.float32,))
             calib = {"importance": "wanda", "calibration": [args]} if name == "minilm_l6" else {}
-            # every layer a 16x16 block fits (the stem conv's 3 input channels do not): these are
+            # every layer the block fits (the stem conv's 3 input channels do not): these are
             # backbones without a classifier head, so dense_first_last (meant for heads) would keep a
             # body layer dense (BERT's last FFN, ResNet's last conv)
-            sp.prune_blocks(model, sparsity=s, block_size=(16, 16), dense_first_last=False, **calib)
+            sp.prune_blocks(model, sparsity=s, block_size=block, dense_first_last=False, **calib)
         if not kind.startswith("dense_"):
             model.eval()
             density = _weights_density(model)

@@ -365,13 +365,14 @@ def test_minilm_int8_and_bf16_embeddings_match_fp32_sparse():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cl", [False, True])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_quantized_conv_gathered_and_materialised_im2col_agree(monkeypatch, dtype, cl, xdtype):
+@pytest.mark.parametrize("block", [(8, 4), (4, 4)])  # the row tiles, and the X^T tiles (thin blocks)
+def test_quantized_conv_gathered_and_materialised_im2col_agree(monkeypatch, dtype, cl, xdtype, block):
     """The kernel gathers the patches itself (padding implied; bf16 images for bf16 weights, int8 widens
     them to float32 first) or, with the switch off (and on the dispatcher route), the im2col matrix is
     materialised. Both quantize the same rows: identical outputs, in the input's dtype."""
     from sparseprune import nn as spnn
-    conv = _conv(16, 24, 3, (8, 4), 0.5, seed=5, stride=2, padding=(1, 2), dilation=(1, 2))
-    mod = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=(8, 4), weight_dtype=dtype)
+    conv = _conv(16, 24, 3, block, 0.5, seed=5, stride=2, padding=(1, 2), dilation=(1, 2))
+    mod = sp.SparseConv2d.from_dense(conv, format="bsr", block_size=block, weight_dtype=dtype)
     x = torch.randn(2, 16, 11, 10).to(xdtype)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)

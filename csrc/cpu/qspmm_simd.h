@@ -239,14 +239,14 @@ __attribute__((noinline)) void q_panel(const uint32_t* __restrict xpp, const QBs
   }
 }
 
-// Whether a product takes the X^T tiles (qspmm_xt.h): blocks of fewer than 8 outputs (the row tiles' vectors
-// hold 8 or 16 outputs), at least 2 rows of X. SPARSEPRUNE_QXT=0 / 1 overrides (never / wherever r < 8), for
-// experiments and tests; read once per process.
-inline bool q_xt_use(int r, int64_t n) {
+// Whether a product takes the X^T tiles (qspmm_xt.h): blocks of fewer than 8 outputs, whose row tiles fill r of
+// 8 or 16 lanes. AVX2, Zen 4, int8 against the row tiles: 1 x 4 6-11x (n = 13-196), 2.3-2.7x (n = 1); 4 x 4
+// 2.0-3.4x (1.4x at n = 1); 8 x 8 and 16 x 16 through X^T tiles 0.8-1.07x: the row tiles stay there.
+// SPARSEPRUNE_QXT=0 / 1 overrides (never / always), for experiments and tests; read once per process.
+inline bool q_xt_use(int r) {
   static const char* force = std::getenv("SPARSEPRUNE_QXT");
-  if (r >= 8) return false;
   if (force) return force[0] == '1';
-  return n >= 2;
+  return r < 8;
 }
 
 // The X^T tiles for thin blocks (qspmm_xt.h, included at the end of this file).
@@ -268,7 +268,7 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
   const int nt = threads_for(work, num_threads);
   const bool fixed = ps == QPW && gpb * G == 16;  // the compile-time tiles: 24-row panels, 16-wide blocks
   const bool fixed16 = Op::kAsm && ps == 16 && gpb * G == 16;  // and 16-row panels (n = 16) in assembly
-  const bool xt_tiles = q_xt_use(r, n);  // thin blocks: X^T tiles over the same panels
+  const bool xt_tiles = q_xt_use(r);  // thin blocks: X^T tiles over the same panels
   // As for fp32 (spmm_simd.h, split_rows): split rows of X when each thread reading all of W costs less
   // than sharing quantized X panels across cores; each thread then packs only its own rows, no barrier.
   const int64_t w_words = w.nnzb() * r * gpb, x_words = n * kg;

@@ -75,56 +75,77 @@ SQ_INLINE void q_xt_outputs(const uint32_t* __restrict xp, int64_t ps, int r, in
       _mm256_store_si256(reinterpret_cast<__m256i*>(out + i * ld_out + 8 * v), Op::xbits(acc[i][v]));
 }
 
-// Rows [0, nv) of one panel (ps words a k-group) times block rows [br0, br1): groups of 8 / r block rows
-// (at most 8 outputs), each summed into tmp, transposed and stored into Y (its first row is `row`).
+// The group of outputs [m0, m0 + outs) summed in tmp (row i: output m0 + i over the panel's rows), transposed
+// 8 x 8 and stored into Y (rows [0, nv) of the panel, its first row `row`) through the epilogue.
+template <class Op, int NV>
+SQ_INLINE void q_xt_store(const uint32_t (&tmp)[8][24], int nv, int outs, int64_t m0, const QBsrView& w,
+                          const float* bias, QEpi& e, int row, float* y, int64_t ldy) {
+  using Store = typename Op::XStore;
+  if (Op::S8) {
+    e.comp = w.comp + m0;
+    e.ws = w.wscale + m0;
+  }
+  e.bias = bias ? bias + m0 : nullptr;
+#pragma GCC unroll 1
+  for (int v = 0; v < NV; ++v) {
+    const int rows = std::min(8, nv - 8 * v);
+    if (rows <= 0) break;
+    __m256i t[8];
+    for (int j = 0; j < 8; ++j) t[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp[j] + 8 * v));
+    transpose8x8_epi32(t);  // t[j]: row 8v + j of X, outputs m0 .. m0 + 8
+    typename Op::XT s[8][1];
+    for (int j = 0; j < 8; ++j) s[j][0] = Op::xfrom(t[j]);
+    float* yy = y + static_cast<int64_t>(8 * v) * ldy + m0;
+    if (rows == 8 && outs == 8) {
+      Store::rows(yy, ldy, s, 0, e, row + 8 * v);
+    } else {
+      for (int j = 0; j < rows; ++j) {
+        if constexpr (Op::S8) Store::s8(yy + j * ldy, s[j][0], outs, e, row + 8 * v + j);
+        else Store::f(yy + j * ldy, s[j][0], outs, e, row + 8 * v + j);
+      }
+    }
+  }
+}
+
+// Rows [0, nv) of one panel (ps words a k-group) times block rows [br0, br1), in groups of at most 8 outputs:
+// 8 / r whole block rows (r < 8), or 8 outputs of one block row (r >= 8).
 template <class Op, int NV, bool G1, class Idx>
 SQ_INLINE void q_xt_groups(const uint32_t* xp, int64_t ps, int nv, const QBsrView& w, const Idx* cols, int64_t br0,
                            int64_t br1, const int32_t* zp, const float* sx, const float* bias, int row, float* y,
                            int64_t ldy) {
-  using Store = typename Op::XStore;
   const int r = w.r, gpb = w.c / Op::G;
-  const int gb = 8 / r;  // block rows per group
-  alignas(32) uint32_t tmp[8][24] = {};  // rows past a short last group stay zero (transposed, never stored)
+  alignas(32) uint32_t tmp[8][24] = {};  // rows past a short group stay zero (transposed, never stored)
   QEpi e;
   e.zp = zp;
   e.sx = sx;
   e.act = w.act;
   e.res = w.has_res;
   e.res_bytes = w.res_bytes;
-  for (int64_t br = br0; br < br1; br += gb) {
-    const int ng = static_cast<int>(std::min<int64_t>(gb, br1 - br));
-    for (int q = 0; q < ng; ++q) {
-      const int64_t b0 = w.row_ptr[br + q], b1 = w.row_ptr[br + q + 1];
-      uint32_t* o = tmp[q * r];
-      int i = 0;
-      for (; i + 2 <= r; i += 2)
-        q_xt_outputs<Op, 2, NV, G1>(xp, ps, r, gpb, i, w.values, cols, b0, b1, o + i * 24, 24);
-      if (i < r) q_xt_outputs<Op, 1, NV, G1>(xp, ps, r, gpb, i, w.values, cols, b0, b1, o + i * 24, 24);
+  // outputs [i0, i1) of block row br into tmp from row o
+  auto sums = [&](int64_t br, int i0, int i1, int o) {
+    const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
+    int i = i0;
+    for (; i + 2 <= i1; i += 2)
+      q_xt_outputs<Op, 2, NV, G1>(xp, ps, r, gpb, i, w.values, cols, b0, b1, tmp[o + i - i0], 24);
+    if (i < i1) q_xt_outputs<Op, 1, NV, G1>(xp, ps, r, gpb, i, w.values, cols, b0, b1, tmp[o + i - i0], 24);
+  };
+  if (r < 8) {
+    const int gb = 8 / r;  // block rows per group
+    for (int64_t br = br0; br < br1; br += gb) {
+      const int ng = static_cast<int>(std::min<int64_t>(gb, br1 - br));
+      for (int q = 0; q < ng; ++q) sums(br + q, 0, r, q * r);
+      const int64_t m0 = br * r;
+      const int outs = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(ng) * r, w.rows - m0));
+      q_xt_store<Op, NV>(tmp, nv, outs, m0, w, bias, e, row, y, ldy);
     }
-    const int64_t m0 = br * r;
-    const int outs = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(ng) * r, w.rows - m0));
-    if (Op::S8) {
-      e.comp = w.comp + m0;
-      e.ws = w.wscale + m0;
-    }
-    e.bias = bias ? bias + m0 : nullptr;
-#pragma GCC unroll 1
-    for (int v = 0; v < NV; ++v) {
-      const int rows = std::min(8, nv - 8 * v);
-      if (rows <= 0) break;
-      __m256i t[8];
-      for (int j = 0; j < 8; ++j) t[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp[j] + 8 * v));
-      transpose8x8_epi32(t);  // t[j]: row 8v + j of X, outputs m0 .. m0 + 8
-      typename Op::XT s[8][1];
-      for (int j = 0; j < 8; ++j) s[j][0] = Op::xfrom(t[j]);
-      float* yy = y + static_cast<int64_t>(8 * v) * ldy + m0;
-      if (rows == 8 && outs == 8) {
-        Store::rows(yy, ldy, s, 0, e, row + 8 * v);
-      } else {
-        for (int j = 0; j < rows; ++j) {
-          if constexpr (Op::S8) Store::s8(yy + j * ldy, s[j][0], outs, e, row + 8 * v + j);
-          else Store::f(yy + j * ldy, s[j][0], outs, e, row + 8 * v + j);
-        }
+  } else {
+    for (int64_t br = br0; br < br1; ++br) {
+      for (int i0 = 0; i0 < r; i0 += 8) {
+        const int i1 = std::min(r, i0 + 8);
+        sums(br, i0, i1, 0);
+        const int64_t m0 = br * r + i0;
+        const int outs = static_cast<int>(std::min<int64_t>(i1 - i0, w.rows - m0));
+        if (outs > 0) q_xt_store<Op, NV>(tmp, nv, outs, m0, w, bias, e, row, y, ldy);
       }
     }
   }
