@@ -18,6 +18,7 @@ The package is split by concern: ``registry`` (module types and their dense twin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import math
 import numbers
@@ -49,7 +50,14 @@ _E2E_CLEAR = 1.5  # the end-to-end check stops after 3 rounds when converted is 
 
 
 class ConversionError(ValueError):
-    """convert() refused: the converted model does not reproduce the source model's outputs."""
+    """convert() refused: the converted model does not reproduce the source model's outputs.
+
+    ``quantized``: the failed check was the end-to-end one of a model with int8 / bf16 layers (its relative
+    L2 error above ``quant_tolerance``)."""
+
+    def __init__(self, message: str, quantized: bool = False):
+        super().__init__(message)
+        self.quantized = quantized
 
 
 def _skipped(name: str, module: nn.Module, skip) -> bool:
@@ -139,7 +147,10 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
         quant_tolerance: the relative L2 error (``||y - y_float|| / ||y_float||``) accepted for a quantized
             layer and, when any layer is quantized, end to end. Default 0.25: catches a broken layer
             (~1), accepts normal int8 error across a deep model (all-MiniLM-L6-v2's hidden states: 0.12
-            with our int8 BSR, 0.40 with torch's dynamic int8 Linear).
+            with our int8 BSR, 0.40 with torch's dynamic int8 Linear). When every layer passes its own
+            check but the quantized model as a whole does not, and float32 is allowed too, the model is
+            converted again with float32 weights only, with a warning (the summary says so; float32 not
+            allowed: :class:`ConversionError`).
         cache: reuse candidate timings measured before on this machine for the same layer problem
             (CPU model, ISA path, threads, shapes, density, candidates), kept in
             ``$SPARSEPRUNE_CACHE_DIR`` or ``~/.cache/sparseprune`` (safe to delete); ``False``: always time.
@@ -223,8 +234,24 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
     try:
         with torch.no_grad(), Threads(num_threads):
             reference = call_model(work, example_inputs) if example_inputs is not None else None
-            report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
-                              end_to_end, progress, swaps, fuse, shared_inputs, pools, residual)
+            try:
+                report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
+                                  end_to_end, progress, swaps, fuse, shared_inputs, pools, residual)
+            except ConversionError as e:
+                # int8 / bf16 were allowed, not required: each layer passed its own check, but their errors
+                # added up through the model past quant_tolerance. Start again from the source model with
+                # float32 weights only (what is left of the budget; the float timings come from the cache).
+                if not (e.quantized and "float32" in dtypes and len(dtypes) > 1):
+                    raise
+                swaps.undo()
+                swaps = _Swaps(work)
+                settings = dataclasses.replace(settings, weight_dtypes=("float32",))
+                warnings.warn(f"{e.args[0].split(' Converted layers:')[0]} Converted again with float32 weights "
+                              f"only (weight_dtypes allowed them); raise quant_tolerance to keep the quantized layers.",
+                              stacklevel=2)
+                report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
+                                  end_to_end, progress, swaps, fuse, shared_inputs, pools, residual)
+                report["quantized_dropped"] = e.args[0].split(" Converted layers:")[0]
     except BaseException:
         if inplace:
             swaps.undo()
@@ -381,7 +408,8 @@ def _convert(work, example_inputs, reference, settings: Settings, skip, start: f
                 + (", fuse=False if a fused activation's input is also used where convert cannot see it (e.g. "
                    "TorchScript code)" if fused else "")
                 + (", fold_bn=False to keep the BatchNorms" if folded else "")
-                + ", or raise tolerance if the difference is acceptable.")
+                + f", or raise {'quant_tolerance' if quantized else 'tolerance'} if the difference is acceptable.",
+                quantized=quantized)
     report["layers"] = [r.as_dict() for r in rows]
     return report
 

@@ -18,7 +18,7 @@ __all__ = ["Summary", "summary", "measure", "layer_report", "REPORT_ATTR", "chec
 REPORT_ATTR = "_sparseprune_report"
 _REPORT_KEYS = {"layers", "folded", "tolerance", "margin", "num_threads", "measured", "max_abs_error",
                 "max_rel_error", "convert_seconds", "end_to_end_ms", "end_to_end_reverted", "l2_rel_error",
-                "fused", "shared_inputs", "pools", "residual"}
+                "fused", "shared_inputs", "pools", "residual", "quantized_dropped"}
 
 
 def layer_report(model: nn.Module) -> Optional[dict]:
@@ -46,6 +46,9 @@ def check_report(report) -> dict:
     nt = out.get("num_threads")
     if nt is not None and type(nt) is not int:
         raise ValueError(f"the report's num_threads must be an int, got {nt!r}")
+    qd = out.get("quantized_dropped")
+    if qd is not None and not isinstance(qd, str):
+        raise ValueError("the report's quantized_dropped must be a string")
     for k in ("measured", "end_to_end_reverted"):
         if out.get(k) is not None and type(out[k]) is not bool:
             raise ValueError(f"the report's {k} must be a boolean")
@@ -139,6 +142,9 @@ class Summary(list):
             l2 = "" if t.get("l2_rel_error") is None else f", relative L2 {t['l2_rel_error']:.3g} (quantized)"
             notes.append(f"checked on example_inputs: max abs error {t['max_abs_error']:.3g} "
                          f"(relative {_num(t.get('max_rel_error'), '.3g')}{l2}{tol})")
+        if t.get("quantized_dropped"):
+            notes.append("int8 / bf16 weights were dropped, every layer converted again with float32 weights: "
+                         + t["quantized_dropped"])
         if t.get("measured") is False:
             notes.append("formats chosen by heuristic (no example_inputs): not measured")
         e = t.get("end_to_end_ms")
@@ -219,7 +225,8 @@ def summary(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = prin
     a list of dicts (``name, type, shape, format, block, density, dense_ms, sparse_ms, speedup,
     candidates, reason``) with ``.totals`` (``layers, sparse_layers, dense_ms, converted_ms, speedup``
     over the measured layers, ``max_abs_error``, ``max_rel_error``, ``tolerance``, ``end_to_end_ms``,
-    ``end_to_end_reverted``, ``folded``, ``fused``, ``shared_inputs``, ``pools``, ``residual``).
+    ``end_to_end_reverted``, ``folded``, ``fused``, ``shared_inputs``, ``pools``, ``residual``,
+    ``quantized_dropped``: why a conversion with int8 / bf16 allowed ended with float32 weights only, or None).
     """
     s = _summarize(model, layer_report(model))
     if print_fn is not None:
@@ -246,7 +253,8 @@ def _summarize(model: nn.Module, report: Optional[dict]) -> Summary:
               "shared_inputs": report.get("shared_inputs", []), "pools": report.get("pools", []),
               "residual": report.get("residual", []),
               "end_to_end_ms": report.get("end_to_end_ms"), "l2_rel_error": report.get("l2_rel_error"),
-              "end_to_end_reverted": bool(report.get("end_to_end_reverted"))}
+              "end_to_end_reverted": bool(report.get("end_to_end_reverted")),
+              "quantized_dropped": report.get("quantized_dropped")}
     return Summary(rows, totals)
 
 
