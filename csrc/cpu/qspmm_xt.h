@@ -38,12 +38,16 @@ SQ_INLINE void transpose8x8_epi32(__m256i (&r)[8]) {
 }
 
 // Outputs [i0, i0 + RK) of every block of one block row (r outputs a block, gpb k-groups) over NV vectors of
-// 8 panel rows: sums into acc_out[i][v * 8 ..] (int32 or fp32 bits).
-template <class Op, int RK, int NV, bool G1, class Idx>
-SQ_INLINE void q_xt_outputs(const uint32_t* __restrict xp, int64_t ps, int r, int gpb, int i0,
+// 8 panel rows: sums into out[i][v * 8 ..] (int32 or fp32 bits). PS, R: the panel stride (24) and the block's
+// r when known at compile time (0: run time); with run-time strides GCC kept them in stack slots, reloaded
+// every block (18 instructions a 1 x 4 block for 9 multiply-adds).
+template <class Op, int RK, int NV, bool G1, int PS, int R, class Idx>
+__attribute__((noinline)) void q_xt_outputs(const uint32_t* __restrict xp, int64_t ps_rt, int r_rt, int gpb, int i0,
                             const uint32_t* __restrict vals, const Idx* __restrict cols, int64_t b0, int64_t b1,
                             uint32_t* __restrict out, int64_t ld_out) {
   using T = typename Op::XT;
+  const int64_t ps = PS ? PS : ps_rt;
+  const int r = R ? R : r_rt;
   T acc[RK][NV];
 #pragma GCC unroll 2
   for (int i = 0; i < RK; ++i)
@@ -52,9 +56,9 @@ SQ_INLINE void q_xt_outputs(const uint32_t* __restrict xp, int64_t ps, int r, in
   const int gb = G1 ? 1 : gpb;
   const int64_t bw = static_cast<int64_t>(gb) * r;  // words per block
   const int64_t xs = gb * ps;                       // panel words per block column
-  for (int64_t b = b0; b < b1; ++b) {
+  const uint32_t* wb = vals + b0 * bw + i0;
+  for (int64_t b = b0; b < b1; ++b, wb += bw) {
     const uint32_t* xb = xp + static_cast<int64_t>(cols[b]) * xs;
-    const uint32_t* wb = vals + b * bw + i0;
     for (int g = 0; g < gb; ++g) {
       __m256i xv[NV];
 #pragma GCC unroll 3
@@ -109,11 +113,11 @@ SQ_INLINE void q_xt_store(const uint32_t (&tmp)[8][24], int nv, int outs, int64_
 
 // Rows [0, nv) of one panel (ps words a k-group) times block rows [br0, br1), in groups of at most 8 outputs:
 // 8 / r whole block rows (r < 8), or 8 outputs of one block row (r >= 8).
-template <class Op, int NV, bool G1, class Idx>
+template <class Op, int NV, bool G1, int PS, int R, class Idx>
 SQ_INLINE void q_xt_groups(const uint32_t* xp, int64_t ps, int nv, const QBsrView& w, const Idx* cols, int64_t br0,
                            int64_t br1, const int32_t* zp, const float* sx, const float* bias, int row, float* y,
                            int64_t ldy) {
-  const int r = w.r, gpb = w.c / Op::G;
+  const int r = R ? R : w.r, gpb = w.c / Op::G;
   alignas(32) uint32_t tmp[8][24] = {};  // rows past a short group stay zero (transposed, never stored)
   QEpi e;
   e.zp = zp;
@@ -126,8 +130,8 @@ SQ_INLINE void q_xt_groups(const uint32_t* xp, int64_t ps, int nv, const QBsrVie
     const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
     int i = i0;
     for (; i + 2 <= i1; i += 2)
-      q_xt_outputs<Op, 2, NV, G1>(xp, ps, r, gpb, i, w.values, cols, b0, b1, tmp[o + i - i0], 24);
-    if (i < i1) q_xt_outputs<Op, 1, NV, G1>(xp, ps, r, gpb, i, w.values, cols, b0, b1, tmp[o + i - i0], 24);
+      q_xt_outputs<Op, 2, NV, G1, PS, R>(xp, ps, r, gpb, i, w.values, cols, b0, b1, tmp[o + i - i0], 24);
+    if (i < i1) q_xt_outputs<Op, 1, NV, G1, PS, R>(xp, ps, r, gpb, i, w.values, cols, b0, b1, tmp[o + i - i0], 24);
   };
   if (r < 8) {
     const int gb = 8 / r;  // block rows per group
@@ -151,20 +155,34 @@ SQ_INLINE void q_xt_groups(const uint32_t* xp, int64_t ps, int nv, const QBsrVie
   }
 }
 
+// Y's rows of one panel for block rows [br0, br1): the tile height and the strides as constants where they can be.
+template <class Op, int NV, int PS, class Idx>
+SQ_INLINE void q_xt_pick(const uint32_t* xp, int64_t ps, int nv, const QBsrView& w, const Idx* cols, int64_t br0,
+                         int64_t br1, const int32_t* zp, const float* sx, const float* bias, int row, float* y,
+                         int64_t ldy) {
+  const bool g1 = w.c == Op::G;  // one k-group a block (1 x 4 int8, 1 x 2 bf16)
+#define SQ_XT(G1, R) q_xt_groups<Op, NV, G1, PS, R>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy)
+  if (g1) {
+    if (w.r == 1) SQ_XT(true, 1); else if (w.r == 2) SQ_XT(true, 2); else if (w.r == 4) SQ_XT(true, 4);
+    else SQ_XT(true, 0);
+  } else {
+    if (w.r == 1) SQ_XT(false, 1); else if (w.r == 2) SQ_XT(false, 2); else if (w.r == 4) SQ_XT(false, 4);
+    else SQ_XT(false, 0);
+  }
+#undef SQ_XT
+}
+
 template <class Op, class Idx>
 __attribute__((noinline)) void q_xt_panel(const uint32_t* xp, int64_t ps, int nv, const QBsrView& w, const Idx* cols,
                                           int64_t br0, int64_t br1, const int32_t* zp, const float* sx,
                                           const float* bias, int row, float* y, int64_t ldy) {
-  const bool g1 = w.c == Op::G;  // one k-group a block (1 x 4 int8, 1 x 2 bf16)
   if (nv > 16) {
-    if (g1) q_xt_groups<Op, 3, true>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
-    else q_xt_groups<Op, 3, false>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+    if (ps == QPW) q_xt_pick<Op, 3, QPW>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+    else q_xt_pick<Op, 3, 0>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
   } else if (nv > 8) {
-    if (g1) q_xt_groups<Op, 2, true>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
-    else q_xt_groups<Op, 2, false>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+    q_xt_pick<Op, 2, 0>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
   } else {
-    if (g1) q_xt_groups<Op, 1, true>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
-    else q_xt_groups<Op, 1, false>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
+    q_xt_pick<Op, 1, 0>(xp, ps, nv, w, cols, br0, br1, zp, sx, bias, row, y, ldy);
   }
 }
 
