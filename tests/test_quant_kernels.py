@@ -513,17 +513,18 @@ def _planes_reference(x, p, b, ks=(1, 1), dil=(1, 1), pad_tl=(0, 0), res=None, a
 
 
 # the fixture forces one ISA for the whole test: every example runs under it
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(c=st.integers(1, 40), m=st.integers(1, 50), hw=st.tuples(st.integers(1, 13), st.integers(1, 13)),
        n=st.integers(1, 3), ks=st.sampled_from([(1, 1), (3, 3), (1, 3), (5, 2)]), dil=st.sampled_from([(1, 1), (2, 1)]),
        stride=st.sampled_from([(1, 1), (1, 1), (2, 2), (1, 2), (3, 2)]), pad=st.integers(0, 8),
-       block=st.sampled_from([(16, 16), (16, 4), (4, 4), (16, 8)]), sparsity=st.sampled_from([0.0, 0.6, 1.0]),
+       block=st.sampled_from([(16, 16), (16, 4), (4, 4), (16, 8), (1, 4), (8, 4), (3, 4)]),
+       sparsity=st.sampled_from([0.0, 0.6, 1.0]),
        act=st.sampled_from(["none", "relu", "silu"]), res=st.booleans(), threads=st.integers(1, 3),
        seed=st.integers(0, 999))
 def test_planes_match_reference(qpath, c, m, hw, n, ks, dil, stride, pad, block, sparsity, act, res, threads, seed):
     """qconv_planes_eager (a convolution whose output is the input's size over the stride, read from and
-    written to NCHW planes: the planes kernel for 16-row blocks where the path has one, NHWC rows and
-    transposes otherwise) against the quantizing reference on torch's unfold: 1x1 and larger kernels (taps as
+    written to NCHW planes: the planes kernels (16-pixel panels of 16-row blocks on the AVX-512 VNNI / BF16
+    paths, 8-pixel panels of any block height on every x86 path), NHWC rows and transposes on the scalar path) against the quantizing reference on torch's unfold: 1x1 and larger kernels (taps as
     shifted planes, of their stride phase), strides 1-3, top / left padding up to the kernel's reach,
     dilation, partial 16-pixel panels, several images, channels not a multiple of the word, the residual and
     activation in the store, 1-3 threads. int8 bit for bit, bf16 to rounding."""
@@ -713,3 +714,17 @@ def test_planes_repeat_calls_keep_their_kernel_arguments():
         xg = x.clone().requires_grad_()
         with pytest.raises(RuntimeError, match="inference-only"):
             mod(xg)
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_planes_tests_with_the_planes_kernels_forced_on_and_off(setting):
+    """Small maps (under 100 pixels) take the rows route on paths whose planes kernels have 8-pixel panels, so
+    the planes tests above would seldom reach those kernels' partial panels and edge masks: run them again in a
+    child process with SPARSEPRUNE_PLANES=1 (every map through the planes kernels) and =0 (none)."""
+    import os
+    env = dict(os.environ, SPARSEPRUNE_PLANES=setting)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                          "planes and not forced"], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout

@@ -95,7 +95,7 @@ struct QPlanes {
 };
 
 // Y planes (n_img x M x h*w, contiguous) = W X + b over the convolution g of X phase planes (n_img x sh*sw x
-// ch x h*w, float32): rows of the product are pixels (w.r == 16; the residual, if any, laid out as Y).
+// ch x h*w, float32): rows of the product are pixels (any block height; the residual, if any, laid out as Y).
 using QPlanesFn = void (*)(const QBsrView& w, const QPlanes& g, const float* x, int64_t n_img, const float* bias,
                            float* y, int num_threads);
 
@@ -119,6 +119,11 @@ void s8_bsr_spmm__avx512(const QBsrView&, const void*, XType, int64_t, int64_t, 
 void bf16_bsr_spmm__avx512(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
 void s8_bsr_spmm__avx512vnni(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
 void bf16_bsr_spmm__avx512bf16(const QBsrView&, const void*, XType, int64_t, int64_t, const float*, float*, int64_t, int);
+void s8_bsr_planes__avx2(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
+void bf16_bsr_planes__avx2(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
+void s8_bsr_planes__avxvnni(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
+void s8_bsr_planes__avx512(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
+void bf16_bsr_planes__avx512(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
 void s8_bsr_planes__avx512vnni(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
 void bf16_bsr_planes__avx512bf16(const QBsrView&, const QPlanes&, const float*, int64_t, const float*, float*, int);
 #endif
