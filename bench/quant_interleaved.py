@@ -1,6 +1,6 @@
 """Quantized block-sparse kernels timed interleaved (issue #14's table): for each shape and sparsity, dense
 fp32 ``F.linear``, torch's dynamic int8 Linear, dense bf16 ``F.linear``, and our SparseLinear modules (fp32,
-int8, bf16 BSR 16x16 on the same weight, built as a user would: ``SparseLinear.from_dense``) take turns;
+int8, bf16 BSR, 16x16 blocks or ``--block``, on the same weight, built as a user would: ``SparseLinear.from_dense``) take turns;
 best single call of many rounds (``bench_quant.py`` times each on its own, which a drifting machine skews).
 
     python bench/quant_interleaved.py [--rounds 60] [--threads 2] [--out bench/results/quant_interleaved.md]
@@ -30,8 +30,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.5,0.8,0.9")
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES), help="comma list of shape names")
+    ap.add_argument("--block", default="16x16", help="block shape r x c of every layer (e.g. 1x4: the X^T tiles)")
     ap.add_argument("--out", help="also write the table (with its header) to this markdown file")
     a = ap.parse_args(argv)
+    block = tuple(int(v) for v in a.block.lower().split("x"))
     lines = []
 
     def emit(line=""):
@@ -42,7 +44,7 @@ def main(argv=None):
     warnings.simplefilter("ignore")
     emit(f"{cpu_model()}, {a.threads} threads, torch {torch.__version__}, int8 path "
           f"{quant.active_qisa(torch.int8)}, bf16 path {quant.active_qisa(torch.bfloat16)}; "
-          f"best of {a.rounds} interleaved rounds, BSR 16x16 (every layer with a bias); {steady_malloc()}")
+          f"best of {a.rounds} interleaved rounds, BSR {a.block} (every layer with a bias); {steady_malloc()}")
     emit()
     emit("| shape | sparsity | dense fp32 us | dyn int8 ×fp32 | bf16 ×fp32 | ours fp32 ×fp32 | ours int8 ×fp32 "
           "| ours int8 ×dyn int8 | ours bf16 ×dense bf16 | ours int8 ×ours fp32 |")
@@ -50,14 +52,14 @@ def main(argv=None):
     torch.manual_seed(0)
     for name, n, k, m in (s for s in SHAPES if s[0] in a.shapes.split(",")):
         for s in (float(v) for v in a.sparsities.split(",")):
-            w = block_sparse(m, k, (16, 16), s)
+            w = block_sparse(m, k, block, s)
             x = torch.randn(n, k)
             lin = torch.nn.Linear(k, m)
             with torch.no_grad():
                 lin.weight.copy_(w)
             dyn = _dynamic_int8(w)
             xb, wb = x.bfloat16(), w.bfloat16()
-            mods = [sp.SparseLinear.from_dense(lin, format="bsr", block_size=(16, 16), weight_dtype=dt)
+            mods = [sp.SparseLinear.from_dense(lin, format="bsr", block_size=block, weight_dtype=dt)
                     for dt in (torch.float32, torch.int8, torch.bfloat16)]
             fns = [lambda: F.linear(x, lin.weight, lin.bias), lambda: dyn(x), lambda: F.linear(xb, wb, lin.bias.bfloat16())]
             fns += [lambda mod=mod: mod(x) for mod in mods]
