@@ -704,6 +704,81 @@ void gather_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, i
 }
 
 // ---------------------------------------------------------------------------------------------
+// thin: 1 x c blocks (c % 4 == 0) times one or two rows of X. Per output, its blocks' c weights (contiguous: a
+// one-row block) against the c values of x each meets (contiguous): a dot product in 4-wide pieces, two pieces a
+// vector. The broadcast family's masked tail tiles used one lane in eight for 1 x 4 blocks (0.44x dense at 50%,
+// N = 1), the xt family one row of its 8-row tiles. (Taller blocks are stored column-major: an output's weights
+// r floats apart; they keep the other families.)
+template <class Idx>
+void thin_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx, const float* bias,
+               float* y, int64_t ldy, int nt) {
+  const int r = w.r, c = w.c;
+  const int64_t bsz = static_cast<int64_t>(r) * c;
+  // K % c != 0: the last block column holds kr < c columns of X (the block zero-padded, X not: reading past
+  // the row met the next row's values, a NaN or infinity there times 0 a NaN). Columns are sorted in a row:
+  // only its last block can be that one, done apart.
+  const int64_t klast = (w.cols + c - 1) / c - 1, kr = w.cols - klast * c;
+  const bool partial = kr < c;
+  parallel_team(nt, [&] {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
+    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
+    for (int64_t br = br0; br < br1; ++br) {
+      const int64_t b0 = w.row_ptr[br], b1a = w.row_ptr[br + 1];
+      const bool edge = partial && b1a > b0 && cols[b1a - 1] == klast;
+      const int64_t b1 = edge ? b1a - 1 : b1a;  // the full-width blocks
+      const int rows = static_cast<int>(std::min<int64_t>(r, w.rows - br * r));
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xi = x + i * ldx;
+        for (int o = 0; o < rows; ++o) {
+          const float* wv = w.values + o * c;
+          __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+          if (c == 4) {  // two blocks a vector
+            int64_t b = b0;
+            for (; b + 4 <= b1; b += 4) {
+              const __m256 x0 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b]))),
+                                                     _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 1])), 1);
+              const __m256 x1 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 2]))),
+                                                     _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 3])), 1);
+              const __m256 w0 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(wv + b * bsz)),
+                                                     _mm_loadu_ps(wv + (b + 1) * bsz), 1);
+              const __m256 w1 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(wv + (b + 2) * bsz)),
+                                                     _mm_loadu_ps(wv + (b + 3) * bsz), 1);
+              a0 = _mm256_fmadd_ps(w0, x0, a0);
+              a1 = _mm256_fmadd_ps(w1, x1, a1);
+            }
+            __m128 t = _mm_setzero_ps();
+            for (; b < b1; ++b)
+              t = _mm_fmadd_ps(_mm_loadu_ps(wv + b * bsz), _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b])), t);
+            a1 = _mm256_add_ps(a1, _mm256_insertf128_ps(_mm256_setzero_ps(), t, 0));
+          } else {  // c % 4 == 0: 8-wide pieces, then one 4-wide
+            for (int64_t b = b0; b < b1; ++b) {
+              const float* xb = xi + static_cast<int64_t>(cols[b]) * c;
+              const float* wb = wv + b * bsz;
+              int j = 0;
+              for (; j + 8 <= c; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j), _mm256_loadu_ps(xb + j), a0);
+              if (j < c)
+                a1 = _mm256_add_ps(a1, _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_mul_ps(_mm_loadu_ps(wb + j), _mm_loadu_ps(xb + j)), 0));
+            }
+          }
+          const __m256 v = _mm256_add_ps(a0, a1);
+          const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+          const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+          float s = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+          if (edge) {
+            const float* wb = wv + b1 * bsz;
+            const float* xb = xi + klast * c;
+            for (int64_t j = 0; j < kr; ++j) s += wb[j] * xb[j];
+          }
+          const int64_t m = br * r + o;
+          y[i * ldy + m] = act_scalar(s + (bias ? bias[m] : 0.0f), w.act);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Choice of family and register tile.
 template <class V, int R, bool C1, class Idx>
 void xt_pick_nb(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx,
@@ -795,7 +870,8 @@ void spmm_entry(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   const int nt = threads_for(n * (w.nnzb() * w.r * w.c + w.rows), num_threads);
   const double use_xt = lane_use(std::min<int64_t>(n, 4 * VX::W), VX::W);
   const double use_narrow = lane_use(w.r, VN::W);
-  const bool bcast = !(w.r == 1 && w.c == 1 && n <= 2) && !(w.r < 8 && use_xt > use_narrow);
+  const bool thin = n <= 2 && w.r == 1 && w.c % 4 == 0;
+  const bool bcast = !(w.r == 1 && w.c == 1 && n <= 2) && !thin && !(w.r < 8 && use_xt > use_narrow);
   if (w.has_res && !bcast) {
     // only the broadcast family adds a residual in its store: the others write X W^T + b, then one pass adds
     // the residual and applies the activation
@@ -808,6 +884,10 @@ void spmm_entry(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   }
   if (w.r == 1 && w.c == 1 && n <= 2) {
     gather_spmm<VX>(w, cols, x, n, ldx, bias, y, ldy, nt);
+    return;
+  }
+  if (thin) {
+    thin_spmm(w, cols, x, n, ldx, bias, y, ldy, nt);
     return;
   }
   if (w.r < 8 && use_xt > use_narrow) {
