@@ -406,19 +406,21 @@ def test_xt_thread_shares_inside_tiles_match_the_reference(n, threads, block, m,
             assert_close(layer(x), ref)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 2), k=st.integers(1, 90), m=st.integers(1, 40), threads=st.integers(1, 3),
-       block=st.sampled_from([(1, 4), (1, 8), (1, 12), (1, 16), (1, 20), (2, 4), (4, 4), (3, 8)]),
+       block=st.sampled_from([(1, 4), (1, 8), (1, 12), (1, 16), (1, 20), (2, 4), (2, 8), (2, 12), (4, 4), (4, 8),
+                              (4, 12), (3, 8)]),
        sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]), act=st.sampled_from(["none", "relu", "gelu"]),
        bias=st.booleans(), residual=st.booleans(), isa=st.sampled_from(["avx2", "avx512", "best"]),
        seed=st.integers(0, 99))
-def test_one_row_blocks_on_one_or_two_rows_match_the_reference(n, k, m, threads, block, sparsity, act, bias, residual,
+def test_thin_blocks_on_one_or_two_rows_match_the_reference(n, k, m, threads, block, sparsity, act, bias, residual,
                                                             isa, seed):
-    """1 x c blocks (c % 4 == 0) against one or two rows of X (decode) take a dot product per output over the blocks'
-    contiguous weights and the x values they meet (thin_spmm): pairs of 1 x 4 blocks a vector and a remainder,
-    8-wide pieces and a 4-wide one for wider blocks, the last block column partial where K % c != 0 (X is not
-    padded); K and M not multiples of the block, empty rows, bias, activation, a residual (added after the
-    kernel's store), 1-3 threads; taller thin blocks (the other families) alongside."""
+    """1 x c, 2 x c and 4 x c blocks (c % 4 == 0) against one or two rows of X (decode): a dot product per output
+    over the blocks' contiguous weights (thin_spmm: pairs of 1 x 4 blocks a vector and a remainder, 8-wide pieces
+    and a 4-wide one for wider blocks) or 8 / r columns of a column-major block against their x values spread r
+    lanes each (thin_cols_spmm: two vectors a step, one left over for 2 x 4 / 2 x 12); the last block column
+    partial where K % c != 0 (X is not padded); K and M not multiples of the block, empty rows, bias, activation,
+    a residual (added after the kernel's store), 1-3 threads; 3 x 8 (the other families) alongside."""
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, m, bias=bias)
     with torch.no_grad():
@@ -441,13 +443,14 @@ def test_one_row_blocks_on_one_or_two_rows_match_the_reference(n, k, m, threads,
     assert_close(y, want, rtol=1e-4, atol=1e-4)
 
 
-def test_one_row_blocks_never_read_past_the_row_of_x():
-    """K = 5 in 1 x 4 blocks: the last block column holds one column of X. Reading the block's 4 values of x
+@pytest.mark.parametrize("block", [(1, 4), (2, 4), (4, 4)])
+def test_thin_blocks_never_read_past_the_row_of_x(block):
+    """K = 5 in r x 4 blocks: the last block column holds one column of X. Reading the block's 4 values of x
     would take row 1's first three, an infinity there times the zero padding a NaN in row 0's output."""
     lin = nn.Linear(5, 6)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(6, 5))
-    layer = sp.SparseLinear.from_dense(lin, format="bsr", block_size=(1, 4))
+    layer = sp.SparseLinear.from_dense(lin, format="bsr", block_size=block)
     x = torch.randn(2, 5)
     x[1, :3] = float("inf")
     with torch.no_grad():

@@ -707,8 +707,8 @@ void gather_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, i
 // thin: 1 x c blocks (c % 4 == 0) times one or two rows of X. Per output, its blocks' c weights (contiguous: a
 // one-row block) against the c values of x each meets (contiguous): a dot product in 4-wide pieces, two pieces a
 // vector. The broadcast family's masked tail tiles used one lane in eight for 1 x 4 blocks (0.44x dense at 50%,
-// N = 1), the xt family one row of its 8-row tiles. (Taller blocks are stored column-major: an output's weights
-// r floats apart; they keep the other families.)
+// N = 1), the xt family one row of its 8-row tiles. (Taller blocks are stored column-major, an output's weights
+// r floats apart: thin_cols_spmm below.)
 template <class Idx>
 void thin_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx, const float* bias,
                float* y, int64_t ldy, int nt) {
@@ -772,6 +772,79 @@ void thin_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
           }
           const int64_t m = br * r + o;
           y[i * ldy + m] = act_scalar(s + (bias ? bias[m] : 0.0f), w.act);
+        }
+      }
+    }
+  });
+}
+
+// R x c blocks (R = 2 or 4, c % 4 == 0) times one or two rows of X: blocks are column-major, so 8 / R columns of
+// a block are 8 contiguous floats (R outputs each), against those columns' x values spread R lanes each (one
+// vpermps); each block row's R sums are the vector's column groups added at the end.
+template <int R, class Idx>
+void thin_cols_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int64_t ldx, const float* bias,
+                    float* y, int64_t ldy, int nt) {
+  static_assert(R == 2 || R == 4, "two or four rows a block");
+  constexpr int J = 8 / R;  // columns a vector
+  const int c = w.c;
+  const int64_t bsz = static_cast<int64_t>(R) * c;
+  const int64_t klast = (w.cols + c - 1) / c - 1, kr = w.cols - klast * c;  // as thin_spmm
+  const bool partial = kr < c;
+  const __m256i spread = R == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  parallel_team(nt, [&] {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
+    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
+    for (int64_t br = br0; br < br1; ++br) {
+      const int64_t b0 = w.row_ptr[br], b1a = w.row_ptr[br + 1];
+      const bool edge = partial && b1a > b0 && cols[b1a - 1] == klast;
+      const int64_t b1 = edge ? b1a - 1 : b1a;
+      const int rows = static_cast<int>(std::min<int64_t>(R, w.rows - br * R));
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xi = x + i * ldx;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t b = b0; b < b1; ++b) {
+          const float* xb = xi + static_cast<int64_t>(cols[b]) * c;
+          const float* wb = w.values + b * bsz;
+          int j = 0;
+          for (; j + 2 * J <= c; j += 2 * J) {
+            __m256 x0, x1;
+            if constexpr (R == 2) {
+              x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j)), spread);
+              x1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j + J)), spread);
+            } else {
+              const __m128 q = _mm_loadu_ps(xb + j);  // columns j .. j + 3
+              x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(q), spread);
+              x1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_movehl_ps(q, q)), spread);
+            }
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j * R), x0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + (j + J) * R), x1, a1);
+          }
+          if (j < c) {  // one vector's columns left (c % (2J) == J)
+            __m256 x0;
+            if constexpr (R == 2) {
+              x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j)), spread);
+            } else {
+              x0 = _mm256_permutevar8x32_ps(
+                  _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xb + j)))), spread);
+            }
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j * R), x0, a0);
+          }
+        }
+        const __m256 v = _mm256_add_ps(a0, a1);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // R == 4: the 4 sums
+        if constexpr (R == 2) h = _mm_add_ps(h, _mm_movehl_ps(h, h));                    // lanes 0, 1
+        alignas(16) float sum[4];
+        _mm_store_ps(sum, h);
+        if (edge) {
+          const float* wb = w.values + b1 * bsz;
+          const float* xb = xi + klast * c;
+          for (int64_t j = 0; j < kr; ++j)
+            for (int o = 0; o < R; ++o) sum[o] += wb[j * R + o] * xb[j];
+        }
+        for (int o = 0; o < rows; ++o) {
+          const int64_t m = br * R + o;
+          y[i * ldy + m] = act_scalar(sum[o] + (bias ? bias[m] : 0.0f), w.act);
         }
       }
     }
@@ -870,7 +943,7 @@ void spmm_entry(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
   const int nt = threads_for(n * (w.nnzb() * w.r * w.c + w.rows), num_threads);
   const double use_xt = lane_use(std::min<int64_t>(n, 4 * VX::W), VX::W);
   const double use_narrow = lane_use(w.r, VN::W);
-  const bool thin = n <= 2 && w.r == 1 && w.c % 4 == 0;
+  const bool thin = n <= 2 && (w.r == 1 || w.r == 2 || w.r == 4) && w.c % 4 == 0;
   const bool bcast = !(w.r == 1 && w.c == 1 && n <= 2) && !thin && !(w.r < 8 && use_xt > use_narrow);
   if (w.has_res && !bcast) {
     // only the broadcast family adds a residual in its store: the others write X W^T + b, then one pass adds
@@ -887,7 +960,9 @@ void spmm_entry(const BsrView& w, const Idx* cols, const float* x, int64_t n, in
     return;
   }
   if (thin) {
-    thin_spmm(w, cols, x, n, ldx, bias, y, ldy, nt);
+    if (w.r == 1) thin_spmm(w, cols, x, n, ldx, bias, y, ldy, nt);
+    else if (w.r == 2) thin_cols_spmm<2>(w, cols, x, n, ldx, bias, y, ldy, nt);
+    else thin_cols_spmm<4>(w, cols, x, n, ldx, bias, y, ldy, nt);
     return;
   }
   if (w.r < 8 && use_xt > use_narrow) {
