@@ -26,6 +26,35 @@ struct PlanesTable {
   std::vector<int32_t> tap;
 };
 
+// Threads for a planes convolution: by the work (int8 ~4 MACs per fp32 MAC's time), at most one per panel.
+inline int planes_threads(const QBsrView& w, int64_t n_img, int64_t hw, int64_t panels, bool s8, int num_threads) {
+  const int64_t work = n_img * hw * (w.nnzb() * w.r * w.c / (s8 ? 4 : 2) + w.rows + w.cols);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(work, num_threads), panels)));
+}
+
+// A thread's scratch for one group of `group` panels of pw pixels (kg words each), then sx, inv and zp per pixel.
+inline uint32_t* planes_scratch(int64_t kg, int pw, int group, float** sx, float** inv, int32_t** zp) {
+  uint32_t* xp = q_scratch(static_cast<size_t>(group * kg * pw + 3 * pw * group));
+  *sx = reinterpret_cast<float*>(xp + group * kg * pw);
+  *inv = *sx + pw * group;
+  *zp = reinterpret_cast<int32_t*>(*inv + pw * group);
+  return xp;
+}
+
+// The epilogue operands of the block row whose first output is m0.
+inline QEpi planes_epi(const QBsrView& w, const float* bias, int64_t m0, bool s8) {
+  QEpi e;
+  if (s8) {
+    e.comp = w.comp + m0;
+    e.ws = w.wscale + m0;
+  }
+  e.bias = bias ? bias + m0 : nullptr;
+  e.act = w.act;
+  e.res = w.has_res;
+  e.res_bytes = w.res_bytes;
+  return e;
+}
+
 inline void planes_table(const QPlanes& g, int64_t K, int64_t hw, PlanesTable& t) {
   const int64_t taps = static_cast<int64_t>(g.kh) * g.kw;
   t.dy.assign(static_cast<size_t>(taps), 0);
@@ -266,8 +295,7 @@ void q_planes_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const fl
   const int64_t K = w.cols, M = w.rows, kg = w.block_cols * gpb, hw = g.h * g.w;
   const int64_t taps = static_cast<int64_t>(g.kh) * g.kw;
   const int64_t per_img = (hw + 15) / 16, panels = n_img * per_img;
-  const int64_t work = n_img * hw * (w.nnzb() * w.r * w.c / (Op::S8 ? 4 : 2) + M + K);
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(work, num_threads), panels)));
+  const int nt = planes_threads(w, n_img, hw, panels, Op::S8, num_threads);
   const int64_t img_floats = static_cast<int64_t>(g.sh) * g.sw * g.ch * hw;
   PlanesTable tb;
   planes_table(g, K, hw, tb);
@@ -275,10 +303,9 @@ void q_planes_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const fl
     const int th = omp_get_thread_num();
     if (th >= nt) return;
     const int64_t p0 = panels * th / nt, p1 = panels * (th + 1) / nt;
-    uint32_t* xp = q_scratch(static_cast<size_t>(kPlanesGroup * kg * 16 + 3 * 16 * kPlanesGroup));
-    float* sx = reinterpret_cast<float*>(xp + kPlanesGroup * kg * 16);
-    float* inv = sx + 16 * kPlanesGroup;
-    int32_t* zp = reinterpret_cast<int32_t*>(inv + 16 * kPlanesGroup);
+    float *sx, *inv;
+    int32_t* zp;
+    uint32_t* xp = planes_scratch(kg, 16, kPlanesGroup, &sx, &inv, &zp);
     thread_local std::vector<__mmask16> masks;
     masks.resize(static_cast<size_t>(taps * kPlanesGroup));
     const PlanesCols pc{tb.off.data(), tb.tap.data(), masks.data()};
@@ -308,15 +335,7 @@ void q_planes_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const fl
         for (int64_t br = 0; br < w.block_rows; ++br) {
           const int64_t m0 = br * 16;
           const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
-          QEpi e;
-          if (Op::S8) {
-            e.comp = w.comp + m0;
-            e.ws = w.wscale + m0;
-          }
-          e.bias = bias ? bias + m0 : nullptr;
-          e.act = w.act;
-          e.res = w.has_res;
-          e.res_bytes = w.res_bytes;
+          const QEpi e = planes_epi(w, bias, m0, Op::S8);
           const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
           if (gpb * G == 16)
             q_planes_tile<Op, 16 / G>(xpv, gpb, w.values, cols, b0, b1, rows, mask, e, vsx, vzp, yv + m0 * hw, hw);
@@ -545,8 +564,7 @@ void q_planes8_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const f
   const int64_t K = w.cols, M = w.rows, kg = w.block_cols * gpb, hw = g.h * g.w;
   const int64_t taps = static_cast<int64_t>(g.kh) * g.kw;
   const int64_t per_img = (hw + 7) / 8, panels = n_img * per_img;
-  const int64_t work = n_img * hw * (w.nnzb() * w.r * w.c / (Op::S8 ? 4 : 2) + M + K);
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(work, num_threads), panels)));
+  const int nt = planes_threads(w, n_img, hw, panels, Op::S8, num_threads);
   const int64_t img_floats = static_cast<int64_t>(g.sh) * g.sw * g.ch * hw;
   PlanesTable tb;
   planes_table(g, K, hw, tb);
@@ -554,10 +572,9 @@ void q_planes8_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const f
     const int th = omp_get_thread_num();
     if (th >= nt) return;
     const int64_t p0 = panels * th / nt, p1 = panels * (th + 1) / nt;
-    uint32_t* xp = q_scratch(static_cast<size_t>(kP8Group * kg * 8 + 3 * 8 * kP8Group));
-    float* sx = reinterpret_cast<float*>(xp + kP8Group * kg * 8);
-    float* inv = sx + 8 * kP8Group;
-    int32_t* zp = reinterpret_cast<int32_t*>(inv + 8 * kP8Group);
+    float *sx, *inv;
+    int32_t* zp;
+    uint32_t* xp = planes_scratch(kg, 8, kP8Group, &sx, &inv, &zp);
     thread_local std::vector<__m256i> masks;
     masks.resize(static_cast<size_t>(taps * kP8Group));
     for (int64_t p = p0; p < p1;) {
@@ -588,15 +605,7 @@ void q_planes8_run(const QBsrView& w, const Idx* cols, const QPlanes& g, const f
         for (int64_t br = 0; br < w.block_rows; ++br) {
           const int64_t m0 = br * r;
           const int rows = static_cast<int>(std::min<int64_t>(r, M - m0));
-          QEpi e;
-          if (Op::S8) {
-            e.comp = w.comp + m0;
-            e.ws = w.wscale + m0;
-          }
-          e.bias = bias ? bias + m0 : nullptr;
-          e.act = w.act;
-          e.res = w.has_res;
-          e.res_bytes = w.res_bytes;
+          const QEpi e = planes_epi(w, bias, m0, Op::S8);
           const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];
           float* yb = yv + m0 * hw;
           // outputs of the block row in tiles of 8, 4, 2, 1 (the last block row may have fewer than r)

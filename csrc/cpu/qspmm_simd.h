@@ -38,6 +38,17 @@ struct QEpi {
   int64_t res_bytes = 0;
 };
 
+// The operands shared by every tile of a product: X's per-row quantization, the activation, the residual.
+inline QEpi q_epi(const QBsrView& w, const int32_t* zp, const float* sx) {
+  QEpi e;
+  e.zp = zp;
+  e.sx = sx;
+  e.act = w.act;
+  e.res = w.has_res;
+  e.res_bytes = w.res_bytes;
+  return e;
+}
+
 inline uint32_t* q_scratch(size_t words) {
   thread_local std::vector<uint32_t> buf;
   if (buf.size() < words + 16) buf.resize(words + 16);
@@ -179,30 +190,38 @@ void q_rows(const uint32_t* xp, int64_t ps, int nv, int r, int gpb, const uint32
   if (rem & 1) q_tile_a<Op, 1, TAIL, PS, GPB, RV>(xp + i, ps, r, gpb, vals, cols, b0, b1, tail, e, row0 + i, y + i * ldy, ldy);
 }
 
+#if defined(__AVX2__)
+// 8 x 8 32-bit transpose in registers: r[j] lane i -> r[i] lane j.
+SQ_INLINE void transpose8x8_epi32(__m256i (&r)[8]) {
+  __m256i t[8];
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+    t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 8; j += 4) {
+    r[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+    r[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+    r[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+    r[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+  }
+  // r[0..3]: rows 0-3 of lanes {0,4} {1,5} {2,6} {3,7}; r[4..7]: rows 4-7 likewise
+  for (int q = 0; q < 4; ++q) {
+    t[q] = _mm256_permute2x128_si256(r[q], r[q + 4], 0x20);
+    t[q + 4] = _mm256_permute2x128_si256(r[q], r[q + 4], 0x31);
+  }
+  for (int j = 0; j < 8; ++j) r[j] = t[j];
+}
+#endif
+
 // words[j * ld + g] (8 rows j) -> dst[g * ps + j], for g in [0, 8 * (kg / 8)); returns that bound.
 SQ_INLINE int64_t transpose8_words(const uint32_t* words, int64_t ld, int64_t kg, uint32_t* dst, int64_t ps) {
   int64_t g = 0;
 #if defined(__AVX2__)
   for (; g + 8 <= kg; g += 8) {
-    __m256i r[8], t[8];
+    __m256i r[8];
     for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + j * ld + g));
-    for (int j = 0; j < 8; j += 2) {
-      t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
-      t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
-    }
-    for (int j = 0; j < 8; j += 4) {
-      r[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
-      r[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
-      r[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
-      r[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
-    }
-    // r[0..3]: rows 0-3, words {0,4} {1,5} {2,6} {3,7}; r[4..7]: rows 4-7 likewise
-    for (int q = 0; q < 4; ++q) {
-      const __m256i lo = _mm256_permute2x128_si256(r[q], r[q + 4], 0x20);  // word q, rows 0-7
-      const __m256i hi = _mm256_permute2x128_si256(r[q], r[q + 4], 0x31);  // word q + 4
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (g + q) * ps), lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (g + q + 4) * ps), hi);
-    }
+    transpose8x8_epi32(r);  // r[q]: word g + q of rows 0-7
+    for (int q = 0; q < 8; ++q) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (g + q) * ps), r[q]);
   }
 #endif
   return g;
@@ -218,12 +237,7 @@ __attribute__((noinline)) void q_panel(const uint32_t* __restrict xpp, const QBs
                                        float* y, int64_t ldy) {
   constexpr int W = Op::W, G = Op::G, MR = NV < Op::MR ? NV : Op::MR;  // NV: the panel's rows (24, or 16)
   static_assert(NV % MR == 0, "register tiles must tile a panel");
-  QEpi e;
-  e.zp = zp;
-  e.sx = sx;
-  e.act = w.act;
-  e.res = w.has_res;
-  e.res_bytes = w.res_bytes;
+  QEpi e = q_epi(w, zp, sx);
   for (int64_t br = br0; br < br1; ++br) {
     const int64_t m0 = br * W;
     if (Op::S8) {
@@ -471,17 +485,12 @@ void q_spmm_run(const QBsrView& w, const Idx* cols, const void* x, XType xt, int
             // W = 8: 16 outputs a tile where the block row has them (whole 64-byte lines of Y per row)
             const int rv = W == 8 && rows - i0 >= 2 * W ? 2 : 1;
             const int len = std::min(W, rows - i0);
-            QEpi e;
-            e.zp = zp;
-            e.sx = sx;
+            QEpi e = q_epi(w, zp, sx);
             if (Op::S8) {
               e.comp = w.comp + m0 + i0;
               e.ws = w.wscale + m0 + i0;
             }
             e.bias = bias ? bias + m0 + i0 : nullptr;
-            e.act = w.act;
-            e.res = w.has_res;
-            e.res_bytes = w.res_bytes;
             const uint32_t* vv = w.values + i0;
             for (int64_t p0 = a; p0 < a1; p0 += ps) {
               const uint32_t* xpp = xp + (pbase + (p0 - nn0) / ps) * kg * ps;
@@ -645,11 +654,61 @@ struct QI8 {
   static SQ_INLINE __m256 to_f(T a) { return _mm256_cvtepi32_ps(a); }
 };
 
+// The X^T tiles' members (qspmm_xt.h: a vector holds one k-group word of 8 rows of X, the weight word is
+// broadcast), for every Op through one of these bases: XT (accumulator, 8 lanes), XW (a prepared weight word),
+// xprep(word), xdot(acc, x, w), xbits / xfrom (to and from the 32-bit lanes), XStore (the 8-wide epilogue).
+// int8 with vpmaddubsw + vpmaddwd (exact: 7-bit activations, see S8Maddubs8), or a vpdpbusd of the Op (DOT).
+template <class Op>
+struct QXtS8 {
+  using XT = __m256i;
+  using XW = __m256i;
+  using XStore = QStore<QF8, QI8, Op>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
+  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
+  static SQ_INLINE __m256i xbits(XT a) { return a; }
+  static SQ_INLINE XT xfrom(__m256i a) { return a; }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
+    if constexpr (Op::kXtVnni) {
+      return Op::xvnni(acc, x, w);
+    } else {
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
+      __asm__("" : "+x"(acc));  // as dot(): one register per accumulator
+      return acc;
+    }
+  }
+};
+// bf16 widened to fp32 (odd k first, the order of vdpbf16ps), or a vdpbf16ps of the Op.
+template <class Op>
+struct QXtBF16 {
+  using XT = __m256;
+  struct XW { __m256 lo, hi; __m256i w; };
+  using XStore = QStore<QF8, QI8, Op>;
+  static SQ_INLINE XT xzero() { return _mm256_setzero_ps(); }
+  static SQ_INLINE XW xprep(uint32_t word) {
+    const __m256i v = _mm256_set1_epi32(static_cast<int>(word));
+    if constexpr (Op::kXtVnni) return {_mm256_setzero_ps(), _mm256_setzero_ps(), v};
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u)))), v};
+  }
+  static SQ_INLINE __m256i xbits(XT a) { return _mm256_castps_si256(a); }
+  static SQ_INLINE XT xfrom(__m256i a) { return _mm256_castsi256_ps(a); }
+  static SQ_INLINE XT xdot(XT acc, __m256i x, const XW& w) {
+    if constexpr (Op::kXtVnni) {
+      return Op::xvnni(acc, x, w.w);
+    } else {
+      const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+      const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xFFFF0000u))));
+      return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
+    }
+  }
+};
+
 // int8 on AVX2: vpmaddubsw (u8 x s8 pairs -> s16) and vpmaddwd by ones (pairs of those -> s32). Exact:
 // activations are 7-bit (kQMax, qspmm_pack.h), so a pair sum is at most 2 * 127 * 128 < 2^15 and never
 // saturates. One broadcast and three ALU ops per 8 outputs x 4 k (splitting bytes into 16-bit halves for
 // two vpmaddwd took six).
-struct S8Maddubs8 {
+struct S8Maddubs8 : QXtS8<S8Maddubs8> {
+  static constexpr bool kXtVnni = false;
   using T = __m256i;
   using WP = __m256i;
   static constexpr int W = 8, MR = 8, G = 4;
@@ -667,25 +726,13 @@ struct S8Maddubs8 {
     __asm__("" : "+x"(acc));
     return acc;
   }
-  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
-  using XT = __m256i;
-  using XW = __m256i;
-  using XStore = QStore<QF8, QI8, S8Maddubs8>;
-  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
-  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
-  static SQ_INLINE __m256i xbits(XT a) { return a; }
-  static SQ_INLINE XT xfrom(__m256i a) { return a; }
-  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
-    __asm__("" : "+x"(acc));  // as dot(): one register per accumulator
-    return acc;
-  }
   using Store = QStore<QF8, QI8, S8Maddubs8>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
 
 // bf16 on AVX2 / FMA: widen both operands to fp32 (odd k first, the order of vdpbf16ps).
-struct BF16Widen8 {
+struct BF16Widen8 : QXtBF16<BF16Widen8> {
+  static constexpr bool kXtVnni = false;
   using T = __m256;
   struct WP { __m256 lo, hi; };
   static constexpr int W = 8, MR = 8, G = 2;
@@ -705,23 +752,6 @@ struct BF16Widen8 {
     const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(xb, _mm256_set1_epi32(int(0xFFFF0000u))));
     return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
   }
-  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
-  using XT = __m256;
-  struct XW { __m256 lo, hi; };
-  using XStore = QStore<QF8, QI8, BF16Widen8>;
-  static SQ_INLINE XT xzero() { return _mm256_setzero_ps(); }
-  static SQ_INLINE XW xprep(uint32_t word) {
-    const __m256i v = _mm256_set1_epi32(static_cast<int>(word));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))))};
-  }
-  static SQ_INLINE __m256i xbits(XT a) { return _mm256_castps_si256(a); }
-  static SQ_INLINE XT xfrom(__m256i a) { return _mm256_castsi256_ps(a); }
-  static SQ_INLINE XT xdot(XT acc, __m256i x, const XW& w) {
-    const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-    const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xFFFF0000u))));
-    return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
-  }
   using Store = QStore<QF8, QI8, BF16Widen8>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
 };
@@ -729,7 +759,9 @@ struct BF16Widen8 {
 
 #if defined(__AVXVNNI__)
 // int8 with AVX-VNNI (VEX-encoded vpdpbusd on ymm).
-struct S8Vnni8 {
+struct S8Vnni8 : QXtS8<S8Vnni8> {
+  static constexpr bool kXtVnni = true;
+  static SQ_INLINE __m256i xvnni(__m256i acc, __m256i x, __m256i w) { return _mm256_dpbusd_avx_epi32(acc, x, w); }
   using T = __m256i;
   using WP = __m256i;
   static constexpr int W = 8, MR = 12, G = 4;
@@ -741,17 +773,6 @@ struct S8Vnni8 {
   static SQ_INLINE WP loadw_n(const uint32_t* p, int n) { return QI8::loadn(p, n); }
   static SQ_INLINE T dot(T acc, uint32_t word, const WP& w) {
     return _mm256_dpbusd_avx_epi32(acc, _mm256_set1_epi32(static_cast<int>(word)), w);
-  }
-  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
-  using XT = __m256i;
-  using XW = __m256i;
-  using XStore = QStore<QF8, QI8, S8Vnni8>;
-  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
-  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
-  static SQ_INLINE __m256i xbits(XT a) { return a; }
-  static SQ_INLINE XT xfrom(__m256i a) { return a; }
-  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
-    return _mm256_dpbusd_avx_epi32(acc, x, w);
   }
   using Store = QStore<QF8, QI8, S8Vnni8>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
@@ -783,7 +804,8 @@ struct QI16 {
 
 // int8 on AVX-512BW without VNNI: vpmaddwd on 16-bit halves (vpmaddubsw, as on AVX2, would also be exact
 // with 7-bit activations; not switched: no CPU here to run this path).
-struct S8Madd16 {
+struct S8Madd16 : QXtS8<S8Madd16> {
+  static constexpr bool kXtVnni = false;
   using T = __m512i;
   struct WP { __m512i lo, hi; };
   static constexpr int W = 16, MR = 12, G = 4;
@@ -799,25 +821,13 @@ struct S8Madd16 {
     const __m512i xl = _mm512_and_si512(xb, _mm512_set1_epi32(0x00FF00FF)), xh = _mm512_srli_epi16(xb, 8);
     return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(xl, w.lo), _mm512_madd_epi16(xh, w.hi)));
   }
-  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
-  using XT = __m256i;
-  using XW = __m256i;
-  using XStore = QStore<QF8, QI8, S8Madd16>;
-  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
-  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
-  static SQ_INLINE __m256i xbits(XT a) { return a; }
-  static SQ_INLINE XT xfrom(__m256i a) { return a; }
-  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
-    __asm__("" : "+x"(acc));  // as dot(): one register per accumulator
-    return acc;
-  }
   using Store = QStore<QF16, QI16, S8Madd16>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
 
 // bf16 on AVX-512F without BF16: widen to fp32 (odd k first, the order of vdpbf16ps).
-struct BF16Widen16 {
+struct BF16Widen16 : QXtBF16<BF16Widen16> {
+  static constexpr bool kXtVnni = false;
   using T = __m512;
   struct WP { __m512 lo, hi; };
   static constexpr int W = 16, MR = 12, G = 2;
@@ -836,23 +846,6 @@ struct BF16Widen16 {
     const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xb, 16));
     const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xb, _mm512_set1_epi32(int(0xFFFF0000u))));
     return _mm512_fmadd_ps(xe, w.lo, _mm512_fmadd_ps(xo, w.hi, acc));
-  }
-  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
-  using XT = __m256;
-  struct XW { __m256 lo, hi; };
-  using XStore = QStore<QF8, QI8, BF16Widen16>;
-  static SQ_INLINE XT xzero() { return _mm256_setzero_ps(); }
-  static SQ_INLINE XW xprep(uint32_t word) {
-    const __m256i v = _mm256_set1_epi32(static_cast<int>(word));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))))};
-  }
-  static SQ_INLINE __m256i xbits(XT a) { return _mm256_castps_si256(a); }
-  static SQ_INLINE XT xfrom(__m256i a) { return _mm256_castsi256_ps(a); }
-  static SQ_INLINE XT xdot(XT acc, __m256i x, const XW& w) {
-    const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-    const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xFFFF0000u))));
-    return _mm256_fmadd_ps(xe, w.lo, _mm256_fmadd_ps(xo, w.hi, acc));
   }
   using Store = QStore<QF16, QI16, BF16Widen16>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
@@ -904,7 +897,9 @@ struct BF16Widen16 {
 #endif
 #if defined(__AVX512VNNI__)
 // int8 with AVX512-VNNI: one vpdpbusd = 16 outputs x 4 k.
-struct S8Vnni16 {
+struct S8Vnni16 : QXtS8<S8Vnni16> {
+  static constexpr bool kXtVnni = true;
+  static SQ_INLINE __m256i xvnni(__m256i acc, __m256i x, __m256i w) { return _mm256_dpbusd_epi32(acc, x, w); }
   using T = __m512i;
   using WP = __m512i;
   static constexpr int W = 16, MR = 24, G = 4;
@@ -924,17 +919,6 @@ struct S8Vnni16 {
   // vpdpbusd: the broadcast X words are the unsigned operand, the weights the signed one
   template <int MR, int PS>
   static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G4, "vpdpbusd") }
-  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
-  using XT = __m256i;
-  using XW = __m256i;
-  using XStore = QStore<QF8, QI8, S8Vnni16>;
-  static SQ_INLINE XT xzero() { return _mm256_setzero_si256(); }
-  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
-  static SQ_INLINE __m256i xbits(XT a) { return a; }
-  static SQ_INLINE XT xfrom(__m256i a) { return a; }
-  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) {
-    return _mm256_dpbusd_epi32(acc, x, w);
-  }
   using Store = QStore<QF16, QI16, S8Vnni16>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::s8(y, acc, n, e, row); }
 };
@@ -942,7 +926,9 @@ struct S8Vnni16 {
 
 #if defined(__AVX512BF16__)
 // bf16 with AVX512-BF16: one vdpbf16ps = 16 outputs x 2 k, fp32 accumulation.
-struct BF16Dp16 {
+struct BF16Dp16 : QXtBF16<BF16Dp16> {
+  static constexpr bool kXtVnni = true;
+  static SQ_INLINE __m256 xvnni(__m256 acc, __m256i x, __m256i w) { return _mm256_dpbf16_ps(acc, (__m256bh)x, (__m256bh)w); }
   using T = __m512;
   using WP = __m512i;
   static constexpr int W = 16, MR = 24, G = 2;
@@ -960,15 +946,6 @@ struct BF16Dp16 {
   }
   template <int MR, int PS>
   static SQ_INLINE void block_asm(T (&a)[MR][1], const uint32_t* x, const uint32_t* w) { SQ_A_BLOCK(SQ_A_G8, "vdpbf16ps") }
-  // X^T tiles (qspmm_xt.h): a vector of one k-group word of 8 rows of X against a broadcast weight word
-  using XT = __m256;
-  using XW = __m256i;
-  using XStore = QStore<QF8, QI8, BF16Dp16>;
-  static SQ_INLINE XT xzero() { return _mm256_setzero_ps(); }
-  static SQ_INLINE XW xprep(uint32_t word) { return _mm256_set1_epi32(static_cast<int>(word)); }
-  static SQ_INLINE __m256i xbits(XT a) { return _mm256_castps_si256(a); }
-  static SQ_INLINE XT xfrom(__m256i a) { return _mm256_castsi256_ps(a); }
-  static SQ_INLINE XT xdot(XT acc, __m256i x, XW w) { return _mm256_dpbf16_ps(acc, (__m256bh)x, (__m256bh)w); }
   using Store = QStore<QF16, QI16, BF16Dp16>;  // the tile epilogues (per row, or rows of a full-width tile)
   static SQ_INLINE void store(float* y, T acc, int n, const QEpi& e, int row) { Store::f(y, acc, n, e, row); }
 };

@@ -16,27 +16,6 @@
 #pragma once
 #if defined(__AVX2__)
 
-// 8 x 8 32-bit transpose in registers: r[j] lane i -> r[i] lane j.
-SQ_INLINE void transpose8x8_epi32(__m256i (&r)[8]) {
-  __m256i t[8];
-  for (int j = 0; j < 8; j += 2) {
-    t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
-    t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
-  }
-  for (int j = 0; j < 8; j += 4) {
-    r[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
-    r[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
-    r[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
-    r[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
-  }
-  // r[0..3]: rows 0-3 of lanes {0,4} {1,5} {2,6} {3,7}; r[4..7]: rows 4-7 likewise
-  for (int q = 0; q < 4; ++q) {
-    t[q] = _mm256_permute2x128_si256(r[q], r[q + 4], 0x20);
-    t[q + 4] = _mm256_permute2x128_si256(r[q], r[q + 4], 0x31);
-  }
-  for (int j = 0; j < 8; ++j) r[j] = t[j];
-}
-
 // Outputs [i0, i0 + RK) of every block of one block row (r outputs a block, gpb k-groups) over NV vectors of
 // 8 panel rows: sums into out[i][v * 8 ..] (int32 or fp32 bits). PS, R: the panel stride (24) and the block's
 // r when known at compile time (0: run time); with run-time strides GCC kept them in stack slots, reloaded
@@ -119,12 +98,7 @@ SQ_INLINE void q_xt_groups(const uint32_t* xp, int64_t ps, int nv, const QBsrVie
                            int64_t ldy) {
   const int r = R ? R : w.r, gpb = w.c / Op::G;
   alignas(32) uint32_t tmp[8][24] = {};  // rows past a short group stay zero (transposed, never stored)
-  QEpi e;
-  e.zp = zp;
-  e.sx = sx;
-  e.act = w.act;
-  e.res = w.has_res;
-  e.res_bytes = w.res_bytes;
+  QEpi e = q_epi(w, zp, sx);
   // outputs [i0, i1) of block row br into tmp from row o
   auto sums = [&](int64_t br, int i0, int i1, int o) {
     const int64_t b0 = w.row_ptr[br], b1 = w.row_ptr[br + 1];

@@ -704,6 +704,27 @@ void gather_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, i
 }
 
 // ---------------------------------------------------------------------------------------------
+// The block-row loop of the thin kernels below: each thread an even share of the blocks; per block row
+// body(br, b0, b1, edge, rows): its full-width blocks [b0, b1), whether its last block is the partial one, its
+// valid outputs. K % c != 0: the last block column holds fewer than c columns of X (the block zero-padded, X
+// not: reading past the row met the next row's values, a NaN or infinity there times 0 a NaN); columns are
+// sorted in a row, so only its last block can be that one, done apart by the body.
+template <class Idx, class Body>
+void thin_block_rows(const BsrView& w, const Idx* cols, int nt, Body&& body) {
+  const int64_t klast = (w.cols + w.c - 1) / w.c - 1;
+  const bool partial = w.cols % w.c != 0;
+  parallel_team(nt, [&] {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
+    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
+    for (int64_t br = br0; br < br1; ++br) {
+      const int64_t b0 = w.row_ptr[br], b1a = w.row_ptr[br + 1];
+      const bool edge = partial && b1a > b0 && cols[b1a - 1] == klast;
+      body(br, b0, edge ? b1a - 1 : b1a, edge, static_cast<int>(std::min<int64_t>(w.r, w.rows - br * w.r)));
+    }
+  });
+}
+
 // thin: 1 x c blocks (c % 4 == 0) times one or two rows of X. Per output, its blocks' c weights (contiguous: a
 // one-row block) against the c values of x each meets (contiguous): a dot product in 4-wide pieces, two pieces a
 // vector. The broadcast family's masked tail tiles used one lane in eight for 1 x 4 blocks (0.44x dense at 50%,
@@ -714,65 +735,52 @@ void thin_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n, int
                float* y, int64_t ldy, int nt) {
   const int r = w.r, c = w.c;
   const int64_t bsz = static_cast<int64_t>(r) * c;
-  // K % c != 0: the last block column holds kr < c columns of X (the block zero-padded, X not: reading past
-  // the row met the next row's values, a NaN or infinity there times 0 a NaN). Columns are sorted in a row:
-  // only its last block can be that one, done apart.
   const int64_t klast = (w.cols + c - 1) / c - 1, kr = w.cols - klast * c;
-  const bool partial = kr < c;
-  parallel_team(nt, [&] {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
-    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
-    for (int64_t br = br0; br < br1; ++br) {
-      const int64_t b0 = w.row_ptr[br], b1a = w.row_ptr[br + 1];
-      const bool edge = partial && b1a > b0 && cols[b1a - 1] == klast;
-      const int64_t b1 = edge ? b1a - 1 : b1a;  // the full-width blocks
-      const int rows = static_cast<int>(std::min<int64_t>(r, w.rows - br * r));
-      for (int64_t i = 0; i < n; ++i) {
-        const float* xi = x + i * ldx;
-        for (int o = 0; o < rows; ++o) {
-          const float* wv = w.values + o * c;
-          __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-          if (c == 4) {  // two blocks a vector
-            int64_t b = b0;
-            for (; b + 4 <= b1; b += 4) {
-              const __m256 x0 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b]))),
-                                                     _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 1])), 1);
-              const __m256 x1 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 2]))),
-                                                     _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 3])), 1);
-              const __m256 w0 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(wv + b * bsz)),
-                                                     _mm_loadu_ps(wv + (b + 1) * bsz), 1);
-              const __m256 w1 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(wv + (b + 2) * bsz)),
-                                                     _mm_loadu_ps(wv + (b + 3) * bsz), 1);
-              a0 = _mm256_fmadd_ps(w0, x0, a0);
-              a1 = _mm256_fmadd_ps(w1, x1, a1);
-            }
-            __m128 t = _mm_setzero_ps();
-            for (; b < b1; ++b)
-              t = _mm_fmadd_ps(_mm_loadu_ps(wv + b * bsz), _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b])), t);
-            a1 = _mm256_add_ps(a1, _mm256_insertf128_ps(_mm256_setzero_ps(), t, 0));
-          } else {  // c % 4 == 0: 8-wide pieces, then one 4-wide
-            for (int64_t b = b0; b < b1; ++b) {
-              const float* xb = xi + static_cast<int64_t>(cols[b]) * c;
-              const float* wb = wv + b * bsz;
-              int j = 0;
-              for (; j + 8 <= c; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j), _mm256_loadu_ps(xb + j), a0);
-              if (j < c)
-                a1 = _mm256_add_ps(a1, _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_mul_ps(_mm_loadu_ps(wb + j), _mm_loadu_ps(xb + j)), 0));
-            }
+  thin_block_rows(w, cols, nt, [&](int64_t br, int64_t b0, int64_t b1, bool edge, int rows) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * ldx;
+      for (int o = 0; o < rows; ++o) {
+        const float* wv = w.values + o * c;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        if (c == 4) {  // two blocks a vector
+          int64_t b = b0;
+          for (; b + 4 <= b1; b += 4) {
+            const __m256 x0 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b]))),
+                                                   _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 1])), 1);
+            const __m256 x1 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 2]))),
+                                                   _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b + 3])), 1);
+            const __m256 w0 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(wv + b * bsz)),
+                                                   _mm_loadu_ps(wv + (b + 1) * bsz), 1);
+            const __m256 w1 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(wv + (b + 2) * bsz)),
+                                                   _mm_loadu_ps(wv + (b + 3) * bsz), 1);
+            a0 = _mm256_fmadd_ps(w0, x0, a0);
+            a1 = _mm256_fmadd_ps(w1, x1, a1);
           }
-          const __m256 v = _mm256_add_ps(a0, a1);
-          const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-          const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-          float s = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-          if (edge) {
-            const float* wb = wv + b1 * bsz;
-            const float* xb = xi + klast * c;
-            for (int64_t j = 0; j < kr; ++j) s += wb[j] * xb[j];
+          __m128 t = _mm_setzero_ps();
+          for (; b < b1; ++b)
+            t = _mm_fmadd_ps(_mm_loadu_ps(wv + b * bsz), _mm_loadu_ps(xi + 4 * static_cast<int64_t>(cols[b])), t);
+          a1 = _mm256_add_ps(a1, _mm256_insertf128_ps(_mm256_setzero_ps(), t, 0));
+        } else {  // c % 4 == 0: 8-wide pieces, then one 4-wide
+          for (int64_t b = b0; b < b1; ++b) {
+            const float* xb = xi + static_cast<int64_t>(cols[b]) * c;
+            const float* wb = wv + b * bsz;
+            int j = 0;
+            for (; j + 8 <= c; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j), _mm256_loadu_ps(xb + j), a0);
+            if (j < c)
+              a1 = _mm256_add_ps(a1, _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_mul_ps(_mm_loadu_ps(wb + j), _mm_loadu_ps(xb + j)), 0));
           }
-          const int64_t m = br * r + o;
-          y[i * ldy + m] = act_scalar(s + (bias ? bias[m] : 0.0f), w.act);
         }
+        const __m256 v = _mm256_add_ps(a0, a1);
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        float s = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+        if (edge) {
+          const float* wb = wv + b1 * bsz;
+          const float* xb = xi + klast * c;
+          for (int64_t j = 0; j < kr; ++j) s += wb[j] * xb[j];
+        }
+        const int64_t m = br * r + o;
+        y[i * ldy + m] = act_scalar(s + (bias ? bias[m] : 0.0f), w.act);
       }
     }
   });
@@ -788,64 +796,54 @@ void thin_cols_spmm(const BsrView& w, const Idx* cols, const float* x, int64_t n
   constexpr int J = 8 / R;  // columns a vector
   const int c = w.c;
   const int64_t bsz = static_cast<int64_t>(R) * c;
-  const int64_t klast = (w.cols + c - 1) / c - 1, kr = w.cols - klast * c;  // as thin_spmm
-  const bool partial = kr < c;
+  const int64_t klast = (w.cols + c - 1) / c - 1, kr = w.cols - klast * c;
   const __m256i spread = R == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  parallel_team(nt, [&] {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t br0 = balanced_split(w.row_ptr, w.block_rows, nth, tid);
-    const int64_t br1 = balanced_split(w.row_ptr, w.block_rows, nth, tid + 1);
-    for (int64_t br = br0; br < br1; ++br) {
-      const int64_t b0 = w.row_ptr[br], b1a = w.row_ptr[br + 1];
-      const bool edge = partial && b1a > b0 && cols[b1a - 1] == klast;
-      const int64_t b1 = edge ? b1a - 1 : b1a;
-      const int rows = static_cast<int>(std::min<int64_t>(R, w.rows - br * R));
-      for (int64_t i = 0; i < n; ++i) {
-        const float* xi = x + i * ldx;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (int64_t b = b0; b < b1; ++b) {
-          const float* xb = xi + static_cast<int64_t>(cols[b]) * c;
-          const float* wb = w.values + b * bsz;
-          int j = 0;
-          for (; j + 2 * J <= c; j += 2 * J) {
-            __m256 x0, x1;
-            if constexpr (R == 2) {
-              x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j)), spread);
-              x1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j + J)), spread);
-            } else {
-              const __m128 q = _mm_loadu_ps(xb + j);  // columns j .. j + 3
-              x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(q), spread);
-              x1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_movehl_ps(q, q)), spread);
-            }
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j * R), x0, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + (j + J) * R), x1, a1);
+  thin_block_rows(w, cols, nt, [&](int64_t br, int64_t b0, int64_t b1, bool edge, int rows) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * ldx;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* xb = xi + static_cast<int64_t>(cols[b]) * c;
+        const float* wb = w.values + b * bsz;
+        int j = 0;
+        for (; j + 2 * J <= c; j += 2 * J) {
+          __m256 x0, x1;
+          if constexpr (R == 2) {
+            x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j)), spread);
+            x1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j + J)), spread);
+          } else {
+            const __m128 q = _mm_loadu_ps(xb + j);  // columns j .. j + 3
+            x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(q), spread);
+            x1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_movehl_ps(q, q)), spread);
           }
-          if (j < c) {  // one vector's columns left (c % (2J) == J)
-            __m256 x0;
-            if constexpr (R == 2) {
-              x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j)), spread);
-            } else {
-              x0 = _mm256_permutevar8x32_ps(
-                  _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xb + j)))), spread);
-            }
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j * R), x0, a0);
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j * R), x0, a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + (j + J) * R), x1, a1);
+        }
+        if (j < c) {  // one vector's columns left (c % (2J) == J)
+          __m256 x0;
+          if constexpr (R == 2) {
+            x0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xb + j)), spread);
+          } else {
+            x0 = _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xb + j)))), spread);
           }
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wb + j * R), x0, a0);
         }
-        const __m256 v = _mm256_add_ps(a0, a1);
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // R == 4: the 4 sums
-        if constexpr (R == 2) h = _mm_add_ps(h, _mm_movehl_ps(h, h));                    // lanes 0, 1
-        alignas(16) float sum[4];
-        _mm_store_ps(sum, h);
-        if (edge) {
-          const float* wb = w.values + b1 * bsz;
-          const float* xb = xi + klast * c;
-          for (int64_t j = 0; j < kr; ++j)
-            for (int o = 0; o < R; ++o) sum[o] += wb[j * R + o] * xb[j];
-        }
-        for (int o = 0; o < rows; ++o) {
-          const int64_t m = br * R + o;
-          y[i * ldy + m] = act_scalar(sum[o] + (bias ? bias[m] : 0.0f), w.act);
-        }
+      }
+      const __m256 v = _mm256_add_ps(a0, a1);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // R == 4: the 4 sums
+      if constexpr (R == 2) h = _mm_add_ps(h, _mm_movehl_ps(h, h));                    // lanes 0, 1
+      alignas(16) float sum[4];
+      _mm_store_ps(sum, h);
+      if (edge) {
+        const float* wb = w.values + b1 * bsz;
+        const float* xb = xi + klast * c;
+        for (int64_t j = 0; j < kr; ++j)
+          for (int o = 0; o < R; ++o) sum[o] += wb[j * R + o] * xb[j];
+      }
+      for (int o = 0; o < rows; ++o) {
+        const int64_t m = br * R + o;
+        y[i * ldy + m] = act_scalar(sum[o] + (bias ? bias[m] : 0.0f), w.act);
       }
     }
   });
