@@ -340,13 +340,14 @@ def test_quant_tolerance_rejects_what_it_should():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_minilm_int8_and_bf16_embeddings_match_fp32_sparse():
-    """all-MiniLM-L6-v2 (real weights), attention + FFN Linears pruned to 50% 16x16 blocks: sentence
+@pytest.mark.parametrize("block", [(16, 16), (1, 4)])  # the row tiles; the X^T tiles (and bf16 1 x 4)
+def test_minilm_int8_and_bf16_embeddings_match_fp32_sparse(block):
+    """all-MiniLM-L6-v2 (real weights), attention + FFN Linears pruned to 50% 16x16 (or 1x4) blocks: sentence
     embeddings of the int8-sparse / bf16-sparse model vs the fp32-sparse model (issue #14)."""
     from test_accuracy_minilm import HELDOUT_MODULES, embed, load_minilm, sentences, tokenize
 
     model, tok = load_minilm()
-    sp.prune_blocks(model, 0.5, (16, 16), layers=[nn.Linear], dense_first_last=False)
+    sp.prune_blocks(model, 0.5, block, layers=[nn.Linear], dense_first_last=False)
     sp.remove_masks(model)
     held = tokenize(tok, sentences(HELDOUT_MODULES, 64))
     ref = embed(model, held)
@@ -356,9 +357,9 @@ def test_minilm_int8_and_bf16_embeddings_match_fp32_sparse():
             if isinstance(m, nn.Linear) and bool((m.weight == 0).any()):
                 parent, _, leaf = name.rpartition(".")
                 setattr(q.get_submodule(parent), leaf,
-                        sp.SparseLinear.from_dense(m, format="bsr", block_size=(16, 16), weight_dtype=dtype))
+                        sp.SparseLinear.from_dense(m, format="bsr", block_size=block, weight_dtype=dtype))
         cos = float((embed(q, held) * ref).sum(-1).mean())
-        print(f"MiniLM 50% 16x16, {dtype} vs fp32 sparse: mean cosine {cos:.5f}")
+        print(f"MiniLM 50% {block[0]}x{block[1]}, {dtype} vs fp32 sparse: mean cosine {cos:.5f}")
         assert cos >= floor, (dtype, cos)
 
 
