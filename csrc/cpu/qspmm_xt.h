@@ -11,8 +11,9 @@
 // (QStore, the same operations in the same order), so int8 results are bit-identical to the row kernels
 // and to the reference; bf16 sums the two k of a word in the row kernels' order.
 //
-// Op's X^T members: XT (accumulator, 8 lanes), XW (a prepared weight word), xprep(word), xdot(acc, x, w),
-// XStore (the 8-wide epilogue).
+// Op's X^T members (the QXtS8 / QXtBF16 bases in qspmm_simd.h): XT (accumulator, 8 lanes), XW (a prepared weight
+// word), xprep(word), xdot(acc, x, w), xbits / xfrom, XStore (the 8-wide epilogue). Taken for every r < 8
+// (q_xt_use); blocks of 8 or more rows only when forced (SPARSEPRUNE_QXT=1), 8 outputs of a block row a group.
 #pragma once
 #if defined(__AVX2__)
 
