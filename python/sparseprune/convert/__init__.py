@@ -246,12 +246,13 @@ def convert(model: nn.Module, example_inputs=None, *, formats: Iterable[str] = (
                 swaps.undo()
                 swaps = _Swaps(work)
                 settings = dataclasses.replace(settings, weight_dtypes=("float32",))
-                warnings.warn(f"{e.args[0].split(' Converted layers:')[0]} Converted again with float32 weights "
+                why = e.args[0].split(" Converted layers:")[0]
+                warnings.warn(f"{why} Converted again with float32 weights "
                               f"only (weight_dtypes allowed them); raise quant_tolerance to keep the quantized layers.",
                               stacklevel=2)
                 report = _convert(work, example_inputs, reference, settings, skip, start, time_budget, fold_bn,
                                   end_to_end, progress, swaps, fuse, shared_inputs, pools, residual)
-                report["quantized_dropped"] = e.args[0].split(" Converted layers:")[0]
+                report["quantized_dropped"] = why
     except BaseException:
         if inplace:
             swaps.undo()
